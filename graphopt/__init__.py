@@ -1,0 +1,76 @@
+"""graphopt: compiler-style graph optimization for recommendation models.
+
+    import graphopt
+    program = graphopt.capture(model, example_inputs)          # torch.export -> Program
+    fast, report = graphopt.optimize(program, "O1,fuse-qkv")   # pass pipeline
+    print(report.render())
+    fast.save("bert4rec.pt2")
+
+The core never imports a specific pass or backend at import time: passes are
+registered when the registry is first used.
+"""
+
+from graphopt.capture import capture
+from graphopt.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    CaptureError,
+    GraphoptError,
+    LoweringError,
+    ModelNotFoundError,
+    PassFailedError,
+    PassOptionError,
+    PipelineParseError,
+    PostconditionError,
+    PreconditionError,
+    RunnerError,
+)
+from graphopt.optimize import optimize
+from graphopt.pass_base import (
+    Option,
+    Pass,
+    PassResult,
+    available_passes,
+    available_presets,
+    register_pass,
+    register_preset,
+)
+from graphopt.pass_manager import PassContext, PassManager
+from graphopt.pipeline import Pipeline, parse_pipeline
+from graphopt.program import InputSpec, Program
+from graphopt.report import OptimizeReport, PassRecord
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "capture",
+    "optimize",
+    "Program",
+    "InputSpec",
+    "Pass",
+    "PassResult",
+    "Option",
+    "register_pass",
+    "register_preset",
+    "available_passes",
+    "available_presets",
+    "PassManager",
+    "PassContext",
+    "Pipeline",
+    "parse_pipeline",
+    "OptimizeReport",
+    "PassRecord",
+    "GraphoptError",
+    "PipelineParseError",
+    "PassOptionError",
+    "CaptureError",
+    "PreconditionError",
+    "PostconditionError",
+    "PassFailedError",
+    "ModelNotFoundError",
+    "ArtifactError",
+    "LoweringError",
+    "RunnerError",
+    "BackendUnavailableError",
+    "__version__",
+]

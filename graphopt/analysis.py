@@ -1,0 +1,77 @@
+"""Analyses over a Program, computed lazily and cached by the pass manager.
+
+``shapes``: re-propagates ``meta["val"]`` (fake tensors with the Program's
+symbolic sizes) through every node with FakeTensorProp.
+``flops``: FLOPs of one run on the example inputs (torch's FlopCounterMode).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from graphopt.errors import PreconditionError
+
+if TYPE_CHECKING:
+    from graphopt.program import Program
+
+__all__ = ["propagate_shapes", "count_flops", "AnalysisManager", "ANALYSES"]
+
+
+def propagate_shapes(program: Program) -> None:
+    """Fill ``meta["val"]`` on every node from the placeholders' symbolic fakes."""
+    gm = program.gm
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    if any(v is None for v in vals):
+        raise PreconditionError(
+            f"{program.name}: placeholders lack shape metadata; re-capture with graphopt.capture"
+        )
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        raise PreconditionError(f"{program.name}: placeholder metadata holds no fake tensors")
+    allow = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+    finally:
+        mode.allow_non_fake_inputs = allow
+
+
+def count_flops(program: Program, inputs: tuple[torch.Tensor, ...] | None = None) -> int:
+    """FLOPs of one forward on ``inputs`` (default: the example inputs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = inputs if inputs is not None else program.sample_inputs()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        program.gm(*args)
+    return int(counter.get_total_flops())
+
+
+ANALYSES: dict[str, Callable[[Program], Any]] = {
+    "shapes": propagate_shapes,
+    "flops": count_flops,
+}
+
+
+class AnalysisManager:
+    """Caches analysis results per Program; ``invalidate`` keeps the preserved ones."""
+
+    def __init__(self) -> None:
+        self._valid: dict[str, Any] = {}
+
+    def get(self, name: str, program: Program) -> Any:
+        if name not in self._valid:
+            if name not in ANALYSES:
+                raise PreconditionError(f"unknown analysis '{name}'; known: {', '.join(ANALYSES)}")
+            self._valid[name] = ANALYSES[name](program)
+        return self._valid[name]
+
+    def is_valid(self, name: str) -> bool:
+        return name in self._valid
+
+    def invalidate(self, preserved: frozenset[str] = frozenset()) -> None:
+        self._valid = {k: v for k, v in self._valid.items() if k in preserved}

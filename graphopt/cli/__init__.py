@@ -1,0 +1,81 @@
+"""The ``graphopt`` command. Each verb is a module with ``add_parser`` and ``run``.
+
+Exit codes: 0 ok, 1 a check or run failed, 2 usage error (bad pipeline text,
+unknown pass or model, unreadable file, output exists). Errors are one line on
+stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+from graphopt.errors import (
+    ArtifactError,
+    GraphoptError,
+    ModelNotFoundError,
+    PipelineParseError,
+)
+
+__all__ = ["main", "VERBS"]
+
+#: verb modules under graphopt.cli, in the order ``graphopt --help`` lists them
+VERBS = ["passes", "models", "inspect", "optimize"]
+
+USAGE_ERRORS = (PipelineParseError, ModelNotFoundError, ArtifactError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # exit 2 with one line, like every usage error
+        self.exit(2, f"graphopt: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphopt", description="Graph optimization for recommendation models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and torch's full errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for verb in VERBS:
+        importlib.import_module(f"graphopt.cli.{verb}").add_parser(sub)
+    return parser
+
+
+def _quiet_third_party() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*TorchScript.*")
+    for name in ("torch._export", "torch.export", "torch._dynamo", "torch.utils._pytree", "torch.onnx", "torchao"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.debug:
+        os.environ["GRAPHOPT_DEBUG"] = "1"
+    else:
+        _quiet_third_party()
+    try:
+        return int(args.run(args) or 0)
+    except GraphoptError as e:
+        if args.debug:
+            raise
+        print(f"graphopt: error: {e}", file=sys.stderr)
+        if isinstance(e, PipelineParseError) and e.pointer():
+            print(e.pointer(), file=sys.stderr)
+        return 2 if isinstance(e, USAGE_ERRORS) else 1
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

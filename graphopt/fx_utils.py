@@ -1,0 +1,133 @@
+"""Small torch.fx helpers shared by passes: attributes, names, module owners.
+
+Passes edit weights through these so that every pass adds constants the same
+way and unused weights are really dropped from the GraphModule.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+__all__ = [
+    "fetch_attr",
+    "target_name",
+    "add_tensor_attr",
+    "drop_unused_attrs",
+    "module_path",
+    "module_type",
+    "is_op",
+    "tensor_meta",
+    "users_of",
+]
+
+
+def target_name(target: Any) -> str:
+    """``aten.linear.default`` for an OpOverload, the function name otherwise."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__name__", str(target))
+
+
+def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_op(node: torch.fx.Node, *ops: Any) -> bool:
+    """True when ``node`` calls one of ``ops`` (OpOverloads or OpOverloadPackets)."""
+    if node.op != "call_function":
+        return False
+    for op in ops:
+        if node.target is op:
+            return True
+        if isinstance(op, torch._ops.OpOverloadPacket) and getattr(node.target, "overloadpacket", None) is op:
+            return True
+    return False
+
+
+def _unique_name(gm: torch.nn.Module, base: str) -> str:
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", base) or "_graphopt_const"
+    if base[0].isdigit():
+        base = "_" + base
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def add_tensor_attr(
+    gm: torch.fx.GraphModule, base_name: str, value: torch.Tensor, *, before: torch.fx.Node
+) -> torch.fx.Node:
+    """Register ``value`` on ``gm`` (a buffer, or a Parameter if float) and
+    insert a ``get_attr`` node for it before ``before``, with ``meta["val"]``."""
+    name = _unique_name(gm, base_name)
+    value = value.detach()
+    if value.is_floating_point():
+        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        gm.register_buffer(name, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def drop_unused_attrs(gm: torch.fx.GraphModule) -> int:
+    """Delete parameters/buffers no ``get_attr`` node reads; return how many."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    dropped = 0
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(
+        gm.named_buffers(remove_duplicate=False)
+    ):
+        if name in used:
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = fetch_attr(gm, owner_path) if owner_path else gm
+        if leaf in owner._parameters:
+            del owner._parameters[leaf]
+            dropped += 1
+        elif leaf in owner._buffers:
+            del owner._buffers[leaf]
+            dropped += 1
+    return dropped
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Dotted path of the innermost nn.Module that produced ``node`` ('' if unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return str(path)
+
+
+def module_type(node: torch.fx.Node) -> str:
+    """Qualified class name of the innermost owning module ('' if unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    _, cls = list(stack.values())[-1]
+    return cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+
+
+def tensor_meta(node: Any) -> torch.Tensor | None:
+    """The fake tensor in ``node.meta["val"]`` when there is one."""
+    if isinstance(node, torch.fx.Node):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val
+    return None
+
+
+def users_of(nodes: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
+    out: set[torch.fx.Node] = set()
+    for n in nodes:
+        out.update(n.users)
+    return out

@@ -1,0 +1,1 @@
+"""Backend lowerers and runners (installed as ``graphopt.runtimes``), one module each."""
