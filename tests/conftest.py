@@ -1,0 +1,49 @@
+"""Shared fixtures. verify-each is on for every test (lint + run + numerics
+after every pass), as TVM's relax conftest does."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("GRAPHOPT_VERIFY_EACH", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+_CAPTURED: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _verify_each(monkeypatch):
+    monkeypatch.setenv("GRAPHOPT_VERIFY_EACH", "1")
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """``zoo("bert4rec:tiny")`` -> the ZooModel (built once per session)."""
+    from graphopt.models import load_model
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_model(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def program(zoo):
+    """``program("bert4rec:tiny")`` -> a fresh copy of the captured Program
+    (captured once per session; each call returns an independent copy)."""
+
+    def get(name: str):
+        if name not in _CAPTURED:
+            _CAPTURED[name] = zoo(name).capture()
+        return _CAPTURED[name].copy()
+
+    return get
