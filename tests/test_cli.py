@@ -1,0 +1,132 @@
+"""Every CLI verb, including its error paths: exit codes and one-line messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from graphopt import Program
+from graphopt.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_passes_lists_every_pass_with_options(capsys):
+    code, out, _ = run(capsys, "passes")
+    assert code == 0
+    for name in ("dce", "remove-dropout", "remove-noop"):
+        assert f"{name}  —" in out
+    assert "O1" in out
+    code, out, _ = run(capsys, "passes", "--json")
+    data = json.loads(out)
+    assert data["passes"]["remove-noop"]["requires"] == ["shapes"]
+    assert "O1" in data["presets"]
+
+
+def test_models_lists_the_zoo(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    assert {"bert4rec:tiny", "bert-cls:base", "dlrm:tiny", "two-tower:tiny"} <= set(out.split())
+
+
+def test_inspect_zoo_model(capsys):
+    code, out, _ = run(capsys, "inspect", "bert4rec:tiny")
+    assert code == 0
+    assert "aten.linear.default" in out
+    assert "[batch, seq]" in out
+    assert "parameters" in out
+
+
+def test_optimize_writes_program_and_report(tmp_path, capsys, zoo):
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "optimize", "bert-cls:tiny", "-p", "remove-dropout,dce", "-o", str(out_dir), "--report")
+    assert code == 0, err
+    assert "remove-dropout" in out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["pipeline"] == "remove-dropout,dce"
+    assert report["passes"][0]["stats"]["eval-dropout-clone"] == 6
+    loaded = Program.load(out_dir / "program.pt2")
+    inputs = zoo("bert-cls:tiny").make_inputs(batch=3, seq=20, seed=9)
+    ref = zoo("bert-cls:tiny").module(**inputs).logits
+    torch.testing.assert_close(loaded(*inputs.values())[0], ref, atol=1e-5, rtol=1e-5)
+    # the saved Program is itself a MODEL for the other verbs
+    code, out, _ = run(capsys, "inspect", str(out_dir))
+    assert code == 0 and "remove-dropout,dce" in out
+
+
+def test_optimize_refuses_to_overwrite_without_force(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    assert run(capsys, "optimize", "dlrm:tiny", "-p", "dce", "-o", str(out_dir))[0] == 0
+    stamp = (out_dir / "program.pt2").stat().st_mtime_ns
+    code, _, err = run(capsys, "optimize", "dlrm:tiny", "-p", "dce", "-o", str(out_dir))
+    assert code == 2
+    assert "already exists; pass --force" in err
+    assert (out_dir / "program.pt2").stat().st_mtime_ns == stamp
+    assert run(capsys, "optimize", "dlrm:tiny", "-p", "O1", "-o", str(out_dir), "--force")[0] == 0
+    assert json.loads((out_dir / "report.json").read_text())["pipeline"].startswith("remove-dropout")
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "fragment"),
+    [
+        ("fuse-qkv{", "column 9"),
+        ("remove-dropuot", "did you mean 'remove-dropout'"),
+        ("dce,", "column 5"),
+    ],
+)
+def test_bad_pipeline_exits_2_with_column(tmp_path, capsys, pipeline, fragment):
+    code, out, err = run(capsys, "optimize", "bert-cls:tiny", "-p", pipeline, "-o", str(tmp_path / "o"))
+    assert code == 2
+    assert fragment in err
+    assert err.startswith("graphopt: error: ")
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_and_unreadable_file_exit_2(tmp_path, capsys):
+    code, _, err = run(capsys, "inspect", "bert5rec:tiny")
+    assert code == 2 and "did you mean 'bert4rec'" in err
+    code, _, err = run(capsys, "inspect", "dlrm:huge")
+    assert code == 2 and "no size 'huge'" in err
+    bad = tmp_path / "bad.pt2"
+    bad.write_text("garbage")
+    code, _, err = run(capsys, "inspect", str(bad))
+    assert code == 2 and "not a readable torch.export archive" in err
+    code, _, err = run(capsys, "inspect", str(tmp_path / "nope.pt2"))
+    assert code == 2 and "no such file" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_failing_pass_exits_1(tmp_path, capsys):
+    import tests.test_pass_manager  # noqa: F401  (registers test-raises)
+
+    code, _, err = run(capsys, "optimize", "dlrm:tiny", "-p", "dce,test-raises", "-o", str(tmp_path / "o"))
+    assert code == 1
+    assert "pass 'test-raises' failed (passes before it: dce)" in err
+    assert not (tmp_path / "o").exists(), "no half-written output"
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["optimize", "bert-cls:tiny"])
+    assert info.value.code == 2
+
+
+def test_console_entry_point_runs_as_a_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "graphopt", "optimize", "bert-cls:tiny", "-p", "fuse-qkv{", "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "column 9" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,86 @@
+"""Program: run-time input checks, save/load round trip, corrupted files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphopt import ArtifactError, Program, RunnerError
+
+
+def test_input_checks_name_runtime_input_and_fix(program):
+    prog = program("bert4rec:tiny")
+    ids, mask = prog.sample_inputs()
+    with pytest.raises(RunnerError, match=r"^eager \| input 'input_ids': expected int64, got float32"):
+        prog(ids.float(), mask)
+    with pytest.raises(RunnerError, match="expected rank 2"):
+        prog(ids[0], mask)
+    with pytest.raises(RunnerError, match="expected 2 inputs"):
+        prog(ids)
+
+
+def test_keyword_inputs(program):
+    prog = program("bert4rec:tiny")
+    ids, mask = prog.sample_inputs()
+    torch.testing.assert_close(prog(input_ids=ids, attention_mask=mask)[0], prog(ids, mask)[0])
+
+
+def test_sample_inputs_resize_labelled_dims(program):
+    prog = program("bert4rec:tiny")
+    ids, mask = prog.sample_inputs(batch=2, seq=40, seed=1)
+    assert ids.shape == (2, 40) and mask.shape == (2, 40)
+    assert int(ids.min()) >= 1 and int(mask.min()) == 1
+
+
+def test_save_load_roundtrip_matches_to_1e5(tmp_path, program, zoo):
+    prog = program("bert-cls:tiny")
+    path = prog.save(tmp_path / "p.pt2")
+    loaded = Program.load(path)
+    assert loaded.input_names == prog.input_names
+    assert loaded.output_names == prog.output_names
+    assert [s.dynamic for s in loaded.inputs] == [s.dynamic for s in prog.inputs]
+    for batch, seq in [(4, 16), (2, 48)]:
+        inputs = zoo("bert-cls:tiny").make_inputs(batch=batch, seq=seq, seed=2)
+        ref = zoo("bert-cls:tiny").module(**inputs).logits
+        torch.testing.assert_close(loaded(*inputs.values())[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_save_refuses_overwrite_without_force(tmp_path, program):
+    prog = program("dlrm:tiny")
+    path = prog.save(tmp_path / "p.pt2")
+    before = path.read_bytes()
+    with pytest.raises(ArtifactError, match="force"):
+        prog.save(path)
+    assert path.read_bytes() == before
+    prog.save(path, force=True)
+    assert Program.load(path).num_parameters() == prog.num_parameters()
+
+
+def test_corrupted_or_foreign_files_give_clear_errors(tmp_path, program):
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a zip archive")
+    with pytest.raises(ArtifactError, match="not a readable torch.export archive"):
+        Program.load(bad)
+    with pytest.raises(ArtifactError, match="no saved Program"):
+        Program.load(tmp_path / "missing.pt2")
+    # a plain torch.export archive without graphopt's metadata
+    ep = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+    foreign = tmp_path / "foreign.pt2"
+    torch.export.save(ep, str(foreign))
+    with pytest.raises(ArtifactError, match="not written by graphopt"):
+        Program.load(foreign)
+
+
+def test_truncated_file_is_detected(tmp_path, program):
+    path = program("dlrm:tiny").save(tmp_path / "p.pt2")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError):
+        Program.load(path)
+
+
+def test_describe_counts_only_used_parameters(program):
+    prog = program("dlrm:tiny")
+    info = prog.describe()
+    assert info["parameters"] == prog.num_parameters() > 0
+    assert info["ops"]["aten.linear.default"] == 4
