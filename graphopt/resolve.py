@@ -45,7 +45,8 @@ def capture_hf_directory(path: Path, batch: int = 4, seq: int = 16) -> Program:
         model,
         inputs,
         dynamic=dyn,
-        name=path.name,
+        name=path.resolve().name if path.resolve().name not in ("model", "checkpoint") else
+        f"{path.resolve().parent.name}/{path.resolve().name}",
         input_ranges={"input_ids": (1, vocab), "attention_mask": (1, 2)},
         meta={"hf_directory": str(path), "architecture": cls_name},
     )

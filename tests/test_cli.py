@@ -62,6 +62,24 @@ def test_optimize_writes_program_and_report(tmp_path, capsys, zoo):
     assert code == 0 and "remove-dropout,dce" in out
 
 
+def test_local_hugging_face_folder_is_a_model(tmp_path, capsys, zoo):
+    folder = tmp_path / "my-finetuned-bert"
+    zoo("bert-cls:tiny").module.save_pretrained(folder)
+    code, out, err = run(capsys, "inspect", str(folder))
+    assert code == 0, err
+    assert "my-finetuned-bert" in out and "[batch, seq]" in out and "logits" in out
+    code, out, err = run(capsys, "optimize", str(folder), "-p", "O1", "-o", str(tmp_path / "o"))
+    assert code == 0, err
+    loaded = Program.load(tmp_path / "o")
+    inputs = zoo("bert-cls:tiny").make_inputs(batch=2, seq=12, seed=4)
+    ref = zoo("bert-cls:tiny").module(**inputs).logits
+    torch.testing.assert_close(loaded(*inputs.values())[0], ref, atol=1e-5, rtol=1e-5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(capsys, "inspect", str(empty))
+    assert code == 2 and "neither program.pt2 nor a Hugging Face config.json" in err
+
+
 def test_optimize_refuses_to_overwrite_without_force(tmp_path, capsys):
     out_dir = tmp_path / "out"
     assert run(capsys, "optimize", "dlrm:tiny", "-p", "dce", "-o", str(out_dir))[0] == 0
