@@ -41,12 +41,27 @@ def propagate_shapes(program: Program) -> None:
         mode.allow_non_fake_inputs = allow
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_flops(program: Program, inputs: tuple[torch.Tensor, ...] | None = None) -> int:
-    """FLOPs of one forward on ``inputs`` (default: the example inputs)."""
+    """FLOPs of one forward on ``inputs`` (default: the example inputs).
+
+    torch's FlopCounterMode has no formula for the CPU SDPA kernels, so
+    attention is counted with its SDPA formula here.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
+    custom = {}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            custom[op] = _cpu_sdpa_flops
     args = inputs if inputs is not None else program.sample_inputs()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         program.gm(*args)
     return int(counter.get_total_flops())
 

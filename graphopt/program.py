@@ -199,7 +199,7 @@ class Program:
         """Tensors the graph actually reads through ``get_attr`` (deduplicated)."""
         out: dict[str, torch.Tensor] = {}
         for n in self.gm.graph.nodes:
-            if n.op == "get_attr":
+            if n.op == "get_attr" and n.users:  # a dead get_attr reads nothing
                 value = _fetch_attr(self.gm, n.target)
                 if isinstance(value, torch.Tensor):
                     out[n.target] = value
