@@ -85,6 +85,10 @@ class AnalysisManager:
             self._valid[name] = ANALYSES[name](program)
         return self._valid[name]
 
+    def mark_valid(self, name: str, value: Any = None) -> None:
+        """Record that ``name`` holds for the current Program (e.g. fresh from capture)."""
+        self._valid[name] = value
+
     def is_valid(self, name: str) -> bool:
         return name in self._valid
 

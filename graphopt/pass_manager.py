@@ -70,6 +70,14 @@ class PassContext:
         return out
 
 
+def _has_shape_meta(program: Any) -> bool:
+    return all(
+        "val" in n.meta
+        for n in program.gm.graph.nodes
+        if n.op in ("call_function", "get_attr", "placeholder") and n.users
+    )
+
+
 class PassManager:
     """``PassManager("remove-dropout,dce").run(program)`` -> list of PassRecord."""
 
@@ -110,7 +118,7 @@ class PassManager:
             else:
                 ctx.analyses.get(req, program)
 
-    def _check_result(self, p: Pass, result: Any) -> None:
+    def _check_result(self, p: Pass, result: Any, shapes_were_valid: bool) -> None:
         if not isinstance(result, PassResult):
             raise PostconditionError(f"pass '{p.name}' returned {type(result).__name__}, not PassResult")
         gm = result.program.gm
@@ -120,7 +128,7 @@ class PassManager:
             except Exception as e:
                 raise PostconditionError(f"pass '{p.name}' left an invalid graph: {e}") from e
             gm.recompile()
-            if "shapes" in p.preserves:
+            if "shapes" in p.preserves and shapes_were_valid:
                 missing = [
                     n.name
                     for n in gm.graph.nodes
@@ -135,6 +143,8 @@ class PassManager:
     def run(self, program: Any, ctx: PassContext | None = None) -> tuple[Any, list[PassRecord]]:
         """Run every pass in order on ``program`` (mutated in place)."""
         ctx = ctx or PassContext(example_inputs=program.example_inputs)
+        if _has_shape_meta(program):
+            ctx.analyses.mark_valid("shapes")  # a captured Program arrives with fresh meta["val"]
         records: list[PassRecord] = []
         for p in self.pipeline:
             record = PassRecord(name=p.name, step=p.step_text())
@@ -143,8 +153,9 @@ class PassManager:
                 self._check_requires(p, program, ctx)
                 for inst in self.instruments:
                     inst.before_pass(p, program, ctx, record)
+                shapes_were_valid = ctx.analyses.is_valid("shapes")
                 result = p.run(program, ctx)
-                self._check_result(p, result)
+                self._check_result(p, result, shapes_were_valid)
                 program = result.program
                 if result.modified:
                     ctx.analyses.invalidate(p.preserves)

@@ -69,12 +69,12 @@ class _Scanner:
         return m.group(0), m.start()
 
     def value(self) -> tuple[str, int]:
-        self.skip_ws()
+        """The characters up to whitespace or a brace; may be empty (an empty list)."""
         start = self.i
         while self.i < len(self.text) and not self.text[self.i].isspace() and self.text[self.i] not in "{}":
             self.i += 1
-        if self.i == start:
-            raise self.error("expected an option value")
+        if self.peek() == "{":
+            raise self.error("'{' is not allowed inside an option value")
         return self.text[start:self.i], start
 
 
