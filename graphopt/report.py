@@ -59,27 +59,47 @@ class OptimizeReport:
             json.dump(self.to_json(), f, indent=2, default=str)
 
     def render(self) -> str:
-        """Plain-text report: per pass what matched, what changed, what declined."""
-        lines = [f"model {self.model}", f"pipeline {self.pipeline or '(empty)'}"]
-        width = max([len(p.step) for p in self.passes] + [4])
-        width = min(width, 60)
-        lines.append(f"{'pass':<{width}}  {'time':>8}  changed  ops delta / rule counts")
-        for p in self.passes:
-            delta = ", ".join(f"{k.replace('aten.', '').replace('.default', '')} {v:+d}" for k, v in p.ops_delta().items())
-            stats = ", ".join(f"{k}: {v}" for k, v in p.stats.items())
-            changed = "yes" if p.modified else "no"
-            step = p.step if len(p.step) <= width else p.step[: width - 3] + "..."
-            lines.append(f"{step:<{width}}  {p.time_s * 1000:7.1f}ms  {changed:<7}  {delta or '-'}")
-            if stats:
-                lines.append(f"{'':<{width}}  {'':>8}  {'':<7}  {stats}")
+        """Plain-text fusion-coverage report.
+
+        A summary table (one row per pass: time, changed, rewrites, declines,
+        node delta), then a section per pass that did or declined something:
+        rewrites per rule, op histogram delta, parameter change, declines
+        grouped by reason (with where each happened), and notes.
+        """
+        lines = [f"model {self.model}", f"pipeline {self.pipeline or '(empty)'}", ""]
+        width = min(max([len(p.name) for p in self.passes] + [4]), 40)
+        lines.append(f" #  {'pass':<{width}}  {'time':>9}  changed  {'rewrites':>8}  {'declined':>8}  {'ops':>5}")
+        for i, p in enumerate(self.passes, 1):
+            name = p.name if len(p.name) <= width else p.name[: width - 3] + "..."
+            ops = sum(p.ops_after.values()) - sum(p.ops_before.values())
+            lines.append(
+                f"{i:>2}  {name:<{width}}  {p.time_s * 1000:7.1f}ms  {'yes' if p.modified else 'no':<7}  "
+                f"{sum(p.stats.values()):>8}  {len(p.declined):>8}  {ops:>+5}"
+            )
+        for i, p in enumerate(self.passes, 1):
+            if not (p.modified or p.declined or p.notes):
+                continue
+            lines.append("")
+            lines.append(f"[{i}] {p.step}")
+            found = sum(p.stats.values()) + len(p.declined)
+            if p.declined:
+                lines.append(f"    matches: {found} found, {sum(p.stats.values())} rewritten, {len(p.declined)} declined")
+            if p.stats:
+                lines.append("    rewrites: " + ", ".join(f"{k}: {v}" for k, v in p.stats.items()))
+            delta = ", ".join(
+                f"{k.replace('aten.', '').replace('.default', '')} {v:+d}" for k, v in p.ops_delta().items()
+            )
+            if delta:
+                lines.append(f"    ops delta: {delta}")
             if p.params_after != p.params_before:
-                lines.append(
-                    f"{'':<{width}}  {'':>8}  {'':<7}  params {p.params_before:,} -> {p.params_after:,}"
-                )
-            for d in p.declined:
-                lines.append(f"{'':<{width}}  {'':>8}  {'':<7}  declined: {d}")
+                lines.append(f"    params {p.params_before:,} -> {p.params_after:,}")
+            for reason, places in _group_declines(p.declined):
+                shown = ", ".join(places[:4]) + (f", +{len(places) - 4} more" if len(places) > 4 else "")
+                count = f" (x{len(places)})" if len(places) > 1 else ""
+                lines.append(f"    declined{count}: {reason}" + (f"  [{shown}]" if shown else ""))
             for n in p.notes:
-                lines.append(f"{'':<{width}}  {'':>8}  {'':<7}  note: {n}")
+                lines.append(f"    note: {n}")
+        lines.append("")
         lines.append(
             f"parameters {self.params_before:,} -> {self.params_after:,}; "
             f"nodes {self.nodes_before} -> {self.nodes_after}; total {self.total_time_s:.2f}s"
@@ -87,3 +107,16 @@ class OptimizeReport:
         if self.drift:
             lines.append("drift vs input program: " + ", ".join(f"{k} {v:.3g}" for k, v in self.drift.items()))
         return "\n".join(lines)
+
+
+def _group_declines(declined: list[str]) -> list[tuple[str, list[str]]]:
+    """``"where: why"`` lines grouped by ``why``, in first-seen order."""
+    groups: dict[str, list[str]] = {}
+    for line in declined:
+        place, sep, reason = line.partition(": ")
+        if not sep:
+            place, reason = "", line
+        groups.setdefault(reason, [])
+        if place:
+            groups[reason].append(place)
+    return list(groups.items())

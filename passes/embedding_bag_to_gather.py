@@ -1,0 +1,183 @@
+"""embedding-bag-to-gather: EmbeddingBag becomes an embedding gather + segment reduction."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from graphopt.passes._patterns import constant_tensor, copy_meta, fill_vals, where
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from graphopt.fx_utils import is_op, tensor_meta
+from graphopt.pass_base import Pass, PassResult, register_pass
+
+__all__ = ["EmbeddingBagToGather"]
+
+aten = torch.ops.aten
+_MODES = {0: "sum", 1: "mean"}
+_FLATTENS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _parse(node: torch.fx.Node) -> dict[str, Any]:
+    names = ["weight", "indices", "offsets", "scale_grad", "mode", "sparse", "psw", "include_last", "padding_idx"]
+    values = dict(zip(names, node.args))
+    values.update({k: v for k, v in node.kwargs.items()})
+    values.setdefault("psw", node.kwargs.get("per_sample_weights"))
+    values.setdefault("include_last", node.kwargs.get("include_last_offset", False))
+    values.setdefault("padding_idx", None)
+    values.setdefault("mode", 0)
+    return values
+
+
+def _fixed_bags(indices: torch.fx.Node, offsets: torch.fx.Node) -> torch.fx.Node | None:
+    """The 2-D [bags, L] id tensor when ``indices = x.view(-1)`` and
+    ``offsets = arange(0, bags * L, L)`` (what nn.EmbeddingBag does for 2-D input)."""
+    if not (is_op(indices, *_FLATTENS) and is_op(offsets, aten.arange.start_step)):
+        return None
+    src = indices.args[0]
+    start, end, step = offsets.args[:3]
+    src_val = tensor_meta(src)
+    if src_val is None or src_val.dim() != 2 or start != 0 or not isinstance(step, int):
+        return None
+    if not (isinstance(src_val.shape[1], int) and src_val.shape[1] == step):
+        return None
+    end_val = end.meta.get("val") if isinstance(end, torch.fx.Node) else end
+    if end_val is None or not statically_known_true(end_val == src_val.shape[0] * step):
+        return None
+    return src  # type: ignore[return-value]
+
+
+@register_pass
+class EmbeddingBagToGather(Pass):
+    """Rewrite ``aten.embedding_bag`` as ``embedding`` + a Loop-free reduction.
+
+    Matches: ``aten.embedding_bag`` / ``embedding_bag.padding_idx`` in sum or
+    mean mode (max is declined), with or without ``per_sample_weights`` and
+    ``padding_idx``, whose only read output is item 0.
+    Produces, for fixed-size bags (2-D input flattened with
+    ``offsets = arange(0, B*L, L)``, as nn.EmbeddingBag emits): ``embedding(W,
+    ids[B, L])`` then ``sum``/``mean`` over dim 1; for 1-D input with offsets:
+    ``embedding(W, ids[N])``, bag ids ``seg = (arange(N) >= offsets[:, None]).sum(0) - 1``
+    and ``zeros(B, D).index_add(0, seg, rows)`` (O(N*B) compare, fine at
+    inference batch sizes). Padding ids are masked out of sums and counts;
+    an empty bag gives zeros, as EmbeddingBag does. The ONNX export of the
+    result has Gather/ReduceSum/ScatterND and no ``Loop``. Requires and preserves shapes.
+    Exact up to summation order (tested at 1e-5).
+    Before/after: ``embedding_bag(W, x.view(-1), arange(0, 3B, 3), mode=sum)[0]``
+    -> ``sum(embedding(W, x), [1])``.
+    """
+
+    name = "embedding-bag-to-gather"
+    requires = frozenset({"shapes"})
+    preserves = frozenset({"shapes"})
+    tolerance = 1e-5
+    backend_notes = "ONNX Runtime: the dynamo export of embedding_bag is a Loop; this is Gather + ReduceSum"
+
+    def run(self, program, ctx):  # type: ignore[no-untyped-def]
+        gm = program.gm
+        counts: dict[str, int] = {}
+        declined: list[str] = []
+        existing = set(gm.graph.nodes)
+        for node in list(gm.graph.nodes):
+            if not is_op(node, aten.embedding_bag.default, aten.embedding_bag.padding_idx):
+                continue
+            a = _parse(node)
+            reason = self._check(gm, node, a)
+            if reason:
+                declined.append(f"{where(node)}: {reason}")
+                continue
+            src = _fixed_bags(a["indices"], a["offsets"])
+            before = set(gm.graph.nodes)
+            with gm.graph.inserting_before(node):
+                out = self._fixed(gm.graph, a, src) if src is not None else self._segments(gm.graph, a)
+            for new in gm.graph.nodes:
+                if new not in before:
+                    copy_meta(new, node)
+            for user in list(node.users):
+                user.replace_all_uses_with(out)
+                gm.graph.erase_node(user)
+            gm.graph.erase_node(node)
+            for dead in (a["offsets"], a["indices"]):  # the flatten/arange that fed the bag
+                if isinstance(dead, torch.fx.Node) and dead.op == "call_function" and not dead.users:
+                    gm.graph.erase_node(dead)
+            rule = f"{_MODES[a['mode']]}-{'fixed-bags' if src is not None else 'offsets'}"
+            counts[rule] = counts.get(rule, 0) + 1
+        fill_vals(gm, existing)
+        return PassResult(program, modified=bool(counts), stats=counts, declined=declined)
+
+    @staticmethod
+    def _check(gm: torch.fx.GraphModule, node: torch.fx.Node, a: dict[str, Any]) -> str | None:
+        if a["mode"] not in _MODES:
+            return "mode=max has no gather + reduce rewrite here"
+        if not all(u.target is operator.getitem and u.args[1] == 0 for u in node.users):
+            return "offset2bag/bag_size outputs are read"
+        idx, off = tensor_meta(a["indices"]), tensor_meta(a["offsets"])
+        if idx is None or idx.dim() != 1 or off is None or off.dim() != 1:
+            return "indices/offsets are not 1-D tensors with shape metadata"
+        padding = a["padding_idx"]
+        if padding is not None and padding < 0:
+            return f"negative padding_idx {padding}"
+        if constant_tensor(gm, a["weight"]) is None:
+            return "table is not a constant"
+        return None
+
+    @staticmethod
+    def _masked_rows(graph: torch.fx.Graph, a: dict[str, Any], ids: torch.fx.Node) -> tuple[Any, Any]:
+        """Gathered rows with per-sample weights and padding applied; the keep mask (or None)."""
+        rows = graph.call_function(aten.embedding.default, (a["weight"], ids))
+        keep = None
+        if a["padding_idx"] is not None:
+            ne = graph.call_function(aten.ne.Scalar, (ids, a["padding_idx"]))
+            dtype = tensor_meta(a["weight"]).dtype  # type: ignore[union-attr]
+            keep = graph.call_function(aten._to_copy.default, (ne,), {"dtype": dtype})
+            rows = graph.call_function(aten.mul.Tensor, (rows, graph.call_function(aten.unsqueeze.default, (keep, -1))))
+        return rows, keep
+
+    def _fixed(self, graph: torch.fx.Graph, a: dict[str, Any], src: torch.fx.Node) -> torch.fx.Node:
+        rows, keep = self._masked_rows(graph, a, src)  # [B, L, D]
+        if a["psw"] is not None:
+            length = tensor_meta(src).shape[1]  # type: ignore[union-attr]
+            w = graph.call_function(aten.reshape.default, (a["psw"], [-1, length, 1]))
+            rows = graph.call_function(aten.mul.Tensor, (rows, w))
+        if a["mode"] == 1 and keep is None:
+            return graph.call_function(aten.mean.dim, (rows, [1]))
+        total = graph.call_function(aten.sum.dim_IntList, (rows, [1]))
+        if a["mode"] == 0:
+            out = total
+        else:
+            count = graph.call_function(aten.sum.dim_IntList, (keep, [1], True))
+            count = graph.call_function(aten.clamp_min.default, (count, 1.0))
+            out = graph.call_function(aten.div.Tensor, (total, count))
+        return out
+
+    def _segments(self, graph: torch.fx.Graph, a: dict[str, Any]) -> torch.fx.Node:
+        ids, offsets = a["indices"], a["offsets"]
+        rows, keep = self._masked_rows(graph, a, ids)  # [N, D]
+        if a["psw"] is not None:
+            w = graph.call_function(aten.unsqueeze.default, (a["psw"], -1))
+            rows = graph.call_function(aten.mul.Tensor, (rows, w))
+        if a["include_last"]:
+            offsets = graph.call_function(aten.slice.Tensor, (offsets, 0, 0, -1))
+        n = graph.call_function(aten.sym_size.int, (ids, 0))
+        pos = graph.call_function(aten.arange.default, (n,), {"dtype": torch.int64})
+        ge = graph.call_function(
+            aten.ge.Tensor,
+            (graph.call_function(aten.unsqueeze.default, (pos, 0)),
+             graph.call_function(aten.unsqueeze.default, (offsets, 1))),
+        )
+        hits = graph.call_function(aten.sum.dim_IntList, (ge, [0]), {"dtype": torch.int64})
+        seg = graph.call_function(aten.sub.Tensor, (hits, 1))
+        bags = graph.call_function(aten.sym_size.int, (offsets, 0))
+        dim = tensor_meta(a["weight"]).shape[1]  # type: ignore[union-attr]
+        zeros = graph.call_function(aten.new_zeros.default, (rows, [bags, dim]))
+        total = graph.call_function(aten.index_add.default, (zeros, 0, seg, rows))
+        if a["mode"] == 0:
+            return total
+        ones = keep if keep is not None else graph.call_function(
+            aten.ones_like.default, (ids,), {"dtype": tensor_meta(a["weight"]).dtype})  # type: ignore[union-attr]
+        count = graph.call_function(aten.index_add.default, (
+            graph.call_function(aten.new_zeros.default, (rows, [bags])), 0, seg, ones))
+        count = graph.call_function(aten.clamp_min.default, (count, 1.0))
+        return graph.call_function(aten.div.Tensor, (total, graph.call_function(aten.unsqueeze.default, (count, -1))))

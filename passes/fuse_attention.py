@@ -1,0 +1,297 @@
+"""fuse-attention: decomposed softmax attention becomes scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from graphopt.passes._patterns import copy_meta, fill_vals, same_shape, scalar, where
+
+from graphopt.fx_utils import is_op, tensor_meta
+from graphopt.pass_base import Option, Pass, PassResult, register_pass
+
+__all__ = ["FuseAttention"]
+
+aten = torch.ops.aten
+
+_MATMULS = (aten.matmul.default, aten.bmm.default)
+_SOFTMAXES = (aten.softmax.int, aten._softmax.default)
+#: |value| above which masked_fill(value) equals adding value (any finite score is absorbed)
+_ABSORBING = 1e30
+
+
+@dataclass
+class _Match:
+    query: torch.fx.Node
+    key_t: torch.fx.Node
+    value: torch.fx.Node
+    out: torch.fx.Node  # the probs @ V matmul
+    scale: float = 1.0
+    mask: torch.fx.Node | None = None
+    fill: float | None = None  # masked_fill value: mask is boolean and becomes additive
+    erase: list[torch.fx.Node] = field(default_factory=list)  # consumed nodes, graph order
+
+
+class _Decline(Exception):
+    pass
+
+
+def _single_user(node: torch.fx.Node, what: str) -> None:
+    if len(node.users) != 1:
+        raise _Decline(f"{what} ({node.name}) is read outside the attention block")
+
+
+def _dim_is_last(node: torch.fx.Node, dim: object) -> bool:
+    t = tensor_meta(node)
+    return t is not None and isinstance(dim, int) and dim in (-1, t.dim() - 1)
+
+
+def _scalar_operand(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
+    """``x * c`` / ``c * x`` -> (x, c); ``x / c`` -> (x, 1/c)."""
+    a, b = node.args[0], node.args[1]
+    if is_op(node, aten.mul.Tensor, aten.mul.Scalar):
+        if isinstance(a, torch.fx.Node) and scalar(b) is not None:
+            return a, scalar(b)  # type: ignore[return-value]
+        if isinstance(b, torch.fx.Node) and scalar(a) is not None:
+            return b, scalar(a)  # type: ignore[return-value]
+    if is_op(node, aten.div.Tensor, aten.div.Scalar) and isinstance(a, torch.fx.Node) and scalar(b):
+        return a, 1.0 / scalar(b)  # type: ignore[operator]
+    return None
+
+
+class _Matcher:
+    def __init__(self, finite_mask_fill: bool):
+        self.finite_mask_fill = finite_mask_fill
+
+    def match(self, softmax: torch.fx.Node) -> _Match:
+        probs = self._softmax_probs(softmax)
+        m = _Match(query=softmax, key_t=softmax, value=softmax, out=softmax, erase=[])
+        # downstream: softmax -> [dropout/clone] -> matmul(probs, V)
+        cur, chain = softmax, [softmax]
+        while len(cur.users) == 1:
+            user = next(iter(cur.users))
+            if self._is_passthrough(user):
+                cur = user
+                chain.append(user)
+                continue
+            break
+        _single_user(cur, "attention probabilities")
+        out = next(iter(cur.users))
+        if not (is_op(out, *_MATMULS) and out.args[0] is cur):
+            raise _Decline(f"softmax output feeds {out.name}, not a probs @ V matmul")
+        m.out, m.value = out, out.args[1]  # type: ignore[assignment]
+        # upstream: matmul(q, k^T) [* scale] [+ mask | masked_fill] -> softmax
+        scores = self._strip_mask(probs, m)
+        scores = self._strip_scale(scores, m)
+        if is_op(scores, aten.baddbmm.default):
+            if m.mask is not None:
+                raise _Decline("baddbmm adds a second mask")
+            if scores.kwargs.get("beta", 1) != 1 or scores.kwargs.get("alpha", 1) != 1:
+                raise _Decline("baddbmm with beta/alpha != 1")
+            m.mask = scores.args[0]  # type: ignore[assignment]
+        elif not is_op(scores, *_MATMULS):
+            raise _Decline(f"scores come from {scores.name}, not a q @ k^T matmul")
+        _single_user(scores, "attention scores")
+        m.erase.append(scores)
+        q, kt = scores.args[-2], scores.args[-1]
+        pre = _scalar_operand(q) if isinstance(q, torch.fx.Node) and q.op == "call_function" else None
+        if pre is not None and len(q.users) == 1:  # type: ignore[union-attr]
+            m.erase.append(q)  # type: ignore[arg-type]
+            q, c = pre
+            m.scale *= c
+        m.query, m.key_t = q, kt  # type: ignore[assignment]
+        m.erase = sorted(set(m.erase + chain + [out]), key=_order(softmax.graph))
+        self._check_shapes(m)
+        return m
+
+    @staticmethod
+    def _softmax_probs(softmax: torch.fx.Node) -> torch.fx.Node:
+        x = softmax.args[0]
+        if not isinstance(x, torch.fx.Node) or not _dim_is_last(x, softmax.args[1]):
+            raise _Decline("softmax is not over the last dim")
+        if is_op(softmax, aten._softmax.default) and softmax.args[2]:
+            raise _Decline("softmax upcasts half to float")
+        if is_op(softmax, aten.softmax.int) and (len(softmax.args) > 2 and softmax.args[2] is not None):
+            raise _Decline("softmax casts to another dtype")
+        _single_user(x, "pre-softmax scores")
+        return x
+
+    @staticmethod
+    def _is_passthrough(node: torch.fx.Node) -> bool:
+        if is_op(node, aten.clone.default, aten.alias.default):
+            return node.kwargs.get("memory_format") in (None, torch.preserve_format)
+        if is_op(node, aten.dropout.default):
+            return not node.args[2]
+        return False
+
+    def _strip_mask(self, x: torch.fx.Node, m: _Match) -> torch.fx.Node:
+        if is_op(x, aten.add.Tensor) and x.kwargs.get("alpha", 1) == 1:
+            a, b = x.args[0], x.args[1]
+            if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+                raise _Decline(f"{x.name} adds a scalar, not a mask")
+            scores, mask = (a, b) if self._looks_like_scores(a) else (b, a)
+            if not self._looks_like_scores(scores):
+                raise _Decline(f"neither operand of {x.name} is a q @ k^T product")
+            if not same_shape(x, scores):
+                raise _Decline(f"mask {mask.name} broadcasts the scores to a bigger shape")
+            m.mask, m.erase = mask, m.erase + [x]
+            _single_user(scores, "raw attention scores")
+            return scores
+        if is_op(x, aten.masked_fill.Scalar):
+            scores, mask, fill = x.args
+            value = scalar(fill)
+            if value is None or value > 0 or (value != float("-inf") and abs(value) < _ABSORBING and
+                                              not self.finite_mask_fill):
+                raise _Decline(
+                    f"masked_fill value {fill} is not -inf or <= -1e30; with it, rows whose keys are all "
+                    "masked differ from SDPA (set finite_mask_fill=true to accept)"
+                )
+            if not same_shape(x, scores):
+                raise _Decline(f"mask {mask.name} broadcasts the scores to a bigger shape")
+            m.mask, m.fill, m.erase = mask, value, m.erase + [x]
+            _single_user(scores, "raw attention scores")
+            return scores  # type: ignore[return-value]
+        return x
+
+    @staticmethod
+    def _looks_like_scores(node: torch.fx.Node) -> bool:
+        for _ in range(2):
+            if is_op(node, *_MATMULS, aten.baddbmm.default):
+                return True
+            stripped = _scalar_operand(node) if node.op == "call_function" else None
+            if stripped is None:
+                return False
+            node = stripped[0]
+        return False
+
+    @staticmethod
+    def _strip_scale(x: torch.fx.Node, m: _Match) -> torch.fx.Node:
+        stripped = _scalar_operand(x) if x.op == "call_function" else None
+        if stripped is None:
+            return x
+        inner, c = stripped
+        if not c:
+            raise _Decline("scale is 0")
+        _single_user(inner, "unscaled attention scores")
+        m.scale *= c
+        m.erase.append(x)
+        return inner
+
+    @staticmethod
+    def _check_shapes(m: _Match) -> None:
+        q, kt, v = (tensor_meta(n) for n in (m.query, m.key_t, m.value))
+        if q is None or kt is None or v is None:
+            raise _Decline("q/k/v have no shape metadata")
+        if not (q.dim() == kt.dim() == v.dim() >= 3):
+            raise _Decline(f"q/k/v ranks {q.dim()}/{kt.dim()}/{v.dim()} differ or are < 3 (broadcast matmul)")
+        if not (same_shape_prefix(q, kt) and same_shape_prefix(q, v)):
+            raise _Decline("q/k/v batch dims differ (broadcasting matmul)")
+        if not (q.dtype == kt.dtype == v.dtype) or not q.is_floating_point():
+            raise _Decline(f"q/k/v dtypes {q.dtype}/{kt.dtype}/{v.dtype} differ")
+        mask = tensor_meta(m.mask) if m.mask is not None else None
+        if m.mask is not None and mask is None:
+            raise _Decline("mask has no shape metadata")
+        if m.fill is None and mask is not None and mask.dtype != q.dtype:
+            raise _Decline(f"additive mask dtype {mask.dtype} differs from q dtype {q.dtype}")
+        if m.fill is not None and mask is not None and mask.dtype != torch.bool:
+            raise _Decline("masked_fill mask is not boolean")
+
+
+def same_shape_prefix(a: torch.Tensor, b: torch.Tensor) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return all(statically_known_true(x == y) for x, y in zip(a.shape[:-2], b.shape[:-2]))
+
+
+def _order(graph: torch.fx.Graph):  # type: ignore[no-untyped-def]
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index[n]
+
+
+@register_pass
+class FuseAttention(Pass):
+    """Rewrite decomposed attention into ``aten.scaled_dot_product_attention``.
+
+    Matches: ``matmul(q, k^T)`` (or ``bmm``/``baddbmm(mask, q, k^T)``), an
+    optional scalar scale (``* c`` or ``/ c`` on the scores, or ``* c`` on q),
+    an optional mask (``+ mask`` with a float mask, or ``masked_fill(mask,
+    -inf)``), ``softmax(dim=-1)``, optional eval dropout/clone, and
+    ``matmul(probs, v)``, where every intermediate has one user. This is what
+    ``attn_implementation="eager"`` transformers, ``nn.MultiheadAttention``
+    with ``need_weights=True`` and hand-written SASRec attention produce.
+    Produces: ``scaled_dot_product_attention(q, k, v, attn_mask=mask,
+    scale=c)``; k is recovered from k^T (or transposed back). Each softmax
+    block not fused is declined with the check that failed. Requires and
+    preserves shapes. Exact up to the SDPA kernel's rounding (tested at 1e-5).
+    Note: rows whose keys are all masked give NaN before and 0 after (SDPA's
+    safe softmax). Run after remove-dropout.
+    Before/after: ``softmax(q @ k.transpose(-2, -1) * 0.125 + m, -1) @ v`` ->
+    ``scaled_dot_product_attention(q, k, v, m, scale=0.125)``.
+    """
+
+    name = "fuse-attention"
+    options = (
+        Option("finite_mask_fill", bool, False,
+               "also fuse masked_fill with finite values such as -1e9 (rows with every key masked differ)"),
+    )
+    requires = frozenset({"shapes"})
+    preserves = frozenset({"shapes"})
+    tolerance = 1e-5
+    backend_notes = "eager CPU/CUDA use flash/efficient SDPA kernels; ONNX export emits the SDPA subgraph"
+
+    def run(self, program, ctx):  # type: ignore[no-untyped-def]
+        gm = program.gm
+        matcher = _Matcher(self.finite_mask_fill)
+        candidates = [n for n in gm.graph.nodes if is_op(n, *_SOFTMAXES)]
+        already = sum(1 for n in gm.graph.nodes if is_op(n, aten.scaled_dot_product_attention))
+        declined: list[str] = []
+        fused = 0
+        existing = set(gm.graph.nodes)
+        for softmax in candidates:
+            try:
+                m = matcher.match(softmax)
+            except _Decline as e:
+                declined.append(f"{where(softmax)}: {e}")
+                continue
+            self._rewrite(gm, m)
+            fused += 1
+        fill_vals(gm, existing)
+        notes = [f"{fused} of {len(candidates)} attention blocks fused"]
+        if already:
+            notes.append(f"{already} blocks were already scaled_dot_product_attention")
+        stats = {"attention-blocks": fused} if fused else {}
+        return PassResult(program, modified=fused > 0, stats=stats, declined=declined, notes=notes)
+
+    @staticmethod
+    def _rewrite(gm: torch.fx.GraphModule, m: _Match) -> None:
+        graph = gm.graph
+        with graph.inserting_before(m.out):
+            key = _untranspose(graph, m.key_t)
+            mask = m.mask
+            if m.fill is not None and mask is not None:
+                dtype = tensor_meta(m.query).dtype  # type: ignore[union-attr]
+                zeros = graph.call_function(aten.zeros_like.default, (mask,), {"dtype": dtype})
+                mask = graph.call_function(aten.masked_fill.Scalar, (zeros, mask, m.fill))
+            sdpa = graph.call_function(
+                aten.scaled_dot_product_attention.default,
+                (m.query, key, m.value, mask),
+                {"scale": m.scale},
+            )
+        copy_meta(sdpa, m.out)
+        m.out.replace_all_uses_with(sdpa)
+        for node in reversed(m.erase):
+            if not node.users:
+                graph.erase_node(node)
+        if m.key_t.op == "call_function" and not m.key_t.users:
+            graph.erase_node(m.key_t)
+
+
+def _untranspose(graph: torch.fx.Graph, key_t: torch.fx.Node) -> torch.fx.Node:
+    """k from k^T: the input of a last-two-dims transpose, or a new transpose."""
+    rank = tensor_meta(key_t).dim()  # type: ignore[union-attr]
+    if is_op(key_t, aten.transpose.int) and len(key_t.users) == 1:
+        dims = {d % rank for d in key_t.args[1:3]}  # type: ignore[operator]
+        if dims == {rank - 2, rank - 1}:
+            return key_t.args[0]  # type: ignore[return-value]
+    return graph.call_function(aten.transpose.int, (key_t, -2, -1))
