@@ -1,0 +1,50 @@
+"""prune-linear: remove hidden units of MLP towers (DLRM, two-tower)."""
+
+from __future__ import annotations
+
+from graphopt.pass_base import Option, Pass, register_pass
+from graphopt.pruning import CRITERIA, check_ratio, find_channel_groups, run_ratio_prune
+
+
+@register_pass
+class PruneLinear(Pass):
+    """Remove the lowest-importance hidden units of MLP layers, through ReLU/BatchNorm.
+
+    Matches: ``linear -> (elementwise activation | eval dropout | 2-D
+    BatchNorm)* -> linear(s)``: the hidden layers of MLP towers (DLRM bottom/top
+    MLPs, two-tower towers). Transformer FFNs (down projection into a
+    residual add) are left to ``prune-ffn``. A linear whose output feeds
+    anything else (cat, stack, a residual add, a view, the model output) is
+    declined with the op that blocks it.
+    Produces: the producer linear without the removed rows (weight, bias),
+    BatchNorm weight/bias/running stats without those channels, every
+    consumer linear without the matching input columns.
+    Importance per unit: the criterion summed over its producer row and
+    consumer columns (``taylor``: |w * grad| over calibration batches).
+    ``scope=layer``: floor(ratio * width) per layer; ``scope=global``: ranked
+    across layers. Requires shapes (and calibration data for taylor).
+    Preserves nothing. Approximate, tolerance=inf (see prune-heads).
+    Before/after (ratio 0.5): ``relu(bn(linear(x, W1[16, 13]))) -> linear(., W2[8, 16])``
+    -> ``relu(bn8(linear(x, W1[8, 13]))) -> linear(., W2[8, 8])``.
+    """
+
+    name = "prune-linear"
+    options = (
+        Option("ratio", float, 0.3, "fraction of hidden units to remove, in [0, 1)", check=check_ratio),
+        Option("criterion", str, "l1", "unit importance", choices=CRITERIA),
+        Option("scope", str, "layer", "rank units per layer or across all layers", choices=("layer", "global")),
+    )
+    requires = frozenset({"shapes"})
+    exact = False
+    tolerance = float("inf")
+    backend_notes = "shrinks weights and shapes: every backend gets the smaller model"
+
+    def validate(self) -> None:
+        if self.criterion == "taylor":
+            self.requires = type(self).requires | {"calibration_data"}
+
+    def run(self, program, ctx):  # type: ignore[no-untyped-def]
+        groups, declined = find_channel_groups(program.gm)
+        mlp = [g for g in groups if g.kind == "mlp"]
+        return run_ratio_prune(program, ctx, mlp, declined, ratio=self.ratio,
+                               criterion=self.criterion, scope=self.scope, unit="units")
