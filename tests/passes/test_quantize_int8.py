@@ -1,0 +1,146 @@
+"""quantize-int8: QDQ structure, numerics within the declared tolerance, save/load,
+ONNX Runtime integer kernels, Inductor int8 kernels, calibration methods, accuracy guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from graphopt.passes.quantize_int8 import QuantizeInt8
+
+import graphopt
+from graphopt.compare import drift
+from graphopt.errors import GraphoptError, PassOptionError
+from graphopt.program import Program
+from tests.models import ActivationMatmul
+from tests.passes._helpers import assert_equivalent
+from tests.passes._precision import INTEGER_KERNELS, calibration, ort_optimized_ops
+
+TOL = QuantizeInt8.tolerance  # 0.25, atol = rtol
+Q = "quantized_decomposed.quantize_per_tensor.default"
+DQ = "quantized_decomposed.dequantize_per_tensor.default"
+DQC = "quantized_decomposed.dequantize_per_channel.default"
+
+
+def _int8_weights(p: Program) -> list[torch.Tensor]:
+    return [t for t in p.parameter_tensors().values() if t.dtype == torch.int8]
+
+
+@pytest.fixture(scope="module")
+def bert_int8(zoo, program):
+    return graphopt.optimize(program("bert4rec:tiny"), "quantize-int8",
+                             calibration_data=calibration(zoo("bert4rec:tiny")))
+
+
+def test_structure_bert4rec(bert_int8, program):
+    q, report = bert_int8
+    ops = q.op_histogram()
+    # 13 linears (6 per layer x 2 + transform); q/k/v share one input: 9 activations
+    assert ops[DQC] == 13 and ops["aten.linear.default"] == 13
+    assert ops[Q] == 9 and ops[DQ] == 9
+    assert report.passes[0].stats == {"linear": 13, "activation-qdq": 9}
+    assert len(_int8_weights(q)) == 13
+    # the fp32 linear weights are gone (dropped as unused), the head matmul stays float
+    assert q.parameter_bytes() < program("bert4rec:tiny").parameter_bytes()
+    assert any("matmul" in d and "stays float" in d for d in report.passes[0].declined)
+    for node in q.gm.graph.nodes:
+        if node.target is torch.ops.quantized_decomposed.quantize_per_tensor.default:
+            assert node.args[-1] == torch.uint8 and (node.args[3], node.args[4]) == (0, 255)
+
+
+def test_numerics_and_second_shape(bert_int8, program):
+    q, report = bert_int8
+    ref = program("bert4rec:tiny")
+    assert_equivalent(ref, q, TOL, shapes=((16, None), (1, 8)))
+    d = drift(q(*ref.sample_inputs(batch=32, seed=12)), ref(*ref.sample_inputs(batch=32, seed=12)))
+    assert d["cosine"] > 0.999 and d["top10_overlap"] >= 0.9
+
+
+def test_save_load_round_trip(bert_int8, tmp_path):
+    q, _ = bert_int8
+    loaded = Program.load(q.save(tmp_path / "int8.pt2"))
+    assert loaded.op_histogram()[DQC] == 13 and len(_int8_weights(loaded)) == 13
+    x = q.sample_inputs(batch=3, seed=5)
+    torch.testing.assert_close(loaded(*x), q(*x), atol=1e-6, rtol=1e-6)
+
+
+def test_onnx_qdq_and_ort_integer_kernels_3d(bert_int8, tmp_path):
+    q, _ = bert_int8
+    exported, optimized, sess = ort_optimized_ops(q, tmp_path, translations=False)  # plain torch.onnx.export
+    assert exported["QuantizeLinear"] == 9 and exported["DequantizeLinear"] >= 9 + 13
+    assert optimized["MatMulIntegerToFloat"] == 13, optimized
+    x = q.sample_inputs(batch=2, seed=5)
+    out = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), x)})[0]
+    torch.testing.assert_close(torch.from_numpy(out), q(*x)[0], atol=1e-3, rtol=1e-3)
+
+
+def test_ort_integer_kernels_rank2_dlrm(zoo, program, tmp_path):
+    # rank-2 linears: the exporter writes Gemm, which ORT keeps float; graphopt.qdq's
+    # translations write MatMul(+Add) and the lowerer disables ORT's MatMulAddFusion
+    q, _ = graphopt.optimize(program("dlrm:tiny"), "quantize-int8", calibration_data=calibration(zoo("dlrm:tiny")))
+    exported, optimized, _ = ort_optimized_ops(q, tmp_path)
+    assert exported["QuantizeLinear"] == 4
+    assert sum(optimized[k] for k in INTEGER_KERNELS) == 4, optimized
+    assert "Gemm" not in optimized and "FusedGemm" not in optimized
+
+
+def test_inductor_lowers_to_onednn_int8(zoo, program):
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    q, _ = graphopt.optimize(program("dlrm:tiny"), "quantize-int8", calibration_data=calibration(zoo("dlrm:tiny")))
+    x = q.sample_inputs(batch=8, seed=3)
+    torch._dynamo.reset()
+    with config.patch(freezing=True), torch.no_grad():
+        out, code = run_and_get_code(torch.compile(q.gm), *x)
+    assert "onednn.qlinear_pointwise" in "\n".join(code)
+    torch.testing.assert_close(out[0], q(*x)[0], atol=TOL, rtol=TOL)
+
+
+def test_entropy_and_minmax_pick_different_scales(zoo, program):
+    calib = calibration(zoo("dlrm:tiny"), n=3, batch=32)
+    scales = {}
+    for method in ("minmax", "entropy"):
+        _, report = graphopt.optimize(program("dlrm:tiny"), f"quantize-int8{{calibration={method}}}",
+                                      calibration_data=calib)
+        scales[method] = {d["node"]: d["act_scale"] for d in report.passes[0].details}
+    # post-ReLU/BN activations are skewed: KL clips their tail, so some scales shrink
+    differ = [n for n in scales["minmax"] if scales["entropy"][n] < 0.99 * scales["minmax"][n]]
+    assert differ, "entropy calibration must not collapse to minmax"
+    assert all(scales["entropy"][n] <= scales["minmax"][n] * (1 + 1e-6) for n in scales["minmax"])
+
+
+def test_accuracy_guard_keeps_sensitive_layers_float(zoo, program):
+    calib = calibration(zoo("dlrm:tiny"), n=4, batch=32)
+    q, report = graphopt.optimize(program("dlrm:tiny"), "quantize-int8{max_drop=0.000001 metric=cosine}",
+                                  calibration_data=calib)
+    rec = report.passes[0]
+    kept = [d for d in rec.details if not d["quantized"]]
+    assert kept and all("accuracy guard" in d["reason"] and "sensitivity" in d for d in kept)
+    assert rec.stats["kept-float"] == len(kept) and rec.stats.get("linear", 0) == 4 - len(kept)
+    assert q.op_histogram()[DQC] + q.op_histogram().get(DQ, 0) >= 0
+    assert any("accuracy guard" in n for n in rec.notes)
+    # a generous budget keeps everything int8
+    _, loose = graphopt.optimize(program("dlrm:tiny"), "quantize-int8{max_drop=0.5 metric=topk_overlap}",
+                                 calibration_data=calib)
+    assert loose.passes[0].stats == {"linear": 4, "activation-qdq": 4}
+
+
+def test_skip_and_near_miss():
+    prog = graphopt.capture(ActivationMatmul(), (torch.randn(2, 3, 4), torch.randn(2, 5, 4)))
+    out, report = graphopt.optimize(prog, "quantize-int8", calibration_data=[prog.sample_inputs(seed=1)])
+    assert report.passes[0].modified is False and report.passes[0].stats == {}
+    assert any("stays float" in d for d in report.passes[0].declined)
+
+
+def test_skip_pattern(zoo, program):
+    q, report = graphopt.optimize(program("bert4rec:tiny"), "quantize-int8{skip=*.intermediate.dense,linear_12}",
+                                  calibration_data=calibration(zoo("bert4rec:tiny"), n=2))
+    assert report.passes[0].stats["linear"] == 13 - 3
+    assert sum("matched skip" in d for d in report.passes[0].declined) == 3
+
+
+def test_needs_calibration_data_and_checks_options(program):
+    with pytest.raises(GraphoptError, match="calibration data"):
+        graphopt.optimize(program("dlrm:tiny"), "quantize-int8")
+    with pytest.raises(PassOptionError, match="bins"):
+        QuantizeInt8(calibration="entropy", bins=1024)
