@@ -6,6 +6,7 @@ import argparse
 import json
 
 from graphopt.artifacts import atomic_directory
+from graphopt.errors import LoweringError, PipelineParseError
 from graphopt.optimize import optimize
 from graphopt.pipeline import parse_pipeline
 from graphopt.resolve import load_program
@@ -22,6 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print-after-change", action="store_true", help="print the graph after each change")
     p.add_argument("--calibration-batches", type=int, default=8, help="random calibration batches for passes that need them")
     p.add_argument("--reproducer", metavar="DIR", help="on a pass failure, save its input Program and pipeline here")
+    p.add_argument("--runtime", action="append", default=[], metavar="NAME",
+                   help="also lower the result into OUT/NAME/ (repeatable; see `graphopt runtimes`)")
+    p.add_argument("--runtime-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="lowering option for --runtime, e.g. fusions=false (see `graphopt runtimes --options`)")
     p.set_defaults(run=run)
 
 
@@ -31,8 +36,37 @@ def _calibration(program, n: int, needed: bool):  # type: ignore[no-untyped-def]
     return [program.sample_inputs(seed=1000 + i, batch=program.inputs[0].shape[0]) for i in range(n)]
 
 
+def _runtime_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PipelineParseError(f"--runtime-option {pair!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _lower_all(program, args: argparse.Namespace, tmp) -> list[str]:  # type: ignore[no-untyped-def]
+    """Lower into OUT/<runtime>/ for each --runtime (inside the atomic OUT)."""
+    from graphopt.runtime import lower
+
+    options = _runtime_options(args.runtime_option)
+    for name in args.runtime:
+        lower(program, name, tmp / name, **options)
+    return list(args.runtime)
+
+
 def run(args: argparse.Namespace) -> int:
     pipeline = parse_pipeline(args.pipeline)  # usage errors before loading anything
+    if args.runtime:
+        from graphopt.runtime import get_runtime
+
+        for name in args.runtime:
+            try:
+                get_runtime(name)  # unknown runtime: a usage error before the pipeline runs
+            except LoweringError as e:
+                raise PipelineParseError(f"--runtime: {e}") from None
+        _runtime_options(args.runtime_option)
     program = load_program(args.model)
     needs_data = any("calibration_data" in p.requires for p in pipeline)
     with atomic_directory(args.output, force=args.force) as tmp:
@@ -47,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         optimized.save(tmp / "program.pt2")
         report.save(str(tmp / "report.json"))
         (tmp / "report.txt").write_text(report.render() + "\n")
+        artifacts = _lower_all(optimized, args, tmp)
     if args.report:
         print(report.render())
     summary = {
@@ -56,5 +91,7 @@ def run(args: argparse.Namespace) -> int:
         "nodes": [report.nodes_before, report.nodes_after],
         "max_abs_drift": report.drift.get("max_abs"),
     }
+    if artifacts:
+        summary["artifacts"] = {name: f"{args.output.rstrip('/')}/{name}" for name in artifacts}
     print(json.dumps(summary))
     return 0

@@ -1,0 +1,104 @@
+"""``graphopt run OUT --random-inputs [--batch N --seq N]``: load an artifact and run it.
+
+OUT is an artifact folder (``manifest.json``), an ``optimize -o`` folder
+holding one lowered runtime subfolder (``OUT/<runtime>/``; pick one with
+``--runtime`` when there are several), or a folder/file with only
+``program.pt2`` (run eagerly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.errors import ArtifactError
+from graphopt.runtime import MANIFEST_FILE, Runner, load
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="load a lowered artifact and run it on inputs")
+    p.add_argument("target", help="artifact folder, `optimize -o` folder, or saved Program")
+    p.add_argument("--runtime", help="which OUT/<runtime>/ artifact to run when OUT holds several")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--random-inputs", action="store_true", help="seeded random inputs from the input specs")
+    src.add_argument("--inputs", metavar="FILE", help="torch.save'd dict (by input name) or tuple of tensors")
+    p.add_argument("--batch", type=int, help="batch size for --random-inputs")
+    p.add_argument("--seq", type=int, help="sequence length for --random-inputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=5, help="timed runs (median reported)")
+    p.add_argument("--no-verify", action="store_true", help="skip artifact checksum verification")
+    p.set_defaults(run=run)
+
+
+def resolve_runner(target: str, runtime: str | None = None, verify: bool = True) -> Runner:
+    """An (inactive) Runner for what ``graphopt run`` is pointed at."""
+    path = Path(target)
+    if path.is_dir() and (path / MANIFEST_FILE).is_file():
+        return load(path, verify=verify)
+    if path.is_dir():
+        if runtime:
+            if (path / runtime / MANIFEST_FILE).is_file():
+                return load(path / runtime, verify=verify)
+            if runtime != "eager":
+                raise ArtifactError(f"{path} has no {runtime}/ artifact; lower with `optimize --runtime {runtime}`")
+        found = sorted(d.name for d in path.iterdir() if (d / MANIFEST_FILE).is_file())
+        if len(found) == 1 and not runtime:
+            return load(path / found[0], verify=verify)
+        if len(found) > 1 and not runtime:
+            raise ArtifactError(f"{path} holds artifacts for {', '.join(found)}; pick one with --runtime")
+        path = path / "program.pt2"
+    if path.is_file() and path.suffix == ".pt2" and runtime in (None, "eager"):
+        from graphopt.program import Program
+        from graphopt.runtimes.eager import EagerRunner
+
+        return EagerRunner.from_program(Program.load(path))
+    raise ArtifactError(
+        f"{target} is neither an artifact folder nor a saved Program; "
+        "write one with `graphopt optimize MODEL -p PIPELINE --runtime NAME -o OUT`"
+    )
+
+
+def _inputs(runner: Runner, args: argparse.Namespace) -> list[torch.Tensor]:
+    if args.inputs:
+        data: Any = torch.load(args.inputs, weights_only=True)
+        if isinstance(data, dict):
+            return [data.get(name) for name in runner.input_names]
+        return list(data) if isinstance(data, (list, tuple)) else [data]
+    sizes = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
+    gen = torch.Generator().manual_seed(args.seed)
+    return [spec.sample(sizes, gen) for spec in runner.inputs]
+
+
+def run(args: argparse.Namespace) -> int:
+    runner = resolve_runner(args.target, args.runtime, verify=not args.no_verify)
+    with runner:
+        inputs = _inputs(runner, args)
+        outputs = runner(*inputs)  # warm-up (and the result shown)
+        times = []
+        for _ in range(max(args.repeat, 1)):
+            runner.synchronize()
+            start = time.perf_counter()
+            runner(*inputs)
+            runner.synchronize()
+            times.append(time.perf_counter() - start)
+    print(f"runtime {runner.name} on {runner.device}; inputs "
+          + ", ".join(f"{s.name}{list(t.shape)}" for s, t in zip(runner.inputs, inputs)))
+    for name, out in zip(runner.output_names, outputs):
+        f = out.float()
+        print(f"  {name}: {out.dtype} {list(out.shape)}  mean {f.mean().item():.5g}  std {f.std().item():.5g}")
+    summary = {
+        "runtime": runner.name,
+        "target": args.target,
+        "device": runner.device,
+        "inputs": {s.name: list(t.shape) for s, t in zip(runner.inputs, inputs)},
+        "outputs": {n: list(o.shape) for n, o in zip(runner.output_names, outputs)},
+        "median_ms": round(statistics.median(times) * 1e3, 3),
+    }
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,116 @@
+"""Program -> ONNX with the dynamo exporter; shared by onnxruntime and tensorrt.
+
+``torch.onnx.export(program.export(), dynamo=True, external_data=False)``
+with the Program's input/output names; the symbolic dims torch.export made
+(``s72``, ``s53``) are renamed after the InputSpec labels (``batch``,
+``seq``), so every input and output shows the same dynamic axis names.
+Weights go to an external data file only above 2 GB (the protobuf limit).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.errors import LoweringError
+from graphopt.program import Program
+
+__all__ = ["export_onnx", "save_onnx", "rename_dims", "op_counts", "EXTERNAL_DATA_BYTES"]
+
+log = logging.getLogger(__name__)
+
+#: above this many weight bytes the model is saved with external data
+EXTERNAL_DATA_BYTES = 1_900_000_000
+
+_SYM = re.compile(r"\bs\d+\b")
+
+
+def _symbol_labels(ep: torch.export.ExportedProgram, program: Program) -> dict[str, str]:
+    """torch symbol name -> InputSpec label (first label wins)."""
+    user_inputs = list(ep.graph_signature.user_inputs)
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    mapping: dict[str, str] = {}
+    for spec, ph_name in zip(program.inputs, user_inputs):
+        val = placeholders[ph_name].meta.get("val") if ph_name in placeholders else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        for dim, label in spec.dynamic.items():
+            if dim < val.dim() and isinstance(val.shape[dim], torch.SymInt):
+                mapping.setdefault(str(val.shape[dim]), label)
+    return mapping
+
+
+def rename_dims(model: Any, mapping: dict[str, str]) -> int:
+    """Rename symbolic dim params in inputs, outputs and value_info; returns count."""
+    count = 0
+    graph = model.graph
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                new = _SYM.sub(lambda m: mapping.get(m.group(0), m.group(0)), d.dim_param)
+                if new != d.dim_param:
+                    d.dim_param = new
+                    count += 1
+    return count
+
+
+def export_onnx(program: Program, *, opset: int | None = None, optimize: bool = True) -> Any:
+    """The Program as an ``onnx.ModelProto`` (standard ONNX ops only)."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:
+        raise LoweringError(f"ONNX export needs the onnx package: pip install 'graphopt[onnx]' ({e})") from None
+    ep = program.export()
+    args = tuple(program.sample_inputs())
+    onnx_program = torch.onnx.export(
+        ep,
+        args,
+        dynamo=True,
+        external_data=False,
+        input_names=program.input_names,
+        output_names=program.output_names,
+        opset_version=opset,
+        optimize=optimize,
+        verbose=False,
+    )
+    model = onnx_program.model_proto
+    if [i.name for i in model.graph.input] != program.input_names:
+        raise LoweringError(
+            f"ONNX export changed the inputs of {program.name}: {[i.name for i in model.graph.input]} "
+            f"vs {program.input_names}"
+        )
+    if len(model.graph.output) != len(program.output_names):
+        raise LoweringError(
+            f"ONNX export of {program.name} has {len(model.graph.output)} outputs, "
+            f"the Program {len(program.output_names)}"
+        )
+    renamed = rename_dims(model, _symbol_labels(ep, program))
+    log.info("exported %s to ONNX (%d nodes, %d dims renamed)", program.name, len(model.graph.node), renamed)
+    return model
+
+
+def save_onnx(model: Any, path: Path, weight_bytes: int = 0) -> list[str]:
+    """Write ``model`` to ``path``; external data beside it only above 2 GB.
+    Returns the file names written."""
+    import onnx
+
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        data = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, location=data, all_tensors_to_one_file=True)
+        return [path.name, data]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def op_counts(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))

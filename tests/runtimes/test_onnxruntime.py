@@ -1,0 +1,115 @@
+"""onnxruntime: dynamic axes named after the InputSpecs, ORT fusions with a
+safe fallback, bf16 refused, QDQ int8 runs on integer kernels."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from graphopt.capture import capture
+from graphopt.errors import LoweringError
+from graphopt.runtime import available_runtimes, load, lower
+
+pytestmark = pytest.mark.skipif(
+    not available_runtimes()["onnxruntime"].available, reason=available_runtimes()["onnxruntime"].reason
+)
+
+
+@pytest.fixture(scope="module")
+def bert_artifact(tmp_path_factory):
+    from graphopt.models import load_model
+
+    prog = load_model("bert4rec:tiny").capture()
+    return prog, lower(prog, "onnxruntime", tmp_path_factory.mktemp("ort") / "bert", save_optimized=True)
+
+
+def test_dynamic_axes_are_named_after_the_input_specs(bert_artifact):
+    _, art = bert_artifact
+    model = onnx.load(str(art.entry))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims == {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"]}
+    out = [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert out[0] == "batch"
+
+
+def test_bert_gets_ort_fusions_and_optimized_model(bert_artifact):
+    prog, art = bert_artifact
+    fusions = art.manifest["backend"]["fusions"]
+    assert fusions["attention"] == 2 and fusions["skip_layer_normalization"] >= 2
+    assert art.manifest["backend"]["ops"]["com.microsoft.Attention"] == 2
+    assert art.manifest["backend"]["optimized"] == "model.optimized.onnx"
+    assert "model.optimized.onnx" in art.manifest["files"]
+    feeds = prog.sample_inputs(batch=2, seq=6)
+    for use_optimized in (True, False):
+        with load(art.path, use_optimized=use_optimized, intra_op_threads=1) as runner:
+            torch.testing.assert_close(runner(*feeds)[0], prog(*feeds)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_fusions_off_is_plain_onnx(bert_artifact, tmp_path):
+    prog, _ = bert_artifact
+    art = lower(prog, "onnxruntime", tmp_path / "plain", fusions="off")
+    assert "fusions" not in art.manifest["backend"]
+    assert not any("." in op for op in art.manifest["backend"]["ops"])  # no com.microsoft ops
+
+
+def test_bf16_program_is_refused(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).to(torch.bfloat16).eval()
+    prog = capture(model, (torch.randn(2, 8, dtype=torch.bfloat16),), dynamic={"input": {0: "batch"}})
+    with pytest.raises(LoweringError, match=r"^onnxruntime \| .* computes in bfloat16 .* no bf16 kernels"):
+        lower(prog, "onnxruntime", tmp_path / "bf16")
+    assert not (tmp_path / "bf16").exists()
+
+
+class _QLinear(torch.nn.Module):
+    """x -> QDQ(int8, per-tensor) -> linear with a per-channel int8 weight (+ float bias)."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(32, 16, generator=g)
+        self.register_buffer("ws", w.abs().amax(1) / 127)
+        self.register_buffer("wq", torch.round(w / self.ws[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("wz", torch.zeros(32, dtype=torch.int64))
+        self.b = torch.nn.Parameter(torch.randn(32, generator=g)) if bias else None
+
+    def forward(self, x):
+        qd = torch.ops.quantized_decomposed
+        xq = qd.quantize_per_tensor.default(x, 0.05, 0, -128, 127, torch.int8)
+        xd = qd.dequantize_per_tensor.default(xq, 0.05, 0, -128, 127, torch.int8)
+        wd = qd.dequantize_per_channel.default(self.wq, self.ws, self.wz, 0, -127, 127, torch.int8)
+        return torch.relu(torch.nn.functional.linear(xd, wd, self.b))
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (4, 5, 16)], ids=["2d-gemm", "3d-matmul"])
+def test_qdq_linear_runs_on_integer_kernels(tmp_path, shape):
+    prog = capture(_QLinear().eval(), (torch.randn(*shape),), dynamic={"x": {0: "batch"}})
+    art = lower(prog, "onnxruntime", tmp_path / "q")
+    backend = art.manifest["backend"]
+    assert backend["qdq"]["float_ops_on_dequantized"] == 0
+    assert sum(backend["qdq"]["integer_ops"].values()) == 1, backend["qdq"]
+    if len(shape) == 2:
+        assert backend["qdq_gemm_bias_split"] == 1  # Gemm(DQ, DQ, float bias) -> QGemm + Add
+    x = torch.randn(3, *shape[1:])
+    with load(art.path) as runner:
+        torch.testing.assert_close(runner(x)[0], prog(x)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_split_leaves_dequantized_bias_alone():
+    """Near miss: a Gemm whose bias is itself dequantized is fused by ORT as is."""
+    from graphopt.runtimes.onnxruntime import split_qdq_gemm_bias
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+        helper.make_node("DequantizeLinear", ["bq", "s", "z32"], ["bd"]),
+        helper.make_node("Gemm", ["xd", "wd", "bd"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("xq", TensorProto.INT8, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph)
+    assert split_qdq_gemm_bias(model) == 0
+    assert [n.op_type for n in model.graph.node][-1] == "Gemm" and len(model.graph.node[-1].input) == 3
