@@ -1,0 +1,314 @@
+"""``bench()``: build every variant, time them interleaved against eager fp32,
+measure accuracy drift, memory and size, and return a :class:`BenchReport`."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.bench.accuracy import make_evaluator, ranking_drift
+from graphopt.bench.memory import measure_in_process, measure_subprocess
+from graphopt.bench.peers import PEERS, build_peers
+from graphopt.bench.report import BenchReport, shape_key
+from graphopt.bench.timing import (
+    TimingConfig,
+    load_warning,
+    machine_info,
+    paired_speedup,
+    run_interleaved,
+    summarize,
+)
+from graphopt.bench.variants import (
+    DEFAULT_PIPELINES,
+    DEFAULT_RUNTIMES,
+    SourceModule,
+    Variant,
+    baseline_variant,
+    build_graphopt_variants,
+    one_line,
+    parse_pipeline_spec,
+)
+from graphopt.errors import ArtifactError, GraphoptError
+from graphopt.program import Program
+
+__all__ = ["bench", "Progress"]
+
+log = logging.getLogger(__name__)
+
+#: progress(message, done, total): called as the run advances (the CLI draws a bar)
+Progress = Callable[[str, float, float], None]
+
+
+class _Model:
+    """What was asked for: the Program, the original module (if known) and an input maker."""
+
+    def __init__(self, model: Any):
+        self.spec: str | None = None
+        self.zoo: Any = None
+        if isinstance(model, str):
+            self.spec = model
+            from graphopt.resolve import load_program
+
+            if Path(model).exists() or model.endswith(".pt2"):
+                self.program = load_program(model)
+            else:
+                from graphopt.models import load_model
+
+                self.zoo = load_model(model)
+                self.program = self.zoo.capture()
+        elif isinstance(model, Program):
+            self.program = model
+        elif hasattr(model, "module") and hasattr(model, "make_inputs") and hasattr(model, "capture"):
+            self.zoo = model
+            self.spec = model.name
+            self.program = model.capture()
+        else:
+            raise GraphoptError(
+                f"bench takes a model name, a Program or a ZooModel, got {type(model).__name__}; "
+                "capture an nn.Module with graphopt.capture first"
+            )
+        if self.zoo is not None:
+            self.source: torch.nn.Module = SourceModule(self.zoo.module.eval(), self.program.input_names)
+        else:
+            self.source = SourceModule(self.program.gm, self.program.input_names, by_keyword=False)
+
+    def inputs(self, batch: int, seq: int | None, seed: int) -> tuple[torch.Tensor, ...]:
+        if self.zoo is not None:
+            made = self.zoo.make_inputs(batch=batch, seq=seq, seed=seed)
+            return tuple(made[n] for n in self.program.input_names)
+        return tuple(self.program.sample_inputs(batch=batch, seq=seq, seed=seed))
+
+
+def _shapes(program: Program, batch_sizes: Sequence[int], seq_lens: Sequence[int], notes: list[str]) -> list[tuple[int, int | None]]:
+    labels = program.dynamic_labels()
+    batches = list(dict.fromkeys(int(b) for b in batch_sizes))
+    if "batch" not in labels:
+        static = program.inputs[0].shape[0]
+        notes.append(f"batch is static in this Program ({static}); measured at batch {static} only")
+        batches = [static]
+    seqs: list[int | None] = list(dict.fromkeys(int(s) for s in seq_lens)) if "seq" in labels else [None]
+    return [(b, s) for b in batches for s in seqs]
+
+
+def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def bench(
+    model: Any,
+    pipelines: Sequence[str] | None = None,
+    runtimes: Sequence[str] | None = None,
+    *,
+    peers: bool | Sequence[str] = False,
+    batch_sizes: Sequence[int] = (1, 32),
+    seq_lens: Sequence[int] = (64,),
+    threads: int | None = None,
+    out_dir: str | Path | None = None,
+    force: bool = False,
+    quick: bool = False,
+    timing: TimingConfig | None = None,
+    eval_data: Any = None,
+    calibration_data: Sequence[Any] | None = None,
+    k: int = 10,
+    memory: bool = True,
+    keep_artifacts: bool = False,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Benchmark (pipeline, runtime) variants and peers against eager fp32.
+
+    ``model``: zoo name (``"bert4rec:base"``), saved Program path, Program or
+    ZooModel. ``pipelines``: pipeline texts, optionally labelled
+    (``"bf16=O2,cast{dtype=bf16}"``; ``"none"`` = unoptimized); default
+    :data:`DEFAULT_PIPELINES`. ``runtimes``: default every runtime; an
+    unavailable one is reported as skipped with the reason. ``peers``: True
+    for every peer recipe or a list of names from :data:`PEERS`.
+    ``eval_data``: :class:`~graphopt.bench.accuracy.EvalData` (batches,
+    targets, seen) or a callable ``evaluate(fn) -> {"hr@10": .., "ndcg@10": ..}``;
+    without it accuracy is drift and ranking agreement with eager only.
+    ``out_dir``: write report.json, report.md and PNG plots there (atomic;
+    an existing folder needs ``force``). Timings are never compared across
+    runs: every ratio is measured pair by pair within this run.
+    """
+    if out_dir is not None and Path(out_dir).exists() and not force:
+        raise ArtifactError(f"{out_dir} already exists; pass --force (force=True) to overwrite it")
+    config = timing or (TimingConfig.quick() if quick else TimingConfig())
+    specs = [parse_pipeline_spec(p) for p in (DEFAULT_PIPELINES if pipelines is None else pipelines)]
+    runtimes = list(DEFAULT_RUNTIMES if runtimes is None else runtimes)
+    peer_names = list(PEERS) if peers is True else list(peers or [])
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="graphopt-bench-"))
+    variants: list[Variant] = []
+    try:
+        return _run(
+            model, specs, runtimes, peer_names, batch_sizes, seq_lens, threads, out_dir, force, config,
+            eval_data, calibration_data, k, memory, keep_artifacts, seed, progress, work, variants,
+        )
+    finally:
+        for v in variants:
+            v.release()
+        torch.set_num_threads(old_threads)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(
+    model: Any, specs: list, runtimes: list[str], peer_names: list[str], batch_sizes: Sequence[int],
+    seq_lens: Sequence[int], threads: int | None, out_dir: str | Path | None, force: bool,
+    config: TimingConfig, eval_data: Any, calibration_data: Any, k: int, memory: bool,
+    keep_artifacts: bool, seed: int, progress: Progress | None, work: Path, variants: list[Variant],
+) -> BenchReport:
+    notes: list[str] = []
+    warnings_: list[str] = []
+    if (w := load_warning()) is not None:
+        warnings_.append(w)
+    started = time.time()
+    state = {"done": 0.0, "total": 1.0}
+
+    def tick(message: str, steps: float = 1.0) -> None:
+        state["done"] = min(state["total"], state["done"] + steps)
+        if progress is not None:
+            progress(message, state["done"], state["total"])
+
+    what = _Model(model)
+    program = what.program
+    shapes = _shapes(program, batch_sizes, seq_lens, notes)
+    n_builds = 1 + len(specs) * len(runtimes) + len(peer_names)
+    state["total"] = float(
+        n_builds + len(shapes) * (config.rounds + 1) + (n_builds if eval_data is not None else 0) + (n_builds if memory else 0)
+    )
+    tick(f"{program.name}: eager baseline", 0)
+
+    baseline = baseline_variant(program, what.source if what.zoo is not None else None, what.spec)
+    variants.append(baseline)
+    tick("baseline ready")
+    built = build_graphopt_variants(
+        program, specs, runtimes, work,
+        calibration_data=calibration_data, threads=threads,
+        on_built=lambda v: tick(f"built {v.name} ({v.status})"),
+    )
+    variants += built
+    if peer_names:
+        tick("building peers", 0)
+        peer_variants = build_peers(what.source, program, work, peers=peer_names, threads=threads)
+        for v in peer_variants:
+            tick(f"built {v.name} ({v.status})")
+        variants += peer_variants
+
+    results: list[dict[str, Any]] = []
+    last_inputs: tuple[torch.Tensor, ...] = ()
+    for batch, seq in shapes:
+        key = shape_key(batch, seq)
+        inputs = what.inputs(batch, seq, seed)
+        last_inputs = inputs
+        tick(f"{key}: first calls", 0)
+        start = time.perf_counter()
+        reference = _as_tuple(baseline.fn(*inputs))  # type: ignore[misc]
+        baseline.first_call_s[key] = time.perf_counter() - start
+        rows: dict[str, dict[str, Any]] = {}
+        fns: dict[str, Callable[[], Any]] = {}
+        for v in variants:
+            row: dict[str, Any] = {"shape": key, "batch": batch, "seq": seq, "variant": v.name}
+            rows[v.name] = row
+            if not v.ok:
+                row.update(status=v.status, reason=v.reason)
+                continue
+            try:
+                if v is baseline:
+                    out = reference
+                else:
+                    start = time.perf_counter()
+                    out = _as_tuple(v.fn(*inputs))  # type: ignore[misc]
+                    v.first_call_s[key] = time.perf_counter() - start
+                if len(out) != len(reference) or any(tuple(o.shape) != tuple(r.shape) for o, r in zip(out, reference)):
+                    raise GraphoptError(
+                        f"outputs {[list(o.shape) for o in out]} do not match eager's {[list(r.shape) for r in reference]}"
+                    )
+                row["accuracy"] = ranking_drift(out, reference, k)
+            except Exception as e:  # noqa: BLE001 - reported per variant and shape
+                row.update(status="failed", reason=one_line(e))
+                continue
+            row["status"] = "ok"
+            fns[v.name] = (lambda f=v.fn, xs=inputs: f(*xs))  # type: ignore[misc]
+        tick(f"{key}: first calls done")
+        failures: dict[str, str] = {}
+        samples = run_interleaved(
+            fns, config, on_round=lambda r, n, key=key: tick(f"{key}: round {r}/{n}"), failures=failures
+        )
+        base_samples = samples.get(baseline.name)
+        for name, row in rows.items():
+            if name in failures:
+                row.update(status="failed", reason=failures[name])
+            if row.get("status") != "ok":
+                continue
+            row["latency"] = summarize(samples[name], batch)
+            row["speedup"] = paired_speedup(base_samples, samples[name]) if base_samples else {}
+            row["samples_s"] = samples[name].rounds
+        results += rows.values()
+    for v in variants:  # a variant that failed at every shape failed, with the first reason
+        mine = [r for r in results if r["variant"] == v.name]
+        if v.ok and mine and all(r.get("status") != "ok" for r in mine):
+            v.fail(mine[0].get("reason", "failed at every shape"))
+
+    eval_reference: dict[str, float] = {}
+    if eval_data is not None:
+        evaluator = make_evaluator(eval_data)
+        for v in variants:
+            if v.ok:
+                try:
+                    v.eval = {key: float(val) for key, val in evaluator(v.fn).items()}  # type: ignore[arg-type]
+                except Exception as e:  # noqa: BLE001
+                    v.eval = {}
+                    v.notes.append(f"evaluation failed: {one_line(e)}")
+            tick(f"evaluated {v.name}")
+        eval_reference = dict(baseline.eval)
+
+    if memory and last_inputs:
+        for v in variants:
+            if v.ok:
+                tick(f"memory: {v.name}", 0)
+                if v.memory_target is not None:
+                    v.memory = measure_subprocess(v.memory_target, last_inputs, threads=threads)
+                else:
+                    v.memory = measure_in_process(v.fn, last_inputs)  # type: ignore[arg-type]
+                v.memory["shape"] = shape_key(*shapes[-1])
+            tick(f"memory: {v.name} done")
+    if not warnings_ and (w := load_warning()) is not None:
+        warnings_.append(w.replace("machine is loaded", "machine became loaded during the run"))
+
+    report = BenchReport(
+        model=program.name,
+        created=started,
+        duration_s=time.time() - started,
+        machine=machine_info(),
+        config={
+            "pipelines": [{"label": s.label, "text": s.text} for s in specs],
+            "runtimes": runtimes,
+            "peers": peer_names,
+            "shapes": [{"batch": b, "seq": s} for b, s in shapes],
+            "threads": threads or torch.get_num_threads(),
+            "k": k,
+            "seed": seed,
+            "timing": {
+                "warmup": config.warmup, "rounds": config.rounds,
+                "round_time_s": config.round_time_s, "max_calls": config.max_calls,
+            },
+            "baseline": baseline.runtime,
+        },
+        variants=[v.to_json() for v in variants],
+        results=results,
+        eval_reference=eval_reference,
+        warnings=warnings_,
+        notes=notes,
+    )
+    if out_dir is not None:
+        report.save(out_dir, force=force, artifacts=work if keep_artifacts else None)
+    return report

@@ -1,0 +1,296 @@
+"""Peer recipes: what users would deploy instead of graphopt, measured in the
+same run on the same inputs.
+
+=========================  ======================================================
+``torch.compile``          Inductor with freezing, fp32
+``torch.compile-bf16``     the same under ``torch.autocast("cpu", bfloat16)``
+``ort``                    ONNX export + ONNX Runtime transformer optimizer
+                           (what Optimum's ORTOptimizer runs) + ORT_ENABLE_ALL
+``ort-int8-dynamic``       the above + ``onnxruntime.quantization.quantize_dynamic``
+                           (Optimum's ORTQuantizer, dynamic int8 weights)
+``torchao-int8-dynamic``   torchao ``Int8DynamicActivationInt8WeightConfig`` + compile
+``torch.ao-int8-dynamic``  ``torch.ao.quantization.quantize_dynamic`` on nn.Linear (eager)
+=========================  ======================================================
+
+``torch.compile`` peers compile lazily: their compile time is the first call.
+A peer that fails to build (or to answer its first call) is reported as failed
+with the reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.bench.variants import Variant, dir_size, one_line
+from graphopt.program import Program
+
+__all__ = ["PEERS", "build_peers", "ort_session"]
+
+log = logging.getLogger(__name__)
+
+PEERS = (
+    "torch.compile",
+    "torch.compile-bf16",
+    "ort",
+    "ort-int8-dynamic",
+    "torchao-int8-dynamic",
+    "torch.ao-int8-dynamic",
+)
+
+
+@contextlib.contextmanager
+def _compile_context(bf16: bool) -> Iterator[None]:
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(inductor_config.patch(freezing=True))
+        stack.enter_context(dynamo_config.patch(recompile_limit=64, cache_size_limit=64))
+        stack.enter_context(torch.no_grad())
+        if bf16:
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        yield
+
+
+def _compiled(module: torch.nn.Module, bf16: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
+    compiled = torch.compile(module)
+
+    def fn(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with _compile_context(bf16):
+            return tuple(compiled(*inputs))
+
+    return fn
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    total = 0
+    for t in module.state_dict().values():
+        if isinstance(t, torch.Tensor):
+            try:
+                total += t.numel() * t.element_size()
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+                total += t.nbytes if hasattr(t, "nbytes") else 0
+    return total
+
+
+def _eval(module: torch.nn.Module) -> torch.nn.Module:
+    """eval() where allowed (torch.export GraphModules refuse train()/eval(); they are inference-only)."""
+    try:
+        return module.eval()
+    except NotImplementedError:
+        return module
+
+
+def _hf_config(module: torch.nn.Module) -> Any | None:
+    for m in module.modules():
+        config = getattr(m, "config", None)
+        if config is not None and getattr(config, "model_type", None):
+            return config
+    return None
+
+
+# -------------------------------------------------------------------- ONNX Runtime
+def ort_session(path: str | Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_fn(session: Any) -> Callable[..., tuple[torch.Tensor, ...]]:
+    names = [i.name for i in session.get_inputs()]
+    return lambda *inputs, _names=names: _ort_run(session, _names, inputs)
+
+
+def _ort_run(session: Any, names: list[str], inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    feeds = {n: x.numpy() for n, x in zip(names, inputs)}
+    return tuple(torch.from_numpy(o) for o in session.run(None, feeds))
+
+
+def _export_onnx(source: torch.nn.Module, program: Program, path: Path) -> None:
+    """Export as Optimum does (the TorchScript-based exporter), named dynamic axes;
+    fall back to the dynamo exporter where the TorchScript one fails."""
+    args = tuple(program.sample_inputs())
+    names = program.input_names
+    dynamic_axes = {s.name: {d: label for d, label in s.dynamic.items()} for s in program.inputs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                source, args, str(path), input_names=names, output_names=list(program.output_names),
+                dynamic_axes=dynamic_axes, dynamo=False, opset_version=17,
+            )
+            return
+        except Exception as e:  # noqa: BLE001 - try the other exporter before failing
+            log.info("TorchScript ONNX export failed (%s); trying dynamo=True", one_line(e))
+        dims = tuple(
+            {d: torch.export.Dim.AUTO for d in s.dynamic} or None for s in program.inputs
+        )
+        torch.onnx.export(
+            source, args, str(path), input_names=names, output_names=list(program.output_names),
+            dynamic_shapes=dims, dynamo=True, external_data=False, verbose=False,
+        )
+
+
+def _ort_optimize(source: torch.nn.Module, exported: Path, out: Path) -> str:
+    """ORT's transformer optimizer for BERT-like models; other models keep the
+    exported graph and get ORT_ENABLE_ALL at session creation."""
+    config = _hf_config(source)
+    if config is None or config.model_type not in ("bert", "roberta", "distilbert", "albert", "electra"):
+        out.write_bytes(exported.read_bytes())
+        return "no transformer optimizer model type for this model: ORT_ENABLE_ALL session optimizations only"
+    from onnxruntime.transformers import optimizer
+
+    opt = optimizer.optimize_model(
+        str(exported), model_type="bert",
+        num_heads=int(config.num_attention_heads), hidden_size=int(config.hidden_size),
+    )
+    opt.save_model_to_file(str(out))
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    return "transformer optimizer fused: " + (", ".join(f"{k}={v}" for k, v in sorted(fused.items())) or "nothing")
+
+
+def _build_ort(source: torch.nn.Module, program: Program, work_dir: Path, threads: int | None) -> list[Variant]:
+    fp32 = Variant("peer: ort", "peer", runtime="onnxruntime", pipeline="export + transformer optimizer")
+    int8 = Variant("peer: ort-int8-dynamic", "peer", runtime="onnxruntime", pipeline="+ quantize_dynamic int8")
+    folder = work_dir / "peer-ort"
+    folder.mkdir(parents=True, exist_ok=True)
+    exported, optimized, quantized = folder / "exported.onnx", folder / "optimized.onnx", folder / "int8.onnx"
+    try:
+        start = time.perf_counter()
+        _export_onnx(source, program, exported)
+        export_s = time.perf_counter() - start
+        start = time.perf_counter()
+        fp32.notes.append(_ort_optimize(source, exported, optimized))
+        fp32.timings = {"export_s": export_s, "optimize_s": time.perf_counter() - start}
+        start = time.perf_counter()
+        fp32.fn = _ort_fn(ort_session(optimized, threads))
+        fp32.timings["load_s"] = time.perf_counter() - start
+        fp32.size_bytes, fp32.size_kind = dir_size(optimized), "onnx"
+        fp32.memory_target = {"kind": "onnx", "path": str(optimized)}
+    except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not hidden
+        reason = f"onnx export/optimize: {one_line(e)}"
+        return [fp32.fail(reason), int8.fail(reason)]
+    try:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        start = time.perf_counter()
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # ORT's quantizer warns on the root logger
+        try:  # DefaultTensorType: the optimizer's contrib ops have no inferred output types
+            quantize_dynamic(
+                str(optimized), str(quantized), weight_type=QuantType.QInt8,
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+        finally:
+            logging.disable(previous)
+        int8.timings = {**fp32.timings, "quantize_s": time.perf_counter() - start}
+        start = time.perf_counter()
+        int8.fn = _ort_fn(ort_session(quantized, threads))
+        int8.timings["load_s"] = time.perf_counter() - start
+        int8.size_bytes, int8.size_kind = dir_size(quantized), "onnx"
+        int8.memory_target = {"kind": "onnx", "path": str(quantized)}
+    except Exception as e:  # noqa: BLE001
+        int8.fail(f"quantize_dynamic: {one_line(e)}")
+    return [fp32, int8]
+
+
+# -------------------------------------------------------------------- torch peers
+_NO_LINEAR = (
+    "no nn.Linear module was quantized (a captured Program has no modules left); "
+    "benchmark the zoo model or the nn.Module to measure this peer"
+)
+
+
+def _linear_weights(module: torch.nn.Module) -> list[str]:
+    """Type names of the nn.Linear weights (they change when a recipe quantizes them)."""
+    return [type(m.weight).__name__ for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _build_torchao(source: torch.nn.Module) -> Variant:
+    v = Variant("peer: torchao-int8-dynamic", "peer", runtime="inductor", pipeline="torchao int8 dyn + compile")
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        start = time.perf_counter()
+        module = _eval(copy.deepcopy(source))
+        before = _linear_weights(module)
+        quantize_(module, Int8DynamicActivationInt8WeightConfig())
+        v.timings["quantize_s"] = time.perf_counter() - start
+        if not before or _linear_weights(module) == before:
+            return v.fail(f"torchao: {_NO_LINEAR}")
+        v.fn = _compiled(module, bf16=False)
+        v.size_bytes, v.size_kind = _param_bytes(module), "parameters"
+    except Exception as e:  # noqa: BLE001
+        v.fail(f"torchao: {one_line(e)}")
+    return v
+
+
+def _build_torch_ao(source: torch.nn.Module) -> Variant:
+    v = Variant("peer: torch.ao-int8-dynamic", "peer", runtime="eager", pipeline="quantize_dynamic(nn.Linear)")
+    try:
+        from torch.ao.quantization import quantize_dynamic
+
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = quantize_dynamic(_eval(copy.deepcopy(source)), {torch.nn.Linear}, dtype=torch.qint8)
+        v.timings["quantize_s"] = time.perf_counter() - start
+        if not any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in module.modules()):
+            return v.fail(f"torch.ao: {_NO_LINEAR}")
+
+        def fn(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with torch.inference_mode():
+                return tuple(module(*inputs))
+
+        v.fn = fn
+        v.size_bytes, v.size_kind = _param_bytes(module), "parameters"
+    except Exception as e:  # noqa: BLE001
+        v.fail(f"torch.ao: {one_line(e)}")
+    return v
+
+
+def build_peers(
+    source: torch.nn.Module,
+    program: Program,
+    work_dir: Path,
+    *,
+    peers: Sequence[str] = PEERS,
+    threads: int | None = None,
+) -> list[Variant]:
+    """Build the requested peers from ``source`` (the original model, called
+    positionally with the Program's inputs, returning a tuple of tensors)."""
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        from graphopt.errors import GraphoptError
+
+        raise GraphoptError(f"unknown peer(s) {', '.join(unknown)}; peers: {', '.join(PEERS)}")
+    source = _eval(source)
+    out: list[Variant] = []
+    if "torch.compile" in peers:
+        out.append(Variant("peer: torch.compile", "peer", runtime="inductor", pipeline="compile + freezing, fp32",
+                           fn=_compiled(source, bf16=False), size_bytes=_param_bytes(source), size_kind="parameters"))
+    if "torch.compile-bf16" in peers:
+        out.append(Variant("peer: torch.compile-bf16", "peer", runtime="inductor", pipeline="compile + freezing, bf16 autocast",
+                           fn=_compiled(source, bf16=True), size_bytes=_param_bytes(source), size_kind="parameters"))
+    if "ort" in peers or "ort-int8-dynamic" in peers:
+        out += [v for v in _build_ort(source, program, work_dir, threads) if v.name.removeprefix("peer: ") in peers]
+    if "torchao-int8-dynamic" in peers:
+        out.append(_build_torchao(source))
+    if "torch.ao-int8-dynamic" in peers:
+        out.append(_build_torch_ao(source))
+    return out

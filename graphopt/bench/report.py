@@ -1,0 +1,337 @@
+"""The benchmark report: ``report.json`` (schema-versioned, every raw sample),
+``report.md`` (a table per shape, best variant marked) and PNG plots.
+
+Schema ``graphopt.bench/1``::
+
+    {format, model, created, duration_s, machine{cpu, cores, torch_threads,
+     load_average, device, versions{}}, config{pipelines, runtimes, peers,
+     shapes, threads, k, seed, timing, baseline}, warnings[], notes[],
+     eval_reference{hr@10, ndcg@10},
+     variants[{name, kind, pipeline, runtime, status, reason, timings{},
+               first_call_s{shape: s}, compile_s, size_bytes, size_kind,
+               memory{method, peak_mb | run_mb, ...}, eval{}, notes[]}],
+     results[{shape, batch, seq, variant, status, reason,
+              latency{p50_ms, p90_ms, p99_ms, mean_ms, min_ms, throughput, spread, calls},
+              speedup{speedup, speedup_p10, speedup_p90, pairs},
+              accuracy{max_abs, max_rel, cosine, ranked_over, topk_overlap, spearman, ndcg_vs_eager},
+              samples_s[[seconds per call] per round]}],
+     best{shape: variant}, pareto{shape: [variant]}}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphopt.artifacts import atomic_directory
+
+__all__ = ["BenchReport", "BENCH_FORMAT", "shape_key", "pareto_front", "accuracy_score"]
+
+log = logging.getLogger(__name__)
+
+BENCH_FORMAT = "graphopt.bench/1"
+#: a variant is "best" only if its ranking stays this close to eager's
+MIN_TOPK_OVERLAP = 0.9
+MAX_NDCG_DROP = 0.01
+MIN_COSINE = 0.999
+
+
+def shape_key(batch: int, seq: int | None) -> str:
+    return f"b{batch}" + (f"_s{seq}" if seq is not None else "")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the points no other point beats on both x and y (higher is better),
+    ordered by x descending."""
+    front: list[str] = []
+    best_y = -math.inf
+    for name, _x, y in sorted(points, key=lambda p: (-p[1], -p[2])):
+        if y > best_y:
+            front.append(name)
+            best_y = y
+    return front
+
+
+def accuracy_score(row: dict[str, Any], variant: dict[str, Any], eval_reference: dict[str, float]) -> tuple[float | None, str]:
+    """The accuracy axis of the trade-off: NDCG@k on eval data when given,
+    else top-k overlap with eager, else cosine similarity with eager."""
+    ndcg_key = next((key for key in eval_reference if key.startswith("ndcg@")), None)
+    if ndcg_key and _finite(variant.get("eval", {}).get(ndcg_key)):
+        return float(variant["eval"][ndcg_key]), ndcg_key.upper().replace("NDCG", "NDCG")
+    acc = row.get("accuracy", {})
+    if _finite(acc.get("topk_overlap")):
+        return float(acc["topk_overlap"]), "top-k overlap with eager"
+    if _finite(acc.get("cosine")):
+        return float(acc["cosine"]), "cosine with eager"
+    return None, ""
+
+
+@dataclass
+class BenchReport:
+    model: str
+    created: float
+    duration_s: float
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    variants: list[dict[str, Any]]
+    results: list[dict[str, Any]]
+    eval_reference: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------- queries
+    @property
+    def shapes(self) -> list[str]:
+        return list(dict.fromkeys(r["shape"] for r in self.results))
+
+    def variant(self, name: str) -> dict[str, Any]:
+        return next(v for v in self.variants if v["name"] == name)
+
+    def rows(self, shape: str) -> list[dict[str, Any]]:
+        return [r for r in self.results if r["shape"] == shape]
+
+    def acceptable(self, row: dict[str, Any]) -> bool:
+        """Whether a variant's accuracy holds at this row: NDCG@k within
+        MAX_NDCG_DROP of eager's (eval data), else top-k overlap >= MIN_TOPK_OVERLAP,
+        else cosine >= MIN_COSINE."""
+        v = self.variant(row["variant"])
+        ndcg_key = next((key for key in self.eval_reference if key.startswith("ndcg@")), None)
+        if ndcg_key and _finite(v.get("eval", {}).get(ndcg_key)):
+            return v["eval"][ndcg_key] >= self.eval_reference[ndcg_key] - MAX_NDCG_DROP
+        acc = row.get("accuracy", {})
+        if _finite(acc.get("topk_overlap")):
+            return acc["topk_overlap"] >= MIN_TOPK_OVERLAP
+        return _finite(acc.get("cosine")) and acc["cosine"] >= MIN_COSINE
+
+    def best(self, shape: str) -> str | None:
+        """Fastest ok variant (not the baseline) whose accuracy holds; None if none beats eager."""
+        rows = [
+            r for r in self.rows(shape)
+            if r.get("status") == "ok" and self.variant(r["variant"])["kind"] != "baseline"
+            and _finite(r.get("speedup", {}).get("speedup")) and self.acceptable(r)
+        ]
+        if not rows:
+            return None
+        top = max(rows, key=lambda r: r["speedup"]["speedup"])
+        return top["variant"] if top["speedup"]["speedup"] > 1.0 else None
+
+    def tradeoff(self, shape: str) -> tuple[list[tuple[str, float, float]], str]:
+        """(name, speedup, accuracy) points of the ok variants and the accuracy label."""
+        points, label = [], ""
+        for r in self.rows(shape):
+            if r.get("status") != "ok":
+                continue
+            y, lab = accuracy_score(r, self.variant(r["variant"]), self.eval_reference)
+            x = r.get("speedup", {}).get("speedup")
+            if y is not None and _finite(x):
+                points.append((r["variant"], float(x), y))
+                label = label or lab
+        return points, label
+
+    def pareto(self, shape: str) -> list[str]:
+        return pareto_front(self.tradeoff(shape)[0])
+
+    def ndcg_delta(self, row: dict[str, Any]) -> float | None:
+        """Eval NDCG@k minus eager's when eval data was given, else the NDCG@k
+        of the variant's ranking against eager's top k, minus 1 (0 = same ranking)."""
+        v = self.variant(row["variant"])
+        ndcg_key = next((key for key in self.eval_reference if key.startswith("ndcg@")), None)
+        if ndcg_key and _finite(v.get("eval", {}).get(ndcg_key)):
+            return v["eval"][ndcg_key] - self.eval_reference[ndcg_key]
+        value = row.get("accuracy", {}).get("ndcg_vs_eager")
+        return value - 1.0 if _finite(value) else None
+
+    # ------------------------------------------------------------- output
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": BENCH_FORMAT,
+            "model": self.model,
+            "created": _dt.datetime.fromtimestamp(self.created, _dt.UTC).isoformat(timespec="seconds"),
+            "duration_s": self.duration_s,
+            "machine": self.machine,
+            "config": self.config,
+            "warnings": self.warnings,
+            "notes": self.notes,
+            "eval_reference": self.eval_reference,
+            "variants": self.variants,
+            "results": self.results,
+            "best": {s: self.best(s) for s in self.shapes},
+            "pareto": {s: self.pareto(s) for s in self.shapes},
+        }
+
+    def table(self, shape: str) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the per-shape table (shared by report.md and the CLI)."""
+        best = self.best(shape)
+        k = self.config.get("k", 10)
+        header = ["variant", "p50 ms", "p99 ms", "speedup", f"top-{k}", "NDCG Δ", "size", "compile s"]
+        rows = []
+        for r in self.rows(shape):
+            v = self.variant(r["variant"])
+            name = r["variant"] + (" ★" if r["variant"] == best else "")
+            if r.get("status") != "ok":
+                rows.append([name, r.get("status", "?"), "", "", "", "", _size(v), ""])
+                continue
+            lat, sp, acc = r.get("latency", {}), r.get("speedup", {}), r.get("accuracy", {})
+            speed = f"{sp['speedup']:.2f}x" if _finite(sp.get("speedup")) else "-"
+            if _finite(sp.get("speedup_p10")) and v["kind"] != "baseline":
+                speed += f" ({sp['speedup_p10']:.2f}-{sp['speedup_p90']:.2f})"
+            delta = self.ndcg_delta(r)
+            rows.append([
+                name,
+                f"{lat.get('p50_ms', math.nan):.2f}",
+                f"{lat.get('p99_ms', math.nan):.2f}",
+                speed,
+                f"{acc['topk_overlap']:.3f}" if _finite(acc.get("topk_overlap")) else "-",
+                f"{delta:+.4f}" if delta is not None else "-",
+                _size(v),
+                f"{v['compile_s']:.1f}" if _finite(v.get("compile_s")) and v["kind"] != "baseline" else "-",
+            ])
+        return header, rows
+
+    def not_measured(self, shape: str) -> list[tuple[str, str, str]]:
+        """(variant, status, reason) of the variants with no numbers at ``shape``."""
+        return [(r["variant"], r.get("status", "?"), r.get("reason", "")) for r in self.rows(shape) if r.get("status") != "ok"]
+
+    def render_markdown(self) -> str:
+        m = self.machine
+        when = _dt.datetime.fromtimestamp(self.created).strftime("%Y-%m-%d %H:%M")
+        versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
+        lines = [
+            f"# graphopt bench: {self.model}",
+            "",
+            f"{when} · {m.get('cpu')} · {m.get('cores')} cores · {self.config.get('threads')} threads · "
+            f"device {m.get('device')} · load {', '.join(f'{x:.1f}' for x in m.get('load_average', []))}",
+            "",
+            f"Versions: {versions}",
+            "",
+            f"Baseline: eager fp32, {self.config.get('baseline')}. Timing: {self.config['timing']['warmup']} warm-up "
+            f"calls, then {self.config['timing']['rounds']} interleaved rounds (every variant once per round, "
+            "same order); speedup = median over rounds of eager's round median / the variant's, "
+            "(10th-90th percentile of those ratios).",
+            "",
+        ]
+        for w in self.warnings:
+            lines += [f"> **Warning:** {w}", ""]
+        for n in self.notes:
+            lines += [f"> Note: {n}", ""]
+        k = self.config.get("k", 10)
+        for shape in self.shapes:
+            header, rows = self.table(shape)
+            lines += [f"## {shape}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+            best = self.best(shape)
+            missing = self.not_measured(shape)
+            if missing:
+                lines += ["", "Not measured:"] + [f"- {n}: {st}: {_reason(why, 240)}" for n, st, why in missing]
+            lines += [
+                "",
+                f"★ best: {best}" if best else "★ best: no variant beats eager with its accuracy intact",
+                f"(fastest variant with top-{k} overlap ≥ {MIN_TOPK_OVERLAP} or, with eval data, NDCG drop ≤ {MAX_NDCG_DROP}). "
+                f"Pareto front (speed vs accuracy): {', '.join(self.pareto(shape)) or '-'}.",
+                "",
+            ]
+        lines += [self.ndcg_footnote(), ""]
+        if self.eval_reference:
+            keys = list(self.eval_reference)
+            lines += ["## Ranking quality on evaluation data", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+            for v in self.variants:
+                if v.get("eval"):
+                    lines.append(f"| {v['name']} | " + " | ".join(f"{v['eval'].get(key, math.nan):.4f}" for key in keys) + " |")
+            lines.append("")
+        lines += ["## Cost", "", "| variant | status | compile s | size | memory | notes |", "|---|---|---|---|---|---|"]
+        for v in self.variants:
+            compile_s = f"{v['compile_s']:.1f}" if _finite(v.get("compile_s")) else "-"
+            why = _reason(v.get("reason") or "; ".join(v.get("notes", [])), 160).replace("|", "\\|")
+            lines.append(
+                f"| {v['name']} | {v['status']} | {compile_s} | {_size(v)} | {_memory(v.get('memory', {}))} | {why} |"
+            )
+        lines += ["", "![latency](latency.png)", "", "![speed vs accuracy](tradeoff.png)", ""]
+        return "\n".join(lines)
+
+    def ndcg_footnote(self) -> str:
+        """What the NDCG Δ column means in this report."""
+        if self.eval_reference:
+            key = next((k for k in self.eval_reference if k.startswith("ndcg@")), "ndcg")
+            return f"NDCG Δ: {key} on the evaluation data minus eager's ({self.eval_reference.get(key, math.nan):.4f})."
+        k = self.config.get("k", 10)
+        return (
+            f"NDCG Δ: no evaluation data given, so NDCG@{k} of the variant's ranking taking eager's top {k} "
+            "as the truth, minus 1 (0 = same ranking). Ranked over items, or over the batch for one-score models."
+        )
+
+    def save(self, out_dir: str | Path, *, force: bool = False, artifacts: Path | None = None) -> Path:
+        """Write report.json, report.md, latency.png, tradeoff.png (atomically)."""
+        from graphopt.bench.plots import plot_latency, plot_tradeoff
+
+        with atomic_directory(out_dir, force=force) as tmp:
+            try:
+                plot_latency(self, tmp / "latency.png")
+                plot_tradeoff(self, tmp / "tradeoff.png")
+            except ImportError as e:  # matplotlib is the optional 'plots' extra
+                note = f"plots not written: {e}; pip install 'graphopt[plots]'"
+                log.warning("%s", note)
+                if note not in self.notes:
+                    self.notes.append(note)
+            (tmp / "report.json").write_text(json.dumps(self.to_json(), indent=1, default=_json_default) + "\n")
+            (tmp / "report.md").write_text(self.render_markdown() + "\n")
+            if artifacts is not None and artifacts.exists():
+                shutil.copytree(artifacts, tmp / "artifacts")
+        return Path(out_dir)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BenchReport:
+        path = Path(path)
+        data = json.loads((path / "report.json" if path.is_dir() else path).read_text())
+        if data.get("format") != BENCH_FORMAT:
+            from graphopt.errors import ArtifactError
+
+            raise ArtifactError(f"{path} has format {data.get('format')!r}, this graphopt reads {BENCH_FORMAT!r}")
+        created = _dt.datetime.fromisoformat(data["created"]).timestamp()
+        return cls(
+            data["model"], created, data["duration_s"], data["machine"], data["config"], data["variants"],
+            data["results"], data.get("eval_reference", {}), data.get("warnings", []), data.get("notes", []),
+        )
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+def _size(v: dict[str, Any]) -> str:
+    size = v.get("size_bytes")
+    if not _finite(size):
+        return "-"
+    mb = size / 2**20
+    text = f"{mb:.1f} MB" if mb >= 1 else f"{size / 1024:.0f} KB"
+    return text + ("" if v.get("size_kind") in ("artifact", "onnx") else " (mem)")
+
+
+def _memory(mem: dict[str, Any]) -> str:
+    if not mem:
+        return "-"
+    if "error" in mem:
+        return f"failed: {_reason(mem['error'], 60)}"
+    if "peak_mb" in mem:
+        return f"peak {mem['peak_mb']:.0f} MB (+{mem['model_mb']:.0f} over imports), alone"
+    if "run_mb" in mem:
+        return f"+{mem['run_mb']:.0f} MB during run (in-process)"
+    return mem.get("reason", "-")
+
+
+def _reason(text: str, width: int = 90) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"

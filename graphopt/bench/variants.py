@@ -1,0 +1,366 @@
+"""Variants: what the harness times. A variant is (pipeline, runtime) built
+from the captured Program, the eager baseline, or a peer recipe.
+
+Building a graphopt variant = optimize (once per pipeline, shared by every
+runtime) + lower to an artifact folder + load a Runner; each step is timed
+and the artifact's size on disk recorded. A variant that cannot be built is
+kept, with status ``skipped`` (runtime unavailable here, pass not in this
+build) or ``failed`` (it raised) and a one-line reason: the report shows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.capture import _flatten_outputs
+from graphopt.errors import BackendUnavailableError, GraphoptError
+from graphopt.pipeline import parse_pipeline
+from graphopt.program import Program
+
+__all__ = [
+    "Variant",
+    "PipelineSpec",
+    "parse_pipeline_spec",
+    "DEFAULT_PIPELINES",
+    "DEFAULT_RUNTIMES",
+    "runtime_status",
+    "baseline_variant",
+    "build_graphopt_variants",
+    "dir_size",
+    "one_line",
+    "runner_options",
+    "SourceModule",
+]
+
+log = logging.getLogger(__name__)
+
+#: label=pipeline text; the ones whose passes are not in this build are reported as skipped
+DEFAULT_PIPELINES = ("O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8")
+DEFAULT_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def one_line(e: BaseException) -> str:
+    """The first non-empty line of an exception, prefixed by its type unless it is ours."""
+    text = next((ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()), "")
+    text = text if len(text) <= 300 else text[:297] + "..."
+    if isinstance(e, GraphoptError):
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of every file under ``path`` (a file: its size)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class PipelineSpec:
+    label: str
+    text: str
+
+
+def parse_pipeline_spec(spec: str) -> PipelineSpec:
+    """``"bf16=O2,cast{dtype=bf16}"`` -> label ``bf16``; ``"O2"`` -> label ``O2``;
+    ``""``/``"none"`` -> the unoptimized Program (label ``fp32``)."""
+    head, sep, tail = spec.partition("=")
+    if sep and "{" not in head and "," not in head and head.strip():
+        label, text = head.strip(), tail.strip()
+    else:
+        label, text = spec.strip(), spec.strip()
+    if text.lower() in ("", "none"):
+        return PipelineSpec(label if label.lower() not in ("", "none") else "fp32", "")
+    return PipelineSpec(label, text)
+
+
+@dataclass
+class Variant:
+    """One thing to time. ``fn(*inputs) -> tuple of tensors`` when status is ok."""
+
+    name: str
+    kind: str  # baseline | graphopt | peer
+    pipeline: str = ""
+    runtime: str = "eager"
+    status: str = "ok"  # ok | skipped | failed
+    reason: str = ""
+    fn: Callable[..., Sequence[torch.Tensor]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # optimize_s, lower_s, load_s, build_s
+    first_call_s: dict[str, float] = field(default_factory=dict)  # shape key -> seconds
+    size_bytes: int | None = None
+    size_kind: str = ""  # artifact | onnx | parameters (in memory)
+    memory_target: dict[str, Any] | None = None  # how a subprocess can load it alone
+    memory: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    close: Callable[[], None] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def fail(self, reason: str, status: str = "failed") -> Variant:
+        self.status, self.reason, self.fn = status, reason, None
+        self.release()
+        return self
+
+    def release(self) -> None:
+        if self.close is not None:
+            with contextlib.suppress(Exception):
+                self.close()
+            self.close = None
+
+    @property
+    def compile_s(self) -> float | None:
+        """Time from the input model to an answer: build steps + the first call."""
+        if self.kind == "baseline" or self.status != "ok":
+            return None
+        build = sum(v for k, v in self.timings.items() if k.endswith("_s"))
+        first = next(iter(self.first_call_s.values()), None)
+        if not self.timings and first is None:
+            return None
+        return build + (first or 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "pipeline": self.pipeline,
+            "runtime": self.runtime,
+            "status": self.status,
+            "reason": self.reason,
+            "timings": self.timings,
+            "first_call_s": self.first_call_s,
+            "compile_s": self.compile_s,
+            "size_bytes": self.size_bytes,
+            "size_kind": self.size_kind,
+            "memory": self.memory,
+            "eval": self.eval,
+            "notes": self.notes,
+        }
+
+
+# ------------------------------------------------------------------ runtimes
+def _runtime_api() -> Any | None:
+    try:
+        from graphopt import runtime
+    except ImportError:
+        return None
+    return runtime
+
+
+def _status_entry(value: Any) -> tuple[bool, str]:
+    if isinstance(value, bool):
+        return value, "" if value else "not available"
+    if value is None:
+        return True, ""
+    if isinstance(value, str):
+        return False, value
+    if isinstance(value, (tuple, list)) and value:
+        return bool(value[0]), str(value[1]) if len(value) > 1 and value[1] else ""
+    if isinstance(value, dict):
+        return bool(value.get("available")), str(value.get("reason") or "")
+    available = getattr(value, "available", None)
+    if available is not None:
+        return bool(available), str(getattr(value, "reason", "") or "")
+    return bool(value), ""
+
+
+def runtime_status(names: Sequence[str]) -> dict[str, tuple[bool, str]]:
+    """name -> (available, reason) for each requested runtime."""
+    api = _runtime_api()
+    if api is None:
+        return {
+            n: (n == "eager", "" if n == "eager" else "graphopt.runtime is not in this build (lowerers missing)")
+            for n in names
+        }
+    try:
+        table: dict[str, Any] = dict(api.available_runtimes())
+    except Exception as e:  # noqa: BLE001 - one broken runtime module must not hide the others
+        log.info("available_runtimes() failed (%s); asking each runtime", one_line(e))
+        table = {}
+    out = {}
+    for n in names:
+        if n in table:
+            out[n] = _status_entry(table[n])
+            continue
+        try:
+            reason = api.get_runtime(n).unavailable_reason()
+            out[n] = (reason is None, reason or "")
+        except Exception as e:  # noqa: BLE001
+            out[n] = (False, one_line(e))
+    return out
+
+
+def runner_options(runtime: str, threads: int | None) -> dict[str, Any]:
+    """The load options that set the thread count, for runtimes that have one."""
+    api = _runtime_api()
+    if not threads or api is None:
+        return {}
+    try:
+        declared = {o.name for o in getattr(api.get_runtime(runtime), "runner_options", ())}
+    except Exception:  # noqa: BLE001
+        return {}
+    for name in ("threads", "intra_op_threads", "num_threads"):
+        if name in declared:
+            return {name: threads}
+    return {}
+
+
+def _load_runner(api: Any, out_dir: Path, runtime: str, threads: int | None) -> Any:
+    return api.load(out_dir, **runner_options(runtime, threads))
+
+
+def _runner_fn(runner: Any) -> tuple[Callable[..., Sequence[torch.Tensor]], Callable[[], None]]:
+    entered = runner.__enter__() if hasattr(runner, "__enter__") else runner
+    active = entered if entered is not None else runner
+
+    def close() -> None:
+        if hasattr(runner, "__exit__"):
+            runner.__exit__(None, None, None)
+
+    on_device = str(getattr(active, "device", "cpu")) != "cpu" and hasattr(active, "synchronize")
+
+    def call(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = active(*inputs)
+        if on_device:  # timing must include the device work
+            active.synchronize()
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    return call, close
+
+
+# ------------------------------------------------------------------ baseline
+class SourceModule(torch.nn.Module):
+    """The user's model called with the Program's input names, returning a
+    flat tuple of tensors (peers and the baseline run this)."""
+
+    def __init__(self, module: torch.nn.Module, names: Sequence[str], by_keyword: bool = True):
+        super().__init__()
+        self.model = module
+        self.names = list(names)
+        self.by_keyword = by_keyword
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(**dict(zip(self.names, args))) if self.by_keyword else self.model(*args)
+        return tuple(_flatten_outputs(out)[1])
+
+
+def baseline_variant(program: Program, source: torch.nn.Module | None, model_spec: str | None) -> Variant:
+    """Eager fp32 of the original model (the nn.Module when known, else the Program)."""
+    if source is not None:
+        module = source
+
+        def fn(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with torch.inference_mode():
+                return module(*inputs)
+
+        size = sum(p.numel() * p.element_size() for p in module.state_dict().values())
+        v = Variant("eager", "baseline", pipeline="", runtime="eager (original module)", fn=fn)
+        v.size_bytes, v.size_kind = size, "parameters"
+        v.memory_target = {"kind": "zoo", "name": model_spec} if model_spec else None
+        return v
+    v = Variant("eager", "baseline", pipeline="", runtime="eager (Program)", fn=program)
+    v.size_bytes, v.size_kind = program.parameter_bytes(), "parameters"
+    return v
+
+
+# ------------------------------------------------------------ graphopt variants
+def _calibration(program: Program, n: int = 8) -> list[tuple[torch.Tensor, ...]]:
+    batch = program.inputs[0].shape[0] if program.inputs and program.inputs[0].shape else None
+    return [program.sample_inputs(batch=batch, seed=1000 + i) for i in range(n)]
+
+
+def build_graphopt_variants(
+    program: Program,
+    pipelines: Sequence[PipelineSpec],
+    runtimes: Sequence[str],
+    work_dir: Path,
+    *,
+    calibration_data: Sequence[Any] | None = None,
+    threads: int | None = None,
+    on_built: Callable[[Variant], None] | None = None,
+) -> list[Variant]:
+    """Every (pipeline, runtime) variant, built or marked skipped/failed."""
+    from graphopt.optimize import optimize
+
+    status = runtime_status(runtimes)
+    api = _runtime_api()
+    variants: list[Variant] = []
+
+    def done(v: Variant) -> None:
+        variants.append(v)
+        if v.status != "ok":
+            log.info("variant %s %s: %s", v.name, v.status, v.reason)
+        if on_built is not None:
+            on_built(v)
+
+    for spec in pipelines:
+        names = [f"{spec.label} @ {rt}" for rt in runtimes]
+        optimized: Program | None = None
+        optimize_s = 0.0
+        reason = ""
+        try:
+            if spec.text:
+                pipeline = parse_pipeline(spec.text)
+                needs_data = any("calibration_data" in p.requires for p in pipeline)
+                data = calibration_data if calibration_data is not None else (_calibration(program) if needs_data else None)
+                start = time.perf_counter()
+                optimized, _ = optimize(program, pipeline, calibration_data=data)
+                optimize_s = time.perf_counter() - start
+            else:
+                optimized = program
+        except GraphoptError as e:
+            reason = f"pipeline '{spec.text}': {one_line(e)}"
+            skipped = type(e).__name__ in ("PipelineParseError",)  # pass not in this build
+            for name, rt in zip(names, runtimes):
+                done(Variant(name, "graphopt", spec.text, rt).fail(reason, "skipped" if skipped else "failed"))
+            continue
+        except Exception as e:  # noqa: BLE001 - a pass that crashes is a failed variant, not a crashed bench
+            reason = f"pipeline '{spec.text}': {one_line(e)}"
+            for name, rt in zip(names, runtimes):
+                done(Variant(name, "graphopt", spec.text, rt).fail(reason))
+            continue
+        for name, rt in zip(names, runtimes):
+            v = Variant(name, "graphopt", spec.text, rt)
+            available, why = status[rt]
+            if not available:
+                done(v.fail(f"{rt}: {why}", "skipped"))
+                continue
+            if spec.text:
+                v.timings["optimize_s"] = optimize_s
+            if api is None:  # no lowerers in this build: the Program itself is the eager runtime
+                v.fn = optimized
+                v.size_bytes, v.size_kind = optimized.parameter_bytes(), "parameters"
+                done(v)
+                continue
+            out_dir = work_dir / f"{spec.label}-{rt}".replace("/", "_").replace(" ", "_")
+            try:
+                start = time.perf_counter()
+                api.lower(optimized, rt, out_dir, force=True)
+                v.timings["lower_s"] = time.perf_counter() - start
+                start = time.perf_counter()
+                runner = _load_runner(api, out_dir, rt, threads)
+                v.fn, v.close = _runner_fn(runner)
+                v.timings["load_s"] = time.perf_counter() - start
+                v.size_bytes, v.size_kind = dir_size(out_dir), "artifact"
+                v.memory_target = {"kind": "artifact", "path": str(out_dir)}
+            except BackendUnavailableError as e:
+                v.fail(f"{rt}: {one_line(e)}", "skipped")
+            except Exception as e:  # noqa: BLE001 - lowering failures are reported per variant
+                v.fail(f"{rt}: {one_line(e)}")
+            done(v)
+    return variants

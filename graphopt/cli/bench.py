@@ -1,0 +1,113 @@
+"""``graphopt bench MODEL``: every (pipeline, runtime) variant and the peers
+against eager fp32, interleaved in one run; writes report.json, report.md and
+PNG plots, and ends with a table per batch size."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_parser", "run", "print_tables"]
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{what}: expected positive integers, got {text!r}")
+    return values
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from graphopt.bench import DEFAULT_PIPELINES, DEFAULT_RUNTIMES, PEERS
+
+    p = sub.add_parser("bench", help="benchmark pipelines x runtimes (and peers) against eager fp32")
+    p.add_argument("model", help="zoo name (bert4rec:base), saved Program (.pt2 or folder) or HF folder")
+    p.add_argument("-p", "--pipeline", action="append", dest="pipelines", metavar="[LABEL=]PIPELINE",
+                   help=f"pipeline to benchmark (repeatable; 'none' = unoptimized); default: {' '.join(DEFAULT_PIPELINES)}")
+    p.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES),
+                   help="comma-separated runtimes (unavailable ones are reported as skipped)")
+    p.add_argument("--peers", action="store_true", help="also measure every peer recipe (torch.compile, ONNX Runtime, torchao)")
+    p.add_argument("--peer", action="append", dest="peer_names", metavar="NAME", choices=PEERS,
+                   help=f"measure this peer only (repeatable): {', '.join(PEERS)}")
+    p.add_argument("--batch-sizes", default="1,32", type=lambda t: _ints(t, "--batch-sizes"))
+    p.add_argument("--seq-lens", default="64", type=lambda t: _ints(t, "--seq-lens"),
+                   help="sequence lengths (models with a dynamic 'seq' dim)")
+    p.add_argument("--threads", type=int, help="torch and runtime threads (default: torch's)")
+    p.add_argument("-o", "--output", help="report folder (report.json, report.md, latency.png, tradeoff.png)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing report folder")
+    p.add_argument("--quick", action="store_true", help="1 warm-up call and 4 rounds: a smoke run, not a measurement")
+    p.add_argument("--rounds", type=int, help="interleaved timing rounds (default 15)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
+    p.add_argument("--keep-artifacts", action="store_true", help="copy the lowered artifacts into the report folder")
+    p.add_argument("-k", type=int, default=10, help="top-k for overlap and NDCG (default 10)")
+    p.set_defaults(run=run)
+
+
+def print_tables(report, console=None) -> None:  # type: ignore[no-untyped-def]
+    """One rich table per shape, best variant marked, then what was not measured."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for shape in report.shapes:
+        header, rows = report.table(shape)
+        table = Table(title=f"{report.model} · {shape}", title_justify="left")
+        for i, col in enumerate(header):
+            table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+        best = report.best(shape)
+        for row, raw in zip(rows, report.rows(shape)):
+            status = raw.get("status")
+            style = "bold green" if raw["variant"] == best else ("dim" if status != "ok" else None)
+            table.add_row(*row, style=style)
+        console.print(table)
+        for name, status, why in report.not_measured(shape):
+            console.print(f"  [dim]{name}: {status}: {why}[/]", highlight=False)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    for n in report.notes:
+        console.print(f"note: {n}")
+    console.print(report.ndcg_footnote(), style="dim")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from graphopt.bench import PEERS, TimingConfig, bench
+    from graphopt.bench.variants import parse_pipeline_spec
+    from graphopt.pipeline import parse_pipeline
+
+    peers = list(args.peer_names or (PEERS if args.peers else []))
+    if args.pipelines:  # explicit pipelines must parse before anything runs (exit 2)
+        for spec in args.pipelines:
+            text = parse_pipeline_spec(spec).text
+            if text:
+                parse_pipeline(text)
+    timing = None
+    if args.rounds:
+        base = TimingConfig.quick() if args.quick else TimingConfig()
+        timing = TimingConfig(base.warmup, args.rounds, base.round_time_s, base.max_calls)
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]bench[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=True,
+    ) as bar:
+        task = bar.add_task("loading model", total=1)
+
+        def progress(message: str, done: float, total: float) -> None:
+            bar.update(task, completed=done, total=total, description=message)
+
+        report = bench(
+            args.model, args.pipelines, [r.strip() for r in args.runtimes.split(",") if r.strip()],
+            peers=peers, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, threads=args.threads,
+            out_dir=args.output, force=args.force, quick=args.quick, timing=timing,
+            k=args.k, memory=not args.no_memory, keep_artifacts=args.keep_artifacts, progress=progress,
+        )
+    print_tables(report, Console() if sys.stdout.isatty() else Console(width=160))
+    if args.output:
+        print(f"report: {args.output}/report.md (report.json, latency.png, tradeoff.png)")
+    ok = [v for v in report.variants if v["status"] == "ok" and v["kind"] != "baseline"]
+    return 0 if ok or not [v for v in report.variants if v["kind"] != "baseline"] else 1
