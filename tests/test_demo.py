@@ -1,0 +1,62 @@
+"""`graphopt demo --quick` end to end: data, fine-tune (then the cache),
+optimize with the default pipelines, lower, benchmark, HR@10/NDCG@10 per
+variant, report folder. Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graphopt.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out, cache = root / "report", root / "cache"
+    # eager + onnxruntime keep the test short; torchscript/inductor are covered by the runtime suites
+    args = ["demo", "--quick", "-o", str(out), "--cache-dir", str(cache), "--runtimes", "eager,onnxruntime", "--threads", "1"]
+    return args, out, cache
+
+
+def test_demo_quick_end_to_end_then_cached(demo_run, capsys):
+    args, out, cache = demo_run
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    for step in ("[1/4] data:", "[2/4] model: fine-tuning bert4rec:tiny", "[3/4] optimize + lower + benchmark", "[4/4] report:"):
+        assert step in text, step
+    assert "HR@10" in text and "NDCG@10" in text
+    for name in ("report.json", "report.md", "demo.md", "demo.json", "finetune.json", "latency.png", "tradeoff.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+    report = json.loads((out / "report.json").read_text())
+    variants = {v["name"]: v for v in report["variants"]}
+    assert variants["eager"]["status"] == "ok"
+    labels = {"fp32-O2", "bf16", "int8"}
+    assert {n.split(" @ ")[0] for n in variants if " @ " in n} == labels  # every default pipeline is listed
+    for v in variants.values():
+        if v["status"] == "ok":
+            assert set(v["eval"]) >= {"hr@10", "ndcg@10"}, v["name"]
+            assert 0.0 <= v["eval"]["ndcg@10"] <= v["eval"]["hr@10"] <= 1.0
+        else:  # skipped or failed variants say why
+            assert v["reason"], v["name"]
+            assert v["name"] in text
+    ref = report["eval_reference"]
+    assert ref["ndcg@10"] == variants["eager"]["eval"]["ndcg@10"]
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["quick"] is True and summary["model"] == "bert4rec:tiny"
+
+    # second run: the fine-tuned model comes from the cache, the report is replaced
+    assert main(args[:-4] + ["--runtimes", "eager", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "model: cached fine-tuned bert4rec:tiny" in text
+    assert len(list((cache / "demo").iterdir())) == 1
+
+
+def test_demo_refuses_to_overwrite_a_foreign_folder(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["demo", "--quick", "-o", str(tmp_path / "mine")]) == 2
+    assert "not a graphopt demo report" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
