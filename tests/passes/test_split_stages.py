@@ -1,0 +1,143 @@
+"""split-stages: partition into contiguous, balanced, cheaply-cut pipeline stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphopt import optimize
+from graphopt.errors import PassFailedError, PassOptionError
+from graphopt.fx_utils import is_op
+from graphopt.stages import (
+    PARTITION_META,
+    STAGE_META,
+    compute_nodes,
+    cut_table,
+    node_flops,
+    run_stages,
+    split_program,
+)
+from tests.passes._helpers import assert_equivalent
+
+TOL = 1e-5
+aten = torch.ops.aten
+
+
+def _positions(program) -> list[int]:
+    marks = [n.meta[STAGE_META] for n in compute_nodes(program.gm)]
+    assert marks == sorted(marks), "stages must be contiguous in graph order"
+    return [i for i in range(1, len(marks)) if marks[i] != marks[i - 1]]
+
+
+def _assert_stages_equal_program(program, positions, shapes) -> None:
+    stages = split_program(program, positions)
+    for stage in stages:
+        stage.gm.graph.lint()
+    for batch, seq in shapes:
+        inputs = program.sample_inputs(batch=batch, seq=seq, seed=5)
+        for out, ref in zip(run_stages(stages, inputs), program(*inputs)):
+            torch.testing.assert_close(out, ref, atol=TOL, rtol=TOL)
+
+
+def test_two_stages_on_bert4rec(program):
+    before = program("bert4rec:tiny")
+    after, report = optimize(before, "split-stages")
+    record = report.passes[0]
+    assert record.modified
+    assert record.ops_delta() == {}  # only annotates: the graph keeps every op
+    assert all(STAGE_META in n.meta for n in after.gm.graph.nodes)
+    positions = _positions(after)
+    assert len(positions) == 1
+    assert after.meta[PARTITION_META]["n"] == 2 and len(after.meta[PARTITION_META]["cuts"]) == 1
+    # per-stage report: weights, FLOPs, and what crosses the cut
+    assert [d["stage"] for d in record.details] == [0, 1]
+    assert all(d["parameter_bytes"] > 0 and d["flops"] > 0 for d in record.details)
+    assert record.details[0]["sends"] and record.details[0]["send_bytes"] > 0
+    assert record.details[1]["sends"] == []
+    # the item table is tied to the scoring head: both stages hold it, and the report says so
+    tied = "model.bert.embeddings.word_embeddings.weight"
+    assert tied in record.details[0]["shared_weights"] and tied in record.details[1]["shared_weights"]
+    assert_equivalent(before, after, TOL)
+    _assert_stages_equal_program(after, positions, [(None, None), (3, 9)])
+
+
+def test_flops_balance_and_cheap_cuts(program):
+    after, report = optimize(program("bert4rec:tiny"), "split-stages{n=3 balance=flops slack=0.1}")
+    flops = [d["flops"] for d in report.passes[0].details]
+    assert len(flops) == 3 and max(flops) <= 1.5 * min(flops), flops
+    # within the slack window around each equal share, no splittable cut crosses fewer bytes;
+    # where no cut falls in the window, the cut is the one closest to the share
+    order = compute_nodes(after.gm)
+    prefix = [0]
+    for node in order:
+        prefix.append(prefix[-1] + node_flops(node))
+    window = 0.1 * prefix[-1] / 3
+    cuts = {c.position: c for c in cut_table(after)}
+    for k, position in enumerate(_positions(after), start=1):
+        target = prefix[-1] * k / 3
+        valid = [c for c in cuts.values() if c.splittable]
+        near = [c for c in valid if abs(prefix[c.position] - target) <= window]
+        if near:
+            assert cuts[position].bytes == min(c.bytes for c in near)
+        else:
+            assert abs(prefix[position] - target) == min(abs(prefix[c.position] - target) for c in valid)
+    _assert_stages_equal_program(after, _positions(after), [(2, 7)])
+
+
+def test_dlrm_embeddings_on_their_own_stage(program):
+    before = program("dlrm:tiny")
+    after, report = optimize(before, "split-stages{n=3 embeddings_stage=true balance=memory}")
+    assert report.passes[0].modified
+    order = compute_nodes(after.gm)
+    positions = _positions(after)
+    first = [n for n in order if n.meta[STAGE_META] == 0]
+    rest = [n for n in order if n.meta[STAGE_META] > 0]
+    assert sum(is_op(n, aten.embedding_bag, aten._embedding_bag) for n in first) == 4
+    assert not any(is_op(n, aten.embedding_bag, aten._embedding_bag) for n in rest)
+    assert not any(is_op(n, aten.linear) for n in first)  # both MLPs moved past the tables
+    details = report.passes[0].details
+    assert details[0]["parameter_bytes"] == (100 + 80 + 60 + 40) * 8 * 4  # the four tables, float32
+    assert_equivalent(before, after, TOL)
+    _assert_stages_equal_program(after, positions, [(None, None), (1, None), (5, None)])
+
+
+def test_unsplittable_points_are_explained(program):
+    cuts = cut_table(program("dlrm:tiny"))
+    reasons = [c.reason for c in cuts if not c.splittable]
+    assert any("tuple, not a tensor" in r for r in reasons)  # between embedding_bag and its getitem
+    assert any(c.splittable for c in cuts)
+
+
+def test_more_stages_than_splittable_points_fails_clearly(program):
+    p = program("dlrm:tiny")
+    splittable = sum(c.splittable for c in cut_table(p))
+    with pytest.raises(
+        PassFailedError, match=rf"only {splittable} splittable points; use n <= {splittable + 1}"
+    ):
+        optimize(p, f"split-stages{{n={splittable + 2}}}")
+
+
+def test_option_errors():
+    from graphopt.pipeline import parse_pipeline
+
+    with pytest.raises(PassOptionError, match="embeddings_stage=true needs n >= 2"):
+        parse_pipeline("split-stages{n=1 embeddings_stage=true}")
+    with pytest.raises(PassOptionError, match="must be at least 1"):
+        parse_pipeline("split-stages{n=0}")
+    with pytest.raises(PassOptionError, match="not one of"):
+        parse_pipeline("split-stages{balance=bytes}")
+
+
+def test_near_miss_one_stage_does_not_fire(program):
+    p = program("bert4rec:tiny")
+    after, report = optimize(p, "split-stages{n=1}")
+    assert report.passes[0].modified is False
+    assert PARTITION_META not in after.meta
+    assert not any(STAGE_META in n.meta for n in after.gm.graph.nodes)
+
+
+def test_near_miss_same_partition_twice_does_not_fire(program):
+    once, _ = optimize(program("dlrm:tiny"), "split-stages{balance=flops}")
+    twice, report = optimize(once, "split-stages{balance=flops}")
+    assert report.passes[0].modified is False
+    assert twice.meta[PARTITION_META] == once.meta[PARTITION_META]
