@@ -10,6 +10,8 @@ The core never imports a specific pass or backend at import time: passes are
 registered when the registry is first used.
 """
 
+from graphopt import bench  # a callable module: graphopt.bench(...) runs graphopt.bench.bench(...)
+from graphopt import qdq as _qdq  # noqa: F401  (registers quantized_decomposed ops so Program.load reads int8 Programs)
 from graphopt.capture import capture
 from graphopt.errors import (
     ArtifactError,
@@ -39,6 +41,7 @@ from graphopt.pass_manager import PassContext, PassManager
 from graphopt.pipeline import Pipeline, parse_pipeline
 from graphopt.program import InputSpec, Program
 from graphopt.report import OptimizeReport, PassRecord
+from graphopt.runtime import Artifact, Runner, available_runtimes, load, lower
 
 __version__ = "0.1.0"
 
@@ -72,5 +75,11 @@ __all__ = [
     "LoweringError",
     "RunnerError",
     "BackendUnavailableError",
+    "lower",
+    "load",
+    "Runner",
+    "Artifact",
+    "available_runtimes",
+    "bench",
     "__version__",
 ]

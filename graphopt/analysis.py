@@ -7,7 +7,8 @@ symbolic sizes) through every node with FakeTensorProp.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._guards import detect_fake_mode

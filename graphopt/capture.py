@@ -14,7 +14,8 @@ import logging
 import os
 import traceback
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 

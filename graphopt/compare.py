@@ -7,7 +7,7 @@ and the benchmark harness.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

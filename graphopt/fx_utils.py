@@ -7,7 +7,8 @@ way and unused weights are really dropped from the GraphModule.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.fx

@@ -17,12 +17,14 @@ __all__ = ["target_ranks", "hr_at_k", "ndcg_at_k", "spearman"]
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of each target among the unmasked items (ties count against it)."""
     scores = scores.float().clone()
+    scores[torch.isnan(scores)] = -math.inf  # a NaN score never ranks an item up
     if seen is not None:
         seen = seen.clone()
         seen[torch.arange(len(targets)), targets] = False  # never mask the target itself
         scores[seen] = -math.inf
     target_scores = scores.gather(1, targets.view(-1, 1))
-    return (scores > target_scores).sum(dim=1) + ((scores == target_scores).sum(dim=1) - 1)
+    ties = (scores == target_scores).sum(dim=1) - 1
+    return (scores > target_scores).sum(dim=1) + ties.clamp_min(0)
 
 
 def hr_at_k(scores: torch.Tensor, targets: torch.Tensor, k: int = 10, seen: torch.Tensor | None = None) -> float:

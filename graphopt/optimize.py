@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -84,5 +85,10 @@ def optimize(
     program.pipeline = ",".join(steps)
     report.params_after = program.num_parameters()
     report.nodes_after = len(program.graph.nodes)
+    # a pass may change float input dtypes (cast{io=native}): feed the Program its own dtypes
+    inputs = tuple(
+        x.to(spec.dtype) if x.is_floating_point() and spec.dtype.is_floating_point else x
+        for x, spec in zip(inputs, program.inputs)
+    )
     report.drift = drift(program(*inputs), reference)
     return program, report

@@ -26,8 +26,9 @@ import difflib
 import importlib
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from graphopt.errors import GraphoptError, PassOptionError
 

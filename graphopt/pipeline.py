@@ -10,8 +10,8 @@ and ``parse_pipeline(str(p)) == p``. Presets (``O1``) expand in place.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from graphopt.errors import PassOptionError, PipelineParseError
 from graphopt.pass_base import Pass, available_passes, available_presets, closest

@@ -1,8 +1,10 @@
 """Resolve what a user names on the command line into a Program.
 
 MODEL is a zoo name (``bert4rec:base``), a saved Program (``.pt2`` file or a
-directory holding ``program.pt2``), or a local Hugging Face model directory
-(``config.json`` + weights; loaded offline).
+directory holding ``program.pt2``), a fine-tuned checkpoint folder
+(``graphopt-checkpoint.json`` + ``model.safetensors``, from ``graphopt
+finetune``), or a local Hugging Face model directory (``config.json`` +
+weights; loaded offline).
 """
 
 from __future__ import annotations
@@ -60,10 +62,14 @@ def load_program(spec: str) -> Program:
             return Program.load(path)
         if (path / "program.pt2").is_file():
             return Program.load(path / "program.pt2")
+        if (path / "graphopt-checkpoint.json").is_file():  # `graphopt finetune -o` output
+            from graphopt.finetune import load_checkpoint
+
+            return load_checkpoint(path).capture()
         if (path / "config.json").is_file():
             return capture_hf_directory(path)
         raise ModelNotFoundError(
-            f"{path} holds neither program.pt2 nor a Hugging Face config.json; "
+            f"{path} holds neither program.pt2, a graphopt checkpoint, nor a Hugging Face config.json; "
             "point at a saved Program or a model folder"
         )
     if os.sep in spec or spec.endswith(".pt2"):

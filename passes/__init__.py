@@ -3,7 +3,38 @@
 Importing this package registers every pass and the preset pipelines.
 """
 
-from graphopt.pass_base import register_preset
-from graphopt.passes import dce, remove_dropout, remove_noop  # noqa: F401  (registration)
+from graphopt.passes import (  # noqa: F401  (importing registers each pass)
+    cast,
+    cse,
+    dce,
+    embedding_bag_to_gather,
+    fold_batchnorm,
+    fold_constants,
+    fuse_attention,
+    fuse_linear_act,
+    fuse_qkv,
+    prune_embeddings,
+    prune_ffn,
+    prune_heads,
+    prune_linear,
+    quantize_embeddings,
+    quantize_int8,
+    quantize_int8_dynamic,
+    remove_dropout,
+    remove_noop,
+    split_stages,
+)
 
-register_preset("O1", "remove-dropout,remove-noop,dce", "cleanup: dropout, no-op views/clones/casts, dead code")
+from graphopt.pass_base import register_preset
+
+register_preset(
+    "O1",
+    "remove-dropout,remove-noop,cse,fold-constants,dce",
+    "cleanup: dropout, no-op views/clones/casts, common subexpressions, constant subgraphs, dead code",
+)
+register_preset(
+    "O2",
+    "remove-dropout,remove-noop,cse,fold-constants,dce,"
+    "fold-batchnorm,embedding-bag-to-gather,fuse-attention,fuse-qkv,fuse-linear-act,cse,dce",
+    "O1 + fusions: batch-norm folding, EmbeddingBag as gather, SDPA attention, QKV, linear+activation",
+)

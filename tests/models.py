@@ -26,3 +26,152 @@ class DataDependent(nn.Module):
         if x.sum() > 0:
             return x * 2
         return x - 1
+
+
+# ---------------------------------------------------------------- fusion passes (issue 3)
+class SASRecBlock(nn.Module):
+    """One SASRec layer: pre-LN causal self-attention + point-wise FFN.
+
+    ``attention="manual"`` writes attention by hand (separate Q/K/V linears,
+    ``q @ k^T / sqrt(d)``, ``masked_fill(causal, fill)``, softmax, dropout,
+    ``@ v``); ``attention="mha"`` uses ``nn.MultiheadAttention`` with
+    ``need_weights=True`` (its decomposed bmm/baddbmm path).
+    """
+
+    def __init__(self, d: int, heads: int, attention: str, fill: float):
+        super().__init__()
+        self.heads, self.attention, self.fill = heads, attention, fill
+        self.ln1 = nn.LayerNorm(d)
+        if attention == "mha":
+            self.mha = nn.MultiheadAttention(d, heads, dropout=0.1, batch_first=True)
+        else:
+            self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+            self.out = nn.Linear(d, d)
+            self.drop = nn.Dropout(0.1)
+        self.ln2 = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
+
+    def _manual(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        dh = d // self.heads
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.heads, dh).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        scores = q @ k.transpose(-2, -1) / (dh**0.5)
+        probs = self.drop(torch.softmax(scores.masked_fill(causal, self.fill), dim=-1))
+        return self.out((probs @ v).transpose(1, 2).reshape(b, t, d))
+
+    def forward(self, x: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        if self.attention == "mha":
+            a = self.mha(h, h, h, attn_mask=causal)[0]
+        else:
+            a = self._manual(h, causal)
+        x = x + a
+        return x + self.ffn(self.ln2(x))
+
+
+class SASRec(nn.Module):
+    """SASRec-style next-item model: item + position embeddings, causal
+    self-attention blocks, scores of every item at the last position."""
+
+    def __init__(self, items: int = 40, d: int = 32, heads: int = 2, layers: int = 2,
+                 max_len: int = 32, attention: str = "manual", fill: float = float("-inf")):
+        super().__init__()
+        self.item_emb = nn.Embedding(items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(SASRecBlock(d, heads, attention, fill) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        x = self.item_emb(input_ids) + self.pos_emb(torch.arange(t, device=input_ids.device))
+        x = x * (input_ids != 0).unsqueeze(-1)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=input_ids.device), diagonal=1)
+        for block in self.blocks:
+            x = block(x, causal)
+        return self.ln(x)[:, -1, :] @ self.item_emb.weight.t()
+
+
+def sasrec_inputs(batch: int = 3, seq: int = 10, items: int = 40, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, items + 1, (batch, seq), generator=g)
+    ids[0, :3] = 0  # left padding on one history
+    return {"input_ids": ids}
+
+
+SASREC_DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}}
+
+
+class ConvBNTower(nn.Module):
+    """Vision-style tower: conv -> BN -> ReLU twice, then linear -> BN1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8)
+        self.fc, self.bn3 = nn.Linear(8, 6), nn.BatchNorm1d(6)
+        for bn in (self.bn1, self.bn2, self.bn3):  # trained-looking statistics
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.bn3(self.fc(x.mean(dim=(2, 3))))
+
+
+class BagsWithOffsets(nn.Module):
+    """EmbeddingBag over 1-D ids with offsets: sum with per-sample weights,
+    and mean with a padding id (bags of different lengths, one empty)."""
+
+    def __init__(self, rows: int = 30, dim: int = 6):
+        super().__init__()
+        self.weighted = nn.EmbeddingBag(rows, dim, mode="sum")
+        self.padded = nn.EmbeddingBag(rows, dim, mode="mean", padding_idx=0)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.weighted(ids, offsets, per_sample_weights=weights), self.padded(ids, offsets)], dim=1)
+
+
+def bags_inputs(n: int = 11, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 30, (n,), generator=g)
+    ids[:2] = 0  # padding ids, and the first bag is padding only
+    offsets = torch.tensor([0, 2, 2, 6])  # bag 2 is empty
+    return ids, offsets, torch.rand(n, generator=g)
+
+
+class ActivationMatmul(nn.Module):
+    """Only a matmul of two inputs (no constant weights): nothing for int8 passes to quantize."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(a @ b.transpose(-1, -2), dim=-1)
+
+
+# ---------------------------------------------------------------- benchmark harness (issue 7)
+@torch.library.custom_op("graphopt_tests::softclip", mutates_args=())
+def softclip(x: torch.Tensor) -> torch.Tensor:
+    """A custom op: eager, torch.export and Inductor run it; ONNX has no translation for it."""
+    return torch.tanh(x) * 3.0
+
+
+@softclip.register_fake
+def _softclip_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class CustomOpScorer(nn.Module):
+    """Linear scorer over 24 items ending in a custom op: the ONNX export of
+    every ONNX-based recipe really fails on it, everything else runs."""
+
+    def __init__(self, d_in: int = 8, items: int = 24):
+        super().__init__()
+        self.fc = nn.Linear(d_in, items)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softclip(self.fc(x))

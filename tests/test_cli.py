@@ -77,7 +77,7 @@ def test_local_hugging_face_folder_is_a_model(tmp_path, capsys, zoo):
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run(capsys, "inspect", str(empty))
-    assert code == 2 and "neither program.pt2 nor a Hugging Face config.json" in err
+    assert code == 2 and "holds neither program.pt2" in err and "Hugging Face config.json" in err
 
 
 def test_optimize_refuses_to_overwrite_without_force(tmp_path, capsys):

@@ -14,8 +14,9 @@ tests and a ``base`` config for benchmarks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -64,9 +65,19 @@ def register_model(name: str, size: str, builder: Callable[[int], ZooModel]) -> 
     _MODELS.setdefault(name, {})[size] = builder
 
 
+_BUILTIN_MODULES = ("bert", "dlrm", "text", "two_tower")
+_builtins_loaded = False
+
+
 def _load_builtin() -> None:
-    if not _MODELS:
-        from graphopt.models import bert, dlrm, two_tower  # noqa: F401  (they register)
+    """Import every zoo module once (each registers its models), whatever was imported before."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        import importlib
+
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(f"graphopt.models.{module}")
+        _builtins_loaded = True
 
 
 def available_models() -> list[str]:
