@@ -11,6 +11,8 @@ from graphopt.fx_utils import fetch_attr, is_op
 from graphopt.pass_base import Option, Pass, PassResult, register_pass
 from graphopt.qdq import infer_val, is_qdq
 
+__all__ = ["Cast"]
+
 aten = torch.ops.aten
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

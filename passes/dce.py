@@ -6,6 +6,8 @@ import torch.fx
 
 from graphopt.pass_base import Pass, PassResult, register_pass
 
+__all__ = ["DeadCodeElimination"]
+
 
 def _impure(node: torch.fx.Node) -> bool:
     # runtime asserts and export's input-guard module stay: they check, not compute

@@ -10,6 +10,8 @@ from graphopt.errors import PassOptionError
 from graphopt.fx_utils import add_tensor_attr, fetch_attr, is_op, module_path
 from graphopt.pass_base import Option, Pass, PassResult, register_pass
 
+__all__ = ["PruneEmbeddings"]
+
 aten = torch.ops.aten
 
 DEFAULT_FILL = -65504.0  # lowest finite float16: stays finite under later fp16/bf16 casts

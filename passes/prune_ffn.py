@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from graphopt.pass_base import Option, Pass, register_pass
-from graphopt.pruning import CRITERIA, check_ratio, find_channel_groups, run_ratio_prune
+from graphopt.passes._ratio_prune import RatioPrunePass, ratio_options
+
+from graphopt.pass_base import register_pass
+from graphopt.pruning import find_channel_groups
+
+__all__ = ["PruneFFN"]
 
 
 @register_pass
-class PruneFFN(Pass):
+class PruneFFN(RatioPrunePass):
     """Remove the lowest-importance FFN intermediate neurons of every transformer layer.
 
     Matches: ``linear (up) -> activation (gelu, relu, silu...) [-> dropout]
@@ -29,22 +33,10 @@ class PruneFFN(Pass):
     """
 
     name = "prune-ffn"
-    options = (
-        Option("ratio", float, 0.3, "fraction of intermediate neurons to remove, in [0, 1)", check=check_ratio),
-        Option("criterion", str, "l1", "neuron importance", choices=CRITERIA),
-        Option("scope", str, "layer", "rank neurons per layer or across all layers", choices=("layer", "global")),
-    )
-    requires = frozenset({"shapes"})
-    exact = False
-    tolerance = float("inf")
-    backend_notes = "shrinks weights and shapes: every backend gets the smaller model"
+    unit = "neurons"
+    options = ratio_options("neurons")
 
-    def validate(self) -> None:
-        if self.criterion == "taylor":
-            self.requires = type(self).requires | {"calibration_data"}
-
-    def run(self, program, ctx):  # type: ignore[no-untyped-def]
-        groups, declined = find_channel_groups(program.gm)
+    def groups(self, gm):  # type: ignore[no-untyped-def]
+        groups, declined = find_channel_groups(gm)
         ffn = [g for g in groups if g.kind == "ffn"]
-        return run_ratio_prune(program, ctx, ffn, declined if not ffn else [], ratio=self.ratio,
-                               criterion=self.criterion, scope=self.scope, unit="neurons")
+        return ffn, (declined if not ffn else [])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from graphopt.pass_base import Option, Pass, register_pass
-from graphopt.pruning import CRITERIA, check_ratio, find_head_groups, run_ratio_prune
+from graphopt.passes._ratio_prune import RatioPrunePass, ratio_options
+
+from graphopt.pass_base import register_pass
+from graphopt.pruning import find_head_groups
+
+__all__ = ["PruneHeads"]
 
 
 @register_pass
-class PruneHeads(Pass):
+class PruneHeads(RatioPrunePass):
     """Remove the lowest-importance attention heads so every attention gets smaller.
 
     Matches: each ``scaled_dot_product_attention`` whose Q/K/V are
@@ -39,21 +43,8 @@ class PruneHeads(Pass):
     """
 
     name = "prune-heads"
-    options = (
-        Option("ratio", float, 0.3, "fraction of heads to remove, in [0, 1)", check=check_ratio),
-        Option("criterion", str, "l1", "head importance", choices=CRITERIA),
-        Option("scope", str, "layer", "rank heads per layer or across all layers", choices=("layer", "global")),
-    )
-    requires = frozenset({"shapes"})
-    exact = False
-    tolerance = float("inf")
-    backend_notes = "shrinks weights and shapes: every backend gets the smaller model"
+    unit = "heads"
+    options = ratio_options("heads")
 
-    def validate(self) -> None:
-        if self.criterion == "taylor":
-            self.requires = type(self).requires | {"calibration_data"}
-
-    def run(self, program, ctx):  # type: ignore[no-untyped-def]
-        groups, declined = find_head_groups(program.gm)
-        return run_ratio_prune(program, ctx, groups, declined, ratio=self.ratio,
-                               criterion=self.criterion, scope=self.scope, unit="heads")
+    def groups(self, gm):  # type: ignore[no-untyped-def]
+        return find_head_groups(gm)

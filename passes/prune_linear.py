@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from graphopt.pass_base import Option, Pass, register_pass
-from graphopt.pruning import CRITERIA, check_ratio, find_channel_groups, run_ratio_prune
+from graphopt.passes._ratio_prune import RatioPrunePass, ratio_options
+
+from graphopt.pass_base import register_pass
+from graphopt.pruning import find_channel_groups
+
+__all__ = ["PruneLinear"]
 
 
 @register_pass
-class PruneLinear(Pass):
+class PruneLinear(RatioPrunePass):
     """Remove the lowest-importance hidden units of MLP layers, through ReLU/BatchNorm.
 
     Matches: ``linear -> (elementwise activation | eval dropout | 2-D
@@ -29,22 +33,9 @@ class PruneLinear(Pass):
     """
 
     name = "prune-linear"
-    options = (
-        Option("ratio", float, 0.3, "fraction of hidden units to remove, in [0, 1)", check=check_ratio),
-        Option("criterion", str, "l1", "unit importance", choices=CRITERIA),
-        Option("scope", str, "layer", "rank units per layer or across all layers", choices=("layer", "global")),
-    )
-    requires = frozenset({"shapes"})
-    exact = False
-    tolerance = float("inf")
-    backend_notes = "shrinks weights and shapes: every backend gets the smaller model"
+    unit = "units"
+    options = ratio_options("units")
 
-    def validate(self) -> None:
-        if self.criterion == "taylor":
-            self.requires = type(self).requires | {"calibration_data"}
-
-    def run(self, program, ctx):  # type: ignore[no-untyped-def]
-        groups, declined = find_channel_groups(program.gm)
-        mlp = [g for g in groups if g.kind == "mlp"]
-        return run_ratio_prune(program, ctx, mlp, declined, ratio=self.ratio,
-                               criterion=self.criterion, scope=self.scope, unit="units")
+    def groups(self, gm):  # type: ignore[no-untyped-def]
+        groups, declined = find_channel_groups(gm)
+        return [g for g in groups if g.kind == "mlp"], declined

@@ -9,6 +9,8 @@ from graphopt.fx_utils import add_tensor_attr, fetch_attr
 from graphopt.pass_base import Option, Pass, PassResult, register_pass
 from graphopt.qdq import infer_val
 
+__all__ = ["QuantizeEmbeddings"]
+
 aten = torch.ops.aten
 
 #: measured max |error| (atol = rtol) on the zoo models, with margin: a 4-bit

@@ -25,6 +25,8 @@ from graphopt.qdq import (
     quantize_weight,
 )
 
+__all__ = ["QuantizeInt8"]
+
 log = logging.getLogger(__name__)
 
 _ACT_DTYPES = {"uint8": torch.uint8, "int8": torch.int8}

@@ -8,6 +8,8 @@ from graphopt.fx_utils import fetch_attr
 from graphopt.pass_base import Option, Pass, PassResult, register_pass
 from graphopt.qdq import find_linears, insert_activation_qdq, insert_weight_dequant, quantize_weight
 
+__all__ = ["QuantizeInt8Dynamic"]
+
 
 @register_pass
 class QuantizeInt8Dynamic(Pass):

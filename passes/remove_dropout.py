@@ -7,6 +7,8 @@ import torch
 from graphopt.fx_utils import is_op, module_type
 from graphopt.pass_base import Pass, PassResult, register_pass
 
+__all__ = ["RemoveDropout"]
+
 aten = torch.ops.aten
 
 _DROPOUT_OPS = (aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout)

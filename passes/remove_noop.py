@@ -10,6 +10,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from graphopt.fx_utils import tensor_meta
 from graphopt.pass_base import Pass, PassResult, register_pass
 
+__all__ = ["RemoveNoop"]
+
 aten = torch.ops.aten
 
 

@@ -19,6 +19,8 @@ from graphopt.stages import (
     tensor_bytes,
 )
 
+__all__ = ["SplitStages"]
+
 aten = torch.ops.aten
 
 _EMBEDDING_OPS = (aten.embedding, aten.embedding_bag, aten._embedding_bag, aten._embedding_bag_forward_only)

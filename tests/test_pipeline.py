@@ -117,9 +117,9 @@ def _step_strategy():
             valid = {}
             for k, v in d.items():
                 try:
-                    cls(**{k: v})
+                    cls(**valid, **{k: v})
                 except PassOptionError:
-                    continue  # a value this pass's own check refuses
+                    continue  # a value (or combination) this pass's own checks refuse
                 valid[k] = v
             body = " ".join(f"{k}={v}" for k, v in valid.items())
             return f"{name}{{{body}}}" if body else name

@@ -49,6 +49,7 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*TorchScript.*")
+    warnings.filterwarnings("ignore", message="No complete tensor found")  # torch.export.save of shared buffers
     for name in ("torch._export", "torch.export", "torch._dynamo", "torch.utils._pytree", "torch.onnx", "torchao"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
