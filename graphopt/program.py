@@ -29,7 +29,7 @@ from graphopt.errors import ArtifactError, RunnerError
 from graphopt.fx_utils import fetch_attr as _fetch_attr
 from graphopt.fx_utils import target_name as _target_name
 
-__all__ = ["InputSpec", "Program", "check_inputs", "PROGRAM_FORMAT"]
+__all__ = ["InputSpec", "Program", "bind_inputs", "check_inputs", "PROGRAM_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,27 @@ class InputSpec:
         low = 0 if self.low is None else self.low
         high = (low + 2) if self.high is None else self.high
         return torch.randint(low, high, shape, generator=generator, dtype=self.dtype)
+
+
+def bind_inputs(
+    specs: Sequence[InputSpec], args: Sequence[Any], kwargs: Mapping[str, Any], runtime: str
+) -> list[Any]:
+    """Positional + keyword inputs -> one positional list in ``specs`` order."""
+    if not kwargs or len(args) > len(specs):
+        return list(args)  # check_inputs reports a wrong count
+    names = [s.name for s in specs]
+    bound: list[Any] = list(args) + [None] * (len(specs) - len(args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise RunnerError(f"{runtime} | unknown input '{key}'; inputs are {names}")
+        index = names.index(key)
+        if index < len(args):
+            raise RunnerError(f"{runtime} | input '{key}' given both by position and by name")
+        bound[index] = value
+    for name, value in zip(names, bound):
+        if value is None:
+            raise RunnerError(f"{runtime} | missing input '{name}'; inputs are {names}")
+    return bound
 
 
 def check_inputs(specs: Sequence[InputSpec], args: Sequence[Any], runtime: str) -> None:
@@ -157,18 +178,8 @@ class Program:
     def input_names(self) -> list[str]:
         return [s.name for s in self.inputs]
 
-    def _bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
-        if not kwargs:
-            return list(args)
-        bound = list(args) + [None] * (len(self.inputs) - len(args))
-        for key, value in kwargs.items():
-            if key not in self.input_names:
-                raise RunnerError(f"eager | unknown input '{key}'; inputs are {self.input_names}")
-            bound[self.input_names.index(key)] = value
-        return bound
-
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-        bound = self._bind(args, kwargs)
+        bound = bind_inputs(self.inputs, args, kwargs, "eager")
         check_inputs(self.inputs, bound, "eager")
         with torch.no_grad():
             out = self.gm(*bound)

@@ -43,7 +43,7 @@ from graphopt.errors import (
     LoweringError,
     RunnerError,
 )
-from graphopt.program import InputSpec, Program, check_inputs
+from graphopt.program import InputSpec, Program, bind_inputs, check_inputs
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -316,24 +316,6 @@ class Runner:
     def input_names(self) -> list[str]:
         return [s.name for s in self.inputs]
 
-    def _bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Any]:
-        if not kwargs:
-            return list(args)
-        if len(args) > len(self.inputs):
-            return list(args)  # check_inputs reports the count
-        bound: list[Any] = list(args) + [None] * (len(self.inputs) - len(args))
-        for key, value in kwargs.items():
-            if key not in self.input_names:
-                raise RunnerError(f"{self.name} | unknown input '{key}'; inputs are {self.input_names}")
-            index = self.input_names.index(key)
-            if index < len(args):
-                raise RunnerError(f"{self.name} | input '{key}' given both by position and by name")
-            bound[index] = value
-        for spec, value in zip(self.inputs, bound):
-            if value is None:
-                raise RunnerError(f"{self.name} | missing input '{spec.name}'; inputs are {self.input_names}")
-        return bound
-
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         """Run with inputs in Program order (or by name); outputs in Program order."""
         if not self.is_active:
@@ -341,7 +323,7 @@ class Runner:
                 f"{self.name} | runner is not active; use `with graphopt.load(dir) as runner:` "
                 "or call runner.activate() first"
             )
-        bound = self._bind(args, kwargs)
+        bound = bind_inputs(self.inputs, args, kwargs, self.name)
         check_inputs(self.inputs, bound, self.name)
         try:
             outputs = tuple(self._infer_impl(bound))
