@@ -101,11 +101,12 @@ def main() -> int:
             "onnxruntime": runners,
         }
         times: dict[tuple[str, str], list[float]] = {}
-        for fns in backends.values():
+        # one backend at a time (eager's OpenMP threads keep spinning after a call and
+        # would slow ONNX Runtime's own pool), variants interleaved within each backend
+        for backend, fns in backends.items():
             for fn in fns.values():
                 _time(fn, x, args.warmup)
-        for _ in range(args.rounds):  # interleaved: every variant on every backend each round
-            for backend, fns in backends.items():
+            for _ in range(args.rounds):
                 for name, fn in fns.items():
                     times.setdefault((backend, name), []).extend(_time(fn, x, args.reps))
         for r in runners.values():
