@@ -206,18 +206,22 @@ def runtime_status(names: Sequence[str]) -> dict[str, tuple[bool, str]]:
 
 
 def runner_options(runtime: str, threads: int | None) -> dict[str, Any]:
-    """The load options that set the thread count, for runtimes that have one."""
+    """Load options for timing: the thread count where the runtime has one, and
+    no idle spinning (a spinning pool slows the variant timed after it)."""
     api = _runtime_api()
-    if not threads or api is None:
+    if api is None:
         return {}
     try:
         declared = {o.name for o in getattr(api.get_runtime(runtime), "runner_options", ())}
     except Exception:  # noqa: BLE001
         return {}
-    for name in ("threads", "intra_op_threads", "num_threads"):
-        if name in declared:
-            return {name: threads}
-    return {}
+    options: dict[str, Any] = {"spin": False} if "spin" in declared else {}
+    if threads:
+        for name in ("threads", "intra_op_threads", "num_threads"):
+            if name in declared:
+                options[name] = threads
+                break
+    return options
 
 
 def _load_runner(api: Any, out_dir: Path, runtime: str, threads: int | None) -> Any:
