@@ -101,8 +101,8 @@ def main() -> int:
             "onnxruntime": runners,
         }
         times: dict[tuple[str, str], list[float]] = {}
-        # one backend at a time (eager's OpenMP threads keep spinning after a call and
-        # would slow ONNX Runtime's own pool), variants interleaved within each backend
+        # one backend at a time (a thread pool keeps spinning after a call and would
+        # slow the other backend's pool), variants interleaved within each backend
         for backend, fns in backends.items():
             for fn in fns.values():
                 _time(fn, x, args.warmup)
