@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import graphopt
-from graphopt.models import load_model
+from graphopt.rec.zoo import load_model
 
 VARIANTS = {
     "bert4rec": {"O1": "O1", "O1+fuse-qkv": "O1,fuse-qkv,dce", "O1+linear-act": "O1,fuse-linear-act,dce", "O2": "O2"},

@@ -43,7 +43,7 @@ from graphopt.bench.timing import (
     run_interleaved,
     summarize,
 )
-from graphopt.models import load_model
+from graphopt.rec.zoo import load_model
 
 
 def _memory(artifact: Path, batch: int, seq: int, threads: int) -> list[dict[str, Any]]:

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 import graphopt
-from graphopt.calibration import agreement
-from graphopt.models import load_model
-from graphopt.qdq import ORT_DISABLED_OPTIMIZERS, onnx_translations
+from graphopt.passlib.calibration import agreement
+from graphopt.passlib.qdq import ORT_DISABLED_OPTIMIZERS, onnx_translations
+from graphopt.rec.zoo import load_model
 
 
 def _calibration(zm, n=8, batch=32):

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 
 import graphopt
-from graphopt.analysis import count_flops
-from graphopt.compare import topk_overlap
-from graphopt.models import load_model
-from graphopt.pruning import recover
+from graphopt.metrics import topk_overlap
+from graphopt.passlib.pruning import recover
+from graphopt.rec.zoo import load_model
 from graphopt.runtime import load, lower
+from graphopt.transform.analysis import count_flops
 
 VARIANTS = {
     "unpruned": "",

@@ -54,7 +54,7 @@ def main() -> int:
     from graphopt.runtimes.eager import EagerRunner
 
     import graphopt
-    from graphopt.models import load_model
+    from graphopt.rec.zoo import load_model
     from graphopt.runtime import available_runtimes, load, lower
 
     if args.threads:

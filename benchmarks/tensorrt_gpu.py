@@ -54,8 +54,9 @@ def main() -> int:
     from graphopt.runtimes.onnx_export import export_onnx
     from graphopt.runtimes.tensorrt_check import check_onnx
 
-    from graphopt.models import load_model
-    from graphopt.runtime import available_runtimes, load, lower, quiet_backends
+    from graphopt.process import quiet_backends
+    from graphopt.rec.zoo import load_model
+    from graphopt.runtime import available_runtimes, load, lower
 
     program = load_model(args.model).capture()
     with quiet_backends():

@@ -11,8 +11,6 @@ registered when the registry is first used.
 """
 
 from graphopt import bench  # a callable module: graphopt.bench(...) runs graphopt.bench.bench(...)
-from graphopt import qdq as _qdq  # noqa: F401  (registers quantized_decomposed ops so Program.load reads int8 Programs)
-from graphopt.capture import capture
 from graphopt.errors import (
     ArtifactError,
     BackendUnavailableError,
@@ -27,8 +25,11 @@ from graphopt.errors import (
     PreconditionError,
     RunnerError,
 )
-from graphopt.optimize import optimize
-from graphopt.pass_base import (
+from graphopt.ir.capture import capture
+from graphopt.ir.program import InputSpec, Program
+from graphopt.passlib import qdq as _qdq  # noqa: F401  (registers quantized_decomposed ops so Program.load reads int8 Programs)
+from graphopt.runtime import Artifact, Runner, available_runtimes, load, lower
+from graphopt.transform.base import (
     Option,
     Pass,
     PassResult,
@@ -37,11 +38,10 @@ from graphopt.pass_base import (
     register_pass,
     register_preset,
 )
-from graphopt.pass_manager import PassContext, PassManager
-from graphopt.pipeline import Pipeline, parse_pipeline
-from graphopt.program import InputSpec, Program
-from graphopt.report import OptimizeReport, PassRecord
-from graphopt.runtime import Artifact, Runner, available_runtimes, load, lower
+from graphopt.transform.manager import PassContext, PassManager
+from graphopt.transform.optimize import optimize
+from graphopt.transform.pipeline import Pipeline, parse_pipeline
+from graphopt.transform.report import OptimizeReport, PassRecord
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,12 @@ CLI can print it without a traceback.
 
 from __future__ import annotations
 
+import difflib
+import re
+
 __all__ = [
+    "first_line",
+    "closest",
     "GraphoptError",
     "PipelineParseError",
     "PassOptionError",
@@ -20,6 +25,33 @@ __all__ = [
     "RunnerError",
     "BackendUnavailableError",
 ]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(e: BaseException, *, with_type: bool | None = None, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, at most ``limit`` characters.
+
+    Copes with empty messages and terminal colour codes. ``with_type`` prefixes
+    the exception's class name; by default it does so for foreign exceptions
+    (a backend's ``RuntimeError``) but not for graphopt's own, whose messages
+    already say what failed.
+    """
+    text = next((ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()), "")
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    if with_type is None:
+        with_type = not isinstance(e, GraphoptError)
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text}" if with_type else text
+
+
+def closest(word: str, candidates: list[str]) -> str:
+    """' (did you mean 'x'?)' or '' — the suffix of an unknown-name error."""
+    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 class GraphoptError(Exception):

@@ -25,7 +25,7 @@ from graphopt.passes import (  # noqa: F401  (importing registers each pass)
     split_stages,
 )
 
-from graphopt.pass_base import register_preset
+from graphopt.transform.base import register_preset
 
 register_preset(
     "O1",

@@ -15,7 +15,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from graphopt.errors import GraphoptError
-from graphopt.fx_utils import fetch_attr, module_path, tensor_meta
+from graphopt.ir.fx import fetch_attr, module_path, tensor_meta
 
 __all__ = [
     "constant_tensor",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from graphopt.pass_base import Option, Pass, PassResult
-from graphopt.pruning import CRITERIA, check_ratio, run_ratio_prune
+from graphopt.passlib.pruning import CRITERIA, check_ratio, run_ratio_prune
+from graphopt.transform.base import Option, Pass, PassResult
 
 __all__ = ["RatioPrunePass", "ratio_options"]
 

@@ -7,9 +7,9 @@ import torch.fx
 from torch._guards import detect_fake_mode
 
 from graphopt.errors import PassOptionError
-from graphopt.fx_utils import fetch_attr, is_op
-from graphopt.pass_base import Option, Pass, PassResult, register_pass
-from graphopt.qdq import infer_val, is_qdq
+from graphopt.ir.fx import fetch_attr, is_op
+from graphopt.passlib.qdq import infer_val, is_qdq
+from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["Cast"]
 

@@ -8,7 +8,7 @@ import torch
 import torch.fx
 from graphopt.passes._patterns import is_pure
 
-from graphopt.pass_base import Pass, PassResult, register_pass
+from graphopt.transform.base import Pass, PassResult, register_pass
 
 __all__ = ["CommonSubexpressionElimination"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from graphopt.pass_base import Pass, PassResult, register_pass
+from graphopt.transform.base import Pass, PassResult, register_pass
 
 __all__ = ["DeadCodeElimination"]
 

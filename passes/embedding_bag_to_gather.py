@@ -10,8 +10,8 @@ import torch.fx
 from graphopt.passes._patterns import constant_tensor, copy_meta, fill_vals, where
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from graphopt.fx_utils import is_op, tensor_meta
-from graphopt.pass_base import Pass, PassResult, register_pass
+from graphopt.ir.fx import is_op, tensor_meta
+from graphopt.transform.base import Pass, PassResult, register_pass
 
 __all__ = ["EmbeddingBagToGather"]
 

@@ -8,8 +8,8 @@ import torch
 import torch.fx
 from graphopt.passes._patterns import constant_tensor, where
 
-from graphopt.fx_utils import add_tensor_attr, is_op, tensor_meta
-from graphopt.pass_base import Pass, PassResult, register_pass
+from graphopt.ir.fx import add_tensor_attr, is_op, tensor_meta
+from graphopt.transform.base import Pass, PassResult, register_pass
 
 __all__ = ["FoldBatchNorm"]
 

@@ -9,8 +9,8 @@ import torch
 import torch.fx
 from graphopt.passes._patterns import copy_meta, is_pure, where
 
-from graphopt.fx_utils import add_tensor_attr, fetch_attr, target_name
-from graphopt.pass_base import Option, Pass, PassResult, register_pass
+from graphopt.ir.fx import add_tensor_attr, fetch_attr, target_name
+from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["FoldConstants"]
 

@@ -8,8 +8,8 @@ import torch
 import torch.fx
 from graphopt.passes._patterns import copy_meta, fill_vals, same_shape, scalar, where
 
-from graphopt.fx_utils import is_op, tensor_meta
-from graphopt.pass_base import Option, Pass, PassResult, register_pass
+from graphopt.ir.fx import is_op, tensor_meta
+from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["FuseAttention"]
 

@@ -9,8 +9,8 @@ import torch.fx
 from graphopt.passes._patterns import constant_tensor, copy_meta, fill_vals, where
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from graphopt.fx_utils import add_tensor_attr, is_op, tensor_meta
-from graphopt.pass_base import Option, Pass, PassResult, register_pass
+from graphopt.ir.fx import add_tensor_attr, is_op, tensor_meta
+from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["FuseQKV"]
 

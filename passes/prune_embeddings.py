@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from graphopt.errors import PassOptionError
-from graphopt.fx_utils import add_tensor_attr, fetch_attr, is_op, module_path
-from graphopt.pass_base import Option, Pass, PassResult, register_pass
+from graphopt.ir.fx import add_tensor_attr, fetch_attr, is_op, module_path
+from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["PruneEmbeddings"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from graphopt.passes._ratio_prune import RatioPrunePass, ratio_options
 
-from graphopt.pass_base import register_pass
-from graphopt.pruning import find_channel_groups
+from graphopt.passlib.pruning import find_channel_groups
+from graphopt.transform.base import register_pass
 
 __all__ = ["PruneFFN"]
 

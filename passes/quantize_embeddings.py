@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from graphopt.fx_utils import add_tensor_attr, fetch_attr
-from graphopt.pass_base import Option, Pass, PassResult, register_pass
-from graphopt.qdq import infer_val
+from graphopt.ir.fx import add_tensor_attr, fetch_attr
+from graphopt.passlib.qdq import infer_val
+from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["QuantizeEmbeddings"]
 

@@ -9,11 +9,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.calibration import METHODS, METRICS, agreement, observe
 from graphopt.errors import PassOptionError
-from graphopt.fx_utils import fetch_attr
-from graphopt.pass_base import Option, Pass, PassResult, register_pass
-from graphopt.qdq import (
+from graphopt.ir.fx import fetch_attr
+from graphopt.passlib.calibration import METHODS, METRICS, agreement, observe
+from graphopt.passlib.qdq import (
     QD,
     WEIGHT_QMAX,
     WEIGHT_QMIN,
@@ -24,6 +23,7 @@ from graphopt.qdq import (
     insert_weight_dequant,
     quantize_weight,
 )
+from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["QuantizeInt8"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.fx_utils import fetch_attr
-from graphopt.pass_base import Option, Pass, PassResult, register_pass
-from graphopt.qdq import find_linears, insert_activation_qdq, insert_weight_dequant, quantize_weight
+from graphopt.ir.fx import fetch_attr
+from graphopt.passlib.qdq import find_linears, insert_activation_qdq, insert_weight_dequant, quantize_weight
+from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["QuantizeInt8Dynamic"]
 

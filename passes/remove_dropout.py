@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.fx_utils import is_op, module_type
-from graphopt.pass_base import Pass, PassResult, register_pass
+from graphopt.ir.fx import is_op, module_type
+from graphopt.transform.base import Pass, PassResult, register_pass
 
 __all__ = ["RemoveDropout"]
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from graphopt.fx_utils import tensor_meta
-from graphopt.pass_base import Pass, PassResult, register_pass
+from graphopt.ir.fx import tensor_meta
+from graphopt.transform.base import Pass, PassResult, register_pass
 
 __all__ = ["RemoveNoop"]
 

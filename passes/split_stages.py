@@ -7,9 +7,8 @@ from typing import Any
 import torch
 
 from graphopt.errors import PassOptionError, PreconditionError
-from graphopt.fx_utils import fetch_attr, is_op
-from graphopt.pass_base import Option, Pass, PassResult, register_pass
-from graphopt.stages import (
+from graphopt.ir.fx import fetch_attr, is_op
+from graphopt.passlib.partition import (
     PARTITION_META,
     STAGE_META,
     Cut,
@@ -18,6 +17,7 @@ from graphopt.stages import (
     node_flops,
     tensor_bytes,
 )
+from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["SplitStages"]
 

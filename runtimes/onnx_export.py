@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from graphopt.errors import LoweringError
-from graphopt.program import Program
+from graphopt.ir.program import Program
 
 __all__ = ["export_onnx", "save_onnx", "rename_dims", "op_counts", "EXTERNAL_DATA_BYTES"]
 

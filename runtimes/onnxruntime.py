@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from graphopt.runtimes.onnx_export import export_onnx, op_counts, save_onnx
 
-from graphopt.errors import LoweringError, RunnerError
-from graphopt.program import Program
+from graphopt.errors import LoweringError, RunnerError, first_line
+from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Runner, RuntimeOption, is_quantized, program_dtypes
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BACKEND", "split_qdq_gemm_bias", "INTEGER_OPS"]
@@ -111,7 +111,7 @@ def _loads(ort: Any, model: Any) -> str | None:
     try:
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-        return str(e).strip().splitlines()[0][:200]
+        return first_line(e, with_type=False, limit=200)
     return None
 
 
@@ -258,7 +258,7 @@ class OnnxRuntimeBackend(Backend):
                 fused, counts = _ort_fusions(model)
                 reason = _loads(ort, fused)
             except Exception as e:  # onnxscript rewriter errors are not typed
-                fused, counts, reason = None, {}, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                fused, counts, reason = None, {}, first_line(e, with_type=True, limit=200)
             if reason is None:
                 model = fused
                 info["fusions"] = counts
@@ -272,7 +272,7 @@ class OnnxRuntimeBackend(Backend):
                 slimmed = onnxslim.slim(model)
                 reason = _loads(ort, slimmed)
             except Exception as e:
-                slimmed, reason = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                slimmed, reason = None, first_line(e, with_type=True, limit=200)
             if reason is None:
                 model = slimmed
                 info["slim"] = "applied"

@@ -29,7 +29,6 @@ import importlib
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,8 +39,10 @@ from typing import Any
 
 import torch
 
-from graphopt.errors import ArtifactError, LoweringError, RunnerError
-from graphopt.program import Program
+from graphopt.errors import ArtifactError, LoweringError, RunnerError, first_line
+from graphopt.ir.program import Program
+from graphopt.passlib.partition import compute_nodes, resolve_partition, run_stages, split_program
+from graphopt.process import reset_peak_rss, rss_kb
 from graphopt.runtime import (
     Artifact,
     Backend,
@@ -53,7 +54,6 @@ from graphopt.runtime import (
     register_runtime,
     resolve_device,
 )
-from graphopt.stages import compute_nodes, resolve_partition, run_stages, split_program
 
 __all__ = [
     "PipelineBackend",
@@ -85,36 +85,6 @@ class _StageModule(torch.nn.Module):
         return tuple(t.contiguous() for t in out)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _reset_peak_rss() -> None:
-    """Restart the kernel's peak-RSS counter (VmHWM), so peaks count from here."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
 class _StageHost:
     """One rank: its stage module, the process group and a GPipe schedule per
     input signature (shapes + micro-batch count)."""
@@ -123,12 +93,12 @@ class _StageHost:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         for module in ("torch._export.serde.serialize", "torch.distributed.pipelining"):
             importlib.import_module(module)  # so the RSS below does not count loader code
-        _reset_peak_rss()
-        self.rss_start_mb = _rss_mb()
+        reset_peak_rss()
+        self.rss_start_mb = rss_kb()[0] / 1024
         program = Program.load(artifact.path / artifact.backend["stages"][rank]["file"])
         gm = program.gm.to(self.device) if self.device.type != "cpu" else program.gm
         self.module = _StageModule(gm)
-        self.rss_loaded_mb = _rss_mb()
+        self.rss_loaded_mb = rss_kb()[0] / 1024
         self.parameter_bytes = program.parameter_bytes()
         self.ctrl: Any = None  # gloo group for objects (the default group on CPU)
         self._schedules: dict[str, Any] = {}
@@ -224,7 +194,7 @@ class _StageHost:
             "parameter_bytes": self.parameter_bytes,
             "rss_start_mb": round(self.rss_start_mb, 1),
             "rss_loaded_mb": round(self.rss_loaded_mb, 1),
-            "rss_peak_mb": round(_peak_rss_mb(), 1),
+            "rss_peak_mb": round(rss_kb()[1] / 1024, 1),
         }
 
 
@@ -245,7 +215,7 @@ def _connect(addr: str, port: int, rank: int, join_timeout_s: float) -> Any:
     except Exception as e:
         raise RunnerError(
             f"pipeline | rank {rank} could not reach rank 0 at tcp://{addr}:{port} within "
-            f"{join_timeout_s:g}s ({_first_line(e)}); start rank 0 first or check MASTER_ADDR/MASTER_PORT"
+            f"{join_timeout_s:g}s ({first_line(e, with_type=False)}); start rank 0 first or check MASTER_ADDR/MASTER_PORT"
         ) from None
 
 
@@ -296,7 +266,7 @@ def serve_stage(
                     host.step(header)
                 except Exception as e:
                     raise RunnerError(
-                        f"pipeline | rank {rank} (stage {rank}) failed in a run: {_first_line(e)}"
+                        f"pipeline | rank {rank} (stage {rank}) failed in a run: {first_line(e, with_type=False)}"
                     ) from e
             step += 1
     finally:
@@ -451,7 +421,7 @@ class PipelineRunner(Runner):
             )
         except Exception as e:
             raise RunnerError(
-                f"pipeline | cannot listen on {addr}:{port} ({_first_line(e)}); pick another MASTER_PORT"
+                f"pipeline | cannot listen on {addr}:{port} ({first_line(e, with_type=False)}); pick another MASTER_PORT"
             ) from None
         self.address = f"tcp://{addr}:{self._store.port}"
         try:
@@ -566,7 +536,7 @@ class PipelineRunner(Runner):
             self._fail(
                 self._dead_worker()
                 or (
-                    f"rank 0 (stage 0) lost its peers ({_first_line(e)}); a stage process died or its host "
+                    f"rank 0 (stage 0) lost its peers ({first_line(e, with_type=False)}); a stage process died or its host "
                     "is unreachable"
                 )
             )

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from graphopt.runtimes.onnx_export import export_onnx, save_onnx
 
-from graphopt.errors import LoweringError, RunnerError
-from graphopt.program import Program
+from graphopt.errors import LoweringError, RunnerError, first_line
+from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Runner, RuntimeOption, dim_ranges, is_quantized, program_dtypes
 
 __all__ = ["TensorRTBackend", "TensorRTRunner", "BACKEND", "parse_profile", "default_profile"]
@@ -175,7 +175,7 @@ class TensorRTBackend(Backend):
         except ImportError:
             return "package 'tensorrt' is not installed (pip install 'graphopt[tensorrt]' on a CUDA machine)"
         except Exception as e:  # a broken install raises OSError on missing libnvinfer
-            return f"package 'tensorrt' does not import: {str(e).splitlines()[0]}"
+            return f"package 'tensorrt' does not import: {first_line(e, with_type=False)}"
         if not torch.cuda.is_available():
             return "no CUDA device (TensorRT engines run on NVIDIA GPUs only)"
         return None

@@ -16,7 +16,7 @@ import logging
 import torch
 import torch.fx
 
-from graphopt.fx_utils import fetch_attr
+from graphopt.ir.fx import fetch_attr
 
 __all__ = ["plain_graph_module", "move_graph_module", "to_device"]
 

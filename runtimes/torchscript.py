@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from graphopt.runtimes.torch_graph import move_graph_module, plain_graph_module, to_device
 
-from graphopt.program import Program
+from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Runner, RuntimeOption, resolve_device
 
 __all__ = ["TorchScriptBackend", "TorchScriptRunner", "BACKEND", "script_program"]

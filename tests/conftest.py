@@ -24,7 +24,7 @@ def _verify_each(monkeypatch):
 @pytest.fixture(scope="session")
 def zoo():
     """``zoo("bert4rec:tiny")`` -> the ZooModel (built once per session)."""
-    from graphopt.models import load_model
+    from graphopt.rec.zoo import load_model
 
     cache: dict = {}
 

@@ -16,12 +16,13 @@ import sys
 import types
 from typing import Any
 
-from graphopt.bench.accuracy import EvalData, ndcg_vs_reference, ranking_drift
+from graphopt.bench.accuracy import EvalData
 from graphopt.bench.harness import bench
 from graphopt.bench.peers import PEERS
 from graphopt.bench.report import BENCH_FORMAT, BenchReport, pareto_front
 from graphopt.bench.timing import Samples, TimingConfig, paired_speedup, summarize
 from graphopt.bench.variants import DEFAULT_PIPELINES, DEFAULT_RUNTIMES
+from graphopt.metrics import ndcg_vs_reference, ranking_drift
 
 __all__ = [
     "bench",

@@ -1,85 +1,20 @@
-"""Accuracy of a variant against eager fp32: numeric drift, ranking drift, and
-HR@k/NDCG@k when evaluation data is given.
-
-Ranking drift is measured on the item scores: the first output when its last
-dim scores items (more than ``k`` columns); for one-score-per-row models
-(CTR, e.g. DLRM) the rows of the batch are the candidates being ranked, so
-top-k and rank correlation are taken over the batch when it has more than
-``k`` rows. Otherwise only the numeric drift is reported.
-"""
+"""Evaluation data for the harness: held-out batches and targets, scored as
+HR@k/NDCG@k (:mod:`graphopt.metrics` defines the metrics and ranking drift)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from graphopt.compare import drift, topk_overlap
 from graphopt.errors import GraphoptError
-from graphopt.metrics import hr_at_k, ndcg_at_k, spearman
+from graphopt.metrics import hr_at_k, ndcg_at_k
 
-__all__ = ["score_matrix", "ndcg_vs_reference", "ranking_drift", "EvalData", "evaluate", "make_evaluator"]
+__all__ = ["EvalData", "evaluate", "make_evaluator"]
 
 Evaluator = Callable[[Callable[..., Sequence[torch.Tensor]]], dict[str, float]]
-
-
-def score_matrix(out: torch.Tensor, k: int) -> tuple[torch.Tensor, str] | None:
-    """``(rows, candidates)`` scores and what is ranked (``"items"``/``"batch"``), or None."""
-    if not out.is_floating_point() or out.dim() == 0:
-        return None
-    if out.dim() >= 1 and out.shape[-1] > k:
-        return out.reshape(-1, out.shape[-1]), "items"
-    if out.dim() <= 2 and out.numel() == out.shape[0] and out.shape[0] > k:
-        return out.reshape(1, -1), "batch"
-    return None
-
-
-def ndcg_vs_reference(scores: torch.Tensor, reference: torch.Tensor, k: int = 10) -> float:
-    """NDCG@k of ``scores``' ranking, taking the reference's top k as the truth.
-
-    The reference's i-th best item (0-based) has relevance ``k - i``; every
-    other item 0. The ideal DCG is the reference's own ordering, so identical
-    rankings score 1.0 and a ranking with none of the reference's top k scores
-    0.0. Mean over rows (last dim = candidates).
-    """
-    if scores.dim() == 1:
-        scores, reference = scores[None], reference[None]
-    scores = scores.float().reshape(-1, scores.shape[-1])
-    reference = reference.float().reshape(-1, reference.shape[-1])
-    k = min(k, scores.shape[-1])
-    discounts = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)
-    ref_top = reference.topk(k, dim=-1).indices
-    relevance = torch.zeros_like(reference, dtype=torch.float64)
-    relevance.scatter_(1, ref_top, torch.arange(k, 0, -1, dtype=torch.float64).expand_as(ref_top).contiguous())
-    got = relevance.gather(1, scores.topk(k, dim=-1).indices)
-    ideal = torch.arange(k, 0, -1, dtype=torch.float64)
-    return float(((got * discounts).sum(-1) / (ideal * discounts).sum()).mean())
-
-
-def ranking_drift(
-    outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], k: int = 10
-) -> dict[str, Any]:
-    """Numeric drift (max abs/rel error, cosine) plus, where there is something
-    to rank, top-k overlap, Spearman rank correlation and NDCG@k vs the reference."""
-    outputs = [o.detach().float() if o.is_floating_point() else o for o in outputs]
-    reference = [r.detach().float() if r.is_floating_point() else r for r in reference]
-    result: dict[str, Any] = {
-        key: v for key, v in drift(outputs, reference, k).items() if not key.startswith("top")
-    }
-    if not reference:
-        return result
-    ref = score_matrix(reference[0], k)
-    out = score_matrix(outputs[0], k) if ref is not None else None
-    if ref is not None and out is not None:
-        (r, over), (o, _) = ref, out
-        result["ranked_over"] = over
-        result["topk_overlap"] = topk_overlap(o, r, k)
-        result["spearman"] = spearman(o, r)
-        result["ndcg_vs_eager"] = ndcg_vs_reference(o, r, k)
-    return {key: (v if not isinstance(v, float) or math.isfinite(v) else float("nan")) for key, v in result.items()}
 
 
 @dataclass

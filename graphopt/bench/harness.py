@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from graphopt.bench.accuracy import make_evaluator, ranking_drift
+from graphopt.bench.accuracy import make_evaluator
 from graphopt.bench.memory import measure_in_process, measure_subprocess
 from graphopt.bench.peers import PEERS, build_peers
 from graphopt.bench.report import BenchReport, shape_key
@@ -32,11 +32,11 @@ from graphopt.bench.variants import (
     Variant,
     baseline_variant,
     build_graphopt_variants,
-    one_line,
     parse_pipeline_spec,
 )
-from graphopt.errors import ArtifactError, GraphoptError
-from graphopt.program import Program
+from graphopt.errors import ArtifactError, GraphoptError, first_line
+from graphopt.ir.program import Program
+from graphopt.metrics import ranking_drift
 
 __all__ = ["bench", "Progress"]
 
@@ -54,12 +54,12 @@ class _Model:
         self.zoo: Any = None
         if isinstance(model, str):
             self.spec = model
-            from graphopt.resolve import load_program
+            from graphopt.rec.resolve import load_program
 
             if Path(model).exists() or model.endswith(".pt2"):
                 self.program = load_program(model)
             else:
-                from graphopt.models import load_model
+                from graphopt.rec.zoo import load_model
 
                 self.zoo = load_model(model)
                 self.program = self.zoo.capture()
@@ -234,7 +234,7 @@ def _run(
                     )
                 row["accuracy"] = ranking_drift(out, reference, k)
             except Exception as e:  # noqa: BLE001 - reported per variant and shape
-                row.update(status="failed", reason=one_line(e))
+                row.update(status="failed", reason=first_line(e))
                 continue
             row["status"] = "ok"
             fns[v.name] = (lambda f=v.fn, xs=inputs: f(*xs))  # type: ignore[misc]
@@ -267,7 +267,7 @@ def _run(
                     v.eval = {key: float(val) for key, val in evaluator(v.fn).items()}  # type: ignore[arg-type]
                 except Exception as e:  # noqa: BLE001
                     v.eval = {}
-                    v.notes.append(f"evaluation failed: {one_line(e)}")
+                    v.notes.append(f"evaluation failed: {first_line(e)}")
             tick(f"evaluated {v.name}")
         eval_reference = dict(baseline.eval)
 

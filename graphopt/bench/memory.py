@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,36 +28,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["rss_kb", "measure_in_process", "measure_subprocess"]
+from graphopt.process import reset_peak_rss, rss_kb
+
+__all__ = ["measure_in_process", "measure_subprocess"]
 
 log = logging.getLogger(__name__)
 
 
-def rss_kb() -> tuple[int, int]:
-    """(current RSS, peak RSS) of this process in KiB, from /proc/self/status."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak, peak
-    cur = int(re.search(r"VmRSS:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
-    peak = int(re.search(r"VmHWM:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
-    return cur, peak
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_in_process(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], iters: int = 3) -> dict[str, Any]:
     """Peak RSS growth while ``fn`` runs (weights already resident are not counted)."""
-    if not _reset_peak():
+    if not reset_peak_rss():
         return {"method": "unavailable", "reason": "cannot reset the peak RSS (/proc/self/clear_refs) here"}
     before, _ = rss_kb()
     for _ in range(iters):
@@ -116,12 +95,12 @@ def _load_target(target: dict[str, Any], threads: int | None) -> Callable[..., A
         names = [i.name for i in session.get_inputs()]
         return lambda *xs: session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
     if kind == "program":
-        from graphopt.program import Program
+        from graphopt.ir.program import Program
 
         return Program.load(target["path"])
     if kind == "zoo":
         from graphopt.bench.variants import SourceModule
-        from graphopt.models import load_model
+        from graphopt.rec.zoo import load_model
 
         zoo = load_model(target["name"])
         module = SourceModule(zoo.module.eval(), list(zoo.example_inputs))
@@ -138,7 +117,7 @@ def _preimport(target: dict[str, Any]) -> None:
     """Import the libraries the target needs before the start RSS is read, so
     ``model_mb`` counts the model and its run, not a library's import."""
     kind = target["kind"]
-    wanted = {"onnx": ["onnxruntime"], "zoo": ["transformers", "graphopt.models"], "program": []}.get(kind, [])
+    wanted = {"onnx": ["onnxruntime"], "zoo": ["transformers", "graphopt.rec.zoo"], "program": []}.get(kind, [])
     if kind == "artifact":
         wanted = ["graphopt.runtime"]
         try:

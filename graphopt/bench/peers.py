@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from graphopt.bench.variants import Variant, dir_size, one_line
-from graphopt.program import Program
+from graphopt.bench.variants import Variant, dir_size
+from graphopt.errors import first_line
+from graphopt.ir.program import Program
 
 __all__ = ["PEERS", "build_peers", "ort_session"]
 
@@ -137,7 +138,7 @@ def _export_onnx(source: torch.nn.Module, program: Program, path: Path) -> None:
             )
             return
         except Exception as e:  # noqa: BLE001 - try the other exporter before failing
-            log.info("TorchScript ONNX export failed (%s); trying dynamo=True", one_line(e))
+            log.info("TorchScript ONNX export failed (%s); trying dynamo=True", first_line(e))
         dims = tuple(
             {d: torch.export.Dim.AUTO for d in s.dynamic} or None for s in program.inputs
         )
@@ -184,7 +185,7 @@ def _build_ort(source: torch.nn.Module, program: Program, work_dir: Path, thread
         fp32.size_bytes, fp32.size_kind = dir_size(optimized), "onnx"
         fp32.memory_target = {"kind": "onnx", "path": str(optimized)}
     except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not hidden
-        reason = f"onnx export/optimize: {one_line(e)}"
+        reason = f"onnx export/optimize: {first_line(e)}"
         return [fp32.fail(reason), int8.fail(reason)]
     try:
         import onnx
@@ -207,7 +208,7 @@ def _build_ort(source: torch.nn.Module, program: Program, work_dir: Path, thread
         int8.size_bytes, int8.size_kind = dir_size(quantized), "onnx"
         int8.memory_target = {"kind": "onnx", "path": str(quantized)}
     except Exception as e:  # noqa: BLE001
-        int8.fail(f"quantize_dynamic: {one_line(e)}")
+        int8.fail(f"quantize_dynamic: {first_line(e)}")
     return [fp32, int8]
 
 
@@ -238,7 +239,7 @@ def _build_torchao(source: torch.nn.Module) -> Variant:
         v.fn = _compiled(module, bf16=False)
         v.size_bytes, v.size_kind = _param_bytes(module), "parameters"
     except Exception as e:  # noqa: BLE001
-        v.fail(f"torchao: {one_line(e)}")
+        v.fail(f"torchao: {first_line(e)}")
     return v
 
 
@@ -262,7 +263,7 @@ def _build_torch_ao(source: torch.nn.Module) -> Variant:
         v.fn = fn
         v.size_bytes, v.size_kind = _param_bytes(module), "parameters"
     except Exception as e:  # noqa: BLE001
-        v.fail(f"torch.ao: {one_line(e)}")
+        v.fail(f"torch.ao: {first_line(e)}")
     return v
 
 

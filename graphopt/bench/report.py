@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphopt.artifacts import atomic_directory
+from graphopt.outputs import atomic_directory
 
 __all__ = ["BenchReport", "BENCH_FORMAT", "shape_key", "pareto_front", "accuracy_score"]
 

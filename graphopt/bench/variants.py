@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,10 +20,10 @@ from typing import Any
 
 import torch
 
-from graphopt.capture import _flatten_outputs
-from graphopt.errors import BackendUnavailableError, GraphoptError
-from graphopt.pipeline import parse_pipeline
-from graphopt.program import Program
+from graphopt.errors import BackendUnavailableError, GraphoptError, first_line
+from graphopt.ir.capture import _flatten_outputs
+from graphopt.ir.program import Program
+from graphopt.transform.pipeline import parse_pipeline
 
 __all__ = [
     "Variant",
@@ -36,7 +35,6 @@ __all__ = [
     "baseline_variant",
     "build_graphopt_variants",
     "dir_size",
-    "one_line",
     "runner_options",
     "SourceModule",
 ]
@@ -46,18 +44,6 @@ log = logging.getLogger(__name__)
 #: label=pipeline text; the ones whose passes are not in this build are reported as skipped
 DEFAULT_PIPELINES = ("O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8")
 DEFAULT_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def one_line(e: BaseException) -> str:
-    """The first non-empty line of an exception, prefixed by its type unless it is ours."""
-    text = next((ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()), "")
-    text = text if len(text) <= 300 else text[:297] + "..."
-    if isinstance(e, GraphoptError):
-        return text or type(e).__name__
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def dir_size(path: Path) -> int:
@@ -190,7 +176,7 @@ def runtime_status(names: Sequence[str]) -> dict[str, tuple[bool, str]]:
     try:
         table: dict[str, Any] = dict(api.available_runtimes())
     except Exception as e:  # noqa: BLE001 - one broken runtime module must not hide the others
-        log.info("available_runtimes() failed (%s); asking each runtime", one_line(e))
+        log.info("available_runtimes() failed (%s); asking each runtime", first_line(e))
         table = {}
     out = {}
     for n in names:
@@ -201,7 +187,7 @@ def runtime_status(names: Sequence[str]) -> dict[str, tuple[bool, str]]:
             reason = api.get_runtime(n).unavailable_reason()
             out[n] = (reason is None, reason or "")
         except Exception as e:  # noqa: BLE001
-            out[n] = (False, one_line(e))
+            out[n] = (False, first_line(e))
     return out
 
 
@@ -299,7 +285,7 @@ def build_graphopt_variants(
     on_built: Callable[[Variant], None] | None = None,
 ) -> list[Variant]:
     """Every (pipeline, runtime) variant, built or marked skipped/failed."""
-    from graphopt.optimize import optimize
+    from graphopt.transform.optimize import optimize
 
     status = runtime_status(runtimes)
     api = _runtime_api()
@@ -328,13 +314,13 @@ def build_graphopt_variants(
             else:
                 optimized = program
         except GraphoptError as e:
-            reason = f"pipeline '{spec.text}': {one_line(e)}"
+            reason = f"pipeline '{spec.text}': {first_line(e)}"
             skipped = type(e).__name__ in ("PipelineParseError",)  # pass not in this build
             for name, rt in zip(names, runtimes):
                 done(Variant(name, "graphopt", spec.text, rt).fail(reason, "skipped" if skipped else "failed"))
             continue
         except Exception as e:  # noqa: BLE001 - a pass that crashes is a failed variant, not a crashed bench
-            reason = f"pipeline '{spec.text}': {one_line(e)}"
+            reason = f"pipeline '{spec.text}': {first_line(e)}"
             for name, rt in zip(names, runtimes):
                 done(Variant(name, "graphopt", spec.text, rt).fail(reason))
             continue
@@ -363,8 +349,8 @@ def build_graphopt_variants(
                 v.size_bytes, v.size_kind = dir_size(out_dir), "artifact"
                 v.memory_target = {"kind": "artifact", "path": str(out_dir)}
             except BackendUnavailableError as e:
-                v.fail(f"{rt}: {one_line(e)}", "skipped")
+                v.fail(f"{rt}: {first_line(e)}", "skipped")
             except Exception as e:  # noqa: BLE001 - lowering failures are reported per variant
-                v.fail(f"{rt}: {one_line(e)}")
+                v.fail(f"{rt}: {first_line(e)}")
             done(v)
     return variants

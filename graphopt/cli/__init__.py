@@ -12,7 +12,6 @@ import importlib
 import logging
 import os
 import sys
-import warnings
 
 from graphopt.errors import (
     ArtifactError,
@@ -20,6 +19,7 @@ from graphopt.errors import (
     ModelNotFoundError,
     PipelineParseError,
 )
+from graphopt.process import quiet_third_party
 
 __all__ = ["main", "VERBS"]
 
@@ -45,15 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_third_party() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*TorchScript.*")
-    warnings.filterwarnings("ignore", message="No complete tensor found")  # torch.export.save of shared buffers
-    for name in ("torch._export", "torch.export", "torch._dynamo", "torch.utils._pytree", "torch.onnx", "torchao"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         os.environ["GRAPHOPT_DEBUG"] = "1"
     else:
-        _quiet_third_party()
+        quiet_third_party()
     try:
         return int(args.run(args) or 0)
     except GraphoptError as e:

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     from graphopt.bench import PEERS, TimingConfig, bench
     from graphopt.bench.variants import parse_pipeline_spec
-    from graphopt.pipeline import parse_pipeline
+    from graphopt.transform.pipeline import parse_pipeline
 
     peers = list(args.peer_names or (PEERS if args.peers else []))
     if args.pipelines:  # explicit pipelines must parse before anything runs (exit 2)

@@ -31,8 +31,8 @@ def _onnx_path(target: str, tmpdir: str) -> Path:
         return path / "model.onnx"
     if path.is_dir() and not (path / "program.pt2").is_file():
         raise ArtifactError(f"{path} holds no model.onnx or program.pt2; point at an .onnx file or a model")
-    from graphopt.resolve import load_program
-    from graphopt.runtime import quiet_backends
+    from graphopt.process import quiet_backends
+    from graphopt.rec.resolve import load_program
     from graphopt.runtimes.onnx_export import export_onnx, save_onnx
 
     program = load_program(target)

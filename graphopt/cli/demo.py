@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from graphopt.artifacts import atomic_directory
 from graphopt.cli.finetune import describe_data, load_data, loaded_machine
-from graphopt.data import MovieLens, encode_histories, evaluate_ranking
 from graphopt.errors import ArtifactError
-from graphopt.finetune import (
+from graphopt.outputs import atomic_directory
+from graphopt.rec.data import MovieLens, encode_histories, evaluate_ranking
+from graphopt.rec.finetune import (
     Checkpoint,
     FinetuneConfig,
     finetune,

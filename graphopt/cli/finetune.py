@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from graphopt.data import MovieLens, load_movielens, synthetic_movielens
 from graphopt.errors import ArtifactError
-from graphopt.finetune import (
+from graphopt.rec.data import MovieLens, load_movielens, synthetic_movielens
+from graphopt.rec.finetune import (
     MODEL_KINDS,
     FinetuneConfig,
     finetune,

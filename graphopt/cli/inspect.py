@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from graphopt.resolve import load_program
+from graphopt.rec.resolve import load_program
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

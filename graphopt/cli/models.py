@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from graphopt.models import available_models
+from graphopt.rec.zoo import available_models
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

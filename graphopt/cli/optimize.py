@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from graphopt.artifacts import atomic_directory
 from graphopt.errors import LoweringError, PipelineParseError
-from graphopt.optimize import optimize
-from graphopt.pipeline import parse_pipeline
-from graphopt.resolve import load_program
+from graphopt.outputs import atomic_directory
+from graphopt.rec.resolve import load_program
+from graphopt.transform.optimize import optimize
+from graphopt.transform.pipeline import parse_pipeline
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from graphopt.pass_base import available_passes, available_presets
+from graphopt.transform.base import available_passes, available_presets
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -54,7 +54,7 @@ def resolve_runner(target: str, runtime: str | None = None, verify: bool = True)
             raise ArtifactError(f"{path} holds artifacts for {', '.join(found)}; pick one with --runtime")
         path = path / "program.pt2"
     if path.is_file() and path.suffix == ".pt2" and runtime in (None, "eager"):
-        from graphopt.program import Program
+        from graphopt.ir.program import Program
         from graphopt.runtimes.eager import EagerRunner
 
         return EagerRunner.from_program(Program.load(path))

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from graphopt.compare import max_abs_error
 from graphopt.errors import RunnerError
+from graphopt.metrics import max_abs_error
 
 TOLERANCE = 1e-5
 

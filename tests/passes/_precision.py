@@ -20,7 +20,7 @@ def ort_optimized_ops(program, tmp_path: Path, translations: bool = True):
     import onnx
     import onnxruntime as ort
 
-    from graphopt.qdq import ORT_DISABLED_OPTIMIZERS, onnx_translations
+    from graphopt.passlib.qdq import ORT_DISABLED_OPTIMIZERS, onnx_translations
 
     table = onnx_translations() if translations else None
     onx = torch.onnx.export(program.export(), dynamo=True, custom_translation_table=table, verbose=False)

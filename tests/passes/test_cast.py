@@ -8,8 +8,8 @@ import torch
 from graphopt.passes.cast import TOLERANCE, Cast
 
 import graphopt
-from graphopt.compare import drift
 from graphopt.errors import PassOptionError
+from graphopt.metrics import drift
 from tests.passes._helpers import assert_equivalent
 
 aten = torch.ops.aten

@@ -14,10 +14,10 @@ RANGES = {"input_ids": (0, 41)}
 def _eager_bert():
     from transformers import BertModel
 
-    from graphopt.models import available_models
+    from graphopt.rec.zoo import available_models
 
     available_models()  # load the whole zoo first: importing models.bert alone registers only bert
-    from graphopt.models.bert import SIZES, _bert_config
+    from graphopt.rec.zoo.bert import SIZES, _bert_config
 
     config = _bert_config(SIZES["tiny"], 52)
     config._attn_implementation = "eager"

@@ -7,9 +7,9 @@ import torch
 from graphopt.passes.prune_embeddings import DEFAULT_FILL
 
 import graphopt
-from graphopt.compare import allclose_report
 from graphopt.errors import PassOptionError
-from graphopt.fx_utils import fetch_attr
+from graphopt.ir.fx import fetch_attr
+from graphopt.metrics import allclose_report
 
 ITEMS, HIDDEN = 50, 32  # bert4rec:tiny: ids 0 = pad, 1..50 items, 51 = [mask]; output columns 0..50
 KEEP = list(range(1, 31))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.analysis import count_flops
-from graphopt.compare import allclose_report, topk_overlap
 from graphopt.errors import PassOptionError
-from graphopt.fx_utils import fetch_attr, module_path
+from graphopt.ir.fx import fetch_attr, module_path
+from graphopt.metrics import allclose_report, topk_overlap
+from graphopt.transform.analysis import count_flops
 
 HIDDEN, INTER, LAYERS = 32, 64, 2  # bert4rec:tiny
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.analysis import count_flops
-from graphopt.compare import allclose_report, topk_overlap
 from graphopt.errors import PassFailedError, PassOptionError, PreconditionError
-from graphopt.fx_utils import fetch_attr
-from graphopt.pass_base import available_passes, get_pass
+from graphopt.ir.fx import fetch_attr
+from graphopt.metrics import allclose_report, topk_overlap
+from graphopt.transform.analysis import count_flops
+from graphopt.transform.base import available_passes, get_pass
 
 # bert4rec:tiny: hidden 32, 4 heads of 8, 2 layers
 HIDDEN, HEADS, HEAD_DIM, LAYERS = 32, 4, 8, 2
@@ -112,8 +112,8 @@ def test_bad_options_fail_at_parse_time(program, text):
 
 
 def test_global_ratio_that_empties_a_layer_raises_before_any_change(program):
-    from graphopt.instruments import _graph_digest
-    from graphopt.pass_manager import PassContext
+    from graphopt.transform.instruments import _graph_digest
+    from graphopt.transform.manager import PassContext
 
     p = program("bert4rec:tiny")
     graphopt.analysis.propagate_shapes(p)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.analysis import count_flops
-from graphopt.compare import allclose_report
 from graphopt.errors import PassOptionError
-from graphopt.fx_utils import fetch_attr
+from graphopt.ir.fx import fetch_attr
+from graphopt.metrics import allclose_report
+from graphopt.transform.analysis import count_flops
 from tests.models import MLP
 
 

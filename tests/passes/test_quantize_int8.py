@@ -8,9 +8,9 @@ import torch
 from graphopt.passes.quantize_int8 import QuantizeInt8
 
 import graphopt
-from graphopt.compare import drift
 from graphopt.errors import GraphoptError, PassOptionError
-from graphopt.program import Program
+from graphopt.ir.program import Program
+from graphopt.metrics import drift
 from tests.models import ActivationMatmul
 from tests.passes._helpers import assert_equivalent
 from tests.passes._precision import INTEGER_KERNELS, calibration, ort_optimized_ops

@@ -7,7 +7,7 @@ import torch
 from graphopt.passes.quantize_int8_dynamic import QuantizeInt8Dynamic
 
 import graphopt
-from graphopt.program import Program
+from graphopt.ir.program import Program
 from tests.models import ActivationMatmul
 from tests.passes._helpers import assert_equivalent
 from tests.passes._precision import INTEGER_KERNELS, ort_optimized_ops

@@ -7,8 +7,8 @@ import torch
 
 from graphopt import optimize
 from graphopt.errors import PassFailedError, PassOptionError
-from graphopt.fx_utils import is_op
-from graphopt.stages import (
+from graphopt.ir.fx import is_op
+from graphopt.passlib.partition import (
     PARTITION_META,
     STAGE_META,
     compute_nodes,
@@ -118,7 +118,7 @@ def test_more_stages_than_splittable_points_fails_clearly(program):
 
 
 def test_option_errors():
-    from graphopt.pipeline import parse_pipeline
+    from graphopt.transform.pipeline import parse_pipeline
 
     with pytest.raises(PassOptionError, match="embeddings_stage=true needs n >= 2"):
         parse_pipeline("split-stages{n=1 embeddings_stage=true}")

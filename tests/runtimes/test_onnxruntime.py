@@ -7,8 +7,8 @@ import onnx
 import pytest
 import torch
 
-from graphopt.capture import capture
 from graphopt.errors import LoweringError
+from graphopt.ir.capture import capture
 from graphopt.runtime import available_runtimes, load, lower
 
 pytestmark = pytest.mark.skipif(
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def bert_artifact(tmp_path_factory):
-    from graphopt.models import load_model
+    from graphopt.rec.zoo import load_model
 
     prog = load_model("bert4rec:tiny").capture()
     return prog, lower(prog, "onnxruntime", tmp_path_factory.mktemp("ort") / "bert", save_optimized=True)

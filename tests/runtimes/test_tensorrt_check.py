@@ -7,7 +7,7 @@ import torch
 from graphopt.runtimes.tensorrt_check import MAX_TOPK, check_onnx
 
 from graphopt.cli import main
-from graphopt.runtime import quiet_backends
+from graphopt.process import quiet_backends
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402

@@ -1,0 +1,236 @@
+"""Model -> Program with ``torch.export`` (non-strict), at the
+``run_decompositions({})`` level where linear, SDPA, layer_norm, gelu and
+embedding stay single nodes.
+
+Hugging Face models that return a ``ModelOutput`` are wrapped so the Program
+returns a flat tuple of tensors whose names are recorded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+import logging
+import os
+import traceback
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from graphopt.errors import CaptureError
+from graphopt.ir.program import InputSpec, Program
+
+__all__ = ["capture"]
+
+log = logging.getLogger(__name__)
+
+DynamicSpec = bool | Mapping[str, Mapping[int, str]]
+
+
+def _flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of a model's output, in a stable order."""
+    if isinstance(out, torch.Tensor):
+        return ["output"], [out]
+    if hasattr(out, "to_tuple") and hasattr(out, "keys"):  # transformers ModelOutput
+        keys = [k for k in out.keys() if isinstance(out[k], torch.Tensor)]
+        return keys, [out[k] for k in keys]
+    if isinstance(out, Mapping):
+        keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+        return [str(k) for k in keys], [out[k] for k in keys]
+    if isinstance(out, (tuple, list)):
+        names, tensors = [], []
+        for i, item in enumerate(out):
+            sub_names, sub = _flatten_outputs(item)
+            prefix = f"output_{i}"
+            names += [prefix if n == "output" else f"{prefix}.{n}" for n in sub_names]
+            tensors += sub
+        return names, tensors
+    raise CaptureError(
+        f"model returned {type(out).__name__}; return tensors, tuples, dicts or a ModelOutput"
+    )
+
+
+def _make_wrapper(model: torch.nn.Module, names: Sequence[str], by_keyword: bool) -> torch.nn.Module:
+    """An nn.Module whose forward takes the named inputs positionally and
+    returns a flat tuple of tensors (placeholders then carry the input names)."""
+    for n in names:
+        if not n.isidentifier() or keyword.iskeyword(n):
+            raise CaptureError(f"input name {n!r} is not a Python identifier; rename it")
+    params = ", ".join(names)
+    call = ", ".join(f"{n}={n}" for n in names) if by_keyword else params
+    src = f"def forward(self, {params}):\n    return self._flatten(self.model({call}))\n"
+    scope: dict[str, Any] = {}
+    exec(src, scope)  # noqa: S102 - generated from validated identifiers only
+
+    class _Captured(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        @staticmethod
+        def _flatten(out: Any) -> tuple[torch.Tensor, ...]:
+            return tuple(_flatten_outputs(out)[1])
+
+    _Captured.forward = scope["forward"]  # type: ignore[method-assign]
+    return _Captured()
+
+
+def _input_names(model: torch.nn.Module, n: int) -> list[str]:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) >= n:
+        return positional[:n]
+    return [f"input_{i}" for i in range(n)]
+
+
+def _summarize(e: BaseException) -> str:
+    """One line from a torch.export failure: the headline plus the user frame."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    headline = lines[0] if lines else type(e).__name__
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    user_frame = ""
+    for frame in traceback.extract_tb(e.__traceback__):
+        if not frame.filename.startswith((torch_dir, here)) and "site-packages/torch" not in frame.filename:
+            user_frame = f"{os.path.basename(frame.filename)}:{frame.lineno} ({frame.line or frame.name})"
+    if len(headline) > 240:
+        headline = headline[:237] + "..."
+    where = f" at {user_frame}" if user_frame else ""
+    return f"{type(e).__name__}: {headline}{where}"
+
+
+def _hint(e: BaseException) -> str:
+    text = str(e)
+    if "data-dependent" in text or "GuardOnDataDependent" in type(e).__name__:
+        return "the model branches on tensor values; replace the branch with torch.where/torch.cond"
+    if "Constraints violated" in text or "specialized" in text or "ConstraintViolation" in type(e).__name__:
+        return "a dim marked dynamic was specialized; capture with dynamic=False or a narrower dynamic map"
+    if "Unsupported" in type(e).__name__ or "not supported" in text:
+        return "rewrite the unsupported construct or capture a submodule without it"
+    return "run with --debug for torch's full trace"
+
+
+def _dynamic_shapes(
+    names: Sequence[str], tensors: Sequence[torch.Tensor], dynamic: DynamicSpec
+) -> tuple[dict[int, Any] | None, ...]:
+    out = []
+    for name, t in zip(names, tensors):
+        if dynamic is True:
+            dims = dict.fromkeys(range(t.dim()), torch.export.Dim.AUTO)
+        elif dynamic is False:
+            dims = {}
+        else:
+            dims = dict.fromkeys(dynamic.get(name, {}), torch.export.Dim.AUTO)
+        out.append(dims or None)
+    return tuple(out)
+
+
+def _labels(
+    names: Sequence[str], gm: torch.fx.GraphModule, dynamic: DynamicSpec
+) -> dict[str, dict[int, str]]:
+    """Which dims really came out symbolic, with their labels."""
+    labels: dict[str, dict[int, str]] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for name, ph in zip(names, placeholders):
+        val = ph.meta.get("val")
+        dims: dict[int, str] = {}
+        if isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and not isinstance(size.node.maybe_as_int(), int):
+                    if isinstance(dynamic, Mapping) and d in dynamic.get(name, {}):
+                        dims[d] = dynamic[name][d]
+                    else:
+                        dims[d] = "batch" if d == 0 else f"{name}_dim{d}"
+        labels[name] = dims
+    return labels
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | torch.Tensor,
+    *,
+    dynamic: DynamicSpec = True,
+    name: str | None = None,
+    input_ranges: Mapping[str, tuple[int, int]] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> Program:
+    """Capture ``model`` into a :class:`Program`.
+
+    ``example_inputs`` is a tensor, a tuple (positional) or a dict (keyword).
+    ``dynamic=True`` lets every dim vary where torch.export can keep it
+    symbolic; a mapping ``{input: {dim: label}}`` names the dynamic dims
+    (``{"input_ids": {0: "batch", 1: "seq"}}``); ``False`` captures static
+    shapes. ``input_ranges`` bounds random integer inputs (``[low, high)``).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    by_keyword = isinstance(example_inputs, Mapping)
+    if by_keyword:
+        names = list(example_inputs.keys())
+        tensors = list(example_inputs.values())
+    else:
+        tensors = list(example_inputs)
+        names = _input_names(model, len(tensors))
+    for n, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise CaptureError(
+                f"input '{n}' is {type(t).__name__}; graphopt captures tensor inputs only"
+            )
+    was_training = model.training
+    if was_training:
+        warnings.warn(
+            "model is in train mode; graphopt captures it in eval mode (dropout off, BN frozen)",
+            stacklevel=2,
+        )
+        model.eval()
+    try:
+        with torch.no_grad():
+            out_names, _ = _flatten_outputs(model(**dict(zip(names, tensors))) if by_keyword else model(*tensors))
+        wrapper = _make_wrapper(model, names, by_keyword)
+        try:
+            ep = torch.export.export(
+                wrapper,
+                tuple(tensors),
+                dynamic_shapes=_dynamic_shapes(names, tensors, dynamic),
+                strict=False,
+            )
+            ep = ep.run_decompositions({})
+        except Exception as e:  # torch raises many unrelated types here
+            if os.environ.get("GRAPHOPT_DEBUG"):
+                raise
+            raise CaptureError(
+                f"torch.export could not capture {name or type(model).__name__}: "
+                f"{_summarize(e)}; {_hint(e)}"
+            ) from e
+    finally:
+        if was_training:
+            model.train()
+    gm = ep.module()
+    labels = _labels(names, gm, dynamic)
+    ranges = dict(input_ranges or {})
+    specs = []
+    for n, t in zip(names, tensors):
+        low, high = ranges.get(n, (None, None))
+        if low is None and not t.is_floating_point() and t.dtype != torch.bool and t.numel():
+            low, high = int(t.min()), int(t.max()) + 1
+        specs.append(InputSpec(n, t.dtype, tuple(t.shape), labels[n], low, high))
+    return Program(
+        gm,
+        specs,
+        out_names,
+        name=name or type(model).__name__,
+        example_inputs=tuple(t.detach().clone() for t in tensors),
+        meta=meta,
+    )

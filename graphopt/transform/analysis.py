@@ -1,0 +1,97 @@
+"""Analyses over a Program, computed lazily and cached by the pass manager.
+
+``shapes``: re-propagates ``meta["val"]`` (fake tensors with the Program's
+symbolic sizes) through every node with FakeTensorProp.
+``flops``: FLOPs of one run on the example inputs (torch's FlopCounterMode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from graphopt.errors import PreconditionError
+
+if TYPE_CHECKING:
+    from graphopt.ir.program import Program
+
+__all__ = ["propagate_shapes", "count_flops", "AnalysisManager", "ANALYSES"]
+
+
+def propagate_shapes(program: Program) -> None:
+    """Fill ``meta["val"]`` on every node from the placeholders' symbolic fakes."""
+    gm = program.gm
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    if any(v is None for v in vals):
+        raise PreconditionError(
+            f"{program.name}: placeholders lack shape metadata; re-capture with graphopt.capture"
+        )
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        raise PreconditionError(f"{program.name}: placeholder metadata holds no fake tensors")
+    allow = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+    finally:
+        mode.allow_non_fake_inputs = allow
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(program: Program, inputs: tuple[torch.Tensor, ...] | None = None) -> int:
+    """FLOPs of one forward on ``inputs`` (default: the example inputs).
+
+    torch's FlopCounterMode has no formula for the CPU SDPA kernels, so
+    attention is counted with its SDPA formula here.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    custom = {}
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            custom[op] = _cpu_sdpa_flops
+    args = inputs if inputs is not None else program.sample_inputs()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        program.gm(*args)
+    return int(counter.get_total_flops())
+
+
+ANALYSES: dict[str, Callable[[Program], Any]] = {
+    "shapes": propagate_shapes,
+    "flops": count_flops,
+}
+
+
+class AnalysisManager:
+    """Caches analysis results per Program; ``invalidate`` keeps the preserved ones."""
+
+    def __init__(self) -> None:
+        self._valid: dict[str, Any] = {}
+
+    def get(self, name: str, program: Program) -> Any:
+        if name not in self._valid:
+            if name not in ANALYSES:
+                raise PreconditionError(f"unknown analysis '{name}'; known: {', '.join(ANALYSES)}")
+            self._valid[name] = ANALYSES[name](program)
+        return self._valid[name]
+
+    def mark_valid(self, name: str, value: Any = None) -> None:
+        """Record that ``name`` holds for the current Program (e.g. fresh from capture)."""
+        self._valid[name] = value
+
+    def is_valid(self, name: str) -> bool:
+        return name in self._valid
+
+    def invalidate(self, preserved: frozenset[str] = frozenset()) -> None:
+        self._valid = {k: v for k, v in self._valid.items() if k in preserved}

@@ -1,0 +1,129 @@
+"""Pass instruments: hooks around every pass (TVM's PassInstrument).
+
+The pass manager calls ``before_pass`` hooks in order and ``after_pass`` hooks
+in reverse, so the timing instrument (last) measures only the pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from graphopt.errors import PostconditionError, first_line
+from graphopt.metrics import allclose_report, max_abs_error
+
+if TYPE_CHECKING:
+    from graphopt.ir.program import Program
+    from graphopt.transform.base import Pass, PassResult
+    from graphopt.transform.manager import PassContext
+    from graphopt.transform.report import PassRecord
+
+__all__ = [
+    "Instrument",
+    "TimingInstrument",
+    "OpHistogramInstrument",
+    "VerifyEachInstrument",
+    "PrintAfterChangeInstrument",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Instrument:
+    """Base: override any hook. ``record`` is the pass's PassRecord."""
+
+    def before_pass(self, p: Pass, program: Program, ctx: PassContext, record: PassRecord) -> None:
+        pass
+
+    def after_pass(
+        self, p: Pass, program: Program, result: PassResult, ctx: PassContext, record: PassRecord
+    ) -> None:
+        pass
+
+    def after_failure(self, p: Pass, program: Program, exc: BaseException, ctx: PassContext) -> None:
+        pass
+
+
+class TimingInstrument(Instrument):
+    """Wall time of each pass into ``record.time_s``."""
+
+    def before_pass(self, p, program, ctx, record):  # type: ignore[no-untyped-def]
+        record.time_s = time.perf_counter()
+
+    def after_pass(self, p, program, result, ctx, record):  # type: ignore[no-untyped-def]
+        record.time_s = time.perf_counter() - record.time_s
+
+
+class OpHistogramInstrument(Instrument):
+    """Op histogram and parameter count before/after each pass."""
+
+    def before_pass(self, p, program, ctx, record):  # type: ignore[no-untyped-def]
+        record.ops_before = dict(program.op_histogram())
+        record.params_before = program.num_parameters()
+
+    def after_pass(self, p, program, result, ctx, record):  # type: ignore[no-untyped-def]
+        record.ops_after = dict(program.op_histogram())
+        record.params_after = program.num_parameters()
+
+
+def _graph_digest(program: Program) -> str:
+    return hashlib.sha1(program.gm.graph.python_code("self").src.encode()).hexdigest()
+
+
+class VerifyEachInstrument(Instrument):
+    """After each pass: graph lint, the Program still runs, outputs match the
+    pre-pass Program within the pass's tolerance, and ``modified=False``
+    really means the graph is unchanged."""
+
+    def __init__(self) -> None:
+        self._reference: Any = None
+        self._digest = ""
+
+    def before_pass(self, p, program, ctx, record):  # type: ignore[no-untyped-def]
+        self._reference = program(*ctx.verify_inputs(program))
+        self._digest = _graph_digest(program)
+
+    def after_pass(self, p, program, result, ctx, record):  # type: ignore[no-untyped-def]
+        if not result.modified and _graph_digest(program) != self._digest:
+            raise PostconditionError(
+                f"pass '{p.name}' returned modified=False but changed the graph; fix the pass"
+            )
+        try:
+            program.gm.graph.lint()
+        except Exception as e:
+            raise PostconditionError(f"pass '{p.name}' left an invalid graph: {e}") from e
+        try:
+            outputs = program(*ctx.verify_inputs(program))
+        except Exception as e:
+            raise PostconditionError(
+                f"pass '{p.name}' produced a Program that fails to run: {type(e).__name__}: "
+                f"{first_line(e, with_type=False) if str(e).strip() else ''}"
+            ) from e
+        reason = allclose_report(outputs, self._reference, p.tolerance)
+        if reason:
+            raise PostconditionError(
+                f"pass '{p.name}' changed the numerics beyond its tolerance: {reason}"
+            )
+        record.verify_error = max(
+            (max_abs_error(o, r) for o, r in zip(outputs, self._reference) if r.is_floating_point()),
+            default=0.0,
+        )
+        self._reference = None
+
+
+class PrintAfterChangeInstrument(Instrument):
+    """Log the graph after every pass that modified it (``--print-after-change``)."""
+
+    def __init__(self, sink: Any = None) -> None:
+        self.sink = sink
+
+    def after_pass(self, p, program, result, ctx, record):  # type: ignore[no-untyped-def]
+        if not result.modified:
+            return
+        text = f"// after {p.step_text()}\n{program.gm.graph}"
+        if self.sink is not None:
+            self.sink(text)
+        else:
+            log.info("%s", text)

@@ -1,0 +1,94 @@
+"""``graphopt.optimize``: capture if needed, run a pipeline, report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from graphopt.errors import GraphoptError
+from graphopt.ir.capture import capture
+from graphopt.ir.fx import drop_unused_attrs
+from graphopt.ir.program import Program
+from graphopt.metrics import drift
+from graphopt.transform.base import Pass
+from graphopt.transform.instruments import Instrument
+from graphopt.transform.manager import PassContext, PassManager
+from graphopt.transform.pipeline import Pipeline, parse_pipeline
+from graphopt.transform.report import OptimizeReport
+
+__all__ = ["optimize"]
+
+
+def optimize(
+    program_or_model: Program | torch.nn.Module,
+    pipeline: str | Pipeline | Sequence[Pass],
+    example_inputs: Any = None,
+    calibration_data: Iterable[Any] | None = None,
+    *,
+    verify_each: bool | None = None,
+    print_after_change: bool = False,
+    instruments: Iterable[Instrument] = (),
+    reproducer_dir: str | None = None,
+    seed: int = 0,
+) -> tuple[Program, OptimizeReport]:
+    """Run ``pipeline`` on a Program (or capture an nn.Module first).
+
+    The input Program is not modified: passes run on a copy. Returns the
+    optimized Program and an :class:`OptimizeReport` with per-pass records
+    and the numeric drift of the result against the input on the example
+    inputs.
+    """
+    pipeline = parse_pipeline(pipeline)  # every parse/option error before any work
+    if isinstance(program_or_model, Program):
+        program = program_or_model.copy()
+    elif isinstance(program_or_model, torch.nn.Module):
+        if example_inputs is None:
+            raise GraphoptError("optimize(model, ...) needs example_inputs to capture the model")
+        program = capture(program_or_model, example_inputs)
+    else:
+        raise GraphoptError(
+            f"optimize takes a Program or an nn.Module, got {type(program_or_model).__name__}"
+        )
+    if example_inputs is not None and isinstance(program_or_model, Program):
+        inputs = tuple(example_inputs.values()) if isinstance(example_inputs, dict) else tuple(example_inputs)
+    else:
+        inputs = program.sample_inputs()
+    reference = program(*inputs)
+    report = OptimizeReport(
+        model=program.name,
+        pipeline=str(pipeline),
+        params_before=program.num_parameters(),
+        nodes_before=len(program.graph.nodes),
+    )
+    ctx = PassContext(
+        example_inputs=inputs,
+        calibration_data=list(calibration_data) if calibration_data is not None else None,
+        seed=seed,
+    )
+    pm = PassManager(
+        pipeline,
+        instruments=instruments,
+        verify_each=verify_each,
+        print_after_change=print_after_change,
+        reproducer_dir=reproducer_dir,
+    )
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    program, report.passes = pm.run(program, ctx)
+    report.total_time_s = time.perf_counter() - start
+    drop_unused_attrs(program.gm)
+    program.gm.recompile()
+    steps = [s for s in (program.pipeline, str(pipeline)) if s]
+    program.pipeline = ",".join(steps)
+    report.params_after = program.num_parameters()
+    report.nodes_after = len(program.graph.nodes)
+    # a pass may change float input dtypes (cast{io=native}): feed the Program its own dtypes
+    inputs = tuple(
+        x.to(spec.dtype) if x.is_floating_point() and spec.dtype.is_floating_point else x
+        for x, spec in zip(inputs, program.inputs)
+    )
+    report.drift = drift(program(*inputs), reference)
+    return program, report
