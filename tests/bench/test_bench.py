@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from graphopt.bench.accuracy import EvalData, evaluate, ndcg_vs_reference, ranking_drift, score_matrix
+from graphopt.bench.accuracy import EvalData, evaluate
 from graphopt.bench.report import BenchReport, pareto_front
 from graphopt.bench.timing import (
     Samples,
@@ -21,7 +21,7 @@ from graphopt.bench.timing import (
     summarize,
 )
 from graphopt.bench.variants import parse_pipeline_spec
-from graphopt.metrics import topk_overlap
+from graphopt.metrics import ndcg_vs_reference, ranking_drift, score_matrix, topk_overlap
 
 
 # ------------------------------------------------------------------ timing arithmetic
