@@ -14,7 +14,7 @@ import torch
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
 from graphopt.ir.program import Program
-from graphopt.runtime import Backend, Runner, RuntimeOption, resolve_device
+from graphopt.runtime import Backend, Option, Runner, resolve_device
 
 __all__ = ["EagerBackend", "EagerRunner", "BACKEND"]
 
@@ -60,10 +60,10 @@ class EagerBackend(Backend):
     name = "eager"
     summary = "PyTorch eager execution of the Program's GraphModule (the reference)"
     lower_options = (
-        RuntimeOption("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
+        Option("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
     )
     runner_options = (
-        RuntimeOption("device", str, None, "override the device recorded at lowering"),
+        Option("device", str, None, "override the device recorded at lowering"),
     )
     runner_class = EagerRunner
 

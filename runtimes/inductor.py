@@ -21,7 +21,7 @@ import torch
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
 from graphopt.ir.program import Program
-from graphopt.runtime import Backend, Runner, RuntimeOption, resolve_device
+from graphopt.runtime import Backend, Option, Runner, resolve_device
 
 __all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on"]
 
@@ -63,9 +63,9 @@ class InductorBackend(Backend):
     name = "inductor"
     summary = "AOTInductor package (torch._inductor.aoti_compile_and_package), frozen weights, dynamic batch/seq"
     lower_options = (
-        RuntimeOption("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
-        RuntimeOption("freezing", bool, True, "fold weights into the compiled graph"),
-        RuntimeOption("max_autotune", bool, False, "autotune GEMM/conv kernels (much slower compile)"),
+        Option("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
+        Option("freezing", bool, True, "fold weights into the compiled graph"),
+        Option("max_autotune", bool, False, "autotune GEMM/conv kernels (much slower compile)"),
     )
     runner_class = InductorRunner
 

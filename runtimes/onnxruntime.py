@@ -32,7 +32,7 @@ from graphopt.runtimes.onnx_export import export_onnx, op_counts, save_onnx
 
 from graphopt.errors import LoweringError, RunnerError, first_line
 from graphopt.ir.program import Program
-from graphopt.runtime import Backend, Runner, RuntimeOption, is_quantized, program_dtypes
+from graphopt.runtime import Backend, Option, Runner, is_quantized, program_dtypes
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BACKEND", "split_qdq_gemm_bias", "INTEGER_OPS"]
 
@@ -199,21 +199,21 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     summary = "ONNX (dynamo exporter) + onnxscript ORT fusions, run by ONNX Runtime"
     lower_options = (
-        RuntimeOption("opset", int, None, "ONNX opset (default: the exporter's)"),
-        RuntimeOption("fusions", str, "auto", "onnxscript optimize_for_ort fusions: auto (on unless the "
+        Option("opset", int, None, "ONNX opset (default: the exporter's)"),
+        Option("fusions", str, "auto", "onnxscript optimize_for_ort fusions: auto (on unless the "
                       "Program is QDQ int8), on, off", choices=("auto", "on", "off")),
-        RuntimeOption("slim", bool, False, "simplify with onnxslim"),
-        RuntimeOption("save_optimized", bool, False,
+        Option("slim", bool, False, "simplify with onnxslim"),
+        Option("save_optimized", bool, False,
                       "also store ORT's optimized graph (model.optimized.onnx; same-machine only)"),
     )
     runner_options = (
-        RuntimeOption("intra_op_threads", int, 0, "threads inside an op (0 = ORT default)"),
-        RuntimeOption("inter_op_threads", int, 0, "threads across ops (0 = ORT default)"),
-        RuntimeOption("graph_optimization_level", str, "all", "ORT graph optimizations", choices=_LEVELS),
-        RuntimeOption("providers", list, ("CPUExecutionProvider",), "execution providers, in order"),
-        RuntimeOption("use_optimized", bool, True, "load model.optimized.onnx when the artifact has one"),
-        RuntimeOption("optimized_model_path", str, "", "write ORT's optimized graph here (inspection)"),
-        RuntimeOption("spin", bool, True, "idle intra-op threads spin for the next call (lowest latency on "
+        Option("intra_op_threads", int, 0, "threads inside an op (0 = ORT default)"),
+        Option("inter_op_threads", int, 0, "threads across ops (0 = ORT default)"),
+        Option("graph_optimization_level", str, "all", "ORT graph optimizations", choices=_LEVELS),
+        Option("providers", list, ("CPUExecutionProvider",), "execution providers, in order"),
+        Option("use_optimized", bool, True, "load model.optimized.onnx when the artifact has one"),
+        Option("optimized_model_path", str, "", "write ORT's optimized graph here (inspection)"),
+        Option("spin", bool, True, "idle intra-op threads spin for the next call (lowest latency on "
                       "dedicated cores; the benchmark harness turns it off so it does not slow other variants)"),
     )
     runner_class = OnnxRuntimeRunner

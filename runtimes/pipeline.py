@@ -46,8 +46,8 @@ from graphopt.process import reset_peak_rss, rss_kb
 from graphopt.runtime import (
     Artifact,
     Backend,
+    Option,
     Runner,
-    RuntimeOption,
     load,
     lower,
     read_artifact,
@@ -615,33 +615,33 @@ class PipelineBackend(Backend):
         "pipeline stages across processes/hosts with torch.distributed (gloo/NCCL) and GPipe micro-batches"
     )
     lower_options = (
-        RuntimeOption("stages", int, None, "number of stages (default: the split-stages partition, else 2)"),
-        RuntimeOption(
+        Option("stages", int, None, "number of stages (default: the split-stages partition, else 2)"),
+        Option(
             "balance",
             str,
             "params",
             "cost to balance when splitting here",
             choices=("params", "flops", "memory"),
         ),
-        RuntimeOption("device", str, "cpu", "cpu (gloo) or cuda (NCCL, one GPU per rank)"),
+        Option("device", str, "cpu", "cpu (gloo) or cuda (NCCL, one GPU per rank)"),
     )
     runner_options = (
-        RuntimeOption("microbatches", int, 1, "micro-batches per batch (GPipe); must divide the batch"),
-        RuntimeOption(
+        Option("microbatches", int, 1, "micro-batches per batch (GPipe); must divide the batch"),
+        Option(
             "launch",
             str,
             "auto",
             "local: spawn ranks here; external: wait for `graphopt serve-pipeline` ranks",
             choices=("auto", "local", "external"),
         ),
-        RuntimeOption(
+        Option(
             "master_addr", str, None, "address rank 0 listens on (default MASTER_ADDR or 127.0.0.1)"
         ),
-        RuntimeOption("master_port", int, None, "port (default MASTER_PORT; a free one for launch=local)"),
-        RuntimeOption("timeout", float, 60.0, "seconds a stage waits on a peer before failing the run"),
-        RuntimeOption("join_timeout", float, 60.0, "seconds to wait for every rank to join"),
-        RuntimeOption("threads", int, None, "torch threads of each spawned rank"),
-        RuntimeOption("device", str, None, "override the device recorded at lowering"),
+        Option("master_port", int, None, "port (default MASTER_PORT; a free one for launch=local)"),
+        Option("timeout", float, 60.0, "seconds a stage waits on a peer before failing the run"),
+        Option("join_timeout", float, 60.0, "seconds to wait for every rank to join"),
+        Option("threads", int, None, "torch threads of each spawned rank"),
+        Option("device", str, None, "override the device recorded at lowering"),
     )
     runner_class = PipelineRunner
 

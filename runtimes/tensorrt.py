@@ -32,7 +32,7 @@ from graphopt.runtimes.onnx_export import export_onnx, save_onnx
 
 from graphopt.errors import LoweringError, RunnerError, first_line
 from graphopt.ir.program import Program
-from graphopt.runtime import Backend, Runner, RuntimeOption, dim_ranges, is_quantized, program_dtypes
+from graphopt.runtime import Backend, Option, Runner, dim_ranges, is_quantized, program_dtypes
 
 __all__ = ["TensorRTBackend", "TensorRTRunner", "BACKEND", "parse_profile", "default_profile"]
 
@@ -159,13 +159,13 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     summary = "ONNX -> TensorRT 10 engine (OnnxParser, optimization profile, explicit QDQ int8), CUDA only"
     lower_options = (
-        RuntimeOption("opset", int, None, "ONNX opset for the export"),
-        RuntimeOption("profile", str, "", "min:opt:max per dynamic label, e.g. batch=1:8:64,seq=8:64:512"),
-        RuntimeOption("fp16", bool, False, "allow fp16 kernels for a fp32 Program"),
-        RuntimeOption("workspace_mb", int, 4096, "builder workspace memory pool (MiB)"),
-        RuntimeOption("timing_cache", str, "", "timing cache file to read and update"),
-        RuntimeOption("check", bool, True, "run the static compatibility check first; fail on errors"),
-        RuntimeOption("keep_onnx", bool, True, "store the exported model.onnx in the artifact"),
+        Option("opset", int, None, "ONNX opset for the export"),
+        Option("profile", str, "", "min:opt:max per dynamic label, e.g. batch=1:8:64,seq=8:64:512"),
+        Option("fp16", bool, False, "allow fp16 kernels for a fp32 Program"),
+        Option("workspace_mb", int, 4096, "builder workspace memory pool (MiB)"),
+        Option("timing_cache", str, "", "timing cache file to read and update"),
+        Option("check", bool, True, "run the static compatibility check first; fail on errors"),
+        Option("keep_onnx", bool, True, "store the exported model.onnx in the artifact"),
     )
     runner_class = TensorRTRunner
 

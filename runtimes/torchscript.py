@@ -22,7 +22,7 @@ import torch
 from graphopt.runtimes.torch_graph import move_graph_module, plain_graph_module, to_device
 
 from graphopt.ir.program import Program
-from graphopt.runtime import Backend, Runner, RuntimeOption, resolve_device
+from graphopt.runtime import Backend, Option, Runner, resolve_device
 
 __all__ = ["TorchScriptBackend", "TorchScriptRunner", "BACKEND", "script_program"]
 
@@ -72,8 +72,8 @@ class TorchScriptBackend(Backend):
     name = "torchscript"
     summary = "torch.jit.script + freeze of the graph (shape-generic; TorchScript is deprecated upstream)"
     lower_options = (
-        RuntimeOption("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
-        RuntimeOption("optimize", bool, False, "also run torch.jit.optimize_for_inference"),
+        Option("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
+        Option("optimize", bool, False, "also run torch.jit.optimize_for_inference"),
     )
     runner_class = TorchScriptRunner
 

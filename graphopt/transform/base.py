@@ -23,13 +23,13 @@ contract on the *result* Program.
 from __future__ import annotations
 
 import importlib
-import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from graphopt.errors import GraphoptError, PassOptionError, closest
+from graphopt.options import Option
 
 if TYPE_CHECKING:
     from graphopt.ir.program import Program
@@ -51,95 +51,6 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _VALUE_RE = re.compile(r"^[^\s{}]+$")
 
 
-@dataclass(frozen=True)
-class Option:
-    """One typed pass option. ``type`` is bool, int, float, str or list (of str).
-
-    ``check`` returns a reason string when a (typed) value is invalid.
-    """
-
-    name: str
-    type: type
-    default: Any
-    help: str = ""
-    choices: tuple[str, ...] | None = None
-    check: Callable[[Any], str | None] | None = None
-
-    def coerce(self, value: Any, pass_name: str) -> Any:
-        where = f"pass '{pass_name}' option '{self.name}'"
-        try:
-            typed = self._convert(value)
-        except (TypeError, ValueError):
-            raise PassOptionError(
-                f"{where}: expected {self.type_name()}, got {value!r}"
-            ) from None
-        if self.choices is not None:
-            bad = [v for v in (typed if self.type is list else [typed]) if v not in self.choices]
-            if bad:
-                raise PassOptionError(
-                    f"{where}: {bad[0]!r} is not one of {', '.join(self.choices)}"
-                    f"{closest(str(bad[0]), list(self.choices))}"
-                )
-        if self.type is str and not _VALUE_RE.match(typed):
-            raise PassOptionError(f"{where}: value {typed!r} may not contain spaces or braces")
-        if self.check is not None:
-            reason = self.check(typed)
-            if reason:
-                raise PassOptionError(f"{where}: {reason}")
-        return typed
-
-    def _convert(self, value: Any) -> Any:
-        t = self.type
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(value)
-        if t is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if t is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            f = float(value)
-            if not math.isfinite(f):
-                raise ValueError(value)
-            return f
-        if t is list:
-            if isinstance(value, str):
-                items = [v for v in value.split(",") if v]
-            elif isinstance(value, (list, tuple)):
-                items = [str(v) for v in value]
-            else:
-                raise TypeError(value)
-            for item in items:
-                if not _VALUE_RE.match(item) or "," in item:
-                    raise ValueError(item)
-            return tuple(items)
-        if t is str:
-            if not isinstance(value, str):
-                raise TypeError(value)
-            return value
-        raise TypeError(f"unsupported option type {t}")
-
-    def format(self, value: Any) -> str:
-        if self.type is bool:
-            return "true" if value else "false"
-        if self.type is list:
-            return ",".join(value) if value else ""
-        return str(value)
-
-    def type_name(self) -> str:
-        if self.choices:
-            return "one of " + "|".join(self.choices)
-        return {bool: "true|false", int: "an integer", float: "a number", str: "a word",
-                list: "a comma-separated list"}[self.type]
-
-
 @dataclass
 class PassResult:
     """What a pass returns. ``modified`` must be False when nothing matched.
@@ -155,6 +66,16 @@ class PassResult:
     declined: list[str] = field(default_factory=list)
     details: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def _check_printable(pass_name: str, opt: Option, value: Any) -> None:
+    """Pipeline text is canonical: a value must print back without spaces or braces."""
+    items = value if opt.type is list else [value] if opt.type is str else []
+    for item in items:
+        if not _VALUE_RE.match(item) or (opt.type is list and "," in item):
+            raise PassOptionError(
+                f"pass '{pass_name}' option '{opt.name}': value {item!r} may not contain spaces, braces or commas"
+            )
 
 
 class Pass:
@@ -181,7 +102,10 @@ class Pass:
         self.config: dict[str, Any] = {}
         for opt in self.options:
             value = options.get(opt.name, opt.default)
-            self.config[opt.name] = opt.coerce(value, self.name) if opt.name in options else value
+            if opt.name in options:
+                value = opt.coerce(value, f"pass '{self.name}'")
+                _check_printable(self.name, opt, value)
+            self.config[opt.name] = value
         self.validate()
 
     def validate(self) -> None:

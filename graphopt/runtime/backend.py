@@ -1,0 +1,176 @@
+"""A runtime's backend: availability, lowering into a directory, its Runner;
+and the registry of runtimes.
+
+Each built-in runtime is a module ``graphopt.runtimes.<name>`` exposing
+``BACKEND`` (a :class:`Backend`); it is imported only when first used, so a
+missing optional package (onnxruntime, tensorrt) only disables that runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from graphopt.errors import BackendUnavailableError, LoweringError, closest
+from graphopt.ir.program import Program
+from graphopt.options import Option
+from graphopt.runtime.runner import Runner
+
+if TYPE_CHECKING:
+    from graphopt.runtime.artifact import Artifact
+
+__all__ = [
+    "Backend",
+    "RuntimeStatus",
+    "register_runtime",
+    "runtime_names",
+    "get_runtime",
+    "available_runtimes",
+    "require_available",
+    "program_dtypes",
+    "is_quantized",
+    "resolve_device",
+]
+
+#: built-in runtimes -> module under graphopt.runtimes (imported lazily)
+_BUILTIN: dict[str, str] = {
+    "eager": "eager",
+    "torchscript": "torchscript",
+    "onnxruntime": "onnxruntime",
+    "inductor": "inductor",
+    "tensorrt": "tensorrt",
+    "pipeline": "pipeline",
+}
+_REGISTRY: dict[str, Backend] = {}
+
+
+def program_dtypes(program: Program) -> set[torch.dtype]:
+    """Every tensor dtype the Program holds or computes (weights and node values)."""
+    dtypes = {t.dtype for t in program.parameter_tensors().values()}
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        vals = val if isinstance(val, (tuple, list)) else (val,)
+        dtypes.update(v.dtype for v in vals if isinstance(v, torch.Tensor))
+    return dtypes
+
+
+def is_quantized(program: Program) -> bool:
+    """True when the graph holds quantize/dequantize ops (QDQ int8)."""
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        namespace = getattr(node.target, "namespace", "")
+        if namespace == "quantized_decomposed" or "quantize" in str(node.target):
+            return True
+    return False
+
+
+def resolve_device(device: str, runtime: str) -> str:
+    """``auto`` -> ``cuda`` where a CUDA device is present, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"{runtime} | device {device!r} asked for, but no CUDA device is visible")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise LoweringError(f"{runtime} | device must be auto, cpu or cuda[:N], got {device!r}")
+    return device
+
+
+class Backend:
+    """One runtime: availability, lowering into a directory, and its Runner.
+
+    Subclasses set ``name``, ``summary``, ``lower_options``,
+    ``runner_options`` and ``runner_class`` and implement
+    :meth:`unavailable_reason`, :meth:`lower_into` and optionally
+    :meth:`check_program` and :meth:`versions`.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    lower_options: ClassVar[tuple[Option, ...]] = ()
+    runner_options: ClassVar[tuple[Option, ...]] = ()
+    runner_class: ClassVar[type[Runner]] = Runner
+
+    def unavailable_reason(self) -> str | None:
+        """None when usable here, else why not (missing package, no CUDA)."""
+        return None
+
+    def versions(self) -> dict[str, str]:
+        return {}
+
+    def check_program(self, program: Program, options: Mapping[str, Any]) -> None:
+        """Raise LoweringError for a Program this backend cannot take."""
+
+    def lower_into(self, program: Program, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Write the model file(s) into ``out``; return the manifest's ``backend`` section
+        (must name the main file as ``entry``)."""
+        raise NotImplementedError
+
+    def make_runner(self, artifact: Artifact, options: Mapping[str, Any]) -> Runner:
+        return self.runner_class(artifact, artifact.inputs, artifact.output_names, **options)
+
+
+def register_runtime(backend: Backend) -> Backend:
+    """Register a third-party runtime (built-ins register themselves lazily)."""
+    if not backend.name:
+        raise LoweringError(f"{type(backend).__name__} has no name")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def runtime_names() -> list[str]:
+    return list(dict.fromkeys([*_BUILTIN, *_REGISTRY]))
+
+
+def get_runtime(name: str) -> Backend:
+    """The Backend named ``name`` (imports ``graphopt.runtimes.<name>`` on first use)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name not in _BUILTIN:
+        raise LoweringError(
+            f"unknown runtime '{name}'{closest(name, runtime_names())}; runtimes: {', '.join(runtime_names())}"
+        )
+    module = importlib.import_module(f"graphopt.runtimes.{_BUILTIN[name]}")
+    backend: Backend = module.BACKEND
+    _REGISTRY[name] = backend
+    return backend
+
+
+@dataclass
+class RuntimeStatus:
+    name: str
+    available: bool
+    reason: str
+    summary: str
+    versions: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "available": self.available,
+            "reason": self.reason,
+            "summary": self.summary,
+            "versions": self.versions,
+        }
+
+
+def available_runtimes() -> dict[str, RuntimeStatus]:
+    """Every known runtime with whether it works here and, if not, why."""
+    out: dict[str, RuntimeStatus] = {}
+    for name in runtime_names():
+        backend = get_runtime(name)
+        reason = backend.unavailable_reason()
+        versions = backend.versions() if reason is None else {}
+        out[name] = RuntimeStatus(name, reason is None, reason or "", backend.summary, versions)
+    return out
+
+
+def require_available(backend: Backend) -> None:
+    reason = backend.unavailable_reason()
+    if reason:
+        raise BackendUnavailableError(f"{backend.name} | not available here: {reason}")

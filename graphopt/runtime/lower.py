@@ -1,0 +1,112 @@
+"""Lower once, load many times: ``lower(program, runtime, dir)`` writes an
+artifact atomically; ``load(dir)`` checks it and returns its Runner."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.errors import ArtifactError, GraphoptError, LoweringError, RunnerError, first_line
+from graphopt.ir.program import Program
+from graphopt.options import resolve_options
+from graphopt.outputs import atomic_directory
+from graphopt.process import quiet_backends
+from graphopt.runtime.artifact import MANIFEST_FILE, MANIFEST_FORMAT, Artifact, read_artifact, sha256_file
+from graphopt.runtime.backend import Backend, get_runtime, require_available
+from graphopt.runtime.contract import dim_ranges
+from graphopt.runtime.runner import Runner
+
+__all__ = ["lower", "load"]
+
+log = logging.getLogger(__name__)
+
+
+def _versions(backend: Backend) -> dict[str, str]:
+    import graphopt
+
+    return {"graphopt": graphopt.__version__, "torch": torch.__version__, **backend.versions()}
+
+
+def lower(
+    program: Program,
+    runtime: str,
+    out_dir: str | os.PathLike[str],
+    force: bool = False,
+    **options: Any,
+) -> Artifact:
+    """Lower ``program`` with ``runtime`` into the directory ``out_dir`` (atomic).
+
+    ``options`` are the runtime's lowering options (``graphopt runtimes``
+    lists them); unknown ones are an error. Refuses an existing ``out_dir``
+    unless ``force``.
+    """
+    if not isinstance(program, Program):
+        raise LoweringError(f"lower takes a Program, got {type(program).__name__}; capture the model first")
+    backend = get_runtime(runtime)
+    require_available(backend)
+    opts = resolve_options(backend.lower_options, options, f"{runtime} | lower", LoweringError)
+    backend.check_program(program, opts)
+    with atomic_directory(out_dir, force=force) as tmp, quiet_backends():
+        try:
+            info = backend.lower_into(program, tmp, opts)
+        except GraphoptError:
+            raise
+        except Exception as e:  # backend exporters raise many unrelated types
+            if os.environ.get("GRAPHOPT_DEBUG"):
+                raise
+            raise LoweringError(
+                f"{runtime} | lowering {program.name} failed: {first_line(e, with_type=True)}; "
+                "set GRAPHOPT_DEBUG=1 (or --debug) for the traceback"
+            ) from e
+        if "entry" not in info or not (tmp / info["entry"]).is_file():
+            raise LoweringError(f"{runtime} | lowering wrote no entry file ({info.get('entry')!r})")
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = f.relative_to(tmp).as_posix()
+            if rel != MANIFEST_FILE:
+                files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "runtime": runtime,
+            "model": program.name,
+            "source": program.meta.get("zoo") or program.meta.get("hf_directory") or program.name,
+            "pipeline": program.pipeline,
+            "inputs": [s.to_json() for s in program.inputs],
+            "outputs": list(program.output_names),
+            "dims": dim_ranges(program),
+            "options": {k: v for k, v in opts.items()},
+            "versions": _versions(backend),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "backend": info,
+            "files": files,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    log.info("lowered %s with %s into %s (%d files)", program.name, runtime, out_dir, len(files))
+    return Artifact(Path(out_dir), manifest)
+
+
+def load(out_dir: str | os.PathLike[str], *, verify: bool = True, **options: Any) -> Runner:
+    """Check the artifact in ``out_dir`` and return an (inactive) Runner for it.
+
+    ``options`` are the runtime's runner options (threads, providers...).
+    ``verify=False`` skips the sha256 checks (missing files are still errors).
+    """
+    artifact = read_artifact(out_dir, verify=verify)
+    try:
+        backend = get_runtime(artifact.runtime)
+    except LoweringError:
+        raise ArtifactError(
+            f"{artifact.path} was lowered for runtime '{artifact.runtime}', which this graphopt does not know"
+        ) from None
+    require_available(backend)
+    written = artifact.manifest.get("versions", {}).get("torch")
+    if written and written != torch.__version__ and artifact.runtime in ("inductor", "torchscript"):
+        log.warning("%s was lowered with torch %s, running with %s", artifact.path, written, torch.__version__)
+    opts = resolve_options(backend.runner_options, options, f"{artifact.runtime} | load", RunnerError)
+    return backend.make_runner(artifact, opts)

@@ -1,0 +1,136 @@
+"""The one Runner interface every runtime implements (Polygraphy's BaseRunner).
+
+Public methods check the runner's state and validate inputs against the
+artifact's input contract, then call the subclass's ``_activate_impl`` /
+``_infer_impl`` / ``_deactivate_impl``. Every message starts with the runtime's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from graphopt.errors import GraphoptError, RunnerError, first_line
+from graphopt.ir.program import InputSpec, bind_inputs, check_inputs
+from graphopt.process import quiet_backends
+
+if TYPE_CHECKING:
+    from graphopt.runtime.artifact import Artifact
+
+__all__ = ["Runner"]
+
+
+class Runner:
+    """Runs one loaded artifact. Use as a context manager (Polygraphy's BaseRunner)::
+
+        with graphopt.load("out/ort") as runner:
+            outputs = runner(input_ids, attention_mask)     # tuple, program order
+            named = runner.infer({"input_ids": ids, ...})   # dict by output name
+
+    Public methods check that the runner is active and validate input names,
+    dtypes and ranks against the manifest, then call the subclass's
+    ``_activate_impl`` / ``_infer_impl`` / ``_deactivate_impl``. Every
+    message starts with the runtime's name.
+    """
+
+    #: runtime name, e.g. ``onnxruntime``
+    name: ClassVar[str] = "runner"
+
+    def __init__(self, artifact: Artifact | None, inputs: Sequence[InputSpec], output_names: Sequence[str],
+                 **options: Any):
+        self.artifact = artifact
+        self.inputs = list(inputs)
+        self.output_names = list(output_names)
+        self.options = dict(options)
+        self.device = "cpu"
+        self.is_active = False
+
+    # ------------------------------------------------------------- lifecycle
+    def activate(self) -> Runner:
+        if self.is_active:
+            raise RunnerError(f"{self.name} | runner is already active; deactivate() it first")
+        try:
+            with quiet_backends():
+                self._activate_impl()
+        except GraphoptError:
+            raise
+        except Exception as e:  # backend loaders raise many unrelated types
+            where = self.artifact.path if self.artifact else "program"
+            raise RunnerError(f"{self.name} | could not load {where}: {first_line(e, with_type=False)}") from e
+        self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if not self.is_active:
+            raise RunnerError(f"{self.name} | runner is not active; nothing to deactivate")
+        try:
+            self._deactivate_impl()
+        finally:
+            self.is_active = False
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.is_active:
+            self.deactivate()
+
+    # ------------------------------------------------------------- inference
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        """Run with inputs in Program order (or by name); outputs in Program order."""
+        if not self.is_active:
+            raise RunnerError(
+                f"{self.name} | runner is not active; use `with graphopt.load(dir) as runner:` "
+                "or call runner.activate() first"
+            )
+        bound = bind_inputs(self.inputs, args, kwargs, self.name)
+        check_inputs(self.inputs, bound, self.name)
+        try:
+            outputs = tuple(self._infer_impl(bound))
+        except GraphoptError:
+            raise
+        except Exception as e:
+            raise RunnerError(f"{self.name} | inference failed: {first_line(e, with_type=False)}") from e
+        if len(outputs) != len(self.output_names):
+            raise RunnerError(
+                f"{self.name} | backend returned {len(outputs)} outputs, manifest names "
+                f"{len(self.output_names)} ({', '.join(self.output_names)}); re-lower the artifact"
+            )
+        return outputs
+
+    def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Polygraphy-style: feed dict by input name -> dict by output name."""
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if extra:
+            raise RunnerError(f"{self.name} | unknown input '{extra[0]}'; inputs are {self.input_names}")
+        if missing:
+            raise RunnerError(f"{self.name} | missing input '{missing[0]}'; inputs are {self.input_names}")
+        outputs = self(*(feeds[n] for n in self.input_names))
+        return dict(zip(self.output_names, outputs))
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (call before reading a timer)."""
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    # ----------------------------------------------------------- subclasses
+    def _activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def _infer_impl(self, inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        raise NotImplementedError
+
+    def _deactivate_impl(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        where = self.artifact.path if self.artifact else "in-memory"
+        state = "active" if self.is_active else "inactive"
+        return f"<{type(self).__name__} {self.name} {where} on {self.device}, {state}>"
