@@ -8,10 +8,21 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from graphopt.passlib.pruning import CRITERIA, check_ratio, run_ratio_prune
+from graphopt.ir.program import Program
+from graphopt.passlib.pruning import (
+    CRITERIA,
+    PruneGroup,
+    apply_groups,
+    check_ratio,
+    group_importance,
+    select_removals,
+    taylor_saliency,
+)
+from graphopt.transform.analysis import count_flops
 from graphopt.transform.base import Option, Pass, PassResult
+from graphopt.transform.manager import PassContext
 
-__all__ = ["RatioPrunePass", "ratio_options"]
+__all__ = ["RatioPrunePass", "ratio_options", "run_ratio_prune"]
 
 
 def ratio_options(unit: str) -> tuple[Option, ...]:
@@ -49,3 +60,42 @@ class RatioPrunePass(Pass):
         groups, declined = self.groups(program.gm)
         return run_ratio_prune(program, ctx, groups, declined, ratio=self.ratio,
                                criterion=self.criterion, scope=self.scope, unit=self.unit)
+
+
+def run_ratio_prune(
+    program: Program, ctx: PassContext, groups: list[PruneGroup], declined: list[str], *,
+    ratio: float, criterion: str, scope: str, unit: str,
+) -> PassResult:
+    """The body shared by prune-heads/-ffn/-linear: score, select, check, apply.
+
+    Everything up to :func:`select_removals` is analysis, so a bad ratio raises
+    before the graph changes. Returns a PassResult with per-layer ``details``,
+    one note per layer and the FLOPs on the verify inputs before/after."""
+    gm = program.gm
+    if not groups:
+        return PassResult(program, modified=False, declined=declined)
+    saliency = None
+    if criterion == "taylor":
+        targets = [s.node.args[s.arg].target for g in groups for s in g.slices if s.score]
+        saliency = taylor_saliency(gm, targets, ctx.calibration_batches())
+    scores = [group_importance(gm, g, criterion, saliency) for g in groups]
+    removals = select_removals(groups, scores, ratio, scope)
+    if not any(removals):
+        return PassResult(program, modified=False, declined=declined,
+                          notes=[f"ratio={ratio} removes no {unit} from {len(groups)} layers"])
+    inputs = ctx.verify_inputs(program)
+    flops_before = count_flops(program, inputs)
+    details = apply_groups(gm, groups, removals)
+    gm.recompile()
+    flops_after = count_flops(program, inputs)
+    notes = [
+        f"{d['layer']}: {unit} {d['of']} -> {d['kept']} (removed {d['removed'][:8]}"
+        f"{'...' if len(d['removed']) > 8 else ''}), -{d['params_removed']:,} params, "
+        f"-{d['flops_removed_per_row']:,} FLOPs/row"
+        for d in details
+    ]
+    drop = 100.0 * (flops_before - flops_after) / flops_before if flops_before else 0.0
+    notes.append(f"FLOPs on the verify inputs {flops_before:,} -> {flops_after:,} (-{drop:.1f}%)")
+    removed = sum(len(d["removed"]) for d in details)
+    return PassResult(program, modified=True, stats={f"{unit}-removed": removed, "layers": len(details)},
+                      declined=declined, details=details, notes=notes)

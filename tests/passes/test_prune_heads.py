@@ -112,11 +112,12 @@ def test_bad_options_fail_at_parse_time(program, text):
 
 
 def test_global_ratio_that_empties_a_layer_raises_before_any_change(program):
+    from graphopt.transform.analysis import propagate_shapes
     from graphopt.transform.instruments import _graph_digest
     from graphopt.transform.manager import PassContext
 
     p = program("bert4rec:tiny")
-    graphopt.analysis.propagate_shapes(p)
+    propagate_shapes(p)
     before = _graph_digest(p)
     # 7 of 8 heads ranked globally cannot leave one head in each of 2 layers
     with pytest.raises(PassOptionError, match="would remove all"):
