@@ -11,18 +11,18 @@ from pathlib import Path
 from graphopt.errors import ArtifactError
 from graphopt.rec.data import MovieLens, load_movielens, synthetic_movielens
 from graphopt.rec.finetune import (
-    MODEL_KINDS,
     FinetuneConfig,
     finetune,
     is_checkpoint,
     load_checkpoint,
+    model_kinds,
     save_checkpoint,
 )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a zoo recommender on MovieLens-100K and save a checkpoint")
-    p.add_argument("model", help=f"zoo model to train: {', '.join(k + ':SIZE' for k in MODEL_KINDS)} (size tiny|base)")
+    p.add_argument("model", help=f"zoo model to train: {', '.join(k + ':SIZE' for k in model_kinds())} (size tiny|base)")
     p.add_argument("--data", default="ml-100k",
                    help="ml-100k (a path, $GRAPHOPT_DATA, or recbole's copy; synthetic with a notice if none), "
                         "synthetic, or a path to an ml-100k folder")

@@ -93,7 +93,7 @@ def test_max_steps_and_budget_stop(small):
 
 
 def test_popularity_prior_initialises_the_output_bias(small):
-    from graphopt.rec.finetune import _init_popularity_bias, build_model
+    from graphopt.rec.finetune import build_model, get_objective
 
     split = small.leave_one_out()
     counts = torch.zeros(small.num_items + 1)
@@ -101,7 +101,7 @@ def test_popularity_prior_initialises_the_output_bias(small):
         counts.index_add_(0, torch.tensor(seq), torch.ones(len(seq)))
     for kind in ("bert4rec", "bert-cls"):
         model = build_model(kind, dict(hidden=32, layers=1, heads=4, intermediate=64, items=100, seq=16))
-        _init_popularity_bias(model, kind, split)
+        get_objective(kind).init_bias(model, split)
         bias = model.bias[1:] if kind == "bert4rec" else model.classifier.bias
         torch.testing.assert_close(bias.detach(), (counts[1:] + 1).log() - (counts[1:] + 1).log().mean())
         more, fewer = int(counts[1:].argmax()), int(counts[1:].argmin())
