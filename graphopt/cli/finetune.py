@@ -70,8 +70,9 @@ def describe_data(data: MovieLens) -> str:
 
 def _epoch_line(record: dict[str, float]) -> str:
     line = f"  epoch {int(record['epoch']):3d}  step {int(record['step']):5d}  loss {record['loss']:.4f}"
-    if "valid_ndcg@10" in record:
-        line += f"  valid NDCG@10 {record['valid_ndcg@10']:.4f}  HR@10 {record['valid_hr@10']:.4f}"
+    valid = {k.removeprefix("valid_"): v for k, v in record.items() if k.startswith("valid_")}
+    if valid:
+        line += "  valid " + "  ".join(f"{k.upper()} {v:.4f}" for k, v in valid.items())
     return line + f"  ({record['elapsed_s']:.0f}s)"
 
 

@@ -124,7 +124,7 @@ def test_unknown_model_and_unreadable_file_exit_2(tmp_path, capsys):
 
 
 def test_failing_pass_exits_1(tmp_path, capsys):
-    import tests.test_pass_manager  # noqa: F401  (registers test-raises)
+    import tests.transform.test_pass_manager  # noqa: F401  (registers test-raises)
 
     code, _, err = run(capsys, "optimize", "dlrm:tiny", "-p", "dce,test-raises", "-o", str(tmp_path / "o"))
     assert code == 1

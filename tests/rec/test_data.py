@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from graphopt.rec import data as gdata
 from graphopt.rec.data import (
     DataError,
     encode_histories,
@@ -22,6 +21,7 @@ from graphopt.rec.data import (
     recbole_folder,
     synthetic_movielens,
 )
+from graphopt.rec.data import movielens as gdata
 
 REAL = recbole_folder()
 needs_real = pytest.mark.skipif(REAL is None, reason="recbole's ml-100k copy is not installed (pip install --no-deps recbole==1.2.1)")
@@ -115,7 +115,7 @@ def test_bad_paths_are_errors_not_fallbacks(tmp_path, monkeypatch):
 def test_no_data_falls_back_to_synthetic_with_notice(monkeypatch, caplog):
     monkeypatch.delenv("GRAPHOPT_DATA", raising=False)
     monkeypatch.setattr(gdata, "recbole_folder", lambda: None)  # as if recbole were not installed
-    with caplog.at_level(logging.WARNING, logger="graphopt.data"):
+    with caplog.at_level(logging.WARNING, logger="graphopt.rec.data"):
         data = load_movielens()
     assert data.synthetic and data.notice and "SYNTHETIC" in data.notice
     assert any("SYNTHETIC" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,4 @@
-"""MovieLens-100K for sequential recommendation: load, split, evaluate.
+"""MovieLens-100K for sequential recommendation: find, read, split.
 
 ``load_movielens()`` finds the data in this order and says which it used:
 
@@ -30,17 +30,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import math
 import os
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from graphopt.errors import ArtifactError
-from graphopt.metrics import hr_at_k, ndcg_at_k
 
 __all__ = [
     "DataError",
@@ -50,11 +47,9 @@ __all__ = [
     "load_movielens",
     "read_movielens_folder",
     "find_movielens",
-    "synthetic_movielens",
-    "encode_histories",
-    "item_scores",
-    "evaluate_ranking",
-    "popularity_metrics",
+    "recbole_folder",
+    "DATA_ENV",
+    "SYNTHETIC_NOTICE",
     "ML100K_USERS",
     "ML100K_ITEMS",
 ]
@@ -324,175 +319,10 @@ def load_movielens(
             f"real MovieLens-100K data not found; `pip install --no-deps recbole==1.2.1` "
             f"or set {DATA_ENV} to an ml-100k folder"
         )
+    from graphopt.rec.data.synthetic import synthetic_movielens
+
     data = synthetic_movielens(seed=seed)
     log.warning("%s", SYNTHETIC_NOTICE)
     return data
 
 
-# ------------------------------------------------------------------ synthetic
-def synthetic_movielens(
-    users: int = ML100K_USERS,
-    items: int = ML100K_ITEMS,
-    interactions: int = ML100K_INTERACTIONS,
-    *,
-    genres: int = 18,
-    min_len: int = 20,
-    seed: int = 0,
-) -> MovieLens:
-    """A MovieLens-shaped dataset with learnable structure.
-
-    Item popularity is Zipf-like (exponent 0.9 over a random permutation);
-    each item has a genre and each user prefers two or three genres; a third
-    of the steps continue from the previous item to one of its genre
-    neighbours (sequential signal). Users never repeat an item, like ratings.
-    Sequence lengths are log-normal, at least ``min_len`` (scaled down when
-    ``items`` is small), summing to about ``interactions``.
-    """
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    min_len = max(3, min(min_len, items // 4))
-    max_len = max(min_len, items // 2)
-    popularity = 1.0 / torch.arange(1, items + 1, dtype=torch.float64) ** 0.9
-    popularity = popularity[torch.randperm(items, generator=gen)]
-    genre = torch.randint(0, genres, (items,), generator=gen)
-    members = [torch.nonzero(genre == g).flatten().tolist() for g in range(genres)]
-    position = {item: (g, k) for g, group in enumerate(members) for k, item in enumerate(group)}
-    raw = torch.exp(0.9 * torch.randn(users, generator=gen, dtype=torch.float64))  # log-normal lengths
-    lengths = (raw / raw.sum() * max(interactions - users * min_len, 0)).round().long() + min_len
-    lengths = lengths.clamp(min_len, max_len).tolist()
-    sequences = []
-    for user in range(users):
-        liked = rng.sample(range(genres), k=min(genres, rng.choice((2, 3))))
-        weights = popularity.clone()
-        boost = torch.zeros(items, dtype=torch.bool)
-        for g in liked:
-            boost |= genre == g
-        weights[boost] *= 8.0
-        weights /= weights.sum()
-        draws = torch.multinomial(weights, lengths[user] * 3, replacement=True, generator=gen).tolist()
-        seq: list[int] = []
-        used: set[int] = set()
-        for draw in draws:
-            if len(seq) == lengths[user]:
-                break
-            item = draw
-            if seq and rng.random() < 0.35:
-                g, k = position[seq[-1]]
-                group = members[g]
-                item = group[(k + rng.randint(1, 3)) % len(group)]
-            if item not in used:
-                used.add(item)
-                seq.append(item)
-        sequences.append([i + 1 for i in seq])
-    titles = ["[pad]"] + [f"Synthetic movie {i} (genre {int(genre[i - 1])})" for i in range(1, items + 1)]
-    return MovieLens(
-        name="synthetic-ml-100k" if (users, items) == (ML100K_USERS, ML100K_ITEMS) else f"synthetic-{users}x{items}",
-        source=f"synthetic (seed {seed})",
-        sequences=sequences,
-        num_items=items,
-        titles=titles,
-        synthetic=True,
-        notice=SYNTHETIC_NOTICE,
-    )
-
-
-# ----------------------------------------------------------------- evaluation
-def encode_histories(
-    histories: Sequence[Sequence[int]], seq_len: int, append_mask: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``(input_ids, attention_mask)`` of the most recent items.
-
-    With ``append_mask`` (the [mask] id of BERT4Rec) the last position holds
-    that token and the history gets ``seq_len - 1`` slots.
-    """
-    room = seq_len - (1 if append_mask is not None else 0)
-    ids = torch.zeros(len(histories), seq_len, dtype=torch.long)
-    mask = torch.zeros(len(histories), seq_len, dtype=torch.long)
-    for row, hist in enumerate(histories):
-        tail = list(hist[-room:]) if room > 0 else []
-        if append_mask is not None:
-            tail.append(append_mask)
-        if tail:
-            ids[row, seq_len - len(tail):] = torch.tensor(tail)
-            mask[row, seq_len - len(tail):] = 1
-    return ids, mask
-
-
-def item_scores(out: torch.Tensor, num_items: int) -> torch.Tensor:
-    """Model output -> ``(batch, num_items + 1)`` float scores, column ``i`` = item ``i``.
-
-    BERT4Rec already scores ids ``0..num_items``; a classifier over
-    ``num_items`` labels (label ``j`` = item ``j + 1``) gets a padding column.
-    """
-    out = out.float()
-    if out.shape[-1] == num_items + 1:
-        return out
-    if out.shape[-1] == num_items:
-        return torch.cat([torch.zeros(out.shape[0], 1), out], dim=1)
-    raise DataError(f"model scores have {out.shape[-1]} columns; expected {num_items} or {num_items + 1} items")
-
-
-def _batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, batch_size):
-        yield start, min(n, start + batch_size)
-
-
-def evaluate_ranking(
-    score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    cases: EvalSet,
-    num_items: int,
-    *,
-    seq_len: int,
-    append_mask: int | None = None,
-    k: int = 10,
-    batch_size: int = 128,
-    fixed_batch: bool = False,
-) -> dict[str, float]:
-    """HR@k and NDCG@k of ``score_fn(input_ids, attention_mask)`` over all items.
-
-    Seen items are masked. ``fixed_batch`` pads the last batch to
-    ``batch_size`` rows (for runtimes with a static batch dimension).
-    """
-    ids, mask = encode_histories(cases.histories, seq_len, append_mask)
-    parts = []
-    for start, stop in _batches(len(cases), batch_size):
-        b_ids, b_mask = ids[start:stop], mask[start:stop]
-        rows = stop - start
-        if fixed_batch and rows < batch_size:
-            reps = math.ceil(batch_size / rows)
-            b_ids = b_ids.repeat(reps, 1)[:batch_size]
-            b_mask = b_mask.repeat(reps, 1)[:batch_size]
-        out = score_fn(b_ids, b_mask)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        parts.append(item_scores(torch.as_tensor(out)[:rows], num_items))
-    scores = torch.cat(parts) if parts else torch.zeros(0, num_items + 1)
-    broken = int(torch.isnan(scores).any(dim=1).sum())
-    if broken:  # NaN compares false everywhere and would rank a target first
-        log.warning("%d of %d users got NaN scores; they count as misses", broken, len(scores))
-        scores = torch.nan_to_num(scores, nan=-math.inf)
-    return {
-        f"hr@{k}": hr_at_k(scores, cases.targets, k, cases.seen),
-        f"ndcg@{k}": ndcg_at_k(scores, cases.targets, k, cases.seen),
-        "users": float(len(cases)),
-    }
-
-
-def popularity_metrics(split: Split, cases: str = "test", k: int = 10) -> dict[str, float]:
-    """The most-popular baseline: rank items by training-interaction count.
-
-    For the test cases the validation targets count as seen training data.
-    """
-    counts = torch.zeros(split.num_items + 1)
-    for seq in split.train:
-        if seq:
-            counts.index_add_(0, torch.tensor(seq, dtype=torch.long), torch.ones(len(seq)))
-    evalset = split.valid if cases == "valid" else split.test
-    if cases != "valid":
-        counts.index_add_(0, split.valid.targets, torch.ones(len(split.valid)))
-    scores = counts.expand(len(evalset), -1)
-    return {
-        f"hr@{k}": hr_at_k(scores, evalset.targets, k, evalset.seen),
-        f"ndcg@{k}": ndcg_at_k(scores, evalset.targets, k, evalset.seen),
-        "users": float(len(evalset)),
-    }
