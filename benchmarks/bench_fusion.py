@@ -55,8 +55,9 @@ def _onnxruntime(program: Any) -> Callable[[tuple[torch.Tensor, ...]], Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(program.export(), dynamo=True, verbose=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
+    from graphopt.runtimes.onnxruntime import session_options
+
+    opts = session_options(intra_op_threads=torch.get_num_threads(), spin=False)
     session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), opts,
                                    providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]

@@ -23,10 +23,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from graphopt.runtimes.onnx_export import ORT_DISABLED_OPTIMIZERS, qdq_translations
 
 import graphopt
 from graphopt.passlib.calibration import agreement
-from graphopt.passlib.qdq import ORT_DISABLED_OPTIMIZERS, onnx_translations
 from graphopt.rec.zoo import load_model
 
 
@@ -57,11 +57,12 @@ def _ort_session(program, tmp):
     import onnxruntime as ort
 
     path = Path(tmp) / f"{program.name.replace(':', '_')}_{len(os.listdir(tmp))}.onnx"
-    onx = torch.onnx.export(program.export(), dynamo=True, custom_translation_table=onnx_translations(),
+    onx = torch.onnx.export(program.export(), dynamo=True, custom_translation_table=qdq_translations(),
                             verbose=False)
     onx.save(str(path))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
+    from graphopt.runtimes.onnxruntime import session_options
+
+    opts = session_options(intra_op_threads=torch.get_num_threads(), spin=False)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS))
     names = [i.name for i in sess.get_inputs()]

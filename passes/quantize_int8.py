@@ -115,7 +115,7 @@ class QuantizeInt8(Pass):
     tolerance = 0.25
     backend_notes = (
         "QDQ form: Inductor (freezing) lowers it to oneDNN int8 qlinear; ONNX Runtime runs it as "
-        "MatMulIntegerToFloat (export with graphopt.qdq.onnx_translations and disable ORT's "
+        "MatMulIntegerToFloat (export with graphopt.runtimes.onnx_export.qdq_translations and disable ORT's "
         "MatMulAddFusion for rank-2 linears); TensorRT needs activations=int8 (symmetric, zero point 0)."
     )
 

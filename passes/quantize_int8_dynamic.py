@@ -23,7 +23,7 @@ class QuantizeInt8Dynamic(Pass):
     per activation ``choose_qparams.tensor`` -> ``quantize_per_tensor.tensor``
     -> ``dequantize_per_tensor.tensor`` (PT2E's dynamic reference form; ONNX:
     DynamicQuantizeLinear, run by ONNX Runtime as MatMulIntegerToFloat /
-    DynamicQuantizeMatMul when exported with ``graphopt.qdq.onnx_translations``).
+    DynamicQuantizeMatMul when exported with ``graphopt.runtimes.onnx_export.qdq_translations``).
     Requires shapes; preserves shapes. Approximate: tolerance 0.25 (atol = rtol),
     the same bound as quantize-int8 (dynamic ranges are per call, so never
     clipped; measured errors are below the static ones).
@@ -42,7 +42,7 @@ class QuantizeInt8Dynamic(Pass):
     tolerance = 0.25
     backend_notes = (
         "Inductor (freezing) lowers it to oneDNN dynamic qlinear; ONNX export needs "
-        "graphopt.qdq.onnx_translations (choose_qparams -> DynamicQuantizeLinear)."
+        "graphopt.runtimes.onnx_export.qdq_translations (choose_qparams -> DynamicQuantizeLinear)."
     )
 
     def run(self, program, ctx):  # type: ignore[no-untyped-def]

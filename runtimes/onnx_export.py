@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch
 from graphopt.errors import LoweringError
 from graphopt.ir.program import Program
 
-__all__ = ["export_onnx", "save_onnx", "rename_dims", "op_counts", "EXTERNAL_DATA_BYTES"]
+__all__ = ["export_onnx", "save_onnx", "rename_dims", "op_counts", "qdq_translations", "ORT_DISABLED_OPTIMIZERS",
+           "EXTERNAL_DATA_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +116,49 @@ def op_counts(model: Any) -> dict[str, int]:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+#: ONNX Runtime fuses MatMul+Add into Gemm before its QDQ rules run, and keeps
+#: a DQ->Gemm in float; sessions of quantized models pass this to
+#: ``InferenceSession(..., disabled_optimizers=...)``.
+ORT_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
+
+
+def qdq_translations() -> dict[Any, Callable[..., Any]]:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``
+    of quantized Programs: dynamic quantization as ``DynamicQuantizeLinear``,
+    tensor-valued scales/zero points, and rank-2 quantized linears as MatMul
+    (+Add) so ONNX Runtime can run them on integer kernels."""
+    from onnxscript import opset18 as op
+
+    float_, double_, uint8_, int8_, int64_ = 1, 11, 2, 3, 7
+
+    def choose_qparams(x: Any, quant_min: int, quant_max: int, eps: float, dtype: int) -> Any:
+        _, scale, zp = op.DynamicQuantizeLinear(x)  # uint8, asymmetric, zero in range
+        return op.Cast(scale, to=double_), op.Cast(zp, to=int64_)
+
+    def _qtype(dtype: int) -> int:
+        return int8_ if int(dtype) == int8_ else uint8_
+
+    def quantize_tensor(x: Any, scale: Any, zp: Any, quant_min: int, quant_max: int, dtype: int) -> Any:
+        return op.QuantizeLinear(x, op.Cast(scale, to=float_), op.Cast(zp, to=_qtype(dtype)))
+
+    def dequantize_tensor(
+        x: Any, scale: Any, zp: Any, quant_min: int, quant_max: int, dtype: int, out_dtype: int = -1
+    ) -> Any:
+        return op.DequantizeLinear(x, op.Cast(scale, to=float_), op.Cast(zp, to=_qtype(dtype)))
+
+    def linear(x: Any, weight: Any, bias: Any = None) -> Any:
+        producer = weight.producer() if hasattr(weight, "producer") else None
+        quantized = producer is not None and producer.op_type == "DequantizeLinear"
+        if len(x.shape) == 2 and not quantized:
+            return op.Gemm(x, weight, bias, transB=True)
+        out = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+        return out if bias is None else op.Add(out, bias)
+
+    return {
+        torch.ops.quantized_decomposed.choose_qparams.tensor: choose_qparams,
+        torch.ops.quantized_decomposed.quantize_per_tensor.tensor: quantize_tensor,
+        torch.ops.quantized_decomposed.dequantize_per_tensor.tensor: dequantize_tensor,
+        torch.ops.aten.linear.default: linear,
+    }

@@ -34,7 +34,7 @@ from graphopt.errors import LoweringError, RunnerError, first_line
 from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Option, Runner, is_quantized, program_dtypes
 
-__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BACKEND", "split_qdq_gemm_bias", "INTEGER_OPS"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeRunner", "BACKEND", "session_options", "split_qdq_gemm_bias", "INTEGER_OPS"]
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,39 @@ def split_qdq_gemm_bias(model: Any) -> int:
     return split
 
 
+def session_options(
+    *,
+    level: str = "all",
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    spin: bool = True,
+    optimized_model_path: str = "",
+    log_severity: int = 3,
+) -> Any:
+    """The one place graphopt configures an ONNX Runtime session (its own
+    runners, the lowerer's checks and the peer recipes of the harness):
+    graph optimization level, thread pools (0 = ORT's default), whether idle
+    intra-op threads spin (``spin=False`` for timing: a spinning pool slows
+    whatever runs next), where to write the optimized graph, log severity."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = log_severity
+    so.graph_optimization_level = _level(ort, level)
+    if intra_op_threads:
+        so.intra_op_num_threads = intra_op_threads
+    if inter_op_threads:
+        so.inter_op_num_threads = inter_op_threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_model_path:
+        so.optimized_model_filepath = optimized_model_path
+    return so
+
+
 def _loads(ort: Any, model: Any) -> str | None:
     """None if ORT can build a session for ``model``, else the reason."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so = session_options(level="basic", log_severity=4)
     try:
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
@@ -126,10 +154,7 @@ def _ort_fusions(model: Any) -> tuple[Any, dict[str, int]]:
 def _optimized_graph(ort: Any, path: Path, out: Path) -> Any:
     import onnx
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(out)
+    so = session_options(level="all", optimized_model_path=str(out))
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return onnx.load(str(out))
 
@@ -161,17 +186,13 @@ class OnnxRuntimeRunner(Runner):
 
         assert self.artifact is not None
         opts = self.options
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if opts["intra_op_threads"]:
-            so.intra_op_num_threads = opts["intra_op_threads"]
-        if opts["inter_op_threads"]:
-            so.inter_op_num_threads = opts["inter_op_threads"]
-        so.graph_optimization_level = _level(ort, opts["graph_optimization_level"])
-        if not opts["spin"]:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if opts["optimized_model_path"]:
-            so.optimized_model_filepath = opts["optimized_model_path"]
+        so = session_options(
+            level=opts["graph_optimization_level"],
+            intra_op_threads=opts["intra_op_threads"],
+            inter_op_threads=opts["inter_op_threads"],
+            spin=opts["spin"],
+            optimized_model_path=opts["optimized_model_path"],
+        )
         path = self.artifact.entry
         optimized = self.artifact.backend.get("optimized")
         if opts["use_optimized"] and optimized and (self.artifact.path / optimized).is_file():

@@ -81,13 +81,11 @@ def measure_subprocess(
 def _load_target(target: dict[str, Any], threads: int | None) -> Callable[..., Any]:
     kind = target["kind"]
     if kind == "artifact":
-        from graphopt import runtime
         from graphopt.bench.variants import runner_options
+        from graphopt.runtime import load, read_artifact
 
-        manifest = json.loads((Path(target["path"]) / "manifest.json").read_text())
-        runner = runtime.load(target["path"], **runner_options(str(manifest.get("runtime")), threads))
-        entered = runner.__enter__() if hasattr(runner, "__enter__") else runner
-        return entered if entered is not None else runner
+        runtime = read_artifact(target["path"], verify=False).runtime
+        return load(target["path"], **runner_options(runtime, threads)).activate()
     if kind == "onnx":
         from graphopt.bench.peers import ort_session
 

@@ -103,13 +103,10 @@ def _hf_config(module: torch.nn.Module) -> Any | None:
 def ort_session(path: str | Path, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    from graphopt.runtimes.onnxruntime import session_options
+
     # no idle spinning, as for graphopt's own ORT variants: it slows the variant timed next
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(level="all", intra_op_threads=threads or 0, spin=False)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

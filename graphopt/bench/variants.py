@@ -23,6 +23,7 @@ import torch
 from graphopt.errors import BackendUnavailableError, GraphoptError, first_line
 from graphopt.ir.capture import _flatten_outputs
 from graphopt.ir.program import Program
+from graphopt.runtime import Runner, available_runtimes, get_runtime, load, lower
 from graphopt.transform.pipeline import parse_pipeline
 
 __all__ = [
@@ -140,53 +141,18 @@ class Variant:
 
 
 # ------------------------------------------------------------------ runtimes
-def _runtime_api() -> Any | None:
-    try:
-        from graphopt import runtime
-    except ImportError:
-        return None
-    return runtime
-
-
-def _status_entry(value: Any) -> tuple[bool, str]:
-    if isinstance(value, bool):
-        return value, "" if value else "not available"
-    if value is None:
-        return True, ""
-    if isinstance(value, str):
-        return False, value
-    if isinstance(value, (tuple, list)) and value:
-        return bool(value[0]), str(value[1]) if len(value) > 1 and value[1] else ""
-    if isinstance(value, dict):
-        return bool(value.get("available")), str(value.get("reason") or "")
-    available = getattr(value, "available", None)
-    if available is not None:
-        return bool(available), str(getattr(value, "reason", "") or "")
-    return bool(value), ""
-
-
 def runtime_status(names: Sequence[str]) -> dict[str, tuple[bool, str]]:
     """name -> (available, reason) for each requested runtime."""
-    api = _runtime_api()
-    if api is None:
-        return {
-            n: (n == "eager", "" if n == "eager" else "graphopt.runtime is not in this build (lowerers missing)")
-            for n in names
-        }
-    try:
-        table: dict[str, Any] = dict(api.available_runtimes())
-    except Exception as e:  # noqa: BLE001 - one broken runtime module must not hide the others
-        log.info("available_runtimes() failed (%s); asking each runtime", first_line(e))
-        table = {}
-    out = {}
+    table = available_runtimes()
+    out: dict[str, tuple[bool, str]] = {}
     for n in names:
         if n in table:
-            out[n] = _status_entry(table[n])
+            out[n] = (table[n].available, table[n].reason)
             continue
-        try:
-            reason = api.get_runtime(n).unavailable_reason()
+        try:  # a third-party or alias name: ask the registry (unknown names say so)
+            reason = get_runtime(n).unavailable_reason()
             out[n] = (reason is None, reason or "")
-        except Exception as e:  # noqa: BLE001
+        except GraphoptError as e:
             out[n] = (False, first_line(e))
     return out
 
@@ -194,13 +160,7 @@ def runtime_status(names: Sequence[str]) -> dict[str, tuple[bool, str]]:
 def runner_options(runtime: str, threads: int | None) -> dict[str, Any]:
     """Load options for timing: the thread count where the runtime has one, and
     no idle spinning (a spinning pool slows the variant timed after it)."""
-    api = _runtime_api()
-    if api is None:
-        return {}
-    try:
-        declared = {o.name for o in getattr(api.get_runtime(runtime), "runner_options", ())}
-    except Exception:  # noqa: BLE001
-        return {}
+    declared = {o.name for o in get_runtime(runtime).runner_options}
     options: dict[str, Any] = {"spin": False} if "spin" in declared else {}
     if threads:
         for name in ("threads", "intra_op_threads", "num_threads"):
@@ -210,27 +170,19 @@ def runner_options(runtime: str, threads: int | None) -> dict[str, Any]:
     return options
 
 
-def _load_runner(api: Any, out_dir: Path, runtime: str, threads: int | None) -> Any:
-    return api.load(out_dir, **runner_options(runtime, threads))
-
-
-def _runner_fn(runner: Any) -> tuple[Callable[..., Sequence[torch.Tensor]], Callable[[], None]]:
-    entered = runner.__enter__() if hasattr(runner, "__enter__") else runner
-    active = entered if entered is not None else runner
-
-    def close() -> None:
-        if hasattr(runner, "__exit__"):
-            runner.__exit__(None, None, None)
-
-    on_device = str(getattr(active, "device", "cpu")) != "cpu" and hasattr(active, "synchronize")
+def _runner_fn(runner: Runner) -> tuple[Callable[..., Sequence[torch.Tensor]], Callable[[], None]]:
+    """An active runner as the harness's callable (synchronizing a device after
+    each call, so timing includes its work) and how to release it."""
+    runner.activate()
+    on_device = str(runner.device) != "cpu"
 
     def call(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = active(*inputs)
-        if on_device:  # timing must include the device work
-            active.synchronize()
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        out = runner(*inputs)
+        if on_device:
+            runner.synchronize()
+        return out
 
-    return call, close
+    return call, runner.deactivate
 
 
 # ------------------------------------------------------------------ baseline
@@ -288,7 +240,6 @@ def build_graphopt_variants(
     from graphopt.transform.optimize import optimize
 
     status = runtime_status(runtimes)
-    api = _runtime_api()
     variants: list[Variant] = []
 
     def done(v: Variant) -> None:
@@ -332,19 +283,13 @@ def build_graphopt_variants(
                 continue
             if spec.text:
                 v.timings["optimize_s"] = optimize_s
-            if api is None:  # no lowerers in this build: the Program itself is the eager runtime
-                v.fn = optimized
-                v.size_bytes, v.size_kind = optimized.parameter_bytes(), "parameters"
-                done(v)
-                continue
             out_dir = work_dir / f"{spec.label}-{rt}".replace("/", "_").replace(" ", "_")
             try:
                 start = time.perf_counter()
-                api.lower(optimized, rt, out_dir, force=True)
+                lower(optimized, rt, out_dir, force=True)
                 v.timings["lower_s"] = time.perf_counter() - start
                 start = time.perf_counter()
-                runner = _load_runner(api, out_dir, rt, threads)
-                v.fn, v.close = _runner_fn(runner)
+                v.fn, v.close = _runner_fn(load(out_dir, **runner_options(rt, threads)))
                 v.timings["load_s"] = time.perf_counter() - start
                 v.size_bytes, v.size_kind = dir_size(out_dir), "artifact"
                 v.memory_target = {"kind": "artifact", "path": str(out_dir)}

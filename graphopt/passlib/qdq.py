@@ -14,19 +14,20 @@ backend lowers to its own integer kernels:
 Measured with torch 2.13 / onnxruntime 1.32: the form re-exports with
 torch.export; Inductor (freezing on) lowers it to ``onednn.qlinear_pointwise``;
 the ONNX exporter writes QuantizeLinear/DequantizeLinear that ONNX Runtime runs
-as ``MatMulIntegerToFloat``. Two gaps need the lowerer's help, both provided
-here: the exporter has no translation for ``choose_qparams.tensor`` and breaks
-on tensor zero points (:func:`onnx_translations`), and it writes rank-2 linears
-as ``Gemm``, which ORT keeps in float (its QDQ rules only make MatMul integer),
-as it does for ``MatMul+Add`` unless its ``MatMulAddFusion`` is disabled
-(:data:`ORT_DISABLED_OPTIMIZERS`). ``torch.fake_quantize_*`` is never used: it
+as ``MatMulIntegerToFloat``. Two gaps need the ONNX lowerer's help, provided
+by ``graphopt.runtimes.onnx_export``: the exporter has no translation for
+``choose_qparams.tensor`` and breaks on tensor zero points
+(``qdq_translations``), and it writes rank-2 linears as ``Gemm``, which ORT
+keeps in float (its QDQ rules only make MatMul integer), as it does for
+``MatMul+Add`` unless its ``MatMulAddFusion`` is disabled
+(``ORT_DISABLED_OPTIMIZERS``). ``torch.fake_quantize_*`` is never used: it
 has no fake kernel and cannot be re-exported.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,6 @@ __all__ = [
     "QDQ_OPS",
     "WEIGHT_QMIN",
     "WEIGHT_QMAX",
-    "ORT_DISABLED_OPTIMIZERS",
     "quantize_weight",
     "activation_qparams",
     "infer_val",
@@ -52,7 +52,6 @@ __all__ = [
     "find_linears",
     "insert_weight_dequant",
     "insert_activation_qdq",
-    "onnx_translations",
 ]
 
 QD = torch.ops.quantized_decomposed
@@ -65,10 +64,6 @@ QDQ_OPS = (
     QD.choose_qparams.tensor,
 )
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127
-#: ONNX Runtime fuses MatMul+Add into Gemm before its QDQ rules run, and keeps
-#: a DQ->Gemm in float; lowerers of quantized Programs pass this to
-#: ``InferenceSession(..., disabled_optimizers=...)``.
-ORT_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
 
 
 def is_qdq(node: torch.fx.Node) -> bool:
@@ -266,43 +261,3 @@ def insert_activation_qdq(
     for user in users:
         user.replace_input_with(act, dq)
     return dq
-
-
-def onnx_translations() -> dict[Any, Callable[..., Any]]:
-    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``
-    of quantized Programs: dynamic quantization as ``DynamicQuantizeLinear``,
-    tensor-valued scales/zero points, and rank-2 quantized linears as MatMul
-    (+Add) so ONNX Runtime can run them on integer kernels."""
-    from onnxscript import opset18 as op
-
-    float_, double_, uint8_, int8_, int64_ = 1, 11, 2, 3, 7
-
-    def choose_qparams(x: Any, quant_min: int, quant_max: int, eps: float, dtype: int) -> Any:
-        _, scale, zp = op.DynamicQuantizeLinear(x)  # uint8, asymmetric, zero in range
-        return op.Cast(scale, to=double_), op.Cast(zp, to=int64_)
-
-    def _qtype(dtype: int) -> int:
-        return int8_ if int(dtype) == int8_ else uint8_
-
-    def quantize_tensor(x: Any, scale: Any, zp: Any, quant_min: int, quant_max: int, dtype: int) -> Any:
-        return op.QuantizeLinear(x, op.Cast(scale, to=float_), op.Cast(zp, to=_qtype(dtype)))
-
-    def dequantize_tensor(
-        x: Any, scale: Any, zp: Any, quant_min: int, quant_max: int, dtype: int, out_dtype: int = -1
-    ) -> Any:
-        return op.DequantizeLinear(x, op.Cast(scale, to=float_), op.Cast(zp, to=_qtype(dtype)))
-
-    def linear(x: Any, weight: Any, bias: Any = None) -> Any:
-        producer = weight.producer() if hasattr(weight, "producer") else None
-        quantized = producer is not None and producer.op_type == "DequantizeLinear"
-        if len(x.shape) == 2 and not quantized:
-            return op.Gemm(x, weight, bias, transB=True)
-        out = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
-        return out if bias is None else op.Add(out, bias)
-
-    return {
-        QD.choose_qparams.tensor: choose_qparams,
-        QD.quantize_per_tensor.tensor: quantize_tensor,
-        QD.dequantize_per_tensor.tensor: dequantize_tensor,
-        torch.ops.aten.linear.default: linear,
-    }

@@ -19,10 +19,9 @@ def ort_optimized_ops(program, tmp_path: Path, translations: bool = True):
     """(ops of the exported ONNX, ops of ORT's saved optimized graph, an ORT session)."""
     import onnx
     import onnxruntime as ort
+    from graphopt.runtimes.onnx_export import ORT_DISABLED_OPTIMIZERS, qdq_translations
 
-    from graphopt.passlib.qdq import ORT_DISABLED_OPTIMIZERS, onnx_translations
-
-    table = onnx_translations() if translations else None
+    table = qdq_translations() if translations else None
     onx = torch.onnx.export(program.export(), dynamo=True, custom_translation_table=table, verbose=False)
     path = tmp_path / "model.onnx"
     onx.save(str(path))
