@@ -63,10 +63,10 @@ class Cast(Pass):
     verify inputs are cast to match). Requires shapes; preserves shapes (every
     node's meta["val"] is re-inferred). Approximate: tolerance 0.1 (bf16) /
     0.02 (fp16), atol = rtol, from the max error measured on the zoo models.
-    Backends: bf16 runs on AMX (Sapphire Rapids): ~2x faster matmuls in eager,
-    ~4.8x under torch.compile with freezing at batch 32; fp16 is slower than
-    fp32 on this CPU (for GPU backends); ONNX Runtime's CPU provider has no
-    bf16 kernels, so its lowerer refuses bf16 Programs.
+    Backends: bf16 pays on CPUs with native bf16 matmuls (AVX512-BF16, AMX)
+    and GPUs; on a CPU without them it is emulated and slower than fp32. fp16
+    is meant for GPU backends (CPUs have no fast fp16 matmuls). ONNX Runtime's
+    CPU provider has no bf16 kernels, so its lowerer refuses bf16 Programs.
     Before/after: ``layer_norm(linear(x, w))`` ->
     ``layer_norm(_to_copy(linear(_to_copy(x, bf16), w_bf16), fp32))``.
     """
@@ -84,9 +84,8 @@ class Cast(Pass):
     exact = False
     tolerance = TOLERANCE["bf16"]  # the default dtype; validate() picks per dtype
     backend_notes = (
-        "bf16: AMX on Sapphire Rapids (eager ~2x, Inductor+freezing ~4.8x at batch 32); "
-        "fp16 is slower than fp32 on this CPU, use it for GPU backends; ONNX Runtime CPU has "
-        "no bf16 kernels: its lowerer refuses bf16 Programs."
+        "bf16 pays where matmuls are native bf16 (AVX512-BF16, AMX, GPUs), emulated and slower elsewhere; "
+        "fp16 is for GPU backends; ONNX Runtime CPU has no bf16 kernels: its lowerer refuses bf16 Programs."
     )
 
     def validate(self) -> None:

@@ -28,7 +28,7 @@ class DataDependent(nn.Module):
         return x - 1
 
 
-# ---------------------------------------------------------------- fusion passes (issue 3)
+# ---------------------------------------------------------------- fusion passes
 class SASRecBlock(nn.Module):
     """One SASRec layer: pre-LN causal self-attention + point-wise FFN.
 
@@ -153,7 +153,7 @@ class ActivationMatmul(nn.Module):
         return torch.softmax(a @ b.transpose(-1, -2), dim=-1)
 
 
-# ---------------------------------------------------------------- benchmark harness (issue 7)
+# ---------------------------------------------------------------- benchmark harness
 @torch.library.custom_op("graphopt_tests::softclip", mutates_args=())
 def softclip(x: torch.Tensor) -> torch.Tensor:
     """A custom op: eager, torch.export and Inductor run it; ONNX has no translation for it."""

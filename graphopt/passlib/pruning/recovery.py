@@ -30,7 +30,7 @@ def recover(
     ``steps`` Adam steps at learning rate ``lr``). The loss is the MSE between
     the pruned and the teacher outputs (float outputs only). Returns
     ``{"loss_before", "loss_after", "steps"}``, the losses averaged over the
-    batches. ``graphopt finetune`` (issue 8) is the CLI front end for this.
+    batches. There is no CLI front end: call it after a pruning pipeline.
     """
     batches = [tuple(b) for b in inputs]
     if not batches:
