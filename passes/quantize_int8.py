@@ -14,6 +14,7 @@ from graphopt.ir.fx import fetch_attr
 from graphopt.passlib.calibration import METHODS, METRICS, agreement, observe
 from graphopt.passlib.qdq import (
     QD,
+    REDUCE_RANGE_CHOICES,
     WEIGHT_QMAX,
     WEIGHT_QMIN,
     QuantLinear,
@@ -22,6 +23,7 @@ from graphopt.passlib.qdq import (
     insert_activation_qdq,
     insert_weight_dequant,
     quantize_weight,
+    weight_bits,
 )
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
@@ -78,7 +80,9 @@ class QuantizeInt8(Pass):
     (``calibration`` = minmax|percentile|entropy|mse, see graphopt.calibration)
     over ``calibration_data`` on each linear's input.
     Produces: int8 weight buffers + ``dequantize_per_channel`` (symmetric,
-    per output row; per tensor with ``per_channel=false``), and one
+    per output row; per tensor with ``per_channel=false``; 7-bit values with
+    ``reduce_range``, which ``auto`` turns on where this CPU's int8 kernels
+    would saturate, see graphopt.hardware), and one
     ``quantize_per_tensor``/``dequantize_per_tensor`` pair per activation
     (uint8 asymmetric by default; shared by the linears that read it).
     Accuracy guard: with ``max_drop`` > 0 the ``metric`` (agreement of the
@@ -104,6 +108,8 @@ class QuantizeInt8(Pass):
         Option("symmetric_weights", bool, True, "zero-point-free int8 weights"),
         Option("activations", str, "uint8", "activation dtype (uint8 runs faster on ORT CPU)",
                choices=tuple(_ACT_DTYPES)),
+        Option("reduce_range", str, "auto", "7-bit weights, for CPUs without a VNNI/AMX int8 dot product "
+               "(auto: when this CPU has none)", choices=REDUCE_RANGE_CHOICES),
         Option("skip", list, (), "fnmatch patterns of module paths / node names to keep float"),
         Option("max_drop", float, 0.0, "largest allowed metric drop vs float; 0 turns the guard off",
                check=lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)"),
@@ -136,16 +142,17 @@ class QuantizeInt8(Pass):
         acts = sorted({layer.act.name for layer in layers})
         observers = observe(gm, calib, acts, self.calibration, percentile=self.percentile, bins=self.bins)
         act_dtype = _ACT_DTYPES[self.activations]
+        bits, bits_note = weight_bits(self.reduce_range)
         plans: dict[str, _Plan] = {}
         for layer in layers:
             lo, hi = observers[layer.act.name].range()
             weight = quantize_weight(fetch_attr(gm, layer.weight), per_channel=self.per_channel,
-                                     symmetric=self.symmetric_weights)
+                                     symmetric=self.symmetric_weights, bits=bits)
             plans[layer.node.name] = _Plan(layer, activation_qparams(lo, hi, act_dtype), (lo, hi), weight, act_dtype,
                                          self.per_channel)
         enabled = set(plans)
         sensitivity: dict[str, float] = {}
-        notes: list[str] = []
+        notes: list[str] = [bits_note] if bits_note else []
         if self.max_drop > 0:
             enabled, sensitivity, guard_notes = self._guard(gm, plans, holdout, len(holdout) < len(batches))
             notes += guard_notes
@@ -154,7 +161,7 @@ class QuantizeInt8(Pass):
             detail: dict[str, Any] = {
                 "layer": plan.layer.label, "node": name, "act_range": [round(v, 6) for v in plan.act_range],
                 "act_scale": plan.qparams[0], "act_zero_point": plan.qparams[1],
-                "weight_scale_max": float(plan.weight[1].max()), "quantized": name in enabled,
+                "weight_scale_max": float(plan.weight[1].max()), "weight_bits": bits, "quantized": name in enabled,
             }
             if name in sensitivity:
                 detail["sensitivity"] = round(sensitivity[name], 6)

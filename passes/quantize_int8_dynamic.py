@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir.fx import fetch_attr
-from graphopt.passlib.qdq import find_linears, insert_activation_qdq, insert_weight_dequant, quantize_weight
+from graphopt.passlib.qdq import (
+    REDUCE_RANGE_CHOICES,
+    find_linears,
+    insert_activation_qdq,
+    insert_weight_dequant,
+    quantize_weight,
+    weight_bits,
+)
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["QuantizeInt8Dynamic"]
@@ -19,7 +26,9 @@ class QuantizeInt8Dynamic(Pass):
     zero point are computed from its own min/max on every call.
     Matches: ``aten.linear`` with a constant 2-D fp32 weight (``skip``
     patterns, computed weights and matmuls of two activations are declined).
-    Produces: int8 weight + ``dequantize_per_channel`` (symmetric, per row), and
+    Produces: int8 weight + ``dequantize_per_channel`` (symmetric, per row; 7-bit
+    with ``reduce_range``, which ``auto`` turns on where this CPU's int8 kernels
+    would saturate, see graphopt.hardware), and
     per activation ``choose_qparams.tensor`` -> ``quantize_per_tensor.tensor``
     -> ``dequantize_per_tensor.tensor`` (PT2E's dynamic reference form; ONNX:
     DynamicQuantizeLinear, run by ONNX Runtime as MatMulIntegerToFloat /
@@ -34,6 +43,8 @@ class QuantizeInt8Dynamic(Pass):
     name = "quantize-int8-dynamic"
     options = (
         Option("per_channel", bool, True, "one weight scale per output row"),
+        Option("reduce_range", str, "auto", "7-bit weights, for CPUs without a VNNI/AMX int8 dot product "
+               "(auto: when this CPU has none)", choices=REDUCE_RANGE_CHOICES),
         Option("skip", list, (), "fnmatch patterns of module paths / node names to keep float"),
     )
     requires = frozenset({"shapes"})
@@ -48,12 +59,14 @@ class QuantizeInt8Dynamic(Pass):
     def run(self, program, ctx):  # type: ignore[no-untyped-def]
         gm = program.gm
         layers, declined = find_linears(gm, self.skip)
+        bits, bits_note = weight_bits(self.reduce_range)
         by_act: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         for layer in layers:
-            q, scale, zp = quantize_weight(fetch_attr(gm, layer.weight), per_channel=self.per_channel)
+            q, scale, zp = quantize_weight(fetch_attr(gm, layer.weight), per_channel=self.per_channel, bits=bits)
             insert_weight_dequant(gm, layer, q, scale, zp, per_channel=self.per_channel)
             by_act.setdefault(layer.act, []).append(layer.node)
         for act, users in by_act.items():
             insert_activation_qdq(gm, act, users, None, torch.uint8)
         stats = {"linear": len(layers), "activation-qdq": len(by_act)} if layers else {}
-        return PassResult(program, modified=bool(layers), stats=stats, declined=declined)
+        notes = [bits_note] if bits_note and layers else []
+        return PassResult(program, modified=bool(layers), stats=stats, declined=declined, notes=notes)

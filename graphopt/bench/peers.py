@@ -32,6 +32,7 @@ import torch
 
 from graphopt.bench.variants import Variant, dir_size
 from graphopt.errors import first_line
+from graphopt.hardware import has_int8_dot
 from graphopt.ir.program import Program
 
 __all__ = ["PEERS", "build_peers", "ort_session"]
@@ -194,6 +195,7 @@ def _build_ort(source: torch.nn.Module, program: Program, work_dir: Path, thread
         try:  # DefaultTensorType: the optimizer's contrib ops have no inferred output types
             quantize_dynamic(
                 str(optimized), str(quantized), weight_type=QuantType.QInt8,
+                reduce_range=not has_int8_dot(),  # as graphopt's int8 passes: 7-bit weights where int16 saturates
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
         finally:

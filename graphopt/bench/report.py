@@ -214,6 +214,9 @@ class BenchReport:
             "",
             f"Versions: {versions}",
             "",
+            f"CPU flags: {' '.join(m.get('cpu_flags', [])) or 'none of ' + 'avx2/avx512/bf16/vnni/amx'}"
+            + ("" if m.get("int8_dot", True) else " (no int8 dot product: int8 weights are 7-bit)"),
+            "",
             f"Baseline: eager fp32, {self.config.get('baseline')}. Timing: {self.config['timing']['warmup']} warm-up "
             f"calls, then {self.config['timing']['rounds']} interleaved rounds (every variant once per round, "
             "same order); speedup = median over rounds of eager's round median / the variant's, "

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from graphopt.hardware import cpu_model, has_int8_dot, reported_flags
+
 __all__ = [
     "TimingConfig",
     "Samples",
@@ -168,17 +170,6 @@ def run_interleaved(
     return samples
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_warning() -> str | None:
     """A warning when the 1-minute load average exceeds the core count."""
     try:
@@ -210,7 +201,9 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         load = []
     info: dict[str, Any] = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
+        "cpu_flags": reported_flags(),
+        "int8_dot": has_int8_dot(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": load,

@@ -37,6 +37,7 @@ import torch.fx
 from torch._guards import detect_fake_mode
 from torch.fx.node import map_arg
 
+from graphopt.hardware import has_int8_dot
 from graphopt.ir.fx import add_tensor_attr, fetch_attr, module_path
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "WEIGHT_QMIN",
     "WEIGHT_QMAX",
     "quantize_weight",
+    "REDUCE_RANGE_CHOICES",
+    "weight_bits",
     "activation_qparams",
     "infer_val",
     "is_qdq",
@@ -71,29 +74,55 @@ def is_qdq(node: torch.fx.Node) -> bool:
 
 
 def quantize_weight(
-    w: torch.Tensor, *, per_channel: bool = True, symmetric: bool = True
+    w: torch.Tensor, *, per_channel: bool = True, symmetric: bool = True, bits: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """int8 ``(q, scale, zero_point)`` of a 2-D weight, per output row or per tensor.
 
     Symmetric: scale = max|w| / 127, zero point 0. Asymmetric: the row range
-    mapped onto [-128, 127]. ``scale``/``zero_point`` have one entry per row
-    (``per_channel``) or one in all.
+    mapped onto [-128, 127]. ``bits=7`` halves both ranges (|q| <= 64, see
+    :func:`weight_bits`); the values stay int8 with the same quant range in the
+    IR. ``scale``/``zero_point`` have one entry per row (``per_channel``) or
+    one in all.
     """
+    if bits not in (7, 8):
+        raise ValueError(f"weight bits must be 7 or 8, got {bits}")
+    qmin, qmax = (WEIGHT_QMIN, WEIGHT_QMAX) if bits == 8 else (-64, 63)
     w = w.detach().float()
     dims = 1 if per_channel else (0, 1)
     if symmetric:
         amax = w.abs().amax(dim=dims) if per_channel else w.abs().amax().reshape(1)
-        scale = (amax / 127.0).clamp_min(1e-12)
+        scale = (amax / float(qmax)).clamp_min(1e-12)
         zp = torch.zeros_like(scale, dtype=torch.int64)
     else:
         lo = (w.amin(dim=dims) if per_channel else w.amin().reshape(1)).clamp_max(0.0)
         hi = (w.amax(dim=dims) if per_channel else w.amax().reshape(1)).clamp_min(0.0)
-        scale = ((hi - lo) / 255.0).clamp_min(1e-12)
-        zp = (WEIGHT_QMIN - torch.round(lo / scale)).clamp(WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int64)
+        scale = ((hi - lo) / float(qmax - qmin)).clamp_min(1e-12)
+        zp = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int64)
     s = scale[:, None] if per_channel else scale
     z = zp[:, None] if per_channel else zp
-    q = (torch.round(w / s) + z).clamp(WEIGHT_QMIN, WEIGHT_QMAX).to(torch.int8)
+    q = (torch.round(w / s) + z).clamp(qmin, qmax).to(torch.int8)
     return q, scale, zp
+
+
+#: ``reduce_range`` option values of the int8 passes
+REDUCE_RANGE_CHOICES = ("auto", "true", "false")
+
+
+def weight_bits(reduce_range: str) -> tuple[int, str | None]:
+    """Weight bits for a ``reduce_range`` option value, and a note when ``auto`` chose 7.
+
+    ``auto`` picks 7 bits when this CPU has no VNNI/AMX int8 dot product: its
+    int8 GEMMs add u8 x s8 product pairs into a saturating int16, which 8-bit
+    weights overflow (see :mod:`graphopt.hardware`).
+    """
+    if reduce_range == "true":
+        return 7, None
+    if reduce_range == "false":
+        return 8, None
+    if has_int8_dot():
+        return 8, None
+    return 7, ("reduce_range=auto: this CPU has no VNNI/AMX int8 dot product (u8 x s8 pairs saturate int16), "
+               "so weights use 7 bits")
 
 
 def activation_qparams(lo: float, hi: float, dtype: torch.dtype = torch.uint8) -> tuple[float, int, int, int]:

@@ -144,3 +144,28 @@ def test_needs_calibration_data_and_checks_options(program):
         graphopt.optimize(program("dlrm:tiny"), "quantize-int8")
     with pytest.raises(PassOptionError, match="bins"):
         QuantizeInt8(calibration="entropy", bins=1024)
+
+
+def test_reduce_range_keeps_weights_7_bit_and_runs_on_ort(zoo, program, tmp_path):
+    """7-bit weights (|q| <= 64: u8 x s8 pair sums fit int16 on CPUs without VNNI/AMX)."""
+    ref = program("dlrm:tiny")
+    q, report = graphopt.optimize(ref, "quantize-int8{reduce_range=true}", calibration_data=calibration(zoo("dlrm:tiny")))
+    weights = _int8_weights(q)
+    assert len(weights) == 4 and all(int(w.min()) >= -64 and int(w.max()) <= 63 for w in weights)
+    assert {d["weight_bits"] for d in report.passes[0].details} == {7}
+    _, full = graphopt.optimize(ref, "quantize-int8{reduce_range=false}", calibration_data=calibration(zoo("dlrm:tiny")))
+    assert {d["weight_bits"] for d in full.passes[0].details} == {8}
+    assert_equivalent(ref, q, TOL, shapes=((8, None),))
+    _, _, sess = ort_optimized_ops(q, tmp_path)
+    x = q.sample_inputs(batch=6, seed=2)
+    out = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), x)})[0]
+    torch.testing.assert_close(torch.from_numpy(out), q(*x)[0], atol=1e-3, rtol=1e-3)
+
+
+def test_reduce_range_auto_follows_the_cpu(zoo, program, monkeypatch):
+    # capping oneDNN below VNNI makes its int8 kernels saturate as on a pre-VNNI CPU: auto must pick 7 bits
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    _, report = graphopt.optimize(program("dlrm:tiny"), "quantize-int8", calibration_data=calibration(zoo("dlrm:tiny")))
+    rec = report.passes[0]
+    assert {d["weight_bits"] for d in rec.details} == {7}
+    assert any("reduce_range=auto" in n and "7 bits" in n for n in rec.notes)

@@ -1,0 +1,22 @@
+"""graphopt.hardware: CPU model and flags, and the int8 dot-product decision."""
+
+from __future__ import annotations
+
+from graphopt import hardware
+
+
+def test_flags_and_model_are_read():
+    assert hardware.cpu_model()
+    flags = hardware.cpu_flags()
+    assert flags, "no CPU flags read"
+    assert hardware.reported_flags() == [f for f in hardware.REPORTED_FLAGS if f in flags]
+
+
+def test_int8_dot_follows_flags_and_onednn_cap(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    expected = any(f in hardware.cpu_flags() for f in hardware.INT8_DOT_FLAGS)
+    assert hardware.has_int8_dot() is expected
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert hardware.has_int8_dot() is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert hardware.has_int8_dot() is expected
