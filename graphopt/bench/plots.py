@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from graphopt.metrics import FIDELITY_BAR
 
 if TYPE_CHECKING:
     from graphopt.bench.report import BenchReport
@@ -24,7 +25,8 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def plot_latency(report: BenchReport, path: Path) -> Path:
-    """p50 latency (bar) with p90 whisker, one panel per shape, log scale."""
+    """p50 latency (bar) with p90 whisker, one panel per shape, on a linear axis from 0
+    (bar lengths compare honestly)."""
     plt = _pyplot()
     shapes = report.shapes or ["-"]
     names = [v["name"] for v in report.variants]
@@ -50,8 +52,7 @@ def plot_latency(report: BenchReport, path: Path) -> Path:
                 ax.text(0.01, y, r.get("status", "n/a"), va="center", fontsize=7, color="#aa0000", transform=ax.get_yaxis_transform())
         ax.set_yticks(ys, labels, fontsize=7)
         ax.invert_yaxis()
-        if any(p > 0 for p in p50s):
-            ax.set_xscale("log")
+        ax.set_xlim(left=0)
         ax.set_xlabel("latency ms (p50, whisker to p90)")
         ax.set_title(f"{report.model} · {shape}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
@@ -59,6 +60,15 @@ def plot_latency(report: BenchReport, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _fidelity_line(label: str) -> float | None:
+    """Where graphopt.metrics.FIDELITY_BAR sits on the trade-off's accuracy axis."""
+    if "%" in label:
+        return -100.0 * FIDELITY_BAR.max_rel_drop
+    if label.startswith("top-k"):
+        return FIDELITY_BAR.min_topk_overlap
+    return None
 
 
 def plot_tradeoff(report: BenchReport, path: Path) -> Path:
@@ -92,9 +102,14 @@ def plot_tradeoff(report: BenchReport, path: Path) -> Path:
         ax.set_xlabel("speedup vs eager (x, paired rounds)")
         ax.set_ylabel(label or "accuracy")
         ax.set_title(f"{report.model} · {shape}", fontsize=9)
-        if points:
-            lo = min(p[2] for p in points)
-            ax.set_ylim(lo - max(0.02, (1.0 - lo) * 0.1) if math.isfinite(lo) else 0, 1.005 if lo <= 1 else None)
+        bar = _fidelity_line(label)
+        if bar is not None:
+            ax.axhline(bar, color="#d62728", lw=0.8, ls=":", label="fidelity bar")
+        if points:  # zoom on the points (and the bar): a 0..1 axis hides a 1% difference
+            ys = [p[2] for p in points] + ([bar] if bar is not None else [])
+            lo, hi = min(ys), max(ys)
+            pad = max((hi - lo) * 0.15, 0.1 if "%" in label else 0.002)
+            ax.set_ylim(lo - pad, hi + pad)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

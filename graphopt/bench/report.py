@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from graphopt.metrics import FIDELITY_BAR, relative_change
 from graphopt.outputs import atomic_directory
 
 __all__ = ["BenchReport", "BENCH_FORMAT", "shape_key", "pareto_front", "accuracy_score"]
@@ -36,9 +37,7 @@ __all__ = ["BenchReport", "BENCH_FORMAT", "shape_key", "pareto_front", "accuracy
 log = logging.getLogger(__name__)
 
 BENCH_FORMAT = "graphopt.bench/1"
-#: a variant is "best" only if its ranking stays this close to eager's
-MIN_TOPK_OVERLAP = 0.9
-MAX_NDCG_DROP = 0.01
+#: shapes whose outputs rank nothing (one score per row, e.g. CTR at batch 1) fall back to this
 MIN_COSINE = 0.999
 
 
@@ -63,11 +62,12 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
 
 
 def accuracy_score(row: dict[str, Any], variant: dict[str, Any], eval_reference: dict[str, float]) -> tuple[float | None, str]:
-    """The accuracy axis of the trade-off: NDCG@k on eval data when given,
-    else top-k overlap with eager, else cosine similarity with eager."""
+    """The accuracy axis of the trade-off: NDCG@k on eval data relative to eager's
+    (%) when given, else top-k overlap with eager, else cosine similarity with eager."""
     ndcg_key = next((key for key in eval_reference if key.startswith("ndcg@")), None)
     if ndcg_key and _finite(variant.get("eval", {}).get(ndcg_key)):
-        return float(variant["eval"][ndcg_key]), ndcg_key.upper().replace("NDCG", "NDCG")
+        change = relative_change(float(variant["eval"][ndcg_key]), float(eval_reference[ndcg_key]), ndcg_key)
+        return change, f"{ndcg_key.upper()} vs eager (%)"
     acc = row.get("accuracy", {})
     if _finite(acc.get("topk_overlap")):
         return float(acc["topk_overlap"]), "top-k overlap with eager"
@@ -100,24 +100,31 @@ class BenchReport:
     def rows(self, shape: str) -> list[dict[str, Any]]:
         return [r for r in self.results if r["shape"] == shape]
 
-    def acceptable(self, row: dict[str, Any]) -> bool:
-        """Whether a variant's accuracy holds at this row: NDCG@k within
-        MAX_NDCG_DROP of eager's (eval data), else top-k overlap >= MIN_TOPK_OVERLAP,
-        else cosine >= MIN_COSINE."""
+    def fidelity(self, row: dict[str, Any]) -> tuple[bool, str]:
+        """(keeps the ranking, why not) by graphopt.metrics.FIDELITY_BAR: NDCG@10/HR@10
+        on eval data within 0.5% relative of eager's, else top-10 overlap with
+        eager >= 0.99; where the outputs rank nothing (no top-k overlap and no
+        eval data), cosine with eager >= MIN_COSINE."""
         v = self.variant(row["variant"])
-        ndcg_key = next((key for key in self.eval_reference if key.startswith("ndcg@")), None)
-        if ndcg_key and _finite(v.get("eval", {}).get(ndcg_key)):
-            return v["eval"][ndcg_key] >= self.eval_reference[ndcg_key] - MAX_NDCG_DROP
         acc = row.get("accuracy", {})
-        if _finite(acc.get("topk_overlap")):
-            return acc["topk_overlap"] >= MIN_TOPK_OVERLAP
-        return _finite(acc.get("cosine")) and acc["cosine"] >= MIN_COSINE
+        topk = acc.get("topk_overlap")
+        if not self.eval_reference and not _finite(topk):
+            cos = acc.get("cosine")
+            if _finite(cos):
+                return (True, "") if cos >= MIN_COSINE else (False, f"cosine {cos:.4f} < {MIN_COSINE}")
+        return FIDELITY_BAR.check(v.get("eval") or None, self.eval_reference or None,
+                                  float(topk) if _finite(topk) else None)
 
-    def best(self, shape: str) -> str | None:
-        """Fastest ok variant (not the baseline) whose accuracy holds; None if none beats eager."""
+    def acceptable(self, row: dict[str, Any]) -> bool:
+        """Whether a variant keeps the ranking at this row (see :meth:`fidelity`)."""
+        return self.fidelity(row)[0]
+
+    def best(self, shape: str, kind: str = "graphopt") -> str | None:
+        """Fastest ok variant of ``kind`` ("graphopt" or "peer") that keeps the ranking
+        and beats eager; None if none does. Variants below the bar are never best."""
         rows = [
             r for r in self.rows(shape)
-            if r.get("status") == "ok" and self.variant(r["variant"])["kind"] != "baseline"
+            if r.get("status") == "ok" and self.variant(r["variant"])["kind"] == kind
             and _finite(r.get("speedup", {}).get("speedup")) and self.acceptable(r)
         ]
         if not rows:
@@ -141,15 +148,16 @@ class BenchReport:
     def pareto(self, shape: str) -> list[str]:
         return pareto_front(self.tradeoff(shape)[0])
 
-    def ndcg_delta(self, row: dict[str, Any]) -> float | None:
-        """Eval NDCG@k minus eager's when eval data was given, else the NDCG@k
-        of the variant's ranking against eager's top k, minus 1 (0 = same ranking)."""
+    def quality_change(self, row: dict[str, Any], metric: str = "ndcg") -> float | None:
+        """Relative change (%) of the variant's ``metric``@k vs eager's: on eval data
+        when given (``metric`` = ndcg or hr); else, for ndcg, the NDCG@k of its
+        ranking against eager's top k, minus 1 (0% = same ranking). Negative = worse."""
         v = self.variant(row["variant"])
-        ndcg_key = next((key for key in self.eval_reference if key.startswith("ndcg@")), None)
-        if ndcg_key and _finite(v.get("eval", {}).get(ndcg_key)):
-            return v["eval"][ndcg_key] - self.eval_reference[ndcg_key]
-        value = row.get("accuracy", {}).get("ndcg_vs_eager")
-        return value - 1.0 if _finite(value) else None
+        key = next((k for k in self.eval_reference if k.startswith(f"{metric}@")), None)
+        if key and _finite(v.get("eval", {}).get(key)):
+            return relative_change(float(v["eval"][key]), float(self.eval_reference[key]), key)
+        value = row.get("accuracy", {}).get("ndcg_vs_eager") if metric == "ndcg" and not key else None
+        return 100.0 * (value - 1.0) if _finite(value) else None
 
     # ------------------------------------------------------------- output
     def to_json(self) -> dict[str, Any]:
@@ -173,26 +181,30 @@ class BenchReport:
         """Header and rows of the per-shape table (shared by report.md and the CLI)."""
         best = self.best(shape)
         k = self.config.get("k", 10)
-        header = ["variant", "p50 ms", "p99 ms", "speedup", f"top-{k}", "NDCG Δ", "size", "compile s"]
+        hr = any(key.startswith("hr@") for key in self.eval_reference)
+        header = ["variant", "p50 ms", "p99 ms", "speedup", f"top-{k}", f"NDCG@{k} Δ%", *([f"HR@{k} Δ%"] * hr),
+                  "size", "compile s"]
         rows = []
         for r in self.rows(shape):
             v = self.variant(r["variant"])
             name = r["variant"] + (" ★" if r["variant"] == best else "")
             if r.get("status") != "ok":
-                rows.append([name, r.get("status", "?"), "", "", "", "", _size(v), ""])
+                rows.append([name, r.get("status", "?"), "", "", "", "", *([""] * hr), _size(v), ""])
                 continue
             lat, sp, acc = r.get("latency", {}), r.get("speedup", {}), r.get("accuracy", {})
             speed = f"{sp['speedup']:.2f}x" if _finite(sp.get("speedup")) else "-"
             if _finite(sp.get("speedup_p10")) and v["kind"] != "baseline":
                 speed += f" ({sp['speedup_p10']:.2f}-{sp['speedup_p90']:.2f})"
-            delta = self.ndcg_delta(r)
+            changes = [self.quality_change(r, m) for m in ("ndcg", "hr")[: 1 + hr]]
+            if v["kind"] != "baseline" and not self.acceptable(r):
+                name += " ✗"  # below the fidelity bar: shown, never starred
             rows.append([
                 name,
                 f"{lat.get('p50_ms', math.nan):.2f}",
                 f"{lat.get('p99_ms', math.nan):.2f}",
                 speed,
                 f"{acc['topk_overlap']:.3f}" if _finite(acc.get("topk_overlap")) else "-",
-                f"{delta:+.4f}" if delta is not None else "-",
+                *(f"{c:+.2f}%" if c is not None else "-" for c in changes),
                 _size(v),
                 f"{v['compile_s']:.1f}" if _finite(v.get("compile_s")) and v["kind"] != "baseline" else "-",
             ])
@@ -227,7 +239,6 @@ class BenchReport:
             lines += [f"> **Warning:** {w}", ""]
         for n in self.notes:
             lines += [f"> Note: {n}", ""]
-        k = self.config.get("k", 10)
         for shape in self.shapes:
             header, rows = self.table(shape)
             lines += [f"## {shape}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -238,8 +249,9 @@ class BenchReport:
                 lines += ["", "Not measured:"] + [f"- {n}: {st}: {_reason(why, 240)}" for n, st, why in missing]
             lines += [
                 "",
-                f"★ best: {best}" if best else "★ best: no variant beats eager with its accuracy intact",
-                f"(fastest variant with top-{k} overlap ≥ {MIN_TOPK_OVERLAP} or, with eval data, NDCG drop ≤ {MAX_NDCG_DROP}). "
+                f"★ best: {best}" if best else "★ best: no variant beats eager with its ranking intact",
+                f"(fastest graphopt variant that keeps the ranking: {FIDELITY_BAR.describe()}; ✗ = below that bar, "
+                f"shown, never starred; strongest peer at the same bar: {self.best(shape, 'peer') or '-'}). "
                 f"Pareto front (speed vs accuracy): {', '.join(self.pareto(shape)) or '-'}.",
                 "",
             ]
@@ -262,14 +274,15 @@ class BenchReport:
         return "\n".join(lines)
 
     def ndcg_footnote(self) -> str:
-        """What the NDCG Δ column means in this report."""
+        """What the NDCG Δ% column means in this report."""
         if self.eval_reference:
-            key = next((k for k in self.eval_reference if k.startswith("ndcg@")), "ndcg")
-            return f"NDCG Δ: {key} on the evaluation data minus eager's ({self.eval_reference.get(key, math.nan):.4f})."
+            ref = ", ".join(f"{key} {val:.4f}" for key, val in self.eval_reference.items())
+            return f"Δ%: the metric on the evaluation data relative to eager's ({ref}); negative = worse."
         k = self.config.get("k", 10)
         return (
-            f"NDCG Δ: no evaluation data given, so NDCG@{k} of the variant's ranking taking eager's top {k} "
-            "as the truth, minus 1 (0 = same ranking). Ranked over items, or over the batch for one-score models."
+            f"NDCG@{k} Δ%: no evaluation data given, so NDCG@{k} of the variant's ranking taking eager's top {k} "
+            "as the truth, minus 1, in percent (0% = same ranking). Ranked over items, or over the batch for "
+            "one-score models."
         )
 
     def save(self, out_dir: str | Path, *, force: bool = False, artifacts: Path | None = None) -> Path:

@@ -31,6 +31,7 @@ import torch
 
 from graphopt.cli.finetune import describe_data, load_data, loaded_machine
 from graphopt.errors import ArtifactError
+from graphopt.metrics import FIDELITY_BAR
 from graphopt.outputs import atomic_directory
 from graphopt.rec.data import MovieLens, encode_histories, evaluate_ranking
 from graphopt.rec.finetune import (
@@ -227,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{report.model} · {shape}")
         print(_table(report, shape))
         best = report.best(shape)
-        print(f"★ best: {best}" if best else "★ best: no variant beats eager with its accuracy intact")
+        print(f"★ best: {best}" if best else "★ best: no variant beats eager with its ranking intact")
+        print(f"  (keeps the ranking = {FIDELITY_BAR.describe()}; ✗ = below it, never starred)")
     skipped = [v for v in report.variants if v["status"] != "ok"]
     if skipped:
         print("\nnot measured:")

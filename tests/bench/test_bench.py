@@ -172,20 +172,41 @@ def _report(rows: list[tuple[str, str, float, float]]) -> BenchReport:
 
 def test_best_is_the_fastest_variant_whose_ranking_holds():
     rep = _report([("eager", "baseline", 1.0, 1.0), ("fast-but-wrong", "graphopt", 5.0, 0.5),
-                   ("good", "graphopt", 3.0, 0.95), ("peer", "peer", 2.0, 1.0)])
-    assert rep.best("b1") == "good"
-    assert rep.pareto("b1") == ["fast-but-wrong", "good", "peer"]
+                   ("near-miss", "graphopt", 4.0, 0.98), ("good", "graphopt", 3.0, 0.995),
+                   ("peer", "peer", 2.0, 1.0)])
+    assert rep.best("b1") == "good"  # top-10 0.98 misses the 0.99 bar
+    assert rep.best("b1", kind="peer") == "peer"
+    assert rep.fidelity(rep.rows("b1")[2]) == (False, "top-10 overlap 0.980 < 0.99")
+    assert rep.pareto("b1") == ["fast-but-wrong", "near-miss", "good", "peer"]
     header, rows = rep.table("b1")
     assert header[:4] == ["variant", "p50 ms", "p99 ms", "speedup"]
     assert [r[0] for r in rows if r[0].endswith("★")] == ["good ★"]
+    assert [r[0] for r in rows if r[0].endswith("✗")] == ["fast-but-wrong ✗", "near-miss ✗"]
     # near miss: nothing faster than eager with its accuracy intact -> no best
     assert _report([("eager", "baseline", 1.0, 1.0), ("slow", "graphopt", 0.8, 1.0)]).best("b1") is None
 
 
-def test_ndcg_delta_uses_eval_data_when_given():
+def test_quality_change_is_relative_and_eval_data_decides():
     rep = _report([("eager", "baseline", 1.0, 1.0), ("v", "graphopt", 2.0, 0.9)])
-    assert rep.ndcg_delta(rep.rows("b1")[1]) == pytest.approx(-0.1)  # ranking NDCG vs eager, minus 1
+    assert rep.quality_change(rep.rows("b1")[1]) == pytest.approx(-10.0)  # ranking NDCG vs eager, minus 1, in %
     rep.eval_reference = {"hr@10": 0.5, "ndcg@10": 0.30}
-    rep.variants[1]["eval"] = {"hr@10": 0.5, "ndcg@10": 0.28}
-    assert rep.ndcg_delta(rep.rows("b1")[1]) == pytest.approx(-0.02)
-    assert rep.best("b1") is None  # an NDCG drop of 0.02 > 0.01 disqualifies it
+    rep.variants[1]["eval"] = {"hr@10": 0.5, "ndcg@10": 0.2997}  # -0.1%: inside the 0.5% bar
+    rep.results[1]["accuracy"]["topk_overlap"] = 0.5  # eval data decides, not the overlap
+    assert rep.quality_change(rep.rows("b1")[1]) == pytest.approx(-0.1)
+    assert rep.quality_change(rep.rows("b1")[1], "hr") == pytest.approx(0.0)
+    assert rep.best("b1") == "v"
+    rep.variants[1]["eval"] = {"hr@10": 0.5, "ndcg@10": 0.298}  # -0.67%: an absolute drop of 0.002 disqualifies
+    assert rep.best("b1") is None
+    assert rep.fidelity(rep.rows("b1")[1])[1] == "ndcg@10 -0.67% vs eager (bar -0.5%)"
+    header, rows = rep.table("b1")
+    assert header[5:7] == ["NDCG@10 Δ%", "HR@10 Δ%"] and rows[1][5:7] == ["-0.67%", "+0.00%"]
+    rep.variants[1]["eval"] = {"hr@10": 0.5}  # eager measured NDCG, the variant did not: not comparable
+    assert rep.fidelity(rep.rows("b1")[1]) == (False, "ndcg@10 not measured")
+
+
+def test_shapes_that_rank_nothing_fall_back_to_cosine():
+    rep = _report([("eager", "baseline", 1.0, 1.0), ("ok", "graphopt", 2.0, 1.0), ("off", "graphopt", 3.0, 1.0)])
+    for r in rep.results:
+        r["accuracy"] = {"cosine": 0.9999}
+    rep.results[2]["accuracy"] = {"cosine": 0.99}
+    assert rep.best("b1") == "ok"
