@@ -19,6 +19,8 @@ from graphopt.rec.zoo import ZooModel, register_model
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=32, layers=2, heads=4, intermediate=64, items=50, seq=16),
     "base": dict(hidden=256, layers=4, heads=4, intermediate=1024, items=1682, seq=64),
+    # BERT-base shaped (87M parameters with the item table): the size fine-tuned recommenders have
+    "large": dict(hidden=768, layers=12, heads=12, intermediate=3072, items=1682, seq=64),
 }
 
 
@@ -100,7 +102,7 @@ def _build_bert4rec(size: str):
             make_inputs=_seq_inputs(cfg["items"], cfg["items"] + 2, append_mask=cfg["items"] + 1),
             dynamic=_DYNAMIC,
             input_ranges={"input_ids": (1, cfg["items"] + 2), "attention_mask": (1, 2)},
-            seq=cfg["seq"] if size == "base" else 16,
+            seq=cfg["seq"] if size != "tiny" else 16,
         )
 
     return build
@@ -123,7 +125,7 @@ def _build_bert_cls(size: str):
             make_inputs=_seq_inputs(cfg["items"], cfg["items"] + 2, append_mask=None),
             dynamic=_DYNAMIC,
             input_ranges={"input_ids": (1, cfg["items"] + 1), "attention_mask": (1, 2)},
-            seq=cfg["seq"] if size == "base" else 16,
+            seq=cfg["seq"] if size != "tiny" else 16,
         )
 
     return build
