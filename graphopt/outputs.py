@@ -1,35 +1,80 @@
 """Atomic output directories: write into a temp sibling, then rename into place.
 
-An existing directory is never replaced unless ``force`` is set, and a crash
-mid-write leaves the old directory (or nothing) behind, never a half-written one.
+An existing directory is never replaced unless ``force`` is set, and even
+then only when graphopt wrote it (its :data:`MARKER` file, or a manifest,
+report or checkpoint file graphopt writes, is there) or it is empty: a
+user's folder is refused with one line whatever the flags. A path at ``.``,
+``~``, ``/`` or a folder holding the current directory or graphopt's own
+checkout is refused as an output. A crash or a failure mid-write leaves the
+old directory (or nothing) behind, never a half-written one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from graphopt.errors import ArtifactError
 
-__all__ = ["atomic_directory"]
+__all__ = ["MARKER", "atomic_directory", "check_output_path", "written_by_graphopt"]
+
+#: written into every output folder graphopt creates
+MARKER = ".graphopt"
+#: files that also mark a folder as graphopt's (written before the marker existed)
+_KNOWN_FILES = ("manifest.json", "report.json", "demo.json", "graphopt-checkpoint.json")
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def written_by_graphopt(path: Path) -> bool:
+    """Whether ``path`` is a folder graphopt wrote (its marker or a known graphopt file is there)."""
+    return any((path / name).is_file() for name in (MARKER, *_KNOWN_FILES))
+
+
+def check_output_path(out_dir: str | os.PathLike[str]) -> Path:
+    """Refuse output paths that would hold or replace something precious; return the path.
+
+    Refused: ``.``, ``/``, the home folder, and any folder that contains the
+    current directory or graphopt's own checkout.
+    """
+    out = Path(out_dir).expanduser()
+    resolved = out.resolve()
+    here = Path.cwd().resolve()
+    precious = {Path("/"), Path.home().resolve()}
+    if resolved in precious or resolved == here or here.is_relative_to(resolved) or _CHECKOUT.is_relative_to(resolved):
+        raise ArtifactError(f"refusing to write output into {out_dir!s} (it holds the working directory, "
+                            "the home folder or graphopt itself); pick a new folder with -o")
+    return out
+
+
+def _replaceable(out: Path) -> bool:
+    return out.is_dir() and (written_by_graphopt(out) or not any(out.iterdir()))
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
-    """``with atomic_directory("out") as tmp: write files into tmp``."""
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; pass --force (force=True) to overwrite it")
+def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False, kind: str = "output") -> Iterator[Path]:
+    """``with atomic_directory("out") as tmp: write files into tmp``; the folder gets :data:`MARKER`.
+
+    ``force`` replaces an existing folder only if graphopt wrote it or it is empty.
+    """
+    out = check_output_path(out_dir)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a directory; remove it or pick another path")
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists; pass --force (force=True) to overwrite it")
+    if out.exists() and not _replaceable(out):
+        raise ArtifactError(f"{out} exists and was not written by graphopt (no {MARKER} file); "
+                            "graphopt will not replace it even with --force; pick another -o")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text(json.dumps({"kind": kind, "created": time.time()}) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

@@ -92,6 +92,25 @@ def test_optimize_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert json.loads((out_dir / "report.json").read_text())["pipeline"].startswith("remove-dropout")
 
 
+def test_force_never_replaces_a_folder_graphopt_did_not_write(tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("do not lose me")
+    code, _, err = run(capsys, "optimize", "dlrm:tiny", "-p", "O1", "-o", str(user), "--force")
+    assert code == 2 and "not written by graphopt" in err and len(err.strip().splitlines()) == 1
+    assert (user / "notes.txt").read_text() == "do not lose me" and sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    # a failing optimize under --force leaves the previous output intact
+    out = tmp_path / "out"
+    assert run(capsys, "optimize", "dlrm:tiny", "-p", "dce", "-o", str(out))[0] == 0
+    before = (out / "report.json").read_text()
+    code, _, err = run(capsys, "optimize", "dlrm:tiny", "-p", "dce", "-o", str(out), "--force",
+                       "--runtime", "onnxruntime", "--runtime-option", "onnxruntime.no_such_option=1")
+    assert code != 0 and (out / "report.json").read_text() == before
+    for bad in (".", "~", "/"):
+        code, _, err = run(capsys, "optimize", "dlrm:tiny", "-p", "dce", "-o", bad, "--force")
+        assert code == 2 and "refusing to write output" in err, bad
+
+
 @pytest.mark.parametrize(
     ("pipeline", "fragment"),
     [
