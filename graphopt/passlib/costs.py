@@ -1,5 +1,5 @@
 """Per-node cost estimates from shape metadata (example sizes for symbols):
-bytes of a tensor value and FLOPs of a node. Used to balance pipeline stages."""
+bytes of a tensor value and FLOPs of a node. Used to balance stages (split-stages)."""
 
 from __future__ import annotations
 
