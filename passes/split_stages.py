@@ -1,4 +1,4 @@
-"""split-stages: partition a Program into n contiguous pipeline stages."""
+"""split-stages: partition a Program into n contiguous stages (for the ``stages`` runtime)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import torch
 
 from graphopt.errors import PassOptionError, PreconditionError
 from graphopt.ir.fx import fetch_attr, is_op
+from graphopt.passlib.costs import node_flops, tensor_bytes
 from graphopt.passlib.partition import (
-    PARTITION_META,
     STAGE_META,
     Cut,
+    StagePartition,
     compute_nodes,
     cut_table,
-    node_flops,
-    tensor_bytes,
+    set_stage_partition,
 )
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
@@ -108,20 +108,21 @@ def _choose_cuts(cuts: list[Cut], costs: list[int], first: int, n: int, slack: f
 
 @register_pass
 class SplitStages(Pass):
-    """Partition the Program into n contiguous pipeline stages of balanced cost.
+    """Partition the Program into n contiguous stages of balanced cost.
 
     Matches: the compute nodes in graph order; a cut between two nodes is
     splittable when every value crossing it is a tensor (or a symbolic size a
-    crossing tensor carries), see ``graphopt.stages``. Cost per node is
+    crossing tensor carries), see ``graphopt.passlib.partition``. Cost per node is
     estimated from shape metadata: ``params`` (weight bytes, at first use),
     ``flops`` (2 per multiply-add of matmuls/attention, 1 per output element
     otherwise) or ``memory`` (weights + activation bytes). Each cut aims at an
     equal share of the cost and, within ``slack`` of it, takes the position
     crossing the fewest bytes. ``embeddings_stage`` first moves every embedding
     lookup (and its inputs) to the front and gives them a stage of their own.
-    Produces: ``node.meta["graphopt.stage"]`` on every node and
-    ``program.meta["graphopt.stages"]`` (options, cut node names), read by the
-    ``pipeline`` runtime; the graph itself is unchanged unless
+    Produces: ``node.meta["graphopt.stage"]`` on every node and one
+    ``StagePartition`` record (options, cut node names; read it with
+    ``stage_partition(program)``), which the ``stages`` runtime lowers from;
+    the graph itself is unchanged unless
     ``embeddings_stage`` reorders it. Requires shapes; preserves shapes. Exact.
     Before/after: ``linear -> gelu -> linear`` -> the same, with stage 0 | 1.
     """
@@ -141,7 +142,7 @@ class SplitStages(Pass):
     )
     requires = frozenset({"shapes"})
     preserves = frozenset({"shapes"})
-    backend_notes = "read by the pipeline runtime (runtimes/pipeline.py); other runtimes ignore it"
+    backend_notes = "read by the stages runtime (runtimes/stages/); other runtimes ignore it"
 
     def validate(self) -> None:
         if self.embeddings_stage and self.n < 2:
@@ -175,18 +176,17 @@ class SplitStages(Pass):
             ]
         else:
             positions = _choose_cuts(cuts, _node_costs(gm, order, self.balance), 0, self.n, self.slack)
-        partition = {
-            "n": self.n,
-            "balance": self.balance,
-            "embeddings_stage": self.embeddings_stage,
-            "slack": self.slack,
-            "cuts": [by_position[p].after for p in positions],
-        }
+        partition = StagePartition(
+            n=self.n,
+            cuts=tuple(by_position[p].after for p in positions),
+            balance=self.balance,
+            embeddings_stage=self.embeddings_stage,
+            slack=self.slack,
+        )
         changed = self._annotate(gm, order, positions)
-        changed = changed or moved or program.meta.get(PARTITION_META) != partition
-        program.meta[PARTITION_META] = partition
+        changed = set_stage_partition(program, partition) or changed or moved
         details = self._details(program, order, positions, [by_position[p] for p in positions])
-        notes = [f"cut after {name}" for name in partition["cuts"]]
+        notes = [f"cut after {name}" for name in partition.cuts]
         shared = [d["shared_weights"] for d in details if d["shared_weights"]]
         if shared:
             notes.append(

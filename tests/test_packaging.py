@@ -16,6 +16,10 @@ def test_every_subpackage_is_listed_in_pyproject():
     for init in (ROOT / "graphopt").rglob("__init__.py"):
         rel = init.parent.relative_to(ROOT)
         found.add(".".join(rel.parts))
+    for mapped in ("passes", "runtimes"):  # installed as graphopt.passes.*, graphopt.runtimes.*
+        for init in (ROOT / mapped).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / mapped)
+            found.add(".".join(("graphopt", mapped, *rel.parts)))
     missing = found - listed
     assert not missing, f"add {sorted(missing)} to [tool.setuptools] packages in pyproject.toml"
     assert config["package-dir"]["graphopt.passes"] == "passes"

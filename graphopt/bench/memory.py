@@ -119,8 +119,10 @@ def _preimport(target: dict[str, Any]) -> None:
     if kind == "artifact":
         wanted = ["graphopt.runtime"]
         try:
+            from graphopt.runtime import canonical_runtime
+
             manifest = json.loads((Path(target["path"]) / "manifest.json").read_text())
-            name = str(manifest.get("runtime", ""))
+            name = canonical_runtime(str(manifest.get("runtime", "")), note=False)
             wanted += [f"graphopt.runtimes.{name}"] + (["onnxruntime"] if name in ("onnxruntime", "tensorrt") else [])
         except (OSError, ValueError):
             pass

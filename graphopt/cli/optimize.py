@@ -59,8 +59,9 @@ def _lower_all(program, args: argparse.Namespace, tmp) -> list[str]:  # type: ig
 def run(args: argparse.Namespace) -> int:
     pipeline = parse_pipeline(args.pipeline)  # usage errors before loading anything
     if args.runtime:
-        from graphopt.runtime import get_runtime
+        from graphopt.runtime import canonical_runtime, get_runtime
 
+        args.runtime = [canonical_runtime(name) for name in args.runtime]  # OUT/<current name>
         for name in args.runtime:
             try:
                 get_runtime(name)  # unknown runtime: a usage error before the pipeline runs

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from graphopt.errors import ArtifactError
-from graphopt.runtime import MANIFEST_FILE, Runner, load
+from graphopt.runtime import MANIFEST_FILE, RENAMED_RUNTIMES, Runner, canonical_runtime, load
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +43,11 @@ def resolve_runner(target: str, runtime: str | None = None, verify: bool = True)
         return load(path, verify=verify)
     if path.is_dir():
         if runtime:
-            if (path / runtime / MANIFEST_FILE).is_file():
-                return load(path / runtime, verify=verify)
+            runtime = canonical_runtime(runtime)
+            # OUT/<name>/, or the folder an older graphopt wrote under a renamed runtime's old name
+            for folder in (runtime, *(old for old, new in RENAMED_RUNTIMES.items() if new == runtime)):
+                if (path / folder / MANIFEST_FILE).is_file():
+                    return load(path / folder, verify=verify)
             if runtime != "eager":
                 raise ArtifactError(f"{path} has no {runtime}/ artifact; lower with `optimize --runtime {runtime}`")
         found = sorted(d.name for d in path.iterdir() if (d / MANIFEST_FILE).is_file())

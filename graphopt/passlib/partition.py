@@ -1,4 +1,4 @@
-"""Pipeline stages: where a Program can be cut, and cutting it into stage Programs.
+"""Stage partitioning: where a Program can be cut, and cutting it into stage Programs.
 
 A Program's compute nodes (everything but placeholders, ``get_attr`` and the
 output) are taken in graph order; cut position ``p`` puts ``order[:p]`` in the
@@ -8,14 +8,19 @@ splittable when every crossing value is either a tensor whose sizes are
 constants or plain symbols (a derived size such as ``3*s0`` would make
 torch.export guard the re-exported stage to ``>= 6``, refusing micro-batches
 of 1), or a symbolic size the later stage can recompute from the crossing
-tensors' shapes (``aten.sym_size``, then ``+``/``*``): pipeline runtimes send
-tensors only. Parameters never cross: each stage gets its own ``get_attr`` of
+tensors' shapes (``aten.sym_size``, then ``+``/``*``): the ``stages`` runtime
+sends tensors only. Parameters never cross: each stage gets its own ``get_attr`` of
 every weight it reads (tied weights are duplicated).
 
 ``split_program(program, cuts)`` builds one Program per stage: stage 0 takes
 the Program's inputs, stage k>0 the tensors crossing cut k-1, and the last
 stage returns the Program's outputs, so running the stages in sequence equals
 running the Program.
+
+The partition the ``split-stages`` pass chose is one :class:`StagePartition`
+record, written with :func:`set_stage_partition` and read with
+:func:`stage_partition`; it is stored as JSON in ``program.meta`` so it
+survives ``Program.copy`` and save/load.
 """
 
 from __future__ import annotations
@@ -23,37 +28,36 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from graphopt.errors import PreconditionError
 from graphopt.ir.program import InputSpec, Program
+from graphopt.passlib.costs import hint_shape, tensor_bytes
 
 __all__ = [
     "STAGE_META",
-    "PARTITION_META",
+    "StagePartition",
+    "stage_partition",
+    "set_stage_partition",
     "Cut",
     "compute_nodes",
     "cut_table",
-    "hint_shape",
-    "tensor_bytes",
-    "node_flops",
     "split_program",
     "run_stages",
-    "resolve_partition",
 ]
 
 log = logging.getLogger(__name__)
 
 #: per-node stage index, set by the split-stages pass
 STAGE_META = "graphopt.stage"
-#: key in ``program.meta`` holding the partition (JSON: cut node names, options)
-PARTITION_META = "graphopt.stages"
+#: key in ``program.meta`` holding the StagePartition (as JSON); read and
+#: written only through stage_partition / set_stage_partition
+_PARTITION_KEY = "graphopt.stages"
 
 aten = torch.ops.aten
 
@@ -74,62 +78,71 @@ class Cut:
         return not self.reason
 
 
+@dataclass(frozen=True)
+class StagePartition:
+    """The partition split-stages chose: ``n`` contiguous stages, cut after the
+    compute nodes named in ``cuts`` (``n - 1`` names in graph order), and the
+    options it balanced with."""
+
+    n: int
+    cuts: tuple[str, ...]
+    balance: str = "params"
+    embeddings_stage: bool = False
+    slack: float = 0.1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "cuts": list(self.cuts),
+            "balance": self.balance,
+            "embeddings_stage": self.embeddings_stage,
+            "slack": self.slack,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StagePartition:
+        return cls(
+            n=int(data["n"]),
+            cuts=tuple(data["cuts"]),
+            balance=str(data.get("balance", "params")),
+            embeddings_stage=bool(data.get("embeddings_stage", False)),
+            slack=float(data.get("slack", 0.1)),
+        )
+
+    def positions(self, program: Program) -> list[int]:
+        """Cut positions of this partition in ``program``'s compute order.
+
+        Raises PreconditionError when the graph no longer holds the cut nodes
+        in order (a pass after split-stages rewrote them).
+        """
+        index = {node.name: i for i, node in enumerate(compute_nodes(program.gm))}
+        missing = [name for name in self.cuts if name not in index]
+        positions = [index[name] + 1 for name in self.cuts if name in index]
+        if missing or positions != sorted(set(positions)) or len(positions) != self.n - 1:
+            gone = f" (node {missing[0]} is gone)" if missing else ""
+            raise PreconditionError(
+                f"{program.name}: the split-stages partition no longer fits the graph{gone}; "
+                f"run 'split-stages{{n={self.n}}}' after the passes that rewrite it"
+            )
+        return positions
+
+
+def stage_partition(program: Program) -> StagePartition | None:
+    """The partition split-stages recorded on ``program``, or None."""
+    data = program.meta.get(_PARTITION_KEY)
+    return StagePartition.from_json(data) if data else None
+
+
+def set_stage_partition(program: Program, partition: StagePartition) -> bool:
+    """Record ``partition`` on ``program``; return whether that changed it."""
+    changed = stage_partition(program) != partition
+    program.meta[_PARTITION_KEY] = partition.to_json()
+    return changed
+
+
 def compute_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """Nodes that do work, in graph order (no placeholders, get_attr, output)."""
     return [n for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method")]
-
-
-def _hint(size: Any) -> int:
-    if isinstance(size, torch.SymInt):
-        return int(optimization_hint(size, fallback=1))
-    return int(size)
-
-
-def hint_shape(val: torch.Tensor) -> list[int]:
-    """Concrete shape of a (fake) tensor, symbols replaced by their example hints."""
-    return [_hint(s) for s in val.shape]
-
-
-def tensor_bytes(val: torch.Tensor) -> int:
-    numel = 1
-    for s in hint_shape(val):
-        numel *= s
-    return numel * val.element_size()
-
-
-def node_flops(node: torch.fx.Node) -> int:
-    """FLOPs of one node estimated from its shape metadata (example sizes):
-    matmuls and attention count multiply-adds as 2, everything else one per
-    output element."""
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return 0
-    out = 1
-    for s in hint_shape(val):
-        out *= s
-
-    def arg_shape(i: int) -> list[int]:
-        arg = node.args[i] if i < len(node.args) else None
-        meta = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
-        return hint_shape(meta) if isinstance(meta, torch.Tensor) else []
-
-    packet = getattr(node.target, "overloadpacket", None)
-    if packet in (aten.linear, aten.matmul, aten.mm, aten.bmm):
-        k = arg_shape(0)[-1:] or [1]
-        return 2 * out * k[0]
-    if packet in (aten.addmm, aten.baddbmm):
-        k = arg_shape(1)[-1:] or [1]
-        return 2 * out * k[0]
-    if packet is aten.scaled_dot_product_attention:
-        key = arg_shape(1)
-        return 4 * out * (key[-2] if len(key) >= 2 else 1)
-    if packet is aten.convolution:
-        weight = arg_shape(1)
-        per_out = 1
-        for s in weight[1:]:
-            per_out *= s
-        return 2 * out * per_out
-    return out
 
 
 def _expr(size: Any) -> Any:
@@ -346,47 +359,3 @@ def split_program(program: Program, cuts: Sequence[int]) -> list[Program]:
         example = run_stages([stage], example)
     log.info("split %s into %d stages at %s", program.name, n_stages, list(cuts))
     return stages
-
-
-def _recorded_positions(program: Program, n: int) -> list[int] | None:
-    """The cuts split-stages recorded for ``n`` stages, if they still fit the graph."""
-    recorded = program.meta.get(PARTITION_META) or {}
-    if recorded.get("n") != n:
-        return None
-    order = compute_nodes(program.gm)
-    marks = [node.meta.get(STAGE_META) for node in order]
-    if all(isinstance(m, int) for m in marks) and marks == sorted(marks) and marks[-1] == n - 1:
-        return [i for i in range(1, len(order)) if marks[i] != marks[i - 1]]
-    index = {node.name: i for i, node in enumerate(order)}  # node meta is lost by save/load
-    if all(name in index for name in recorded.get("cuts", [])):
-        positions = [index[name] + 1 for name in recorded["cuts"]]
-        if positions == sorted(set(positions)) and len(positions) == n - 1:
-            return positions
-    return None
-
-
-def resolve_partition(program: Program, stages: int | None = None, balance: str = "params") -> list[int]:
-    """Cut positions for ``program``: those split-stages recorded (node meta,
-    else cut node names in ``program.meta``), or a fresh split-stages run
-    when there is none, it no longer fits the graph, or ``stages`` differs.
-    A fresh run may reorder the graph (``embeddings_stage``), so ``program``
-    takes the split graph."""
-    recorded = program.meta.get(PARTITION_META) or {}
-    n = stages or recorded.get("n") or 2
-    if n == 1:
-        return []
-    positions = _recorded_positions(program, n)
-    if positions is not None:
-        return positions
-    from graphopt.transform.optimize import optimize
-
-    balance = recorded.get("balance", balance)
-    embeddings = str(bool(recorded.get("embeddings_stage", False))).lower()
-    split, _ = optimize(
-        program, f"split-stages{{n={n} balance={balance} embeddings_stage={embeddings}}}", verify_each=False
-    )
-    program.gm, program.meta = split.gm, split.meta
-    positions = _recorded_positions(program, n)
-    if positions is None:
-        raise PreconditionError(f"split-stages recorded no usable partition for {program.name}")
-    return positions

@@ -21,9 +21,11 @@ optional package (onnxruntime, tensorrt) only disables that runtime.
 from graphopt.options import Option
 from graphopt.runtime.artifact import MANIFEST_FILE, MANIFEST_FORMAT, Artifact, read_artifact, sha256_file
 from graphopt.runtime.backend import (
+    RENAMED_RUNTIMES,
     Backend,
     RuntimeStatus,
     available_runtimes,
+    canonical_runtime,
     get_runtime,
     is_quantized,
     program_dtypes,
@@ -49,6 +51,8 @@ __all__ = [
     "read_artifact",
     "available_runtimes",
     "runtime_names",
+    "canonical_runtime",
+    "RENAMED_RUNTIMES",
     "get_runtime",
     "register_runtime",
     "require_available",

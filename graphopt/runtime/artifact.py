@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from graphopt.errors import ArtifactError, first_line
 from graphopt.ir.program import InputSpec
+from graphopt.runtime.backend import canonical_runtime
 
 if TYPE_CHECKING:
     from graphopt.runtime.runner import Runner
@@ -45,7 +46,9 @@ class Artifact:
 
     @property
     def runtime(self) -> str:
-        return str(self.manifest["runtime"])
+        """The runtime it was lowered for, by its current name (an artifact
+        written under a renamed runtime's old name reads as the new one)."""
+        return canonical_runtime(str(self.manifest["runtime"]), note=False)
 
     @property
     def inputs(self) -> list[InputSpec]:

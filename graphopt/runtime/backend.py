@@ -4,11 +4,14 @@ and the registry of runtimes.
 Each built-in runtime is a module ``graphopt.runtimes.<name>`` exposing
 ``BACKEND`` (a :class:`Backend`); it is imported only when first used, so a
 missing optional package (onnxruntime, tensorrt) only disables that runtime.
+A renamed runtime's old name (:data:`RENAMED_RUNTIMES`) still resolves, with a
+one-line deprecation note in the log.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,8 @@ __all__ = [
     "Backend",
     "RuntimeStatus",
     "register_runtime",
+    "RENAMED_RUNTIMES",
+    "canonical_runtime",
     "runtime_names",
     "get_runtime",
     "available_runtimes",
@@ -44,9 +49,13 @@ _BUILTIN: dict[str, str] = {
     "onnxruntime": "onnxruntime",
     "inductor": "inductor",
     "tensorrt": "tensorrt",
-    "pipeline": "pipeline",
+    "stages": "stages",
 }
+#: old runtime names -> their current names (accepted with a deprecation note)
+RENAMED_RUNTIMES: dict[str, str] = {"pipeline": "stages"}
 _REGISTRY: dict[str, Backend] = {}
+
+log = logging.getLogger(__name__)
 
 
 def program_dtypes(program: Program) -> set[torch.dtype]:
@@ -123,12 +132,26 @@ def register_runtime(backend: Backend) -> Backend:
     return backend
 
 
+def canonical_runtime(name: str, *, note: bool = True) -> str:
+    """The current name of runtime ``name``. An old name logs a one-line
+    deprecation note unless ``note`` is False (artifacts lowered before a
+    rename load without one)."""
+    new = RENAMED_RUNTIMES.get(name)
+    if new is None:
+        return name
+    if note:
+        log.warning("runtime '%s' is now '%s'; the old name will be removed", name, new)
+    return new
+
+
 def runtime_names() -> list[str]:
     return list(dict.fromkeys([*_BUILTIN, *_REGISTRY]))
 
 
 def get_runtime(name: str) -> Backend:
-    """The Backend named ``name`` (imports ``graphopt.runtimes.<name>`` on first use)."""
+    """The Backend named ``name`` (imports ``graphopt.runtimes.<name>`` on first use;
+    an old name of a renamed runtime resolves to it, see :func:`canonical_runtime`)."""
+    name = canonical_runtime(name)
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name not in _BUILTIN:

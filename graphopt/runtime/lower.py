@@ -49,6 +49,7 @@ def lower(
     if not isinstance(program, Program):
         raise LoweringError(f"lower takes a Program, got {type(program).__name__}; capture the model first")
     backend = get_runtime(runtime)
+    runtime = backend.name  # the current name, for a renamed runtime's old one
     require_available(backend)
     opts = resolve_options(backend.lower_options, options, f"{runtime} | lower", LoweringError)
     backend.check_program(program, opts)

@@ -1,4 +1,4 @@
-"""split-stages: partition into contiguous, balanced, cheaply-cut pipeline stages."""
+"""split-stages: partition into contiguous, balanced, cheaply-cut stages."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from graphopt import optimize
-from graphopt.errors import PassFailedError, PassOptionError
+from graphopt.errors import PassFailedError, PassOptionError, PreconditionError
 from graphopt.ir.fx import is_op
+from graphopt.passlib.costs import node_flops
 from graphopt.passlib.partition import (
-    PARTITION_META,
     STAGE_META,
+    StagePartition,
     compute_nodes,
     cut_table,
-    node_flops,
     run_stages,
     split_program,
+    stage_partition,
 )
 from tests.passes._helpers import assert_equivalent
 
@@ -48,7 +49,13 @@ def test_two_stages_on_bert4rec(program):
     assert all(STAGE_META in n.meta for n in after.gm.graph.nodes)
     positions = _positions(after)
     assert len(positions) == 1
-    assert after.meta[PARTITION_META]["n"] == 2 and len(after.meta[PARTITION_META]["cuts"]) == 1
+    partition = stage_partition(after)
+    assert partition.n == 2 and len(partition.cuts) == 1
+    # the one record split-stages wrote: its options and the node ending stage 0
+    order = compute_nodes(after.gm)
+    assert partition == StagePartition(n=2, cuts=(order[positions[0] - 1].name,), balance="params", slack=0.1)
+    assert partition.positions(after) == positions
+    assert stage_partition(after.copy()) == partition
     # per-stage report: weights, FLOPs, and what crosses the cut
     assert [d["stage"] for d in record.details] == [0, 1]
     assert all(d["parameter_bytes"] > 0 and d["flops"] > 0 for d in record.details)
@@ -132,7 +139,7 @@ def test_near_miss_one_stage_does_not_fire(program):
     p = program("bert4rec:tiny")
     after, report = optimize(p, "split-stages{n=1}")
     assert report.passes[0].modified is False
-    assert PARTITION_META not in after.meta
+    assert stage_partition(after) is None
     assert not any(STAGE_META in n.meta for n in after.gm.graph.nodes)
 
 
@@ -140,4 +147,11 @@ def test_near_miss_same_partition_twice_does_not_fire(program):
     once, _ = optimize(program("dlrm:tiny"), "split-stages{balance=flops}")
     twice, report = optimize(once, "split-stages{balance=flops}")
     assert report.passes[0].modified is False
-    assert twice.meta[PARTITION_META] == once.meta[PARTITION_META]
+    assert stage_partition(twice) == stage_partition(once)
+
+
+def test_partition_that_no_longer_fits_names_the_pass(program):
+    after, _ = optimize(program("dlrm:tiny"), "split-stages")
+    stale = StagePartition(n=2, cuts=("no_such_node",))
+    with pytest.raises(PreconditionError, match=r"node no_such_node is gone.*'split-stages\{n=2\}'"):
+        stale.positions(after)

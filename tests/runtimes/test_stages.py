@@ -1,9 +1,13 @@
-"""pipeline runtime: stages in separate processes (gloo on 127.0.0.1), GPipe
-micro-batches, outputs equal to the single-process Program; clear failures."""
+"""stages runtime: stages in separate processes (gloo on 127.0.0.1), GPipe
+micro-batches, outputs equal to the single-process Program; clear failures;
+lowering needs a split-stages partition; the old name `pipeline` still works."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,10 +16,12 @@ import time
 
 import pytest
 import torch
-from graphopt.runtimes.pipeline import load_pipeline, lower_pipeline, run_sequential, serve_stage
+from graphopt.runtimes.stages import StagesRunner, load_stages, lower_stages, run_sequential, serve_stage
 
 from graphopt import optimize
-from graphopt.errors import GraphoptError, RunnerError
+from graphopt.errors import PreconditionError, RunnerError
+from graphopt.passlib.partition import stage_partition
+from graphopt.runtime import load, lower, runtime_names
 
 TOL = 1e-5
 BOUND_S = 20  # a failed stage must fail the run within this (timeout=10 below; gloo usually sees it at once)
@@ -38,16 +44,19 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def bert_artifact(program, tmp_path_factory):
     split, _ = optimize(program("bert4rec:tiny"), "split-stages{balance=flops}", verify_each=False)
-    out = tmp_path_factory.mktemp("pipe") / "bert4rec"
-    artifact = lower_pipeline(split, out)
+    out = tmp_path_factory.mktemp("stages") / "bert4rec"
+    graph, partition = str(split.graph), stage_partition(split)
+    artifact = lower_stages(split, out)
+    # lowering reads the caller's Program and leaves it as it was
+    assert str(split.graph) == graph and stage_partition(split) == partition
     return split, artifact
 
 
 @pytest.fixture(scope="module")
 def dlrm_artifact(program, tmp_path_factory):
-    p = program("dlrm:tiny")
-    out = tmp_path_factory.mktemp("pipe") / "dlrm"
-    return p, lower_pipeline(p, out, stages=2)
+    p, _ = optimize(program("dlrm:tiny"), "split-stages{n=2}", verify_each=False)
+    out = tmp_path_factory.mktemp("stages") / "dlrm"
+    return p, lower_stages(p, out, stages=2)
 
 
 def _assert_matches(runner, program, batch, seq=None, seed=0):
@@ -63,12 +72,12 @@ def _assert_matches(runner, program, batch, seq=None, seed=0):
 def test_lowering_writes_one_program_per_stage(bert_artifact):
     split, artifact = bert_artifact
     manifest = artifact.manifest
-    assert manifest["runtime"] == "pipeline"
+    assert manifest["runtime"] == "stages"
     assert artifact.backend["num_stages"] == 2
     assert sorted(manifest["files"]) == ["stage0.pt2", "stage1.pt2"]
     assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
     # the cut is the one split-stages recorded, not a new one
-    assert artifact.backend["cuts"] == split.meta["graphopt.stages"]["cuts"]
+    assert artifact.backend["cuts"] == list(stage_partition(split).cuts)
     stages = artifact.backend["stages"]
     assert stages[0]["inputs"] == ["input_ids", "attention_mask"]
     assert stages[1]["outputs"] == ["output"]
@@ -82,7 +91,7 @@ def test_lowering_writes_one_program_per_stage(bert_artifact):
 
 def test_bert4rec_two_processes_match_single_process(bert_artifact):
     split, artifact = bert_artifact
-    with load_pipeline(artifact.path, microbatches=2, timeout=30, join_timeout=60) as runner:
+    with load_stages(artifact.path, microbatches=2, timeout=30, join_timeout=60) as runner:
         _assert_matches(runner, split, batch=4)
         _assert_matches(runner, split, batch=6, seq=9, seed=1)  # a new shape builds a new schedule
         with pytest.raises(RunnerError, match="batch 5 cannot be cut into 2 equal micro-batches"):
@@ -97,7 +106,7 @@ def test_bert4rec_two_processes_match_single_process(bert_artifact):
 
 def test_dlrm_two_processes_and_a_killed_local_stage(dlrm_artifact):
     program, artifact = dlrm_artifact
-    runner = load_pipeline(artifact.path, microbatches=4, timeout=10, join_timeout=60)
+    runner = load_stages(artifact.path, microbatches=4, timeout=10, join_timeout=60)
     with runner:
         _assert_matches(runner, program, batch=8)
         _assert_matches(runner, program, batch=4, seed=1)
@@ -112,20 +121,20 @@ def test_dlrm_two_processes_and_a_killed_local_stage(dlrm_artifact):
 
 
 def test_killed_remote_stage_fails_the_run_within_bounded_time(dlrm_artifact):
-    """Rank 1 started like on another host (`graphopt serve-pipeline` + torchrun
+    """Rank 1 started like on another host (`graphopt serve-stages` + torchrun
     variables); after it dies mid-session, rank 0's next run fails instead of hanging."""
     program, artifact = dlrm_artifact
     port = _free_port()
     env = dict(os.environ, RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     worker = subprocess.Popen(
-        [sys.executable, "-m", "graphopt", "serve-pipeline", str(artifact.path), "--timeout", "10"],
+        [sys.executable, "-m", "graphopt", "serve-stages", str(artifact.path), "--timeout", "10"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
     try:
-        runner = load_pipeline(
+        runner = load_stages(
             artifact.path, launch="external", master_port=port, timeout=10, join_timeout=60
         )
         with runner:
@@ -145,7 +154,7 @@ def test_killed_remote_stage_fails_the_run_within_bounded_time(dlrm_artifact):
 def test_rank_that_never_joins_names_the_address(dlrm_artifact):
     _, artifact = dlrm_artifact
     port = _free_port()
-    runner = load_pipeline(artifact.path, launch="external", master_port=port, join_timeout=1.5)
+    runner = load_stages(artifact.path, launch="external", master_port=port, join_timeout=1.5)
     start = time.monotonic()
     with pytest.raises(RunnerError, match=rf"rank 1 of 2 did not join within 1.5s at tcp://127.0.0.1:{port}"):
         runner.activate()
@@ -171,18 +180,59 @@ def test_world_size_must_match_stage_count(dlrm_artifact):
         serve_stage(artifact.path, 1, 3, "127.0.0.1", 1, join_timeout_s=1)
 
 
-def test_too_many_stages_fails_lowering(program, tmp_path):
-    with pytest.raises(GraphoptError, match="splittable points"):
-        lower_pipeline(program("dlrm:tiny"), tmp_path / "out", stages=200)
+def test_unpartitioned_program_fails_lowering_naming_split_stages(program, tmp_path):
+    p = program("dlrm:tiny")
+    with pytest.raises(
+        PreconditionError, match=r"^runtime 'stages' needs a partitioned Program: add 'split-stages\{n=2\}'"
+    ):
+        lower_stages(p, tmp_path / "out")
+    with pytest.raises(PreconditionError, match=r"add 'split-stages\{n=200\}'"):
+        lower_stages(p, tmp_path / "out", stages=200)
+    assert not (tmp_path / "out").exists()
+    assert stage_partition(p) is None and "graphopt.stages" not in p.meta  # the lowerer did not partition it
+
+
+def test_stage_count_must_match_the_partition(dlrm_artifact, tmp_path):
+    p, _ = dlrm_artifact
+    with pytest.raises(PreconditionError, match=r"partitioned into 2 stages, not 3; run 'split-stages\{n=3\}'"):
+        lower_stages(p, tmp_path / "out", stages=3)
     assert not (tmp_path / "out").exists()
 
 
 def test_one_stage_runs_in_process(dlrm_artifact, program, tmp_path):
     p = program("dlrm:tiny")
-    artifact = lower_pipeline(p, tmp_path / "one", stages=1)
+    artifact = lower_stages(p, tmp_path / "one", stages=1)
     assert artifact.backend["num_stages"] == 1
-    with load_pipeline(artifact.path, microbatches=2) as runner:
+    with load_stages(artifact.path, microbatches=2) as runner:
         _assert_matches(runner, p, batch=6)
+
+
+def test_artifact_lowered_as_pipeline_still_loads(dlrm_artifact, tmp_path, caplog):
+    """A manifest written when the runtime was called 'pipeline' loads (quietly),
+    and both ranks run it."""
+    program, artifact = dlrm_artifact
+    old = tmp_path / "old"
+    shutil.copytree(artifact.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["runtime"] = "pipeline"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="graphopt.runtime.backend"):
+        runner = load(old, microbatches=2, timeout=10, join_timeout=60)
+    assert isinstance(runner, StagesRunner) and not caplog.records
+    with runner:
+        _assert_matches(runner, program, batch=4)
+    with pytest.raises(RunnerError, match="has 2 stages, so WORLD_SIZE must be 2, got 3"):
+        serve_stage(old, 1, 3, "127.0.0.1", 1, join_timeout_s=1)
+
+
+def test_old_name_pipeline_resolves_with_a_deprecation_note(program, tmp_path, caplog):
+    assert "stages" in runtime_names() and "pipeline" not in runtime_names()
+    p = program("dlrm:tiny")
+    with caplog.at_level(logging.WARNING, logger="graphopt.runtime.backend"):
+        artifact = lower(p, "pipeline", tmp_path / "old", stages=1)
+    assert artifact.runtime == "stages" and artifact.manifest["runtime"] == "stages"
+    notes = [r.getMessage() for r in caplog.records if "pipeline" in r.getMessage()]
+    assert notes == ["runtime 'pipeline' is now 'stages'; the old name will be removed"]
 
 
 def test_cli_rank_without_world_size_is_an_error(dlrm_artifact, capsys, monkeypatch):
@@ -191,8 +241,14 @@ def test_cli_rank_without_world_size_is_an_error(dlrm_artifact, capsys, monkeypa
     for var in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     _, artifact = dlrm_artifact
+    assert main(["serve-stages", str(artifact.path), "--rank", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "needs WORLD_SIZE and MASTER_PORT" in err and "serve-pipeline" not in err
+    # the verb's old name still works, with a one-line note
     assert main(["serve-pipeline", str(artifact.path), "--rank", "1"]) == 1
-    assert "needs WORLD_SIZE and MASTER_PORT" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "graphopt: `serve-pipeline` is now `serve-stages`; the old name will be removed"
+    assert "needs WORLD_SIZE and MASTER_PORT" in err[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -204,7 +260,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_serving_stage_exits_when_rank0_dies(dlrm_artifact, tmp_path):
-    """Rank 0 (`graphopt serve-pipeline`, spawning rank 1 here) is killed mid-run:
+    """Rank 0 (`graphopt serve-stages`, spawning rank 1 here) is killed mid-run:
     rank 1 must exit on its own within bounded time, not wait forever."""
     _, artifact = dlrm_artifact
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
@@ -214,7 +270,7 @@ def test_serving_stage_exits_when_rank0_dies(dlrm_artifact, tmp_path):
             sys.executable,
             "-m",
             "graphopt",
-            "serve-pipeline",
+            "serve-stages",
             str(artifact.path),
             "--iterations",
             "100000000",
@@ -236,9 +292,9 @@ def test_serving_stage_exits_when_rank0_dies(dlrm_artifact, tmp_path):
         lines = []
         for line in rank0.stderr:  # third-party warnings first; then this line once all ranks joined
             lines.append(line)
-            if "pipeline ranks joined" in line or "error" in line:
+            if "stage ranks joined" in line or "error" in line:
                 break
-        assert "pipeline ranks joined at tcp://127.0.0.1:" in lines[-1], "".join(lines[-5:])
+        assert "stage ranks joined at tcp://127.0.0.1:" in lines[-1], "".join(lines[-5:])
         (rank1,) = _children(rank0.pid)
         time.sleep(0.5)  # let it get into the run loop
         rank0.kill()

@@ -1,18 +1,19 @@
-"""``graphopt serve-pipeline ARTIFACT``: run one rank of a lowered ``pipeline`` artifact.
+"""``graphopt serve-stages ARTIFACT``: run one rank of a lowered ``stages`` artifact.
 
 Every rank runs the same command on its host; which stage it serves comes
 from the torchrun variables (or the flags that override them)::
 
     # host A (rank 0: stage 0, drives the batches, prints the result)
-    MASTER_ADDR=hostA MASTER_PORT=29500 WORLD_SIZE=2 RANK=0 graphopt serve-pipeline out/pipe --check
+    MASTER_ADDR=hostA MASTER_PORT=29500 WORLD_SIZE=2 RANK=0 graphopt serve-stages out/b4r/stages --check
     # host B (rank 1: stage 1, serves until rank 0 is done)
-    MASTER_ADDR=hostA MASTER_PORT=29500 WORLD_SIZE=2 RANK=1 graphopt serve-pipeline out/pipe
+    MASTER_ADDR=hostA MASTER_PORT=29500 WORLD_SIZE=2 RANK=1 graphopt serve-stages out/b4r/stages
 
 Without ``RANK``/``WORLD_SIZE`` (and no flags), rank 0 spawns the other ranks
 on this host. Rank 0 runs ``--iterations`` batches of seeded random inputs and
 prints latency, throughput and each rank's memory as JSON; ``--check`` also
 compares with running the stages one after another in this process (exit 1
-beyond 1e-5).
+beyond 1e-5). ``serve-pipeline`` is the verb's old name: it still works, with
+a one-line deprecation note.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ from graphopt.errors import RunnerError
 from graphopt.metrics import max_abs_error
 
 TOLERANCE = 1e-5
+#: the verb's old name, still accepted
+OLD_NAME = "serve-pipeline"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve-pipeline", help="run one rank of a pipeline artifact (torch.distributed)")
-    p.add_argument("artifact", help="folder written by lowering with the `pipeline` runtime")
+    p = sub.add_parser(
+        "serve-stages", aliases=[OLD_NAME], help="run one rank of a stages artifact (torch.distributed)"
+    )
+    p.add_argument("artifact", help="folder written by lowering with the `stages` runtime")
     p.add_argument(
         "--rank", type=int, help="this process's rank (default: $RANK, else 0 and spawn the others)"
     )
@@ -60,8 +65,10 @@ def _env_int(name: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from graphopt.runtimes import pipeline
+    from graphopt.runtimes import stages
 
+    if args.verb == OLD_NAME:
+        print(f"graphopt: `{OLD_NAME}` is now `serve-stages`; the old name will be removed", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     rank = args.rank if args.rank is not None else _env_int("RANK")
@@ -71,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if rank:  # a serving rank
         if world is None or port is None:
             raise RunnerError(
-                "pipeline | rank >= 1 needs WORLD_SIZE and MASTER_PORT (or --world-size/--master-port)"
+                "stages | rank >= 1 needs WORLD_SIZE and MASTER_PORT (or --world-size/--master-port)"
             )
-        pipeline.serve_stage(
+        stages.serve_stage(
             args.artifact, rank, world, addr, port, timeout_s=args.timeout, join_timeout_s=args.join_timeout
         )
         return 0
@@ -89,14 +96,14 @@ def run(args: argparse.Namespace) -> int:
         master_port=port,
         threads=args.threads,
     )
-    runner = pipeline.load_pipeline(args.artifact, **options)
+    runner = stages.load_stages(args.artifact, **options)
     sizes = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
     gen = torch.Generator().manual_seed(0)
     inputs = [spec.sample(sizes, gen) for spec in runner.inputs]
     with runner:
         where = runner.address or "this process"
         print(
-            f"graphopt: pipeline ranks joined at {where}; running {args.iterations} batches",
+            f"graphopt: stage ranks joined at {where}; running {args.iterations} batches",
             file=sys.stderr,
             flush=True,
         )
@@ -119,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     }
     status = 0
     if args.check:
-        reference = pipeline.run_sequential(args.artifact, inputs)
+        reference = stages.run_sequential(args.artifact, inputs)
         error = max(max_abs_error(o, r) for o, r in zip(outputs, reference))
         summary["max_abs_error"] = error
         status = 0 if error <= TOLERANCE else 1

@@ -1,22 +1,22 @@
-"""Benchmark: pipeline stages (torch.distributed, gloo on 127.0.0.1) on bert4rec.
+"""Benchmark: the stages runtime (torch.distributed, gloo on 127.0.0.1) on bert4rec.
 
-Two measurements, both through the ``pipeline`` runtime's own runners:
+Two measurements, both through the ``stages`` runtime's own runners:
 
-* Memory: the model lowered as 1 stage (the whole model) and as 2 stages;
-  each is run by ``graphopt serve-pipeline`` in fresh processes (rank 0 plus
+* Memory: the model lowered as 1 stage (the whole model) and as 2 stages
+  (``split-stages{n=2}``); each is run by ``graphopt serve-stages`` in fresh processes (rank 0 plus
   the ranks it spawns), which report per rank the RSS at start, after
   loading its stage, and the peak. "model MB" is loaded - start (weights and
   graph), "peak MB" is peak - start (weights + activations + comm buffers).
 * Throughput: 1 stage vs 2 stages with 1/4/8 micro-batches, in one process
-  (rank 0 of the 2-stage pipeline and the 1-stage runner side by side), calls
+  (rank 0 of the 2-stage runner and the 1-stage runner side by side), calls
   interleaved round by round; medians, p90, and speedups vs 1 stage / 1
   micro-batch computed per round. Each rank uses ``--threads`` torch threads
   (default 1), so 2 stages use twice the cores of 1 stage (changing the
   thread count between interleaved calls costs more than it measures, so
-  the whole model on 2 threads is left to ``graphopt serve-pipeline``).
+  the whole model on 2 threads is left to ``graphopt serve-stages``).
 
-    python benchmarks/bench_pipeline.py                    # bert4rec:base, batch 32, seq 64
-    python benchmarks/bench_pipeline.py --model bert4rec:tiny --rounds 3 --json out.json
+    python benchmarks/bench_stages.py                    # bert4rec:base, batch 32, seq 64
+    python benchmarks/bench_stages.py --model bert4rec:tiny --rounds 3 --json out.json
 
 Not a test: nothing is asserted. On a shared or small machine the absolute
 numbers are noisy; the interleaved ratios are the ones to read.
@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from graphopt.runtimes.pipeline import load_pipeline, lower_pipeline
+from graphopt.runtimes.stages import load_stages, lower_stages
 
+import graphopt
 from graphopt.bench.timing import (
     TimingConfig,
     load_warning,
@@ -51,7 +52,7 @@ def _memory(artifact: Path, batch: int, seq: int, threads: int) -> list[dict[str
         sys.executable,
         "-m",
         "graphopt",
-        "serve-pipeline",
+        "serve-stages",
         str(artifact),
         "--batch",
         str(batch),
@@ -65,7 +66,7 @@ def _memory(artifact: Path, batch: int, seq: int, threads: int) -> list[dict[str
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
-        raise SystemExit(f"serve-pipeline failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        raise SystemExit(f"serve-stages failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     rows = []
     for r in summary["ranks"]:
@@ -101,8 +102,9 @@ def main() -> int:
         "machine": machine_info(),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        one = lower_pipeline(program, Path(tmp) / "one", stages=1)
-        two = lower_pipeline(program, Path(tmp) / "two", stages=2, balance=args.balance)
+        split, _ = graphopt.optimize(program, f"split-stages{{n=2 balance={args.balance}}}", verify_each=False)
+        one = lower_stages(program, Path(tmp) / "one", stages=1)
+        two = lower_stages(split, Path(tmp) / "two")
         out["cut"] = two.backend["cuts"]
         print(f"{args.model}: 2 stages cut after {two.backend['cuts']} (balance={args.balance})")
 
@@ -117,15 +119,15 @@ def main() -> int:
                     f"  {name:<9} rank {r['rank']}: params {r['parameter_mb']:7.2f}  model {r['model_mb']:7.1f}"
                     f"  peak {r['peak_mb']:7.1f}  (process peak RSS {r['rss_peak_mb']:.0f})"
                 )
-            print(f"  {name:<9} max |pipeline - stages in sequence| = {rows[0]['max_abs_error']}")
+            print(f"  {name:<9} max |distributed - stages in sequence| = {rows[0]['max_abs_error']}")
 
         torch.set_num_threads(args.threads)
         gen = torch.Generator().manual_seed(0)
         inputs = [s.sample({"batch": args.batch, "seq": args.seq}, gen) for s in program.inputs]
         reference = program(*inputs)
-        single = load_pipeline(one.path)
-        pipe = load_pipeline(two.path, threads=args.threads, timeout=300)
-        with single, pipe:
+        single = load_stages(one.path)
+        staged = load_stages(two.path, threads=args.threads, timeout=300)
+        with single, staged:
 
             def call(runner: Any, micro: int) -> Any:
                 def fn() -> Any:
@@ -135,14 +137,14 @@ def main() -> int:
                 return fn
 
             variants = {f"1 stage, {m} mb": call(single, m) for m in (1, 4, 8)}
-            variants.update({f"2 stages, {m} mb": call(pipe, m) for m in (1, 4, 8)})
+            variants.update({f"2 stages, {m} mb": call(staged, m) for m in (1, 4, 8)})
             errors = {
                 name: max((o - r).abs().max().item() for o, r in zip(fn(), reference))
                 for name, fn in variants.items()
             }
             config = TimingConfig(warmup=3, rounds=args.rounds, round_time_s=0.5, max_calls=5)
             samples = run_interleaved(variants, config)
-            ranks = pipe.stats()
+            ranks = staged.stats()
         base = samples["1 stage, 1 mb"]
         out["throughput"] = {}
         print(

@@ -1,0 +1,257 @@
+"""Rank 0 of a ``stages`` artifact: the Runner. It hosts stage 0, spawns the
+other ranks here (``launch=local``) or waits for them to join from other
+hosts (``launch=external``), cuts each batch into ``microbatches`` and
+returns the last stage's outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from graphopt.runtimes.stages.host import StageHost, run_local, step_header
+from graphopt.runtimes.stages.rendezvous import (
+    POLL_S,
+    RUNTIME,
+    check_world,
+    destroy_group,
+    key,
+    listen,
+    stage_device,
+)
+
+from graphopt.errors import RunnerError, first_line
+from graphopt.runtime import Runner, resolve_device
+
+__all__ = ["StagesRunner"]
+
+log = logging.getLogger(__name__)
+
+_WORKER_CODE = "import sys; from graphopt.runtimes.stages.worker import worker_main; sys.exit(worker_main())"
+
+
+class StagesRunner(Runner):
+    """Rank 0 of a ``stages`` artifact: hosts stage 0, starts or waits for the other
+    ranks, cuts each batch into ``microbatches`` and returns the last stage's outputs."""
+
+    name = RUNTIME
+
+    def __init__(self, *args: Any, **options: Any):
+        super().__init__(*args, **options)
+        self._host: StageHost | None = None
+        self._store: Any = None
+        self._procs: list[tuple[int, subprocess.Popen, Path]] = []
+        self._step = 0
+        self._broken = ""
+        self.address = ""
+
+    # ----------------------------------------------------------- activation
+    def _activate_impl(self) -> None:
+        assert self.artifact is not None
+        n = int(self.artifact.backend["num_stages"])
+        opts = self.options
+        device = resolve_device(opts.get("device") or self.artifact.backend.get("device", "cpu"), self.name)
+        self.device = stage_device(device, 0)
+        launch = opts.get("launch") or "auto"
+        if launch == "auto":
+            launch = "external" if "WORLD_SIZE" in os.environ else "local"
+        self._broken, self._step = "", 0
+        if n > 1 and launch == "external":
+            world = int(os.environ.get("WORLD_SIZE", n))
+            check_world(self.artifact, int(os.environ.get("RANK", 0)), world)
+            if int(os.environ.get("RANK", 0)) != 0:
+                raise RunnerError(
+                    f"{RUNTIME} | this process has RANK != 0: serve its stage with `graphopt serve-stages`"
+                )
+        import torch.distributed as dist
+
+        if n > 1 and dist.is_initialized():
+            raise RunnerError(
+                f"{RUNTIME} | this process already has a torch.distributed group; run rank 0 in its own process"
+            )
+        self._host = StageHost(self.artifact, 0, n, self.device)
+        if n == 1:
+            return
+        addr = "127.0.0.1"
+        if launch == "external":
+            addr = opts.get("master_addr") or os.environ.get("MASTER_ADDR") or addr
+        port = opts.get("master_port") or (
+            int(os.environ["MASTER_PORT"]) if launch == "external" and "MASTER_PORT" in os.environ else 0
+        )
+        if launch == "external" and not port:
+            raise RunnerError(
+                f"{RUNTIME} | launch=external needs MASTER_PORT (or master_port=) so other hosts can join"
+            )
+        join_timeout = float(opts.get("join_timeout") or 60.0)
+        self._store = listen(addr, port, join_timeout)
+        self.address = f"tcp://{addr}:{self._store.port}"
+        try:
+            if launch == "local":
+                self._spawn(n, self._store.port)
+            self._wait_join(n, join_timeout)
+            self._host.init_group(self._store, float(opts.get("timeout") or 60.0))
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _spawn(self, n: int, port: int) -> None:
+        assert self.artifact is not None
+        flags = {
+            "artifact": str(self.artifact.path),
+            "world_size": str(n),
+            "addr": "127.0.0.1",
+            "port": str(port),
+            "timeout": str(self.options.get("timeout") or 60.0),
+            "join_timeout": str(self.options.get("join_timeout") or 60.0),
+            "parent": str(os.getpid()),
+            "threads": str(self.options.get("threads") or ""),
+        }
+        for rank in range(1, n):
+            fd, log_path = tempfile.mkstemp(prefix=f"graphopt-stages-rank{rank}-", suffix=".log")
+            args = [sys.executable, "-c", _WORKER_CODE, "--rank", str(rank)]
+            for name, value in flags.items():
+                args += [f"--{name}", value]
+            proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True
+            )
+            os.close(fd)
+            self._procs.append((rank, proc, Path(log_path)))
+            log.info("spawned rank %d (pid %d), log %s", rank, proc.pid, log_path)
+
+    def _wait_join(self, n: int, join_timeout: float) -> None:
+        deadline = time.monotonic() + join_timeout
+        missing = list(range(1, n))
+        while missing:
+            missing = [r for r in missing if not self._store.check([key("joined", r)])]
+            dead = self._dead_worker()
+            if dead:
+                raise RunnerError(f"{RUNTIME} | {dead} before joining")
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                ranks = ", ".join(map(str, missing))
+                raise RunnerError(
+                    f"{RUNTIME} | rank {ranks} of {n} did not join within {join_timeout:g}s at {self.address}; "
+                    f"start it with RANK=<r> WORLD_SIZE={n} MASTER_ADDR/MASTER_PORT of that address and "
+                    f"`graphopt serve-stages {self.artifact.path if self.artifact else 'ARTIFACT'}`"
+                )
+            time.sleep(POLL_S)
+
+    def _dead_worker(self) -> str:
+        for rank, proc, log_path in self._procs:
+            code = proc.poll()
+            if code is not None:
+                tail = _log_tail(log_path)
+                return f"stage {rank} (rank {rank}, pid {proc.pid}) exited with code {code}" + (
+                    f": {tail}" if tail else ""
+                )
+        return ""
+
+    # ------------------------------------------------------------ inference
+    @property
+    def microbatches(self) -> int:
+        """Micro-batches per batch; may change between calls (each count gets its schedule)."""
+        return int(self.options.get("microbatches") or 1)
+
+    @microbatches.setter
+    def microbatches(self, value: int) -> None:
+        if int(value) < 1:
+            raise RunnerError(f"{RUNTIME} | microbatches must be at least 1, got {value}")
+        self.options["microbatches"] = int(value)
+
+    def _infer_impl(self, inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        if self._broken:
+            raise RunnerError(
+                f"{RUNTIME} | the run stopped after an earlier failure ({self._broken}); load it again"
+            )
+        assert self._host is not None
+        n_micro = self.microbatches
+        batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+        if any(t.dim() == 0 or t.shape[0] != batch for t in inputs) or batch % n_micro:
+            raise RunnerError(
+                f"{RUNTIME} | batch {batch} cannot be cut into {n_micro} equal micro-batches along dim 0 "
+                "of every input; pick microbatches= that divides the batch"
+            )
+        header = step_header(inputs, n_micro)
+        if self._host.world_size == 1:
+            return run_local(self._host.module, inputs, n_micro, self.device)
+        dead = self._dead_worker()
+        if dead:
+            self._fail(dead)
+        self._store.set(key("step", self._step), json.dumps(header))
+        try:
+            out = self._host.step(header, inputs)
+        except Exception as e:
+            time.sleep(0.2)  # let a crashed peer's exit status settle, to name it
+            self._fail(
+                self._dead_worker()
+                or (
+                    f"rank 0 (stage 0) lost its peers ({first_line(e, with_type=False)}); a stage process died or its host "
+                    "is unreachable"
+                )
+            )
+        self._store.delete_key(key("step", self._step))
+        self._step += 1
+        assert out is not None
+        return out
+
+    def _fail(self, reason: str) -> None:
+        self._broken = reason
+        self._teardown()
+        raise RunnerError(f"{RUNTIME} | run failed: {reason}; the other stages were stopped")
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per-rank memory (RSS at start, after loading, peak) and parameter bytes."""
+        if not self.is_active or self._host is None:
+            raise RunnerError(f"{RUNTIME} | runner is not active")
+        out = [self._host.stats()]
+        if self._host.world_size == 1 or self._broken:
+            return out
+        step = self._step
+        self._store.set(key("step", step), json.dumps({"op": "stats"}))
+        for rank in range(1, self._host.world_size):
+            out.append(json.loads(self._store.get(key("stats", step, rank))))
+        self._step += 1
+        return out
+
+    # ------------------------------------------------------------ teardown
+    def _deactivate_impl(self) -> None:
+        if self._store is not None and not self._broken:
+            try:
+                self._store.set(key("step", self._step), json.dumps({"op": "stop"}))
+            except Exception as e:
+                log.debug("could not send stop: %s", e)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        deadline = time.monotonic() + 10
+        for _, proc, _ in self._procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for _, _, log_path in self._procs:
+            log_path.unlink(missing_ok=True)
+        self._procs = []
+        destroy_group()
+        self._store = None
+        self._host = None
+
+
+def _log_tail(path: Path) -> str:
+    """The last ``graphopt: error:`` line of a spawned rank's log (else its last line)."""
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if ln.startswith("graphopt: error:")]
+    return (errors[-1] if errors else (lines[-1] if lines else ""))[:300]
