@@ -1,7 +1,7 @@
 """Small matching helpers shared by the fusion passes (not a pass itself).
 
-Everything here reads the graph; nothing mutates it except ``copy_meta`` and
-``insert_like`` which only fill metadata on nodes a pass has just created.
+Everything here reads the graph; nothing mutates it except ``copy_meta``, which
+only fills metadata on nodes a pass has just created.
 """
 
 from __future__ import annotations
@@ -11,22 +11,16 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from graphopt.errors import GraphoptError
-from graphopt.ir.fx import fetch_attr, module_path, tensor_meta
+from graphopt.ir.fx import fetch_attr, tensor_meta
 
 __all__ = [
     "constant_tensor",
     "scalar",
     "same_shape",
-    "static_dims",
     "is_pure",
-    "where",
     "copy_meta",
-    "infer_val",
-    "fill_vals",
 ]
 
 aten = torch.ops.aten
@@ -56,21 +50,6 @@ def same_shape(a: Any, b: Any) -> bool:
     return all(statically_known_true(x == y) for x, y in zip(ta.shape, tb.shape))
 
 
-def static_dims(node: Any) -> list[int | None]:
-    """Dims of ``node`` as ints where static, None where symbolic or unknown."""
-    t = tensor_meta(node)
-    if t is None:
-        return []
-    out: list[int | None] = []
-    for s in t.shape:
-        if isinstance(s, int):
-            out.append(s)
-        else:
-            as_int = s.node.maybe_as_int() if isinstance(s, torch.SymInt) else None
-            out.append(as_int if isinstance(as_int, int) else None)
-    return out
-
-
 def is_pure(node: torch.fx.Node) -> bool:
     """A call_function with no side effects and no randomness (safe to dedupe or fold)."""
     if node.op != "call_function" or node.is_impure():
@@ -87,54 +66,8 @@ def is_pure(node: torch.fx.Node) -> bool:
     return getattr(target, "__module__", "") in ("_operator", "operator")
 
 
-def where(node: torch.fx.Node) -> str:
-    """``module.path (node)`` for report lines."""
-    path = module_path(node)
-    return f"{path} ({node.name})" if path else node.name
-
-
 def copy_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
     """Carry module ownership and stack trace to a node that replaces ``old``."""
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in old.meta:
             new.meta[key] = old.meta[key]
-
-
-def infer_val(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Fill ``node.meta["val"]`` by running its op on the inputs' fake tensors.
-
-    Returns False (and leaves meta alone) when an input has no metadata; passes
-    that call this may still not declare ``preserves={"shapes"}`` unless every
-    new node got a value.
-    """
-    fakes = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode(fakes)
-    if mode is None:
-        return False
-    missing = False
-
-    def value(arg: torch.fx.Node) -> Any:
-        nonlocal missing
-        if "val" not in arg.meta:
-            missing = True
-            return None
-        val = arg.meta["val"]
-        if isinstance(val, torch.Tensor) and not isinstance(val, torch._subclasses.FakeTensor):
-            return mode.from_tensor(val, static_shapes=True)
-        return val
-
-    args = torch.fx.node.map_arg(node.args, value)
-    kwargs = torch.fx.node.map_arg(node.kwargs, value)
-    if missing:
-        return False
-    with mode:
-        node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]
-    return True
-
-
-def fill_vals(gm: torch.fx.GraphModule, existing: set[torch.fx.Node]) -> None:
-    """``infer_val`` for every call_function node not in ``existing``, in graph
-    order, so a rewriting pass can declare that it preserves shapes."""
-    for node in gm.graph.nodes:
-        if node not in existing and node.op == "call_function" and not infer_val(gm, node):
-            raise GraphoptError(f"{node.name}: could not infer its shape; an input lacks meta['val']")

@@ -8,7 +8,8 @@ from torch._guards import detect_fake_mode
 
 from graphopt.errors import PassOptionError
 from graphopt.ir.fx import fetch_attr, is_op
-from graphopt.passlib.qdq import infer_val, is_qdq
+from graphopt.ir.shapes import infer_val
+from graphopt.passlib.qdq import is_qdq
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["Cast"]

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
-from graphopt.passes._patterns import constant_tensor, copy_meta, fill_vals, where
+from graphopt.passes._patterns import constant_tensor, copy_meta
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from graphopt.ir.fx import is_op, tensor_meta
-from graphopt.transform.base import Pass, PassResult, register_pass
+from graphopt.transform.base import register_pass
+from graphopt.transform.rewrite import Match, RewritePass, Rule
 
-__all__ = ["EmbeddingBagToGather"]
+__all__ = ["EmbeddingBagToGather", "EmbeddingBagAsGather"]
 
 aten = torch.ops.aten
 _MODES = {0: "sum", 1: "mean"}
@@ -49,66 +51,23 @@ def _fixed_bags(indices: torch.fx.Node, offsets: torch.fx.Node) -> torch.fx.Node
     return src  # type: ignore[return-value]
 
 
-@register_pass
-class EmbeddingBagToGather(Pass):
-    """Rewrite ``aten.embedding_bag`` as ``embedding`` + a Loop-free reduction.
+@dataclass(eq=False)
+class _Bag(Match):
+    a: dict[str, Any]  # the embedding_bag's arguments by name (see _parse)
 
-    Matches: ``aten.embedding_bag`` / ``embedding_bag.padding_idx`` in sum or
-    mean mode (max is declined), with or without ``per_sample_weights`` and
-    ``padding_idx``, whose only read output is item 0.
-    Produces, for fixed-size bags (2-D input flattened with
-    ``offsets = arange(0, B*L, L)``, as nn.EmbeddingBag emits): ``embedding(W,
-    ids[B, L])`` then ``sum``/``mean`` over dim 1; for 1-D input with offsets:
-    ``embedding(W, ids[N])``, bag ids ``seg = (arange(N) >= offsets[:, None]).sum(0) - 1``
-    and ``zeros(B, D).index_add(0, seg, rows)`` (O(N*B) compare, fine at
-    inference batch sizes). Padding ids are masked out of sums and counts;
-    an empty bag gives zeros, as EmbeddingBag does. The ONNX export of the
-    result has Gather/ReduceSum/ScatterND and no ``Loop``. Requires and preserves shapes.
-    Exact up to summation order (tested at 1e-5).
-    Before/after: ``embedding_bag(W, x.view(-1), arange(0, 3B, 3), mode=sum)[0]``
-    -> ``sum(embedding(W, x), [1])``.
-    """
 
-    name = "embedding-bag-to-gather"
-    requires = frozenset({"shapes"})
-    preserves = frozenset({"shapes"})
-    tolerance = 1e-5
-    backend_notes = "ONNX Runtime: the dynamo export of embedding_bag is a Loop; this is Gather + ReduceSum"
+class EmbeddingBagAsGather(Rule[_Bag]):
+    """A sum/mean ``embedding_bag`` becomes ``embedding`` + a reduction (fixed bags or offsets)."""
 
-    def run(self, program, ctx):  # type: ignore[no-untyped-def]
-        gm = program.gm
-        counts: dict[str, int] = {}
-        declined: list[str] = []
-        existing = set(gm.graph.nodes)
-        for node in list(gm.graph.nodes):
-            if not is_op(node, aten.embedding_bag.default, aten.embedding_bag.padding_idx):
-                continue
-            a = _parse(node)
-            reason = self._check(gm, node, a)
-            if reason:
-                declined.append(f"{where(node)}: {reason}")
-                continue
-            src = _fixed_bags(a["indices"], a["offsets"])
-            before = set(gm.graph.nodes)
-            with gm.graph.inserting_before(node):
-                out = self._fixed(gm.graph, a, src) if src is not None else self._segments(gm.graph, a)
-            for new in gm.graph.nodes:
-                if new not in before:
-                    copy_meta(new, node)
-            for user in list(node.users):
-                user.replace_all_uses_with(out)
-                gm.graph.erase_node(user)
-            gm.graph.erase_node(node)
-            for dead in (a["offsets"], a["indices"]):  # the flatten/arange that fed the bag
-                if isinstance(dead, torch.fx.Node) and dead.op == "call_function" and not dead.users:
-                    gm.graph.erase_node(dead)
-            rule = f"{_MODES[a['mode']]}-{'fixed-bags' if src is not None else 'offsets'}"
-            counts[rule] = counts.get(rule, 0) + 1
-        fill_vals(gm, existing)
-        return PassResult(program, modified=bool(counts), stats=counts, declined=declined)
+    name = "embedding-bag"  # counted as {sum,mean}-{fixed-bags,offsets}
 
-    @staticmethod
-    def _check(gm: torch.fx.GraphModule, node: torch.fx.Node, a: dict[str, Any]) -> str | None:
+    def match(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Bag | None:
+        if not is_op(node, aten.embedding_bag.default, aten.embedding_bag.padding_idx):
+            return None
+        return _Bag(node, _parse(node))
+
+    def check(self, gm: torch.fx.GraphModule, match: _Bag) -> str | None:
+        node, a = match.node, match.a
         if a["mode"] not in _MODES:
             return "mode=max has no gather + reduce rewrite here"
         if not all(u.target is operator.getitem and u.args[1] == 0 for u in node.users):
@@ -122,6 +81,18 @@ class EmbeddingBagToGather(Pass):
         if constant_tensor(gm, a["weight"]) is None:
             return "table is not a constant"
         return None
+
+    def rewrite(self, gm: torch.fx.GraphModule, match: _Bag) -> dict[torch.fx.Node, torch.fx.Node]:
+        node, a = match.node, match.a
+        src = _fixed_bags(a["indices"], a["offsets"])
+        match.kind = f"{_MODES[a['mode']]}-{'fixed-bags' if src is not None else 'offsets'}"
+        before = set(gm.graph.nodes)
+        with gm.graph.inserting_before(node):
+            out = self._fixed(gm.graph, a, src) if src is not None else self._segments(gm.graph, a)
+        for new in gm.graph.nodes:
+            if new not in before:
+                copy_meta(new, node)
+        return {user: out for user in node.users}  # getitem(bag, 0); the flatten/arange feeding it die too
 
     @staticmethod
     def _masked_rows(graph: torch.fx.Graph, a: dict[str, Any], ids: torch.fx.Node) -> tuple[Any, Any]:
@@ -181,3 +152,33 @@ class EmbeddingBagToGather(Pass):
             graph.call_function(aten.new_zeros.default, (rows, [bags])), 0, seg, ones))
         count = graph.call_function(aten.clamp_min.default, (count, 1.0))
         return graph.call_function(aten.div.Tensor, (total, graph.call_function(aten.unsqueeze.default, (count, -1))))
+
+
+@register_pass
+class EmbeddingBagToGather(RewritePass):
+    """Rewrite ``aten.embedding_bag`` as ``embedding`` + a Loop-free reduction.
+
+    Matches: ``aten.embedding_bag`` / ``embedding_bag.padding_idx`` in sum or
+    mean mode (max is declined), with or without ``per_sample_weights`` and
+    ``padding_idx``, whose only read output is item 0.
+    Produces, for fixed-size bags (2-D input flattened with
+    ``offsets = arange(0, B*L, L)``, as nn.EmbeddingBag emits): ``embedding(W,
+    ids[B, L])`` then ``sum``/``mean`` over dim 1; for 1-D input with offsets:
+    ``embedding(W, ids[N])``, bag ids ``seg = (arange(N) >= offsets[:, None]).sum(0) - 1``
+    and ``zeros(B, D).index_add(0, seg, rows)`` (O(N*B) compare, fine at
+    inference batch sizes). Padding ids are masked out of sums and counts;
+    an empty bag gives zeros, as EmbeddingBag does. The ONNX export of the
+    result has Gather/ReduceSum/ScatterND and no ``Loop``. Requires and preserves shapes.
+    Exact up to summation order (tested at 1e-5).
+    Before/after: ``embedding_bag(W, x.view(-1), arange(0, 3B, 3), mode=sum)[0]``
+    -> ``sum(embedding(W, x), [1])``.
+    """
+
+    name = "embedding-bag-to-gather"
+    requires = frozenset({"shapes"})
+    preserves = frozenset({"shapes"})
+    tolerance = 1e-5
+    backend_notes = "ONNX Runtime: the dynamo export of embedding_bag is a Loop; this is Gather + ReduceSum"
+
+    def rules(self) -> list[EmbeddingBagAsGather]:
+        return [EmbeddingBagAsGather()]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx
-from graphopt.passes._patterns import constant_tensor, where
+from graphopt.passes._patterns import constant_tensor
 
 from graphopt.ir.fx import add_tensor_attr, is_op, tensor_meta
-from graphopt.transform.base import Pass, PassResult, register_pass
+from graphopt.transform.base import register_pass
+from graphopt.transform.rewrite import Match, RewritePass, Rule
 
-__all__ = ["FoldBatchNorm"]
+__all__ = ["FoldBatchNorm", "BatchNormFold"]
 
 aten = torch.ops.aten
 
@@ -37,43 +39,25 @@ def _bn_output_users_ok(bn: torch.fx.Node) -> bool:
     return all(u.target is operator.getitem and u.args[1] == 0 for u in bn.users)
 
 
-@register_pass
-class FoldBatchNorm(Pass):
-    """Fold eval-mode batch norm into the weights of the linear/conv before it.
+@dataclass(eq=False)
+class _BatchNorm(Match):
+    producer: object  # what feeds the batch norm: a linear/conv node when the rule applies
 
-    Matches: ``aten.linear`` (2-D output, so the BN channel dim 1 is the
-    feature dim) or ``aten.conv{1,2,3}d``/``convolution`` (not transposed)
-    whose only user is ``_native_batch_norm_legit_no_training`` (or
-    ``batch_norm`` with training=False), with constant weights and statistics.
-    Produces: the linear/conv with ``W' = W * g/sqrt(var+eps)`` (per output
-    channel) and ``b' = (b - mean) * g/sqrt(var+eps) + beta``; the BN and its
-    ``getitem`` are removed. Requires and preserves shapes. Exact up to
-    float rounding (tested at 1e-5).
-    Before/after: ``getitem(bn(linear(x, W, b), g, beta, m, v), 0)`` -> ``linear(x, W', b')``.
-    """
 
-    name = "fold-batchnorm"
-    requires = frozenset({"shapes"})
-    preserves = frozenset({"shapes"})
-    tolerance = 1e-5
+class BatchNormFold(Rule[_BatchNorm]):
+    """An eval batch norm after a linear/conv becomes that op's scaled weights and bias."""
 
-    def run(self, program, ctx):  # type: ignore[no-untyped-def]
-        gm = program.gm
-        counts: dict[str, int] = {}
-        declined: list[str] = []
-        for bn in list(gm.graph.nodes):
-            if not is_op(bn, *_BATCH_NORMS):
-                continue
-            producer = bn.args[0]
-            reason = self._check(gm, bn, producer)
-            if reason:
-                declined.append(f"{where(bn)}: {reason}")
-                continue
-            kind = self._fold(gm, bn, producer)
-            counts[kind] = counts.get(kind, 0) + 1
-        return PassResult(program, modified=bool(counts), stats=counts, declined=declined)
+    name = "bn-fold"  # counted as linear+bn / conv+bn
 
-    def _check(self, gm: torch.fx.GraphModule, bn: torch.fx.Node, producer: object) -> str | None:
+    def match(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> _BatchNorm | None:
+        if not is_op(node, *_BATCH_NORMS):
+            return None
+        producer = node.args[0]
+        linear = isinstance(producer, torch.fx.Node) and is_op(producer, aten.linear.default)
+        return _BatchNorm(node, producer, kind="linear+bn" if linear else "conv+bn")
+
+    def check(self, gm: torch.fx.GraphModule, match: _BatchNorm) -> str | None:
+        bn, producer = match.node, match.producer
         if not isinstance(producer, torch.fx.Node) or not is_op(producer, aten.linear.default, *_CONVS):
             name = producer.name if isinstance(producer, torch.fx.Node) else repr(producer)
             return f"input {name} is not a linear or conv"
@@ -100,7 +84,9 @@ class FoldBatchNorm(Pass):
             return "batch norm has no running statistics"
         return None
 
-    def _fold(self, gm: torch.fx.GraphModule, bn: torch.fx.Node, producer: torch.fx.Node) -> str:
+    def rewrite(self, gm: torch.fx.GraphModule, match: _BatchNorm) -> dict[torch.fx.Node, torch.fx.Node]:
+        bn, producer = match.node, match.producer
+        assert isinstance(producer, torch.fx.Node)
         parts, eps, _ = _bn_parts(bn)
         gamma, beta, mean, var = (constant_tensor(gm, p) if p is not None else None for p in parts)
         weight = constant_tensor(gm, producer.args[1])
@@ -125,10 +111,29 @@ class FoldBatchNorm(Pass):
             args.append(b_node)
         producer.args = tuple(args)
         if is_op(bn, aten.batch_norm.default):
-            bn.replace_all_uses_with(producer)
-        else:
-            for user in list(bn.users):
-                user.replace_all_uses_with(producer)
-                gm.graph.erase_node(user)
-        gm.graph.erase_node(bn)
-        return "linear+bn" if is_op(producer, aten.linear.default) else "conv+bn"
+            return {bn: producer}
+        return {user: producer for user in bn.users}  # getitem(bn, 0)
+
+
+@register_pass
+class FoldBatchNorm(RewritePass):
+    """Fold eval-mode batch norm into the weights of the linear/conv before it.
+
+    Matches: ``aten.linear`` (2-D output, so the BN channel dim 1 is the
+    feature dim) or ``aten.conv{1,2,3}d``/``convolution`` (not transposed)
+    whose only user is ``_native_batch_norm_legit_no_training`` (or
+    ``batch_norm`` with training=False), with constant weights and statistics.
+    Produces: the linear/conv with ``W' = W * g/sqrt(var+eps)`` (per output
+    channel) and ``b' = (b - mean) * g/sqrt(var+eps) + beta``; the BN and its
+    ``getitem`` are removed. Requires and preserves shapes. Exact up to
+    float rounding (tested at 1e-5).
+    Before/after: ``getitem(bn(linear(x, W, b), g, beta, m, v), 0)`` -> ``linear(x, W', b')``.
+    """
+
+    name = "fold-batchnorm"
+    requires = frozenset({"shapes"})
+    preserves = frozenset({"shapes"})
+    tolerance = 1e-5
+
+    def rules(self) -> list[BatchNormFold]:
+        return [BatchNormFold()]

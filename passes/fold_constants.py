@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 import torch.fx
-from graphopt.passes._patterns import copy_meta, is_pure, where
+from graphopt.passes._patterns import copy_meta, is_pure
 
-from graphopt.ir.fx import add_tensor_attr, fetch_attr, target_name
+from graphopt.ir.fx import add_tensor_attr, fetch_attr, target_name, where
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["FoldConstants"]

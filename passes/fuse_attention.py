@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx
-from graphopt.passes._patterns import copy_meta, fill_vals, same_shape, scalar, where
+from graphopt.passes._patterns import copy_meta, same_shape, scalar
 
 from graphopt.ir.fx import is_op, tensor_meta
-from graphopt.transform.base import Option, Pass, PassResult, register_pass
+from graphopt.transform.base import Option, PassResult, register_pass
+from graphopt.transform.rewrite import Match, RewritePass, Rule
 
-__all__ = ["FuseAttention"]
+__all__ = ["FuseAttention", "AttentionFusion"]
 
 aten = torch.ops.aten
 
@@ -30,7 +31,6 @@ class _Match:
     scale: float = 1.0
     mask: torch.fx.Node | None = None
     fill: float | None = None  # masked_fill value: mask is boolean and becomes additive
-    erase: list[torch.fx.Node] = field(default_factory=list)  # consumed nodes, graph order
 
 
 class _Decline(Exception):
@@ -66,14 +66,13 @@ class _Matcher:
 
     def match(self, softmax: torch.fx.Node) -> _Match:
         probs = self._softmax_probs(softmax)
-        m = _Match(query=softmax, key_t=softmax, value=softmax, out=softmax, erase=[])
+        m = _Match(query=softmax, key_t=softmax, value=softmax, out=softmax)
         # downstream: softmax -> [dropout/clone] -> matmul(probs, V)
-        cur, chain = softmax, [softmax]
+        cur = softmax
         while len(cur.users) == 1:
             user = next(iter(cur.users))
             if self._is_passthrough(user):
                 cur = user
-                chain.append(user)
                 continue
             break
         _single_user(cur, "attention probabilities")
@@ -93,15 +92,12 @@ class _Matcher:
         elif not is_op(scores, *_MATMULS):
             raise _Decline(f"scores come from {scores.name}, not a q @ k^T matmul")
         _single_user(scores, "attention scores")
-        m.erase.append(scores)
         q, kt = scores.args[-2], scores.args[-1]
         pre = _scalar_operand(q) if isinstance(q, torch.fx.Node) and q.op == "call_function" else None
         if pre is not None and len(q.users) == 1:  # type: ignore[union-attr]
-            m.erase.append(q)  # type: ignore[arg-type]
             q, c = pre
             m.scale *= c
         m.query, m.key_t = q, kt  # type: ignore[assignment]
-        m.erase = sorted(set(m.erase + chain + [out]), key=_order(softmax.graph))
         self._check_shapes(m)
         return m
 
@@ -135,7 +131,7 @@ class _Matcher:
                 raise _Decline(f"neither operand of {x.name} is a q @ k^T product")
             if not same_shape(x, scores):
                 raise _Decline(f"mask {mask.name} broadcasts the scores to a bigger shape")
-            m.mask, m.erase = mask, m.erase + [x]
+            m.mask = mask
             _single_user(scores, "raw attention scores")
             return scores
         if is_op(x, aten.masked_fill.Scalar):
@@ -149,7 +145,7 @@ class _Matcher:
                 )
             if not same_shape(x, scores):
                 raise _Decline(f"mask {mask.name} broadcasts the scores to a bigger shape")
-            m.mask, m.fill, m.erase = mask, value, m.erase + [x]
+            m.mask, m.fill = mask, value
             _single_user(scores, "raw attention scores")
             return scores  # type: ignore[return-value]
         return x
@@ -175,7 +171,6 @@ class _Matcher:
             raise _Decline("scale is 0")
         _single_user(inner, "unscaled attention scores")
         m.scale *= c
-        m.erase.append(x)
         return inner
 
     @staticmethod
@@ -204,13 +199,53 @@ def same_shape_prefix(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(statically_known_true(x == y) for x, y in zip(a.shape[:-2], b.shape[:-2]))
 
 
-def _order(graph: torch.fx.Graph):  # type: ignore[no-untyped-def]
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: index[n]
+@dataclass(eq=False)
+class _Candidate(Match):
+    block: _Match | None  # the matched block, or None with the structural check that failed
+    reason: str | None = None
+
+
+class AttentionFusion(Rule[_Candidate]):
+    """A decomposed softmax attention block becomes one ``scaled_dot_product_attention``."""
+
+    name = "attention-blocks"
+
+    def __init__(self, finite_mask_fill: bool):
+        self.matcher = _Matcher(finite_mask_fill)
+
+    def match(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Candidate | None:
+        if not is_op(node, *_SOFTMAXES):
+            return None
+        try:
+            return _Candidate(node, self.matcher.match(node))
+        except _Decline as e:  # the structural matcher checks as it walks the block
+            return _Candidate(node, None, str(e))
+
+    def check(self, gm: torch.fx.GraphModule, match: _Candidate) -> str | None:
+        return match.reason
+
+    def rewrite(self, gm: torch.fx.GraphModule, match: _Candidate) -> dict[torch.fx.Node, torch.fx.Node]:
+        m = match.block
+        assert m is not None
+        graph = gm.graph
+        with graph.inserting_before(m.out):
+            key = _untranspose(graph, m.key_t)
+            mask = m.mask
+            if m.fill is not None and mask is not None:
+                dtype = tensor_meta(m.query).dtype  # type: ignore[union-attr]
+                zeros = graph.call_function(aten.zeros_like.default, (mask,), {"dtype": dtype})
+                mask = graph.call_function(aten.masked_fill.Scalar, (zeros, mask, m.fill))
+            sdpa = graph.call_function(
+                aten.scaled_dot_product_attention.default,
+                (m.query, key, m.value, mask),
+                {"scale": m.scale},
+            )
+        copy_meta(sdpa, m.out)
+        return {m.out: sdpa}  # the block it replaces (and an unused k^T) dies with it
 
 
 @register_pass
-class FuseAttention(Pass):
+class FuseAttention(RewritePass):
     """Rewrite decomposed attention into ``aten.scaled_dot_product_attention``.
 
     Matches: ``matmul(q, k^T)`` (or ``bmm``/``baddbmm(mask, q, k^T)``), an
@@ -240,51 +275,16 @@ class FuseAttention(Pass):
     tolerance = 1e-5
     backend_notes = "eager CPU/CUDA use flash/efficient SDPA kernels; ONNX export emits the SDPA subgraph"
 
-    def run(self, program, ctx):  # type: ignore[no-untyped-def]
-        gm = program.gm
-        matcher = _Matcher(self.finite_mask_fill)
-        candidates = [n for n in gm.graph.nodes if is_op(n, *_SOFTMAXES)]
-        already = sum(1 for n in gm.graph.nodes if is_op(n, aten.scaled_dot_product_attention))
-        declined: list[str] = []
-        fused = 0
-        existing = set(gm.graph.nodes)
-        for softmax in candidates:
-            try:
-                m = matcher.match(softmax)
-            except _Decline as e:
-                declined.append(f"{where(softmax)}: {e}")
-                continue
-            self._rewrite(gm, m)
-            fused += 1
-        fill_vals(gm, existing)
-        notes = [f"{fused} of {len(candidates)} attention blocks fused"]
-        if already:
-            notes.append(f"{already} blocks were already scaled_dot_product_attention")
-        stats = {"attention-blocks": fused} if fused else {}
-        return PassResult(program, modified=fused > 0, stats=stats, declined=declined, notes=notes)
+    def rules(self) -> list[AttentionFusion]:
+        return [AttentionFusion(self.finite_mask_fill)]
 
-    @staticmethod
-    def _rewrite(gm: torch.fx.GraphModule, m: _Match) -> None:
-        graph = gm.graph
-        with graph.inserting_before(m.out):
-            key = _untranspose(graph, m.key_t)
-            mask = m.mask
-            if m.fill is not None and mask is not None:
-                dtype = tensor_meta(m.query).dtype  # type: ignore[union-attr]
-                zeros = graph.call_function(aten.zeros_like.default, (mask,), {"dtype": dtype})
-                mask = graph.call_function(aten.masked_fill.Scalar, (zeros, mask, m.fill))
-            sdpa = graph.call_function(
-                aten.scaled_dot_product_attention.default,
-                (m.query, key, m.value, mask),
-                {"scale": m.scale},
-            )
-        copy_meta(sdpa, m.out)
-        m.out.replace_all_uses_with(sdpa)
-        for node in reversed(m.erase):
-            if not node.users:
-                graph.erase_node(node)
-        if m.key_t.op == "call_function" and not m.key_t.users:
-            graph.erase_node(m.key_t)
+    def notes(self, result: PassResult) -> list[str]:
+        fused = result.stats.get("attention-blocks", 0)
+        sdpa = sum(1 for n in result.program.graph.nodes if is_op(n, aten.scaled_dot_product_attention))
+        notes = [f"{fused} of {fused + len(result.declined)} attention blocks fused"]
+        if sdpa > fused:
+            notes.append(f"{sdpa - fused} blocks were already scaled_dot_product_attention")
+        return notes
 
 
 def _untranspose(graph: torch.fx.Graph, key_t: torch.fx.Node) -> torch.fx.Node:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx
-from graphopt.passes._patterns import constant_tensor, copy_meta, fill_vals, where
+from graphopt.passes._patterns import constant_tensor, copy_meta
 
 from graphopt.ir.fx import is_op, tensor_meta
-from graphopt.transform.base import Option, Pass, PassResult, register_pass
+from graphopt.transform.base import Option, register_pass
+from graphopt.transform.rewrite import Match, RewritePass, Rule
 
-__all__ = ["FuseLinearAct"]
+__all__ = ["FuseLinearAct", "LinearActivationFusion"]
 
 aten = torch.ops.aten
 
@@ -37,8 +40,61 @@ def _kernel_reason(act: str, device: torch.device, allowed: tuple[str, ...]) -> 
     return None
 
 
+@dataclass(eq=False)
+class _LinearAct(Match):
+    activation: torch.fx.Node  # ``node`` is the linear it reads
+    act: str  # relu, gelu-none, gelu-tanh, tanh
+
+
+class LinearActivationFusion(Rule[_LinearAct]):
+    """``act(linear(x, W, b))`` becomes ``_addmm_activation(b, x, W.t())`` where a kernel computes ``act``."""
+
+    name = "linear-act"  # counted as linear+relu / linear+gelu
+
+    def __init__(self, activations: tuple[str, ...]):
+        self.activations = activations
+
+    def match(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> _LinearAct | None:
+        act = _activation(node)
+        linear = node.args[0] if act is not None else None
+        if not isinstance(linear, torch.fx.Node) or not is_op(linear, aten.linear.default):
+            return None
+        return _LinearAct(linear, node, act, kind=f"linear+{act.split('-')[0]}")  # type: ignore[union-attr]
+
+    def check(self, gm: torch.fx.GraphModule, match: _LinearAct) -> str | None:
+        linear = match.node
+        weight = constant_tensor(gm, linear.args[1])
+        if weight is None or weight.dim() != 2:
+            return "weight is not a constant 2-D tensor"
+        if len(linear.args) < 3 or linear.args[2] is None:
+            return "no bias (_addmm_activation needs one)"
+        if len(linear.users) != 1:
+            return "linear output has other users besides the activation"
+        x = tensor_meta(linear.args[0])
+        if x is None or x.dim() < 1 or x.dtype != weight.dtype:
+            return "input has no shape metadata or another dtype"
+        return _kernel_reason(match.act, weight.device, self.activations)
+
+    def rewrite(self, gm: torch.fx.GraphModule, match: _LinearAct) -> dict[torch.fx.Node, torch.fx.Node]:
+        graph, linear, act_node = gm.graph, match.node, match.activation
+        x, w, b = linear.args[:3]
+        rank = tensor_meta(x).dim()  # type: ignore[union-attr]
+        in_f, out_f = constant_tensor(gm, w).shape[1], constant_tensor(gm, w).shape[0]  # type: ignore[union-attr]
+        with graph.inserting_before(act_node):
+            wt = graph.call_function(aten.t.default, (w,))
+            lead = [graph.call_function(aten.sym_size.int, (x, d)) for d in range(rank - 1)] if rank != 2 else []
+            x2 = graph.call_function(aten.reshape.default, (x, [-1, in_f])) if rank != 2 else x
+            fused = graph.call_function(
+                aten._addmm_activation.default, (b, x2, wt), {"use_gelu": match.act.startswith("gelu")}
+            )
+            out = graph.call_function(aten.reshape.default, (fused, [*lead, out_f])) if rank != 2 else fused
+        for n in (wt, fused, out, *lead):
+            copy_meta(n, linear)
+        return {act_node: out}
+
+
 @register_pass
-class FuseLinearAct(Pass):
+class FuseLinearAct(RewritePass):
     """Fuse ``linear`` followed by relu/gelu into ``aten._addmm_activation``.
 
     Matches: ``aten.linear(x, W, b)`` with a constant 2-D weight and a bias,
@@ -47,7 +103,9 @@ class FuseLinearAct(Pass):
     there is addmm + in-place gelu), tanh-approximate gelu on CUDA (cuBLASLt
     GELU_BIAS epilogue). ``tanh`` is declined: no backend has that kernel.
     Produces: ``reshape(_addmm_activation(b, reshape(x, [-1, k]), W.t()),
-    [..., n])`` (the reshapes are views for contiguous x). Requires and
+    [..., n])`` (the reshapes are views for contiguous x). One walk: in a
+    stack ``relu(linear(relu(linear(x))))`` the second match reads the shape
+    the first one's replacement took over. Requires and
     preserves shapes. Exact (same kernels, tested at 1e-5).
     Speed: CUDA fuses the epilogue into the GEMM; CPU saves one output buffer
     and pass over it (addmm then in-place activation). Measured (1 thread,
@@ -66,58 +124,5 @@ class FuseLinearAct(Pass):
     backend_notes = ("eager CUDA: cuBLASLt epilogue; eager CPU: addmm + in-place act (one buffer less); "
                      "ONNX export decomposes it back to Gemm + act")
 
-    def run(self, program, ctx):  # type: ignore[no-untyped-def]
-        gm = program.gm
-        counts: dict[str, int] = {}
-        declined: list[str] = []
-        existing = set(gm.graph.nodes)
-        for node in list(gm.graph.nodes):
-            act = _activation(node)
-            if act is None:
-                continue
-            linear = node.args[0]
-            if not isinstance(linear, torch.fx.Node) or not is_op(linear, aten.linear.default):
-                continue
-            reason = self._check(gm, linear, act)
-            if reason:
-                declined.append(f"{where(linear)}: {reason}")
-                continue
-            self._rewrite(gm, linear, node, act)
-            fill_vals(gm, existing)  # later matches may read the new nodes' shapes
-            existing = set(gm.graph.nodes)
-            rule = f"linear+{act.split('-')[0]}"
-            counts[rule] = counts.get(rule, 0) + 1
-        return PassResult(program, modified=bool(counts), stats=counts, declined=declined)
-
-    def _check(self, gm: torch.fx.GraphModule, linear: torch.fx.Node, act: str) -> str | None:
-        weight = constant_tensor(gm, linear.args[1])
-        if weight is None or weight.dim() != 2:
-            return "weight is not a constant 2-D tensor"
-        if len(linear.args) < 3 or linear.args[2] is None:
-            return "no bias (_addmm_activation needs one)"
-        if len(linear.users) != 1:
-            return "linear output has other users besides the activation"
-        x = tensor_meta(linear.args[0])
-        if x is None or x.dim() < 1 or x.dtype != weight.dtype:
-            return "input has no shape metadata or another dtype"
-        return _kernel_reason(act, weight.device, self.activations)
-
-    @staticmethod
-    def _rewrite(gm: torch.fx.GraphModule, linear: torch.fx.Node, act_node: torch.fx.Node, act: str) -> None:
-        graph = gm.graph
-        x, w, b = linear.args[:3]
-        rank = tensor_meta(x).dim()  # type: ignore[union-attr]
-        in_f, out_f = constant_tensor(gm, w).shape[1], constant_tensor(gm, w).shape[0]  # type: ignore[union-attr]
-        with graph.inserting_before(act_node):
-            wt = graph.call_function(aten.t.default, (w,))
-            lead = [graph.call_function(aten.sym_size.int, (x, d)) for d in range(rank - 1)] if rank != 2 else []
-            x2 = graph.call_function(aten.reshape.default, (x, [-1, in_f])) if rank != 2 else x
-            fused = graph.call_function(
-                aten._addmm_activation.default, (b, x2, wt), {"use_gelu": act.startswith("gelu")}
-            )
-            out = graph.call_function(aten.reshape.default, (fused, [*lead, out_f])) if rank != 2 else fused
-        for n in (wt, fused, out, *lead):
-            copy_meta(n, linear)
-        act_node.replace_all_uses_with(out)
-        graph.erase_node(act_node)
-        graph.erase_node(linear)
+    def rules(self) -> list[LinearActivationFusion]:
+        return [LinearActivationFusion(tuple(self.activations))]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx
-from graphopt.passes._patterns import constant_tensor, copy_meta, fill_vals, where
+from graphopt.passes._patterns import constant_tensor, copy_meta
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from graphopt.ir.fx import add_tensor_attr, is_op, tensor_meta
-from graphopt.transform.base import Option, Pass, PassResult, register_pass
+from graphopt.ir.fx import add_tensor_attr, is_op, tensor_meta, where
+from graphopt.transform.base import Option, PassResult, register_pass
+from graphopt.transform.rewrite import Match, RewritePass, Rule
 
-__all__ = ["FuseQKV"]
+__all__ = ["FuseQKV", "SiblingLinearMerge"]
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten._unsafe_view.default)
@@ -48,8 +50,80 @@ def _decline_member(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> str | No
     return None
 
 
+def _weight(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> torch.Tensor:
+    w = constant_tensor(gm, linear.args[1])
+    assert w is not None
+    return w
+
+
+def _fuse(gm: torch.fx.GraphModule, members: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """Insert the wide linear + split before the first member; return one slice per member."""
+    weights = [_weight(gm, m) for m in members]
+    biases = []
+    for m, w in zip(members, weights):
+        b = constant_tensor(gm, m.args[2]) if len(m.args) > 2 and m.args[2] is not None else None
+        biases.append(b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype))
+    has_bias = any(len(m.args) > 2 and m.args[2] is not None for m in members)
+    first = members[0]  # graph order: the input exists before the first member
+    base = str(first.args[1].target).rsplit(".", 2)[0]  # type: ignore[union-attr]
+    w_node = add_tensor_attr(gm, f"{base}.fused_qkv_weight", torch.cat(weights, 0), before=first)
+    args: list[object] = [first.args[0], w_node]
+    if has_bias:
+        args.append(add_tensor_attr(gm, f"{base}.fused_qkv_bias", torch.cat(biases, 0), before=first))
+    sizes = [w.shape[0] for w in weights]
+    with gm.graph.inserting_before(first):
+        fused = gm.graph.call_function(aten.linear.default, tuple(args))
+        split = gm.graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
+        parts = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(members))]
+    for node in (fused, split, *parts):
+        copy_meta(node, first)
+    return parts
+
+
+@dataclass(eq=False)
+class _Siblings(Match):
+    siblings: list[torch.fx.Node]  # every linear reading ``node``'s input, ``node`` included
+
+
+class SiblingLinearMerge(Rule[_Siblings]):
+    """Linears that read one input and fit together become one wide linear + split."""
+
+    name = "groups-merged"
+
+    def __init__(self, min_group: int):
+        self.min_group = min_group
+
+    def match(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> _Siblings | None:
+        x = node.args[0] if is_op(node, aten.linear.default) else None
+        if not isinstance(x, torch.fx.Node):
+            return None
+        siblings = [u for u in x.users if is_op(u, aten.linear.default) and u.args[0] is x]
+        return _Siblings(node, siblings) if len(siblings) >= self.min_group else None
+
+    def check(self, gm: torch.fx.GraphModule, match: _Siblings) -> str | None:
+        reason = _decline_member(gm, match.node)
+        if reason:
+            return reason
+        if len(self._group(gm, match)) < self.min_group:
+            return "no sibling left to fuse with"
+        return None
+
+    @staticmethod
+    def _group(gm: torch.fx.GraphModule, match: _Siblings) -> list[torch.fx.Node]:
+        """The accepted siblings of the same dtype and in_features as ``match.node``, in graph order."""
+        w = _weight(gm, match.node)
+        return sorted(s for s in match.siblings if _decline_member(gm, s) is None
+                      and (_weight(gm, s).dtype, _weight(gm, s).shape[1]) == (w.dtype, w.shape[1]))
+
+    def rewrite(self, gm: torch.fx.GraphModule, match: _Siblings) -> dict[torch.fx.Node, torch.fx.Node]:
+        members = self._group(gm, match)  # match.node comes first: earlier members were visited earlier
+        match.detail = {"group": [where(m) for m in members],
+                        "out_features": [_weight(gm, m).shape[0] for m in members]}
+        return dict(zip(members, _fuse(gm, members)))
+
+
 @register_pass
-class FuseQKV(Pass):
+class FuseQKV(RewritePass):
     """Merge sibling ``aten.linear`` nodes that share one input into one linear.
 
     Matches: two or more ``aten.linear(x, W_i, b_i)`` reading the same ``x``
@@ -74,64 +148,10 @@ class FuseQKV(Pass):
     tolerance = 1e-5
     backend_notes = "one GEMM instead of N: wins at small batch on every backend (launch/packing overhead)"
 
-    def run(self, program, ctx):  # type: ignore[no-untyped-def]
-        gm = program.gm
-        groups: dict[tuple[torch.fx.Node, torch.dtype, int], list[torch.fx.Node]] = {}
-        declined: list[str] = []
-        for node in gm.graph.nodes:
-            if not is_op(node, aten.linear.default) or not isinstance(node.args[0], torch.fx.Node):
-                continue
-            siblings = [u for u in node.args[0].users if is_op(u, aten.linear.default) and u.args[0] is node.args[0]]
-            if len(siblings) < self.min_group:
-                continue
-            reason = _decline_member(gm, node)
-            if reason:
-                declined.append(f"{where(node)}: {reason}")
-                continue
-            w = constant_tensor(gm, node.args[1])
-            assert w is not None
-            groups.setdefault((node.args[0], w.dtype, w.shape[1]), []).append(node)
-        existing = set(gm.graph.nodes)
-        merged = 0
-        details = []
-        for members in groups.values():
-            if len(members) < self.min_group:
-                declined.extend(f"{where(m)}: no sibling left to fuse with" for m in members)
-                continue
-            self._fuse(gm, members)
-            merged += 1
-            details.append({"group": [where(m) for m in members], "out_features": [
-                constant_tensor(gm, m.args[1]).shape[0] for m in members]})  # type: ignore[union-attr]
-        for members in groups.values():
-            if len(members) >= self.min_group:
-                for m in members:
-                    gm.graph.erase_node(m)
-        fill_vals(gm, existing)
-        stats = {"groups-merged": merged} if merged else {}
-        notes = [f"{merged} groups merged ({sum(len(d['group']) for d in details)} linears)"] if merged else []
-        return PassResult(program, modified=merged > 0, stats=stats, declined=declined,
-                          details=details, notes=notes)
+    def rules(self) -> list[SiblingLinearMerge]:
+        return [SiblingLinearMerge(self.min_group)]
 
-    def _fuse(self, gm: torch.fx.GraphModule, members: list[torch.fx.Node]) -> None:
-        weights = [constant_tensor(gm, m.args[1]) for m in members]
-        biases = []
-        for m, w in zip(members, weights):
-            assert w is not None
-            b = constant_tensor(gm, m.args[2]) if len(m.args) > 2 and m.args[2] is not None else None
-            biases.append(b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype))
-        has_bias = any(len(m.args) > 2 and m.args[2] is not None for m in members)
-        first = members[0]  # graph order: the input exists before the first member
-        base = str(first.args[1].target).rsplit(".", 2)[0]  # type: ignore[union-attr]
-        w_node = add_tensor_attr(gm, f"{base}.fused_qkv_weight", torch.cat(weights, 0), before=first)  # type: ignore[arg-type]
-        args: list[object] = [first.args[0], w_node]
-        if has_bias:
-            args.append(add_tensor_attr(gm, f"{base}.fused_qkv_bias", torch.cat(biases, 0), before=first))
-        sizes = [w.shape[0] for w in weights]  # type: ignore[union-attr]
-        with gm.graph.inserting_before(first):
-            fused = gm.graph.call_function(aten.linear.default, tuple(args))
-            split = gm.graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
-            parts = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(members))]
-        for node in (fused, split, *parts):
-            copy_meta(node, first)
-        for m, part in zip(members, parts):
-            m.replace_all_uses_with(part)
+    def notes(self, result: PassResult) -> list[str]:
+        merged = result.stats.get("groups-merged", 0)
+        linears = sum(len(d["group"]) for d in result.details)
+        return [f"{merged} groups merged ({linears} linears)"] if merged else []

@@ -6,7 +6,7 @@ import torch
 import torch.fx
 
 from graphopt.ir.fx import add_tensor_attr, fetch_attr
-from graphopt.passlib.qdq import infer_val
+from graphopt.ir.shapes import infer_val
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
 __all__ = ["QuantizeEmbeddings"]

@@ -5,26 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+import torch.fx
+from graphopt.passes._patterns import same_shape
 
 from graphopt.ir.fx import tensor_meta
-from graphopt.transform.base import Pass, PassResult, register_pass
+from graphopt.transform.base import register_pass
+from graphopt.transform.rewrite import Match, RewritePass, Rule
 
-__all__ = ["RemoveNoop"]
+__all__ = ["RemoveNoop", "NoopRule"]
 
 aten = torch.ops.aten
 
 
-def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
-    ta, tb = tensor_meta(a), tensor_meta(b)
-    if ta is None or tb is None or ta.dim() != tb.dim():
-        return False
-    return all(statically_known_true(x == y) for x, y in zip(ta.shape, tb.shape))
-
-
 def _same_meta(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     ta, tb = tensor_meta(a), tensor_meta(b)
-    return ta is not None and tb is not None and ta.dtype == tb.dtype and ta.device == tb.device and _same_shape(a, b)
+    return ta is not None and tb is not None and ta.dtype == tb.dtype and ta.device == tb.device and same_shape(a, b)
 
 
 def _identity_reshape(node: torch.fx.Node) -> bool:  # view/reshape/expand to the same shape
@@ -45,7 +40,7 @@ def _full_slice(node: torch.fx.Node) -> bool:  # x[:, 0:MAX:1]
     src, _, start, end, step = args[:5]
     if not isinstance(src, torch.fx.Node) or start not in (None, 0) or step not in (None, 1):
         return False
-    return _same_shape(node, src)
+    return same_shape(node, src)
 
 
 def _zero_add(node: torch.fx.Node) -> bool:  # x + 0 (alpha irrelevant)
@@ -56,26 +51,45 @@ def _one_mul(node: torch.fx.Node) -> bool:  # x * 1
     return len(node.args) == 2 and node.args[1] == 1 and isinstance(node.args[0], torch.fx.Node) and _same_meta(node, node.args[0])
 
 
-RULES: dict[str, tuple[tuple[object, ...], Callable[[torch.fx.Node], bool]]] = {
-    "identity-view": ((aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default), _identity_reshape),
-    "same-dtype-cast": ((aten._to_copy.default,), _identity_to_copy),
-    "clone": ((aten.clone.default,), _identity_clone),
-    "alias": ((aten.alias.default,), lambda n: isinstance(n.args[0], torch.fx.Node)),
-    "full-slice": ((aten.slice.Tensor,), _full_slice),
-    "add-zero": ((aten.add.Tensor, aten.sub.Tensor), _zero_add),
-    "mul-one": ((aten.mul.Tensor, aten.div.Tensor), _one_mul),
-}
+class NoopRule(Rule[Match]):
+    """One row of the table below: ``targets`` whose node returns ``args[0]`` when ``is_noop``."""
+
+    def __init__(self, name: str, targets: tuple[object, ...], is_noop: Callable[[torch.fx.Node], bool]):
+        self.name = name
+        self.targets, self.is_noop = targets, is_noop
+
+    def match(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> Match | None:
+        if node.op == "call_function" and node.target in self.targets and self.is_noop(node):
+            return Match(node)
+        return None
+
+    def rewrite(self, gm: torch.fx.GraphModule, match: Match) -> dict[torch.fx.Node, torch.fx.Node]:
+        return {match.node: match.node.args[0]}  # type: ignore[dict-item]
+
+
+RULES = (
+    NoopRule("identity-view", (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                               aten.expand.default), _identity_reshape),
+    NoopRule("same-dtype-cast", (aten._to_copy.default,), _identity_to_copy),
+    NoopRule("clone", (aten.clone.default,), _identity_clone),
+    NoopRule("alias", (aten.alias.default,), lambda n: isinstance(n.args[0], torch.fx.Node)),
+    NoopRule("full-slice", (aten.slice.Tensor,), _full_slice),
+    NoopRule("add-zero", (aten.add.Tensor, aten.sub.Tensor), _zero_add),
+    NoopRule("mul-one", (aten.mul.Tensor, aten.div.Tensor), _one_mul),
+)
 
 
 @register_pass
-class RemoveNoop(Pass):
+class RemoveNoop(RewritePass):
     """Remove ops that return their input unchanged (views, clones, casts).
 
     Matches (one rule each): view/reshape/expand to the same shape, ``_to_copy``
     to the same dtype/device, ``clone`` (graphs are functional), ``alias``,
     a full slice ``x[0:MAX:1]``, ``x + 0``, ``x * 1``. Shapes are compared
     symbolically, so a view from ``[s0, 16]`` to ``[s0, 16]`` matches and one
-    to ``[s0*16]`` does not. Requires shapes; preserves them. Exact.
+    to ``[s0*16]`` does not. One walk: ``view(view(x))`` with both views
+    identities goes in that walk (each is checked against its own input).
+    Requires shapes; preserves them. Exact.
     Before/after: ``y = view(x, [b, s, 32])`` with x ``[b, s, 32]`` -> ``x``.
     """
 
@@ -83,16 +97,5 @@ class RemoveNoop(Pass):
     requires = frozenset({"shapes"})
     preserves = frozenset({"shapes"})
 
-    def run(self, program, ctx):  # type: ignore[no-untyped-def]
-        counts: dict[str, int] = {}
-        graph = program.gm.graph
-        for node in list(graph.nodes):
-            if node.op != "call_function":
-                continue
-            for rule, (targets, check) in RULES.items():
-                if node.target in targets and check(node):
-                    node.replace_all_uses_with(node.args[0])
-                    graph.erase_node(node)
-                    counts[rule] = counts.get(rule, 0) + 1
-                    break
-        return PassResult(program, modified=bool(counts), stats=counts)
+    def rules(self) -> tuple[NoopRule, ...]:
+        return RULES

@@ -20,6 +20,7 @@ __all__ = [
     "drop_unused_attrs",
     "module_path",
     "module_type",
+    "where",
     "is_op",
     "tensor_meta",
     "users_of",
@@ -116,6 +117,12 @@ def module_type(node: torch.fx.Node) -> str:
         return ""
     _, cls = list(stack.values())[-1]
     return cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+
+
+def where(node: torch.fx.Node) -> str:
+    """``module.path (node)`` for report lines, or the node's name when no module owns it."""
+    path = module_path(node)
+    return f"{path} ({node.name})" if path else node.name
 
 
 def tensor_meta(node: Any) -> torch.Tensor | None:

@@ -34,11 +34,10 @@ from typing import Any
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 import torch.fx
-from torch._guards import detect_fake_mode
-from torch.fx.node import map_arg
 
 from graphopt.hardware import has_int8_dot
 from graphopt.ir.fx import add_tensor_attr, fetch_attr, module_path
+from graphopt.ir.shapes import infer_val
 
 __all__ = [
     "QD",
@@ -49,7 +48,6 @@ __all__ = [
     "REDUCE_RANGE_CHOICES",
     "weight_bits",
     "activation_qparams",
-    "infer_val",
     "is_qdq",
     "QuantLinear",
     "find_linears",
@@ -139,29 +137,6 @@ def activation_qparams(lo: float, hi: float, dtype: torch.dtype = torch.uint8) -
         scale = max(max(-lo, hi) / 127.0, 1e-8)
         return scale, 0, -128, 127
     raise ValueError(f"activation dtype must be uint8 or int8, got {dtype}")
-
-
-def infer_val(node: torch.fx.Node) -> None:
-    """Set ``node.meta["val"]`` by running its target on its inputs' fake values."""
-
-    def val(a: torch.fx.Node) -> Any:
-        return a.meta.get("val")
-
-    args = map_arg(node.args, val)
-    kwargs = map_arg(node.kwargs, val)
-    flat = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
-    mode = detect_fake_mode(flat)
-    if mode is None:  # only real constants in: borrow the graph's mode from its placeholders
-        mode = detect_fake_mode([n.meta.get("val") for n in node.graph.nodes if n.op == "placeholder"])
-    if mode is None:
-        return
-    allow = mode.allow_non_fake_inputs
-    mode.allow_non_fake_inputs = True
-    try:
-        with mode:
-            node.meta["val"] = node.target(*args, **kwargs)
-    finally:
-        mode.allow_non_fake_inputs = allow
 
 
 @dataclass
