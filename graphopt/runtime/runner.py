@@ -23,7 +23,8 @@ __all__ = ["Runner"]
 
 
 class Runner:
-    """Runs one loaded artifact. Use as a context manager (Polygraphy's BaseRunner)::
+    """Runs one loaded artifact. Ready to call: the first call loads the backend;
+    ``close()`` or a ``with`` block releases it (Polygraphy's BaseRunner)::
 
         with graphopt.load("out/ort") as runner:
             outputs = runner(input_ids, attention_mask)     # tuple, program order
@@ -70,12 +71,16 @@ class Runner:
         finally:
             self.is_active = False
 
-    def __enter__(self) -> Runner:
-        return self.activate()
-
-    def __exit__(self, *exc: Any) -> None:
+    def close(self) -> None:
+        """Release the backend (sessions, processes, memory) if it is loaded; safe to repeat."""
         if self.is_active:
             self.deactivate()
+
+    def __enter__(self) -> Runner:
+        return self if self.is_active else self.activate()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------- inference
     @property
@@ -84,11 +89,8 @@ class Runner:
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         """Run with inputs in Program order (or by name); outputs in Program order."""
-        if not self.is_active:
-            raise RunnerError(
-                f"{self.name} | runner is not active; use `with graphopt.load(dir) as runner:` "
-                "or call runner.activate() first"
-            )
+        if not self.is_active:  # ready to call, like InferenceSession / torch.jit.load
+            self.activate()
         bound = bind_inputs(self.inputs, args, kwargs, self.name)
         check_inputs(self.inputs, bound, self.name)
         try:

@@ -69,8 +69,15 @@ def test_runner_protocol(eager_artifact):
     prog, art = eager_artifact
     runner = load(art.path)
     ids, mask = prog.sample_inputs(batch=2, seq=5)
-    with pytest.raises(RunnerError, match=r"^eager \| runner is not active"):
-        runner(ids, mask)
+    assert not runner.is_active
+    first = runner(ids, mask)  # ready to call: the first call activates
+    assert runner.is_active
+    torch.testing.assert_close(first[0], prog(ids, mask)[0], atol=1e-5, rtol=1e-5)
+    runner.close()
+    assert not runner.is_active
+    runner.close()  # safe to repeat
+    with pytest.raises(RunnerError, match=r"^eager \| runner is not active; nothing to deactivate"):
+        runner.deactivate()
     with runner:
         with pytest.raises(RunnerError, match="already active"):
             runner.activate()
