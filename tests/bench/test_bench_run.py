@@ -6,6 +6,7 @@ numbers are never asserted."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 
 import pytest
@@ -181,7 +182,8 @@ def test_cli_bench_with_memory(tmp_path, capsys):
         assert mem[name]["peak_mb"] > mem[name]["model_mb"] > 0
     assert mem["fp32 @ tensorrt"] == {}
     assert mem["peer: torch.ao-int8-dynamic"]["method"].startswith("in-process")  # lives only in this process
-    assert mem["peer: torch.ao-int8-dynamic"]["run_mb"] >= 0
+    run_mb = mem["peer: torch.ao-int8-dynamic"]["run_mb"]
+    assert isinstance(run_mb, float) and math.isfinite(run_mb)  # measured (the code clamps growth at 0)
 
 
 def test_cli_bad_pipeline_is_a_usage_error(capsys):

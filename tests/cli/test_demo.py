@@ -35,11 +35,17 @@ def test_demo_quick_end_to_end_then_cached(demo_run, capsys):
     assert variants["eager"]["status"] == "ok"
     labels = {"fp32-O2", "bf16", "int8"}
     assert {n.split(" @ ")[0] for n in variants if " @ " in n} == labels  # every default pipeline is listed
+    # every optimized variant runs, except the one expected, named failure: ONNX Runtime has no bf16 CPU kernels
+    expected = {"bf16 @ onnxruntime": "bf16"}
     for v in variants.values():
+        if v["name"] in expected:
+            assert v["status"] in ("ok", "skipped", "failed") and (v["status"] == "ok" or expected[v["name"]] in v["reason"])
+        else:
+            assert v["status"] == "ok", (v["name"], v["status"], v.get("reason"))
         if v["status"] == "ok":
             assert set(v["eval"]) >= {"hr@10", "ndcg@10"}, v["name"]
             assert 0.0 <= v["eval"]["ndcg@10"] <= v["eval"]["hr@10"] <= 1.0
-        else:  # skipped or failed variants say why
+        else:  # skipped or failed variants say why, in the printed table too
             assert v["reason"], v["name"]
             assert v["name"] in text
     ref = report["eval_reference"]

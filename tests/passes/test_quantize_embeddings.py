@@ -34,6 +34,11 @@ def test_dlrm_bags(program, bits):
     assert len(tables) == 4 and not any(t.dtype == torch.float32 and t.shape[0] >= 40 and t.shape[1] == 8
                                         for t in q.parameter_tensors().values())
     assert_equivalent(ref, q, TOLERANCE[bits], shapes=((None, None), (7, None)))
+    # the loose elementwise tolerance alone would accept an all-zeros output: the scores must also
+    # keep their direction (measured: cosine 0.99999 at 8 bits, 0.9973 at 4 bits on 64 rows)
+    x = ref.sample_inputs(batch=64, seed=11)
+    out, want = q(*x)[0].flatten(), ref(*x)[0].flatten()
+    assert torch.nn.functional.cosine_similarity(out, want, dim=0) > (0.9999 if bits == 8 else 0.99)
 
 
 def test_bert4rec_tied_table_declined(program):

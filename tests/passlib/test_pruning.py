@@ -76,8 +76,11 @@ def test_recover_distills_towards_the_teacher(program):
     teacher = program("two-tower:tiny")
     pruned, _ = graphopt.optimize(teacher, "prune-linear{ratio=0.5}")
     batches = [teacher.sample_inputs(batch=8, seed=s) for s in range(2)]
+    flags = {n: p.requires_grad for n, p in pruned.gm.named_parameters()}
     result = recover(pruned, teacher, batches, steps=20, lr=5e-3)
     assert result["loss_after"] < 0.5 * result["loss_before"]
-    assert not any(p.requires_grad for p in pruned.gm.parameters() if p.grad is not None)
+    # training state is undone: no gradients kept, requires_grad as it was before
+    assert all(p.grad is None for p in pruned.gm.parameters())
+    assert {n: p.requires_grad for n, p in pruned.gm.named_parameters()} == flags
     pruned.gm.graph.lint()
     assert pruned(*batches[0])[0].shape == teacher(*batches[0])[0].shape

@@ -111,7 +111,7 @@ def test_popularity_prior_initialises_the_output_bias(small):
 def test_bert_cls_next_item_classifier(small):
     r = finetune("bert-cls:tiny", small, _quick(epochs=2))
     assert r.model.config.num_labels == small.num_items
-    assert r.history[-1]["loss"] < r.history[0]["loss"] + 0.05
+    assert r.history[-1]["loss"] < r.history[0]["loss"], [h["loss"] for h in r.history]  # it learns
     split = small.leave_one_out()
     m = evaluate_ranking(lambda i, a: r.model(input_ids=i, attention_mask=a).logits, split.test, small.num_items, seq_len=16)
     assert m["ndcg@10"] == pytest.approx(r.test["ndcg@10"], abs=1e-6)  # classifier logits get the padding column
