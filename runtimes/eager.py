@@ -31,8 +31,12 @@ class EagerRunner(Runner):
 
     @classmethod
     def from_program(cls, program: Program, device: str = "cpu") -> EagerRunner:
-        """An in-memory runner (no artifact): the reference for comparisons."""
-        return cls(None, program.inputs, program.output_names, program=program, device=device)
+        """An in-memory runner (no artifact): the reference for comparisons; the same contract checks."""
+        from graphopt.runtime.contract import dim_ranges, index_ranges
+
+        runner = cls(None, program.inputs, program.output_names, program=program, device=device)
+        runner._dims, runner._index_ranges = dim_ranges(program), index_ranges(program)
+        return runner
 
     def _activate_impl(self) -> None:
         device = self.options.get("device") or (

@@ -1,6 +1,15 @@
-"""The input contract of a lowered Program, read from its captured graph.
+"""The input contract of a lowered Program, read from its captured graph, and its check.
 
-Today: the [min, max] that torch.export proved for each dynamic dim label.
+- dims: the [min, max] torch.export proved for each dynamic dim label (e.g.
+  seq <= the position table); inputs sharing a label must agree (the mask's
+  seq is the ids' seq), as export proved when it unified them;
+- index ranges: an integer input whose values reach an embedding table of N
+  rows (through view-like ops) must hold values in [0, N).
+
+Stored in the manifest (``dims``, ``index_ranges``) and checked by the
+Runner base class before any backend runs, with the same words on every
+runtime, so an out-of-range id is an error, never an aborted process
+(Inductor) or silently wrapped scores (ONNX Gather).
 """
 
 from __future__ import annotations
@@ -8,10 +17,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 
+from graphopt.errors import RunnerError
 from graphopt.ir.program import Program
 
-__all__ = ["dim_ranges"]
+__all__ = ["dim_ranges", "index_ranges", "check_contract"]
+
+#: ops through which an input's values reach a table unchanged (only positions move)
+_VALUE_PRESERVING = {
+    "view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "expand", "slice", "select",
+    "clone", "contiguous", "permute", "transpose", "t", "alias", "detach", "lift_fresh_copy",
+}
 
 
 def _finite_int(value: Any) -> int | None:
@@ -50,3 +67,73 @@ def dim_ranges(program: Program) -> dict[str, dict[str, int | None]]:
             if hi is not None:
                 cur["max"] = hi if cur["max"] is None else min(cur["max"], hi)
     return out
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0]
+
+
+def _table_rows(node: torch.fx.Node, arg: torch.fx.Node) -> int | None:
+    """Rows of the table ``node`` indexes with ``arg`` (embedding, embedding_bag, index_select on dim 0)."""
+    op = _op_name(node)
+    if op in ("embedding", "embedding_bag") and len(node.args) > 1 and node.args[1] is arg:
+        table = node.args[0]
+    elif op == "index_select" and len(node.args) > 2 and node.args[2] is arg and node.args[1] == 0:
+        table = node.args[0]
+    else:
+        return None
+    val = table.meta.get("val") if isinstance(table, torch.fx.Node) else None
+    size = val.shape[0] if isinstance(val, torch.Tensor) else None
+    return size if isinstance(size, int) else None
+
+
+def index_ranges(program: Program) -> dict[str, list[int]]:
+    """Per integer input that indexes embedding tables: ``[0, rows)`` of the smallest one."""
+    out: dict[str, list[int]] = {}
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    for spec, ph in zip(program.inputs, placeholders):
+        if spec.dtype.is_floating_point or spec.dtype == torch.bool:
+            continue
+        rows: list[int] = []
+        frontier, seen = [ph], {ph}
+        while frontier:
+            cur = frontier.pop()
+            for user in cur.users:
+                n = _table_rows(user, cur)
+                if n is not None:
+                    rows.append(n)
+                elif user.op == "call_function" and _op_name(user) in _VALUE_PRESERVING and user.args and \
+                        user.args[0] is cur and user not in seen:
+                    seen.add(user)
+                    frontier.append(user)
+        if rows:
+            out[spec.name] = [0, min(rows)]
+    return out
+
+
+def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str, Any], runtime: str) -> None:
+    """Raise ``RunnerError`` (one line, ``runtime | input 'x': ...``) when inputs break the contract."""
+    sizes: dict[str, tuple[str, int]] = {}
+    for spec, value in zip(specs, args):
+        for dim, label in spec.dynamic.items():
+            size = int(value.shape[dim])
+            if label in sizes and sizes[label][1] != size:
+                other, was = sizes[label]
+                raise RunnerError(f"{runtime} | input '{spec.name}': dim {dim} ({label}) is {size} but "
+                                  f"'{other}' has {label} {was}; they must be equal")
+            sizes.setdefault(label, (spec.name, size))
+            bound = dims.get(label) or {}
+            lo, hi = max(1, bound.get("min") or 1), bound.get("max")
+            if size < lo or (hi is not None and size > hi):
+                within = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+                raise RunnerError(f"{runtime} | input '{spec.name}': dim {dim} ({label}) must be {within}, got {size}")
+        bounds = ranges.get(spec.name)
+        if bounds and value.numel():
+            low, high = int(bounds[0]), int(bounds[1])
+            vmin, vmax = (int(v) for v in torch.aminmax(value))
+            if vmin < low or vmax >= high:
+                bad = vmin if vmin < low else vmax
+                at = [int(i) for i in (value == bad).nonzero()[0].tolist()]
+                raise RunnerError(f"{runtime} | input '{spec.name}': values must be in [{low}, {high}), "
+                                  f"got {int(bad)} at {at}")

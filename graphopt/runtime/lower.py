@@ -19,7 +19,7 @@ from graphopt.outputs import atomic_directory
 from graphopt.process import quiet_backends
 from graphopt.runtime.artifact import MANIFEST_FILE, MANIFEST_FORMAT, Artifact, read_artifact, sha256_file
 from graphopt.runtime.backend import Backend, get_runtime, require_available
-from graphopt.runtime.contract import dim_ranges
+from graphopt.runtime.contract import dim_ranges, index_ranges
 from graphopt.runtime.runner import Runner
 
 __all__ = ["lower", "load"]
@@ -81,6 +81,7 @@ def lower(
             "inputs": [s.to_json() for s in program.inputs],
             "outputs": list(program.output_names),
             "dims": dim_ranges(program),
+            "index_ranges": index_ranges(program),
             "options": {k: v for k, v in opts.items()},
             "versions": _versions(backend),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

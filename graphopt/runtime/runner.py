@@ -15,6 +15,7 @@ import torch
 from graphopt.errors import GraphoptError, RunnerError, first_line
 from graphopt.ir.program import InputSpec, bind_inputs, check_inputs
 from graphopt.process import quiet_backends
+from graphopt.runtime.contract import check_contract
 
 if TYPE_CHECKING:
     from graphopt.runtime.artifact import Artifact
@@ -47,6 +48,12 @@ class Runner:
         self.options = dict(options)
         self.device = "cpu"
         self.is_active = False
+        #: check the manifest's contract (dim ranges and equalities, index ranges) on every call;
+        #: callers that validate upstream may set it False
+        self.check_contract = True
+        manifest = artifact.manifest if artifact is not None else {}
+        self._dims = dict(manifest.get("dims") or {})
+        self._index_ranges = dict(manifest.get("index_ranges") or {})
 
     # ------------------------------------------------------------- lifecycle
     def activate(self) -> Runner:
@@ -93,6 +100,8 @@ class Runner:
             self.activate()
         bound = bind_inputs(self.inputs, args, kwargs, self.name)
         check_inputs(self.inputs, bound, self.name)
+        if self.check_contract:
+            check_contract(self.inputs, bound, self._dims, self._index_ranges, self.name)
         try:
             outputs = tuple(self._infer_impl(bound))
         except GraphoptError:

@@ -170,3 +170,35 @@ def test_device_sync_on_cpu_is_a_noop(tmp_path_factory, program):
         runner.synchronize()
         out = runner(*_feeds(program("bert4rec:tiny"), 1, 8))
         assert out[0].device == torch.device("cpu")
+
+
+#: bad request -> the one line every runtime answers with (bert4rec:tiny: 52 ids, 512 positions)
+BAD_INPUTS = {
+    "id past the table": (lambda ids, mask: (ids.index_fill(1, torch.tensor([3]), 55), mask),
+                          r"input 'input_ids': values must be in \[0, 52\), got 55 at \[0, 3\]$"),
+    "negative id": (lambda ids, mask: (ids.index_fill(1, torch.tensor([2]), -1), mask),
+                    r"input 'input_ids': values must be in \[0, 52\), got -1 at \[0, 2\]$"),
+    "seq past the positions": (lambda ids, mask: (torch.ones(1, 600, dtype=torch.long),) * 2,
+                               r"input 'input_ids': dim 1 \(seq\) must be in \[1, 512\], got 600$"),
+    "mask seq != ids seq": (lambda ids, mask: (ids, mask[:, :7]),
+                            r"input 'attention_mask': dim 1 \(seq\) is 7 but 'input_ids' has seq 8; they must be equal$"),
+    "empty batch": (lambda ids, mask: (ids[:0], mask[:0]), r"input 'input_ids': dim 0 \(batch\) must be >= 1, got 0$"),
+    "wrong dtype": (lambda ids, mask: (ids.int(), mask), r"input 'input_ids': expected int64, got int32$"),
+}
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_CASES)
+def test_contract_rejects_bad_requests_and_keeps_serving(tmp_path_factory, program, runtime):
+    """The input contract (from the graph, in the manifest) is checked before the backend runs:
+    one line in the same words on every runtime, and the runner serves the next request."""
+    prog, artifact = _artifact(tmp_path_factory, program, runtime, "bert4rec:tiny", "fp32")
+    assert artifact.manifest["index_ranges"] == {"input_ids": [0, 52]}
+    ids, mask = _feeds(prog, 2, 8)
+    with graphopt.load(artifact.path) as runner:
+        good = runner(ids, mask)[0]
+        for case, (make, message) in BAD_INPUTS.items():
+            with pytest.raises(RunnerError, match=rf"^{runtime} \| {message}"):
+                runner(*make(ids, mask))
+            torch.testing.assert_close(runner(ids, mask)[0], good, atol=0, rtol=0, msg=case)
+        runner.check_contract = False  # callers who validate upstream: the near miss still runs in range
+        torch.testing.assert_close(runner(ids, mask)[0], good, atol=0, rtol=0)
