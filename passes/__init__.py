@@ -17,6 +17,7 @@ from graphopt.passes import (  # noqa: F401  (importing registers each pass)
     prune_ffn,
     prune_heads,
     prune_linear,
+    prune_positions,
     quantize_embeddings,
     quantize_int8,
     quantize_int8_dynamic,
@@ -35,6 +36,7 @@ register_preset(
 register_preset(
     "O2",
     "remove-dropout,remove-noop,cse,fold-constants,dce,"
-    "fold-batchnorm,embedding-bag-to-gather,fuse-attention,fuse-qkv,fuse-linear-act,cse,dce",
-    "O1 + fusions: batch-norm folding, EmbeddingBag as gather, SDPA attention, QKV, linear+activation",
+    "fold-batchnorm,embedding-bag-to-gather,fuse-attention,prune-positions,fuse-qkv,fuse-linear-act,cse,dce",
+    "O1 + fusions: batch-norm folding, EmbeddingBag as gather, SDPA attention, only the positions "
+    "the outputs read, QKV, linear+activation",
 )
