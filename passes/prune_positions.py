@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 import torch.fx
-from graphopt.passes._patterns import infer_val, where
 from graphopt.passes._positions import NotPerPosition, Rows, kind_of, move
 
 from graphopt.errors import GraphoptError
-from graphopt.ir.fx import is_op, tensor_meta
-from graphopt.passlib.partition import hint_shape
+from graphopt.ir.fx import is_op, tensor_meta, where
+from graphopt.ir.shapes import infer_val
+from graphopt.passlib.costs import hint_shape
 from graphopt.transform.base import Pass, PassResult, register_pass
 
 __all__ = ["PrunePositions", "matmul_flops"]
@@ -79,7 +79,7 @@ class _Attempt:
     def _new(self, target: Any, args: tuple, kwargs: dict | None = None) -> Node:
         node = self.gm.graph.call_function(target, args, kwargs or {})
         self.created.append(node)
-        if not infer_val(self.gm, node):
+        if not infer_val(node):
             raise NotPerPosition(f"could not infer the shape of {node.name}")
         return node
 
@@ -224,14 +224,14 @@ class PrunePositions(Pass):
             if sels.pop(u)[2]:  # a select: the axis, now of length 1, goes
                 with gm.graph.inserting_after(y):
                     new = gm.graph.call_function(aten.select.int, (y, axis, 0))
-                infer_val(gm, new)
+                infer_val(new)
             u.replace_all_uses_with(new)
             gm.graph.erase_node(u)
         for u in sizes:
             if u.users:
                 with gm.graph.inserting_after(y):
                     size = gm.graph.call_function(aten.sym_size.int, (y, u.args[1]))
-                infer_val(gm, size)
+                infer_val(size)
                 u.replace_all_uses_with(size)
             gm.graph.erase_node(u)
         _erase_dead(gm, [x])
