@@ -94,6 +94,14 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def _graph_bytes(module: torch.fx.GraphModule) -> int:
+    """Bytes of the tensors the graph reads (PT2E's convert keeps the replaced
+    fp32 weights as unused attributes; they are not the model)."""
+    state = module.state_dict()
+    read = {n.target for n in module.graph.nodes if n.op == "get_attr"}
+    return sum(t.nbytes for name, t in state.items() if name in read)
+
+
 def _eval(module: torch.nn.Module) -> torch.nn.Module:
     """eval() where allowed (torch.export GraphModules refuse train()/eval(); they are inference-only)."""
     try:
@@ -345,7 +353,7 @@ def _build_pt2e(
             v.timings = {"export_s": export_s, "quantize_s": quantize_s}
             v.notes += [exported, calibrated, f"{weights} int8 per-channel weights"]
             v.fn = _compiled(mine, bf16=v is bf16)
-            v.size_bytes, v.size_kind = _param_bytes(mine), "parameters"
+            v.size_bytes, v.size_kind = _graph_bytes(mine), "parameters"
     except Exception as e:  # noqa: BLE001
         reason = f"torchao-pt2e: {first_line(e)}"
         return [v.fail(reason) for v in variants]

@@ -51,6 +51,7 @@ def test_pt2e_peers_run_and_match_eager_within_int8_tolerance(pt2e):
         assert v["status"] == "ok", v["reason"]
         assert v["timings"]["export_s"] > 0 and v["timings"]["quantize_s"] > 0
         assert "dynamic-shape export" in v["notes"]
+        assert 0 < v["size_bytes"] < report.variant("eager")["size_bytes"]  # int8 weights, fp32 ones dropped
         row = _row(report, f"peer: {name}")
         assert row["status"] == "ok", row.get("reason")
         acc = row["accuracy"]
