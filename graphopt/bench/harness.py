@@ -198,7 +198,9 @@ def _run(
     variants += built
     if peer_names:
         tick("building peers", 0)
-        peer_variants = build_peers(what.source, program, work, peers=peer_names, threads=threads)
+        peer_variants = build_peers(
+            what.source, program, work, peers=peer_names, threads=threads, calibration_data=calibration_data,
+        )
         for v in peer_variants:
             tick(f"built {v.name} ({v.status})")
         variants += peer_variants

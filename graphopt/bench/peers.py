@@ -10,6 +10,11 @@ same run on the same inputs.
                            (Optimum's ORTQuantizer, dynamic int8 weights)
 ``torchao-int8-dynamic``   torchao ``Int8DynamicActivationInt8WeightConfig`` + compile
 ``torch.ao-int8-dynamic``  ``torch.ao.quantization.quantize_dynamic`` on nn.Linear (eager)
+``torchao-pt2e-int8``      torchao PT2E static int8: ``torch.export`` +
+                           ``X86InductorQuantizer`` (default config), calibrated,
+                           converted, compiled with freezing (oneDNN qlinear)
+``torchao-pt2e-int8-bf16`` the same compiled and run under bf16 autocast
+                           (int8-mixed-bf16)
 =========================  ======================================================
 
 ``torch.compile`` peers compile lazily: their compile time is the first call.
@@ -30,12 +35,12 @@ from typing import Any
 
 import torch
 
-from graphopt.bench.variants import Variant, dir_size
+from graphopt.bench.variants import Variant, _calibration, dir_size
 from graphopt.errors import first_line
 from graphopt.hardware import has_int8_dot
 from graphopt.ir.program import Program
 
-__all__ = ["PEERS", "build_peers", "ort_session"]
+__all__ = ["PEERS", "PT2E_CALIBRATION_BATCHES", "build_peers", "ort_session"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,12 @@ PEERS = (
     "ort-int8-dynamic",
     "torchao-int8-dynamic",
     "torch.ao-int8-dynamic",
+    "torchao-pt2e-int8",
+    "torchao-pt2e-int8-bf16",
 )
+
+#: calibration batches the PT2E peers observe (the first of those graphopt's int8 gets)
+PT2E_CALIBRATION_BATCHES = 4
 
 
 @contextlib.contextmanager
@@ -82,6 +92,14 @@ def _param_bytes(module: torch.nn.Module) -> int:
             except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
                 total += t.nbytes if hasattr(t, "nbytes") else 0
     return total
+
+
+def _graph_bytes(module: torch.fx.GraphModule) -> int:
+    """Bytes of the tensors the graph reads (PT2E's convert keeps the replaced
+    fp32 weights as unused attributes; they are not the model)."""
+    state = module.state_dict()
+    read = {n.target for n in module.graph.nodes if n.op == "get_attr"}
+    return sum(t.nbytes for name, t in state.items() if name in read)
 
 
 def _eval(module: torch.nn.Module) -> torch.nn.Module:
@@ -266,6 +284,82 @@ def _build_torch_ao(source: torch.nn.Module) -> Variant:
     return v
 
 
+def _pt2e_batches(program: Program, calibration_data: Sequence[Any] | None) -> tuple[list[tuple[torch.Tensor, ...]], str]:
+    """The batches graphopt's int8 pipeline calibrates on (the caller's, else the
+    Program's sample inputs), the first few, as positional tuples; and where from."""
+    given = calibration_data is not None
+    data = list(calibration_data if given else _calibration(program))[:PT2E_CALIBRATION_BATCHES]
+    batches = []
+    for b in data:
+        if isinstance(b, torch.Tensor):
+            batches.append((b,))
+        elif isinstance(b, dict):
+            batches.append(tuple(b[n] for n in program.input_names) if set(program.input_names) <= set(b) else tuple(b.values()))
+        else:
+            batches.append(tuple(b))
+    if not batches:
+        raise ValueError("calibration_data is empty; pass calibration batches or leave it unset")
+    where = "calibration_data" if given else "Program sample inputs, seeds 1000+ (as graphopt's int8 without calibration_data)"
+    return batches, f"calibrated on {len(batches)} batches: {where}"
+
+
+def _pt2e_export(source: torch.nn.Module, program: Program, example: tuple[torch.Tensor, ...]) -> tuple[Any, str]:
+    """torch.export with the Program's dynamic dims (Dim.AUTO); static at the
+    calibration shape where that fails."""
+    dims = tuple({d: torch.export.Dim.AUTO for d in s.dynamic} or None for s in program.inputs)
+    try:
+        return torch.export.export(source, example, dynamic_shapes=(dims,)).module(), "dynamic-shape export"
+    except Exception as e:  # noqa: BLE001 - a static export still measures the calibration shape
+        shape = "x".join(str(d) for d in example[0].shape)
+        log.info("PT2E dynamic export failed (%s); exporting static", first_line(e))
+        note = f"dynamic export failed ({first_line(e)}): static export at {shape}, other shapes fail"
+        return torch.export.export(source, example).module(), note
+
+
+def _build_pt2e(
+    source: torch.nn.Module, program: Program, calibration_data: Sequence[Any] | None, wanted: Sequence[str],
+) -> list[Variant]:
+    int8 = Variant("peer: torchao-pt2e-int8", "peer", runtime="inductor",
+                   pipeline="PT2E X86Inductor static int8 + compile + freezing")
+    bf16 = Variant("peer: torchao-pt2e-int8-bf16", "peer", runtime="inductor",
+                   pipeline="PT2E X86Inductor static int8 + compile + freezing, bf16 autocast")
+    variants = [v for v in (int8, bf16) if v.name.removeprefix("peer: ") in wanted]
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # registers the oneDNN lowerings
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        batches, calibrated = _pt2e_batches(program, calibration_data)
+        start = time.perf_counter()
+        with torch.no_grad():
+            module, exported = _pt2e_export(source, program, batches[0])
+        export_s = time.perf_counter() - start
+        start = time.perf_counter()
+        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        module = prepare_pt2e(module, quantizer)
+        with torch.no_grad():
+            for b in batches:
+                module(*b)
+        module = convert_pt2e(module)
+        quantize_s = time.perf_counter() - start
+        weights = sum(n.target == torch.ops.quantized_decomposed.dequantize_per_channel.default for n in module.graph.nodes)
+        if not weights:
+            reason = "torchao-pt2e: X86InductorQuantizer quantized no weight (no linear or conv in the exported graph)"
+            return [v.fail(reason) for v in variants]
+        for v in variants:
+            mine = module if v is variants[-1] else copy.deepcopy(module)  # one compiled graph per recipe
+            v.timings = {"export_s": export_s, "quantize_s": quantize_s}
+            v.notes += [exported, calibrated, f"{weights} int8 per-channel weights"]
+            v.fn = _compiled(mine, bf16=v is bf16)
+            v.size_bytes, v.size_kind = _graph_bytes(mine), "parameters"
+    except Exception as e:  # noqa: BLE001
+        reason = f"torchao-pt2e: {first_line(e)}"
+        return [v.fail(reason) for v in variants]
+    return variants
+
+
 def build_peers(
     source: torch.nn.Module,
     program: Program,
@@ -273,9 +367,12 @@ def build_peers(
     *,
     peers: Sequence[str] = PEERS,
     threads: int | None = None,
+    calibration_data: Sequence[Any] | None = None,
 ) -> list[Variant]:
     """Build the requested peers from ``source`` (the original model, called
-    positionally with the Program's inputs, returning a tuple of tensors)."""
+    positionally with the Program's inputs, returning a tuple of tensors).
+    ``calibration_data``: what graphopt's int8 pipeline gets; the PT2E peers
+    calibrate on its first batches (None: the Program's sample inputs, as graphopt)."""
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         from graphopt.errors import GraphoptError
@@ -295,4 +392,6 @@ def build_peers(
         out.append(_build_torchao(source))
     if "torch.ao-int8-dynamic" in peers:
         out.append(_build_torch_ao(source))
+    if "torchao-pt2e-int8" in peers or "torchao-pt2e-int8-bf16" in peers:
+        out += _build_pt2e(source, program, calibration_data, peers)
     return out
