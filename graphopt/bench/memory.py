@@ -11,6 +11,14 @@ Variants that live only in this process (``torch.compile`` peers) cannot be
 re-created cheaply in another process; for those the peak RSS growth during
 the run is measured in-process (the kernel's high-water mark is reset first),
 which excludes the weights already loaded. ``method`` says which was done.
+
+:func:`measure_allocations` measures what the memory analysis predicts: the
+peak of live CPU tensor allocations while a Program's GraphModule runs
+eagerly (torch profiler, ``profile_memory=True``: every allocation and free
+through PyTorch's CPU allocator, in order), above what was allocated before
+the call (weights, inputs). :func:`allocations_by_node` attributes them to
+graph nodes (the fx Interpreter, one ``record_function`` per node) to explain
+a difference. :func:`predict_variant` is the analysis' side for the report.
 """
 
 from __future__ import annotations
@@ -28,9 +36,16 @@ from typing import Any
 
 import torch
 
+from graphopt.errors import first_line
 from graphopt.process import reset_peak_rss, rss_kb
 
-__all__ = ["measure_in_process", "measure_subprocess"]
+__all__ = [
+    "measure_in_process",
+    "measure_subprocess",
+    "measure_allocations",
+    "allocations_by_node",
+    "predict_variant",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +89,90 @@ def measure_subprocess(
         "peak_mb": result["peak_kb"] / 1024,
         "model_mb": max(0, result["peak_kb"] - result["start_kb"]) / 1024,
         "start_mb": result["start_kb"] / 1024,
+    }
+
+
+# ---------------------------------------------------------------- allocations (profiler)
+def _profiled(run: Callable[[], Any]) -> tuple[Any, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = run()
+    return out, prof.profiler.kineto_results
+
+
+def measure_allocations(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], warmup: int = 1) -> dict[str, int]:
+    """Peak bytes of CPU tensor storage live at once while ``gm(*inputs)`` runs,
+    counted from the call (weights and inputs, allocated before, are not), and
+    what is still held after it (the outputs). ``warmup`` calls first, so lazy
+    one-time allocations do not count."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            gm(*inputs)
+    out, results = _profiled(lambda: gm(*inputs))
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = sorted(
+        (e for e in results.events() if e.name() == "[memory]" and e.device_type() == cpu),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    del out
+    return {"peak_bytes": peak, "retained_bytes": live, "allocations": sum(e.nbytes() > 0 for e in events)}
+
+
+def allocations_by_node(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+    """Node name -> the most bytes allocated at once inside that node (its
+    output(s) and its kernels' scratch), from one profiled run of the graph
+    through the fx Interpreter (which frees values after their last use too)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import record_function
+
+    class Tagged(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            with record_function("graphopt.node::" + n.name):
+                return super().run_node(n)
+
+    with torch.no_grad():
+        Tagged(gm).run(*inputs)
+    _, results = _profiled(lambda: Tagged(gm).run(*inputs))
+    events: dict[str, list[tuple[int, int]]] = {}
+
+    def walk(event: Any, node: str | None) -> None:
+        if event.name.startswith("graphopt.node::"):
+            node = event.name.split("::", 1)[1]
+        if event.tag == _EventType.Allocation and node is not None:
+            events.setdefault(node, []).append((event.start_time_ns, event.extra_fields.alloc_size))
+        for child in event.children:
+            walk(child, node)
+
+    for root in results.experimental_event_tree():
+        walk(root, None)
+    peaks: dict[str, int] = {}
+    for node, allocs in events.items():
+        live = peak = 0
+        for _, size in sorted(allocs):
+            live += size
+            peak = max(peak, live)
+        peaks[node] = peak
+    return peaks
+
+
+def predict_variant(program: Any, batch: int | None, seq: int | None) -> dict[str, Any]:
+    """The memory analysis of ``program`` at one shape, as the report's ``predicted`` record."""
+    from graphopt.transform.memory import analyze_memory
+
+    try:
+        estimate = analyze_memory(program).at(batch=batch, seq=seq)
+    except Exception as e:  # noqa: BLE001 - a prediction that fails is reported, never fatal
+        return {"error": first_line(e)}
+    return {
+        "weights_mb": estimate.weights / 2**20,
+        "activations_mb": estimate.activations / 2**20,
+        "inputs_mb": estimate.inputs / 2**20,
+        "peak_at": estimate.peak_node,
     }
 
 

@@ -231,7 +231,8 @@ class MemoryAnalysis:
                 best, where = value, position
         n = len(self.order)
         live = [b for b in self.buffers if b.kind != "input" and b.start <= where <= b.end]
-        largest = sorted(((_value(b.size, values, cache), b) for b in live), key=lambda x: -x[0])[:5]
+        sized = ((_value(b.size, values, cache), b) for b in live)
+        largest = sorted((x for x in sized if x[0] > 0), key=lambda x: -x[0])[:5]
         node = self.order[where] if self.order else ""
         op = next((b.op for b in self.buffers if b.node == node), "")
         return MemoryEstimate(
