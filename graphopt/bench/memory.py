@@ -45,6 +45,7 @@ __all__ = [
     "measure_allocations",
     "allocations_by_node",
     "predict_variant",
+    "explain_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ def measure_subprocess(
         "peak_mb": result["peak_kb"] / 1024,
         "model_mb": max(0, result["peak_kb"] - result["start_kb"]) / 1024,
         "start_mb": result["start_kb"] / 1024,
+        "load_mb": max(0, result["loaded_kb"] - result["start_kb"]) / 1024,
+        "run_mb": max(0, result["peak_kb"] - result["loaded_kb"]) / 1024,
     }
 
 
@@ -174,6 +177,47 @@ def predict_variant(program: Any, batch: int | None, seq: int | None) -> dict[st
         "inputs_mb": estimate.inputs / 2**20,
         "peak_at": estimate.peak_node,
     }
+
+
+#: a variant's measured memory beyond eager's by more than this (MB) gets a reason
+_EXCESS_MB = 4.0
+
+
+def explain_memory(variants: Sequence[Any], eager: str = "eager") -> None:
+    """Complete each measured variant's ``memory`` record in place: ``overhead_mb``
+    (measured over imports minus predicted weights + activations: the runtime's
+    own memory) and, for a variant that needs more than eager, ``why``: what
+    the measurement shows (loading holds more than the weights it was given,
+    or the run allocates more than the predicted activations)."""
+    base = next((v.memory for v in variants if v.name == eager), {})
+    for v in variants:
+        mem, pred = v.memory, v.memory.get("predicted", {})
+        if "model_mb" not in mem or "weights_mb" not in pred:
+            continue
+        predicted = pred["weights_mb"] + pred["activations_mb"]
+        mem["overhead_mb"] = mem["model_mb"] - predicted
+        if v.name == eager or "model_mb" not in base or mem["model_mb"] <= base["model_mb"] + _EXCESS_MB:
+            continue
+        reasons = []
+        extra_load = mem.get("load_mb", 0.0) - pred["weights_mb"]
+        size_mb = (v.size_bytes or 0) / 2**20
+        if extra_load > _EXCESS_MB:
+            on_disk = f", {size_mb:.0f} MB on disk" if size_mb else ""
+            reasons.append(
+                f"loading it adds {mem['load_mb']:.0f} MB for {pred['weights_mb']:.0f} MB of weights{on_disk}: "
+                "the runtime keeps its own copies (prepacked/converted weights next to the originals, "
+                "constant-folded tensors, compiled code)"
+            )
+        extra_run = mem.get("run_mb", 0.0) - pred["activations_mb"]
+        if extra_run > _EXCESS_MB:
+            reasons.append(
+                f"a run allocates {mem['run_mb']:.0f} MB where the graph's activations peak at "
+                f"{pred['activations_mb']:.1f} MB: the runtime's arena, workspace or per-call weight conversions"
+            )
+        mem["why"] = reasons or [
+            f"{mem['model_mb'] - base['model_mb']:.0f} MB more than eager, not explained by load or run alone "
+            "(allocator fragmentation or library state)"
+        ]
 
 
 # ---------------------------------------------------------------- subprocess side

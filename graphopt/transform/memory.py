@@ -220,6 +220,16 @@ class MemoryAnalysis:
                 arr[i] += arr[i - 1]
         return acts[:n], ins[:n]
 
+    def bytes_by_node(self, sizes: Mapping[str, int | None] | None = None) -> dict[str, int]:
+        """Node -> bytes the model says it allocates (its outputs and its kernel scratch)."""
+        values, cache = self._values(self.resolve(sizes)), {}
+        out: dict[str, int] = {}
+        for b in self.buffers:
+            if b.kind != "input":
+                node = b.node.split(":")[0].split("[")[0]
+                out[node] = out.get(node, 0) + _value(b.size, values, cache)
+        return out
+
     def at(self, batch: int | None = None, seq: int | None = None, **sizes: int | None) -> MemoryEstimate:
         """The estimate at ``batch``/``seq`` (and other labels); example sizes for what is not given."""
         resolved = self.resolve({"batch": batch, "seq": seq, **sizes})
