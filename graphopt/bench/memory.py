@@ -44,6 +44,7 @@ __all__ = [
     "measure_subprocess",
     "measure_allocations",
     "allocations_by_node",
+    "memory_model",
     "predict_variant",
     "explain_memory",
 ]
@@ -163,14 +164,26 @@ def allocations_by_node(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]
     return peaks
 
 
-def predict_variant(program: Any, batch: int | None, seq: int | None) -> dict[str, Any]:
-    """The memory analysis of ``program`` at one shape, as the report's ``predicted`` record."""
+def memory_model(program: Any) -> Any:
+    """The memory analysis of ``program`` (None, logged, when it cannot be computed:
+    a prediction is a report column, never a reason to fail the bench)."""
     from graphopt.transform.memory import analyze_memory
 
     try:
-        estimate = analyze_memory(program).at(batch=batch, seq=seq)
-    except Exception as e:  # noqa: BLE001 - a prediction that fails is reported, never fatal
-        return {"error": first_line(e)}
+        return analyze_memory(program)
+    except Exception as e:  # noqa: BLE001
+        log.warning("memory analysis of %s failed: %s", getattr(program, "name", "?"), first_line(e))
+        return None
+
+
+def predict_variant(model: Any, batch: int | None, seq: int | None) -> dict[str, Any]:
+    """A memory analysis (or a Program) at one shape, as the report's ``predicted`` record (MB = 2**20 bytes)."""
+    from graphopt.transform.memory import MemoryAnalysis
+
+    analysis = model if isinstance(model, MemoryAnalysis) else memory_model(model)
+    if analysis is None:
+        return {"error": "the memory analysis failed (see the log)"}
+    estimate = analysis.at(batch=batch, seq=seq)
     return {
         "weights_mb": estimate.weights / 2**20,
         "activations_mb": estimate.activations / 2**20,
