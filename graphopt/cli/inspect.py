@@ -28,11 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    program = load_program(args.model)
     if args.memory or args.batch_sizes or args.seq_lens or args.plot:  # each implies --memory
-        from graphopt.cli.inspect_memory import run_memory
+        from graphopt.cli.inspect_memory import check_plot, run_memory
 
-        return run_memory(program, args)
+        check_plot(args)  # before the model loads: a refused output costs nothing
+        return run_memory(load_program(args.model), args)
+    program = load_program(args.model)
     info = program.describe()
     if args.json:
         print(json.dumps(info, indent=2))

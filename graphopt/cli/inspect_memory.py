@@ -20,7 +20,7 @@ from typing import Any
 from graphopt.errors import ArtifactError
 from graphopt.transform.memory import MemoryAnalysis, format_bytes
 
-__all__ = ["run_memory", "shapes_for", "plot_peak"]
+__all__ = ["run_memory", "check_plot", "shapes_for", "plot_peak", "render"]
 
 
 def shapes_for(analysis: MemoryAnalysis, batches: list[int] | None, seqs: list[int] | None) -> tuple[list[dict[str, int | None]], list[str]]:
@@ -109,15 +109,21 @@ def plot_peak(analysis: MemoryAnalysis, batches: list[int], seqs: list[int | Non
     return path
 
 
-def run_memory(program: Any, args: argparse.Namespace) -> int:
-    from graphopt.transform.analysis import AnalysisManager
-
-    plot = Path(args.plot) if args.plot else None
-    if plot is not None:  # refuse before the analysis runs
+def check_plot(args: argparse.Namespace) -> None:
+    """Refuse a ``--plot`` path that exists (without ``--force``) or has no folder."""
+    if args.plot:
+        plot = Path(args.plot)
         if plot.exists() and not args.force:
             raise ArtifactError(f"{plot} exists; pass --force to overwrite it")
         if not plot.parent.is_dir():
             raise ArtifactError(f"no folder {plot.parent} for the plot; create it first")
+
+
+def run_memory(program: Any, args: argparse.Namespace) -> int:
+    from graphopt.transform.analysis import AnalysisManager
+
+    plot = Path(args.plot) if args.plot else None
+    check_plot(args)
     analysis = AnalysisManager().get("memory", program)
     shapes, notes = shapes_for(analysis, args.batch_sizes, args.seq_lens)
     if args.json:
