@@ -27,7 +27,7 @@ from graphopt.ir.program import Program
 from graphopt.passlib.partition import Cut, compute_nodes
 from graphopt.transform.memory import MemoryAnalysis, format_bytes
 
-__all__ = ["StageNeeds", "stage_needs"]
+__all__ = ["StageNeeds", "stage_needs", "fit_budget"]
 
 
 @dataclass
@@ -139,13 +139,17 @@ def fit_budget(
     found = needs.greedy(start, budget, valid, first=start == 0)
     if found is not None:
         return found
-    _, least = needs.balanced(start, len(valid) + 1, valid, first=start == 0)
+    most = len(valid) + 1
+    cuts_at, least = needs.balanced(start, most, valid, first=start == 0)
+    bounds = [start, *cuts_at, len(needs.order)]
+    worst = max(range(len(bounds) - 1), key=lambda k: sum(needs.need(bounds[k], bounds[k + 1], start == 0 and k == 0)))
+    a, b = bounds[worst], bounds[worst + 1]
+    peak = max(range(a, b), key=lambda p: needs.activations[p] + (0 if start == 0 and worst == 0 else needs.inputs[p]))
     at = ", ".join(f"{k}={v}" for k, v in needs.sizes.items()) or "its static shape"
     raise PreconditionError(
         f"{program} cannot be split into stages of at most {format_bytes(budget)} at {at}: "
         f"the smallest per-stage need (weights + activation peak) is {format_bytes(least)}, "
-        f"with {len(valid) + 1} stages; raise max_memory or shrink the model (e.g. quantize-int8, cast)"
+        f"the stage around node {needs.order[peak].name}, even with {most} stages; "
+        "raise max_memory, lower batch/seq, or shrink the model (e.g. quantize-int8, cast)"
     )
 
-
-__all__ += ["fit_budget"]
