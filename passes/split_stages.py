@@ -113,8 +113,7 @@ def _choose_cuts(cuts: list[Cut], costs: list[int], first: int, n: int, slack: f
 
 @register_pass
 class SplitStages(Pass):
-    """Partition the Program into n contiguous stages of balanced cost, or the
-    fewest stages that each fit a memory budget.
+    """Partition into n contiguous stages of balanced cost, or the fewest that fit max_memory.
 
     Matches: the compute nodes in graph order; a cut between two nodes is
     splittable when every value crossing it is a tensor (or a symbolic size a
