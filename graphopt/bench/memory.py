@@ -92,6 +92,7 @@ def measure_subprocess(
         "model_mb": max(0, result["peak_kb"] - result["start_kb"]) / 1024,
         "start_mb": result["start_kb"] / 1024,
         "load_mb": max(0, result["loaded_kb"] - result["start_kb"]) / 1024,
+        "load_file_mb": result.get("load_file_kb", 0) / 1024,
         "run_mb": max(0, result["peak_kb"] - result["loaded_kb"]) / 1024,
     }
 
@@ -199,37 +200,53 @@ _EXCESS_MB = 4.0
 def explain_memory(variants: Sequence[Any], eager: str = "eager") -> None:
     """Complete each measured variant's ``memory`` record in place: ``overhead_mb``
     (measured over imports minus predicted weights + activations: the runtime's
-    own memory) and, for a variant that needs more than eager, ``why``: what
-    the measurement shows (loading holds more than the weights it was given,
-    or the run allocates more than the predicted activations)."""
+    own memory) and, for a variant that needs more than eager, ``why``: which
+    part exceeds eager's, measured against the same part of eager's run. Loading:
+    RSS after loading beyond the variant's weights, with the file-backed part
+    (mapped artifact files: a compiled library with the weights inside, a
+    memory-mapped model) told apart from anonymous memory (copies the runtime
+    makes: prepacked or converted weights next to the originals, deserialization
+    buffers the allocator keeps). Running: RSS growth during the calls beyond
+    the predicted activation peak (arenas, workspaces)."""
     base = next((v.memory for v in variants if v.name == eager), {})
+    base_pred = base.get("predicted", {})
     for v in variants:
         mem, pred = v.memory, v.memory.get("predicted", {})
         if "model_mb" not in mem or "weights_mb" not in pred:
             continue
-        predicted = pred["weights_mb"] + pred["activations_mb"]
-        mem["overhead_mb"] = mem["model_mb"] - predicted
-        if v.name == eager or "model_mb" not in base or mem["model_mb"] <= base["model_mb"] + _EXCESS_MB:
+        mem["overhead_mb"] = mem["model_mb"] - pred["weights_mb"] - pred["activations_mb"]
+        if v.name == eager or "model_mb" not in base or "weights_mb" not in base_pred:
+            continue
+        if mem["model_mb"] <= base["model_mb"] + _EXCESS_MB:
             continue
         reasons = []
-        extra_load = mem.get("load_mb", 0.0) - pred["weights_mb"]
-        size_mb = (v.size_bytes or 0) / 2**20
-        if extra_load > _EXCESS_MB:
-            on_disk = f", {size_mb:.0f} MB on disk" if size_mb else ""
+        load_over = mem.get("load_mb", 0.0) - pred["weights_mb"]
+        base_load_over = base.get("load_mb", 0.0) - base_pred["weights_mb"]
+        if load_over - base_load_over > _EXCESS_MB:
+            mapped = mem.get("load_file_mb", 0.0) - base.get("load_file_mb", 0.0)
+            anon = load_over - base_load_over - max(0.0, mapped)
+            parts = []
+            if mapped > _EXCESS_MB:
+                parts.append(f"{mapped:.0f} MB file-backed (the artifact's files mapped into memory, "
+                             "e.g. weights embedded in a compiled library)")
+            if anon > _EXCESS_MB:
+                parts.append(f"{anon:.0f} MB anonymous (copies made while loading: prepacked or converted "
+                             "weights kept next to the originals, or deserialization buffers the allocator keeps)")
             reasons.append(
-                f"loading it adds {mem['load_mb']:.0f} MB for {pred['weights_mb']:.0f} MB of weights{on_disk}: "
-                "the runtime keeps its own copies (prepacked/converted weights next to the originals, "
-                "constant-folded tensors, compiled code)"
+                f"loading holds {mem['load_mb']:.0f} MB for {pred['weights_mb']:.0f} MB of weights "
+                f"(eager: {base['load_mb']:.0f} MB for {base_pred['weights_mb']:.0f} MB): "
+                + ("; ".join(parts) or f"{load_over - base_load_over:.0f} MB more")
             )
-        extra_run = mem.get("run_mb", 0.0) - pred["activations_mb"]
-        if extra_run > _EXCESS_MB:
+        run_over = mem.get("run_mb", 0.0) - pred["activations_mb"]
+        base_run_over = base.get("run_mb", 0.0) - base_pred["activations_mb"]
+        if run_over - base_run_over > _EXCESS_MB:
             reasons.append(
-                f"a run allocates {mem['run_mb']:.0f} MB where the graph's activations peak at "
-                f"{pred['activations_mb']:.1f} MB: the runtime's arena, workspace or per-call weight conversions"
+                f"a run adds {mem['run_mb']:.0f} MB (eager: {base['run_mb']:.0f} MB) where the graph's activations "
+                f"peak at {pred['activations_mb']:.1f} MB: the runtime's arena or workspace"
             )
         mem["why"] = reasons or [
-            f"{mem['model_mb'] - base['model_mb']:.0f} MB more than eager, not explained by load or run alone "
-            "(allocator fragmentation or library state)"
+            f"{mem['model_mb'] - base['model_mb']:.0f} MB more than eager, neither loading nor running alone "
+            "explains it (allocator or library state)"
         ]
 
 
@@ -305,12 +322,26 @@ def _main(argv: list[str] | None = None) -> int:
     target = json.loads(args.target)
     _preimport(target)
     start, _ = rss_kb()
+    start_file = _rss_file_kb()
     fn = _load_target(target, args.threads)
     loaded, _ = rss_kb()
+    loaded_file = _rss_file_kb()
     for _ in range(max(1, args.iters)):
         fn(*inputs)
     _, peak = rss_kb()
-    print(json.dumps({"start_kb": start, "loaded_kb": loaded, "peak_kb": peak}))
+    print(json.dumps({"start_kb": start, "loaded_kb": loaded, "peak_kb": peak,
+                      "load_file_kb": max(0, loaded_file - start_file)}))
+    return 0
+
+
+def _rss_file_kb() -> int:
+    """File-backed resident KiB (``RssFile``: mapped files, e.g. a loaded shared library); 0 where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
     return 0
 
 
