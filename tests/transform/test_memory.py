@@ -179,7 +179,7 @@ def test_allocations_by_node_names_the_scratch(program):
 
 
 def test_analysis_manager_computes_shapes_first(program):
-    p = program("two-tower:tiny")
+    p = program("dlrm:tiny")
     am = AnalysisManager()
     result = am.get("memory", p)
     assert am.is_valid("shapes") and am.get("memory", p) is result
