@@ -260,13 +260,10 @@ class SplitStages(Pass):
         positions = [first, *found] if first else found
         if not positions:
             return []
-        n = len(positions) + 1
-        if self.balance != "memory":
-            balanced = self._cuts(program, needs, cuts, n, first)
-            if self._largest(needs, balanced) <= budget:
-                return balanced
-            notes.append(f"the {self.balance}-balanced cuts exceed max_memory={self.max_memory}; cut by memory")
-        positions = self._cuts(program, needs, cuts, n, first) if self.balance == "memory" else positions
+        balanced = self._cuts(program, needs, cuts, len(positions) + 1, first)
+        if self.balance == "memory" or self._largest(needs, balanced) <= budget:
+            return balanced  # memory: the least largest stage, within the budget since these n fit
+        notes.append(f"the {self.balance}-balanced cuts exceed max_memory={self.max_memory}; cut by memory")
         return positions
 
     @staticmethod
