@@ -204,7 +204,7 @@ class SplitStages(Pass):
         changed = set_stage_partition(program, partition) or changed or moved
         details = self._details(program, order, positions, [by_position[p] for p in positions])
         if needs is not None:
-            self._add_memory(details, needs, positions, notes, budget)
+            self._add_memory(details, needs, positions, notes, self.max_memory if budget is not None else None)
         notes = [f"cut after {name}" for name in partition.cuts] + notes
         shared = [d["shared_weights"] for d in details if d["shared_weights"]]
         if shared:
@@ -280,7 +280,7 @@ class SplitStages(Pass):
             details[k]["memory_bytes"] = weights + peak
         at = ", ".join(f"{key}={v}" for key, v in needs.sizes.items()) or "static shapes"
         per = ", ".join(format_bytes(d["memory_bytes"]) for d in details)
-        limit = f" (max_memory {format_bytes(budget)})" if budget is not None else ""
+        limit = f" (max_memory={budget})" if budget is not None else ""
         notes.append(f"memory per stage at {at}: {per}{limit}")
 
     @staticmethod

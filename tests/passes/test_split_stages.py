@@ -260,3 +260,17 @@ def test_max_memory_option_errors():
         parse_pipeline("split-stages{max_memory=lots}")
     text = str(parse_pipeline("split-stages{max_memory=2GB seq=200}"))
     assert "max_memory=2GB" in text and "seq=200" in text and parse_pipeline(text) == parse_pipeline(text)
+
+
+def test_max_memory_cuts_by_memory_when_the_balance_cuts_do_not_fit(program):
+    p = program("bert4rec:tiny")
+    by_params = optimize(p.copy(), "split-stages{n=2 batch=32 seq=64}")[1].passes[0].details
+    by_memory = optimize(p.copy(), "split-stages{n=2 balance=memory batch=32 seq=64}")[1].passes[0].details
+    largest_params = max(d["memory_bytes"] for d in by_params)
+    budget = max(d["memory_bytes"] for d in by_memory)  # two stages can fit this, params-balanced ones do not
+    assert budget < largest_params
+    after, report = optimize(p.copy(), f"split-stages{{max_memory={budget} batch=32 seq=64}}")
+    record = report.passes[0]
+    assert record.stats["stages"] == 2 and all(d["memory_bytes"] <= budget for d in record.details)
+    assert f"the params-balanced cuts exceed max_memory={budget}; cut by memory" in record.notes
+    _assert_stages_equal_program(after, _positions(after), [(4, 20)])
