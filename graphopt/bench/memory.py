@@ -206,8 +206,9 @@ def explain_memory(variants: Sequence[Any], eager: str = "eager") -> None:
     (mapped artifact files: a compiled library with the weights inside, a
     memory-mapped model) told apart from anonymous memory (copies the runtime
     makes: prepacked or converted weights next to the originals, deserialization
-    buffers the allocator keeps). Running: RSS growth during the calls beyond
-    the predicted activation peak (arenas, workspaces)."""
+    buffers the allocator keeps). Running: a larger predicted activation peak
+    than eager's (the graph itself), then RSS growth during the calls beyond
+    the predicted peak (arenas, workspaces, allocator caching)."""
     base = next((v.memory for v in variants if v.name == eager), {})
     base_pred = base.get("predicted", {})
     for v in variants:
@@ -237,12 +238,19 @@ def explain_memory(variants: Sequence[Any], eager: str = "eager") -> None:
                 f"(eager: {base['load_mb']:.0f} MB for {base_pred['weights_mb']:.0f} MB): "
                 + ("; ".join(parts) or f"{load_over - base_load_over:.0f} MB more")
             )
+        if pred["activations_mb"] - base_pred["activations_mb"] > _EXCESS_MB:
+            reasons.append(
+                f"its graph needs more while running: predicted activation peak {pred['activations_mb']:.1f} MB "
+                f"at {pred.get('peak_at', '?')} (eager: {base_pred['activations_mb']:.1f} MB), e.g. weights "
+                "dequantized or converted at every call"
+            )
         run_over = mem.get("run_mb", 0.0) - pred["activations_mb"]
         base_run_over = base.get("run_mb", 0.0) - base_pred["activations_mb"]
         if run_over - base_run_over > _EXCESS_MB:
             reasons.append(
                 f"a run adds {mem['run_mb']:.0f} MB (eager: {base['run_mb']:.0f} MB) where the graph's activations "
-                f"peak at {pred['activations_mb']:.1f} MB: the runtime's arena or workspace"
+                f"peak at {pred['activations_mb']:.1f} MB: memory the runtime or the allocator holds beyond the live "
+                "tensors (arenas, workspaces, freed blocks not returned to the system)"
             )
         mem["why"] = reasons or [
             f"{mem['model_mb'] - base['model_mb']:.0f} MB more than eager, neither loading nor running alone "

@@ -24,7 +24,8 @@ def test_more_than_eager_says_why():
     arena = _variant("O2 @ eager", model=170, load=98, run=72, weights=96, acts=18)
     mapped = _variant("O2 @ inductor", model=250, load=240, run=10, weights=96, acts=18, mapped=100)
     smaller = _variant("int8 @ onnxruntime", model=60, load=45, run=15, weights=25, acts=18)
-    variants = [eager, prepacked, arena, mapped, smaller]
+    dequant = _variant("int8 @ eager", model=142, load=100, run=42, weights=96, acts=40)
+    variants = [eager, prepacked, arena, mapped, smaller, dequant]
     explain_memory(variants)
     assert eager.memory["overhead_mb"] == pytest.approx(120 - 96 - 18)
     assert "why" not in eager.memory and "why" not in smaller.memory  # not more than eager: nothing to explain
@@ -34,10 +35,14 @@ def test_more_than_eager_says_why():
         "allocator keeps)"
     ]
     assert arena.memory["why"] == [
-        "a run adds 72 MB (eager: 20 MB) where the graph's activations peak at 18.0 MB: the runtime's arena or workspace"
+        "a run adds 72 MB (eager: 20 MB) where the graph's activations peak at 18.0 MB: memory the runtime or the "
+        "allocator holds beyond the live tensors (arenas, workspaces, freed blocks not returned to the system)"
     ]
     (why,) = mapped.memory["why"]  # 140 MB beyond eager's loading overhead: 100 mapped from files, 40 copies
     assert "100 MB file-backed (the artifact's files mapped into memory" in why and "; 40 MB anonymous" in why
+    assert dequant.memory["why"][0].startswith("its graph needs more while running: predicted activation peak "
+                                               "40.0 MB at gelu (eager: 18.0 MB)")
+    assert len(dequant.memory["why"]) == 1  # its run grows by what the analysis predicts: nothing else to say
     report = BenchReport("m", 0.0, 1.0, {}, {"timing": {"warmup": 1, "rounds": 1}}, [v.to_json() for v in variants], [])
     md = "\n".join(report.memory_section())
     assert "## Memory (b32)" in md
