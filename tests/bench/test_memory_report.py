@@ -11,7 +11,7 @@ from graphopt.bench.variants import Variant
 
 
 def _variant(name: str, model: float, load: float, run: float, weights: float, acts: float, mapped: float = 0) -> Variant:
-    v = Variant(name, "graphopt" if name != "eager" else "baseline")
+    v = Variant(name, "graphopt" if name != "eager" else "baseline", runtime=name.split(" @ ")[-1])
     v.memory = {"method": "subprocess (alone)", "model_mb": model, "load_mb": load, "run_mb": run,
                 "load_file_mb": mapped, "shape": "b32",
                 "predicted": {"weights_mb": weights, "activations_mb": acts, "inputs_mb": 0.1, "peak_at": "gelu"}}
@@ -43,6 +43,10 @@ def test_more_than_eager_says_why():
     assert dequant.memory["why"][0].startswith("its graph needs more while running: predicted activation peak "
                                                "40.0 MB at gelu (eager: 18.0 MB)")
     assert len(dequant.memory["why"]) == 1  # its run grows by what the analysis predicts: nothing else to say
+    fused = _variant("int8 @ onnxruntime", model=142, load=100, run=42, weights=96, acts=40)
+    explain_memory([eager, fused])  # the prediction models an eager run: not a reason for another runtime
+    assert fused.memory["why"] == ["22 MB more than eager, neither loading nor running alone explains it "
+                                   "(allocator or library state)"]
     report = BenchReport("m", 0.0, 1.0, {}, {"timing": {"warmup": 1, "rounds": 1}}, [v.to_json() for v in variants], [])
     md = "\n".join(report.memory_section())
     assert "## Memory (b32)" in md
