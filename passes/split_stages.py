@@ -8,7 +8,7 @@ import torch
 
 from graphopt.errors import PassOptionError, PreconditionError
 from graphopt.ir.fx import fetch_attr, is_op
-from graphopt.passlib.costs import node_flops, tensor_bytes
+from graphopt.passlib.costs import node_flops
 from graphopt.passlib.partition import (
     STAGE_META,
     Cut,
@@ -17,7 +17,9 @@ from graphopt.passlib.partition import (
     cut_table,
     set_stage_partition,
 )
+from graphopt.passlib.stage_memory import StageNeeds, fit_budget, stage_needs
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
+from graphopt.transform.memory import analyze_memory, format_bytes, parse_bytes
 
 __all__ = ["SplitStages"]
 
@@ -39,18 +41,21 @@ def _weight_bytes(gm: torch.fx.GraphModule, node: torch.fx.Node, seen: set[int])
 
 
 def _node_costs(gm: torch.fx.GraphModule, order: list[torch.fx.Node], balance: str) -> list[int]:
+    """Additive per-node costs of balance=params|flops (memory is not additive: see stage_memory)."""
     seen: set[int] = set()
-    costs = []
-    for node in order:
-        params = _weight_bytes(gm, node, seen)
-        val = node.meta.get("val")
-        if balance == "params":
-            costs.append(params)
-        elif balance == "flops":
-            costs.append(node_flops(node))
-        else:  # memory: weights plus the activation the node writes
-            costs.append(params + (tensor_bytes(val) if isinstance(val, torch.Tensor) else 0))
-    return costs
+    if balance == "params":
+        return [_weight_bytes(gm, node, seen) for node in order]
+    return [node_flops(node) for node in order]
+
+
+def _check_bytes(value: str) -> str | None:
+    if value == "none":
+        return None
+    try:
+        parse_bytes(value)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _embeddings_first(gm: torch.fx.GraphModule) -> tuple[int, bool]:
@@ -108,22 +113,29 @@ def _choose_cuts(cuts: list[Cut], costs: list[int], first: int, n: int, slack: f
 
 @register_pass
 class SplitStages(Pass):
-    """Partition the Program into n contiguous stages of balanced cost.
+    """Partition into n contiguous stages of balanced cost, or the fewest that fit max_memory.
 
     Matches: the compute nodes in graph order; a cut between two nodes is
     splittable when every value crossing it is a tensor (or a symbolic size a
-    crossing tensor carries), see ``graphopt.passlib.partition``. Cost per node is
-    estimated from shape metadata: ``params`` (weight bytes, at first use),
-    ``flops`` (2 per multiply-add of matmuls/attention, 1 per output element
-    otherwise) or ``memory`` (weights + activation bytes). Each cut aims at an
-    equal share of the cost and, within ``slack`` of it, takes the position
-    crossing the fewest bytes. ``embeddings_stage`` first moves every embedding
-    lookup (and its inputs) to the front and gives them a stage of their own.
-    Produces: ``node.meta["graphopt.stage"]`` on every node and one
+    crossing tensor carries), see ``graphopt.passlib.partition``. ``params``
+    (weight bytes, at first use) and ``flops`` (2 per multiply-add of
+    matmuls/attention, 1 per output element otherwise) are summed per node:
+    each cut aims at an equal share and, within ``slack`` of it, takes the
+    position crossing the fewest bytes. ``memory`` balances what each stage
+    needs, weights + activation peak at ``batch``/``seq`` (0: the Program's
+    example sizes), from the ``memory`` analysis (``graphopt.passlib.stage_memory``):
+    the cuts whose largest stage need is least. ``max_memory`` (``2GB``,
+    ``512MiB``; SI units are powers of 1000, IEC of 1024) picks ``n``: the
+    fewest stages whose every stage fits (cut by ``balance`` when those cuts
+    fit, else by memory), or fails naming the smallest per-stage need; leave
+    ``n`` at its default with it. ``embeddings_stage`` first moves every
+    embedding lookup (and its inputs) to the front and gives them a stage of
+    their own. Produces: ``node.meta["graphopt.stage"]`` on every node and one
     ``StagePartition`` record (options, cut node names; read it with
     ``stage_partition(program)``), which the ``stages`` runtime lowers from;
-    the graph itself is unchanged unless
-    ``embeddings_stage`` reorders it. Requires shapes; preserves shapes. Exact.
+    the graph itself is unchanged unless ``embeddings_stage`` reorders it.
+    Per-stage details include each stage's memory need. Requires shapes;
+    preserves shapes. Exact.
     Before/after: ``linear -> gelu -> linear`` -> the same, with stage 0 | 1.
     """
 
@@ -139,45 +151,50 @@ class SplitStages(Pass):
             "allowed imbalance, as a fraction of one stage's share",
             check=lambda v: None if 0 <= v <= 1 else "must be within 0..1",
         ),
+        Option("max_memory", str, "none", "most memory per stage (weights + activation peak), e.g. 2GB; "
+               "picks the fewest stages that fit", check=_check_bytes),
+        Option("batch", int, 0, "batch size memory is evaluated at (0: the Program's example)",
+               check=lambda v: None if v >= 0 else "must be >= 0"),
+        Option("seq", int, 0, "sequence length memory is evaluated at (0: the Program's example)",
+               check=lambda v: None if v >= 0 else "must be >= 0"),
     )
     requires = frozenset({"shapes"})
     preserves = frozenset({"shapes"})
     backend_notes = "read by the stages runtime (runtimes/stages/); other runtimes ignore it"
 
     def validate(self) -> None:
-        if self.embeddings_stage and self.n < 2:
+        if self.max_memory != "none" and self.n != 2:
+            raise PassOptionError("pass 'split-stages': max_memory picks the number of stages; drop n")
+        if self.embeddings_stage and self.n < 2 and self.max_memory == "none":
             raise PassOptionError("pass 'split-stages': embeddings_stage=true needs n >= 2")
 
     def run(self, program, ctx):  # type: ignore[no-untyped-def]
         gm = program.gm
-        if self.n == 1:
+        budget = None if self.max_memory == "none" else parse_bytes(self.max_memory)
+        if self.n == 1 and budget is None:
             return PassResult(program, modified=False, notes=["n=1: one stage, nothing to split"])
         first, moved = _embeddings_first(gm) if self.embeddings_stage else (0, False)
         if self.embeddings_stage and not first:
             raise PreconditionError(f"{program.name} has no embedding lookups; use embeddings_stage=false")
         order = compute_nodes(gm)
         cuts = cut_table(program)
-        splittable = [c for c in cuts if c.splittable and c.position >= first]
-        needed = self.n - 1
-        if len(splittable) < needed:
-            raise PreconditionError(
-                f"n={self.n} stages need {needed} cut points but {program.name} has only "
-                f"{len(splittable)} splittable points; use n <= {len(splittable) + 1}"
-            )
         by_position = {c.position: c for c in cuts}
-        if first:
-            if not by_position[first].splittable:
-                raise PreconditionError(
-                    f"cannot cut {program.name} after its embedding lookups: {by_position[first].reason}"
-                )
-            positions = [
-                first,
-                *_choose_cuts(cuts, _node_costs(gm, order, self.balance), first, needed, self.slack),
-            ]
+        if first and not by_position[first].splittable:
+            raise PreconditionError(
+                f"cannot cut {program.name} after its embedding lookups: {by_position[first].reason}"
+            )
+        needs = self._needs(program, ctx, moved, required=budget is not None or self.balance == "memory")
+        notes: list[str] = []
+        if budget is not None:
+            positions = self._fit(program, needs, cuts, budget, first, notes)
+            if not positions:
+                notes.append(f"the whole Program fits in max_memory={self.max_memory}: one stage, nothing to split")
+                return PassResult(program, modified=moved, notes=notes)
         else:
-            positions = _choose_cuts(cuts, _node_costs(gm, order, self.balance), 0, self.n, self.slack)
+            positions = self._cuts(program, needs, cuts, self.n, first)
+        n = len(positions) + 1
         partition = StagePartition(
-            n=self.n,
+            n=n,
             cuts=tuple(by_position[p].after for p in positions),
             balance=self.balance,
             embeddings_stage=self.embeddings_stage,
@@ -186,7 +203,9 @@ class SplitStages(Pass):
         changed = self._annotate(gm, order, positions)
         changed = set_stage_partition(program, partition) or changed or moved
         details = self._details(program, order, positions, [by_position[p] for p in positions])
-        notes = [f"cut after {name}" for name in partition.cuts]
+        if needs is not None:
+            self._add_memory(details, needs, positions, notes, self.max_memory if budget is not None else None)
+        notes = [f"cut after {name}" for name in partition.cuts] + notes
         shared = [d["shared_weights"] for d in details if d["shared_weights"]]
         if shared:
             notes.append(
@@ -195,10 +214,74 @@ class SplitStages(Pass):
         return PassResult(
             program,
             modified=bool(changed),
-            stats={"stages": self.n, "cuts": needed},
+            stats={"stages": n, "cuts": n - 1},
             details=details,
             notes=notes,
         )
+
+    def _needs(self, program, ctx, moved: bool, required: bool) -> StageNeeds | None:  # type: ignore[no-untyped-def]
+        """Per-position memory at the chosen shape (None, when only reported and not computable)."""
+        try:  # reordering for embeddings_stage changed the graph the cached analysis saw
+            analysis = analyze_memory(program) if moved else ctx.analyses.get("memory", program)
+            return stage_needs(program, analysis, self.batch or None, self.seq or None)
+        except Exception:
+            if required:
+                raise
+            return None
+
+    def _cuts(self, program, needs: StageNeeds | None, cuts: list[Cut], n: int, first: int) -> list[int]:  # type: ignore[no-untyped-def]
+        """``n - 1`` cut positions balanced by ``self.balance`` (the first at ``first`` when set)."""
+        splittable = [c for c in cuts if c.splittable and c.position >= first]
+        if len(splittable) < n - 1:
+            raise PreconditionError(
+                f"n={n} stages need {n - 1} cut points but {program.name} has only "
+                f"{len(splittable)} splittable points; use n <= {len(splittable) + 1}"
+            )
+        rest = n - 1 if first else n  # stages after the embeddings stage
+        if self.balance == "memory":
+            assert needs is not None
+            valid = {c.position for c in splittable if c.position > first}
+            chosen, _ = needs.balanced(first, rest, valid, first=first == 0)
+        else:
+            costs = _node_costs(program.gm, compute_nodes(program.gm), self.balance)
+            chosen = _choose_cuts(cuts, costs, first, rest, self.slack)
+        return [first, *chosen] if first else chosen
+
+    def _fit(self, program, needs: StageNeeds, cuts: list[Cut], budget: int, first: int, notes: list[str]) -> list[int]:  # type: ignore[no-untyped-def]
+        """The fewest stages that each fit ``budget``, cut by ``self.balance`` where that fits."""
+        if first:
+            head = sum(needs.need(0, first, True))
+            if head > budget:
+                raise PreconditionError(
+                    f"{program.name}: its embeddings stage alone needs {format_bytes(head)} "
+                    f"> max_memory={self.max_memory}; raise max_memory, quantize the tables, or use embeddings_stage=false"
+                )
+        found = fit_budget(needs, cuts, budget, first, program.name)
+        positions = [first, *found] if first else found
+        if not positions:
+            return []
+        balanced = self._cuts(program, needs, cuts, len(positions) + 1, first)
+        if self.balance == "memory" or self._largest(needs, balanced) <= budget:
+            return balanced  # memory: the least largest stage, within the budget since these n fit
+        notes.append(f"the {self.balance}-balanced cuts exceed max_memory={self.max_memory}; cut by memory")
+        return positions
+
+    @staticmethod
+    def _largest(needs: StageNeeds, positions: list[int]) -> int:
+        bounds = [0, *positions, len(needs.order)]
+        return max(sum(needs.need(a, b, k == 0)) for k, (a, b) in enumerate(zip(bounds, bounds[1:])))
+
+    @staticmethod
+    def _add_memory(details, needs: StageNeeds, positions, notes, budget) -> None:  # type: ignore[no-untyped-def]
+        bounds = [0, *positions, len(needs.order)]
+        for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            weights, peak = needs.need(a, b, k == 0)
+            details[k]["activation_peak_bytes"] = peak
+            details[k]["memory_bytes"] = weights + peak
+        at = ", ".join(f"{key}={v}" for key, v in needs.sizes.items()) or "static shapes"
+        per = ", ".join(format_bytes(d["memory_bytes"]) for d in details)
+        limit = f" (max_memory={budget})" if budget is not None else ""
+        notes.append(f"memory per stage at {at}: {per}{limit}")
 
     @staticmethod
     def _annotate(gm: torch.fx.GraphModule, order: list[torch.fx.Node], positions: list[int]) -> bool:

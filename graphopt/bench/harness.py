@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from graphopt.bench.accuracy import make_evaluator
-from graphopt.bench.memory import measure_in_process, measure_subprocess
+from graphopt.bench.memory import explain_memory, measure_in_process, measure_subprocess, predict_variant
 from graphopt.bench.peers import PEERS, build_peers
 from graphopt.bench.report import BenchReport, shape_key
 from graphopt.bench.timing import (
@@ -282,7 +282,10 @@ def _run(
                 else:
                     v.memory = measure_in_process(v.fn, last_inputs)  # type: ignore[arg-type]
                 v.memory["shape"] = shape_key(*shapes[-1])
+                if v.memory_model is not None:
+                    v.memory["predicted"] = predict_variant(v.memory_model, *shapes[-1])
             tick(f"memory: {v.name} done")
+        explain_memory(variants)
     if not warnings_ and (w := load_warning()) is not None:
         warnings_.append(w.replace("machine is loaded", "machine became loaded during the run"))
 

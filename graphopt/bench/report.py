@@ -9,7 +9,9 @@ Schema ``graphopt.bench/1``::
      eval_reference{hr@10, ndcg@10},
      variants[{name, kind, pipeline, runtime, status, reason, timings{},
                first_call_s{shape: s}, compile_s, size_bytes, size_kind,
-               memory{method, peak_mb | run_mb, ...}, eval{}, notes[]}],
+               memory{method, peak_mb, model_mb, load_mb, run_mb | run_mb (in-process),
+                      predicted{weights_mb, activations_mb, inputs_mb, peak_at}, overhead_mb, why[]},
+               eval{}, notes[]}],
      results[{shape, batch, seq, variant, status, reason,
               latency{p50_ms, p90_ms, p99_ms, mean_ms, min_ms, throughput, spread, calls},
               speedup{speedup, speedup_p10, speedup_p90, pairs},
@@ -270,8 +272,40 @@ class BenchReport:
             lines.append(
                 f"| {v['name']} | {v['status']} | {compile_s} | {_size(v)} | {_memory(v.get('memory', {}))} | {why} |"
             )
+        lines += self.memory_section()
         lines += ["", "![latency](latency.png)", "", "![speed vs accuracy](tradeoff.png)", ""]
         return "\n".join(lines)
+
+    def memory_section(self) -> list[str]:
+        """Markdown lines: measured peak RSS next to the memory analysis' prediction
+        (weights + activation peak), their difference (the runtime's own memory),
+        and why a variant needs more than eager."""
+        measured = [v for v in self.variants if _finite(v.get("memory", {}).get("model_mb"))]
+        if not measured:
+            return []
+        shape = measured[0]["memory"].get("shape", "")
+        lines = [
+            "", f"## Memory ({shape})", "",
+            "Measured: peak RSS of the variant alone in a fresh process, over the RSS after imports, split into "
+            "loading and running. Predicted: `graphopt inspect --memory` (weights + activation peak of an eager run "
+            "of the variant's Program). Overhead = measured - predicted: what the runtime holds beyond the graph's "
+            "tensors (allocator caches, prepacked weights, workspaces, compiled code). MB = 2^20 bytes.", "",
+            "| variant | measured over imports | load | run | predicted weights | predicted activations "
+            "| predicted total | overhead |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        why = []
+        for v in measured:
+            mem, pred = v["memory"], v["memory"].get("predicted", {})
+            has = _finite(pred.get("weights_mb"))
+            total = pred["weights_mb"] + pred["activations_mb"] if has else None
+            cells = [
+                f"{mem['model_mb']:.1f}", _mb(mem.get("load_mb")), _mb(mem.get("run_mb")),
+                _mb(pred.get("weights_mb")), _mb(pred.get("activations_mb")), _mb(total), _mb(mem.get("overhead_mb")),
+            ]
+            lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
+            why += [f"- {v['name']} needs more than eager: {reason}" for reason in mem.get("why", [])]
+        return lines + ([""] + why if why else [])
 
     def ndcg_footnote(self) -> str:
         """What the NDCG Δ% column means in this report."""
@@ -346,6 +380,10 @@ def _memory(mem: dict[str, Any]) -> str:
     if "run_mb" in mem:
         return f"+{mem['run_mb']:.0f} MB during run (in-process)"
     return mem.get("reason", "-")
+
+
+def _mb(x: Any) -> str:
+    return f"{x:.1f}" if _finite(x) else "-"
 
 
 def _reason(text: str, width: int = 90) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from graphopt.bench.memory import memory_model
 from graphopt.errors import BackendUnavailableError, GraphoptError, first_line
 from graphopt.ir.capture import _flatten_outputs
 from graphopt.ir.program import Program
@@ -90,6 +91,7 @@ class Variant:
     size_bytes: int | None = None
     size_kind: str = ""  # artifact | onnx | parameters (in memory)
     memory_target: dict[str, Any] | None = None  # how a subprocess can load it alone
+    memory_model: Any = None  # graphopt.transform.memory.MemoryAnalysis of the Program it runs (None: peers)
     memory: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -214,9 +216,11 @@ def baseline_variant(program: Program, source: torch.nn.Module | None, model_spe
         v = Variant("eager", "baseline", pipeline="", runtime="eager (original module)", fn=fn)
         v.size_bytes, v.size_kind = size, "parameters"
         v.memory_target = {"kind": "zoo", "name": model_spec} if model_spec else None
+        v.memory_model = memory_model(program)
         return v
     v = Variant("eager", "baseline", pipeline="", runtime="eager (Program)", fn=program)
     v.size_bytes, v.size_kind = program.parameter_bytes(), "parameters"
+    v.memory_model = memory_model(program)
     return v
 
 
@@ -275,8 +279,10 @@ def build_graphopt_variants(
             for name, rt in zip(names, runtimes):
                 done(Variant(name, "graphopt", spec.text, rt).fail(reason))
             continue
+        model = memory_model(optimized)
         for name, rt in zip(names, runtimes):
             v = Variant(name, "graphopt", spec.text, rt)
+            v.memory_model = model
             available, why = status[rt]
             if not available:
                 done(v.fail(f"{rt}: {why}", "skipped"))

@@ -3,6 +3,9 @@
 ``shapes``: re-propagates ``meta["val"]`` (fake tensors with the Program's
 symbolic sizes) through every node with FakeTensorProp.
 ``flops``: FLOPs of one run on the example inputs (torch's FlopCounterMode).
+``memory``: weights by kind and dtype, and the activation peak from tensor
+liveness, symbolic in the dynamic dims (:mod:`graphopt.transform.memory`);
+computed after ``shapes``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from graphopt.errors import PreconditionError
+from graphopt.transform.memory import analyze_memory
 
 if TYPE_CHECKING:
     from graphopt.ir.program import Program
 
-__all__ = ["propagate_shapes", "count_flops", "AnalysisManager", "ANALYSES"]
+__all__ = ["propagate_shapes", "count_flops", "analyze_memory", "AnalysisManager", "ANALYSES", "DEPENDS"]
 
 
 def propagate_shapes(program: Program) -> None:
@@ -70,7 +74,10 @@ def count_flops(program: Program, inputs: tuple[torch.Tensor, ...] | None = None
 ANALYSES: dict[str, Callable[[Program], Any]] = {
     "shapes": propagate_shapes,
     "flops": count_flops,
+    "memory": analyze_memory,
 }
+#: analyses computed (and valid) before another: memory reads fresh meta["val"]
+DEPENDS: dict[str, tuple[str, ...]] = {"memory": ("shapes",)}
 
 
 class AnalysisManager:
@@ -83,6 +90,8 @@ class AnalysisManager:
         if name not in self._valid:
             if name not in ANALYSES:
                 raise PreconditionError(f"unknown analysis '{name}'; known: {', '.join(ANALYSES)}")
+            for dep in DEPENDS.get(name, ()):
+                self.get(dep, program)
             self._valid[name] = ANALYSES[name](program)
         return self._valid[name]
 

@@ -181,6 +181,16 @@ def test_cli_bench_with_memory(tmp_path, capsys):
         assert mem[name]["method"] == "subprocess (alone)", mem[name]
         assert mem[name]["peak_mb"] > mem[name]["model_mb"] > 0
     assert mem["fp32 @ tensorrt"] == {}
+    # predicted next to measured: the memory analysis of the variant's Program at the last shape
+    pred = mem["fp32 @ eager"]["predicted"]
+    eager_size = next(v["size_bytes"] for v in data["variants"] if v["name"] == "eager")  # its state_dict
+    assert pred["weights_mb"] * 2**20 == pytest.approx(eager_size, rel=0.05)  # + the index buffers it reads
+    assert 0 < pred["activations_mb"] * 2**20 < 1e5 and pred["peak_at"]
+    overhead = mem["fp32 @ eager"]["model_mb"] - pred["weights_mb"] - pred["activations_mb"]
+    assert mem["fp32 @ eager"]["overhead_mb"] == pytest.approx(overhead)
+    assert mem["fp32 @ eager"]["load_mb"] + mem["fp32 @ eager"]["run_mb"] == pytest.approx(mem["fp32 @ eager"]["model_mb"], abs=0.01)
+    assert "predicted" not in mem["peer: torch.ao-int8-dynamic"]  # no Program to analyse
+    assert "## Memory (b16)" in (out / "report.md").read_text()
     assert mem["peer: torch.ao-int8-dynamic"]["method"].startswith("in-process")  # lives only in this process
     run_mb = mem["peer: torch.ao-int8-dynamic"]["run_mb"]
     assert isinstance(run_mb, float) and math.isfinite(run_mb)  # measured (the code clamps growth at 0)

@@ -155,3 +155,122 @@ def test_partition_that_no_longer_fits_names_the_pass(program):
     stale = StagePartition(n=2, cuts=("no_such_node",))
     with pytest.raises(PreconditionError, match=r"node no_such_node is gone.*'split-stages\{n=2\}'"):
         stale.positions(after)
+
+
+# ------------------------------------------------------------------ memory-aware partitioning
+LAYER = 256 * 256 * 4 + 256 * 4  # one Linear(256, 256): weight + bias, float32
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(256, 256) for _ in range(4))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == 3 else torch.relu(layer(x))
+        return x
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    import graphopt
+
+    torch.manual_seed(0)
+    return graphopt.capture(_MLP().eval(), {"x": torch.randn(2, 256)}, dynamic={"x": {0: "batch"}}, name="mlp")
+
+
+def _stage_layers(program) -> list[int]:
+    counts: dict[int, int] = {}
+    for n in compute_nodes(program.gm):
+        if is_op(n, aten.linear):
+            counts[n.meta[STAGE_META]] = counts.get(n.meta[STAGE_META], 0) + 1
+    return [counts.get(k, 0) for k in range(max(counts) + 1)]
+
+
+def test_max_memory_picks_the_fewest_stages_that_fit(mlp, tmp_path):
+    from graphopt.runtimes.stages import lower_stages, run_sequential
+
+    from graphopt.transform.memory import analyze_memory
+
+    whole = analyze_memory(mlp).at(batch=2)
+    assert whole.weights == 4 * LAYER and whole.total > 10**6  # n=1 does not fit in 1MB
+    after, report = optimize(mlp.copy(), "split-stages{max_memory=1MB batch=2}")
+    record = report.passes[0]
+    assert record.stats == {"stages": 2, "cuts": 1}
+    assert _stage_layers(after) == [2, 2]
+    assert all(d["memory_bytes"] <= 10**6 for d in record.details)
+    assert [d["parameter_bytes"] for d in record.details] == [2 * LAYER, 2 * LAYER]
+    assert any("memory per stage at batch=2" in note for note in record.notes)
+    # a tighter budget needs one layer per stage
+    four, report = optimize(mlp.copy(), "split-stages{max_memory=300KB batch=2}", verify_each=False)
+    assert report.passes[0].stats["stages"] == 4 and _stage_layers(four) == [1, 1, 1, 1]
+    # the stages runtime lowers and runs the result like the Program
+    artifact = lower_stages(after, tmp_path / "mlp")
+    inputs = mlp.sample_inputs(batch=3, seed=1)
+    torch.testing.assert_close(run_sequential(artifact.path, inputs)[0], mlp(*inputs)[0], atol=TOL, rtol=TOL)
+
+
+def test_max_memory_that_nothing_fits_says_the_smallest_need(mlp):
+    with pytest.raises(PassFailedError, match=r"stages of at most 195.3 KiB at batch=2: the smallest per-stage "
+                                              r"need \(weights \+ activation peak\) is 26\d\.\d KiB, the stage around node "
+                                              r"(linear|relu)\w*, even with \d+ stages"):
+        optimize(mlp.copy(), "split-stages{max_memory=200KB batch=2}")
+
+
+def test_max_memory_near_miss_whole_program_fits(mlp):
+    after, report = optimize(mlp.copy(), "split-stages{max_memory=2MB}")
+    assert report.passes[0].modified is False and stage_partition(after) is None
+    assert "one stage" in report.passes[0].notes[-1]
+
+
+def test_memory_balance_minimises_the_largest_stage(program):
+    from graphopt.passlib.stage_memory import stage_needs
+    from graphopt.transform.memory import analyze_memory
+
+    p = program("bert4rec:tiny")
+    after, report = optimize(p, "split-stages{n=3 balance=memory batch=32 seq=64}")
+    needs = [d["memory_bytes"] for d in report.passes[0].details]
+    # no other choice of 2 splittable cuts has a smaller largest stage (exhaustive over the cut table)
+    table = stage_needs(p, analyze_memory(p), 32, 64)
+    valid = [c.position for c in cut_table(p) if c.splittable]
+    n_nodes = len(table.order)
+    need = {}  # (a, b, first) -> weights + peak of order[a:b], every stage start, grown one node at a time
+    for a in [0, *valid]:
+        for first in {a == 0}:
+            seen, weights, peak = set(), 0, 0
+            for b in range(a + 1, n_nodes + 1):
+                for key, size in table.reads[b - 1]:
+                    weights += size if key not in seen else 0
+                    seen.add(key)
+                peak = max(peak, table.activations[b - 1] + (0 if first else table.inputs[b - 1]))
+                need[a, b, first] = weights + peak
+    best = min(max(need[0, i, True], need[i, j, False], need[j, n_nodes, False])
+               for i in valid for j in valid if i < j)
+    assert max(needs) == best
+    _assert_stages_equal_program(after, _positions(after), [(32, 64)])
+
+
+def test_max_memory_option_errors():
+    from graphopt.transform.pipeline import parse_pipeline
+
+    with pytest.raises(PassOptionError, match="max_memory picks the number of stages; drop n"):
+        parse_pipeline("split-stages{n=3 max_memory=2GB}")
+    with pytest.raises(PassOptionError, match="not a size like 2GB"):
+        parse_pipeline("split-stages{max_memory=lots}")
+    text = str(parse_pipeline("split-stages{max_memory=2GB seq=200}"))
+    assert "max_memory=2GB" in text and "seq=200" in text and parse_pipeline(text) == parse_pipeline(text)
+
+
+def test_max_memory_cuts_by_memory_when_the_balance_cuts_do_not_fit(program):
+    p = program("bert4rec:tiny")
+    by_params = optimize(p.copy(), "split-stages{n=2 batch=32 seq=64}", verify_each=False)[1].passes[0].details
+    by_memory = optimize(p.copy(), "split-stages{n=2 balance=memory batch=32 seq=64}", verify_each=False)[1].passes[0].details
+    largest_params = max(d["memory_bytes"] for d in by_params)
+    budget = max(d["memory_bytes"] for d in by_memory)  # two stages can fit this, params-balanced ones do not
+    assert budget < largest_params
+    after, report = optimize(p.copy(), f"split-stages{{max_memory={budget} batch=32 seq=64}}")
+    record = report.passes[0]
+    assert record.stats["stages"] == 2 and all(d["memory_bytes"] <= budget for d in record.details)
+    assert f"the params-balanced cuts exceed max_memory={budget}; cut by memory" in record.notes
+    _assert_stages_equal_program(after, _positions(after), [(4, 20)])
