@@ -12,7 +12,7 @@ occupation     sparse   21 occupations (u.user)
 zip prefix     sparse   the first two characters of the zip code: 111 values
                         (US 3-digit prefixes would leave ~2 users per value)
 genre bag      sparse   multi-hot, 1-6 of 19 genres per movie (u.item)
-age            dense    standardised over the users (mean 34.1, sd 12.2)
+age            dense    standardised over the users (mean 34.05, sd 12.19)
 =============  =======  ====================================================
 
 Ids are dense and start at 1 (0 is padding), so a table needs
