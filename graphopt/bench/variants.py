@@ -32,6 +32,10 @@ __all__ = [
     "parse_pipeline_spec",
     "DEFAULT_PIPELINES",
     "DEFAULT_RUNTIMES",
+    "SIZE_PIPELINE",
+    "EMBEDDING_DOMINATED",
+    "default_pipelines",
+    "embedding_share",
     "runtime_status",
     "baseline_variant",
     "build_graphopt_variants",
@@ -45,6 +49,46 @@ log = logging.getLogger(__name__)
 #: label=pipeline text; the ones whose passes are not in this build are reported as skipped
 DEFAULT_PIPELINES = ("O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8")
 DEFAULT_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
+#: added to the defaults for embedding-dominated models: 8-bit tables + int8 weights
+SIZE_PIPELINE = "Os=Os"
+#: share of parameter bytes in embedding tables above which a model is embedding-dominated
+EMBEDDING_DOMINATED = 0.5
+
+_LOOKUPS = (torch.ops.aten.embedding.default, torch.ops.aten.embedding_bag.default,
+            torch.ops.aten.embedding_bag.padding_idx)
+
+
+def embedding_share(model: Program | torch.nn.Module) -> float:
+    """Bytes of the embedding tables / all parameter bytes (0 when none).
+
+    A Program's tables are the constants its embedding lookups read; an
+    ``nn.Module``'s are the weights of its ``Embedding``/``EmbeddingBag`` modules.
+    """
+    if isinstance(model, torch.nn.Module):
+        params = {id(p): p for p in model.parameters()}
+        tables = {id(m.weight): m.weight for m in model.modules()
+                  if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))}
+        total = sum(p.numel() * p.element_size() for p in params.values())
+        return sum(t.numel() * t.element_size() for t in tables.values()) / total if total else 0.0
+    total = model.parameter_bytes()
+    found: dict[str, int] = {}
+    params_by_name = model.parameter_tensors()
+    for node in model.graph.nodes:
+        if node.op == "call_function" and node.target in _LOOKUPS and node.args:
+            table = node.args[0]
+            if isinstance(table, torch.fx.Node) and table.op == "get_attr":
+                value = params_by_name.get(table.target)
+                if value is not None:
+                    found[table.target] = value.numel() * value.element_size()
+    return sum(found.values()) / total if total else 0.0
+
+
+def default_pipelines(program: Program | torch.nn.Module) -> tuple[str, ...]:
+    """:data:`DEFAULT_PIPELINES`, plus :data:`SIZE_PIPELINE` when embedding tables
+    hold more than half the parameter bytes (dlrm, two-tower: 99% and 91%)."""
+    if embedding_share(program) > EMBEDDING_DOMINATED:
+        return (*DEFAULT_PIPELINES, SIZE_PIPELINE)
+    return DEFAULT_PIPELINES
 
 
 def dir_size(path: Path) -> int:
