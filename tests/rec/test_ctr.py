@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from graphopt.passes.quantize_embeddings import TOLERANCE
 
 import graphopt
 from graphopt.errors import RunnerError
@@ -124,3 +125,24 @@ def test_click_objective_raises_auc_beyond_noise(clicks, spec, steps):
                                                    lr=1e-2, precision="fp32", eval_users=2000, seed=0, threads=1))
     assert result.valid["auc"] > before + 0.05, (before, result.valid)
     assert result.test["auc"] > 0.6 and set(result.popularity) == {"valid", "test"}
+
+
+@needs_data
+def test_finetune_verb_saves_a_ctr_checkpoint_that_captures_and_optimizes(split, tmp_path, capsys):
+    from graphopt.cli import main
+    from graphopt.rec.finetune import load_checkpoint
+
+    out = tmp_path / "ckpt"
+    assert main(["finetune", "dlrm:tiny", "-o", str(out), "--max-steps", "5", "--epochs", "1", "--threads", "1",
+                 "--precision", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "55375 clicks" in printed and "test  AUC" in printed and "popularity baseline AUC 0.70" in printed
+    ckpt = load_checkpoint(out)
+    assert ckpt.model_config["tables"] == [944, 1683, 22, 112, 20] and ckpt.model_config["dense"] == 1
+    program = ckpt.capture(batch=8)
+    rows = ckpt.objective.encode(split, "test", ckpt.model_config)
+    x = tuple(v[:8] for v in rows.inputs.values())
+    torch.testing.assert_close(program(*x)[0], ckpt.model(*x), atol=1e-5, rtol=1e-5)
+    q, report = graphopt.optimize(program, "Os")
+    assert {p.name: p.stats for p in report.passes}["quantize-embeddings"] == {"embedding": 1}  # items: 1,683 rows
+    torch.testing.assert_close(q(*x)[0], program(*x)[0], atol=TOLERANCE[8], rtol=TOLERANCE[8])

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from graphopt.errors import ModelNotFoundError
+from graphopt.rec.data import DataError
 from graphopt.rec.data.ctr import (
     ClickData,
     ClickSplit,
@@ -100,9 +101,8 @@ class ClickThrough(Objective):
         if size not in self._sizes():
             raise ModelNotFoundError(f"model '{self.kind}' has no size '{size}'; sizes: {', '.join(self._sizes())}")
         if not isinstance(data, ClickData):
-            raise ModelNotFoundError(
-                f"'{self.kind}' trains on click data (graphopt.rec.data.ctr.load_clicks), not on {type(data).__name__}"
-            )
+            raise DataError(f"'{self.kind}' trains on click data (graphopt.rec.data.ctr.load_clicks), "
+                            f"not on {type(data).__name__}; `graphopt finetune {self.kind}:{size}` loads it")
         if self.kind == "dlrm":
             from graphopt.rec.zoo.dlrm import ctr_config
 
