@@ -175,3 +175,19 @@ def test_tensorrt_onnx_gathers_int32_words_and_passes_the_checker(small, preset)
     x = _inputs(32, 5)
     (out,) = sess.run(None, {name: t.numpy() for name, t in zip(q.input_names, x)})
     torch.testing.assert_close(torch.from_numpy(out), q(*x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_tensorrt_words_cover_rows_that_are_not_a_multiple_of_four_bytes():
+    ort = pytest.importorskip("onnxruntime")
+    from graphopt.runtimes.onnx_export import export_onnx, uint8_gathers_as_words
+
+    emb = nn.Embedding(1500, 25).eval()  # 4-bit: 13 bytes per row, padded to 16 (4 words), sliced back after
+    ids = torch.randint(0, 1500, (6, 5), generator=torch.Generator().manual_seed(0))
+    q, _ = graphopt.optimize(graphopt.capture(emb, (ids,), dynamic=False), "quantize-embeddings{bits=4}")
+    model = export_onnx(q)
+    assert uint8_gathers_as_words(model) == 1 and uint8_gathers_as_words(model) == 0  # idempotent: nothing left
+    (table,) = [t for t in model.graph.initializer if t.name.endswith("_words_table")]
+    assert tuple(table.dims) == (1500, 4)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {q.input_names[0]: ids.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), q(ids)[0], atol=1e-6, rtol=1e-6)
