@@ -34,7 +34,7 @@ class QuantizeInt8Weights(Pass):
     exact = False
     tolerance = 0.05
     backend_notes = ("Weight-only: ONNX DequantizeLinear -> MatMul (TensorRT weight-only int8); "
-                     "Inductor folds the dequantize into its frozen fp32 weights.")
+                     "Inductor keeps the int8 constants and dequantizes them in a kernel before the fp32 GEMM.")
 
     def run(self, program, ctx):  # type: ignore[no-untyped-def]
         gm = program.gm
