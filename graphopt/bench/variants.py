@@ -58,32 +58,26 @@ _LOOKUPS = (torch.ops.aten.embedding.default, torch.ops.aten.embedding_bag.defau
             torch.ops.aten.embedding_bag.padding_idx)
 
 
-def embedding_share(model: Program | torch.nn.Module) -> float:
+def embedding_share(program: Program) -> float:
     """Bytes of the embedding tables / all parameter bytes (0 when none).
 
-    A Program's tables are the constants its embedding lookups read; an
-    ``nn.Module``'s are the weights of its ``Embedding``/``EmbeddingBag`` modules.
+    A table counts when embedding lookups are its only readers: a table tied
+    to an output head (BERT4Rec scores items with its item table) is a dense
+    weight as well, and ``Os`` leaves it in fp32.
     """
-    if isinstance(model, torch.nn.Module):
-        params = {id(p): p for p in model.parameters()}
-        tables = {id(m.weight): m.weight for m in model.modules()
-                  if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))}
-        total = sum(p.numel() * p.element_size() for p in params.values())
-        return sum(t.numel() * t.element_size() for t in tables.values()) / total if total else 0.0
-    total = model.parameter_bytes()
+    total = program.parameter_bytes()
+    params = program.parameter_tensors()
     found: dict[str, int] = {}
-    params_by_name = model.parameter_tensors()
-    for node in model.graph.nodes:
-        if node.op == "call_function" and node.target in _LOOKUPS and node.args:
-            table = node.args[0]
-            if isinstance(table, torch.fx.Node) and table.op == "get_attr":
-                value = params_by_name.get(table.target)
-                if value is not None:
-                    found[table.target] = value.numel() * value.element_size()
+    for node in program.graph.nodes:
+        if node.op == "get_attr" and node.users and all(
+                u.op == "call_function" and u.target in _LOOKUPS and u.args[0] is node for u in node.users):
+            value = params.get(node.target)
+            if value is not None:
+                found[node.target] = value.numel() * value.element_size()
     return sum(found.values()) / total if total else 0.0
 
 
-def default_pipelines(program: Program | torch.nn.Module) -> tuple[str, ...]:
+def default_pipelines(program: Program) -> tuple[str, ...]:
     """:data:`DEFAULT_PIPELINES`, plus :data:`SIZE_PIPELINE` when embedding tables
     hold more than half the parameter bytes (dlrm, two-tower: 99% and 91%)."""
     if embedding_share(program) > EMBEDDING_DOMINATED:

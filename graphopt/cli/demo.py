@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     setup = (_click_setup if ctr else _sequence_setup)(args, data, ckpt, eval_batch)  # type: ignore[arg-type]
     zoo = setup["zoo"]
     pipelines = args.pipelines or list(DEMO_PIPELINES)
-    if not args.pipelines and embedding_share(zoo.module) > EMBEDDING_DOMINATED:
+    if not args.pipelines and embedding_share(zoo.capture()) > EMBEDDING_DOMINATED:
         pipelines.append(SIZE_PIPELINE)
     step(
         f"optimize + lower + benchmark: pipelines {', '.join(p.split('=')[0] for p in pipelines)} x runtimes "

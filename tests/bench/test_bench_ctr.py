@@ -59,8 +59,9 @@ def test_best_ctr_variant_keeps_auc_and_logloss_within_the_bar():
     assert label == "AUC vs eager (%)" and score == pytest.approx(-100 * 0.01 / 0.77)
 
 
-def test_size_pipeline_is_a_default_for_embedding_dominated_models_only(program, zoo):
+def test_size_pipeline_is_a_default_for_embedding_dominated_models_only(program):
     dlrm = program("dlrm:tiny")
     assert embedding_share(dlrm) > 0.5 and default_pipelines(dlrm) == (*DEFAULT_PIPELINES, SIZE_PIPELINE)
-    bert = zoo("bert4rec:tiny").module
+    # near miss: BERT4Rec's item table is tied to its scoring head, so it counts as a dense weight
+    bert = program("bert4rec:tiny")
     assert embedding_share(bert) < 0.5 and default_pipelines(bert) == DEFAULT_PIPELINES
