@@ -10,6 +10,8 @@ the OptimizeReport, the bench harness and the tuner:
   :func:`ranking_drift`, :func:`agreement`;
 - ranking quality against held-out targets (leave-one-out):
   :func:`target_ranks`, :func:`hr_at_k`, :func:`ndcg_at_k`;
+- click prediction quality against held-out clicks (CTR models):
+  :func:`auc`, :func:`logloss`;
 - the fidelity bar a variant must meet to be called "best":
   :class:`FidelityBar`, :func:`relative_change`.
 
@@ -43,6 +45,8 @@ __all__ = [
     "target_ranks",
     "hr_at_k",
     "ndcg_at_k",
+    "auc",
+    "logloss",
     "relative_change",
     "FidelityBar",
     "FIDELITY_BAR",
@@ -253,6 +257,46 @@ def ndcg_at_k(scores: torch.Tensor, targets: torch.Tensor, k: int = 10, seen: to
     ranks = target_ranks(scores, targets, seen).double()
     gains = torch.where(ranks < k, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks))
     return float(gains.mean())
+
+
+# ------------------------------------------------ click prediction vs held-out clicks
+def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve: the probability that a random positive scores
+    above a random negative, a tie counting one half.
+
+    Exact and rank-based (the Mann-Whitney U statistic): sort once, give tied
+    scores their average rank, ``U = sum(ranks of positives) - P (P + 1) / 2``,
+    ``AUC = U / (P N)``. NaN when the labels hold only one class or a score is
+    NaN (a broken variant must not look like a coin flip).
+    """
+    s = scores.detach().double().flatten()
+    y = labels.detach().flatten() > 0.5
+    if s.shape != y.shape:
+        raise ValueError(f"auc: {s.numel()} scores but {y.numel()} labels")
+    pos = int(y.sum())
+    neg = len(y) - pos
+    if pos == 0 or neg == 0 or bool(torch.isnan(s).any()):
+        return float("nan")
+    sorted_s, order = s.sort()
+    _, inverse, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
+    first = counts.cumsum(0) - counts + 1  # 1-based rank of each tie group's first member
+    ranks = torch.empty_like(s)
+    ranks[order] = (first + (counts - 1) / 2.0).double()[inverse]
+    u = float(ranks[y].sum()) - pos * (pos + 1) / 2.0
+    return u / (pos * neg)
+
+
+def logloss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean binary cross-entropy (natural log) of click **logits** against 0/1
+    labels: ``mean(softplus(z) - y z)``, computed from the logit so a
+    confident score does not overflow to ``log(0)``."""
+    z = logits.detach().double().flatten()
+    y = labels.detach().double().flatten()
+    if z.shape != y.shape:
+        raise ValueError(f"logloss: {z.numel()} logits but {y.numel()} labels")
+    if z.numel() == 0:
+        return float("nan")
+    return float((torch.nn.functional.softplus(z) - y * z).mean())
 
 
 # ------------------------------------------------------------ the fidelity bar

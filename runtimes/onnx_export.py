@@ -5,6 +5,10 @@ with the Program's input/output names; the symbolic dims torch.export made
 (``s72``, ``s53``) are renamed after the InputSpec labels (``batch``,
 ``seq``), so every input and output shows the same dynamic axis names.
 Weights go to an external data file only above 2 GB (the protobuf limit).
+
+For TensorRT (``export_onnx(..., for_tensorrt=True)``) the uint8 code tables
+of ``quantize-embeddings`` are gathered as int32 words
+(:func:`uint8_gathers_as_words`): TensorRT has no uint8 Gather.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from graphopt.errors import LoweringError
 from graphopt.ir.program import Program
 
 __all__ = ["export_onnx", "save_onnx", "rename_dims", "op_counts", "qdq_translations", "ORT_DISABLED_OPTIMIZERS",
-           "EXTERNAL_DATA_BYTES"]
+           "EXTERNAL_DATA_BYTES", "uint8_gathers_as_words"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +66,10 @@ def rename_dims(model: Any, mapping: dict[str, str]) -> int:
     return count
 
 
-def export_onnx(program: Program, *, opset: int | None = None, optimize: bool = True) -> Any:
-    """The Program as an ``onnx.ModelProto`` (standard ONNX ops only)."""
+def export_onnx(program: Program, *, opset: int | None = None, optimize: bool = True,
+                for_tensorrt: bool = False) -> Any:
+    """The Program as an ``onnx.ModelProto`` (standard ONNX ops only); with
+    ``for_tensorrt`` the form TensorRT parses (:func:`uint8_gathers_as_words`)."""
     try:
         import onnx  # noqa: F401
     except ImportError as e:
@@ -94,6 +100,8 @@ def export_onnx(program: Program, *, opset: int | None = None, optimize: bool = 
         )
     renamed = rename_dims(model, _symbol_labels(ep, program))
     log.info("exported %s to ONNX (%d nodes, %d dims renamed)", program.name, len(model.graph.node), renamed)
+    if for_tensorrt:
+        uint8_gathers_as_words(model)
     return model
 
 
@@ -116,6 +124,86 @@ def op_counts(model: Any) -> dict[str, int]:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def uint8_gathers_as_words(model: Any) -> int:
+    """Rewrite each ``Gather(uint8 table, ids) -> Cast`` into a Gather TensorRT supports.
+
+    TensorRT takes uint8 only as a network input or output, so the row-wise
+    code tables of ``quantize-embeddings`` are stored as int32 words holding
+    four codes each (the same bytes, little-endian; rows padded to a multiple
+    of 4) and unpacked after the gather with exact integer arithmetic:
+    ``b0 = w mod 256`` (ONNX ``Mod``, fmod=0: the sign of the divisor, so the
+    bytes of a negative word come out right), ``w = (w - b0) / 256``, and so on
+    for the four bytes, then ``Reshape`` to ``ids.shape + [row]`` (``Slice``
+    off the padding). Still one gather per lookup; the table stays 1 byte per
+    code. Only gathers whose every reader is a ``Cast`` are rewritten (that is
+    the dequantize of ``quantize-embeddings``); others are left for the
+    checker to report. Returns how many were rewritten.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    nodes, count, consts = [], 0, []
+
+    def const(name: str, value: Any, dtype: Any) -> str:
+        consts.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    for node in graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        outs = readers.get(node.output[0], []) if node.output else []
+        if (table is None or table.data_type != TensorProto.UINT8 or len(table.dims) != 2
+                or not outs or any(r.op_type != "Cast" for r in outs)
+                or dict((a.name, helper.get_attribute_value(a)) for a in node.attribute).get("axis", 0) != 0):
+            nodes.append(node)
+            continue
+        codes = numpy_helper.to_array(table)
+        rows, width = codes.shape
+        words = np.zeros((rows, -(-width // 4) * 4), dtype=np.uint8)
+        words[:, :width] = codes
+        p = f"{node.name or table.name}_words"
+        const(p + "_table", words.view("<i4"), np.int32)
+        b, c256 = [], const(p + "_256", 256, np.int32)
+        axes = const(p + "_axes", [-1], np.int64)
+        new = [helper.make_node("Gather", [p + "_table", node.input[1]], [p + "_w0"], name=p + "_gather", axis=0)]
+        for k in range(4):
+            new.append(helper.make_node("Mod", [f"{p}_w{k}", c256], [f"{p}_b{k}"], name=f"{p}_mod{k}", fmod=0))
+            if k < 3:
+                new.append(helper.make_node("Sub", [f"{p}_w{k}", f"{p}_b{k}"], [f"{p}_r{k}"], name=f"{p}_sub{k}"))
+                new.append(helper.make_node("Div", [f"{p}_r{k}", c256], [f"{p}_w{k + 1}"], name=f"{p}_div{k}"))
+            new.append(helper.make_node("Unsqueeze", [f"{p}_b{k}", axes], [f"{p}_u{k}"], name=f"{p}_unsq{k}"))
+            b.append(f"{p}_u{k}")
+        new.append(helper.make_node("Concat", b, [p + "_bytes"], name=p + "_concat", axis=-1))
+        new.append(helper.make_node("Shape", [node.input[1]], [p + "_ids_shape"], name=p + "_shape"))
+        new.append(helper.make_node("Concat", [p + "_ids_shape", const(p + "_width", [words.shape[1]], np.int64)],
+                                    [p + "_out_shape"], name=p + "_out_shape", axis=0))
+        flat = node.output[0] if width == words.shape[1] else p + "_flat"
+        new.append(helper.make_node("Reshape", [p + "_bytes", p + "_out_shape"], [flat], name=p + "_reshape"))
+        if flat != node.output[0]:
+            new.append(helper.make_node("Slice", [flat, const(p + "_start", [0], np.int64),
+                                                  const(p + "_end", [width], np.int64), axes],
+                                        [node.output[0]], name=p + "_slice"))
+        nodes.extend(new)
+        graph.initializer.remove(table)
+        for vi in graph.value_info:
+            if vi.name == node.output[0]:
+                vi.type.tensor_type.elem_type = TensorProto.INT32
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(consts)
+        onnx.checker.check_model(model)
+        log.info("tensorrt: %d uint8 table gathers now gather int32 words", count)
+    return count
 
 
 #: ONNX Runtime fuses MatMul+Add into Gemm before its QDQ rules run, and keeps

@@ -1,7 +1,8 @@
 """``tensorrt``: ONNX -> TensorRT 10 engine, run with torch CUDA tensors.
 
 Lowering: :func:`graphopt.runtimes.onnx_export.export_onnx` (the same
-exporter as onnxruntime, without ORT-only fusions), the static checker
+exporter as onnxruntime, without ORT-only fusions; ``for_tensorrt``: uint8
+embedding codes gathered as int32 words), the static checker
 (:mod:`graphopt.runtimes.tensorrt_check`) to fail early with a readable
 reason, then ``tensorrt.Builder`` + ``OnnxParser`` -> serialized engine with
 one optimization profile covering every dynamic input (min/opt/max per
@@ -189,7 +190,7 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
         from graphopt.runtimes.tensorrt_check import check_onnx
 
-        model = export_onnx(program, opset=options["opset"])
+        model = export_onnx(program, opset=options["opset"], for_tensorrt=True)
         if options["check"]:
             errors = [f for f in check_onnx(model) if f.severity == "error"]
             if errors:

@@ -10,6 +10,8 @@ import torch
 from graphopt.metrics import (
     FIDELITY_BAR,
     agreement,
+    auc,
+    logloss,
     ndcg_vs_reference,
     ranking_drift,
     relative_change,
@@ -63,3 +65,45 @@ def test_fidelity_bar_with_and_without_eval_data():
     ok, why = FIDELITY_BAR.check(None, None, topk=0.972)
     assert not ok and "0.972" in why
     assert FIDELITY_BAR.check(None, None, None) == (False, "no fidelity measured")
+
+
+# ------------------------------------------------------------------ AUC and logloss
+def test_auc_hand_computed_with_and_without_ties():
+    # 4 (positive, negative) pairs: 0.35 < 0.4 is the one misordered pair -> 3/4
+    assert auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
+    # positives {0.5, 0.9}, negatives {0.5, 0.2}: the tie 0.5 = 0.5 counts 1/2 -> (0.5 + 1 + 1 + 1) / 4
+    assert auc(torch.tensor([0.5, 0.5, 0.2, 0.9]), torch.tensor([1, 0, 0, 1])) == pytest.approx(0.875)
+    assert auc(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1, 0, 1])) == pytest.approx(0.5)  # all tied
+    assert auc(torch.tensor([3.0, 1.0]), torch.tensor([1, 0])) == 1.0
+    assert auc(torch.tensor([1.0, 3.0]), torch.tensor([1, 0])) == 0.0
+
+
+def test_auc_equals_the_pairwise_definition_on_random_tied_scores():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 20, (300,), generator=g).float()  # many ties
+    labels = torch.rand(300, generator=g) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean()
+    assert auc(scores, labels) == pytest.approx(float(pairwise), abs=1e-12)
+
+
+def test_auc_is_nan_for_one_class_or_nan_scores():
+    assert math.isnan(auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1])))
+    assert math.isnan(auc(torch.tensor([0.1, float("nan")]), torch.tensor([1, 0])))
+
+
+def test_logloss_hand_computed_and_stable_for_confident_logits():
+    # p = sigmoid(0) = 0.5 for a click, p = sigmoid(ln 3) = 0.75 for a non-click: (ln 2 + ln 4) / 2
+    assert logloss(torch.tensor([0.0, math.log(3.0)], dtype=torch.float64), torch.tensor([1.0, 0.0])) == pytest.approx(
+        (math.log(2) + math.log(4)) / 2, rel=1e-9)
+    assert logloss(torch.tensor([200.0, -200.0]), torch.tensor([1.0, 0.0])) == pytest.approx(0.0, abs=1e-12)
+    assert logloss(torch.tensor([200.0]), torch.tensor([0.0])) == pytest.approx(200.0)  # not inf
+
+
+def test_fidelity_bar_on_auc_and_logloss():
+    eager = {"auc": 0.7700, "logloss": 0.5500}
+    assert FIDELITY_BAR.check({"auc": 0.7680, "logloss": 0.5520}, eager)[0]  # -0.26%, +0.36%
+    ok, why = FIDELITY_BAR.check({"auc": 0.7700, "logloss": 0.5540}, eager)  # logloss 0.73% worse
+    assert not ok and why.startswith("logloss")
+    ok, why = FIDELITY_BAR.check({"auc": 0.7650, "logloss": 0.5400}, eager)  # better logloss, AUC -0.65%
+    assert not ok and why.startswith("auc")

@@ -16,7 +16,7 @@ import sys
 import types
 from typing import Any
 
-from graphopt.bench.accuracy import EvalData
+from graphopt.bench.accuracy import ClickEvalData, EvalData
 from graphopt.bench.harness import bench
 from graphopt.bench.peers import PEERS
 from graphopt.bench.report import BENCH_FORMAT, BenchReport, pareto_front
@@ -29,6 +29,7 @@ __all__ = [
     "BenchReport",
     "BENCH_FORMAT",
     "EvalData",
+    "ClickEvalData",
     "TimingConfig",
     "Samples",
     "PEERS",

@@ -26,12 +26,12 @@ from graphopt.bench.timing import (
     summarize,
 )
 from graphopt.bench.variants import (
-    DEFAULT_PIPELINES,
     DEFAULT_RUNTIMES,
     SourceModule,
     Variant,
     baseline_variant,
     build_graphopt_variants,
+    default_pipelines,
     parse_pipeline_spec,
 )
 from graphopt.errors import ArtifactError, GraphoptError, first_line
@@ -127,7 +127,8 @@ def bench(
     ``model``: zoo name (``"bert4rec:base"``), saved Program path, Program or
     ZooModel. ``pipelines``: pipeline texts, optionally labelled
     (``"bf16=O2,cast{dtype=bf16}"``; ``"none"`` = unoptimized); default
-    :data:`DEFAULT_PIPELINES`. ``runtimes``: default every runtime; an
+    :func:`~graphopt.bench.variants.default_pipelines` (``DEFAULT_PIPELINES``, plus ``Os``
+    for embedding-dominated models). ``runtimes``: default every runtime; an
     unavailable one is reported as skipped with the reason. ``peers``: True
     for every peer recipe or a list of names from :data:`PEERS`.
     ``eval_data``: :class:`~graphopt.bench.accuracy.EvalData` (batches,
@@ -140,7 +141,7 @@ def bench(
     if out_dir is not None and Path(out_dir).exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; pass --force (force=True) to overwrite it")
     config = timing or (TimingConfig.quick() if quick else TimingConfig())
-    specs = [parse_pipeline_spec(p) for p in (DEFAULT_PIPELINES if pipelines is None else pipelines)]
+    specs = None if pipelines is None else [parse_pipeline_spec(p) for p in pipelines]  # None: per model, below
     runtimes = list(DEFAULT_RUNTIMES if runtimes is None else runtimes)
     peer_names = list(PEERS) if peers is True else list(peers or [])
     old_threads = torch.get_num_threads()
@@ -180,6 +181,8 @@ def _run(
 
     what = _Model(model)
     program = what.program
+    if specs is None:
+        specs = [parse_pipeline_spec(p) for p in default_pipelines(program)]
     shapes = _shapes(program, batch_sizes, seq_lens, notes)
     n_builds = 1 + len(specs) * len(runtimes) + len(peer_names)
     state["total"] = float(

@@ -64,9 +64,10 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
 
 
 def accuracy_score(row: dict[str, Any], variant: dict[str, Any], eval_reference: dict[str, float]) -> tuple[float | None, str]:
-    """The accuracy axis of the trade-off: NDCG@k on eval data relative to eager's
-    (%) when given, else top-k overlap with eager, else cosine similarity with eager."""
-    ndcg_key = next((key for key in eval_reference if key.startswith("ndcg@")), None)
+    """The accuracy axis of the trade-off: NDCG@k (AUC for CTR models) on eval data
+    relative to eager's (%) when given, else top-k overlap with eager, else cosine
+    similarity with eager."""
+    ndcg_key = next((key for key in eval_reference if key.startswith("ndcg@") or key == "auc"), None)
     if ndcg_key and _finite(variant.get("eval", {}).get(ndcg_key)):
         change = relative_change(float(variant["eval"][ndcg_key]), float(eval_reference[ndcg_key]), ndcg_key)
         return change, f"{ndcg_key.upper()} vs eager (%)"
@@ -152,10 +153,10 @@ class BenchReport:
 
     def quality_change(self, row: dict[str, Any], metric: str = "ndcg") -> float | None:
         """Relative change (%) of the variant's ``metric``@k vs eager's: on eval data
-        when given (``metric`` = ndcg or hr); else, for ndcg, the NDCG@k of its
+        when given (``metric`` = ndcg, hr, auc or logloss); else, for ndcg, the NDCG@k of its
         ranking against eager's top k, minus 1 (0% = same ranking). Negative = worse."""
         v = self.variant(row["variant"])
-        key = next((k for k in self.eval_reference if k.startswith(f"{metric}@")), None)
+        key = next((k for k in self.eval_reference if k == metric or k.startswith(f"{metric}@")), None)
         if key and _finite(v.get("eval", {}).get(key)):
             return relative_change(float(v["eval"][key]), float(self.eval_reference[key]), key)
         value = row.get("accuracy", {}).get("ndcg_vs_eager") if metric == "ndcg" and not key else None
@@ -184,8 +185,11 @@ class BenchReport:
         best = self.best(shape)
         k = self.config.get("k", 10)
         hr = any(key.startswith("hr@") for key in self.eval_reference)
-        header = ["variant", "p50 ms", "p99 ms", "speedup", f"top-{k}", f"NDCG@{k} Δ%", *([f"HR@{k} Δ%"] * hr),
-                  "size", "compile s"]
+        ctr = "auc" in self.eval_reference  # click models: AUC and logloss take the ranking columns
+        quality = ("auc", "logloss") if ctr else ("ndcg", "hr")[: 1 + hr]
+        hr = hr or ctr
+        header = ["variant", "p50 ms", "p99 ms", "speedup", f"top-{k}",
+                  *(["AUC Δ%", "logloss Δ%"] if ctr else [f"NDCG@{k} Δ%", *([f"HR@{k} Δ%"] * hr)]), "size", "compile s"]
         rows = []
         for r in self.rows(shape):
             v = self.variant(r["variant"])
@@ -197,7 +201,7 @@ class BenchReport:
             speed = f"{sp['speedup']:.2f}x" if _finite(sp.get("speedup")) else "-"
             if _finite(sp.get("speedup_p10")) and v["kind"] != "baseline":
                 speed += f" ({sp['speedup_p10']:.2f}-{sp['speedup_p90']:.2f})"
-            changes = [self.quality_change(r, m) for m in ("ndcg", "hr")[: 1 + hr]]
+            changes = [self.quality_change(r, m) for m in quality]
             if v["kind"] != "baseline" and not self.acceptable(r):
                 name += " ✗"  # below the fidelity bar: shown, never starred
             rows.append([

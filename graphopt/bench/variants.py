@@ -33,6 +33,10 @@ __all__ = [
     "parse_pipeline_spec",
     "DEFAULT_PIPELINES",
     "DEFAULT_RUNTIMES",
+    "SIZE_PIPELINE",
+    "EMBEDDING_DOMINATED",
+    "default_pipelines",
+    "embedding_share",
     "runtime_status",
     "baseline_variant",
     "build_graphopt_variants",
@@ -46,6 +50,40 @@ log = logging.getLogger(__name__)
 #: label=pipeline text; the ones whose passes are not in this build are reported as skipped
 DEFAULT_PIPELINES = ("O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8")
 DEFAULT_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
+#: added to the defaults for embedding-dominated models: 8-bit tables + int8 weights
+SIZE_PIPELINE = "Os=Os"
+#: share of parameter bytes in embedding tables above which a model is embedding-dominated
+EMBEDDING_DOMINATED = 0.5
+
+_LOOKUPS = (torch.ops.aten.embedding.default, torch.ops.aten.embedding_bag.default,
+            torch.ops.aten.embedding_bag.padding_idx)
+
+
+def embedding_share(program: Program) -> float:
+    """Bytes of the embedding tables / all parameter bytes (0 when none).
+
+    A table counts when embedding lookups are its only readers: a table tied
+    to an output head (BERT4Rec scores items with its item table) is a dense
+    weight as well, and ``Os`` leaves it in fp32.
+    """
+    total = program.parameter_bytes()
+    params = program.parameter_tensors()
+    found: dict[str, int] = {}
+    for node in program.graph.nodes:
+        if node.op == "get_attr" and node.users and all(
+                u.op == "call_function" and u.target in _LOOKUPS and u.args[0] is node for u in node.users):
+            value = params.get(node.target)
+            if value is not None:
+                found[node.target] = value.numel() * value.element_size()
+    return sum(found.values()) / total if total else 0.0
+
+
+def default_pipelines(program: Program) -> tuple[str, ...]:
+    """:data:`DEFAULT_PIPELINES`, plus :data:`SIZE_PIPELINE` when embedding tables
+    hold more than half the parameter bytes (dlrm, two-tower: 99% and 91%)."""
+    if embedding_share(program) > EMBEDDING_DOMINATED:
+        return (*DEFAULT_PIPELINES, SIZE_PIPELINE)
+    return DEFAULT_PIPELINES
 
 
 def dir_size(path: Path) -> int:

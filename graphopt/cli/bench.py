@@ -22,11 +22,13 @@ def _ints(text: str, what: str) -> list[int]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from graphopt.bench import DEFAULT_PIPELINES, DEFAULT_RUNTIMES, PEERS
+    from graphopt.bench.variants import SIZE_PIPELINE
 
     p = sub.add_parser("bench", help="benchmark pipelines x runtimes (and peers) against eager fp32")
     p.add_argument("model", help="zoo name (bert4rec:base), saved Program (.pt2 or folder) or HF folder")
     p.add_argument("-p", "--pipeline", action="append", dest="pipelines", metavar="[LABEL=]PIPELINE",
-                   help=f"pipeline to benchmark (repeatable; 'none' = unoptimized); default: {' '.join(DEFAULT_PIPELINES)}")
+                   help=f"pipeline to benchmark (repeatable; 'none' = unoptimized); default: {' '.join(DEFAULT_PIPELINES)}, "
+                        f"plus {SIZE_PIPELINE} for embedding-dominated models (tables > half the parameter bytes)")
     p.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES),
                    help="comma-separated runtimes (unavailable ones are reported as skipped)")
     p.add_argument("--peers", action="store_true", help="also measure every peer recipe (torch.compile, ONNX Runtime, torchao)")

@@ -37,7 +37,7 @@ def _onnx_path(target: str, tmpdir: str) -> Path:
 
     program = load_program(target)
     with quiet_backends():
-        model = export_onnx(program)
+        model = export_onnx(program, for_tensorrt=True)  # what the tensorrt runtime would parse
     out = Path(tmpdir) / "model.onnx"
     save_onnx(model, out, program.parameter_bytes())
     return out

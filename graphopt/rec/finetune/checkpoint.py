@@ -98,7 +98,7 @@ def save_checkpoint(result: FinetuneResult, out_dir: str | Path, *, force: bool 
         "kind": result.kind,
         "config": result.model_config,
         "eval": {"seq_len": result.seq_len, "append_mask": result.append_mask,
-                 "num_items": int(result.model_config["items"]), "k": 10},
+                 "num_items": int(result.model_config.get("items", 0)), "k": 10},
         "data": result.data,
         "metrics": {"valid": result.valid, "test": result.test, "popularity": result.popularity},
         "training": {**asdict(result.train_config), "steps": result.steps, "epochs": result.epochs,

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from graphopt.errors import GraphoptError, ModelNotFoundError
-from graphopt.rec.data import MovieLens, popularity_metrics
+from graphopt.rec.data import MovieLens
+from graphopt.rec.data.ctr import ClickData
 from graphopt.rec.finetune.objectives import get_objective, model_kinds
 from graphopt.rec.finetune.precision import autocast, resolve_precision
 
@@ -95,7 +96,7 @@ class FinetuneResult:
 
     @property
     def seq_len(self) -> int:
-        return int(self.model_config["seq"])
+        return int(self.model_config.get("seq") or 0)  # CTR models have no sequence length
 
     @property
     def append_mask(self) -> int | None:
@@ -183,13 +184,14 @@ class _Progress:
 
 def finetune(
     spec: str,
-    data: MovieLens,
+    data: MovieLens | ClickData,
     config: FinetuneConfig | None = None,
     *,
     progress: bool | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> FinetuneResult:
-    """Train ``spec`` (``bert4rec:base``, ``bert-cls:tiny``, ``bert4rec-text:base``) on ``data``.
+    """Train ``spec`` (``bert4rec:base``, ``bert-cls:tiny``, ``bert4rec-text:base``) on ``data``
+    (item sequences; :class:`~graphopt.rec.data.ctr.ClickData` for ``dlrm``/``two-tower``).
 
     ``on_epoch`` receives each epoch's record (epoch, step, loss, lr, valid
     ``valid_<metric>`` when evaluated, elapsed_s). Returns the best model by
@@ -203,13 +205,13 @@ def finetune(
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     precision = resolve_precision(cfg.precision, device)
-    model_cfg = objective.model_config(size, data.num_items, cfg.seq_len)
-    seq_len = int(model_cfg["seq"])
+    model_cfg = objective.config_for(size, data, cfg.seq_len)
+    seq_len = int(model_cfg.get("seq") or 0)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model = objective.build(model_cfg)
     objective.prepare(model, data)
-    split = data.leave_one_out()
+    split = objective.split(data, model_cfg)
     if cfg.popularity_init:
         objective.init_bias(model, split)
     if cfg.dropout is not None:
@@ -226,7 +228,7 @@ def finetune(
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     result = FinetuneResult(model=model, kind=kind, spec=f"{kind}:{size}", model_config=model_cfg,
                             train_config=cfg, precision=precision, device=str(device), data=data.describe())
-    result.popularity = {"valid": popularity_metrics(split, "valid"), "test": popularity_metrics(split, "test")}
+    result.popularity = objective.baseline(split)
     log.info("fine-tuning %s on %s: %d steps/epoch, %s on %s", spec, data.name, steps_per_epoch, precision, device)
 
     select = objective.selection_metric

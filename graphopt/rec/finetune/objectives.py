@@ -12,6 +12,9 @@ it. Register a new kind with :func:`register_objective`.
                    initialised from item-title embeddings
 ``bert-cls``       next-item classification: history -> label of the next item
                    (``num_labels`` = items)
+``dlrm``,          click prediction on MovieLens-100K clicks (binary
+``two-tower``      cross-entropy of the click logit; AUC/logloss), see
+                   :mod:`.clicks`
 =================  ===========================================================
 """
 
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from graphopt.errors import ModelNotFoundError
-from graphopt.rec.data import MovieLens, Split, encode_histories, evaluate_ranking
+from graphopt.rec.data import MovieLens, Split, encode_histories, evaluate_ranking, popularity_metrics
 from graphopt.rec.finetune.precision import autocast
 
 if TYPE_CHECKING:
@@ -73,8 +76,20 @@ class Objective:
         cfg["seq"] = seq_len or cfg["seq"]
         return cfg
 
+    def config_for(self, size: str, data: Any, seq_len: int | None) -> dict[str, Any]:
+        """The model config for ``size`` sized for ``data`` (default: its item count)."""
+        return self.model_config(size, data.num_items, seq_len)
+
     def build(self, cfg: dict[str, Any], *, pretrained: bool = True) -> nn.Module:
         raise NotImplementedError
+
+    def split(self, data: Any, mcfg: dict[str, Any]) -> Any:
+        """Train/validation/test data (default: leave-one-out over item sequences)."""
+        return data.leave_one_out()
+
+    def baseline(self, split: Any) -> dict[str, dict[str, float]]:
+        """The popularity baseline's validation and test metrics."""
+        return {"valid": popularity_metrics(split, "valid"), "test": popularity_metrics(split, "test")}
 
     def prepare(self, model: nn.Module, data: MovieLens) -> None:
         """Initialise from the data before training (e.g. item-title embeddings)."""
@@ -282,3 +297,13 @@ def model_kinds() -> tuple[str, ...]:
 register_objective(MaskedItem("bert4rec"))
 register_objective(NextItemClassification())
 register_objective(MaskedItem("bert4rec-text", text=True))
+
+
+def _register_click_models() -> None:
+    from graphopt.rec.finetune.clicks import ClickThrough
+
+    register_objective(ClickThrough("dlrm"))
+    register_objective(ClickThrough("two-tower"))
+
+
+_register_click_models()

@@ -1,6 +1,16 @@
 """DLRM-style CTR model: bottom MLP (Linear+BatchNorm+ReLU) over dense
 features, one ``nn.EmbeddingBag`` (sum) per sparse feature, pairwise dot
-interaction, top MLP to one logit."""
+interaction, top MLP to one logit (the click logit).
+
+``dlrm:tiny``/``dlrm:base`` keep synthetic table sizes (base: eight tables,
+200,000 down to 100 rows, bags of 8 ids); their ``make_inputs`` draw each
+feature's ids from its own table with a Zipf skew (:mod:`.skew`). A model
+for real data is sized from the data with :func:`ctr_config` (one table per
+feature, rows = the feature's cardinality + 1, id 0 = padding, so single ids
+and multi-hot bags share one ``(batch, features, bag)`` input); ``graphopt
+finetune dlrm:base --data ml-100k`` builds it that way
+(:mod:`graphopt.rec.data.ctr`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,9 @@ import torch
 from torch import nn
 
 from graphopt.rec.zoo import ZooModel, register_model
+from graphopt.rec.zoo.skew import ZipfIds
+
+__all__ = ["DLRM", "SIZES", "ctr_config", "sparse_sampler"]
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(dense=13, tables=[100, 80, 60, 40], dim=8, bag=3, bottom=[16, 8], top=[16, 1]),
@@ -42,7 +55,8 @@ class DLRM(nn.Module):
         dim = cfg["dim"]
         assert cfg["bottom"][-1] == dim, "bottom MLP must end at the embedding dim"
         self.bottom = _mlp([cfg["dense"], *cfg["bottom"]], batchnorm=True, last_act=True)
-        self.tables = nn.ModuleList(nn.EmbeddingBag(n, dim, mode="sum") for n in cfg["tables"])
+        pad = 0 if cfg.get("padding") else None
+        self.tables = nn.ModuleList(nn.EmbeddingBag(n, dim, mode="sum", padding_idx=pad) for n in cfg["tables"])
         f = len(cfg["tables"]) + 1
         li, lj = torch.tril_indices(f, f, offset=-1)
         self.register_buffer("li", li, persistent=False)
@@ -55,6 +69,28 @@ class DLRM(nn.Module):
         z = torch.stack([x, *embs], dim=1)
         inter = torch.bmm(z, z.transpose(1, 2))[:, self.li, self.lj]
         return self.top(torch.cat([x, inter], dim=1))
+
+
+def ctr_config(size: str, tables: list[int], dense: int, bag: int) -> dict[str, Any]:
+    """``size``'s widths with tables, dense width and bag length from the data.
+
+    ``tables`` are row counts including the padding row 0 (cardinality + 1).
+    """
+    cfg = dict(SIZES[size])
+    cfg.update(tables=[int(n) for n in tables], dense=int(dense), bag=int(bag), padding=True)
+    return cfg
+
+
+def sparse_sampler(cfg: dict[str, Any]):  # -> Callable[[int, Generator], Tensor]
+    """``draw(batch, generator) -> (batch, tables, bag)`` ids, each table's own
+    range with a Zipf skew (ids start at 1 where id 0 is padding)."""
+    low = 1 if cfg.get("padding") else 0
+    samplers = [ZipfIds(n - low, low=low, table_seed=t) for t, n in enumerate(cfg["tables"])]
+
+    def draw(batch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.stack([s((batch, cfg["bag"]), generator) for s in samplers], dim=1)
+
+    return draw
 
 
 def _build(size: str):
@@ -71,13 +107,12 @@ def _build(size: str):
                 m.bias.data.uniform_(-0.2, 0.2)
         model.eval()
         smallest = min(cfg["tables"])
+        draw = sparse_sampler(cfg)
 
         def make(batch: int = 4, seq: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
             g = torch.Generator().manual_seed(seed)
-            return {
-                "dense": torch.randn(batch, cfg["dense"], generator=g),
-                "sparse": torch.randint(0, smallest, (batch, len(cfg["tables"]), cfg["bag"]), generator=g),
-            }
+            dense = torch.randn(batch, cfg["dense"], generator=g)
+            return {"dense": dense, "sparse": draw(batch, g)}
 
         return ZooModel(
             name=f"dlrm:{size}",

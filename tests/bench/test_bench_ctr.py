@@ -1,0 +1,67 @@
+"""The harness on CTR models: held-out clicks scored as AUC/logloss, the fidelity bar
+and "best" on those metrics, the report's columns, and Os in the default
+pipelines of embedding-dominated models only."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from graphopt.bench.accuracy import ClickEvalData, evaluate_clicks, make_evaluator
+from graphopt.bench.report import BenchReport, accuracy_score
+from graphopt.bench.variants import DEFAULT_PIPELINES, SIZE_PIPELINE, default_pipelines, embedding_share
+from graphopt.errors import GraphoptError
+
+
+def test_clicks_are_scored_as_auc_and_logloss():
+    logits = torch.tensor([0.0, math.log(3.0), 2.0, -1.0])
+
+    def model(rows: torch.Tensor) -> tuple[torch.Tensor]:
+        return (logits[rows].unsqueeze(1),)  # one logit per row, (batch, 1)
+
+    data = ClickEvalData([(torch.tensor([0, 1]),), (torch.tensor([2, 3]),)], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    out = evaluate_clicks(model, data)
+    assert out["auc"] == pytest.approx(0.75)  # positives {0, 2}, negatives {ln 3, -1}: 0 < ln 3 is the one miss
+    expected = (math.log(2) + math.log(4) + math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0))) / 4
+    assert out["logloss"] == pytest.approx(expected, rel=1e-6)
+    assert make_evaluator({"batches": data.batches, "labels": [1, 0, 1, 0]})(model) == out  # routed by 'labels'
+    with pytest.raises(GraphoptError, match="3 labels but the batches give 4 scores"):
+        evaluate_clicks(model, ClickEvalData(data.batches, torch.tensor([1.0, 0.0, 1.0])))
+
+
+def _report(evals: dict[str, dict[str, float]], speedups: dict[str, float]) -> BenchReport:
+    variants = [{"name": n, "kind": "baseline" if n == "eager" else "graphopt", "status": "ok", "eval": e,
+                 "compile_s": 1.0, "size_bytes": 1 << 20, "size_kind": "artifact", "memory": {}, "notes": [],
+                 "reason": ""} for n, e in evals.items()]
+    results = [{"shape": "b256", "batch": 256, "seq": None, "variant": n, "status": "ok",
+                "latency": {"p50_ms": 1.0 / speedups[n], "p99_ms": 2.0 / speedups[n]},
+                "speedup": {"speedup": speedups[n], "speedup_p10": speedups[n], "speedup_p90": speedups[n]},
+                "accuracy": {"topk_overlap": 0.5, "cosine": 0.9}} for n in evals]  # poor overlap: eval data decides
+    return BenchReport("dlrm", 0.0, 1.0, {}, {"k": 10, "timing": {"warmup": 1, "rounds": 2}}, variants, results,
+                       eval_reference=dict(evals["eager"]))
+
+
+def test_best_ctr_variant_keeps_auc_and_logloss_within_the_bar():
+    rep = _report({"eager": {"auc": 0.77, "logloss": 0.55},
+                   "Os": {"auc": 0.7690, "logloss": 0.5510},       # -0.13%, +0.18%: kept
+                   "Oz": {"auc": 0.7700, "logloss": 0.5540},       # logloss 0.73% worse: below the bar
+                   "int8": {"auc": 0.7600, "logloss": 0.5500}},    # AUC -1.3%
+                  {"eager": 1.0, "Os": 1.5, "Oz": 2.0, "int8": 3.0})
+    assert rep.best("b256") == "Os"
+    assert rep.fidelity(rep.rows("b256")[2]) == (False, "logloss -0.73% vs eager (bar -0.5%)")
+    header, rows = rep.table("b256")
+    assert header[5:7] == ["AUC Δ%", "logloss Δ%"]
+    assert rows[1][0] == "Os ★" and rows[1][5:7] == ["-0.13%", "-0.18%"]  # negative = worse, for both
+    assert rows[2][0] == "Oz ✗" and rows[3][0] == "int8 ✗"
+    score, label = accuracy_score(rep.rows("b256")[3], rep.variant("int8"), rep.eval_reference)
+    assert label == "AUC vs eager (%)" and score == pytest.approx(-100 * 0.01 / 0.77)
+
+
+def test_size_pipeline_is_a_default_for_embedding_dominated_models_only(program):
+    dlrm = program("dlrm:tiny")
+    assert embedding_share(dlrm) > 0.5 and default_pipelines(dlrm) == (*DEFAULT_PIPELINES, SIZE_PIPELINE)
+    # near miss: BERT4Rec's item table is tied to its scoring head, so it counts as a dense weight
+    bert = program("bert4rec:tiny")
+    assert embedding_share(bert) < 0.5 and default_pipelines(bert) == DEFAULT_PIPELINES
