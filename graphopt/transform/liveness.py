@@ -44,6 +44,21 @@ _EMBEDDING_TABLE_OPS = (
 )
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.bool)
 _NIBBLE_OPS = (aten.bitwise_right_shift.Tensor_Scalar, aten.__rshift__.Scalar)
+#: quantize-embeddings{bits=4} unpacks the high nibble as floor(code * 1/16) in float (TensorRT has no shifts)
+_NIBBLE_SCALE = 0.0625
+
+
+def _unpacks_nibbles(gathered: torch.fx.Node) -> bool:
+    """Whether the gathered codes are split into nibbles: a shift, or floor(float(codes) / 16)."""
+    for user in gathered.users:
+        if user.target in _NIBBLE_OPS:
+            return True
+        if user.target is aten._to_copy.default:
+            for mul in user.users:
+                if (mul.target is aten.mul.Tensor and _NIBBLE_SCALE in mul.args[1:]
+                        and any(u.target is aten.floor.default for u in mul.users)):
+                    return True
+    return False
 
 #: a size as {monomial in the size symbols: integer coefficient}
 Poly = dict[Any, int]
@@ -186,7 +201,7 @@ def _dtype_label(node: torch.fx.Node, value: torch.Tensor) -> str:
     name = str(value.dtype).replace("torch.", "")
     if value.dtype == torch.uint8:  # quantize-embeddings{bits=4} packs two codes per byte
         for user in node.users:
-            if user.target in _EMBEDDING_TABLE_OPS and any(u.target in _NIBBLE_OPS for u in user.users):
+            if user.target in _EMBEDDING_TABLE_OPS and _unpacks_nibbles(user):
                 return "uint8 (4-bit packed)"
     return name
 
