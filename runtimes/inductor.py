@@ -23,7 +23,7 @@ from graphopt.runtimes.torch_graph import move_graph_module, to_device
 from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Option, Runner, resolve_device
 
-__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on"]
+__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on", "inductor_configs"]
 
 
 def export_on(program: Program, device: str) -> torch.export.ExportedProgram:
@@ -59,6 +59,12 @@ class InductorRunner(Runner):
         self._model = None
 
 
+def _check_backends(text: str) -> str | None:
+    bad = [b for b in text.upper().split(",") if b not in ("CPP", "ATEN", "TRITON")]
+    return f"unknown GEMM backend(s) {', '.join(bad)}; choose from CPP, ATEN, TRITON" if bad else None
+
+
+
 class InductorBackend(Backend):
     name = "inductor"
     summary = "AOTInductor package (torch._inductor.aoti_compile_and_package), frozen weights, dynamic batch/seq"
@@ -66,6 +72,11 @@ class InductorBackend(Backend):
         Option("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
         Option("freezing", bool, True, "fold weights into the compiled graph"),
         Option("max_autotune", bool, False, "autotune GEMM/conv kernels (much slower compile)"),
+        Option("gemm_backends", str, "CPP,ATEN", "GEMM candidates max_autotune tries (CPP = Inductor's CPU GEMM template)",
+               check=_check_backends),
+        Option("concat_linear", bool, False, "concatenate linears that share an input (cpp.enable_concat_linear)"),
+        Option("threads", int, 0, "OpenMP threads the CPU kernels are compiled for (0: torch's count when lowering)",
+               check=lambda n: "must be >= 0" if n < 0 else None),
     )
     runner_class = InductorRunner
 
@@ -84,9 +95,21 @@ class InductorBackend(Backend):
 
         device = resolve_device(options["device"], self.name)
         ep = export_on(program, device)
-        configs = {"freezing": options["freezing"], "max_autotune": options["max_autotune"]}
+        configs = inductor_configs(options)
         torch._inductor.aoti_compile_and_package(ep, package_path=str(out / "model.pt2"), inductor_configs=dict(configs))
         return {"entry": "model.pt2", "device": device, "inductor_configs": configs}
+
+
+def inductor_configs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``torch._inductor.config`` keys a set of lowering options means."""
+    configs: dict[str, Any] = {"freezing": options["freezing"], "max_autotune": options["max_autotune"]}
+    if options["max_autotune"]:
+        configs["max_autotune_gemm_backends"] = options["gemm_backends"]
+    if options["concat_linear"]:
+        configs["cpp.enable_concat_linear"] = True
+    # the CPU kernels' `omp parallel num_threads(N)` is fixed at compile time: record N
+    configs["cpp.threads"] = options["threads"] or torch.get_num_threads()
+    return configs
 
 
 BACKEND = InductorBackend()
