@@ -7,12 +7,15 @@ GEMM template, concat-linear, and the thread count the kernels are compiled for.
 
 Per (model, precision) the Program (``O2`` or ``O2,cast{dtype=bf16}``) is lowered
 once per setting with ``graphopt.lower(program, "inductor", ...)``; compile time
-is the lowering's wall time. Then every setting runs interleaved at each batch
-size (``graphopt.bench.timing.run_interleaved``: warm-up, ``--rounds`` rounds,
-median per call), and the table gives p50 ms and the ratio to ``default``
-(freezing on, everything else off) of the same model, precision and batch.
-``threads-N`` compiles for N threads and runs with ``torch.set_num_threads(N)``;
-every other setting uses ``--threads``. Writes a markdown table (and ``.json``
+is the lowering's wall time. Then the settings run interleaved at each batch
+size: ``--rounds`` rounds, the order rotated every round, each setting's thread
+count set and one untimed call made before its timed calls (switching thread
+counts slows the first call after the switch), median of the round medians.
+The table gives p50 ms and the ratio to ``default`` (freezing on, everything
+else off) of the same model, precision and batch. ``threads-N`` compiles for N
+threads and runs with ``torch.set_num_threads(N)``; every other setting uses
+``--threads``. On a machine loaded past its core count, more threads than free
+cores only measure OpenMP's barrier waits: read threads-N on an idle machine. Writes a markdown table (and ``.json``
 beside it) with the CPU model, flags, load average and versions.
 
 A full run (2 models x 2 precisions x 5 settings = 20 AOTInductor compiles, the
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 
 import graphopt
-from graphopt.bench.timing import TimingConfig, machine_info, run_interleaved
+from graphopt.bench.timing import machine_info
 from graphopt.rec.zoo import load_model
 
 PRECISIONS = {"fp32": "O2", "bf16": "O2,cast{dtype=bf16}"}
@@ -51,6 +54,26 @@ def _threads(setting: str, default: int) -> int:
     return int(setting.split("-")[1]) if setting.startswith("threads-") else default
 
 
+def _time(runners: dict, x: tuple, rounds: int, calls: int) -> dict[str, float]:
+    """Median per-call seconds of each runner: per round, in an order rotated every round
+    (no setting always runs right after another), set its thread count, make one untimed
+    call (a thread-count switch costs the first call), then time ``calls`` calls."""
+    names = list(runners)
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runner, n, _ = runners[name]
+            torch.set_num_threads(n)
+            runner(*x)
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                runner(*x)
+                times.append(time.perf_counter() - start)
+            per_round[name].append(statistics.median(times))
+    return {n: statistics.median(v) for n, v in per_round.items()}
+
+
 def measure(model: str, precision: str, settings: list[str], batches: list[int], seq: int, threads: int,
             rounds: int, work: Path) -> list[dict]:
     zm = load_model(model)
@@ -60,28 +83,26 @@ def measure(model: str, precision: str, settings: list[str], batches: list[int],
         n = _threads(setting, threads)
         torch.set_num_threads(n)
         options = {**SETTINGS[setting], "threads": n, "device": "cpu"}
-        start = time.perf_counter()
-        try:
-            graphopt.lower(program, "inductor", work / f"{model}-{precision}-{setting}".replace(":", "_"), **options)
-        except Exception as e:  # noqa: BLE001 - a setting that does not compile is a row with the reason
-            rows.append({"model": model, "precision": precision, "setting": setting, "error": str(e)[:200]})
-            continue
-        compile_s = time.perf_counter() - start
-        runner = graphopt.load(work / f"{model}-{precision}-{setting}".replace(":", "_"))
+        folder = work / f"{model}-{precision}-{setting}".replace(":", "_")
+        compile_s = None
+        if not (folder / "manifest.json").is_file():  # --work keeps packages between runs
+            start = time.perf_counter()
+            try:
+                graphopt.lower(program, "inductor", folder, **options)
+            except Exception as e:  # noqa: BLE001 - a setting that does not compile is a row with the reason
+                rows.append({"model": model, "precision": precision, "setting": setting, "error": str(e)[:200]})
+                continue
+            compile_s = time.perf_counter() - start
+            (folder / "compile_s.txt").write_text(f"{compile_s}\n")
+        compile_s = compile_s or float((folder / "compile_s.txt").read_text())
+        runner = graphopt.load(folder)
         runner.activate()
         runners[setting] = (runner, n, compile_s)
         print(f"  {model} {precision} {setting}: compiled in {compile_s:.0f}s", flush=True)
     for batch in batches:
         x = tuple(zm.make_inputs(batch=batch, seq=seq, seed=0).values())
-
-        def call(runner=None, n=1, x=x):  # type: ignore[no-untyped-def]
-            if torch.get_num_threads() != n:
-                torch.set_num_threads(n)
-            return runner(*x)
-
-        fns = {s: (lambda r=r, n=n: call(r, n)) for s, (r, n, _) in runners.items()}
-        samples = run_interleaved(fns, TimingConfig(warmup=3, rounds=rounds))
-        p50 = {s: statistics.median(samples[s].round_medians()) * 1e3 for s in fns}
+        calls = 5 if batch <= 8 else 2
+        p50 = {s: t * 1e3 for s, t in _time(runners, x, rounds, calls).items()}
         base = p50.get("default")
         for s, (_, n, compile_s) in runners.items():
             rows.append({"model": model, "precision": precision, "setting": s, "batch": batch, "threads": n,
@@ -115,15 +136,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="threads of every setting but threads-N")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("-o", "--output", default="inductor-settings.md")
+    ap.add_argument("--work", help="keep the compiled packages here and reuse them (default: a temporary folder)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="graphopt-settings-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
         for model in args.models.split(","):
             for precision in args.precisions.split(","):
                 rows += measure(model, precision, args.settings.split(","), [int(b) for b in args.batch_sizes.split(",")],
-                                args.seq, args.threads, args.rounds, Path(tmp))
+                                args.seq, args.threads, args.rounds, work)
     cpu = machine_info()
     head = (f"# Inductor settings\n\n`python benchmarks/bench_inductor_settings.py {' '.join(sys.argv[1:])}`, "
             f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s. CPU: {cpu['cpu']} "

@@ -38,7 +38,7 @@ TOLERANCE = {"bf16": 0.1, "fp16": 0.02}
 def _check_keep(entries: tuple[str, ...]) -> str | None:
     for e in entries:
         if e not in FP32_FAMILIES and e not in ("score", "tail") and not hasattr(aten, e):
-            return f"{e!r} is neither an op family ({', '.join(FP32_FAMILIES)}, score) nor an aten op"
+            return f"{e!r} is neither an op family ({', '.join(FP32_FAMILIES)}, score, tail) nor an aten op"
     return None
 
 
@@ -46,40 +46,57 @@ def _check_keep(entries: tuple[str, ...]) -> str | None:
 class Cast(Pass):
     """Run matrix ops (and, with ``policy=fast``, everything else) in bf16/fp16.
 
-    Matches every call whose floating tensors are fp32, and decides its
-    compute dtype by ``policy``:
+    Matches every call whose floating tensors are fp32 and gives it a compute
+    dtype by ``policy``:
 
-    - ``mixed`` (default; what keeps the ranking): the matrix ops (linear,
-      matmul/mm/bmm/addmm/baddbmm, scaled_dot_product_attention, convolutions)
-      take low-precision inputs and weights; every other op computes in the
-      dtype its inputs promote to (fp32 if any float input is fp32), so the
-      residual stream, embeddings and their sums stay fp32 and a GEMM's bf16
-      output meets fp32 at the next add. This is ``torch.autocast("cpu")``'s
-      rule, plus the ``keep`` families forced to fp32 even on low inputs.
+    - ``mixed`` (default): matrix ops (linear, matmul/mm/bmm/addmm/baddbmm,
+      ``_addmm_activation``, scaled_dot_product_attention, convolutions) take
+      low-precision inputs and weights (oneDNN and Inductor accumulate them in
+      fp32 and round the output); every other op computes in the dtype its
+      inputs promote to, so the residual stream, embeddings and their sums stay
+      fp32 and a GEMM's bf16 output is widened where it meets them. Without
+      ``score``/``tail`` this is ``torch.autocast("cpu", bfloat16)``'s
+      arithmetic, bit for bit (tested on MiniLM-L6).
     - ``fast``: every op but the ``keep`` families computes in low precision
-      (the residual stream is bf16: fewer bytes, looser ranking).
+      (a bf16 residual stream: looser ranking, not faster under Inductor here).
 
-    ``keep`` (both policies) runs in fp32: layer/rms/group/batch norms,
+    ``keep`` runs in fp32 under both policies: layer/rms/group/batch norms,
     softmax, log_softmax, reductions (sums, means, and scatters that
-    accumulate: index_add, embedding_bag, ...), ``score`` = the last
-    linear/matmul feeding each output with its bias (the catalogue scores:
-    bf16 keeps 8 bits, so scores 4.01 and 4.02 tie), or any aten op name.
-    Produces low-precision weights where every reader (through views) computes
-    low, and one ``aten._to_copy`` per (tensor, dtype) at each precision
-    boundary; ``fast`` also turns ``dtype=float32`` arguments (``full``,
-    ``arange``, ``_to_copy``) into the target dtype. Inputs and outputs keep
-    fp32 unless ``io=native``. Export's ``_assert_tensor_metadata`` checks
-    follow the new dtypes. Requires shapes; preserves shapes (re-inferred).
-    Approximate: tolerance 0.1 (bf16) / 0.02 (fp16), atol = rtol.
+    accumulate: index_add, embedding_bag, ...; reported as declined when
+    their inputs were low), ``score`` = the last matrix op feeding each output
+    with its bias (the catalogue's scores: bf16 keeps 8 bits, so nearby
+    scores tie), ``tail`` = matrix ops on a sliver of the rows the others see
+    (after prune-positions: the positions the outputs read, i.e. the last
+    layer's query rows and FFN; 1/seq of a layer's cost), or any aten op.
 
-    Measured (``benchmarks/bench_precision.py --policies``, AMD EPYC avx512_bf16,
-    no AMX; see benchmarks/README.md): POLICY_MEASUREMENTS.
+    Policy by measurement (``benchmarks/bench_bf16_policy.py``; AMD EPYC
+    avx512_bf16, no AMX; eager numerics; top-10 overlap with eager fp32 over
+    256 rows, seq 64; the fine-tuned demo bert4rec:base on MovieLens-100K,
+    943 test users, NDCG@10 change vs eager fp32):
 
-    Backends: bf16 pays on CPUs with native bf16 matmuls (AVX512-BF16, AMX)
-    and GPUs; emulated and slower elsewhere. fp16 is for GPU backends. ONNX
-    Runtime's CPU provider has no bf16 kernels: its lowerer refuses bf16.
+    POLICY_TABLE
+
+    The fp32 head lifts top-10 from autocast's level, the fp32 tail removes
+    the rest; the fp32 residual stream is what ``fast`` gives up. On Inductor
+    (``graphopt bench`` bert4rec:base, 1 thread, loaded machine) ``mixed`` ran
+    SPEED_LINE.
+
+    Produces low-precision weights where every reader (through views)
+    computes low, and one ``aten._to_copy`` per (tensor, dtype) at each
+    precision boundary; views and explicit conversions follow their input;
+    ``fast`` also turns ``dtype=float32`` arguments (``full``, ``arange``,
+    ``_to_copy``) into the target dtype. Export's ``_assert_tensor_metadata``
+    checks follow the new dtypes; a captured ``view`` that relied on fp32's
+    output layout (T5 after bf16 SDPA) becomes a ``reshape``. Inputs and
+    outputs keep their dtypes unless ``io=native``. Requires shapes;
+    preserves shapes (re-inferred). Approximate: tolerance 0.1 (bf16) / 0.02
+    (fp16), atol = rtol. Idempotent.
+
+    Backends: bf16 pays where matmuls are native bf16 (AVX512-BF16, AMX,
+    GPUs); fp16 is for GPU backends; ONNX Runtime's CPU provider has no bf16
+    kernels, so its lowerer refuses bf16 Programs.
     Before/after (mixed): ``x + linear(layer_norm(x), w)`` ->
-    ``x + linear(_to_copy(layer_norm(x), bf16), w_bf16)`` (the add promotes to fp32).
+    ``x + _to_copy(linear(_to_copy(layer_norm(x), bf16), w_bf16), fp32)``.
     """
 
     name = "cast"
@@ -87,7 +104,8 @@ class Cast(Pass):
         Option("dtype", str, "bf16", "target dtype", choices=tuple(_DTYPES)),
         Option("policy", str, "mixed", "mixed: matrix ops low, the rest fp32; fast: all low but keep",
                choices=POLICIES),
-        Option("keep", list, DEFAULT_KEEP, "op families / aten ops kept in fp32 ('score' = the output head)",
+        Option("keep", list, DEFAULT_KEEP, "op families / aten ops kept in fp32 (score = the output head, "
+               "tail = the rows prune-positions kept)",
                check=_check_keep),
         Option("io", str, "preserve", "inputs/outputs: keep their dtypes or use the target's",
                choices=("preserve", "native")),

@@ -1,7 +1,7 @@
 """PNG plots of a BenchReport (matplotlib, Agg backend; imported only when saving).
 
 ``latency.png``: p50 bars with a p90 whisker on a linear axis from 0, each bar
-labelled with its p50 and speedup over eager. ``tradeoff.png``: speedup vs
+labelled with its p50, speedup over eager and ✗ below the fidelity bar. ``tradeoff.png``: speedup vs
 accuracy (NDCG@10 change vs eager in %, with eval data; else top-10 overlap with
 eager), zoomed to the data, the fidelity bar drawn and the region below it
 shaded. Points carry numbers, not names (names of close points collide): one
@@ -38,7 +38,8 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 def plot_latency(report: BenchReport, path: Path) -> Path:
     """p50 latency (bar) with p90 whisker, one panel per shape, on a linear axis from 0
-    (bar lengths compare honestly), each bar labelled "p50 ms · speedup"."""
+    (bar lengths compare honestly), each bar labelled "p50 ms · speedup" (and ✗ where
+    the variant is below the fidelity bar)."""
     plt = _pyplot()
     shapes = report.shapes or ["-"]
     names = [v["name"] for v in report.variants]
@@ -51,7 +52,7 @@ def plot_latency(report: BenchReport, path: Path) -> Path:
             lat = r.get("latency") or {}
             ok = r.get("status") == "ok" and lat
             p50s.append(lat["p50_ms"] if ok else 0.0)
-            errs.append(max(0.0, lat["p90_ms"] - lat["p50_ms"]) if ok else 0.0)
+            errs.append(max(0.0, lat.get("p90_ms", lat["p50_ms"]) - lat["p50_ms"]) if ok else 0.0)
             colours.append(_KIND_COLOURS.get(report.variant(name)["kind"], "#999999"))
         ys = list(range(len(names)))
         ax.barh(ys, p50s, xerr=[[0.0] * len(errs), errs], color=colours, alpha=0.85, error_kw={"elinewidth": 0.8})
@@ -64,6 +65,8 @@ def plot_latency(report: BenchReport, path: Path) -> Path:
                 continue
             speed = r.get("speedup", {}).get("speedup")
             text = f"{p:,.{2 if p < 100 else 0}f} ms" + (f" · {speed:.2f}x" if speed and name != "eager" else "")
+            if r.get("accuracy") and not report.acceptable(r):
+                text += " · ✗ below the fidelity bar"
             ax.text(p + e + 0.01 * top, y, text, va="center", fontsize=7)
         ax.set_yticks(ys, names, fontsize=7)
         ax.invert_yaxis()
@@ -131,8 +134,8 @@ def plot_tradeoff(report: BenchReport, path: Path) -> Path:
 
     shapes = report.shapes or ["-"]
     numbers = {v["name"]: i + 1 for i, v in enumerate(report.variants)}
-    fig = plt.figure(figsize=(5.0 * len(shapes) + 3.4, 4.6))
-    grid = fig.add_gridspec(1, len(shapes) + 1, width_ratios=[5.0] * len(shapes) + [3.4])
+    fig = plt.figure(figsize=(5.0 * len(shapes) + 2.8, 4.6))
+    grid = fig.add_gridspec(1, len(shapes) + 1, width_ratios=[5.0] * len(shapes) + [2.8])
     panels = []
     for i, shape in enumerate(shapes):
         ax = fig.add_subplot(grid[0, i])

@@ -2,7 +2,8 @@
 
 Hugging Face encoder (random and the real pretrained MiniLM-L6), decoder (GPT-2),
 encoder-decoder (T5, one decoder step), EmbeddingBag with per-sample weights and
-hand-written attention, each through ``O2,cast{dtype=bf16}`` (both policies),
+hand-written attention, each through ``O2,cast{dtype=bf16}`` (policy=fast too where
+the old cast failed),
 within the bf16 tolerance (0.1, atol = rtol) of the fp32 Program at two input
 shapes. The root causes of the failures seen before, one test each:
 export's ``_assert_tensor_metadata`` carrying its dtype positionally (GPT-2, T5),
@@ -42,8 +43,11 @@ def _close(out, ref, tol: float) -> None:  # type: ignore[no-untyped-def]
         torch.testing.assert_close(o, r, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("policy", ["mixed", "fast"])
-@pytest.mark.parametrize("name", list(BEYOND_ZOO))
+#: every model with the default policy; the fast one where the old cast failed at run time
+_CASES = [(name, "mixed") for name in BEYOND_ZOO] + [(name, "fast") for name in ("gpt2", "t5", "bags")]
+
+
+@pytest.mark.parametrize(("name", "policy"), _CASES)
 def test_bf16_pipeline_runs_and_matches_fp32(name, policy):
     ref = _program(name)
     out, report = graphopt.optimize(ref, f"O2,cast{{dtype=bf16 policy={policy}}}")
@@ -117,11 +121,12 @@ def test_bags_bf16_runs_on_inductor(tmp_path):
 
 
 def test_default_ranks_better_than_autocast_on_pretrained_minilm():
-    """Real pretrained MiniLM-L6 scoring 64 items. ``policy=mixed`` without score/tail in
-    keep is torch.autocast's arithmetic, bit for bit; the default adds the fp32 head and
-    keeps more of eager fp32's top 10 (measured: 1.000 vs autocast's 0.997)."""
+    """Real pretrained MiniLM-L6 (2 layers) scoring 64 items. ``policy=mixed`` without
+    score/tail in keep is torch.autocast's arithmetic, bit for bit; the default adds the
+    fp32 head and keeps more of eager fp32's top 10 (measured over 960 top-10 slots:
+    0.9990 vs autocast's 0.9969; seeds 3 and 5: 0.9948 vs 0.9917, 0.9979 vs 0.9958)."""
     ref = _program("minilm")
-    x = _inputs("minilm", seed=3, batch=32, seq=16)
+    x = _inputs("minilm", seed=4, batch=96, seq=16)
     (want,) = ref(*x)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         (autocast,) = ref(*x)
