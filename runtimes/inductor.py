@@ -13,6 +13,7 @@ Artifact: ``model.pt2`` (the AOTI package). Runs on CUDA when lowered with
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,46 @@ from graphopt.runtimes.torch_graph import move_graph_module, to_device
 from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Option, Runner, resolve_device
 
-__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on"]
+__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on", "inductor_configs"]
 
 
 def export_on(program: Program, device: str) -> torch.export.ExportedProgram:
     """``program.export()`` with weights, constants and example inputs on ``device``."""
+    program = unfuse_linear_act(program)
     if device == "cpu":
         return program.export()
     gm = move_graph_module(program.copy().gm, device)
     args = tuple(t.to(device) for t in program.sample_inputs())
     dims = tuple({d: torch.export.Dim.AUTO for d in s.dynamic} or None for s in program.inputs)
     return torch.export.export(gm, args, dynamic_shapes=dims, strict=False)
+
+
+def unfuse_linear_act(program: Program) -> Program:
+    """``_addmm_activation(b, x, w)`` (fuse-linear-act's one-kernel linear+relu/gelu for
+    eager and TorchScript) back to ``act(addmm(b, x, w))`` for Inductor, whose own
+    pattern fuses that into oneDNN's linear with prepacked weights and the activation
+    as a post-op; the ATen ``_addmm_activation`` it would call instead has neither
+    (bf16 on CPU even runs the gelu as a separate pass). Measured on bert4rec:base
+    bf16, batch 1, seq 64, 1 thread: 2.23x -> 2.60x eager; batch 32 unchanged.
+    The weights stay shared with ``program`` (only the graph is copied)."""
+    aten = torch.ops.aten
+    if not any(n.target is aten._addmm_activation.default for n in program.gm.graph.nodes):
+        return program
+    graph = copy.deepcopy(program.gm.graph)
+    for node in [n for n in graph.nodes if n.target is aten._addmm_activation.default]:
+        bias, x, w = node.args[:3]
+        kwargs = {k: v for k, v in node.kwargs.items() if k in ("beta", "alpha")}
+        act = aten.gelu.default if node.kwargs.get("use_gelu", False) else aten.relu.default
+        with graph.inserting_before(node):
+            mm = graph.call_function(aten.addmm.default, (bias, x, w), kwargs)
+            out = graph.call_function(act, (mm,))
+        for new in (mm, out):
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    gm = torch.fx.GraphModule(program.gm, graph)
+    return Program(gm, copy.deepcopy(program.inputs), program.output_names, name=program.name,
+                   example_inputs=program.example_inputs, pipeline=program.pipeline, meta=program.meta)
 
 
 class InductorRunner(Runner):
@@ -59,6 +89,12 @@ class InductorRunner(Runner):
         self._model = None
 
 
+def _check_backends(text: str) -> str | None:
+    bad = [b for b in text.upper().split(",") if b not in ("CPP", "ATEN", "TRITON")]
+    return f"unknown GEMM backend(s) {', '.join(bad)}; choose from CPP, ATEN, TRITON" if bad else None
+
+
+
 class InductorBackend(Backend):
     name = "inductor"
     summary = "AOTInductor package (torch._inductor.aoti_compile_and_package), frozen weights, dynamic batch/seq"
@@ -66,6 +102,11 @@ class InductorBackend(Backend):
         Option("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
         Option("freezing", bool, True, "fold weights into the compiled graph"),
         Option("max_autotune", bool, False, "autotune GEMM/conv kernels (much slower compile)"),
+        Option("gemm_backends", str, "CPP,ATEN", "GEMM candidates max_autotune tries (CPP = Inductor's CPU GEMM template)",
+               check=_check_backends),
+        Option("concat_linear", bool, False, "concatenate linears that share an input (cpp.enable_concat_linear)"),
+        Option("threads", int, 0, "OpenMP threads the CPU kernels are compiled for (0: torch's count when lowering)",
+               check=lambda n: "must be >= 0" if n < 0 else None),
     )
     runner_class = InductorRunner
 
@@ -84,9 +125,21 @@ class InductorBackend(Backend):
 
         device = resolve_device(options["device"], self.name)
         ep = export_on(program, device)
-        configs = {"freezing": options["freezing"], "max_autotune": options["max_autotune"]}
+        configs = inductor_configs(options)
         torch._inductor.aoti_compile_and_package(ep, package_path=str(out / "model.pt2"), inductor_configs=dict(configs))
         return {"entry": "model.pt2", "device": device, "inductor_configs": configs}
+
+
+def inductor_configs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``torch._inductor.config`` keys a set of lowering options means."""
+    configs: dict[str, Any] = {"freezing": options["freezing"], "max_autotune": options["max_autotune"]}
+    if options["max_autotune"]:
+        configs["max_autotune_gemm_backends"] = options["gemm_backends"]
+    if options["concat_linear"]:
+        configs["cpp.enable_concat_linear"] = True
+    # the CPU kernels' `omp parallel num_threads(N)` is fixed at compile time: record N
+    configs["cpp.threads"] = options["threads"] or torch.get_num_threads()
+    return configs
 
 
 BACKEND = InductorBackend()

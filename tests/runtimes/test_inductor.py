@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import graphopt
 from graphopt.runtime import available_runtimes, lower
@@ -28,3 +29,53 @@ def test_int8_program_compiles_and_matches_eager(program, tmp_path):
             assert got.shape == want.shape
             # int8 tolerance: oneDNN int8 GEMMs vs fake-quant fp32 math
             assert (got - want).abs().max().item() <= 2e-2 + 2e-2 * want.abs().max().item()
+
+
+def test_unfuse_linear_act_hands_inductor_addmm_and_gelu(program):
+    """fuse-linear-act's _addmm_activation becomes addmm + gelu for Inductor (which fuses
+    that into a prepacked oneDNN linear): exact, weights shared, near miss untouched."""
+    from graphopt.runtimes.inductor import unfuse_linear_act
+
+    aten = torch.ops.aten
+    fused, _ = graphopt.optimize(program("bert4rec:tiny"), "O2")
+    n_fused = sum(n.target is aten._addmm_activation.default for n in fused.gm.graph.nodes)
+    assert n_fused > 0
+    plain = unfuse_linear_act(fused)
+    targets = [n.target for n in plain.gm.graph.nodes]
+    assert aten._addmm_activation.default not in targets
+    assert targets.count(aten.gelu.default) == n_fused and targets.count(aten.addmm.default) >= n_fused
+    plain.gm.graph.lint()
+    shared = dict(fused.gm.named_parameters())
+    assert all(p is shared[name] for name, p in plain.gm.named_parameters())
+    x = fused.sample_inputs(batch=3, seq=10, seed=2)
+    torch.testing.assert_close(plain(*x), fused(*x), atol=1e-5, rtol=1e-5)
+    untouched = program("dlrm:tiny")  # no fusion ran: nothing to undo
+    assert unfuse_linear_act(untouched) is untouched
+
+
+def test_bf16_mixed_program_lowers_with_the_settings(program, tmp_path):
+    """The default bf16 pipeline through AOTInductor with lowering options: the manifest
+    records the Inductor config (threads baked into the kernels), outputs within bf16's
+    tolerance of the bf16 Program at two shapes of one package."""
+    status = available_runtimes()["inductor"]
+    if not status.available:
+        pytest.skip(status.reason)
+    from graphopt.passes.cast import TOLERANCE
+
+    ref = program("bert4rec:tiny")
+    bf16, _ = graphopt.optimize(ref, "O2,cast{dtype=bf16}", verify_each=False)
+    artifact = lower(bf16, "inductor", tmp_path / "aoti", device="cpu", threads=1, concat_linear=True)
+    configs = artifact.manifest["backend"]["inductor_configs"]
+    assert configs["cpp.threads"] == 1 and configs["cpp.enable_concat_linear"] is True and configs["freezing"] is True
+    with graphopt.load(artifact.path) as runner:
+        for batch, seq in [(1, 8), (3, 12)]:
+            feeds = ref.sample_inputs(batch=batch, seq=seq, seed=3)
+            (got,), (want,) = runner(*feeds), ref(*feeds)
+            torch.testing.assert_close(got, want, atol=TOLERANCE["bf16"], rtol=TOLERANCE["bf16"])
+
+
+def test_lowering_options_are_checked(program, tmp_path):
+    from graphopt.errors import LoweringError
+
+    with pytest.raises(LoweringError, match="unknown GEMM backend"):
+        lower(program("dlrm:tiny"), "inductor", tmp_path / "x", gemm_backends="CPP,CUTLASS")

@@ -1,0 +1,161 @@
+"""Which Inductor settings pay on this CPU: freezing, max-autotune with the CPP
+GEMM template, concat-linear, and the thread count the kernels are compiled for.
+
+    python benchmarks/bench_inductor_settings.py [--models bert4rec:base,bert-cls:base]
+        [--precisions fp32,bf16] [--settings default,no-freezing,autotune,concat-linear,threads-2]
+        [--batch-sizes 1,32] [--seq 64] [--threads 1] [--rounds 10] [-o out.md]
+
+Per (model, precision) the Program (``O2`` or ``O2,cast{dtype=bf16}``) is lowered
+once per setting with ``graphopt.lower(program, "inductor", ...)``; compile time
+is the lowering's wall time. Then the settings run interleaved at each batch
+size: ``--rounds`` rounds, the order rotated every round, each setting's thread
+count set and one untimed call made before its timed calls (switching thread
+counts slows the first call after the switch), median of the round medians.
+The table gives p50 ms and the ratio to ``default`` (freezing on, everything
+else off) of the same model, precision and batch. ``threads-N`` compiles for N
+threads and runs with ``torch.set_num_threads(N)``; every other setting uses
+``--threads``. On a machine loaded past its core count, more threads than free
+cores only measure OpenMP's barrier waits: read threads-N on an idle machine. Writes a markdown table (and ``.json``
+beside it) with the CPU model, flags, load average and versions.
+
+A full run (2 models x 2 precisions x 5 settings = 20 AOTInductor compiles, the
+autotuned ones slowest) takes about an hour on a loaded 2-core EPYC; on an idle
+one about 20 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import graphopt
+from graphopt.bench.timing import machine_info
+from graphopt.rec.zoo import load_model
+
+PRECISIONS = {"fp32": "O2", "bf16": "O2,cast{dtype=bf16}"}
+SETTINGS = {
+    "default": {},
+    "no-freezing": {"freezing": False},
+    "autotune": {"max_autotune": True, "gemm_backends": "CPP,ATEN"},
+    "concat-linear": {"concat_linear": True},
+    "threads-2": {"threads": 2},
+}
+
+
+def _threads(setting: str, default: int) -> int:
+    return int(setting.split("-")[1]) if setting.startswith("threads-") else default
+
+
+def _time(runners: dict, x: tuple, rounds: int, calls: int) -> dict[str, float]:
+    """Median per-call seconds of each runner: per round, in an order rotated every round
+    (no setting always runs right after another), set its thread count, make one untimed
+    call (a thread-count switch costs the first call), then time ``calls`` calls."""
+    names = list(runners)
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runner, n, _ = runners[name]
+            torch.set_num_threads(n)
+            runner(*x)
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                runner(*x)
+                times.append(time.perf_counter() - start)
+            per_round[name].append(statistics.median(times))
+    return {n: statistics.median(v) for n, v in per_round.items()}
+
+
+def measure(model: str, precision: str, settings: list[str], batches: list[int], seq: int, threads: int,
+            rounds: int, work: Path) -> list[dict]:
+    zm = load_model(model)
+    program, _ = graphopt.optimize(zm.capture(), PRECISIONS[precision], verify_each=False)
+    runners, rows = {}, []
+    for setting in settings:
+        n = _threads(setting, threads)
+        torch.set_num_threads(n)
+        options = {**SETTINGS[setting], "threads": n, "device": "cpu"}
+        folder = work / f"{model}-{precision}-{setting}".replace(":", "_")
+        compile_s = None
+        if not (folder / "manifest.json").is_file():  # --work keeps packages between runs
+            start = time.perf_counter()
+            try:
+                graphopt.lower(program, "inductor", folder, **options)
+            except Exception as e:  # noqa: BLE001 - a setting that does not compile is a row with the reason
+                rows.append({"model": model, "precision": precision, "setting": setting, "error": str(e)[:200]})
+                continue
+            compile_s = time.perf_counter() - start
+            (folder / "compile_s.txt").write_text(f"{compile_s}\n")
+        compile_s = compile_s or float((folder / "compile_s.txt").read_text())
+        runner = graphopt.load(folder)
+        runner.activate()
+        runners[setting] = (runner, n, compile_s)
+        print(f"  {model} {precision} {setting}: compiled in {compile_s:.0f}s", flush=True)
+    for batch in batches:
+        x = tuple(zm.make_inputs(batch=batch, seq=seq, seed=0).values())
+        calls = 5 if batch <= 8 else 2
+        p50 = {s: t * 1e3 for s, t in _time(runners, x, rounds, calls).items()}
+        base = p50.get("default")
+        for s, (_, n, compile_s) in runners.items():
+            rows.append({"model": model, "precision": precision, "setting": s, "batch": batch, "threads": n,
+                         "p50_ms": p50[s], "vs_default": (base / p50[s]) if base else None, "compile_s": compile_s})
+    for runner, _, _ in runners.values():
+        runner.deactivate()
+    torch.set_num_threads(threads)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | precision | setting | threads | batch | p50 ms | speedup vs default | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['precision']} | {r['setting']} | - | - | failed: {r['error']} | - | - |")
+            continue
+        ratio = f"{r['vs_default']:.2f}x" if r["vs_default"] else "-"
+        lines.append(f"| {r['model']} | {r['precision']} | {r['setting']} | {r['threads']} | {r['batch']} | "
+                     f"{r['p50_ms']:.2f} | {ratio} | {r['compile_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="bert4rec:base,bert-cls:base")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="threads of every setting but threads-N")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("-o", "--output", default="inductor-settings.md")
+    ap.add_argument("--work", help="keep the compiled packages here and reuse them (default: a temporary folder)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="graphopt-settings-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        for model in args.models.split(","):
+            for precision in args.precisions.split(","):
+                rows += measure(model, precision, args.settings.split(","), [int(b) for b in args.batch_sizes.split(",")],
+                                args.seq, args.threads, args.rounds, work)
+    cpu = machine_info()
+    head = (f"# Inductor settings\n\n`python benchmarks/bench_inductor_settings.py {' '.join(sys.argv[1:])}`, "
+            f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s. CPU: {cpu['cpu']} "
+            f"({', '.join(cpu['cpu_flags'])}), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+            f"torch {torch.__version__}. Seq {args.seq}; ratios are from one interleaved run.\n\n")
+    Path(args.output).write_text(head + table(rows) + "\n")
+    Path(args.output).with_suffix(".json").write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=1, default=str))
+    print(head + table(rows))
+
+
+if __name__ == "__main__":
+    main()
