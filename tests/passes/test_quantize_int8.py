@@ -183,3 +183,24 @@ def test_reduce_range_auto_follows_the_cpu(zoo, program, monkeypatch):
     rec = report.passes[0]
     assert {d["weight_bits"] for d in rec.details} == {7}
     assert any("reduce_range=auto" in n and "7 bits" in n for n in rec.notes)
+
+
+def test_onnxruntime_lowering_fuses_attention_and_keeps_integer_kernels(bert_int8, zoo, program, tmp_path):
+    # O2 (fused q/k/v): attention and skip-layernorm fused, no FusedMatMul, and every
+    # quantized linear still an integer kernel in ORT's optimized graph
+    q, _ = graphopt.optimize(program("bert4rec:tiny"), "O2,quantize-int8{max_drop=0}",
+                             calibration_data=calibration(zoo("bert4rec:tiny")))
+    backend = graphopt.lower(q, "onnxruntime", tmp_path / "o2").manifest["backend"]
+    assert backend["ops"]["com.microsoft.MultiHeadAttention"] == 2, backend["ops"]
+    assert backend["ops"]["com.microsoft.SkipLayerNormalization"] == 4, backend["ops"]
+    linears = q.op_histogram()[DQC]
+    assert sum(backend["qdq"]["integer_ops"].values()) == linears and backend["qdq"]["float_ops_on_dequantized"] == 0
+    x = tuple(zoo("bert4rec:tiny").make_inputs(batch=3, seed=5).values())
+    with graphopt.load(tmp_path / "o2") as runner:
+        torch.testing.assert_close(runner(*x)[0], q(*x)[0], atol=2e-2, rtol=2e-2)
+    # near miss: separate q/k/v linears fuse into MultiHeadAttention's float projections, which
+    # would lose integer kernels: the lowerer keeps the unfused graph and says why
+    near, _ = bert_int8
+    backend = graphopt.lower(near, "onnxruntime", tmp_path / "near").manifest["backend"]
+    assert backend["fusions"] == {"skipped": "the fused graph ran fewer integer kernels"}
+    assert sum(backend["qdq"]["integer_ops"].values()) == 13
