@@ -3,7 +3,7 @@ runs as oneDNN ``qlinear_pointwise`` (weights prepacked by freezing), requantiza
 gelu fused into the FFN's first GEMM (int8 carried to the second), residual adds fused as
 ``sum`` post-ops, no dequantize and no fp32 GEMM left; numerics against eager fp32; one
 package serves two shapes (dynamic batch/seq, no recompile). This is the one int8 AOTI
-compile of the suite (tests/runtimes/test_conformance.py runs inductor on fp32 only).
+compile of the suite (tests/runtimes/test_conformance.py runs inductor on fp32 only)."""
 
 from __future__ import annotations
 
