@@ -60,9 +60,13 @@ class QuantizeInt8(Pass):
     ``bar`` = the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR: top-10
     overlap with the float outputs >= 0.99 where the first output ranks more
     than 10 candidates, else cosine >= 0.999); another metric must drop at most
-    ``max_drop`` (0 turns the guard off). When it misses, the layers doing most
-    damage alone stay float, one at a time, until it holds. ``details`` lists
-    every layer with its ranges, score alone and whether it stayed float.
+    ``max_drop`` (0 turns the guard off). ``headroom`` (0.5) of the gap to 1 is
+    kept in hand (top-10 >= 0.995 held out), since a few held-out rows estimate
+    the agreement on unseen inputs loosely (measured on bert4rec:base: 0.981 to
+    0.991 across 32-row batches at one setting). When it misses, the fewest
+    layers doing most damage alone stay float (graphopt.passlib.accuracy_guard).
+    ``details`` lists every layer with its ranges, score alone and whether it
+    stayed float; ``declined`` names the ones kept float and why.
     Requires calibration_data, shapes; preserves shapes. Approximate: tolerance
     0.25 (atol = rtol) on outputs, from the max error measured on the zoo's
     tiny and base models (see tests/passes/test_quantize_int8.py).
@@ -88,6 +92,9 @@ class QuantizeInt8(Pass):
                "(top-10 overlap >= 0.99, else cosine >= 0.999)", choices=GUARD_METRICS),
         Option("max_drop", float, 0.01, "largest allowed drop of metric vs float on held-out batches "
                "(metric=bar sets its own); 0 turns the guard off",
+               check=lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)"),
+        Option("headroom", float, 0.5, "share of the gap between the guard's target and 1 kept in hand "
+               "on held-out batches, so the target still holds on unseen inputs (0.5: top-10 >= 0.995)",
                check=lambda v: None if 0.0 <= v < 1.0 else "must be in [0, 1)"),
     )
     requires = frozenset({"calibration_data", "shapes"})
@@ -141,7 +148,7 @@ class QuantizeInt8(Pass):
         if self.guarded:
             where = "held-out" if len(holdout) < len(batches) else "calibration (too few batches to hold any out)"
             enabled, alone, guard_notes, target = guard(
-                gm, plans, holdout, lambda ref: target_for(self.metric, self.max_drop, ref), where)
+                gm, plans, holdout, lambda ref: target_for(self.metric, self.max_drop, ref, self.headroom), where)
             notes += guard_notes
             metric = target.metric
         details = []
@@ -154,9 +161,9 @@ class QuantizeInt8(Pass):
             if name in alone:
                 detail["sensitivity"] = round(1.0 - alone[name], 6)
             if name not in enabled:
-                detail["reason"] = f"accuracy guard: {metric} {alone[name]:.4f} when quantized alone"
-                declined.append(f"{name} ({plan.layer.label}): kept float by the accuracy guard "
-                                f"({metric} {alone[name]:.4f} when quantized alone)")
+                why = f"among the layers doing most damage alone ({metric} {alone[name]:.4f} with only it int8)"
+                detail["reason"] = f"accuracy guard: {why}"
+                declined.append(f"{name} ({plan.layer.label}): kept float by the accuracy guard, {why}")
             details.append(detail)
         chosen = [plans[n] for n in plans if n in enabled]
         self._rewrite(gm, chosen)

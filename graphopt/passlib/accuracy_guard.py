@@ -115,13 +115,16 @@ class Target:
         return f"{self.metric} >= {self.required:g}"
 
 
-def target_for(metric: str, max_drop: float, reference: Sequence[torch.Tensor]) -> Target:
+def target_for(metric: str, max_drop: float, reference: Sequence[torch.Tensor], headroom: float = 0.0) -> Target:
     """``metric=bar``: the fidelity bar for these outputs (top-k overlap where the first
-    output ranks more than k candidates, else cosine); otherwise ``metric >= 1 - max_drop``."""
+    output ranks more than k candidates, else cosine); otherwise ``metric >= 1 - max_drop``.
+    ``headroom`` keeps that share of the gap to 1 in hand (0.5: overlap >= 0.995 for a
+    0.99 bar), since a few held-out rows estimate the agreement on unseen inputs loosely."""
     if metric == "bar":
         name, required = FIDELITY_BAR.agreement_target(reference)
-        return Target(name, required)
-    return Target(metric, 1.0 - max_drop)
+    else:
+        name, required = metric, 1.0 - max_drop
+    return Target(name, required + headroom * (1.0 - required))
 
 
 def _score(target: Target, outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
