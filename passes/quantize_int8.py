@@ -13,6 +13,7 @@ from graphopt.errors import PassOptionError
 from graphopt.ir.fx import fetch_attr
 from graphopt.passlib.accuracy_guard import LayerPlan, guard, target_for
 from graphopt.passlib.calibration import METHODS, METRICS, observe
+from graphopt.passlib.int8_mixed import carry_bf16
 from graphopt.passlib.linear_forms import as_linears
 from graphopt.passlib.qdq import (
     REDUCE_RANGE_CHOICES,
@@ -55,6 +56,10 @@ class QuantizeInt8(Pass):
     ``onednn.qlinear_pointwise`` (a following ``q``, e.g. the next linear's
     input after gelu, becomes its uint8 output; a residual add its ``sum``
     post-op), so int8 is carried from one GEMM to the next where a q follows.
+    ``mixed=bf16`` (int8-mixed-bf16, the form PT2E gives under bf16 autocast):
+    quantized linears read bf16 dequantized operands and write bf16, carried
+    through views, relu/gelu and attention (graphopt.passlib.int8_mixed);
+    layer norms, residual adds and kept-float layers stay fp32.
     Accuracy guard (on by default): on held-out calibration batches (the last
     quarter, which the observers do not see) the Program must keep ``metric``;
     ``bar`` = the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR: top-10
@@ -88,6 +93,8 @@ class QuantizeInt8(Pass):
         Option("reduce_range", str, "auto", "7-bit weights, for CPUs without a VNNI/AMX int8 dot product "
                "(auto: when this CPU has none)", choices=REDUCE_RANGE_CHOICES),
         Option("skip", list, (), "fnmatch patterns of module paths / node names to keep float"),
+        Option("mixed", str, "none", "int8-mixed-bf16: quantized linears write bf16, carried into attention "
+               "(layer norms, residuals and kept-float layers stay fp32)", choices=("none", "bf16")),
         Option("metric", str, "bar", "accuracy-guard metric; bar = the bench's fidelity bar "
                "(top-10 overlap >= 0.99, else cosine >= 0.999)", choices=GUARD_METRICS),
         Option("max_drop", float, 0.01, "largest allowed drop of metric vs float on held-out batches "
@@ -138,7 +145,7 @@ class QuantizeInt8(Pass):
             weight = quantize_weight(fetch_attr(gm, layer.weight), per_channel=self.per_channel,
                                      symmetric=self.symmetric_weights, bits=bits)
             plans[layer.node.name] = LayerPlan(layer, activation_qparams(lo, hi, act_dtype), (lo, hi), weight,
-                                               act_dtype, self.per_channel)
+                                               act_dtype, self.per_channel, self.mixed == "bf16")
         enabled = set(plans)
         alone: dict[str, float] = {}
         notes: list[str] = [bits_note] if bits_note else []
@@ -169,6 +176,8 @@ class QuantizeInt8(Pass):
         self._rewrite(gm, chosen)
         stats = {"linear": len(chosen), "activation-qdq": len({p.layer.act.name for p in chosen}),
                  **_prefixed(rewritten)}
+        if self.mixed == "bf16" and chosen:
+            stats.update(carry_bf16(gm, [p.layer.node for p in chosen]))
         if len(chosen) < len(plans):
             stats["kept-float"] = len(plans) - len(chosen)
         return PassResult(program, modified=bool(chosen) or bool(rewritten), stats=stats, declined=declined,

@@ -44,6 +44,7 @@ class LayerPlan:
     weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     act_dtype: torch.dtype
     per_channel: bool
+    bf16_out: bool = False  # int8-mixed-bf16: the GEMM reads bf16 operands and rounds its output to bf16
 
     def dequantized_weight(self) -> torch.Tensor:
         q, scale, zp = self.weight
@@ -65,9 +66,14 @@ class _Switched(torch.nn.Module):
         self.weight_dq = plan.dequantized_weight()
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.on:
-            return torch.nn.functional.linear(self.plan.fake_quant(x), self.weight_dq, bias)
-        return torch.nn.functional.linear(x, weight, bias)
+        if not self.on:
+            return torch.nn.functional.linear(x, weight, bias)
+        x = self.plan.fake_quant(x)
+        if self.plan.bf16_out:  # attention after it also runs bf16 there; not emulated
+            low = torch.bfloat16
+            bias = bias.to(low) if bias is not None else None
+            return torch.nn.functional.linear(x.to(low), self.weight_dq.to(low), bias).float()
+        return torch.nn.functional.linear(x, self.weight_dq, bias)
 
 
 class Emulator:
