@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from graphopt.passlib.calibration import (
-    default_calibration,
     EntropyObserver,
     HistogramObserver,
     MinMaxObserver,
     agreement,
+    default_calibration,
     make_observer,
     observe,
 )
