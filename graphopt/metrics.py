@@ -332,6 +332,8 @@ class FidelityBar:
     max_rel_drop: float = 0.005
     min_topk_overlap: float = 0.99
     k: int = 10
+    #: where the outputs rank nothing (one score per row and few rows): cosine with eager
+    min_cosine: float = 0.999
 
     def check(
         self,
@@ -356,6 +358,15 @@ class FidelityBar:
                 return True, ""
             return False, f"top-{self.k} overlap {topk:.3f} < {self.min_topk_overlap:g}"
         return False, "no fidelity measured"
+
+    def agreement_target(self, reference: Sequence[torch.Tensor]) -> tuple[str, float]:
+        """The bar for outputs without evaluation data, as an :func:`agreement` metric
+        and its minimum: ``("topk_overlap", 0.99)`` where the first output ranks more
+        than ``k`` candidates (items, or a batch of one-score rows), else
+        ``("cosine", 0.999)``. The bench and the int8 accuracy guard use this."""
+        if reference and score_matrix(reference[0], self.k) is not None:
+            return "topk_overlap", self.min_topk_overlap
+        return "cosine", self.min_cosine
 
     def describe(self) -> str:
         return (f"NDCG@{self.k}/HR@{self.k} (AUC/logloss for CTR) within {100 * self.max_rel_drop:g}% relative "

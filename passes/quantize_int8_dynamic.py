@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from graphopt.ir.fx import fetch_attr
+from graphopt.passlib.linear_forms import as_linears
 from graphopt.passlib.qdq import (
     REDUCE_RANGE_CHOICES,
     find_linears,
@@ -24,8 +25,10 @@ class QuantizeInt8Dynamic(Pass):
 
     For when no calibration data is at hand: each activation's uint8 scale and
     zero point are computed from its own min/max on every call.
-    Matches: ``aten.linear`` with a constant 2-D fp32 weight (``skip``
-    patterns, computed weights and matmuls of two activations are declined).
+    Matches: GEMMs with a constant 2-D fp32 weight (``aten.linear``, and
+    ``_addmm_activation``/``addmm``/``mm``/``matmul`` by a constant, first
+    rewritten exactly into ``linear``, see graphopt.passlib.linear_forms;
+    ``skip`` patterns, computed weights and matmuls of two activations are declined).
     Produces: int8 weight + ``dequantize_per_channel`` (symmetric, per row; 7-bit
     with ``reduce_range``, which ``auto`` turns on where this CPU's int8 kernels
     would saturate, see graphopt.hardware), and
@@ -58,7 +61,9 @@ class QuantizeInt8Dynamic(Pass):
 
     def run(self, program, ctx):  # type: ignore[no-untyped-def]
         gm = program.gm
-        layers, declined = find_linears(gm, self.skip)
+        rewritten, declined = as_linears(gm, self.skip)
+        layers, found_declined = find_linears(gm, self.skip)
+        declined += found_declined
         bits, bits_note = weight_bits(self.reduce_range)
         by_act: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         for layer in layers:
@@ -68,5 +73,7 @@ class QuantizeInt8Dynamic(Pass):
         for act, users in by_act.items():
             insert_activation_qdq(gm, act, users, None, torch.uint8)
         stats = {"linear": len(layers), "activation-qdq": len(by_act)} if layers else {}
+        stats.update({f"as-linear:{k}": v for k, v in rewritten.items()})
         notes = [bits_note] if bits_note and layers else []
-        return PassResult(program, modified=bool(layers), stats=stats, declined=declined, notes=notes)
+        return PassResult(program, modified=bool(layers) or bool(rewritten), stats=stats, declined=declined,
+                          notes=notes)

@@ -126,7 +126,12 @@ class InductorBackend(Backend):
         device = resolve_device(options["device"], self.name)
         ep = export_on(program, device)
         configs = inductor_configs(options)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(out / "model.pt2"), inductor_configs=dict(configs))
+        # Inductor freezes only when grad is off (compile_fx checks torch.is_grad_enabled()): without
+        # no_grad "freezing" is silently ignored, weights stay graph inputs, and int8 weights are
+        # dequantized on every call instead of prepacked for oneDNN's qlinear
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(
+                ep, package_path=str(out / "model.pt2"), inductor_configs=dict(configs))
         return {"entry": "model.pt2", "device": device, "inductor_configs": configs}
 
 

@@ -37,6 +37,7 @@ from graphopt.bench.variants import (
 from graphopt.errors import ArtifactError, GraphoptError, first_line
 from graphopt.ir.program import Program
 from graphopt.metrics import ranking_drift
+from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCH, DEFAULT_CALIBRATION_BATCHES
 
 __all__ = ["bench", "Progress"]
 
@@ -84,6 +85,20 @@ class _Model:
             made = self.zoo.make_inputs(batch=batch, seq=seq, seed=seed)
             return tuple(made[n] for n in self.program.input_names)
         return tuple(self.program.sample_inputs(batch=batch, seq=seq, seed=seed))
+
+
+def _needs_calibration(specs: Sequence[Any], peer_names: Sequence[str]) -> bool:
+    from graphopt.transform.pipeline import parse_pipeline
+
+    if any(name.startswith("torchao-pt2e") for name in peer_names):
+        return True
+    for spec in specs:
+        try:
+            if spec.text and any("calibration_data" in p.requires for p in parse_pipeline(spec.text)):
+                return True
+        except GraphoptError:
+            continue  # reported when the variant is built
+    return False
 
 
 def _shapes(program: Program, batch_sizes: Sequence[int], seq_lens: Sequence[int], notes: list[str]) -> list[tuple[int, int | None]]:
@@ -190,6 +205,14 @@ def _run(
     )
     tick(f"{program.name}: eager baseline", 0)
 
+    if calibration_data is None and _needs_calibration(specs, peer_names):
+        # held-out batches of the bench's own inputs (seeds apart from the timed ones): the int8
+        # pipelines calibrate on the first ones and their accuracy guard scores the last quarter
+        seq = shapes[0][1] if shapes else None
+        calibration_data = [what.inputs(DEFAULT_CALIBRATION_BATCH, seq, 1000 + i)
+                            for i in range(DEFAULT_CALIBRATION_BATCHES)]
+        notes.append(f"calibration (int8 pipelines, PT2E peers): {DEFAULT_CALIBRATION_BATCHES} batches of "
+                     f"{DEFAULT_CALIBRATION_BATCH} of the bench's inputs (seeds 1000+), seq {seq}")
     baseline = baseline_variant(program, what.source if what.zoo is not None else None, what.spec)
     variants.append(baseline)
     tick("baseline ready")

@@ -35,10 +35,11 @@ from typing import Any
 
 import torch
 
-from graphopt.bench.variants import Variant, _calibration, dir_size
+from graphopt.bench.variants import Variant, dir_size
 from graphopt.errors import first_line
 from graphopt.hardware import has_int8_dot
 from graphopt.ir.program import Program
+from graphopt.passlib.calibration import default_calibration
 
 __all__ = ["PEERS", "PT2E_CALIBRATION_BATCHES", "build_peers", "ort_session"]
 
@@ -288,7 +289,7 @@ def _pt2e_batches(program: Program, calibration_data: Sequence[Any] | None) -> t
     """The batches graphopt's int8 pipeline calibrates on (the caller's, else the
     Program's sample inputs), the first few, as positional tuples; and where from."""
     given = calibration_data is not None
-    data = list(calibration_data if given else _calibration(program))[:PT2E_CALIBRATION_BATCHES]
+    data = list(calibration_data if given else default_calibration(program))[:PT2E_CALIBRATION_BATCHES]
     batches = []
     for b in data:
         if isinstance(b, torch.Tensor):
@@ -299,7 +300,7 @@ def _pt2e_batches(program: Program, calibration_data: Sequence[Any] | None) -> t
             batches.append(tuple(b))
     if not batches:
         raise ValueError("calibration_data is empty; pass calibration batches or leave it unset")
-    where = "calibration_data" if given else "Program sample inputs, seeds 1000+ (as graphopt's int8 without calibration_data)"
+    where = "calibration_data" if given else "Program sample inputs, seeds 1000+ (graphopt.passlib.calibration.default_calibration)"
     return batches, f"calibrated on {len(batches)} batches: {where}"
 
 

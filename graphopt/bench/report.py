@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 BENCH_FORMAT = "graphopt.bench/1"
 #: shapes whose outputs rank nothing (one score per row, e.g. CTR at batch 1) fall back to this
-MIN_COSINE = 0.999
+MIN_COSINE = FIDELITY_BAR.min_cosine
 
 
 def shape_key(batch: int, seq: int | None) -> str:

@@ -24,6 +24,7 @@ from graphopt.bench.memory import memory_model
 from graphopt.errors import BackendUnavailableError, GraphoptError, first_line
 from graphopt.ir.capture import _flatten_outputs
 from graphopt.ir.program import Program
+from graphopt.passlib.calibration import default_calibration
 from graphopt.runtime import Runner, available_runtimes, get_runtime, load, lower
 from graphopt.transform.pipeline import parse_pipeline
 
@@ -263,11 +264,6 @@ def baseline_variant(program: Program, source: torch.nn.Module | None, model_spe
 
 
 # ------------------------------------------------------------ graphopt variants
-def _calibration(program: Program, n: int = 8) -> list[tuple[torch.Tensor, ...]]:
-    batch = program.inputs[0].shape[0] if program.inputs and program.inputs[0].shape else None
-    return [program.sample_inputs(batch=batch, seed=1000 + i) for i in range(n)]
-
-
 def build_graphopt_variants(
     program: Program,
     pipelines: Sequence[PipelineSpec],
@@ -300,7 +296,7 @@ def build_graphopt_variants(
             if spec.text:
                 pipeline = parse_pipeline(spec.text)
                 needs_data = any("calibration_data" in p.requires for p in pipeline)
-                data = calibration_data if calibration_data is not None else (_calibration(program) if needs_data else None)
+                data = calibration_data if calibration_data is not None else (default_calibration(program) if needs_data else None)
                 start = time.perf_counter()
                 optimized, _ = optimize(program, pipeline, calibration_data=data)
                 optimize_s = time.perf_counter() - start

@@ -33,7 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _calibration(program, n: int, needed: bool):  # type: ignore[no-untyped-def]
     if not needed or n <= 0:
         return None
-    return [program.sample_inputs(seed=1000 + i, batch=program.inputs[0].shape[0]) for i in range(n)]
+    from graphopt.passlib.calibration import default_calibration
+
+    return default_calibration(program, n)
 
 
 def _runtime_options(pairs: list[str]) -> dict[str, str]:

@@ -46,11 +46,17 @@ __all__ = [
     "make_observer",
     "observe",
     "agreement",
+    "default_calibration",
+    "DEFAULT_CALIBRATION_BATCHES",
+    "DEFAULT_CALIBRATION_BATCH",
 ]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
+#: what graphopt calibrates on when the caller gives no data (CLI, bench): batches x rows
+DEFAULT_CALIBRATION_BATCHES = 8
+DEFAULT_CALIBRATION_BATCH = 32
 
 
 class Observer:
@@ -257,3 +263,13 @@ def observe(
             progress[0].stop()
     log.debug("calibrated %d tensors over %d batches (%s)", len(observers), len(batches), method)
     return observers
+
+
+def default_calibration(
+    program: Any, n: int = DEFAULT_CALIBRATION_BATCHES, batch: int | None = DEFAULT_CALIBRATION_BATCH
+) -> list[tuple[torch.Tensor, ...]]:
+    """Seeded random batches (seeds 1000+, apart from the example inputs' 0 and the
+    bench's checks) from the Program's input specs, ``batch`` rows each where the
+    batch dim is dynamic (None: the captured batch). The int8 guard holds out the
+    last quarter, so 8 x 32 gives it 64 held-out rows to score the ranking on."""
+    return [program.sample_inputs(batch=batch, seed=1000 + i) for i in range(n)]

@@ -10,6 +10,7 @@ from graphopt.passlib.calibration import (
     HistogramObserver,
     MinMaxObserver,
     agreement,
+    default_calibration,
     make_observer,
     observe,
 )
@@ -98,3 +99,15 @@ def test_agreement_metrics():
     assert agreement("topk_overlap", [-col], [col]) == 0.0
     with pytest.raises(ValueError, match="unknown metric"):
         agreement("auc", [ref], [ref])
+
+
+def test_default_calibration_is_seeded_rows_at_the_default_batch(program):
+    p = program("bert4rec:tiny")
+    batches = default_calibration(p)
+    assert len(batches) == 8 and all(b[0].shape[0] == 32 for b in batches)  # 8 x 32 rows
+    again = default_calibration(p)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))  # deterministic
+    assert not torch.equal(batches[0][0], batches[1][0])  # distinct seeds
+    example = p.sample_inputs(batch=32, seed=0)
+    assert not any(torch.equal(b[0], example[0]) for b in batches)  # apart from the seed-0 inputs
+    assert default_calibration(p, 2, None)[0][0].shape[0] == p.inputs[0].shape[0]  # None: the captured batch

@@ -9,7 +9,7 @@ corrupted artifact rejected at load.
 * ``O2`` runs only if the preset is registered, ``int8`` only if the
   ``quantize-int8`` pass is.
 * AOTInductor compiles take tens of seconds each on 2 cores, so inductor runs
-  bert4rec:tiny fp32 only (int8: tests/runtimes/test_inductor.py, marked slow);
+  bert4rec:tiny fp32 only (int8: tests/passes/test_quantize_int8_inductor.py);
   the others skip with that reason.
 * The O2/int8 Programs are built with verify-each off: the passes' own tests
   verify them; here they are inputs.
@@ -64,7 +64,7 @@ def _artifact(tmp_path_factory, program_factory, runtime: str, model: str, varia
     if not status.available:
         pytest.skip(f"{runtime} unavailable: {status.reason}")
     if runtime == "inductor" and (model, variant) not in _INDUCTOR_CASES:
-        pytest.skip("AOTI compile budget (tens of seconds each): inductor runs bert4rec:tiny fp32 here; int8 in test_inductor.py (slow)")
+        pytest.skip("AOTI compile budget (tens of seconds each): inductor runs bert4rec:tiny fp32 here; int8 in tests/passes/test_quantize_int8_inductor.py")
     key = (runtime, model, variant)
     if key not in _ARTIFACTS:
         program = _variant_program(program_factory, model, variant)

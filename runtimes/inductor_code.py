@@ -1,0 +1,79 @@
+"""What an AOTInductor package runs: the calls in its generated C++ wrapper.
+
+An AOTI package (``model.pt2``) keeps the wrapper source it was compiled from
+(``data/aotinductor/model/*.wrapper.cpp``). :func:`wrapper_calls` lists, in
+order, each call the wrapper makes: fused C++ kernels (``cpp_fused_*``, named
+after the ops fused into them) and ATen/oneDNN fallbacks
+(``aoti_torch_cpu_*``), with, for oneDNN int8 linears, the post-op and output
+dtype. It is how tests and benchmarks prove which int8 kernels run (e.g. every
+quantized linear as ``onednn.qlinear_pointwise`` with its requantization fused,
+no ``dequantize`` left) without a profiler.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Call", "wrapper_source", "wrapper_calls", "census"]
+
+_CALL = re.compile(r"\b(cpp_fused_\w+?|aoti_torch_cpu_\w+)\(")
+_DTYPE_VAR = re.compile(r"int32_t (var_\d+) = cached_torch_dtype_(\w+);")
+_QLINEAR = re.compile(r"aoti_torch_cpu__qlinear_pointwise(?:_binary)?(?:_tensor)?\((.*)\);")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of the wrapper: ``kernel`` (name without the trailing index);
+    for ``qlinear_pointwise``: ``output_dtype`` (float32/uint8/bfloat16...),
+    ``post_ops`` (e.g. ``("gelu",)``, ``("sum",)``)."""
+
+    kernel: str
+    output_dtype: str = ""
+    post_ops: tuple[str, ...] = ()
+
+    @property
+    def is_qlinear(self) -> bool:
+        return self.kernel.startswith("aoti_torch_cpu__qlinear_pointwise")
+
+
+def wrapper_source(package: str | Path) -> str:
+    """The generated C++ wrapper(s) inside an AOTI package."""
+    with zipfile.ZipFile(package) as z:
+        names = [n for n in z.namelist() if n.endswith(".wrapper.cpp")]
+        if not names:
+            raise ValueError(f"{package}: no generated wrapper source in the package")
+        return "\n".join(z.read(n).decode() for n in names)
+
+
+def wrapper_calls(source: str) -> list[Call]:
+    """Every kernel call of the wrapper's run function, in order (declarations skipped)."""
+    dtypes: dict[str, str] = {}
+    calls: list[Call] = []
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("//", "extern", "void ", "static ", "AOTITorchError ", "#")):
+            continue
+        for var, dtype in _DTYPE_VAR.findall(line):
+            dtypes[var] = dtype
+        match = _CALL.search(line)
+        if match is None:
+            continue
+        kernel = re.sub(r"_\d+$", "", match.group(1))
+        q = _QLINEAR.search(line)
+        if q is None:
+            calls.append(Call(kernel))
+            continue
+        args = q.group(1)
+        out = next((dtypes[v] for v in re.findall(r"&(var_\d+)", args) if v in dtypes), "")
+        posts = tuple(p for p in re.findall(r'"(\w+)"', args) if p not in ("none", ""))
+        calls.append(Call(kernel, out, posts))
+    return calls
+
+
+def census(package: str | Path) -> collections.Counter[str]:
+    """``kernel -> count`` over the wrapper's calls."""
+    return collections.Counter(c.kernel for c in wrapper_calls(wrapper_source(package)))
