@@ -17,6 +17,7 @@ Failures at any step end the trial with a one-line reason; the search goes on.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import shutil
@@ -41,7 +42,7 @@ from graphopt.tune.fidelity import Judge
 from graphopt.tune.space import Candidate, thread_option
 from graphopt.tune.trials import BELOW_BAR, FAILED, OK, Trial
 
-__all__ = ["Evaluator", "Screen", "OBJECTIVES", "objective_value", "shape_key"]
+__all__ = ["Evaluator", "Screen", "OBJECTIVES", "objective_value", "shape_key", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Screen:
     seconds: float = 0.0
     reason: str = ""  # the pipeline failed
     notes: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # same graph and weights as another pipeline -> same artifact
 
     @property
     def meets(self) -> bool:
@@ -114,6 +116,7 @@ class Evaluator:
         try:
             program = self._optimize(cand, pipeline, result.notes)
             self._remember(pipeline, program)
+            result.fingerprint = fingerprint(program)
             if pipeline:
                 result.fidelity = self.judge.measure(_eager(program))
             else:
@@ -180,6 +183,7 @@ class Evaluator:
         screen = self.screen(cand, pipeline)
         trial.screen_s = 0.0 if cached else screen.seconds
         trial.fidelity = screen.fidelity
+        trial.fingerprint = screen.fingerprint
         if screen.reason:
             trial.reason = f"pipeline: {screen.reason}"
         elif not screen.meets:
@@ -274,6 +278,17 @@ class Evaluator:
                     "eager_p50_ms": summarize(base, batch)["p50_ms"],
                 }
         return results
+
+
+def fingerprint(program: Program) -> str:
+    """Hash of the graph code and a summary of every tensor it reads: two pipelines that
+    leave the same graph and weights (a fusion that did not fire) build the same artifact."""
+    h = hashlib.sha256(program.gm.code.encode())
+    for name, t in sorted(program.parameter_tensors().items()):
+        stats = (t.double().sum().item(), t.double().abs().sum().item()) if t.numel() and not t.is_complex() else ()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{stats}".encode())
+    h.update(str([(s.name, s.dtype) for s in program.inputs]).encode())
+    return h.hexdigest()[:16]
 
 
 def _eager(program: Program) -> Callable[..., tuple[torch.Tensor, ...]]:

@@ -86,7 +86,10 @@ def plot_pareto(result: TuneResult, path: Path) -> Path | None:
         pad = max((hi - lo) * 0.15, 0.05 if "%" in label else 0.002)
         ax.set_ylim(lo - pad, hi + pad)
         xs = [p[1] for p in points]
-        ax.set_xlim(0, max(xs) * 1.12)
+        if max(xs) / max(min(xs), 1e-9) > 20:  # orders of magnitude apart: a log axis keeps both readable
+            ax.set_xscale("log")
+        else:
+            ax.set_xlim(0, max(xs) * 1.12)
     ax.set_xlabel(f"speedup vs eager ({result.settings.get('objective')}, paired interleaved rounds)")
     ax.set_ylabel(label or "fidelity")
     ax.set_title(f"graphopt tune: {result.settings.get('model_name')} (numbers = trial; timed trials only)", fontsize=9)
@@ -209,12 +212,12 @@ def _sensitivity_lines(sens: dict[str, Any] | None) -> list[str]:
              f"screening subset, base pipeline `{sens.get('base')}` ({sens.get('seconds', 0):.0f}s). Most sensitive first.",
              "", "| layer | int8 drop |", "|---|---|"]
     for r in sorted(sens.get("int8", []), key=lambda r: -r["drop"] if math.isfinite(r["drop"]) else math.inf):
-        lines.append(f"| {r['layer']} | {r['drop']:+.5f} |")
+        lines.append(f"| {r['layer']} | {r['drop'] + 0.0:.5f} |")
     if sens.get("bf16"):
         lines += ["", "bf16 (`cast` keeps op families, not layers): drop of the default policy, and with each kept family "
                   "cast as well.", "", "| cast to bf16 | drop |", "|---|---|"]
         for r in sens["bf16"]:
-            lines.append(f"| {r['family']} | {r['drop']:+.5f} |")
+            lines.append(f"| {r['family']} | {r['drop'] + 0.0:.5f} |")
     lines.append("")
     return lines
 

@@ -23,6 +23,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache, cached_property
 from typing import Any
 
 import torch
@@ -78,7 +79,7 @@ class Candidate:
     tags: tuple[str, ...] = field(default=(), compare=False)
 
     # ------------------------------------------------------------ text
-    @property
+    @cached_property
     def key(self) -> str:
         """Stable identity: the pipeline (keep-float symbolic), runtime and options."""
         opts = " ".join(f"{k}={v}" for k, v in (*self.lower, *self.load))
@@ -181,12 +182,17 @@ def precision_family(step: str) -> str:
 
 def o2_fusions() -> list[str]:
     """The passes O2 adds to O1, in O2's order, without its trailing cse/dce."""
-    o1 = set((get_preset("O1") or "").split(","))
+    return list(_fusions_of(get_preset("O1") or "", get_preset("O2") or ""))
+
+
+@cache
+def _fusions_of(o1_text: str, o2_text: str) -> tuple[str, ...]:
+    o1 = set(o1_text.split(","))
     seen: list[str] = []
-    for name in (get_preset("O2") or "").split(","):
+    for name in o2_text.split(","):
         if name and name not in o1 and name not in ("cse", "dce") and name not in seen:
             seen.append(name)
-    return seen
+    return tuple(seen)
 
 
 # ------------------------------------------------------------------ the space
@@ -304,12 +310,9 @@ def reference_candidate() -> Candidate:
 
 
 def default_candidates(space: Space) -> list[Candidate]:
-    """The hand-written defaults (``graphopt bench``'s pipelines: O2, O2+bf16, O2+int8) on every runtime."""
+    """The hand-written defaults (``graphopt bench``'s pipelines: O2, O2+bf16, O2+int8) on every runtime,
+    precision-major (each runtime's O2 first), so a tight budget still sees every runtime."""
     all_fusions = tuple(space.fusions)
     precisions = ["", "cast{dtype=bf16}" if space.bf16 else None, "quantize-int8" if space.int8 else None]
-    out = []
-    for rt in space.runtimes:
-        for p in precisions:
-            if p is not None:
-                out.append(Candidate(fusions=all_fusions, precision=p, runtime=rt, tags=("default",)))
-    return out
+    return [Candidate(fusions=all_fusions, precision=p, runtime=rt, tags=("default",))
+            for p in precisions if p is not None for rt in space.runtimes]

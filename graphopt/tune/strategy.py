@@ -8,11 +8,13 @@ the winner is always compared with them. Then:
 - ``greedy`` (the default): staged. (1) precision: the other int8 calibration
   methods, int8-dynamic and the bf16 policies, each family on the runtime
   where its default did best; where a family misses the bar, keep-float sets
-  of growing size from the sensitivity ranking until it passes; (2) fusions:
-  drop each O2 fusion from the two best candidates (on different runtimes),
-  keeping a drop that is faster; (3) embedding bits; (4) runtime options
-  (one at a time, then the thread count); (5) pruning ratios, when given;
-  (6) the best pipeline on every other runtime.
+  of growing size from the sensitivity ranking until it passes; (2) fusions
+  off (O1) on each runtime's best; (3) runtime options on the two best
+  runtimes (one at a time, then the thread count); (4) each O2 fusion off
+  on the best, keeping a drop that is faster; (5) embedding bits; (6)
+  pruning ratios, when given; (7) the best pipeline on every other runtime.
+  A pipeline that leaves the same program as an earlier one (a fusion that
+  does not fire) reuses that trial's results without a build.
 - ``random``: uniform draws over the whole space (seeded).
 - ``halving``: successive halving with fidelity screening as the cheap
   rung: draw a batch of candidates, screen them all (eager, no compile), then
@@ -44,7 +46,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from graphopt.tune.space import Candidate, Space, default_candidates, reference_candidate, thread_option
-from graphopt.tune.trials import FAILED, Trial
+from graphopt.tune.trials import BELOW_BAR, FAILED, Trial
 
 __all__ = ["SearchContext", "STRATEGIES", "greedy", "random_search", "halving", "prologue"]
 
@@ -65,7 +67,7 @@ class SearchContext(Protocol):
         """Fidelity and eager speed of the candidate's pipeline, without compiling."""
 
     def ranking(self) -> list[str]:
-        """int8 layers, most sensitive first (computed once)."""
+        """int8 layers, most sensitive first (computed once; empty when the budget cannot pay for it)."""
 
     def exhausted(self) -> bool:
         """No time is left for another trial."""
@@ -129,12 +131,11 @@ def _refine_precision(ctx: SearchContext, family: str, steps: list[str], all_fus
     rt = targets[0]
     results = [_try(ctx, Candidate(fusions=all_fusions, precision=s, runtime=rt), f"precision:{family}") for s in steps]
     done = [t for t in results if t is not None]
-    if not any(t.ok for t in done) and ctx.space.keep_float and not ctx.exhausted():
+    below = [t for t in done if t.status == BELOW_BAR and t.fidelity]
+    if below and not any(t.ok for t in done) and ctx.space.keep_float and not ctx.exhausted() and ctx.ranking():
         # every variant missed the bar: keep the most sensitive layers in float, fewest first
-        screened = [t for t in done if t.fidelity] or []
-        base = max(screened, key=lambda t: t.fidelity.get("change_pct", -1e9), default=None)
-        step = base.candidate.precision if base is not None else steps[0]
-        ctx.ranking()
+        base = max(below, key=lambda t: t.fidelity.get("change_pct", -1e9))
+        step = base.candidate.precision
         for k in ctx.space.keep_float:
             t = _try(ctx, Candidate(fusions=all_fusions, precision=step, keep_float=k, runtime=rt),
                      f"keep-float:{family}")
@@ -168,6 +169,31 @@ def _top_per_runtime(ctx: SearchContext, n: int) -> list[Trial]:
     return out[:n]
 
 
+def _fusions_off(ctx: SearchContext) -> None:
+    """Each runtime's best so far with every fusion off (O1): fusions on/off per backend."""
+    for rt in _ranked_runtimes(ctx):
+        best = _best(ctx.trials(), lambda t, rt=rt: t.candidate.runtime == rt and bool(t.candidate.fusions))
+        if best is not None:
+            _try(ctx, best.candidate.but(fusions=()), "fusions")
+
+
+def _runtime_options(ctx: SearchContext, start: Trial) -> None:
+    current = start
+    for where, move in ctx.space.runtime_options.get(start.candidate.runtime, []):
+        merged = dict(getattr(current.candidate, where))
+        merged.update(dict(move))
+        trial = _try(ctx, current.candidate.but(**{where: tuple(sorted(merged.items()))}), "runtime-options")
+        if trial is not None and trial.ok and trial.objective > current.objective * MARGIN:
+            current = trial
+    if thread_option(start.candidate.runtime):
+        for threads in ctx.space.threads[1:]:
+            _try(ctx, current.candidate.but(threads=threads), "threads")
+
+
+def _overall_best(ctx: SearchContext) -> Trial | None:
+    return _best(ctx.trials(), lambda t: t.candidate.fusions is not None)
+
+
 def greedy(ctx: SearchContext) -> None:
     space = ctx.space
     prologue(ctx)
@@ -175,30 +201,21 @@ def greedy(ctx: SearchContext) -> None:
     _refine_precision(ctx, "int8", space.int8, all_fusions)
     _refine_precision(ctx, "int8-dynamic", space.int8_dynamic, all_fusions)
     _refine_precision(ctx, "bf16", space.bf16, all_fusions)
+    _fusions_off(ctx)
     for t in _top_per_runtime(ctx, 2):
-        _ablate_fusions(ctx, t.candidate, "fusions")
-    best = _best(ctx.trials(), lambda t: t.candidate.fusions is not None)
+        _runtime_options(ctx, t)
+    best = _overall_best(ctx)
+    if best is not None:
+        _ablate_fusions(ctx, best.candidate, "fusions")
+    best = _overall_best(ctx)
     if best is not None:
         for emb in space.embeddings:
             _try(ctx, best.candidate.but(embeddings=emb), "embeddings")
-    for t in _top_per_runtime(ctx, 2):
-        current = t
-        for where, move in space.runtime_options.get(t.candidate.runtime, []):
-            merged = dict(getattr(current.candidate, where))
-            merged.update(dict(move))
-            trial = _try(ctx, current.candidate.but(**{where: tuple(sorted(merged.items()))}), "runtime-options")
-            if trial is not None and trial.ok and trial.objective > current.objective * MARGIN:
-                current = trial
-        if thread_option(t.candidate.runtime):
-            for threads in space.threads[1:]:
-                _try(ctx, current.candidate.but(threads=threads), "threads")
-    best = _best(ctx.trials(), lambda t: t.candidate.fusions is not None)
-    if best is not None:
         for p in space.prune:
-            _try(ctx, best.candidate.but(prune=p), "prune")
-        best = _best(ctx.trials(), lambda t: t.candidate.fusions is not None)
+            _try(ctx, _overall_best(ctx).candidate.but(prune=p), "prune")  # type: ignore[union-attr]
+        best = _overall_best(ctx)
         for rt in space.runtimes:
-            if rt != best.candidate.runtime:
+            if best is not None and rt != best.candidate.runtime:
                 _try(ctx, best.candidate.but(runtime=rt, lower=(), load=(), threads=None), "transfer")
 
 
@@ -220,19 +237,24 @@ def _draws(space: Space, rng: random.Random) -> Iterator[Candidate]:
                         runtime=rt, lower=tuple(lower), load=tuple(load))
 
 
+#: proposals in a row that the budget refused before a random search gives up
+_PATIENCE = 200
+
+
 def random_search(ctx: SearchContext) -> None:
     prologue(ctx)
     rng = random.Random(ctx.seed)
     seen = {t.key for t in ctx.trials()}
+    refused = 0
     for cand in _draws(ctx.space, rng):
-        if ctx.exhausted():
+        if ctx.exhausted() or refused >= _PATIENCE:
             return
         if cand.key in seen:
             continue
         seen.add(cand.key)
-        if cand.keep_float:
-            ctx.ranking()
-        _try(ctx, cand, "random")
+        if cand.keep_float and not ctx.ranking():
+            continue
+        refused = refused + 1 if _try(ctx, cand, "random") is None else 0
 
 
 # ------------------------------------------------------------ halving
@@ -248,8 +270,8 @@ def halving(ctx: SearchContext, batch: int = 9, eta: int = 3) -> None:
             if cand.key in seen:
                 continue
             seen.add(cand.key)
-            if cand.keep_float:
-                ctx.ranking()
+            if cand.keep_float and not ctx.ranking():
+                continue
             screened = ctx.screen(cand)
             if ctx.exhausted():
                 return
@@ -261,8 +283,9 @@ def halving(ctx: SearchContext, batch: int = 9, eta: int = 3) -> None:
         if not drawn:
             return
         rung.sort(key=lambda x: x[0])
-        for _, cand in rung[: max(1, len(rung) // eta)]:
-            _try(ctx, cand, "halving")
+        started = [_try(ctx, cand, "halving") for _, cand in rung[: max(1, len(rung) // eta)]]
+        if rung and all(t is None for t in started):
+            return  # the budget refuses this rung's builds: the next one would fare no better
 
 
 STRATEGIES: dict[str, Strategy] = {"greedy": greedy, "random": random_search, "halving": halving}

@@ -50,6 +50,8 @@ class Trial:
     artifact: str = ""  # work folder of the lowered artifact while it is kept
     resumed: bool = False
     started: float = 0.0
+    fingerprint: str = ""  # of the optimized program (same graph + weights = same artifact)
+    twin_of: int | None = None  # results reused from this trial (same program, runtime, options)
 
     @property
     def key(self) -> str:
@@ -67,7 +69,7 @@ class Trial:
             "runtime_fidelity": self.runtime_fidelity, "latency": self.latency, "objective": self.objective,
             "screen_s": round(self.screen_s, 3), "compile_s": round(self.compile_s, 3),
             "timing_s": round(self.timing_s, 3), "wall_s": round(self.wall_s, 3), "best": self.best,
-            "started": self.started,
+            "started": self.started, "fingerprint": self.fingerprint, "twin_of": self.twin_of,
         }
 
     @classmethod
@@ -79,6 +81,7 @@ class Trial:
             latency=d.get("latency") or {}, objective=d.get("objective"), screen_s=d.get("screen_s", 0.0),
             compile_s=d.get("compile_s", 0.0), timing_s=d.get("timing_s", 0.0), wall_s=d.get("wall_s", 0.0),
             best=bool(d.get("best")), started=d.get("started", 0.0), resumed=True,
+            fingerprint=d.get("fingerprint", ""), twin_of=d.get("twin_of"),
         )
 
 

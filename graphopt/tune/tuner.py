@@ -174,16 +174,31 @@ class _Run:
         return ranking(self.sensitivity())
 
     def sensitivity(self) -> dict[str, Any]:
+        """Loaded from OUT or computed once; {} while the budget cannot pay for it."""
         if self._sensitivity is None:
             fusions = tuple(self.space.fusions)
             base = Candidate(fusions=fusions).pipeline
             found = load_sensitivity(self.out, base, self.settings["metric"])
             if found is None:
+                per = sorted(s.seconds for s in self.evaluator.screens.values() if s.seconds)
+                predicted = (per[len(per) // 2] if per else 0.0) * (self._count_linears(fusions) + 5)
+                if not self.budget.allows(predicted):
+                    log.info("sensitivity not computed: predicted %.0fs, %.0fs left", predicted, self.budget.remaining)
+                    return {}
                 self._say("computing per-layer sensitivity (once)")
                 found = compute_sensitivity(self.evaluator, fusions, on_step=self._say)
                 save_sensitivity(self.out, found)
             self._sensitivity = found
         return self._sensitivity
+
+    def _count_linears(self, fusions: tuple[str, ...]) -> int:
+        from graphopt.passlib.qdq import find_linears
+
+        base = Candidate(fusions=fusions)
+        try:
+            return len(find_linears(self.evaluator.program_for(base, base.pipeline).gm)[0])
+        except Exception:  # noqa: BLE001 - the estimate only
+            return 8
 
     def screen(self, cand: Candidate) -> dict[str, Any] | None:
         pipeline = cand.resolved_pipeline(self.ranking() if cand.keep_float else ())
@@ -211,8 +226,13 @@ class _Run:
             self.replayed += 1
             self._adopt(trial)
             return trial
-        pipeline = cand.resolved_pipeline(self.ranking() if cand.keep_float else ())
+        layers = self.ranking() if cand.keep_float else []
+        if cand.keep_float and not layers:
+            return None  # no sensitivity ranking (the budget could not pay for it)
+        pipeline = cand.resolved_pipeline(layers)
         screen = self.evaluator.screens.get(pipeline)
+        if screen is not None and (twin := self._twin(cand, screen.fingerprint)) is not None:
+            return self._record_twin(cand, stage, pipeline, twin)
         predicted = 0.0 if screen is not None and not screen.meets else self.budget.predict(cand, screen is not None)
         if not self.budget.allows(predicted):
             self.skipped_budget += 1
@@ -222,7 +242,18 @@ class _Run:
         n = self.next_n
         self.next_n += 1
         self._say(f"trial {n} ({stage}): {key}")
+        fresh = pipeline not in self.evaluator.screens
+        if fresh:  # screen first: an identical program needs no build
+            self.evaluator.screen(cand, pipeline)
+            twin = self._twin(cand, self.evaluator.screens[pipeline].fingerprint)
+            if twin is not None:
+                self.next_n -= 1
+                self.budget.started_trials -= 1
+                return self._record_twin(cand, stage, pipeline, twin, screen_s=self.evaluator.screens[pipeline].seconds)
         trial = self.evaluator.run(cand, pipeline, n, stage)
+        if fresh:
+            trial.screen_s = self.evaluator.screens[pipeline].seconds
+            trial.wall_s += trial.screen_s
         self.budget.observe(trial)
         if trial.ok and (self.best is None or trial.objective > self.best.objective):
             self._promote(trial)
@@ -232,6 +263,32 @@ class _Run:
         self.update_reserve()
         what = f"{trial.status}" + (f" {trial.objective:.2f}x" if trial.ok else f": {trial.reason}")
         self._say(f"trial {n} {what}")
+        return trial
+
+    def _twin(self, cand: Candidate, fp: str) -> Trial | None:
+        """An earlier trial of the same program (fingerprint), runtime and options."""
+        if not fp:
+            return None
+        options = (cand.runtime, cand.lower, cand.load, cand.threads)
+        for t in self._trials:
+            c = t.candidate
+            if t.fingerprint == fp and (c.runtime, c.lower, c.load, c.threads) == options:
+                return t
+        return None
+
+    def _record_twin(self, cand: Candidate, stage: str, pipeline: str, twin: Trial, screen_s: float = 0.0) -> Trial:
+        """A finished trial that reuses ``twin``'s results: its pipeline left the same program."""
+        n = self.next_n
+        self.next_n += 1
+        trial = Trial(n=n, candidate=cand, stage=stage, status=twin.status, pipeline=pipeline,
+                      reason=f"same program as trial {twin.n}" + (f": {twin.reason}" if twin.reason else ""),
+                      fidelity=twin.fidelity, runtime_fidelity=twin.runtime_fidelity, latency=twin.latency,
+                      objective=twin.objective, screen_s=screen_s, fingerprint=twin.fingerprint,
+                      started=time.time(), twin_of=twin.n)
+        self.log.append(trial)
+        self._adopt(trial)
+        self.budget.observe(trial)
+        self._say(f"trial {n} ({stage}): {cand.key}: same program as trial {twin.n}")
         return trial
 
     # -------------------------------------------------- bookkeeping
@@ -293,24 +350,36 @@ class _Run:
                                        best.key if best else "", best.objective if best else None))
 
     # -------------------------------------------------- the end
+    def _confirm_cost(self, finalists: list[Trial], rounds: int) -> float:
+        """Seconds a confirmation of ``finalists`` over ``rounds`` rounds should take, from their latencies."""
+        cfg = self.confirm_timing
+        per_round = 0.0
+        for key in (finalists[0].latency if finalists else {}):
+            p50s = [t.latency.get(key, {}).get("p50_ms", 0.0) / 1e3 for t in finalists]
+            p50s.append(finalists[0].latency[key].get("eager_p50_ms", 0.0) / 1e3)
+            for p in p50s:
+                calls = max(1, min(cfg.max_calls, math.ceil(cfg.round_time_s / p))) if p > 0 else 1
+                per_round += calls * p
+        loads = sum(0.3 * t.compile_s for t in finalists)
+        return (rounds + max(1, cfg.warmup)) * per_round + loads
+
     def update_reserve(self) -> None:
-        timing, confirm = self.timing, self.confirm_timing
-        timed = [t.timing_s for t in self._trials if t.timing_s > 0 and not t.resumed]
-        if not timed:
-            self.budget.reserve = 2.0
-            return
-        per_trial = sorted(timed)[len(timed) // 2]
-        variants = len(self.keep_set()) + 1
-        self.budget.reserve = 2.0 + per_trial * variants / 2 * confirm.rounds / max(1, timing.rounds)
+        """Keep time for the confirmation run and the report."""
+        self.budget.reserve = 2.0 + self._confirm_cost(self.keep_set(), self.confirm_timing.rounds)
 
     def confirm(self) -> dict[str, Any]:
         """Re-time the finalists interleaved in one run; promote the fastest."""
-        timing = self.confirm_timing
         finalists = self.keep_set()
         if len(finalists) < 2:
             return {"done": False, "why": "fewer than two finalists with artifacts"}
-        if self.budget.elapsed > self.budget.seconds * (1 + SLACK) - self.budget.reserve * 0.5:
-            return {"done": False, "why": "no time left in the budget"}
+        available = self.budget.seconds * (1 + SLACK) - self.budget.elapsed - 2.0
+        rounds = self.confirm_timing.rounds
+        while rounds >= 3 and self._confirm_cost(finalists, rounds) > available:
+            rounds -= 1
+        if rounds < 3:
+            return {"done": False, "why": f"no time left in the budget ({available:.0f}s)"}
+        c = self.confirm_timing
+        timing = TimingConfig(c.warmup, rounds, c.round_time_s, c.max_calls)
         self._say(f"confirming {len(finalists)} finalists in one interleaved run")
         runners, fns = [], {}
         try:
