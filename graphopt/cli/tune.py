@@ -58,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", choices=list(STRATEGIES), default="greedy", help="search strategy (default greedy)")
     p.add_argument("--prune", type=lambda t: _floats(t, "--prune"), default=(), metavar="RATIOS",
                    help="also try prune-ffn/prune-heads at these ratios, with distillation recovery (e.g. 0.1,0.2)")
+    p.add_argument("--max-trials", type=int, metavar="N", help="stop after N new trials (the budget still applies)")
     p.add_argument("-o", "--output", required=True, help="output folder (best/, trials.jsonl, report.md, pareto.png)")
     state = p.add_mutually_exclusive_group()
     state.add_argument("--resume", action="store_true", help="continue OUT from its trials.jsonl")
@@ -80,24 +81,32 @@ def run(args: argparse.Namespace) -> int:
     if runtimes is not None and not runtimes:
         raise PipelineParseError("--runtimes: name at least one runtime (`graphopt runtimes` lists them)")
     console = Console(stderr=True)
-    with Progress(
+    bar = Progress(
         TextColumn("[bold]tune[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
         TextColumn("{task.fields[best]}"), TextColumn("{task.description}"), console=console, transient=True,
-    ) as bar:
-        task = bar.add_task("loading model", total=seconds, best="")
+    )
+    task = None
 
-        def progress(p) -> None:  # type: ignore[no-untyped-def]
-            best = f"best {p.best_speedup:.2f}x" if p.best_speedup else ""
-            bar.update(task, completed=min(p.elapsed_s, p.budget_s), description=p.message[:90], best=best)
-            if not console.is_terminal and p.message.startswith(("trial", "done", "confirming", "computing")):
-                print(f"[{p.elapsed_s:5.0f}s] {p.message}", file=sys.stderr, flush=True)
+    def progress(p) -> None:  # type: ignore[no-untyped-def]
+        nonlocal task
+        if task is None:  # started by the first event: errors before it stay one clean line
+            bar.start()
+            task = bar.add_task("", total=seconds, best="")
+        best = f"best {p.best_speedup:.2f}x" if p.best_speedup else ""
+        bar.update(task, completed=min(p.elapsed_s, p.budget_s), description=p.message[:90], best=best)
+        if not console.is_terminal and p.message.startswith(("trial", "done", "confirming", "computing")):
+            print(f"[{p.elapsed_s:5.0f}s] {p.message}", file=sys.stderr, flush=True)
 
+    try:
         result = tune(
             args.model, args.output, data=args.data, calib=args.calib, metric=args.metric, max_drop=args.max_drop,
             budget=seconds, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, runtimes=runtimes,
             objective=args.objective, seed=args.seed, strategy=args.strategy, prune_ratios=args.prune,
-            resume=args.resume, force=args.force, progress=progress,
+            max_trials=args.max_trials, resume=args.resume, force=args.force, progress=progress,
         )
+    finally:
+        if task is not None:
+            bar.stop()
     _summary(result)
     return 0 if result.best_trial is not None else 1
 

@@ -162,13 +162,15 @@ class _Run:
         self.settings = settings
         self._sensitivity: dict[str, Any] | None = None
         self.replayed = 0
+        self.new_trials = 0
+        self.max_trials: int | None = None
 
     # -------------------------------------------------- SearchContext
     def trials(self) -> list[Trial]:
         return list(self._trials)
 
     def exhausted(self) -> bool:
-        return self.budget.exhausted()
+        return self.budget.exhausted() or (self.max_trials is not None and self.new_trials >= self.max_trials)
 
     def ranking(self) -> list[str]:
         return ranking(self.sensitivity())
@@ -229,6 +231,8 @@ class _Run:
         layers = self.ranking() if cand.keep_float else []
         if cand.keep_float and not layers:
             return None  # no sensitivity ranking (the budget could not pay for it)
+        if self.max_trials is not None and self.new_trials >= self.max_trials:
+            return None
         pipeline = cand.resolved_pipeline(layers)
         screen = self.evaluator.screens.get(pipeline)
         if screen is not None and (twin := self._twin(cand, screen.fingerprint)) is not None:
@@ -239,6 +243,7 @@ class _Run:
             log.info("not started (predicted %.0fs, %.0fs left): %s", predicted, self.budget.remaining, key)
             return None
         self.budget.started_trials += 1
+        self.new_trials += 1
         n = self.next_n
         self.next_n += 1
         self._say(f"trial {n} ({stage}): {key}")
@@ -249,6 +254,7 @@ class _Run:
             if twin is not None:
                 self.next_n -= 1
                 self.budget.started_trials -= 1
+                self.new_trials -= 1
                 return self._record_twin(cand, stage, pipeline, twin, screen_s=self.evaluator.screens[pipeline].seconds)
         trial = self.evaluator.run(cand, pipeline, n, stage)
         if fresh:
@@ -288,6 +294,7 @@ class _Run:
         self.log.append(trial)
         self._adopt(trial)
         self.budget.observe(trial)
+        self.new_trials += 1
         self._say(f"trial {n} ({stage}): {cand.key}: same program as trial {twin.n}")
         return trial
 
@@ -428,6 +435,7 @@ def tune(
     seed: int = 0,
     strategy: str = "greedy",
     prune_ratios: Sequence[float] = (),
+    max_trials: int | None = None,
     resume: bool = False,
     force: bool = False,
     timing: TimingConfig | None = None,
@@ -446,6 +454,7 @@ def tune(
     one trial, whichever is longer). ``objective``: ``p50``/``p99`` (latency
     ratio vs eager, geometric mean over shapes) or ``throughput`` (at the
     largest batch). ``strategy``: see :mod:`graphopt.tune.strategy`.
+    ``max_trials``: stop after this many new trials (the budget still applies).
     ``resume``: continue ``out_dir`` from its ``trials.jsonl``; ``force``:
     replace an existing graphopt-written ``out_dir`` (never a user's folder).
 
@@ -461,12 +470,16 @@ def tune(
         raise DataSpecError(f"--metric {metric!r}: one of {', '.join(METRICS)}")
     drop = METRICS[metric].default_max_drop if max_drop is None else parse_drop(max_drop)
     seconds = parse_budget(budget)
+    if max_trials is not None and max_trials < 1:
+        raise DataSpecError(f"--max-trials {max_trials}: must be at least 1")
     if resume and force:
         raise DataSpecError("--resume continues OUT and --force starts it over: pass one of them")
     if not batch_sizes or any(int(b) <= 0 for b in batch_sizes) or not seq_lens or any(int(s) <= 0 for s in seq_lens):
         raise DataSpecError("--batch-sizes and --seq-lens must be positive integers")
     runtime_names = _check_runtimes(runtimes)
     out = check_output_path(out_dir)
+    if out.exists() and resume and not (out / TUNE_FILE).is_file():
+        raise ArtifactError(f"{out} has no {TUNE_FILE}: it is not a graphopt tune output; drop --resume or pick another -o")
     if out.exists() and not resume:
         if not force:
             raise ArtifactError(f"{out} already exists; pass --resume to continue it or --force to start over")
@@ -500,6 +513,7 @@ def tune(
     space = build_space(runtime_names, prune_ratios=prune_ratios)
     evaluator = Evaluator(tm, td, judge, shapes, objective, timing, out / WORK_DIR)
     run = _Run(out, space, seed, evaluator, budget_clock, recorded, progress, settings, timing, confirm_timing)
+    run.max_trials = max_trials
     _restore_best(run, recorded)
     run._say(f"tuning {tm.name}: {len(runtime_names)} runtimes, budget {seconds:.0f}s, bar: {judge.describe()}")
     warnings_ = [w] if (w := load_warning()) else []
