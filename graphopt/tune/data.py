@@ -168,6 +168,9 @@ def _movielens_eval(tm: TuneModel, eval_batch: int, seed: int) -> tuple[TuneData
             f"--data ml-100k: {tm.name} does not say how it reads MovieLens histories; tune a fine-tuned "
             "checkpoint (`graphopt finetune`) or use --metric topk-overlap"
         )
+    if tm.program.input_names != ["input_ids", "attention_mask"]:
+        raise DataSpecError(f"--data ml-100k: {tm.name} takes {', '.join(tm.program.input_names)}, not item "
+                            "histories (input_ids, attention_mask); use --metric topk-overlap")
     data = load_movielens()
     if items != data.num_items:
         raise DataSpecError(

@@ -118,7 +118,7 @@ class Evaluator:
             self._remember(pipeline, program)
             result.fingerprint = fingerprint(program)
             if pipeline:
-                result.fidelity = self.judge.measure(_eager(program))
+                result.fidelity = self.judge.screen(_eager(program))
             else:
                 result.fidelity = self._exact()
         except KeyboardInterrupt:

@@ -134,6 +134,20 @@ class Judge:
         return {"metric": kind, "value": value, "reference": 1.0, "change_pct": 100.0 * (value - 1.0),
                 "values": {kind: value}, "meets": meets, "why": why}
 
+    def screen(self, fn: Fn) -> dict[str, Any]:
+        """:meth:`measure`, cheaper for clear misses: with evaluation data, a candidate whose
+        metric on the subset of users falls more than 4x the allowed drop is rejected there."""
+        if self.metric.source == "eval" and self.data.subset_evaluator is not None \
+                and self.data.subset_evaluator is not self.data.evaluator:
+            quick = self.measure(fn, subset=True)
+            if quick["change_pct"] < -400.0 * self.max_drop:
+                quick["meets"] = False
+                quick["why"] = (f"{quick['metric']} {quick['change_pct']:+.2f}% vs eager on the first users "
+                                f"(bar -{100 * self.max_drop:g}%); rejected before the full evaluation")
+                quick["subset"] = True
+                return quick
+        return self.measure(fn)
+
     def sensitivity_drop(self, fn: Fn) -> float:
         """How much the primary metric falls for ``fn`` (>= 0 worse), on the cheap subset."""
         r = self.measure(fn, subset=True)

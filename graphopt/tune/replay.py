@@ -101,6 +101,11 @@ class ReplayContext:
             self.now += s.get("seconds", 0.0)
         return s
 
+    def _twin(self, cand: Candidate, fp: str) -> Trial | None:
+        if not fp:
+            return None
+        return next((t for t in self._trials if t.fingerprint == fp and _same_build(t.candidate, cand)), None)
+
     def evaluate(self, cand: Candidate, stage: str) -> Trial | None:
         if cand.key in self._by_key:
             return self._by_key[cand.key]
@@ -109,23 +114,32 @@ class ReplayContext:
         rec = self._record(cand)
         if not screened and pipeline in self.table.screens:
             rec.setdefault("screen_s", self.table.screens[pipeline].get("seconds", 0.0))
-        predicted = self.budget.predict(cand, screened)
+        twin = self._twin(cand, rec.get("fingerprint", ""))
+        predicted = self.budget.predict(cand, screened) if twin is None else 0.0
         if not self.budget.allows(predicted):
             return None
         self.budget.started_trials += 1
-        cost = (0.0 if screened else rec.get("screen_s", 0.0)) + rec.get("compile_s", 0.0) + rec.get("timing_s", 0.0)
+        build = 0.0 if twin is not None else rec.get("compile_s", 0.0) + rec.get("timing_s", 0.0)
+        cost = (0.0 if screened else rec.get("screen_s", 0.0)) + build
         self._screened.add(pipeline)
         self.now += cost
         trial = Trial(n=len(self._trials) + 1, candidate=cand, stage=stage, status=rec["status"], pipeline=pipeline,
                       reason=rec.get("reason", ""), fidelity=rec.get("fidelity", {}), objective=rec.get("objective"),
                       screen_s=0.0 if screened else rec.get("screen_s", 0.0), compile_s=rec.get("compile_s", 0.0),
-                      timing_s=rec.get("timing_s", 0.0))
+                      timing_s=rec.get("timing_s", 0.0), fingerprint=rec.get("fingerprint", ""),
+                      twin_of=twin.n if twin is not None else None)
+        if twin is not None:  # the same program was built and timed already in this run (as graphopt tune does)
+            trial.status, trial.objective, trial.compile_s, trial.timing_s = twin.status, twin.objective, 0.0, 0.0
         self.budget.observe(trial)
         self._trials.append(trial)
         self._by_key[cand.key] = trial
         best = max((t.objective for t in self._trials if t.ok), default=math.nan)
         self.trajectory.append((self.now, best))
         return trial
+
+
+def _same_build(a: Candidate, b: Candidate) -> bool:
+    return (a.runtime, a.lower, a.load, a.threads) == (b.runtime, b.lower, b.load, b.threads)
 
 
 def replay(strategy: str, table: Table, space: Space, seed: int, budget_s: float, **kwargs: Any) -> ReplayContext:
