@@ -41,6 +41,7 @@ __all__ = [
     "precision_family",
     "NOT_TUNED",
     "EMBEDDING_BITS",
+    "keeps_layers_float",
 ]
 
 #: runtime options that select hardware, files or orchestration, not speed
@@ -85,10 +86,6 @@ class Candidate:
         opts = " ".join(f"{k}={v}" for k, v in (*self.lower, *self.load))
         threads = f" threads={self.threads}" if self.threads else ""
         return f"{self.pipeline_template} @ {self.runtime}" + (f" [{opts}{threads}]" if opts or threads else "")
-
-    @property
-    def label(self) -> str:
-        return self.key
 
     @property
     def pipeline_template(self) -> str:
@@ -178,6 +175,12 @@ def precision_family(step: str) -> str:
     if name == "quantize-int8-dynamic":
         return "int8-dynamic"
     return name
+
+
+def keeps_layers_float(step: str) -> bool:
+    """Whether the precision step's pass takes a ``skip=`` list of layers (keep-float sets apply)."""
+    cls = available_passes().get(step.split("{", 1)[0]) if step else None
+    return cls is not None and any(o.name == "skip" for o in cls.options)
 
 
 def o2_fusions() -> list[str]:

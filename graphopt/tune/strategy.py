@@ -45,7 +45,14 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from graphopt.tune.space import Candidate, Space, default_candidates, reference_candidate, thread_option
+from graphopt.tune.space import (
+    Candidate,
+    Space,
+    default_candidates,
+    keeps_layers_float,
+    reference_candidate,
+    thread_option,
+)
 from graphopt.tune.trials import BELOW_BAR, FAILED, Trial
 
 __all__ = ["SearchContext", "STRATEGIES", "greedy", "random_search", "halving", "prologue"]
@@ -131,7 +138,7 @@ def _refine_precision(ctx: SearchContext, family: str, steps: list[str], all_fus
     rt = targets[0]
     results = [_try(ctx, Candidate(fusions=all_fusions, precision=s, runtime=rt), f"precision:{family}") for s in steps]
     done = [t for t in results if t is not None]
-    below = [t for t in done if t.status == BELOW_BAR and t.fidelity]
+    below = [t for t in done if t.status == BELOW_BAR and t.fidelity and keeps_layers_float(t.candidate.precision)]
     if below and not any(t.ok for t in done) and ctx.space.keep_float and not ctx.exhausted() and ctx.ranking():
         # every variant missed the bar: keep the most sensitive layers in float, fewest first
         base = max(below, key=lambda t: t.fidelity.get("change_pct", -1e9))

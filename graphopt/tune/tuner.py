@@ -517,10 +517,14 @@ def tune(
     _restore_best(run, recorded)
     run._say(f"tuning {tm.name}: {len(runtime_names)} runtimes, budget {seconds:.0f}s, bar: {judge.describe()}")
     warnings_ = [w] if (w := load_warning()) else []
+    interrupted = False
     try:
         STRATEGIES[strategy](run)
         run.update_reserve()
         confirmation = run.confirm()
+    except KeyboardInterrupt:  # OUT/best and trials.jsonl are complete; write the report of what ran
+        interrupted = True
+        confirmation = {"done": False, "why": "interrupted (Ctrl-C); --resume continues"}
     finally:
         shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     if not warnings_ and (w := load_warning()) is not None:
@@ -540,6 +544,8 @@ def tune(
 
     write_report(result, summary)
     run._say(f"done in {result.wall_s:.0f}s: {len(run.trials())} trials, best {best_trial.key if best_trial else '-'}")
+    if interrupted:
+        raise KeyboardInterrupt
     return result
 
 
