@@ -58,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", choices=list(STRATEGIES), default="greedy", help="search strategy (default greedy)")
     p.add_argument("--prune", type=lambda t: _floats(t, "--prune"), default=(), metavar="RATIOS",
                    help="also try prune-ffn/prune-heads at these ratios, with distillation recovery (e.g. 0.1,0.2)")
+    p.add_argument("--threads", type=int, help="torch and runtime threads for every candidate (default: torch's)")
     p.add_argument("--max-trials", type=int, metavar="N", help="stop after N new trials (the budget still applies)")
     p.add_argument("-o", "--output", required=True, help="output folder (best/, trials.jsonl, report.md, pareto.png)")
     state = p.add_mutually_exclusive_group()
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.output, data=args.data, calib=args.calib, metric=args.metric, max_drop=args.max_drop,
             budget=seconds, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, runtimes=runtimes,
             objective=args.objective, seed=args.seed, strategy=args.strategy, prune_ratios=args.prune,
-            max_trials=args.max_trials, resume=args.resume, force=args.force, progress=progress,
+            max_trials=args.max_trials, threads=args.threads, resume=args.resume, force=args.force, progress=progress,
         )
     finally:
         if task is not None:

@@ -91,7 +91,9 @@ class Evaluator:
     """Screens, builds, checks and times candidates of one model."""
 
     def __init__(self, tm: TuneModel, data: TuneData, judge: Judge, shapes: Sequence[tuple[int, int | None]],
-                 objective: str, timing: TimingConfig, work_dir: Path, *, cache_programs: int = 3):
+                 objective: str, timing: TimingConfig, work_dir: Path, *, cache_programs: int = 3,
+                 threads: int | None = None):
+        self.threads = threads
         self.tm, self.data, self.judge = tm, data, judge
         self.shapes = list(shapes)
         self.objective = objective
@@ -246,8 +248,8 @@ class Evaluator:
         options: dict[str, Any] = {"spin": False} if "spin" in declared else {}
         options.update(dict(cand.load))
         name = thread_option(cand.runtime)
-        if cand.threads and name:
-            options[name] = cand.threads
+        if (cand.threads or self.threads) and name:
+            options[name] = cand.threads or self.threads
         return options
 
     # ------------------------------------------------------------ timing
