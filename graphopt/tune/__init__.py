@@ -9,9 +9,10 @@ Modules: ``space`` (candidates and the knobs, read from the pass and runtime
 registries), ``data`` (the model and its calibration/screening/evaluation
 data), ``fidelity`` (metrics and the bar), ``evaluate`` (screen, build,
 check, time one candidate), ``sensitivity`` (per-layer, once), ``budget``,
-``strategy`` (greedy, random, halving), ``trials`` (``trials.jsonl``),
-``keepbest`` (``OUT/best``), ``report`` (report.md, pareto.png),
-``tuner`` (``tune``).
+``strategy`` (greedy, random, halving), ``search`` (the context strategies
+drive: replay, twins, keep-best, confirmation), ``trials`` (``trials.jsonl``),
+``keepbest`` (``OUT/best``), ``report`` (report.md, pareto.png), ``replay``
+(strategies against a table of measured trials), ``tuner`` (``tune``).
 """
 
 import sys

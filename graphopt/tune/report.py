@@ -181,7 +181,9 @@ def render_report(result: TuneResult, summary: dict[str, Any]) -> str:
     for rt in s.get("runtimes", []):
         ok = [t for t in trials if t.ok and t.candidate.runtime == rt]
         if not ok:
-            why = next((t.reason for t in trials if t.candidate.runtime == rt and t.reason), "no trial met the bar")
+            tried = [t for t in trials if t.candidate.runtime == rt]
+            why = next((t.reason for t in tried if t.reason), "no trial met the bar") if tried \
+                else "not tried within the budget"
             lines.append(f"| {rt} | - | - | - | {_cell(why, 90)} |")
             continue
         t = max(ok, key=lambda t: t.objective)
