@@ -22,13 +22,13 @@ def test_exchange_swaps_two_folders_in_one_step(tmp_path):
 def test_write_best_replaces_and_keeps_checksums(tmp_path, program):
     prog = program("dlrm:tiny")
     first = graphopt.lower(prog, "torchscript", tmp_path / "t1")
-    second = graphopt.lower(prog, "eager", tmp_path / "t2")
+    second = graphopt.lower(prog, "torchscript", tmp_path / "t2", optimize=True)
     out = tmp_path / "out"
     out.mkdir()
     write_best(out, first.path, {"trial": 1, "pipeline": "", "key": "none @ torchscript"})
     write_best(out, second.path, {"trial": 2, "pipeline": "", "key": "none @ eager"})
     manifest = json.loads((out / "best" / "manifest.json").read_text())
-    assert manifest["tune"]["trial"] == 2 and manifest["runtime"] == "eager"
+    assert manifest["tune"]["trial"] == 2 and manifest["options"]["optimize"] is True
     assert sorted(p.name for p in out.iterdir()) == ["best"]  # no temp or old folders left
     inputs = prog.sample_inputs(batch=4, seed=3)
     with graphopt.load(out / "best") as runner:  # verify=True: every file's sha256 still matches

@@ -189,7 +189,8 @@ def test_sigkill_leaves_best_loadable_and_resume_skips_finished_trials(tmp_path,
     assert finished and finished[0].key == "none @ eager"
 
     # --resume: the finished trials are answered from the log, not run again
-    result = graphopt.tune(MODEL, out, runtimes=["torchscript"], batch_sizes=(1, 16), budget=1.0,
+    # the session's Program of the same zoo model (its settings name the model as the CLI did): no second capture
+    result = graphopt.tune(prog, out, runtimes=["torchscript"], batch_sizes=(1, 16), budget=1.0,
                            timing=QUICK, confirm_timing=CONFIRM, resume=True)
     replayed = [t for t in result.trials if t.resumed]
     assert [t.key for t in replayed] == [t.key for t in finished][: len(replayed)] and replayed
