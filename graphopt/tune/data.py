@@ -16,6 +16,8 @@ recommender data code; the compiler side never imports it.
 from __future__ import annotations
 
 import logging
+import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +110,48 @@ def _kind(name: Any) -> str | None:
 
 
 # ------------------------------------------------------------------ data
+class _RankingEval:
+    """HR@10/NDCG@10 of a callable on leave-one-out cases (the demo's protocol: seen items masked,
+    fixed batches), scored batch by batch. The scores of the last callable are kept, so the full
+    evaluation after a screen on the first users only scores the users not yet scored."""
+
+    def __init__(self, cases: Any, num_items: int, seq_len: int, append_mask: int | None, batch: int):
+        from graphopt.rec.data import encode_histories
+
+        self.cases, self.num_items, self.batch = cases, num_items, batch
+        self.ids, self.mask = encode_histories(cases.histories, seq_len, append_mask)
+        self._fn: weakref.ref | None = None
+        self._parts: list[torch.Tensor] = []
+
+    def _scores(self, fn: Callable[..., Any], users: int) -> torch.Tensor:
+        from graphopt.rec.data import item_scores
+
+        if self._fn is None or self._fn() is not fn:
+            self._fn, self._parts = weakref.ref(fn), []
+        done = sum(len(p) for p in self._parts)
+        while done < users:
+            stop = min(done + self.batch, len(self.cases))
+            ids, mask = self.ids[done:stop], self.mask[done:stop]
+            rows = stop - done
+            if rows < self.batch:  # runtimes with a static batch get full batches
+                reps = math.ceil(self.batch / rows)
+                ids, mask = ids.repeat(reps, 1)[: self.batch], mask.repeat(reps, 1)[: self.batch]
+            out = fn(ids, mask)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            self._parts.append(item_scores(torch.as_tensor(out)[:rows], self.num_items))
+            done = stop
+        scores = torch.cat(self._parts)[:users]
+        return torch.nan_to_num(scores, nan=-math.inf)  # a NaN score never ranks an item up
+
+    def evaluate(self, fn: Callable[..., Any], users: int | None = None) -> dict[str, float]:
+        from graphopt.metrics import hr_at_k, ndcg_at_k
+
+        n = len(self.cases) if users is None else min(users, len(self.cases))
+        scores = self._scores(fn, n)
+        targets, seen = self.cases.targets[:n], self.cases.seen[:n]
+        return {"hr@10": hr_at_k(scores, targets, 10, seen), "ndcg@10": ndcg_at_k(scores, targets, 10, seen)}
+
+
 @dataclass
 class TuneData:
     """Calibration batches, held-out screening batches and (optionally) an
@@ -149,7 +193,7 @@ def load_calibration_file(path: str | Path, names: Sequence[str]) -> list[tuple[
 
 
 def _movielens_eval(tm: TuneModel, eval_batch: int, seed: int) -> tuple[TuneData, Any]:
-    from graphopt.rec.data import encode_histories, evaluate_ranking, load_movielens
+    from graphopt.rec.data import encode_histories, load_movielens
     from graphopt.rec.finetune import get_objective
 
     meta = tm.program.meta.get("eval") or {}
@@ -187,15 +231,7 @@ def _movielens_eval(tm: TuneModel, eval_batch: int, seed: int) -> tuple[TuneData
 
         return make
 
-    def evaluator(users: int | None) -> Evaluator:
-        cases = split.test.subset(users)
-
-        def evaluate(fn: Callable[..., Sequence[torch.Tensor]]) -> dict[str, float]:
-            metrics = evaluate_ranking(fn, cases, split.num_items, seq_len=seq_len, append_mask=append_mask,
-                                       batch_size=eval_batch, fixed_batch=True)
-            return {k: v for k, v in metrics.items() if k != "users"}
-
-        return evaluate
+    ranking = _RankingEval(split.test, split.num_items, seq_len, append_mask, eval_batch)
 
     train = [h for h in split.train if h]
     calib_inputs = histories_inputs(train)
@@ -204,7 +240,8 @@ def _movielens_eval(tm: TuneModel, eval_batch: int, seed: int) -> tuple[TuneData
     screen = [screen_inputs(eval_batch, None, seed + 3000 + i) for i in range(4)]
     desc = (f"{data.name} from {data.source}: HR@10/NDCG@10 on {len(split.test)} leave-one-out test users "
             f"(seen items masked, batch {eval_batch}); calibration on training histories")
-    td = TuneData(calibration, screen, evaluator(None), evaluator(min(256, len(split.test))),
+    subset = min(256, len(split.test))
+    td = TuneData(calibration, screen, ranking.evaluate, lambda fn: ranking.evaluate(fn, subset),
                   histories_inputs(split.test.histories), desc, data.notice)
     return td, data
 

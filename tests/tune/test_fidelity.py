@@ -74,3 +74,26 @@ def test_ml100k_refuses_a_model_that_scores_other_items(program):
         tune_data(tm, data="ml-100k")
     with pytest.raises(DataSpecError, match="unknown data set"):
         tune_data(tm, data="ml-1m")
+
+
+def test_ml100k_evaluation_is_the_demos(tmp_path):
+    """The tuner scores users batch by batch (and reuses a screen's scores); same numbers as evaluate_ranking."""
+    from graphopt.rec.data import evaluate_ranking, load_movielens
+    from graphopt.tune.data import _RankingEval
+
+    data = load_movielens()
+    cases = data.leave_one_out().test.subset(100)
+    weights = torch.randn(data.num_items + 2, data.num_items + 1, generator=torch.Generator().manual_seed(0))
+
+    def score(ids, mask):  # a deterministic "model": a bag of item vectors over the history
+        return ((weights[ids] * mask[..., None]).sum(1),)
+
+    want = evaluate_ranking(score, cases, data.num_items, seq_len=20, append_mask=data.num_items + 1,
+                            batch_size=32, fixed_batch=True)
+    ev = _RankingEval(cases, data.num_items, 20, data.num_items + 1, 32)
+    first = ev.evaluate(score, 40)  # a screen on the first users, then the full evaluation continues from it
+    full = ev.evaluate(score)
+    assert full == {"hr@10": want["hr@10"], "ndcg@10": want["ndcg@10"]}
+    assert first == {k: v for k, v in evaluate_ranking(score, cases.subset(40), data.num_items, seq_len=20,
+                                                       append_mask=data.num_items + 1, batch_size=32,
+                                                       fixed_batch=True).items() if k != "users"}
