@@ -39,7 +39,7 @@ import torch
 
 from graphopt.bench.timing import TimingConfig, machine_info
 from graphopt.tune.data import resolve_model, tune_data
-from graphopt.tune.evaluate import Evaluator, _eager
+from graphopt.tune.evaluate import Evaluator
 from graphopt.tune.fidelity import Judge
 from graphopt.tune.replay import Table, replay
 from graphopt.tune.sensitivity import compute_sensitivity, ranking
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(int(b), int(s) if "seq" in tm.program.dynamic_labels() else None)
               for b in args.batch_sizes.split(",") for s in args.seq_lens.split(",")]
     td = tune_data(tm, batch=max(b for b, _ in shapes))
-    judge = Judge("topk-overlap", None, td, _eager(tm.program))
+    judge = Judge("topk-overlap", None, td, tm.reference())
     work = Path(tempfile.mkdtemp(prefix="tune-strategies-"))
     evaluator = Evaluator(tm, td, judge, shapes, "p50", TimingConfig(warmup=2, rounds=5, round_time_s=0.03, max_calls=8),
                           work)

@@ -53,6 +53,28 @@ class TuneModel:
     config: dict[str, Any] = field(default_factory=dict)
     kind: str | None = None  # zoo family (bert4rec, bert-cls, dlrm, ...) when known
     source: str = ""
+    module: torch.nn.Module | None = None  # the original model, when known: eager's reference
+
+    def reference(self) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """Eager fp32 of the original model (as ``graphopt bench``'s baseline), else of the Program."""
+        if self.module is None:
+            gm = self.program.gm
+
+            def program(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                with torch.inference_mode():
+                    out = gm(*inputs)
+                return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+            return program
+        from graphopt.bench.variants import SourceModule
+
+        source = SourceModule(self.module.eval(), self.program.input_names)
+
+        def original(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with torch.inference_mode():
+                return source(*inputs)
+
+        return original
 
 
 def _named_inputs(make_inputs: Callable[..., dict[str, torch.Tensor]], names: Sequence[str]) -> InputMaker:
@@ -77,7 +99,7 @@ def resolve_model(model: Any) -> TuneModel:
     if hasattr(model, "module") and hasattr(model, "make_inputs") and hasattr(model, "capture"):
         program = model.capture()
         return TuneModel(program, model.name, _named_inputs(model.make_inputs, program.input_names), dict(model.config),
-                         _kind(model.name), model.name)
+                         _kind(model.name), model.name, model.module)
     if not isinstance(model, (str, Path)):
         raise GraphoptError(f"tune takes a model name or path, a Program or a ZooModel, got {type(model).__name__}")
     spec = str(model)
@@ -88,7 +110,7 @@ def resolve_model(model: Any) -> TuneModel:
         ckpt = load_checkpoint(path)
         program = ckpt.capture()
         return TuneModel(program, program.name, _named_inputs(ckpt.make_inputs, program.input_names),
-                         dict(ckpt.model_config), ckpt.kind, spec)
+                         dict(ckpt.model_config), ckpt.kind, spec, ckpt.model)
     if path.exists() or spec.endswith(".pt2") or "/" in spec:
         from graphopt.rec.resolve import load_program
 
@@ -100,7 +122,7 @@ def resolve_model(model: Any) -> TuneModel:
     zoo = load_model(spec)
     program = zoo.capture()
     return TuneModel(program, zoo.name, _named_inputs(zoo.make_inputs, program.input_names), dict(zoo.config),
-                     _kind(zoo.name), spec)
+                     _kind(zoo.name), spec, zoo.module)
 
 
 def _kind(name: Any) -> str | None:

@@ -8,7 +8,8 @@
    folder, load it (``spin=False``, the thread option), first call.
 3. **Check**: the runtime's own outputs against the bar (a runtime may round
    differently from eager; eager artifacts reuse the screen).
-4. **Time**: interleaved rounds against eager fp32 at every shape
+4. **Time**: interleaved rounds against eager fp32 (the original module when
+   known, as ``graphopt bench``'s baseline; else the captured Program) at every shape
    (:func:`graphopt.bench.timing.run_interleaved`), paired ratios.
 
 Failures at any step end the trial with a one-line reason; the search goes on.
@@ -100,8 +101,7 @@ class Evaluator:
         self.timing = timing
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        program = tm.program
-        self.baseline = _eager(program)
+        self.baseline = tm.reference()
         maker = data.inputs or tm.make_inputs
         self.inputs = {shape_key(b, s): maker(b, s, 7) for b, s in self.shapes}
         self.screens: dict[str, Screen] = {}

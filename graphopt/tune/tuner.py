@@ -208,9 +208,7 @@ def tune(
         shapes = _shapes(batch_sizes, seq_lens, tm.program.dynamic_labels(), tm.program)
         eval_batch = max(b for b, _ in shapes)
         td = tune_data(tm, data=data, calib=calib, eval_data=eval_data, batch=eval_batch, seed=seed)
-        from graphopt.tune.evaluate import _eager
-
-        judge = Judge(metric, drop, td, _eager(tm.program))
+        judge = Judge(metric, drop, td, tm.reference())
         settings = {
             "format": "graphopt.tune/1",
             "model": str(model) if isinstance(model, (str, os.PathLike)) else tm.name,
