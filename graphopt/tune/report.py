@@ -187,7 +187,9 @@ def render_report(result: TuneResult, summary: dict[str, Any]) -> str:
             lines.append(f"| {rt} | - | - | - | {_cell(why, 90)} |")
             continue
         t = max(ok, key=lambda t: t.objective)
-        lines.append(f"| {rt} | {_cell(t.key, 90)} | {t.n} | {_speeds(t.latency)} | {_cell(_fid_text(t.runtime_fidelity), 90)} |")
+        confirmed = rows.get(t.n, {}).get("latency")
+        speed = _speeds(confirmed) + " (confirmation run)" if confirmed else _speeds(t.latency) + " (search)"
+        lines.append(f"| {rt} | {_cell(t.key, 90)} | {t.n} | {speed} | {_cell(_fid_text(t.runtime_fidelity), 90)} |")
     lines += ["", "![speed vs fidelity](pareto.png)", ""]
     lines += _sensitivity_lines(result.sensitivity)
     counts: dict[str, int] = {}
