@@ -31,13 +31,14 @@ def fidelity_y(trial: Trial) -> tuple[float | None, str]:
     return fid.get("change_pct"), f"{fid.get('metric', 'metric').upper()} vs eager (%)"
 
 
-def _points(trials: list[Trial]) -> tuple[list[tuple[str, float, float]], str]:
+def _points(trials: list[Trial], confirmed: dict[int, float]) -> tuple[list[tuple[str, float, float]], str]:
+    """(trial, speed, fidelity) of every timed trial; a finalist's speed is its confirmation-run one."""
     points, label = [], ""
     for t in trials:
-        if t.ok:
+        if t.ok and t.twin_of is None:
             y, lab = fidelity_y(t)
             if y is not None and math.isfinite(y):
-                points.append((str(t.n), float(t.objective), float(y)))
+                points.append((str(t.n), float(confirmed.get(t.n) or t.objective), float(y)))
                 label = label or lab
     return points, label
 
@@ -53,7 +54,8 @@ def plot_pareto(result: TuneResult, path: Path) -> Path | None:
         log.warning("pareto.png not written: %s; pip install 'graphopt[plots]'", e)
         return None
     trials = result.trials
-    points, label = _points(trials)
+    confirmed = {r["n"]: r["objective"] for r in (result.confirmation or {}).get("finalists", [])}
+    points, label = _points(trials, confirmed)
     front = set(pareto_front(points))
     by_n = {str(t.n): t for t in trials}
     winner = str(result.best_trial.n) if result.best_trial else None
@@ -64,7 +66,8 @@ def plot_pareto(result: TuneResult, path: Path) -> Path | None:
         colour = "#d62728" if name == winner else ("#ff7f0e" if default else "#1f77b4")
         ax.scatter([x], [y], color=colour, s=40 if name == winner else 26, zorder=3, marker="s" if default else "o",
                    edgecolors="black" if name in front else "none", linewidths=1.0)
-        ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(name + ("*" if int(name) in confirmed else ""), (x, y), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
     fp = sorted((p for p in points if p[0] in front), key=lambda p: p[1])
     if fp:
         ax.plot([p[1] for p in fp], [p[2] for p in fp], "--", color="#2ca02c", lw=0.9, zorder=2)
@@ -92,7 +95,8 @@ def plot_pareto(result: TuneResult, path: Path) -> Path | None:
             ax.set_xlim(0, max(xs) * 1.12)
     ax.set_xlabel(f"speedup vs eager ({result.settings.get('objective')}, paired interleaved rounds)")
     ax.set_ylabel(label or "fidelity")
-    ax.set_title(f"graphopt tune: {result.settings.get('model_name')} (numbers = trial; timed trials only)", fontsize=9)
+    ax.set_title(f"graphopt tune: {result.settings.get('model_name')} (numbers = trial; * = speed from the "
+                 "confirmation run; timed trials only)", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
