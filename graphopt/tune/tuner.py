@@ -235,6 +235,8 @@ def tune(
         try:
             STRATEGIES[strategy](run)
             run.update_reserve()
+            if space.int8 and not run.exhausted():
+                run.sensitivity()  # for the report's table, when the search did not need it and time is left
             confirmation = run.confirm()
         except KeyboardInterrupt:  # OUT/best and trials.jsonl are complete; write the report of what ran
             interrupted = True
