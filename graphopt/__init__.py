@@ -10,7 +10,8 @@ The core never imports a specific pass or backend at import time: passes are
 registered when the registry is first used.
 """
 
-from graphopt import bench  # a callable module: graphopt.bench(...) runs graphopt.bench.bench(...)
+# callable modules: graphopt.bench(...) runs graphopt.bench.bench(...), graphopt.tune(...) graphopt.tune.tune(...)
+from graphopt import bench, tune
 from graphopt.errors import (
     ArtifactError,
     BackendUnavailableError,
@@ -81,5 +82,6 @@ __all__ = [
     "Artifact",
     "available_runtimes",
     "bench",
+    "tune",
     "__version__",
 ]

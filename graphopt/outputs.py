@@ -6,12 +6,17 @@ report or checkpoint file graphopt writes, is there) or it is empty: a
 user's folder is refused with one line whatever the flags. A path at ``.``,
 ``~``, ``/`` or a folder holding the current directory or graphopt's own
 checkout is refused as an output. A crash or a failure mid-write leaves the
-old directory (or nothing) behind, never a half-written one.
+old directory (or nothing) behind, never a half-written one. Replacing an
+existing folder swaps old and new in one ``renameat2(RENAME_EXCHANGE)`` call
+where the OS has it (Linux), so the path always names a complete folder, even
+for a reader or a SIGKILL between the two renames the fallback needs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -52,6 +57,21 @@ def check_output_path(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 def _replaceable(out: Path) -> bool:
     return out.is_dir() and (written_by_graphopt(out) or not any(out.iterdir()))
 
@@ -75,7 +95,9 @@ def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False, ki
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"kind": kind, "created": time.time()}) + "\n")
-        if out.exists():
+        if out.exists() and _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        elif out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)

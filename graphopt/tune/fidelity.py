@@ -1,0 +1,159 @@
+"""Fidelity for the tuner: which metric, the bar, and measuring a callable against eager.
+
+A metric is one entry of :data:`METRICS`. ``source="eval"`` metrics read a
+key of the evaluator's result on evaluation data (``ndcg@10``, ``hr@10``; a
+CTR ``auc`` is one more entry once an evaluator returns it); the bar is
+:class:`graphopt.metrics.FidelityBar`'s rule with ``max_rel_drop`` =
+``--max-drop``: *every* quality metric eager reports stays within it, the
+named one is the one ranked, plotted and used for sensitivity.
+``source="reference"`` metrics compare the first output with eager's on
+held-out batches (``topk-overlap``: the bar is overlap >= 1 - max_drop; where
+the outputs rank nothing, cosine >= :data:`graphopt.bench.report.MIN_COSINE`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from graphopt.bench.report import MIN_COSINE
+from graphopt.errors import GraphoptError
+from graphopt.metrics import FIDELITY_BAR, FidelityBar, agreement, relative_change, score_matrix
+from graphopt.tune.data import DataSpecError, TuneData
+
+__all__ = ["Metric", "METRICS", "Judge", "parse_drop"]
+
+Fn = Callable[..., Sequence[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A fidelity metric the tuner can hold candidates to."""
+
+    name: str
+    source: str  # "eval": a key of the evaluator's result; "reference": agreement with eager
+    key: str
+    default_max_drop: float  # a fraction: 0.005 = 0.5%
+    help: str
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("ndcg@10", "eval", "ndcg@10", FIDELITY_BAR.max_rel_drop,
+               "NDCG@10 on evaluation data (with HR@10 also held to the bar)"),
+        Metric("hr@10", "eval", "hr@10", FIDELITY_BAR.max_rel_drop,
+               "HR@10 on evaluation data (with NDCG@10 also held to the bar)"),
+        Metric("topk-overlap", "reference", "topk_overlap", 1.0 - FIDELITY_BAR.min_topk_overlap,
+               "top-10 overlap with eager's ranking on held-out batches"),
+    )
+}
+
+
+def parse_drop(text: str | float) -> float:
+    """``"0.5%"`` -> 0.005, ``"0.005"`` -> 0.005; must lie in [0, 1)."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        t = text.strip()
+        try:
+            value = float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
+        except ValueError:
+            raise DataSpecError(f"--max-drop {text!r}: expected a fraction or a percentage such as 0.5%") from None
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise DataSpecError(f"--max-drop {text!r}: must be between 0% and 100%")
+    return value
+
+
+class Judge:
+    """Measures a callable's fidelity against eager and says whether it meets the bar."""
+
+    def __init__(self, metric: str, max_drop: float | None, data: TuneData, reference: Fn):
+        if metric not in METRICS:
+            raise DataSpecError(f"--metric {metric!r}: one of {', '.join(METRICS)}")
+        self.metric = METRICS[metric]
+        self.max_drop = self.metric.default_max_drop if max_drop is None else float(max_drop)
+        self.data = data
+        if self.metric.source == "eval" and data.evaluator is None:
+            raise DataSpecError(
+                f"--metric {metric} needs evaluation data (--data ml-100k); without it use --metric topk-overlap"
+            )
+        self.bar = FidelityBar(max_rel_drop=self.max_drop, min_topk_overlap=1.0 - self.max_drop)
+        self.reference_eval: dict[str, float] = {}
+        self.reference_subset: dict[str, float] = {}
+        self.reference_outputs: list[tuple[torch.Tensor, ...]] = []
+        if self.metric.source == "eval":
+            self.reference_eval = data.evaluator(reference)  # type: ignore[misc]
+            if self.metric.key not in self.reference_eval:
+                raise DataSpecError(f"--metric {metric}: the evaluation data reports {', '.join(self.reference_eval)}")
+            if data.subset_evaluator is not None:
+                self.reference_subset = data.subset_evaluator(reference)
+        else:
+            self.reference_outputs = [_tuple(reference(*b)) for b in data.screen]
+            self._ranks = score_matrix(self.reference_outputs[0][0], FIDELITY_BAR.k) is not None
+
+    def describe(self) -> str:
+        if self.metric.source == "eval":
+            keys = ", ".join(k.upper() for k in self.reference_eval)
+            return f"{keys} within {100 * self.max_drop:g}% relative of eager's ({self.data.description})"
+        what = f"top-10 overlap >= {1 - self.max_drop:.4g}" if self._ranks else f"cosine >= {MIN_COSINE}"
+        return f"{what} vs eager ({self.data.description})"
+
+    def measure(self, fn: Fn, *, subset: bool = False) -> dict[str, Any]:
+        """``{"metric", "value", "reference", "change_pct", "values", "meets", "why"}`` for ``fn``.
+
+        ``subset`` measures on fewer users (sensitivity ranking; the bar is then indicative only).
+        """
+        if self.metric.source == "eval":
+            evaluate = self.data.subset_evaluator if subset and self.data.subset_evaluator else self.data.evaluator
+            reference = self.reference_subset if subset and self.reference_subset else self.reference_eval
+            values = {k: float(v) for k, v in evaluate(fn).items()}  # type: ignore[misc]
+            meets, why = self.bar.check(values, reference)
+            key = self.metric.key
+            value, ref = values.get(key, math.nan), reference[key]
+            change = relative_change(value, ref, key)
+            return {"metric": key, "value": value, "reference": ref, "change_pct": change,
+                    "values": values, "reference_values": dict(reference), "meets": meets, "why": why}
+        batches = self.data.screen[:1] if subset else self.data.screen
+        scores = []
+        kind = "topk_overlap" if self._ranks else "cosine"
+        for batch, ref in zip(batches, self.reference_outputs):
+            out = _tuple(fn(*batch))
+            if len(out) != len(ref) or tuple(out[0].shape) != tuple(ref[0].shape):
+                raise GraphoptError(f"outputs {[list(o.shape) for o in out]} do not match eager's {[list(r.shape) for r in ref]}")
+            scores.append(agreement(kind, out, ref, FIDELITY_BAR.k))
+        value = float(sum(scores) / len(scores))
+        if self._ranks:
+            meets, why = self.bar.check(None, None, value)
+        else:
+            meets, why = (value >= MIN_COSINE, "" if value >= MIN_COSINE else f"cosine {value:.4f} < {MIN_COSINE}")
+        return {"metric": kind, "value": value, "reference": 1.0, "change_pct": 100.0 * (value - 1.0),
+                "values": {kind: value}, "meets": meets, "why": why}
+
+    def screen(self, fn: Fn) -> dict[str, Any]:
+        """:meth:`measure`, cheaper for clear misses: with evaluation data, a candidate whose
+        metric on the subset of users falls more than 4x the allowed drop is rejected there."""
+        if self.metric.source == "eval" and self.data.subset_evaluator is not None \
+                and self.data.subset_evaluator is not self.data.evaluator:
+            quick = self.measure(fn, subset=True)
+            if quick["change_pct"] < -400.0 * self.max_drop:
+                quick["meets"] = False
+                quick["why"] = (f"{quick['metric']} {quick['change_pct']:+.2f}% vs eager on the first users "
+                                f"(bar -{100 * self.max_drop:g}%); rejected before the full evaluation")
+                quick["subset"] = True
+                return quick
+        return self.measure(fn)
+
+    def sensitivity_drop(self, fn: Fn) -> float:
+        """How much the primary metric falls for ``fn`` (>= 0 worse), on the cheap subset."""
+        r = self.measure(fn, subset=True)
+        change = r["change_pct"]
+        return float(-change / 100.0) if math.isfinite(change) else math.inf
+
+
+def _tuple(out: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)

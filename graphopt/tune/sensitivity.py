@@ -1,0 +1,116 @@
+"""Per-layer sensitivity, computed once per run and reused (``OUT/sensitivity.json``).
+
+int8: for every linear ``quantize-int8`` would take in the ``O2`` Program,
+the drop of the tuner's metric when that layer *alone* is quantized
+(``quantize-int8{skip=<every other layer>}``), measured in eager on the
+cheap screening subset. The ranking (most sensitive first) gives the
+keep-float sets: ``keep_float=k`` keeps the first k layers in float.
+
+bf16: ``cast`` selects op families, not layers, so for each family the
+default policy keeps in fp32 (layer norms, softmax, ...) the drop when that
+family is cast as well, next to the drop of the default policy itself.
+
+Layers are named by module path (``model.bert.encoder.layer.0.output.dense``),
+or by node name where two linears share a path, so a ``skip=`` list carries
+over to pipelines with other fusions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from graphopt.errors import first_line
+from graphopt.passlib.qdq import find_linears
+from graphopt.transform.base import available_passes
+from graphopt.tune.space import Candidate
+
+__all__ = ["compute_sensitivity", "load_sensitivity", "save_sensitivity", "ranking", "SENSITIVITY_FILE"]
+
+log = logging.getLogger(__name__)
+
+SENSITIVITY_FILE = "sensitivity.json"
+#: calibration batches used per layer (the ranking, not the final ranges)
+_CALIB_BATCHES = 4
+
+
+def _labels(layers: list[Any]) -> list[str]:
+    counts = Counter(layer.path for layer in layers if layer.path)
+    return [layer.path if layer.path and counts[layer.path] == 1 else layer.node.name for layer in layers]
+
+
+def compute_sensitivity(evaluator: Any, fusions: tuple[str, ...],
+                        on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Both tables for the Program optimized with O1 + ``fusions`` (see the module doc)."""
+    from graphopt.transform.optimize import optimize
+    from graphopt.tune.evaluate import _eager
+
+    start = time.perf_counter()
+    judge = evaluator.judge
+    base = Candidate(fusions=fusions)
+    program = evaluator.program_for(base, base.pipeline)
+    layers, _ = find_linears(program.gm)
+    labels = _labels(layers)
+    calib = evaluator.data.calibration[:_CALIB_BATCHES]
+    result: dict[str, Any] = {"base": base.pipeline, "metric": judge.metric.name, "int8": [], "bf16": []}
+    if "quantize-int8" in available_passes():
+        for label, layer in zip(labels, layers):
+            others = [x for x in labels if x != label]
+            step = "quantize-int8" + ("{skip=" + ",".join(others) + "}" if others else "")
+            if on_step:
+                on_step(f"sensitivity: int8 {label}")
+            try:
+                q, _ = optimize(program, step, calibration_data=calib)
+                drop = judge.sensitivity_drop(_eager(q))
+            except Exception as e:  # noqa: BLE001 - a layer that cannot be measured ranks last, with why
+                log.info("sensitivity of %s not measured: %s", label, first_line(e))
+                drop = math.nan
+            result["int8"].append({"layer": label, "node": layer.node.name, "drop": drop})
+    cast = available_passes().get("cast")
+    if cast is not None:
+        keep_opt = next((o for o in cast.options if o.name == "keep"), None)
+        default_keep = tuple(keep_opt.default) if keep_opt is not None else ()
+        policies = [("(default policy)", default_keep)] + [
+            (family, tuple(k for k in default_keep if k != family)) for family in default_keep
+        ]
+        for family, keep in policies:
+            if on_step:
+                on_step(f"sensitivity: bf16 {family}")
+            try:
+                c, _ = optimize(program, "cast{dtype=bf16 keep=" + ",".join(keep) + "}")
+                drop = judge.sensitivity_drop(_eager(c))
+            except Exception as e:  # noqa: BLE001
+                log.info("bf16 sensitivity of %s not measured: %s", family, first_line(e))
+                drop = math.nan
+            result["bf16"].append({"family": family, "drop": drop})
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def ranking(sensitivity: dict[str, Any]) -> list[str]:
+    """int8 layer labels, most sensitive first (unmeasured last)."""
+    rows = sensitivity.get("int8", [])
+    return [r["layer"] for r in sorted(rows, key=lambda r: -r["drop"] if math.isfinite(r["drop"]) else math.inf)]
+
+
+def save_sensitivity(out_dir: Path, sensitivity: dict[str, Any]) -> None:
+    path = Path(out_dir) / SENSITIVITY_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(sensitivity, indent=1, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_sensitivity(out_dir: Path, base: str, metric: str) -> dict[str, Any] | None:
+    path = Path(out_dir) / SENSITIVITY_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if data.get("base") == base and data.get("metric") == metric else None

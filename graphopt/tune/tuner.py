@@ -1,0 +1,295 @@
+"""``tune()``: search pipelines x runtimes x options for the fastest artifact that
+keeps the ranking, within a time budget, keeping the best on disk as it improves.
+
+``OUT/`` (a graphopt output folder, ``.graphopt`` marker) holds ``tune.json``
+(the settings), ``trials.jsonl`` (one line per finished trial, fsynced),
+``sensitivity.json``, ``best/`` (the best artifact so far, replaced
+atomically), and at the end ``report.md``, ``pareto.png`` and
+``result.json`` (the confirmation run). Work artifacts live in
+``OUT/.work/`` while they may still be needed and are removed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.bench.timing import TimingConfig, load_warning, machine_info
+from graphopt.errors import ArtifactError
+from graphopt.outputs import MARKER, atomic_directory, check_output_path, written_by_graphopt
+from graphopt.runtime import Artifact, get_runtime, load
+from graphopt.runtime.artifact import read_artifact
+from graphopt.tune.budget import Budget, parse_budget
+from graphopt.tune.data import DataSpecError, resolve_model, tune_data
+from graphopt.tune.evaluate import OBJECTIVES, Evaluator
+from graphopt.tune.fidelity import METRICS, Judge, parse_drop
+from graphopt.tune.keepbest import BEST_DIR
+from graphopt.tune.search import SearchRun, TuneProgress, best_key
+from graphopt.tune.space import build_space
+from graphopt.tune.strategy import STRATEGIES
+from graphopt.tune.trials import TRIALS_FILE, Trial, TrialLog
+
+__all__ = ["tune", "TuneResult", "TuneProgress", "TUNE_FILE", "DEFAULT_RUNTIMES"]
+
+log = logging.getLogger(__name__)
+
+TUNE_FILE = "tune.json"
+RESULT_FILE = "result.json"
+WORK_DIR = ".work"
+#: runtimes searched by default (those available here); stages is a deployment layout, not a speed knob
+DEFAULT_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
+#: settings a resumed run must share with the run it continues
+_RESUME_KEYS = ("model", "data", "metric", "max_drop", "objective", "shapes")
+
+
+@dataclass
+class TuneResult:
+    """The outcome: the best artifact (``OUT/best``), its trial and every trial."""
+
+    out_dir: Path
+    best: Artifact | None
+    best_trial: Trial | None
+    trials: list[Trial]
+    confirmation: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    sensitivity: dict[str, Any] | None = None
+
+    @property
+    def report(self) -> Path:
+        return self.out_dir / "report.md"
+
+    def load(self, **options: Any) -> Any:
+        """The best artifact's Runner (``graphopt.load(OUT/best)``)."""
+        if self.best is None:
+            raise ArtifactError(f"{self.out_dir} holds no best artifact yet")
+        return load(self.best.path, **options)
+
+
+# ------------------------------------------------------------------ validation
+def _shapes(batch_sizes: Sequence[int], seq_lens: Sequence[int], dynamic: set[str], program: Any) -> list[tuple[int, int | None]]:
+    batches = list(dict.fromkeys(int(b) for b in batch_sizes))
+    if "batch" not in dynamic and program.inputs and program.inputs[0].shape:
+        batches = [int(program.inputs[0].shape[0])]
+    seqs: list[int | None] = list(dict.fromkeys(int(s) for s in seq_lens)) if "seq" in dynamic else [None]
+    return [(b, s) for b in batches for s in seqs]
+
+
+def _check_runtimes(runtimes: Sequence[str] | None) -> list[str]:
+    from graphopt.bench.variants import runtime_status
+
+    explicit = runtimes is not None
+    names = list(runtimes if runtimes is not None else DEFAULT_RUNTIMES)
+    status = runtime_status(names)
+    out = []
+    for name in names:
+        ok, why = status[name]
+        if not ok:
+            if explicit:
+                if why.startswith("unknown runtime"):
+                    raise DataSpecError(f"--runtimes: {why}")
+                log.warning("runtime %s skipped: %s", name, why)
+            continue
+        out.append(get_runtime(name).name)
+    if not out:
+        raise DataSpecError("--runtimes: none of them is available here; `graphopt runtimes` says why")
+    return out
+
+
+def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool) -> list[Trial]:
+    """Create OUT (or check it for --resume); return the trials to replay."""
+    out = check_output_path(out)
+    if out.exists() and resume:
+        if not (out / TUNE_FILE).is_file():
+            raise ArtifactError(f"{out} has no {TUNE_FILE}: it is not a graphopt tune output; drop --resume or pick another -o")
+        before = json.loads((out / TUNE_FILE).read_text())
+        for key in _RESUME_KEYS:
+            if before.get(key) != settings.get(key):
+                raise DataSpecError(
+                    f"--resume: {out} was tuned with {key}={before.get(key)!r}, this run asks {settings.get(key)!r}; "
+                    "resume with the same settings or start over with --force"
+                )
+        for stale in out.glob(".*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return TrialLog(out / TRIALS_FILE).read()
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists; pass --resume to continue it or --force to start over")
+    with atomic_directory(out, force=force, kind="tune") as tmp:
+        (tmp / TUNE_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+    return []
+
+
+# ------------------------------------------------------------------ tune()
+def tune(
+    model: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    data: str | None = None,
+    calib: str | os.PathLike[str] | None = None,
+    eval_data: Callable[..., dict[str, float]] | None = None,
+    metric: str | None = None,
+    max_drop: str | float | None = None,
+    budget: str | float = 600,
+    batch_sizes: Sequence[int] = (1, 32),
+    seq_lens: Sequence[int] = (64,),
+    runtimes: Sequence[str] | None = None,
+    objective: str = "p50",
+    seed: int = 0,
+    strategy: str = "greedy",
+    prune_ratios: Sequence[float] = (),
+    max_trials: int | None = None,
+    threads: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    timing: TimingConfig | None = None,
+    confirm_timing: TimingConfig | None = None,
+    progress: Callable[[TuneProgress], None] | None = None,
+) -> TuneResult:
+    """Find the fastest artifact of ``model`` whose ranking stays within ``max_drop`` of eager's.
+
+    ``model``: what ``graphopt optimize`` accepts, or a Program / ZooModel.
+    ``data="ml-100k"`` measures NDCG@10/HR@10 on MovieLens-100K (default
+    metric ``ndcg@10``); without it the metric is ``topk-overlap`` against
+    eager on held-out batches. ``eval_data``: a callable ``evaluate(fn) ->
+    {"ndcg@10": .., "hr@10": ..}`` instead. ``max_drop``: ``"0.5%"`` or
+    0.005 (default: the project's bar, :data:`graphopt.metrics.FIDELITY_BAR`).
+    ``budget``: seconds or ``"10m"``; the run ends within 10% of it (or after
+    one trial, whichever is longer). ``objective``: ``p50``/``p99`` (latency
+    ratio vs eager, geometric mean over shapes) or ``throughput`` (at the
+    largest batch). ``strategy``: see :mod:`graphopt.tune.strategy`.
+    ``max_trials``: stop after this many new trials (the budget still applies).
+    ``threads``: torch and runtime threads for every candidate and eager (default: torch's).
+    ``resume``: continue ``out_dir`` from its ``trials.jsonl``; ``force``:
+    replace an existing graphopt-written ``out_dir`` (never a user's folder).
+
+    Returns a :class:`TuneResult`; ``OUT/best`` is loadable with ``graphopt.load``.
+    """
+    wall = time.monotonic()
+    if objective not in OBJECTIVES:
+        raise DataSpecError(f"--objective {objective!r}: one of {', '.join(OBJECTIVES)}")
+    if strategy not in STRATEGIES:
+        raise DataSpecError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
+    metric = metric or ("ndcg@10" if data is not None or eval_data is not None else "topk-overlap")
+    if metric not in METRICS:
+        raise DataSpecError(f"--metric {metric!r}: one of {', '.join(METRICS)}")
+    drop = METRICS[metric].default_max_drop if max_drop is None else parse_drop(max_drop)
+    seconds = parse_budget(budget)
+    if threads is not None and threads < 1:
+        raise DataSpecError(f"--threads {threads}: must be at least 1")
+    if max_trials is not None and max_trials < 1:
+        raise DataSpecError(f"--max-trials {max_trials}: must be at least 1")
+    if resume and force:
+        raise DataSpecError("--resume continues OUT and --force starts it over: pass one of them")
+    if not batch_sizes or any(int(b) <= 0 for b in batch_sizes) or not seq_lens or any(int(s) <= 0 for s in seq_lens):
+        raise DataSpecError("--batch-sizes and --seq-lens must be positive integers")
+    runtime_names = _check_runtimes(runtimes)
+    out = check_output_path(out_dir)
+    if out.exists() and resume and not (out / TUNE_FILE).is_file():
+        raise ArtifactError(f"{out} has no {TUNE_FILE}: it is not a graphopt tune output; drop --resume or pick another -o")
+    if out.exists() and not resume:
+        if not force:
+            raise ArtifactError(f"{out} already exists; pass --resume to continue it or --force to start over")
+        if not out.is_dir() or not (written_by_graphopt(out) or not any(out.iterdir())):
+            raise ArtifactError(f"{out} exists and was not written by graphopt (no {MARKER} file); "
+                                "graphopt will not replace it even with --force; pick another -o")
+    budget_clock = Budget(seconds)
+    with _torch_threads(threads):
+        tm = resolve_model(model)
+        shapes = _shapes(batch_sizes, seq_lens, tm.program.dynamic_labels(), tm.program)
+        eval_batch = max(b for b, _ in shapes)
+        td = tune_data(tm, data=data, calib=calib, eval_data=eval_data, batch=eval_batch, seed=seed)
+        judge = Judge(metric, drop, td, tm.reference())
+        settings = {
+            "format": "graphopt.tune/1",
+            "model": str(model) if isinstance(model, (str, os.PathLike)) else tm.name,
+            "model_name": tm.name,
+            "data": data or ("eval_data" if eval_data is not None else None),
+            "calib": str(calib) if calib else None,
+            "metric": metric, "max_drop": drop, "bar": judge.describe(), "objective": objective,
+            "shapes": [[b, s] for b, s in shapes], "runtimes": runtime_names, "seed": seed, "strategy": strategy,
+            "budget_s": seconds, "prune_ratios": list(prune_ratios), "threads": threads or torch.get_num_threads(),
+            "reference": {k: v for k, v in judge.reference_eval.items()},
+            "data_description": td.description, "data_notice": td.notice,
+        }
+        recorded = _prepare_out(out, settings, resume, force)
+        timing = timing or TimingConfig(warmup=2, rounds=5, round_time_s=0.03, max_calls=8)
+        confirm_timing = confirm_timing or TimingConfig(warmup=2, rounds=10, round_time_s=0.05, max_calls=10)
+        space = build_space(runtime_names, prune_ratios=prune_ratios, cores=threads)
+        evaluator = Evaluator(tm, td, judge, shapes, objective, timing, out / WORK_DIR, threads=threads)
+        run = SearchRun(out, space, seed, evaluator, budget_clock, recorded, progress, settings, timing, confirm_timing)
+        run.max_trials = max_trials
+        _restore_best(run, recorded)
+        run.say(f"tuning {tm.name}: {len(runtime_names)} runtimes, budget {seconds:.0f}s, bar: {judge.describe()}")
+        warnings_ = [w] if (w := load_warning()) else []
+        interrupted = False
+        try:
+            STRATEGIES[strategy](run)
+            run.update_reserve()
+            if space.int8 and not run.exhausted():
+                run.sensitivity()  # for the report's table, when the search did not need it and time is left
+            confirmation = run.confirm()
+        except KeyboardInterrupt:  # OUT/best and trials.jsonl are complete; write the report of what ran
+            interrupted = True
+            confirmation = {"done": False, "why": "interrupted (Ctrl-C); --resume continues"}
+        finally:
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        if not warnings_ and (w := load_warning()) is not None:
+            warnings_.append(w.replace("machine is loaded", "machine became loaded during the run"))
+        best_trial = run.best
+        best = read_artifact(out / BEST_DIR, verify=False) if (out / BEST_DIR).is_dir() else None
+        result = TuneResult(out, best, best_trial, run.trials(), confirmation, settings,
+                            time.monotonic() - wall, run.computed_sensitivity)
+        summary = {
+            **settings, "machine": machine_info(), "warnings": warnings_, "wall_s": result.wall_s,
+            "trials": len(run.trials()), "replayed": run.replayed, "not_started_budget": run.skipped_budget,
+            "best": best_trial.to_json() if best_trial else None, "confirmation": confirmation,
+            "torch_threads": torch.get_num_threads(),
+        }
+        _write_json(out / RESULT_FILE, summary)
+        from graphopt.tune.report import write_report
+
+        write_report(result, summary)
+        run.say(f"done in {result.wall_s:.0f}s: {len(run.trials())} trials, best {best_trial.key if best_trial else '-'}")
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _restore_best(run: SearchRun, recorded: list[Trial]) -> None:
+    """After --resume: the trial OUT/best holds is the best so far (else the log's fastest)."""
+    ok = [t for t in recorded if t.ok]
+    if not ok:
+        return
+    held = best_key(run.out)
+    match = [t for t in ok if t.key == held]
+    run.best = match[-1] if match else max(ok, key=lambda t: (t.objective, -t.n))
+    if not match:
+        log.warning("%s holds %s, the log's best is %s (its artifact is gone); the next better trial replaces it",
+                    run.out / BEST_DIR, held, run.best.key)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str, allow_nan=True) + "\n")
+    os.replace(tmp, path)

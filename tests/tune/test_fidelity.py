@@ -1,0 +1,99 @@
+"""The tuner's fidelity bar: eval-data metrics (NDCG@10 and HR@10 both held), top-10 overlap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphopt.bench.accuracy import EvalData, evaluate
+from graphopt.tune.data import DataSpecError, TuneData, resolve_model, tune_data
+from graphopt.tune.evaluate import _eager
+from graphopt.tune.fidelity import METRICS, Judge
+
+
+@pytest.fixture(scope="module")
+def setup(program):
+    prog = program("bert4rec:tiny")
+    base = _eager(prog)
+    batches = [prog.sample_inputs(batch=16, seq=16, seed=s) for s in range(4)]
+    # targets: eager's own top item per row, so eager scores NDCG@10 = HR@10 = 1 and a variant loses exactly
+    # the rows whose top item moved out of its top 10 / down its ranking
+    with torch.no_grad():
+        targets = torch.cat([base(*b)[0].argmax(-1) for b in batches])
+    data = EvalData(batches, targets)
+    evaluator = lambda fn: evaluate(fn, data)  # noqa: E731
+    return prog, base, TuneData(calibration=batches[:2], screen=batches[2:], evaluator=evaluator,
+                                subset_evaluator=evaluator)
+
+
+def _noisy(base, scale):
+    g = torch.Generator().manual_seed(0)
+
+    def fn(*xs):
+        (out,) = base(*xs)
+        return (out + scale * torch.randn(out.shape, generator=g),)
+
+    return fn
+
+
+def test_eval_metrics_hold_ndcg_and_hr_to_the_bar(setup):
+    prog, base, data = setup
+    judge = Judge("ndcg@10", 0.005, data, base)
+    assert judge.reference_eval == {"hr@10": 1.0, "ndcg@10": 1.0}
+    same = judge.measure(base)
+    assert same["meets"] and same["change_pct"] == 0.0
+    far = judge.measure(_noisy(base, 10.0))
+    assert not far["meets"] and "vs eager (bar -0.5%)" in far["why"] and far["change_pct"] < -0.5
+    hr_judge = Judge("hr@10", 0.005, data, base)  # --metric hr@10 ranks by HR, NDCG is still held to the bar
+    r = hr_judge.measure(_noisy(base, 10.0))
+    assert r["metric"] == "hr@10" and set(r["values"]) == {"hr@10", "ndcg@10"} and not r["meets"]
+
+
+def test_topk_overlap_bar_is_one_minus_max_drop(setup):
+    prog, base, data = setup
+    loose = Judge("topk-overlap", None, data, base)
+    assert loose.max_drop == METRICS["topk-overlap"].default_max_drop == pytest.approx(0.01)
+    small = _noisy(base, 1e-4)
+    r = loose.measure(small)
+    assert r["metric"] == "topk_overlap" and r["value"] > 0.95
+    strict = Judge("topk-overlap", 0.0, data, base)
+    assert strict.measure(base)["meets"]
+    assert not strict.measure(_noisy(base, 0.05))["meets"]
+
+
+def test_metrics_that_need_eval_data_say_so(setup):
+    prog, base, data = setup
+    without = TuneData(calibration=data.calibration, screen=data.screen)
+    with pytest.raises(DataSpecError, match="needs evaluation data"):
+        Judge("ndcg@10", None, without, base)
+
+
+def test_ml100k_refuses_a_model_that_scores_other_items(program):
+    tm = resolve_model(program("bert4rec:tiny"))
+    with pytest.raises(DataSpecError, match="scores 50 items|does not say"):
+        tune_data(tm, data="ml-100k")
+    with pytest.raises(DataSpecError, match="unknown data set"):
+        tune_data(tm, data="ml-1m")
+
+
+def test_ml100k_evaluation_is_the_demos(tmp_path):
+    """The tuner scores users batch by batch (and reuses a screen's scores); same numbers as evaluate_ranking."""
+    from graphopt.rec.data import evaluate_ranking, load_movielens
+    from graphopt.tune.data import _RankingEval
+
+    data = load_movielens()
+    cases = data.leave_one_out().test.subset(100)
+    weights = torch.randn(data.num_items + 2, data.num_items + 1, generator=torch.Generator().manual_seed(0))
+
+    def score(ids, mask):  # a deterministic "model": a bag of item vectors over the history
+        return ((weights[ids] * mask[..., None]).sum(1),)
+
+    want = evaluate_ranking(score, cases, data.num_items, seq_len=20, append_mask=data.num_items + 1,
+                            batch_size=32, fixed_batch=True)
+    ev = _RankingEval(cases, data.num_items, 20, data.num_items + 1, 32)
+    first = ev.evaluate(score, 40)  # a screen on the first users, then the full evaluation continues from it
+    full = ev.evaluate(score)
+    assert full == {"hr@10": want["hr@10"], "ndcg@10": want["ndcg@10"]}
+    assert first == {k: v for k, v in evaluate_ranking(score, cases.subset(40), data.num_items, seq_len=20,
+                                                       append_mask=data.num_items + 1, batch_size=32,
+                                                       fixed_batch=True).items() if k != "users"}
