@@ -25,12 +25,12 @@ def test_a_new_cast_option_shows_up_in_the_bf16_policies(monkeypatch):
     cast = get_pass("cast")
     before = build_space(["eager"]).bf16
     assert before[0] == "cast{dtype=bf16}"
-    assert "cast{dtype=bf16 keep=layer_norm,softmax,log_softmax,reductions,score}" in before
-    # an option a later change adds to cast (e.g. a bf16 policy) appears with each non-default value
-    policy = Option("policy", str, "safe", "which ops stay fp32", choices=("safe", "autocast", "all"))
-    monkeypatch.setattr(cast, "options", (*cast.options, policy))
+    assert "cast{dtype=bf16 policy=fast}" in before  # every non-default policy is a candidate
+    # an option a later change adds to cast appears with each non-default value
+    extra = Option("accumulate", str, "fp32", "GEMM accumulation", choices=("fp32", "bf16", "auto"))
+    monkeypatch.setattr(cast, "options", (*cast.options, extra))
     after = build_space(["eager"]).bf16
-    assert "cast{dtype=bf16 policy=autocast}" in after and "cast{dtype=bf16 policy=all}" in after
+    assert "cast{dtype=bf16 accumulate=bf16}" in after and "cast{dtype=bf16 accumulate=auto}" in after
     for step in after:  # every generated step is valid pipeline text for the pass as registered
         parse_pipeline(step)
 
