@@ -34,9 +34,10 @@ from graphopt.bench.variants import (
     build_graphopt_variants,
     parse_pipeline_spec,
 )
-from graphopt.errors import ArtifactError, GraphoptError, first_line
+from graphopt.errors import GraphoptError, first_line
 from graphopt.ir.program import Program
 from graphopt.metrics import ranking_drift
+from graphopt.outputs import check_replaceable
 
 __all__ = ["bench", "Progress"]
 
@@ -137,8 +138,8 @@ def bench(
     an existing folder needs ``force``). Timings are never compared across
     runs: every ratio is measured pair by pair within this run.
     """
-    if out_dir is not None and Path(out_dir).exists() and not force:
-        raise ArtifactError(f"{out_dir} already exists; pass --force (force=True) to overwrite it")
+    if out_dir is not None:  # refuse the output folder before the run, not after it
+        check_replaceable(out_dir, force=force)
     config = timing or (TimingConfig.quick() if quick else TimingConfig())
     specs = [parse_pipeline_spec(p) for p in (DEFAULT_PIPELINES if pipelines is None else pipelines)]
     runtimes = list(DEFAULT_RUNTIMES if runtimes is None else runtimes)

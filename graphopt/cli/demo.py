@@ -32,7 +32,7 @@ import torch
 from graphopt.cli.finetune import describe_data, load_data, loaded_machine
 from graphopt.errors import ArtifactError
 from graphopt.metrics import FIDELITY_BAR
-from graphopt.outputs import atomic_directory
+from graphopt.outputs import atomic_directory, check_replaceable
 from graphopt.rec.data import MovieLens, encode_histories, evaluate_ranking
 from graphopt.rec.finetune import (
     Checkpoint,
@@ -169,7 +169,7 @@ def _table(report: Any, shape: str) -> str:
 
 # ------------------------------------------------------------------ the job
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.output)
+    out = check_replaceable(args.output, force=True)  # '.', '~', a user's folder: refused before the run
     if out.exists() and not (out / REPORT_MARKER).is_file():
         raise ArtifactError(f"{out} exists and is not a graphopt demo report; pick another -o")
     step = _Steps(4)
