@@ -130,7 +130,7 @@ class Cast(Pass):
                 continue
             want = high if node in kept else low
             for arg in list(node.all_input_nodes):
-                if _val_dtype(arg) in (high, low) and _val_dtype(arg) != want and not is_qdq(arg):
+                if _val_dtype(arg) in (high, low) and _val_dtype(arg) != want:  # a dequantized tensor too
                     node.replace_input_with(arg, cast(arg, want))
             if node.kwargs.get("dtype") == high and want == low:
                 node.update_kwarg("dtype", low)

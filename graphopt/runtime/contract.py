@@ -4,7 +4,10 @@
   seq <= the position table); inputs sharing a label must agree (the mask's
   seq is the ids' seq), as export proved when it unified them;
 - index ranges: an integer input whose values reach an embedding table of N
-  rows (through view-like ops) must hold values in [0, N).
+  rows (through view-like ops) must hold values in [0, N);
+- no NaN in a floating-point input (a NaN feature turns the row's scores into
+  NaN, which ranks arbitrarily downstream); infinities pass (an additive
+  attention mask may hold -inf).
 
 Stored in the manifest (``dims``, ``index_ranges``) and checked by the
 Runner base class before any backend runs, with the same words on every
@@ -128,6 +131,10 @@ def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str
             if size < lo or (hi is not None and size > hi):
                 within = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
                 raise RunnerError(f"{runtime} | input '{spec.name}': dim {dim} ({label}) must be {within}, got {size}")
+        if value.is_floating_point() and value.numel() and bool(torch.isnan(value).any()):
+            at = [int(i) for i in torch.isnan(value).nonzero()[0].tolist()]
+            raise RunnerError(f"{runtime} | input '{spec.name}': NaN at {at}; inputs must not hold NaN "
+                              "(replace missing values before calling)")
         bounds = ranges.get(spec.name)
         if bounds and value.numel():
             low, high = int(bounds[0]), int(bounds[1])
