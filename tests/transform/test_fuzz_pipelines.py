@@ -77,11 +77,17 @@ _KEEP_FILE = Path(tempfile.gettempdir()) / f"graphopt-fuzz-keep-{os.getpid()}.tx
 
 
 def _program(name: str) -> Program:
-    if name not in _PROGRAMS:
+    """The captured model, shared with the suite's ``program`` fixture (tests/conftest.py) when it
+    runs under pytest; read here, never changed (optimize works on a copy)."""
+    try:
+        from tests.conftest import _CAPTURED as cache
+    except ImportError:  # run outside the test suite
+        cache = _PROGRAMS
+    if name not in cache:
         from graphopt.models import load_model
 
-        _PROGRAMS[name] = load_model(name).capture()
-    return _PROGRAMS[name]
+        cache[name] = load_model(name).capture()
+    return cache[name]
 
 
 def _fuzzed_passes() -> dict:

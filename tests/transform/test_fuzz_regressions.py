@@ -13,7 +13,7 @@ import torch
 import graphopt
 from graphopt import PassFailedError, PassResult
 from graphopt.errors import PostconditionError
-from graphopt.transform.base import Pass, register_pass
+from graphopt.transform.base import Option, Pass, register_pass
 from tests.transform.test_fuzz_pipelines import _one_thread_and_keep_file, check_pipeline  # noqa: F401 (autouse)
 
 
@@ -83,3 +83,39 @@ def test_optimize_without_verify_each_reports_a_broken_program_in_one_line(progr
     assert message.endswith("run again with verify_each=True (--verify-each) to name the pass") and "\n" not in message
     with pytest.raises(PassFailedError, match=r"^pass 'test-breaks-a-linear' failed .*fails to run"):
         graphopt.optimize(program("dlrm:tiny"), "dce,test-breaks-a-linear", verify_each=True)
+
+
+@register_pass
+class _NudgesALinear(Pass):
+    """Test pass, declared exact: adds ``by`` to the first linear's output (a wrong rewrite)."""
+
+    name = "test-nudges-a-linear"
+    options = (Option("by", float, 1e-3, "what to add"),)
+
+    def run(self, program, ctx):  # type: ignore[no-untyped-def]
+        graph = program.gm.graph
+        lin = next(n for n in graph.nodes if n.target is torch.ops.aten.linear.default)
+        with graph.inserting_after(lin):
+            nudged = graph.call_function(torch.ops.aten.add.Tensor, (lin, self.by))
+        lin.replace_all_uses_with(nudged, delete_user_cb=lambda u: u is not nudged)
+        nudged.meta["val"] = lin.meta["val"]
+        return PassResult(program, modified=True)
+
+
+def test_exact_passes_on_a_low_precision_program_are_held_to_its_rounding(program):
+    """Was: 'cast,embedding-bag-to-gather' (two-tower:tiny) and 'cast{dtype=fp16},O2' (dlrm:tiny,
+    fold-batchnorm) failed verify-each: an exact pass was held to 1e-5 on a Program computing in
+    bf16/fp16, where summing in another order or folding into fp16 weights moves results by an
+    ulp of that dtype. Now verify-each holds exact passes to 2 x that dtype's epsilon there."""
+    for model, text, pass_name in (("two-tower:tiny", "cast{dtype=bf16},embedding-bag-to-gather", "embedding-bag-to-gather"),
+                                   ("dlrm:tiny", "cast{dtype=fp16},fold-batchnorm", "fold-batchnorm")):
+        assert check_pipeline(model, text) == "", (model, text)
+        _, report = graphopt.optimize(program(model), text)
+        record = next(r for r in report.passes if r.name == pass_name)
+        assert record.modified, (model, text)
+        assert 1e-5 < record.verify_error <= 2 * torch.finfo(torch.float16).eps * 8, (model, record.verify_error)
+    # near misses: a wrong "exact" rewrite still fails, in fp32 at 1e-3 and in bf16 beyond its rounding
+    with pytest.raises(PassFailedError, match="test-nudges-a-linear' failed .*beyond its tolerance"):
+        graphopt.optimize(program("dlrm:tiny"), "test-nudges-a-linear{by=0.001}")
+    with pytest.raises(PassFailedError, match="test-nudges-a-linear' failed .*beyond its tolerance"):
+        graphopt.optimize(program("dlrm:tiny"), "cast{dtype=bf16},test-nudges-a-linear{by=0.5}")
