@@ -100,13 +100,13 @@ def _child(path: str, model: str, cases: list[str], contract: bool) -> None:
     from graphopt.rec.zoo import load_model
 
     program = load_model(model).capture()
-    runner = graphopt.load(path)
-    runner.check_contract = contract
-    rows = int((runner.artifact.manifest.get("index_ranges") or {}).get("input_ids", [0, 0])[1])
-    for case in cases:
+    for case in cases:  # a fresh runner per case: a failed stages run stops its runner
+        runner = graphopt.load(path)
+        runner.check_contract = contract
+        rows = int((runner.artifact.manifest.get("index_ranges") or {}).get("input_ids", [0, 0])[1])
         print(json.dumps({"case": case, "started": True}), flush=True)
         print(json.dumps({"case": case, "result": _outcome(runner, _bad_request(case, program, rows))}), flush=True)
-    runner.close()
+        runner.close()
 
 
 def _run_cases(path: Path, model: str, cases: list[str], contract: bool) -> dict[str, str]:

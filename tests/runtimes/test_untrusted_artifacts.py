@@ -7,8 +7,9 @@ of another format, missing a key or with a wrong type) and requires
 ``graphopt.load`` to raise one :class:`ArtifactError` line that names the
 runtime and says to re-lower, before any model file is deserialized. The
 runtime-specific files get their own cases: ONNX Runtime's stored optimized
-model, the stage files of ``stages``. Artifacts come from the conformance
-suite's cache (one AOTInductor compile for the whole session).
+model (tests/runtimes/test_onnxruntime.py, on its artifact lowered with
+``save_optimized``), the stage files of ``stages``. Artifacts come from the
+conformance suite's cache (one AOTInductor compile for the whole session).
 
 Deserializing a damaged AOTInductor package segfaults the process (measured:
 exit 139 with ``verify=False``), so the cases that would reach a native
@@ -43,15 +44,6 @@ def _stages_artifact(tmp_path_factory, program):
         split, _ = graphopt.optimize(program("bert4rec:tiny"), "split-stages{n=2}", verify_each=False)
         _EXTRA["stages"] = lower(split, "stages", tmp_path_factory.mktemp("untrusted") / "stages")
     return _EXTRA["stages"]
-
-
-def _ort_optimized_artifact(tmp_path_factory, program):
-    if not _STATUS["onnxruntime"].available:
-        pytest.skip(f"onnxruntime unavailable: {_STATUS['onnxruntime'].reason}")
-    if "ort-optimized" not in _EXTRA:
-        out = tmp_path_factory.mktemp("untrusted") / "ort-optimized"
-        _EXTRA["ort-optimized"] = lower(program("bert4rec:tiny"), "onnxruntime", out, save_optimized=True)
-    return _EXTRA["ort-optimized"]
 
 
 def _source(tmp_path_factory, program, runtime: str):
@@ -208,23 +200,6 @@ def test_intact_copy_loads_and_a_file_changed_after_load_is_refused(tmp_path_fac
     _truncate(d / name)  # sizes are checked even when the sha256 pass is skipped
     with pytest.raises(ArtifactError, match=r"truncated or changed since lowering"):
         graphopt.load(d, verify=False)
-
-
-def test_onnxruntime_optimized_model_is_covered(tmp_path_factory, program, tmp_path):
-    artifact = _ort_optimized_artifact(tmp_path_factory, program)
-    assert artifact.manifest["backend"]["optimized"] == "model.optimized.onnx"
-    d = _copy(artifact, tmp_path)
-    feeds = program("bert4rec:tiny").sample_inputs(batch=2, seq=8)
-    torch.testing.assert_close(graphopt.load(d)(*feeds)[0], program("bert4rec:tiny")(*feeds)[0], atol=1e-4, rtol=1e-4)
-    _flip(d / "model.optimized.onnx")
-    assert re.fullmatch(rf"onnxruntime \| {re.escape(str(d))}: checksum mismatch for model\.optimized\.onnx .*"
-                        + _RELOWER, _refused(d))
-    _entry_without_checksum(d, "model.optimized.onnx")
-    (d / "model.optimized.onnx").unlink()
-    m = _manifest(d)
-    m["backend"]["optimized"] = "../model.optimized.onnx"
-    _write_manifest(d, m)
-    assert "'../model.optimized.onnx', which is not inside the artifact folder" in _refused(d)
 
 
 def test_stage_files_are_covered(tmp_path_factory, program, tmp_path):
