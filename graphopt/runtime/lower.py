@@ -99,7 +99,10 @@ def load(out_dir: str | os.PathLike[str], *, verify: bool = True, **options: Any
     ``options`` are the runtime's runner options (threads, providers...).
     Nothing is deserialized before the manifest, the paths it names and every
     file's size and sha256 are checked (:func:`read_artifact`); ``verify=False``
-    skips only the sha256 (missing, unlisted or resized files are still refused).
+    skips only the sha256 (missing, unlisted or resized files are still refused); a
+    damaged file then reaches the backend: measured, a flipped byte crashed the
+    process (AOTInductor, SIGSEGV) or returned wrong scores (TorchScript, ONNX
+    Runtime weights).
     """
     artifact = read_artifact(out_dir, verify=verify)  # manifest, paths, sizes, checksums; unknown runtime
     backend = get_runtime(artifact.runtime)
