@@ -27,7 +27,7 @@ from pathlib import Path
 
 from graphopt.errors import ArtifactError
 
-__all__ = ["MARKER", "atomic_directory", "check_output_path", "written_by_graphopt"]
+__all__ = ["MARKER", "atomic_directory", "check_output_path", "check_replaceable", "written_by_graphopt"]
 
 #: written into every output folder graphopt creates
 MARKER = ".graphopt"
@@ -76,12 +76,9 @@ def _replaceable(out: Path) -> bool:
     return out.is_dir() and (written_by_graphopt(out) or not any(out.iterdir()))
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False, kind: str = "output") -> Iterator[Path]:
-    """``with atomic_directory("out") as tmp: write files into tmp``; the folder gets :data:`MARKER`.
-
-    ``force`` replaces an existing folder only if graphopt wrote it or it is empty.
-    """
+def check_replaceable(out_dir: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """The checks :func:`atomic_directory` makes before writing, on their own, so a long
+    job (bench, demo) can refuse its output folder before it starts; returns the path."""
     out = check_output_path(out_dir)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a directory; remove it or pick another path")
@@ -90,6 +87,16 @@ def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False, ki
     if out.exists() and not _replaceable(out):
         raise ArtifactError(f"{out} exists and was not written by graphopt (no {MARKER} file); "
                             "graphopt will not replace it even with --force; pick another -o")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False, kind: str = "output") -> Iterator[Path]:
+    """``with atomic_directory("out") as tmp: write files into tmp``; the folder gets :data:`MARKER`.
+
+    ``force`` replaces an existing folder only if graphopt wrote it or it is empty.
+    """
+    out = check_replaceable(out_dir, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

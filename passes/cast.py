@@ -171,7 +171,7 @@ class Cast(Pass):
             had_low = any(_val_dtype(a) == low for a in node.all_input_nodes)
             if want is not None:
                 for arg in list(node.all_input_nodes):
-                    if _val_dtype(arg) in (high, low) and _val_dtype(arg) != want and not is_qdq(arg):
+                    if _val_dtype(arg) in (high, low) and _val_dtype(arg) != want:  # a dequantized tensor too
                         node.replace_input_with(arg, cast(arg, want))
                 if self.policy == "fast" and want == low and node.kwargs.get("dtype") == high:
                     node.update_kwarg("dtype", low)

@@ -219,8 +219,8 @@ class OnnxRuntimeRunner(Runner):
         )
         path = self.artifact.entry
         optimized = self.artifact.backend.get("optimized")
-        if opts["use_optimized"] and optimized and (self.artifact.path / optimized).is_file():
-            path = self.artifact.path / optimized
+        if opts["use_optimized"] and optimized:
+            path = self.artifact.file(optimized)  # checked and covered by a checksum (read_artifact)
         available = set(ort.get_available_providers())
         providers = [p for p in opts["providers"] if p in available]
         if not providers:
@@ -262,6 +262,10 @@ class OnnxRuntimeBackend(Backend):
                       "dedicated cores; the benchmark harness turns it off so it does not slow other variants)"),
     )
     runner_class = OnnxRuntimeRunner
+
+    def artifact_files(self, backend: Mapping[str, Any]) -> list[str]:
+        optimized = backend.get("optimized")
+        return [backend["entry"], *([optimized] if optimized else [])]
 
     def unavailable_reason(self) -> str | None:
         for pkg in ("onnx", "onnxruntime", "onnxscript", "onnx_ir"):

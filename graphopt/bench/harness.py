@@ -34,9 +34,10 @@ from graphopt.bench.variants import (
     default_pipelines,
     parse_pipeline_spec,
 )
-from graphopt.errors import ArtifactError, GraphoptError, first_line
+from graphopt.errors import GraphoptError, first_line
 from graphopt.ir.program import Program
 from graphopt.metrics import ranking_drift
+from graphopt.outputs import check_replaceable
 from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCH, DEFAULT_CALIBRATION_BATCHES
 
 __all__ = ["bench", "Progress"]
@@ -153,8 +154,8 @@ def bench(
     an existing folder needs ``force``). Timings are never compared across
     runs: every ratio is measured pair by pair within this run.
     """
-    if out_dir is not None and Path(out_dir).exists() and not force:
-        raise ArtifactError(f"{out_dir} already exists; pass --force (force=True) to overwrite it")
+    if out_dir is not None:  # refuse the output folder before the run, not after it
+        check_replaceable(out_dir, force=force)
     config = timing or (TimingConfig.quick() if quick else TimingConfig())
     specs = None if pipelines is None else [parse_pipeline_spec(p) for p in pipelines]  # None: per model, below
     runtimes = list(DEFAULT_RUNTIMES if runtimes is None else runtimes)

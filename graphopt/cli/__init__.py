@@ -24,7 +24,7 @@ from graphopt.process import quiet_third_party
 __all__ = ["main", "VERBS"]
 
 #: verb modules under graphopt.cli, in the order ``graphopt --help`` lists them
-VERBS = ["passes", "models", "inspect", "optimize", "run", "runtimes", "check_tensorrt", "serve_stages", "finetune", "demo", "bench", "tune"]
+VERBS = ["passes", "models", "inspect", "optimize", "reproduce", "run", "runtimes", "check_tensorrt", "serve_stages", "finetune", "demo", "bench", "tune"]
 
 USAGE_ERRORS = (PipelineParseError, ModelNotFoundError, ArtifactError)
 

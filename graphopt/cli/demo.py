@@ -44,7 +44,7 @@ from graphopt.cli.finetune import (
 )
 from graphopt.errors import ArtifactError
 from graphopt.metrics import FIDELITY_BAR
-from graphopt.outputs import atomic_directory
+from graphopt.outputs import atomic_directory, check_replaceable
 from graphopt.rec.data import MovieLens, encode_histories, evaluate_ranking
 from graphopt.rec.data.ctr import ClickData
 from graphopt.rec.finetune import (
@@ -231,7 +231,7 @@ def _click_setup(args: argparse.Namespace, data: ClickData, ckpt: Checkpoint, ev
 
 # ------------------------------------------------------------------ the job
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.output)
+    out = check_replaceable(args.output, force=True)  # '.', '~', a user's folder: refused before the run
     if out.exists() and not (out / REPORT_MARKER).is_file():
         raise ArtifactError(f"{out} exists and is not a graphopt demo report; pick another -o")
     step = _Steps(4)

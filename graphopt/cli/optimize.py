@@ -6,7 +6,7 @@ import argparse
 import json
 
 from graphopt.errors import LoweringError, PipelineParseError
-from graphopt.outputs import atomic_directory
+from graphopt.outputs import atomic_directory, check_replaceable
 from graphopt.rec.resolve import load_program
 from graphopt.transform.optimize import optimize
 from graphopt.transform.pipeline import parse_pipeline
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             except LoweringError as e:
                 raise PipelineParseError(f"--runtime: {e}") from None
         _runtime_options(args.runtime_option)
+    check_replaceable(args.output, force=args.force)  # a refused -o fails before the model loads
     program = load_program(args.model)
     needs_data = any("calibration_data" in p.requires for p in pipeline)
     with atomic_directory(args.output, force=args.force) as tmp:

@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, help="sequence length for --random-inputs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=5, help="timed runs (median reported)")
-    p.add_argument("--no-verify", action="store_true", help="skip artifact checksum verification")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 pass (manifest, paths and sizes are still checked); a damaged file "
+                        "may then crash the process (AOTInductor) or return wrong scores (TorchScript, ONNX)")
     p.set_defaults(run=run)
 
 

@@ -120,6 +120,13 @@ class Backend:
         (must name the main file as ``entry``)."""
         raise NotImplementedError
 
+    def artifact_files(self, backend: Mapping[str, Any]) -> list[str]:
+        """The files of an artifact that this runtime's runner opens, by their names in the
+        manifest, given the manifest's ``backend`` section (the entry, by default).
+        ``read_artifact`` checks each is inside the folder and has a checksum before
+        anything is read; a KeyError/TypeError/ValueError here reports a malformed section."""
+        return [backend["entry"]]
+
     def make_runner(self, artifact: Artifact, options: Mapping[str, Any]) -> Runner:
         return self.runner_class(artifact, artifact.inputs, artifact.output_names, **options)
 

@@ -6,7 +6,10 @@
 - index ranges: an integer input whose values reach an embedding table of N
   rows (through view-like ops) must hold values in [0, N); where each slot
   ``input[:, t]`` feeds its own table (DLRM's sparse features), each slot is
-  held to its own table's rows.
+  held to its own table's rows;
+- no NaN in a floating-point input (a NaN feature turns the row's scores into
+  NaN, which ranks arbitrarily downstream); infinities pass (an additive
+  attention mask may hold -inf).
 
 Stored in the manifest (``dims``, ``index_ranges``) and checked by the
 Runner base class before any backend runs, with the same words on every
@@ -182,6 +185,10 @@ def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str
             if size < lo or (hi is not None and size > hi):
                 within = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
                 raise RunnerError(f"{runtime} | input '{spec.name}': dim {dim} ({label}) must be {within}, got {size}")
+        if value.is_floating_point() and value.numel() and bool(torch.isnan(value).any()):
+            at = [int(i) for i in torch.isnan(value).nonzero()[0].tolist()]
+            raise RunnerError(f"{runtime} | input '{spec.name}': NaN at {at}; inputs must not hold NaN "
+                              "(replace missing values before calling)")
         bounds = ranges.get(spec.name)
         if bounds and value.numel():
             if isinstance(bounds, dict):  # one range per slot along bounds["dim"]

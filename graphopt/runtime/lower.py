@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from graphopt.errors import ArtifactError, GraphoptError, LoweringError, RunnerError, first_line
+from graphopt.errors import GraphoptError, LoweringError, RunnerError, first_line
 from graphopt.ir.program import Program
 from graphopt.options import resolve_options
 from graphopt.outputs import atomic_directory
@@ -97,15 +97,15 @@ def load(out_dir: str | os.PathLike[str], *, verify: bool = True, **options: Any
     """Check the artifact in ``out_dir`` and return an (inactive) Runner for it.
 
     ``options`` are the runtime's runner options (threads, providers...).
-    ``verify=False`` skips the sha256 checks (missing files are still errors).
+    Nothing is deserialized before the manifest, the paths it names and every
+    file's size and sha256 are checked (:func:`read_artifact`); ``verify=False``
+    skips only the sha256 (missing, unlisted or resized files are still refused); a
+    damaged file then reaches the backend: measured, a flipped byte crashed the
+    process (AOTInductor, SIGSEGV) or returned wrong scores (TorchScript, ONNX
+    Runtime weights).
     """
-    artifact = read_artifact(out_dir, verify=verify)
-    try:
-        backend = get_runtime(artifact.runtime)
-    except LoweringError:
-        raise ArtifactError(
-            f"{artifact.path} was lowered for runtime '{artifact.runtime}', which this graphopt does not know"
-        ) from None
+    artifact = read_artifact(out_dir, verify=verify)  # manifest, paths, sizes, checksums; unknown runtime
+    backend = get_runtime(artifact.runtime)
     require_available(backend)
     written = artifact.manifest.get("versions", {}).get("torch")
     if written and written != torch.__version__ and artifact.runtime in ("inductor", "torchscript"):

@@ -59,6 +59,8 @@ class Runner:
     def activate(self) -> Runner:
         if self.is_active:
             raise RunnerError(f"{self.name} | runner is already active; deactivate() it first")
+        if self.artifact is not None:
+            self.artifact.check_unchanged()  # files changed since load() checked them are refused
         try:
             with quiet_backends():
                 self._activate_impl()
@@ -66,7 +68,8 @@ class Runner:
             raise
         except Exception as e:  # backend loaders raise many unrelated types
             where = self.artifact.path if self.artifact else "program"
-            raise RunnerError(f"{self.name} | could not load {where}: {first_line(e, with_type=False)}") from e
+            raise RunnerError(f"{self.name} | could not load {where}: {first_line(e, with_type=False)}; "
+                              "re-lower it with this graphopt and torch") from e
         self.is_active = True
         return self
 

@@ -11,6 +11,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from graphopt.errors import PostconditionError, first_line
 from graphopt.metrics import allclose_report, max_abs_error
 
@@ -72,18 +74,38 @@ def _graph_digest(program: Program) -> str:
     return hashlib.sha1(program.gm.graph.python_code("self").src.encode()).hexdigest()
 
 
+#: an exact pass on a Program that computes in bf16/fp16 is exact up to rounding in that dtype
+ROUNDING_EPS = 2
+
+
+def _rounding_floor(program: Program) -> float:
+    """``ROUNDING_EPS`` x the machine epsilon of the least precise float dtype the Program
+    computes in (0 for fp32 and wider: an exact pass's own tolerance is already above it)."""
+    low = [v.dtype for n in program.gm.graph.nodes
+           for v in (n.meta.get("val") if isinstance(n.meta.get("val"), (tuple, list)) else (n.meta.get("val"),))
+           if isinstance(v, torch.Tensor) and v.dtype in (torch.bfloat16, torch.float16)]
+    return ROUNDING_EPS * max((torch.finfo(d).eps for d in low), default=0.0)
+
+
 class VerifyEachInstrument(Instrument):
     """After each pass: graph lint, the Program still runs, outputs match the
     pre-pass Program within the pass's tolerance, and ``modified=False``
-    really means the graph is unchanged."""
+    really means the graph is unchanged.
+
+    An exact pass is held to its tolerance, or to rounding in the Program's
+    compute dtype when that is coarser: folding a batch norm into fp16
+    weights, or summing bf16 rows in another order, is exact up to an ulp
+    of that dtype (``ROUNDING_EPS`` x its epsilon, atol = rtol)."""
 
     def __init__(self) -> None:
         self._reference: Any = None
         self._digest = ""
+        self._floor = 0.0
 
     def before_pass(self, p, program, ctx, record):  # type: ignore[no-untyped-def]
         self._reference = program(*ctx.verify_inputs(program))
         self._digest = _graph_digest(program)
+        self._floor = _rounding_floor(program) if p.exact else 0.0
 
     def after_pass(self, p, program, result, ctx, record):  # type: ignore[no-untyped-def]
         if not result.modified and _graph_digest(program) != self._digest:
@@ -101,7 +123,7 @@ class VerifyEachInstrument(Instrument):
                 f"pass '{p.name}' produced a Program that fails to run: {type(e).__name__}: "
                 f"{first_line(e, with_type=False) if str(e).strip() else ''}"
             ) from e
-        reason = allclose_report(outputs, self._reference, p.tolerance)
+        reason = allclose_report(outputs, self._reference, max(p.tolerance, self._floor))
         if reason:
             raise PostconditionError(
                 f"pass '{p.name}' changed the numerics beyond its tolerance: {reason}"

@@ -9,10 +9,8 @@ with the passes that ran before it, and can leave a reproducer on disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +91,7 @@ class PassManager:
     ):
         self.pipeline = parse_pipeline(pipeline)
         verify = verify_each_default() if verify_each is None else verify_each
+        self.verify_each = verify
         inst: list[Instrument] = [OpHistogramInstrument()]
         if verify:
             inst.append(VerifyEachInstrument())
@@ -147,9 +146,11 @@ class PassManager:
         if _has_shape_meta(program):
             ctx.analyses.mark_valid("shapes")  # a captured Program arrives with fresh meta["val"]
         records: list[PassRecord] = []
+        start = (program.copy(), torch.get_rng_state()) if self.reproducer_dir else None
         for p in self.pipeline:
             record = PassRecord(name=p.name, step=p.step_text())
             snapshot = program.copy() if self.reproducer_dir else None
+            rng_state = torch.get_rng_state() if self.reproducer_dir else None
             try:
                 self._check_requires(p, program, ctx)
                 for inst in self.instruments:
@@ -165,7 +166,7 @@ class PassManager:
             except Exception as e:
                 for inst in self.instruments:
                     inst.after_failure(p, program, e, ctx)
-                where = self._save_reproducer(snapshot, p, ctx, e)
+                where = self._save_reproducer(start, (snapshot, rng_state), p, ctx, e)
                 before = ", ".join(ctx.passes_run) or "none"
                 detail = first_line(e, with_type=False) if str(e).strip() else ""
                 detail = detail.removeprefix(f"pass '{p.name}' ")
@@ -183,29 +184,15 @@ class PassManager:
             log.debug("pass %s: modified=%s stats=%s", p.name, result.modified, result.stats)
         return program, records
 
-    def _save_reproducer(self, snapshot: Any, p: Pass, ctx: PassContext, exc: BaseException) -> str:
-        if snapshot is None or self.reproducer_dir is None:
+    def _save_reproducer(self, start: Any, before: Any, p: Pass, ctx: PassContext, exc: BaseException) -> str:
+        if start is None or self.reproducer_dir is None:
             return ""
-        d = self.reproducer_dir
+        from graphopt.transform.reproducer import save_reproducer
+
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            snapshot.save(d / "input.pt2", force=True)
-            (d / "reproducer.json").write_text(
-                json.dumps(
-                    {
-                        "failing_pass": p.step_text(),
-                        "pipeline": str(self.pipeline),
-                        "passes_before": ctx.passes_run,
-                        "seed": ctx.seed,
-                        "error": f"{type(exc).__name__}: {exc}",
-                        "torch": torch.__version__,
-                        "python": platform.python_version(),
-                        "rerun": f"graphopt optimize {d / 'input.pt2'} -p '{p.step_text()}' -o OUT",
-                    },
-                    indent=2,
-                )
-            )
+            d = save_reproducer(self.reproducer_dir, start, before, p.step_text(), str(self.pipeline), ctx,
+                                self.verify_each, exc)
         except Exception as save_error:  # a reproducer must never hide the real failure
             log.warning("could not save reproducer: %s", save_error)
-            return ""
-        return f" (reproducer in {d})"
+            return f" (no reproducer: {first_line(save_error)})"
+        return f" (reproducer in {d}; re-run: graphopt reproduce {d})"

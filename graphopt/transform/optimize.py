@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, PostconditionError, first_line
 from graphopt.ir.capture import capture
 from graphopt.ir.fx import drop_unused_attrs
 from graphopt.ir.program import Program
@@ -90,5 +90,12 @@ def optimize(
         x.to(spec.dtype) if x.is_floating_point() and spec.dtype.is_floating_point else x
         for x, spec in zip(inputs, program.inputs)
     )
-    report.drift = drift(program(*inputs), reference)
+    try:
+        outputs = program(*inputs)
+    except Exception as e:  # a pass broke the graph and verify-each was off: one line, not a traceback
+        raise PostconditionError(
+            f"pipeline '{pipeline}' produced a Program that fails to run: {first_line(e, with_type=True)}; "
+            "run again with verify_each=True (--verify-each) to name the pass"
+        ) from e
+    report.drift = drift(outputs, reference)
     return program, report

@@ -79,6 +79,12 @@ class StagesBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"backend": f"torch.distributed {torch.__version__}"}
 
+    def artifact_files(self, backend: Mapping[str, Any]) -> list[str]:
+        files = [s["file"] for s in backend["stages"]]
+        if len(files) != int(backend["num_stages"]) or not files:
+            raise ValueError(f"num_stages is {backend['num_stages']} but {len(files)} stage files are named")
+        return [backend["entry"], *files]
+
     def check_program(self, program: Program, options: Mapping[str, Any]) -> None:
         device = options["device"]
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -133,5 +139,5 @@ def run_sequential(
     """Run every stage of a ``stages`` artifact one after another in this process
     (the single-process reference for what the distributed run returns)."""
     artifact = read_artifact(out_dir)
-    stages = [Program.load(artifact.path / s["file"]) for s in artifact.backend["stages"]]
+    stages = [Program.load(artifact.file(s["file"])) for s in artifact.backend["stages"]]
     return run_stages(stages, inputs)

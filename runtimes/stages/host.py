@@ -46,7 +46,7 @@ class StageHost:
             importlib.import_module(module)  # so the RSS below does not count loader code
         reset_peak_rss()
         self.rss_start_mb = rss_kb()[0] / 1024
-        program = Program.load(artifact.path / artifact.backend["stages"][rank]["file"])
+        program = Program.load(artifact.file(artifact.backend["stages"][rank]["file"]))
         gm = program.gm.to(self.device) if self.device.type != "cpu" else program.gm
         self.module = _StageModule(gm)
         self.rss_loaded_mb = rss_kb()[0] / 1024

@@ -24,7 +24,7 @@ from graphopt.runtimes.stages.rendezvous import (
     wait_key,
 )
 
-from graphopt.errors import RunnerError, first_line
+from graphopt.errors import GraphoptError, RunnerError, first_line
 from graphopt.runtime import read_artifact
 
 __all__ = ["serve_stage", "worker_main"]
@@ -110,7 +110,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             join_timeout_s=float(a.join_timeout),
             parent_pid=int(a.parent),
         )
-    except RunnerError as e:
+    except GraphoptError as e:  # a refused artifact (ArtifactError) too: one line, not a traceback
         print(f"graphopt: error: {e}", file=sys.stderr)
         return 1
     return 0

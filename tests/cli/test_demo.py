@@ -64,5 +64,5 @@ def test_demo_refuses_to_overwrite_a_foreign_folder(tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main(["demo", "--quick", "-o", str(tmp_path / "mine")]) == 2
-    assert "not a graphopt demo report" in capsys.readouterr().err
+    assert "was not written by graphopt" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

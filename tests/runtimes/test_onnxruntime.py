@@ -3,11 +3,15 @@ safe fallback, bf16 refused, QDQ int8 runs on integer kernels."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import onnx
 import pytest
 import torch
 
-from graphopt.errors import LoweringError
+from graphopt.errors import ArtifactError, LoweringError
 from graphopt.ir.capture import capture
 from graphopt.passlib.qdq import quantize_weight, weight_bits
 from graphopt.runtime import available_runtimes, load, lower
@@ -116,3 +120,31 @@ def test_split_leaves_dequantized_bias_alone():
     model = helper.make_model(graph)
     assert split_qdq_gemm_bias(model) == 0
     assert [n.op_type for n in model.graph.node][-1] == "Gemm" and len(model.graph.node[-1].input) == 3
+
+
+def test_damaged_optimized_model_is_refused(bert_artifact, tmp_path):
+    """The stored ORT-optimized model is read instead of model.onnx, so it is covered like it:
+    a flipped byte, a missing checksum or a path outside the folder is one ArtifactError line."""
+    prog, art = bert_artifact
+    assert art.manifest["backend"]["optimized"] == "model.optimized.onnx"
+    d = tmp_path / "copy"
+    shutil.copytree(art.path, d)
+    feeds = prog.sample_inputs(batch=2, seq=8)
+    torch.testing.assert_close(load(d)(*feeds)[0], prog(*feeds)[0], atol=1e-4, rtol=1e-4)  # near miss
+    data = bytearray((d / "model.optimized.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "model.optimized.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError) as info:
+        load(d)
+    assert re.fullmatch(rf"onnxruntime \| {re.escape(str(d))}: checksum mismatch for model\.optimized\.onnx "
+                        r"\(changed or corrupted since lowering\); re-lower the artifact", str(info.value))
+    m = json.loads((d / "manifest.json").read_text())
+    del m["files"]["model.optimized.onnx"]
+    (d / "model.optimized.onnx").unlink()
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"model\.optimized\.onnx has no checksum in the manifest"):
+        load(d)
+    m["backend"]["optimized"] = "../model.optimized.onnx"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=r"names file '\.\./model\.optimized\.onnx', which is not inside"):
+        load(d)

@@ -133,7 +133,6 @@ def find_channel_groups(gm: torch.fx.GraphModule) -> tuple[list[PruneGroup], lis
             continue
         where = module_path(lin) or lin.name
         why = _linear_ok(lin)
-        out_features = fetch_attr(gm, lin.args[1].target).shape[0] if isinstance(lin.args[1], torch.fx.Node) else 0
         slices: list[ParamSlice] = []
         activation = False
         consumers: list[torch.fx.Node] = []
@@ -167,6 +166,7 @@ def find_channel_groups(gm: torch.fx.GraphModule) -> tuple[list[PruneGroup], lis
         if why is not None:
             declined.append(f"{where}: {why}")
             continue
+        out_features = fetch_attr(gm, lin.args[1].target).shape[0]  # a parameter: _linear_ok said so
         slices = _linear_slices(lin, rows=True, offset=0, width=1) + slices
         for c in consumers:
             slices += _linear_slices(c, rows=False, offset=0, width=1)
