@@ -12,6 +12,8 @@ it. Register a new kind with :func:`register_objective`.
                    initialised from item-title embeddings
 ``bert-cls``       next-item classification: history -> label of the next item
                    (``num_labels`` = items)
+``gpt-rec``        causal next-item at every position (:mod:`.generative`)
+``t5-rec``         seq2seq: history -> one decoder step (:mod:`.generative`)
 =================  ===========================================================
 """
 
@@ -282,3 +284,8 @@ def model_kinds() -> tuple[str, ...]:
 register_objective(MaskedItem("bert4rec"))
 register_objective(NextItemClassification())
 register_objective(MaskedItem("bert4rec-text", text=True))
+
+from graphopt.rec.finetune import generative as _generative  # noqa: E402 (registers after the base class exists)
+
+register_objective(_generative.CausalNextItem())
+register_objective(_generative.Seq2SeqNextItem())

@@ -68,7 +68,10 @@ class GPTRec(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Hidden states ``(batch, seq, hidden)``; position ``t`` has read items ``<= t``."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        limit = self.gpt.config.n_positions
+        torch._check(input_ids.shape[-1] <= limit, lambda: f"gpt-rec reads at most {limit} items")
+        # clamped to the table: a mask that is not 0/1 cannot index past it (on any runtime)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0, max=limit - 1)
         return self.gpt(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False).last_hidden_state
 
