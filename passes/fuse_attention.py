@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -31,6 +31,7 @@ class _Match:
     scale: float = 1.0
     mask: torch.fx.Node | None = None
     fill: float | None = None  # masked_fill value: mask is boolean and becomes additive
+    extra_masks: list[torch.fx.Node] = field(default_factory=list)  # more additive terms (T5: bias + mask)
 
 
 class _Decline(Exception):
@@ -49,6 +50,8 @@ def _dim_is_last(node: torch.fx.Node, dim: object) -> bool:
 
 def _scalar_operand(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
     """``x * c`` / ``c * x`` -> (x, c); ``x / c`` -> (x, 1/c)."""
+    if len(node.args) < 2:
+        return None
     a, b = node.args[0], node.args[1]
     if is_op(node, aten.mul.Tensor, aten.mul.Scalar):
         if isinstance(a, torch.fx.Node) and scalar(b) is not None:
@@ -122,18 +125,24 @@ class _Matcher:
         return False
 
     def _strip_mask(self, x: torch.fx.Node, m: _Match) -> torch.fx.Node:
-        if is_op(x, aten.add.Tensor) and x.kwargs.get("alpha", 1) == 1:
-            a, b = x.args[0], x.args[1]
-            if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
-                raise _Decline(f"{x.name} adds a scalar, not a mask")
-            scores, mask = (a, b) if self._looks_like_scores(a) else (b, a)
-            if not self._looks_like_scores(scores):
-                raise _Decline(f"neither operand of {x.name} is a q @ k^T product")
-            if not same_shape(x, scores):
-                raise _Decline(f"mask {mask.name} broadcasts the scores to a bigger shape")
-            m.mask = mask
-            _single_user(scores, "raw attention scores")
-            return scores
+        if self._is_add(x):
+            masks = []
+            while self._is_add(x) and not self._looks_like_scores(x):  # ((s + bias) + mask): T5
+                a, b = x.args[0], x.args[1]
+                if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+                    raise _Decline(f"{x.name} adds a scalar, not a mask")
+                scores, mask = (a, b) if self._reaches_scores(a) else (b, a)
+                if not self._reaches_scores(scores):
+                    raise _Decline(f"neither operand of {x.name} is a q @ k^T product")
+                if self._reaches_scores(mask):
+                    raise _Decline(f"both operands of {x.name} are q @ k^T products")
+                if not same_shape(x, scores):
+                    raise _Decline(f"mask {mask.name} broadcasts the scores to a bigger shape")
+                _single_user(scores, "raw attention scores")
+                masks.append(mask)
+                x = scores
+            m.mask, m.extra_masks = masks[-1], masks[-2::-1]  # innermost first: bias, then mask
+            return x
         if is_op(x, aten.masked_fill.Scalar):
             scores, mask, fill = x.args
             value = scalar(fill)
@@ -149,6 +158,18 @@ class _Matcher:
             _single_user(scores, "raw attention scores")
             return scores  # type: ignore[return-value]
         return x
+
+    @staticmethod
+    def _is_add(node: torch.fx.Node) -> bool:
+        return is_op(node, aten.add.Tensor) and node.kwargs.get("alpha", 1) == 1
+
+    def _reaches_scores(self, node: torch.fx.Node, depth: int = 4) -> bool:
+        """``node`` is a q @ k^T product or a chain of adds with one on one side."""
+        if self._looks_like_scores(node):
+            return True
+        if depth == 0 or not self._is_add(node):
+            return False
+        return any(isinstance(a, torch.fx.Node) and self._reaches_scores(a, depth - 1) for a in node.args[:2])
 
     @staticmethod
     def _looks_like_scores(node: torch.fx.Node) -> bool:
@@ -184,11 +205,13 @@ class _Matcher:
             raise _Decline("q/k/v batch dims differ (broadcasting matmul)")
         if not (q.dtype == kt.dtype == v.dtype) or not q.is_floating_point():
             raise _Decline(f"q/k/v dtypes {q.dtype}/{kt.dtype}/{v.dtype} differ")
+        for node in ([m.mask] if m.mask is not None else []) + m.extra_masks:
+            mask = tensor_meta(node)
+            if mask is None:
+                raise _Decline("mask has no shape metadata")
+            if m.fill is None and mask.dtype != q.dtype:
+                raise _Decline(f"additive mask dtype {mask.dtype} differs from q dtype {q.dtype}")
         mask = tensor_meta(m.mask) if m.mask is not None else None
-        if m.mask is not None and mask is None:
-            raise _Decline("mask has no shape metadata")
-        if m.fill is None and mask is not None and mask.dtype != q.dtype:
-            raise _Decline(f"additive mask dtype {mask.dtype} differs from q dtype {q.dtype}")
         if m.fill is not None and mask is not None and mask.dtype != torch.bool:
             raise _Decline("masked_fill mask is not boolean")
 
@@ -235,6 +258,8 @@ class AttentionFusion(Rule[_Candidate]):
                 dtype = tensor_meta(m.query).dtype  # type: ignore[union-attr]
                 zeros = graph.call_function(aten.zeros_like.default, (mask,), {"dtype": dtype})
                 mask = graph.call_function(aten.masked_fill.Scalar, (zeros, mask, m.fill))
+            for extra in m.extra_masks:  # one additive mask: bias + mask, in the order they were added
+                mask = graph.call_function(aten.add.Tensor, (mask, extra))
             sdpa = graph.call_function(
                 aten.scaled_dot_product_attention.default,
                 (m.query, key, m.value, mask),
@@ -249,9 +274,10 @@ class FuseAttention(RewritePass):
     """Rewrite decomposed attention into ``aten.scaled_dot_product_attention``.
 
     Matches: ``matmul(q, k^T)`` (or ``bmm``/``baddbmm(mask, q, k^T)``), an
-    optional scalar scale (``* c`` or ``/ c`` on the scores, or ``* c`` on q),
-    an optional mask (``+ mask`` with a float mask, or ``masked_fill(mask,
-    -inf)``), ``softmax(dim=-1)``, optional eval dropout/clone, and
+    optional scalar scale (``* c`` or ``/ c`` on the scores, or ``* c`` on q;
+    T5's ``* 1.0`` gives ``scale=1.0``), optional masks (``+ mask`` with float
+    masks, several summed into one: T5's ``+ position_bias + mask``; or
+    ``masked_fill(mask, -inf)``), ``softmax(dim=-1)``, optional eval dropout/clone, and
     ``matmul(probs, v)``, where every intermediate has one user. This is what
     ``attn_implementation="eager"`` transformers, ``nn.MultiheadAttention``
     with ``need_weights=True`` and hand-written SASRec attention produce.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 from graphopt.passes._patterns import constant_tensor, copy_meta
 
-from graphopt.ir.fx import is_op, tensor_meta
+from graphopt.ir.fx import add_tensor_attr, is_op, tensor_meta
 from graphopt.transform.base import Option, register_pass
 from graphopt.transform.rewrite import Match, RewritePass, Rule
 
@@ -24,6 +25,37 @@ def _activation(node: torch.fx.Node) -> str | None:
         return "gelu-" + str(node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none"))
     if is_op(node, aten.tanh.default):
         return "tanh"
+    return None
+
+
+def _const_operand(node: object, op: object, value: float) -> torch.fx.Node | None:
+    """``x`` when ``node`` is ``op(x, value)`` or ``op(value, x)`` (value within 1e-6 relative)."""
+    if not (isinstance(node, torch.fx.Node) and is_op(node, op) and len(node.args) == 2):
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        if isinstance(a, torch.fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool) \
+                and math.isclose(b, value, rel_tol=1e-6):
+            return a
+    return None
+
+
+def _tanh_gelu_formula(root: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """``(x, inner nodes)`` when ``root`` computes ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))``
+    (Hugging Face's ``NewGELUActivation``, GPT-2's ``gelu_new``), else None."""
+    if not (is_op(root, aten.mul.Tensor) and len(root.args) == 2):
+        return None
+    for half, one_plus in (root.args, root.args[::-1]):
+        x = _const_operand(half, aten.mul.Tensor, 0.5)
+        t = _const_operand(one_plus, aten.add.Tensor, 1.0)
+        if x is None or t is None or not is_op(t, aten.tanh.default):
+            continue
+        inner = _const_operand(t.args[0], aten.mul.Tensor, math.sqrt(2.0 / math.pi))
+        if inner is None or not is_op(inner, aten.add.Tensor) or len(inner.args) != 2:
+            continue
+        for a, cubic in (inner.args, inner.args[::-1]):
+            p = _const_operand(cubic, aten.mul.Tensor, 0.044715)
+            if a is x and p is not None and is_op(p, aten.pow.Tensor_Scalar) and p.args[0] is x and p.args[1] == 3:
+                return x, [half, one_plus, t, t.args[0], inner, cubic, p]  # type: ignore[list-item]
     return None
 
 
@@ -44,6 +76,7 @@ def _kernel_reason(act: str, device: torch.device, allowed: tuple[str, ...]) -> 
 class _LinearAct(Match):
     activation: torch.fx.Node  # ``node`` is the linear it reads
     act: str  # relu, gelu-none, gelu-tanh, tanh
+    formula: list[torch.fx.Node] = field(default_factory=list)  # a written-out activation's inner nodes
 
 
 class LinearActivationFusion(Rule[_LinearAct]):
@@ -55,29 +88,44 @@ class LinearActivationFusion(Rule[_LinearAct]):
         self.activations = activations
 
     def match(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> _LinearAct | None:
-        act = _activation(node)
-        linear = node.args[0] if act is not None else None
+        act, formula = _activation(node), None
+        if act is None:
+            formula = _tanh_gelu_formula(node)
+            act = "gelu-tanh" if formula is not None else None
+        linear = (formula[0] if formula else node.args[0]) if act is not None else None
         if not isinstance(linear, torch.fx.Node) or not is_op(linear, aten.linear.default):
             return None
-        return _LinearAct(linear, node, act, kind=f"linear+{act.split('-')[0]}")  # type: ignore[union-attr]
+        return _LinearAct(linear, node, act, formula[1] if formula else [],  # type: ignore[arg-type]
+                          kind=f"linear+{act.split('-')[0]}")  # type: ignore[union-attr]
 
     def check(self, gm: torch.fx.GraphModule, match: _LinearAct) -> str | None:
         linear = match.node
         weight = constant_tensor(gm, linear.args[1])
         if weight is None or weight.dim() != 2:
             return "weight is not a constant 2-D tensor"
-        if len(linear.args) < 3 or linear.args[2] is None:
-            return "no bias (_addmm_activation needs one)"
-        if len(linear.users) != 1:
+        bias = linear.args[2] if len(linear.args) > 2 else None
+        if bias is not None and constant_tensor(gm, bias) is None:
+            return "bias is not a constant"
+        inside = {match.activation, *match.formula}
+        if any(user not in inside for user in linear.users):
             return "linear output has other users besides the activation"
+        if any(len(n.users) != 1 for n in match.formula):
+            return "the written-out gelu's intermediates are read elsewhere"
         x = tensor_meta(linear.args[0])
         if x is None or x.dim() < 1 or x.dtype != weight.dtype:
             return "input has no shape metadata or another dtype"
-        return _kernel_reason(match.act, weight.device, self.activations)
+        reason = _kernel_reason(match.act, weight.device, self.activations)
+        if reason and match.formula:
+            return f"gelu(tanh) written out as 0.5*x*(1+tanh(...)): {reason}"
+        return reason
 
     def rewrite(self, gm: torch.fx.GraphModule, match: _LinearAct) -> dict[torch.fx.Node, torch.fx.Node]:
         graph, linear, act_node = gm.graph, match.node, match.activation
-        x, w, b = linear.args[:3]
+        x, w = linear.args[:2]
+        b = linear.args[2] if len(linear.args) > 2 else None
+        if b is None:  # _addmm_activation needs a bias: adding zeros is exact
+            weight = constant_tensor(gm, w)
+            b = add_tensor_attr(gm, f"{w.target}_zero_bias", weight.new_zeros(weight.shape[0]), before=act_node)  # type: ignore[union-attr]
         rank = tensor_meta(x).dim()  # type: ignore[union-attr]
         in_f, out_f = constant_tensor(gm, w).shape[1], constant_tensor(gm, w).shape[0]  # type: ignore[union-attr]
         with graph.inserting_before(act_node):
@@ -97,11 +145,14 @@ class LinearActivationFusion(Rule[_LinearAct]):
 class FuseLinearAct(RewritePass):
     """Fuse ``linear`` followed by relu/gelu into ``aten._addmm_activation``.
 
-    Matches: ``aten.linear(x, W, b)`` with a constant 2-D weight and a bias,
-    whose only user is ``relu`` or ``gelu``. Gelu is fused only where the
+    Matches: ``aten.linear(x, W[, b])`` with a constant 2-D weight (a missing
+    bias becomes a zero one: T5's projections), whose only user is ``relu``,
+    ``gelu`` or gelu(tanh) written out as ``0.5*x*(1+tanh(sqrt(2/pi)*(x +
+    0.044715*x^3)))`` (GPT-2's ``gelu_new``). Gelu is fused only where the
     kernel computes the same function: exact gelu on CPU (``_addmm_activation``
     there is addmm + in-place gelu), tanh-approximate gelu on CUDA (cuBLASLt
-    GELU_BIAS epilogue). ``tanh`` is declined: no backend has that kernel.
+    GELU_BIAS epilogue); elsewhere the decline says so. ``tanh`` is declined:
+    no backend has that kernel.
     Produces: ``reshape(_addmm_activation(b, reshape(x, [-1, k]), W.t()),
     [..., n])`` (the reshapes are views for contiguous x). One walk: in a
     stack ``relu(linear(relu(linear(x))))`` the second match reads the shape

@@ -154,4 +154,20 @@ class FuseQKV(RewritePass):
     def notes(self, result: PassResult) -> list[str]:
         merged = result.stats.get("groups-merged", 0)
         linears = sum(len(d["group"]) for d in result.details)
-        return [f"{merged} groups merged ({linears} linears)"] if merged else []
+        notes = [f"{merged} groups merged ({linears} linears)"] if merged else []
+        native = sum(1 for n in result.program.graph.nodes if _feeds_split(n)) - merged
+        if native > 0:
+            notes.append(f"{native} linears were already one projection + split (e.g. GPT-2's c_attn)")
+        return notes
+
+
+def _feeds_split(node: torch.fx.Node) -> bool:
+    """A linear whose only user splits its output along the last dim (a fused projection)."""
+    if not is_op(node, aten.linear.default) or len(node.users) != 1:
+        return False
+    user = next(iter(node.users))
+    if not is_op(user, aten.split.Tensor, aten.split_with_sizes.default):
+        return False
+    dim = user.args[2] if len(user.args) > 2 else user.kwargs.get("dim", 0)
+    out = tensor_meta(node)
+    return out is not None and isinstance(dim, int) and dim in (-1, out.dim() - 1)

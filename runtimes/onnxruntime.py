@@ -137,8 +137,11 @@ def session_options(
 
 
 def _loads(ort: Any, model: Any) -> str | None:
-    """None if ORT can build a session for ``model``, else the reason."""
-    so = session_options(level="basic", log_severity=4)
+    """None if ORT can build a session for ``model`` at the level runners use, else the reason.
+
+    At "all": some graphs load at "basic" and fail shape inference once ORT's
+    extended optimizers re-resolve them (a fused graph with a rank-3 ``Gemm`` input)."""
+    so = session_options(level="all", log_severity=4)
     try:
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types

@@ -1,6 +1,10 @@
 """Model -> Program with ``torch.export`` (non-strict), at the
 ``run_decompositions({})`` level where linear, SDPA, layer_norm, gelu and
-embedding stay single nodes.
+embedding stay single nodes, then canonicalized (:mod:`graphopt.ir.canonical`):
+``addmm`` projections (Hugging Face ``Conv1D``) become ``linear``, and views
+that hold only for one kernel's output layout (a ``reshape`` after SDPA's
+transposed CPU output) copy first, so every later re-trace and decomposition
+(ONNX export, Inductor) accepts the graph.
 
 Hugging Face models that return a ``ModelOutput`` are wrapped so the Program
 returns a flat tuple of tensors whose names are recorded.
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 
 from graphopt.errors import CaptureError
+from graphopt.ir.canonical import canonicalize
 from graphopt.ir.program import InputSpec, Program
 
 __all__ = ["capture"]
@@ -218,6 +223,7 @@ def capture(
         if was_training:
             model.train()
     gm = ep.module()
+    canonicalize(gm)  # addmm projections -> linear; layout-dependent views copy first
     labels = _labels(names, gm, dynamic)
     ranges = dict(input_ranges or {})
     specs = []

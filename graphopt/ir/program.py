@@ -266,7 +266,8 @@ class Program:
         dims = tuple(
             {d: torch.export.Dim.AUTO for d in spec.dynamic} or None for spec in self.inputs
         )
-        return torch.export.export(self.gm, tuple(args), dynamic_shapes=dims, strict=False)
+        with torch.no_grad():  # as capture traced: kernels (SDPA's) pick the same output layouts
+            return torch.export.export(self.gm, tuple(args), dynamic_shapes=dims, strict=False)
 
     def _meta_json(self) -> str:
         return json.dumps(

@@ -185,11 +185,17 @@ def _schema_problem(m: dict[str, Any]) -> str:
     ):
         return "'dims' must map each dim label to its min and max"
     ranges = m.get("index_ranges") or {}
-    if not isinstance(ranges, dict) or not all(
-        isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) for r in ranges.values()
-    ):
-        return "'index_ranges' must map each input to [low, high)"
+    if not isinstance(ranges, dict) or not all(_index_range(r) for r in ranges.values()):
+        return "'index_ranges' must map each input to [low, high) or {\"dim\": d, \"high\": [rows per slot]}"
     return ""
+
+
+def _index_range(r: Any) -> bool:
+    """``[low, high)``, or one range per slot along a dim (DLRM's sparse features)."""
+    if isinstance(r, dict):
+        return (set(r) == {"dim", "high"} and type(r["dim"]) is int and r["dim"] >= 0
+                and isinstance(r["high"], list) and all(type(v) is int and v > 0 for v in r["high"]))
+    return isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r)
 
 
 # --------------------------------------------------------------------- files

@@ -34,7 +34,7 @@ def test_passes_lists_every_pass_with_options(capsys):
 def test_models_lists_the_zoo(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0
-    assert {"bert4rec:tiny", "bert-cls:base", "dlrm:tiny", "two-tower:tiny"} <= set(out.split())
+    assert {"bert4rec:tiny", "bert-cls:base", "dlrm:tiny", "two-tower:tiny", "gpt-rec:tiny", "gpt-rec:base"} <= set(out.split())
 
 
 def test_inspect_zoo_model(capsys):

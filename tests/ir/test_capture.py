@@ -9,7 +9,7 @@ import graphopt
 from graphopt import CaptureError
 from tests.models import MLP, DataDependent
 
-SEQ_MODELS = ["bert4rec:tiny", "bert-cls:tiny"]
+SEQ_MODELS = ["bert4rec:tiny", "bert-cls:tiny", "gpt-rec:tiny"]
 
 
 def _eager(zm, inputs):

@@ -115,3 +115,44 @@ def test_finite_fill_fused_when_allowed():
     assert report.passes[1].stats == {"attention-blocks": 2}
     x = sasrec_inputs(batch=2, seq=9, seed=4)["input_ids"]  # causal rows always keep key 0
     torch.testing.assert_close(optimized(x)[0], model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_t5_biased_unscaled_attention_becomes_sdpa(zoo, program):
+    """T5: ``q @ k^T * 1.0 + position_bias + mask``: SDPA with scale 1.0 and mask = bias + mask."""
+    prog = program("t5-rec:tiny")  # 2 encoder self, 1 decoder self, 1 cross attention
+    optimized, report = graphopt.optimize(prog, "remove-dropout,fuse-attention,dce")
+    rec = report.passes[1]
+    assert rec.stats == {"attention-blocks": 4} and rec.declined == []
+    assert "4 of 4 attention blocks fused" in rec.notes
+    after = optimized.op_histogram()
+    assert after[SDPA] == 4 and after[SOFTMAX] == 0 and after["aten.matmul.default"] == 0
+    for sdpa in (n for n in optimized.graph.nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default):
+        assert sdpa.kwargs["scale"] == 1.0
+        mask = sdpa.args[3]
+        assert mask.target == torch.ops.aten.add.Tensor  # relative-position bias + padding mask, one term
+    assert_equivalent(prog, optimized, 1e-5)
+    zm = zoo("t5-rec:tiny")
+    inputs = zm.make_inputs(batch=3, seq=11, seed=4)  # left padding on some rows
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(*inputs.values())[0], zm.module(**inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_near_miss_two_products_added_and_bias_that_broadcasts_scores():
+    class ScoresPlusScores(torch.nn.Module):  # not an attention mask: a second q @ k^T
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1) + (q * 2) @ k.transpose(-2, -1), dim=-1) @ v
+
+    class BiasWidensScores(torch.nn.Module):  # the bias makes the scores bigger: not a mask
+        def forward(self, q, k, v, bias):
+            return torch.softmax(q @ k.transpose(-2, -1) + bias, dim=-1) @ v
+
+    qkv = tuple(torch.randn(2, 1, 5, 4) for _ in range(3))
+    for model, inputs, reason in (
+        (ScoresPlusScores(), qkv, "q @ k^T products"),
+        (BiasWidensScores(), (*qkv, torch.randn(2, 3, 5, 5)), "broadcasts the scores to a bigger shape"),
+    ):
+        prog = graphopt.capture(model, inputs, dynamic=False)
+        optimized, report = graphopt.optimize(prog, "fuse-attention")
+        rec = report.passes[0]
+        assert rec.modified is False and len(rec.declined) == 1 and reason in rec.declined[0], rec.declined
+        assert optimized.op_histogram() == prog.op_histogram()

@@ -57,3 +57,19 @@ def test_near_miss_different_inputs_and_flattening_view():
     assert any("contiguous" in d for d in rec.declined)
     assert any("no sibling left" in d for d in rec.declined)
     assert optimized.op_histogram()[LINEAR] == 4
+
+
+def test_t5_projections_merged_and_gpt2_reported_as_already_fused(program):
+    prog = program("t5-rec:tiny")
+    optimized, report = graphopt.optimize(prog, "fuse-qkv,dce")
+    rec = report.passes[0]
+    # encoder self x2 (q, k, v), decoder self (q, k, v), cross-attention (k, v read the encoder output)
+    assert rec.stats == {"groups-merged": 4}
+    assert sorted(d["out_features"] for d in rec.details) == [[32, 32], [32, 32, 32], [32, 32, 32], [32, 32, 32]]
+    assert_equivalent(prog, optimized, 1e-5)
+
+    gpt = program("gpt-rec:tiny")  # GPT-2's c_attn is one projection already (captured as linear + split)
+    _, report = graphopt.optimize(gpt, "fuse-qkv")
+    rec = report.passes[0]
+    assert rec.modified is False
+    assert rec.notes == ["2 linears were already one projection + split (e.g. GPT-2's c_attn)"]

@@ -9,8 +9,12 @@ corrupted artifact rejected at load.
 * ``O2`` runs only if the preset is registered, ``int8`` only if the
   ``quantize-int8`` pass is.
 * AOTInductor compiles take tens of seconds each on 2 cores, so inductor runs
-  bert4rec:tiny fp32 only (int8: tests/passes/test_quantize_int8_inductor.py);
-  the others skip with that reason.
+  bert4rec:tiny fp32 only (int8: tests/passes/test_quantize_int8_inductor.py)
+  and the O2 Programs of the GPT- and T5-style models; the others skip with
+  that reason.
+* The GPT- and T5-style models (``GEN_MODELS``) run fp32 (the captured graph,
+  as a new user lowers it) and O2 on every runtime, plus their own input
+  contract; int8 and bf16 are the low-precision passes' business.
 * The O2/int8 Programs are built with verify-each off: the passes' own tests
   verify them; here they are inputs.
 """
@@ -34,7 +38,9 @@ VARIANTS = ["fp32", "O2", "int8"]
 TOLERANCE = {"fp32": (1e-4, 1e-4), "O2": (1e-4, 1e-4), "int8": (2e-2, 2e-2)}
 #: (batch, seq) pairs: two shapes, neither the capture shape (4, 16)
 SHAPES = [(1, 8), (3, 12)]
-_INDUCTOR_CASES = {("bert4rec:tiny", "fp32")}
+GEN_MODELS = ["gpt-rec:tiny", "t5-rec:tiny"]
+GEN_VARIANTS = ["fp32", "O2"]
+_INDUCTOR_CASES = {("bert4rec:tiny", "fp32"), ("gpt-rec:tiny", "O2"), ("t5-rec:tiny", "O2")}
 
 _STATUS = available_runtimes()
 _ARTIFACTS: dict = {}
@@ -64,7 +70,8 @@ def _artifact(tmp_path_factory, program_factory, runtime: str, model: str, varia
     if not status.available:
         pytest.skip(f"{runtime} unavailable: {status.reason}")
     if runtime == "inductor" and (model, variant) not in _INDUCTOR_CASES:
-        pytest.skip("AOTI compile budget (tens of seconds each): inductor runs bert4rec:tiny fp32 here; int8 in tests/passes/test_quantize_int8_inductor.py")
+        pytest.skip("AOTI compile budget (tens of seconds each): inductor runs bert4rec:tiny fp32 and the "
+                    "generative models' O2 here; int8 in tests/passes/test_quantize_int8_inductor.py")
     key = (runtime, model, variant)
     if key not in _ARTIFACTS:
         program = _variant_program(program_factory, model, variant)
@@ -85,11 +92,23 @@ def _marked(*values: str):
 
 
 CASES = [_marked(r, m, v) for r in RUNTIMES for m in MODELS for v in VARIANTS]
+GEN_CASES = [_marked(r, m, v) for r in RUNTIMES for m in GEN_MODELS for v in GEN_VARIANTS]
 RUNTIME_CASES = [_marked(r) for r in RUNTIMES]
+GEN_RUNTIME_CASES = [_marked(r, m) for r in RUNTIMES for m in GEN_MODELS]
 
 
 @pytest.mark.parametrize("runtime,model,variant", CASES)
 def test_matches_eager_at_two_shapes(tmp_path_factory, program, runtime, model, variant):
+    _assert_matches_eager(tmp_path_factory, program, runtime, model, variant)
+
+
+@pytest.mark.parametrize("runtime,model,variant", GEN_CASES)
+def test_generative_models_match_eager_at_two_shapes(tmp_path_factory, program, runtime, model, variant):
+    """GPT-2 (Conv1D as addmm, SDPA) and T5 (biased unscaled attention) lowered at (4, 16), run at two other shapes."""
+    _assert_matches_eager(tmp_path_factory, program, runtime, model, variant)
+
+
+def _assert_matches_eager(tmp_path_factory, program, runtime: str, model: str, variant: str) -> None:
     prog, artifact = _artifact(tmp_path_factory, program, runtime, model, variant)
     assert artifact.manifest["runtime"] == runtime
     assert artifact.manifest["inputs"] == [s.to_json() for s in prog.inputs]
@@ -220,3 +239,30 @@ def test_nan_in_a_float_input_is_refused(tmp_path_factory, program, runtime):
         torch.testing.assert_close(runner(dense, sparse)[0], good, atol=0, rtol=0)
         bad[1, 3] = float("inf")  # the near miss
         assert runner(bad, sparse)[0].shape == good.shape
+
+
+#: the generative models' contract (50 items + padding; GPT-2 has 512 learned positions, T5 relative ones)
+GEN_SEQ_MAX = {"gpt-rec:tiny": 512, "t5-rec:tiny": None}
+
+
+@pytest.mark.parametrize("runtime,model", GEN_RUNTIME_CASES)
+def test_generative_contract_rejects_bad_requests(tmp_path_factory, program, runtime, model):
+    prog, artifact = _artifact(tmp_path_factory, program, runtime, model, "O2")
+    assert artifact.manifest["index_ranges"] == {"input_ids": [0, 51]}
+    assert artifact.manifest["dims"]["seq"] == {"min": 1, "max": GEN_SEQ_MAX[model]}
+    ids, mask = _feeds(prog, 2, 8)
+    bad = {
+        "id past the table": ((ids.index_fill(1, torch.tensor([3]), 51), mask),
+                              r"input 'input_ids': values must be in \[0, 51\), got 51 at \[0, 3\]$"),
+        "mask seq != ids seq": ((ids, mask[:, :7]),
+                                r"input 'attention_mask': dim 1 \(seq\) is 7 but 'input_ids' has seq 8; they must be equal$"),
+    }
+    if GEN_SEQ_MAX[model]:
+        bad["seq past the positions"] = ((torch.ones(1, 600, dtype=torch.long),) * 2,
+                                         r"input 'input_ids': dim 1 \(seq\) must be in \[1, 512\], got 600$")
+    with graphopt.load(artifact.path) as runner:
+        good = runner(ids, mask)[0]
+        for case, (feeds, message) in bad.items():
+            with pytest.raises(RunnerError, match=rf"^{runtime} \| {message}"):
+                runner(*feeds)
+            torch.testing.assert_close(runner(ids, mask)[0], good, atol=0, rtol=0, msg=case)

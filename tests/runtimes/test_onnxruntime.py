@@ -148,3 +148,25 @@ def test_damaged_optimized_model_is_refused(bert_artifact, tmp_path):
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match=r"names file '\.\./model\.optimized\.onnx', which is not inside"):
         load(d)
+
+
+def test_fused_graph_that_fails_at_full_optimization_falls_back(tmp_path, monkeypatch):
+    """GPT-2 captured raw (Conv1D as ``addmm`` between ``[b*s, k]`` reshapes, no canonicalization):
+    onnxscript's MHA fusion takes the attention output's 2-D reshape for the [B, S, D] one and feeds a
+    rank-3 tensor to a ``Gemm``. That graph loads at ORT's "basic" level and fails at "all"; the
+    lowerer must check at the level runners use and keep the unfused graph, with the reason."""
+    import graphopt.ir.capture as capture_module
+    from graphopt.ir.layout import guard_layout_views
+    from graphopt.rec.zoo import load_model
+
+    zm = load_model("gpt-rec:tiny")
+    monkeypatch.setattr(capture_module, "canonicalize", guard_layout_views)  # leave the addmm projections
+    prog = zm.capture()
+    assert prog.op_histogram()["aten.addmm.default"] == 8
+    art = lower(prog, "onnxruntime", tmp_path / "gpt")
+    skipped = art.manifest["backend"]["fusions"].get("skipped", "")
+    assert "Gemm" in skipped and "rank 2" in skipped, art.manifest["backend"]["fusions"]
+    inputs = zm.make_inputs(batch=3, seq=11, seed=2)
+    with load(art.path) as runner:  # at the default level ("all")
+        (out,) = runner(*inputs.values())
+    torch.testing.assert_close(out, zm.module(**inputs).detach(), atol=1e-4, rtol=1e-4)

@@ -144,6 +144,10 @@ MANIFESTS: dict[str, tuple[Callable[[Path], None], str]] = {
                                k: {"sha256": "abc", "bytes": v["bytes"]} for k, v in _manifest(d)["files"].items()}}),
                            r"{path}/manifest\.json: file '[^']+' needs a sha256 \(64 hex digits\) and a byte count; "
                            + _RELOWER),
+    "bad per-slot index range": (lambda d: _write_manifest(d, {**_manifest(d), "index_ranges": {
+                                     "input_ids": {"dim": 1, "high": ["52"]}}}),
+                                 r"{path}/manifest\.json: 'index_ranges' must map each input to \[low, high\) or "
+                                 r"\{{\"dim\": d, \"high\": \[rows per slot\]\}}; " + _RELOWER),
 }
 
 

@@ -15,6 +15,8 @@ it. Register a new kind with :func:`register_objective`.
 ``dlrm``,          click prediction on MovieLens-100K clicks (binary
 ``two-tower``      cross-entropy of the click logit; AUC/logloss), see
                    :mod:`.clicks`
+``gpt-rec``        causal next-item at every position (:mod:`.generative`)
+``t5-rec``         seq2seq: history -> one decoder step (:mod:`.generative`)
 =================  ===========================================================
 """
 
@@ -307,3 +309,8 @@ def _register_click_models() -> None:
 
 
 _register_click_models()
+
+from graphopt.rec.finetune import generative as _generative  # noqa: E402 (registers after the base class exists)
+
+register_objective(_generative.CausalNextItem())
+register_objective(_generative.Seq2SeqNextItem())

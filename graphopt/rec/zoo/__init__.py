@@ -7,6 +7,8 @@ tests and a ``base`` config for benchmarks.
 =============  ==============================================================
 ``bert-cls``   transformers BertForSequenceClassification, num_labels = items
 ``bert4rec``   transformers BertModel over item ids + tied item-scoring head
+``gpt-rec``    transformers GPT2Model over item ids (causal) + tied item-scoring head
+``t5-rec``     transformers T5ForConditionalGeneration: history in the encoder, one decoder step
 ``dlrm``       dense MLP (with BN) + EmbeddingBag tables + dot interaction
 ``two-tower``  user tower and item tower with a dot-product score
 =============  ==============================================================
@@ -64,7 +66,7 @@ def register_model(name: str, size: str, builder: Callable[[int], ZooModel]) -> 
     _MODELS.setdefault(name, {})[size] = builder
 
 
-_BUILTIN_MODULES = ("bert", "dlrm", "text", "two_tower")
+_BUILTIN_MODULES = ("bert", "dlrm", "gpt", "t5", "text", "two_tower")
 _builtins_loaded = False
 
 
