@@ -23,11 +23,16 @@ def zoo_model():
     return _CACHE["zm"]
 
 
+def use_capture(program) -> None:
+    """Hand over the session's captured gpt-rec:tiny (conftest's ``program`` fixture) so it is
+    captured once per session; :func:`optimized` captures it itself otherwise."""
+    _CACHE.setdefault("captured", program)
+
+
 def optimized():
     """gpt-rec:tiny captured and optimized with O2 (fuse-attention, prune-positions, ...)."""
     if "o2" not in _CACHE:
-        zm = zoo_model()
-        program = zm.capture()
+        program = _CACHE.get("captured") or zoo_model().capture()
         _CACHE["o2"], _ = graphopt.optimize(program, "O2", verify_each=False)
     return _CACHE["o2"]
 
@@ -39,6 +44,31 @@ def derived(state_dtype: str = "native"):
     if key not in _CACHE:
         _CACHE[key] = derive_incremental(optimized(), WINDOW, state_dtype)
     return _CACHE[key]
+
+
+def replay(state_dtype: str, lengths: list[int], steps: int, seed: int = 0, two_at: int = 40) -> list[tuple]:
+    """Prefill ``lengths`` then ``steps`` steps of one new event (two at step ``two_at``) with the
+    derived eager Programs; ``[(scores, ids, mask), ...]`` with the whole history so far
+    (first entry: the prefill). Cached per arguments."""
+    key = ("replay", state_dtype, tuple(lengths), steps, seed, two_at)
+    if key in _CACHE:
+        return _CACHE[key]
+    inc = derived(state_dtype)
+    ids, mask = histories(lengths, seed)
+    n = len(inc.scores)
+    out = inc.prefill(ids, mask)
+    rows = [(out[0], ids, mask)]
+    state = out[n:]
+    gen = torch.Generator().manual_seed(seed + 1)
+    for t in range(steps):
+        new = new_events(len(lengths), 2 if t == two_at else 1, gen)
+        out = inc.step(new, *state)
+        state = out[n:]
+        ids = torch.cat([ids, new], 1)
+        mask = torch.cat([mask, torch.ones_like(new)], 1)
+        rows.append((out[0], ids, mask))
+    _CACHE[key] = rows
+    return rows
 
 
 def histories(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

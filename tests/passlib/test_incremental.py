@@ -16,48 +16,52 @@ import torch
 from graphopt.errors import PreconditionError
 from graphopt.ir.fx import is_op
 from graphopt.metrics import topk_overlap
-from graphopt.passlib.incremental import analyze, derive_incremental
-from tests._incremental import WINDOW, band_reference, derived, histories, last_window, new_events, optimized
+from graphopt.passlib.incremental import analyze, derive_incremental, kernels
+from graphopt.runtime.contract import dim_ranges
+from tests._incremental import (
+    WINDOW,
+    band_reference,
+    derived,
+    histories,
+    last_window,
+    optimized,
+    replay,
+    use_capture,
+)
 
 aten = torch.ops.aten
 LENGTHS = [5, 3, 1]  # users with different history lengths, left-padded, all below the window
 
 
-def _replay(inc, steps: int, seed: int = 0, two_at: int = 40):
-    """Prefill LENGTHS, then ``steps`` steps of one new event each (two at step ``two_at``);
-    yields (step, scores, ids, mask) with the full history so far."""
-    ids, mask = histories(LENGTHS, seed)
-    n = len(inc.scores)
-    out = inc.prefill(ids, mask)
-    yield -1, out[0], ids, mask
-    state = out[n:]
-    gen = torch.Generator().manual_seed(seed + 1)
-    for t in range(steps):
-        new = new_events(len(LENGTHS), 2 if t == two_at else 1, gen)
-        out = inc.step(new, *state)
-        state = out[n:]
-        ids = torch.cat([ids, new], 1)
-        mask = torch.cat([mask, torch.ones_like(new)], 1)
-        yield t, out[0], ids, mask
+@pytest.fixture(autouse=True, scope="module")
+def _captured_once(program):
+    use_capture(program("gpt-rec:tiny"))
 
 
 def test_step_graph_structure():
+    before = dim_ranges(optimized())
+    derive_incremental(optimized(), 3, check=False)  # (a step compared with a window once pinned seq > 3)
+    assert dim_ranges(optimized()) == before  # the derivation leaves the source Program's shapes alone
     inc = derived()
+    assert dim_ranges(inc.step)["new"] == before["seq"]
     layers = 2  # gpt-rec:tiny
     assert inc.step.input_names == ["input_ids", "past_length"] + [
         f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
     assert inc.step.output_names == ["output", "length", "key_0", "value_0", "key_1", "value_1"]
     assert inc.prefill.input_names == ["input_ids", "attention_mask"]
     assert inc.prefill.output_names == inc.step.output_names
-    for program in (inc.prefill, inc.step):
-        assert sum(is_op(n, aten.scaled_dot_product_attention) for n in program.graph.nodes) == layers
+    # every attention became a windowed one; the step's reads its layer's cached keys and values
+    for program, kernel in ((inc.prefill, kernels.prefill_attention), (inc.step, kernels.step_attention)):
+        assert not any(is_op(n, aten.scaled_dot_product_attention) for n in program.graph.nodes)
+        calls = [n for n in program.graph.nodes if n.target is kernel]
+        assert len(calls) == layers
         program.graph.lint()
-    # the step concatenates each layer's cached keys and values with the new ones
-    cats = [n for n in inc.step.graph.nodes if is_op(n, aten.cat)]
-    assert len(cats) >= 2 * layers
-    # the running count (positions) continues from past_length: cumsum + past_length
-    cumsum = [n for n in inc.step.graph.nodes if is_op(n, aten.cumsum)]
-    assert cumsum and all(any(is_op(u, aten.add) for u in c.users) for c in cumsum)
+    reads = [[a.name for a in torch.utils._pytree.tree_leaves(n.args[4:6])]
+             for n in inc.step.graph.nodes if n.target is kernels.step_attention]
+    assert reads == [[f"past_key_{i}", f"past_value_{i}"] for i in range(layers)]
+    # the running count (positions) continues from past_length; the mask input is gone
+    offsets = [n for n in inc.step.graph.nodes if n.target is kernels.offset_positions]
+    assert len(offsets) == 1 and is_op(offsets[0].args[0], aten.cumsum) and offsets[0].args[1].name == "past_length"
     assert [s.shape for s in inc.state] == [()] + [(4, WINDOW, 8)] * 2 * layers  # heads, window, head dim
     assert inc.state_bytes() == 8 + 2 * layers * 4 * WINDOW * 8 * 4
 
@@ -65,9 +69,8 @@ def test_step_graph_structure():
 def test_replay_matches_sliding_window_recompute():
     """Every step of a 100-step replay (past max_history, users of different lengths,
     one step of two events) equals the full recompute under the window within 1e-4."""
-    inc = derived()
     worst, checked = 0.0, 0
-    for t, scores, ids, mask in _replay(inc, 100):
+    for t, (scores, ids, mask) in enumerate(replay("native", LENGTHS, 100)):
         ref = band_reference(ids, mask, WINDOW)
         worst = max(worst, float((scores - ref).abs().max()))
         checked += 1
@@ -92,9 +95,8 @@ def test_batch_rows_equal_single_users():
 def test_naive_reencode_differs_from_the_window():
     """With two layers, re-encoding only the last W events is not what the cache computes;
     record how far its top-10 is from the windowed scores (the README quotes the bench's figure)."""
-    inc = derived()
     overlaps, diffs = [], []
-    for t, scores, ids, mask in _replay(inc, 30):
+    for scores, ids, mask in replay("native", LENGTHS, 100)[:31]:
         if ids.shape[1] > WINDOW + 1:
             naive = optimized()(*last_window(ids, mask, WINDOW))[0]
             diffs.append(float((scores - naive).abs().max()))
@@ -103,20 +105,21 @@ def test_naive_reencode_differs_from_the_window():
     assert 0.0 < sum(overlaps) / len(overlaps) < 1.0
 
 
-@pytest.mark.parametrize("state_dtype,max_abs,overlap", [("bf16", 2e-2, 0.9), ("int8", 5e-2, 0.85)])
-def test_state_dtype_fidelity(state_dtype, max_abs, overlap):
+@pytest.mark.parametrize("state_dtype,max_abs", [("bf16", 1e-3), ("int8", 2e-3)])
+def test_state_dtype_fidelity(state_dtype, max_abs):
     """Low-precision state: max abs difference and top-10 overlap vs the fp32 state over a
-    100-step replay (bounds measured with margin: bf16 ~3e-3/0.99, int8 ~1e-2/0.97)."""
+    100-step replay (measured: bf16 1.3e-4, int8 3.2e-4, overlap 1.0, scores up to 0.59;
+    bounds with margin; base-size figures come from benchmarks/bench_incremental.py)."""
     exact, low = derived(), derived(state_dtype)
     assert [s.dtype for s in low.state[1:]] == (
         [torch.bfloat16] * 4 if state_dtype == "bf16" else [torch.int8, torch.float32] * 4)
     assert low.state_bytes() < exact.state_bytes()
     worst, overlaps = 0.0, []
-    for (_, a, _, _), (_, b, _, _) in zip(_replay(exact, 100), _replay(low, 100)):
+    for (a, _, _), (b, _, _) in zip(replay("native", LENGTHS, 100), replay(state_dtype, LENGTHS, 100)):
         worst = max(worst, float((a - b).abs().max()))
         overlaps.append(topk_overlap(b[:, 1:], a[:, 1:], k=10))
-    assert worst <= max_abs, worst
-    assert sum(overlaps) / len(overlaps) >= overlap
+    assert 0.0 < worst <= max_abs, worst  # lossy, within its bound
+    assert sum(overlaps) / len(overlaps) >= 0.98
 
 
 def test_bidirectional_model_is_refused(program):

@@ -35,6 +35,7 @@ from graphopt.passlib.incremental.derive import (
     rewrite_prefill,
     rewrite_step,
     state_names,
+    state_specs,
 )
 from graphopt.passlib.incremental.kernels import CODECS
 
@@ -73,17 +74,14 @@ def derive_incremental(program: Program, max_history: int, state_dtype: str = "n
             f"incremental state for {program.name}: max_history {max_history} exceeds the position table "
             f"({plan.max_positions} rows); choose max_history <= {plan.max_positions}")
     seq = 7 if max_history == 6 else 6
-    example = probe_inputs(program, [seq, seq - 2], seq, seed=1)
-    prefill = rewrite_prefill(program, plan, max_history, state_dtype, _by_name(program, example))
-    names = state_names(len(plan.attentions), state_dtype)
+    example = _by_name(program, probe_inputs(program, [seq, seq - 2], seq, seed=1))
+    prefill = rewrite_prefill(program, plan, max_history, state_dtype, example)
     n_scores = len(program.output_names)
-    outs = prefill(*_by_name(program, example))
-    state = {n: t.contiguous() for n, t in zip(names, outs[n_scores:])}
+    state = tuple(t.contiguous() for t in prefill(*example)[n_scores:])
     new = probe_inputs(program, [2, 2], 2, seed=2)[0]
-    step = rewrite_step(program, plan, max_history, state_dtype, new, state)
-    specs = [StateSpec(n, t.dtype, tuple(t.shape[1:])) for n, t in state.items()]
-    inc = IncrementalPrograms(prefill, step, max_history, state_dtype, list(program.output_names), specs,
-                              plan.max_positions)
+    step = rewrite_step(program, plan, max_history, state_dtype, (new, *state))
+    inc = IncrementalPrograms(prefill, step, max_history, state_dtype, list(program.output_names),
+                              state_specs(plan, max_history, state_dtype), plan.max_positions)
     if check:
         _self_check(program, plan, inc)
     log.info("derived prefill/step of %s: %d attentions, window %d, state %s, %d bytes per user",

@@ -35,13 +35,13 @@ import torch
 import torch.fx
 
 from graphopt.errors import PreconditionError
-from graphopt.ir.capture import capture
 from graphopt.ir.fx import is_op, tensor_meta
-from graphopt.ir.program import Program
+from graphopt.ir.program import InputSpec, Program
+from graphopt.ir.shapes import fill_vals
 from graphopt.passlib.incremental import kernels
 from graphopt.passlib.incremental.analysis import Attention, CausalPlan
 
-__all__ = ["StateSpec", "IncrementalPrograms", "state_names", "rewrite_prefill", "rewrite_step"]
+__all__ = ["StateSpec", "IncrementalPrograms", "state_names", "state_specs", "rewrite_prefill", "rewrite_step"]
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,42 @@ def _finish(gm: torch.fx.GraphModule, outputs: list[torch.fx.Node]) -> None:
     gm.recompile()
 
 
-def _capture(program: Program, gm: torch.fx.GraphModule, suffix: str, inputs: dict[str, torch.Tensor],
-             outputs: list[str], dynamic: dict[str, dict[int, str]], ranges: dict[str, tuple[int, int]]) -> Program:
-    """Re-capture the rewritten graph (the inserted functions trace to aten ops), outputs named."""
-    derived = capture(gm, inputs, dynamic=dynamic, name=f"{program.name}.{suffix}", input_ranges=ranges,
-                      meta=dict(program.meta))
-    derived.output_names = list(outputs)
-    derived.pipeline = program.pipeline
+def _program(program: Program, gm: torch.fx.GraphModule, suffix: str, inputs: list[InputSpec],
+             outputs: list[str], example: tuple[torch.Tensor, ...]) -> Program:
+    """The rewritten graph as a Program; new nodes get ``meta["val"]`` (fake tensors with the
+    original symbolic sizes: the step's new events reuse the history's seq symbol)."""
+    fill_vals(gm.graph, [n for n in gm.graph.nodes if n.op == "call_function" and "val" not in n.meta])
+    gm.recompile()
+    derived = Program(gm, inputs, outputs, name=f"{program.name}.{suffix}", example_inputs=example,
+                      pipeline=program.pipeline, meta=dict(program.meta))
     return derived
+
+
+def _placeholder(graph: torch.fx.Graph, after: torch.fx.Node, name: str, like: torch.fx.Node,
+                 spec: StateSpec) -> torch.fx.Node:
+    """A new input ``(batch, *spec.shape)`` whose batch is ``like``'s (symbolic) batch."""
+    val = like.meta["val"]
+    with graph.inserting_after(after):
+        node = graph.placeholder(name)
+    with val.fake_mode:
+        node.meta["val"] = torch.empty((val.shape[0], *spec.shape), dtype=spec.dtype)
+    return node
+
+
+def state_specs(plan: CausalPlan, window: int, codec: str) -> list[StateSpec]:
+    """The state's tensors after the batch dim: ``length`` then each attention's blocks."""
+    specs = [StateSpec("length", torch.int64, ())]
+    names = iter(state_names(len(plan.attentions), codec)[1:])
+    for attention in plan.attentions:
+        block = (attention.heads, window, attention.head_dim)
+        for _ in ("key", "value"):
+            if codec == "int8":
+                specs.append(StateSpec(next(names), torch.int8, block))
+                specs.append(StateSpec(next(names), torch.float32, (*block[:2], 1)))
+            else:
+                dtype = torch.bfloat16 if codec == "bf16" else attention.dtype
+                specs.append(StateSpec(next(names), dtype, block))
+    return specs
 
 
 def _check_no_positions_from_arange(program: Program, gm: torch.fx.GraphModule) -> None:
@@ -176,9 +204,10 @@ def rewrite_prefill(program: Program, plan: CausalPlan, window: int, codec: str,
                     example: tuple[torch.Tensor, torch.Tensor]) -> Program:
     """The prefill Program (see the module docstring)."""
     gm = _plain_copy(program)
-    mask = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == plan.mask)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mask = next(n for n in placeholders if n.name == plan.mask)
     parts = 2 if codec == "int8" else 1
-    with gm.graph.inserting_after(mask):
+    with gm.graph.inserting_after(placeholders[-1]):
         valid = gm.graph.call_function(torch.ne, (mask, 0))
     with gm.graph.inserting_after(valid):
         length = gm.graph.call_function(torch.sum, (mask,), {"dim": -1, "dtype": torch.int64})
@@ -189,29 +218,26 @@ def rewrite_prefill(program: Program, plan: CausalPlan, window: int, codec: str,
     _, scores = _outputs(gm)
     _finish(gm, [*scores, *state])
     names = [*program.output_names, *state_names(len(plan.attentions), codec)]
-    inputs = dict(zip(program.input_names, example))
-    dynamic = {s.name: dict(s.dynamic) for s in program.inputs}
-    ranges = {s.name: (s.low, s.high) for s in program.inputs if s.low is not None and s.high is not None}
-    return _capture(program, gm, "prefill", inputs, names, dynamic, ranges)
+    return _program(program, gm, "prefill", list(program.inputs), names, example)
 
 
-def rewrite_step(program: Program, plan: CausalPlan, window: int, codec: str, ids: torch.Tensor,
-                 state: dict[str, torch.Tensor]) -> Program:
-    """The step Program (see the module docstring); ``ids``/``state`` are its example inputs."""
+def rewrite_step(program: Program, plan: CausalPlan, window: int, codec: str,
+                 example: tuple[torch.Tensor, ...]) -> Program:
+    """The step Program (see the module docstring); ``example``: its inputs (ids, then the state)."""
     gm = _plain_copy(program)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     ids_ph = next(n for n in placeholders if n.name == plan.ids)
     mask_ph = next(n for n in placeholders if n.name == plan.mask)
-    names = state_names(len(plan.attentions), codec)
-    with graph.inserting_after(placeholders[-1]):
-        past = {}
-        for name in reversed(names):  # inserting_after puts each before the previous one
-            past[name] = graph.placeholder(f"past_{name}")
+    specs = state_specs(plan, window, codec)
+    past: dict[str, torch.fx.Node] = {}
+    last = placeholders[-1]
+    for spec in specs:
+        last = past[spec.name] = _placeholder(graph, last, f"past_{spec.name}", ids_ph, spec)
     mask_dtype = next(s.dtype for s in program.inputs if s.name == plan.mask)
-    with graph.inserting_after(past[names[-1]]):
+    with graph.inserting_after(last):
         valid = graph.call_function(kernels.step_key_valid, (past["length"], ids_ph, window))
-    with graph.inserting_after(past[names[-1]]):
+    with graph.inserting_after(last):
         ones = graph.call_function(torch.ones_like, (ids_ph,), {"dtype": mask_dtype})
     mask_ph.replace_all_uses_with(ones)
     graph.erase_node(mask_ph)
@@ -221,6 +247,7 @@ def rewrite_step(program: Program, plan: CausalPlan, window: int, codec: str, id
             offset = graph.call_function(kernels.offset_positions, (node, past["length"]))
         node.replace_all_uses_with(offset, delete_user_cb=lambda user, o=offset: user is not o)
     parts = 2 if codec == "int8" else 1
+    names = [s.name for s in specs]
     next_state: list[torch.fx.Node] = []
     for i, attention in enumerate(plan.attentions):
         cached = [past[n] for n in names[1 + 2 * parts * i: 1 + 2 * parts * (i + 1)]]
@@ -231,10 +258,10 @@ def rewrite_step(program: Program, plan: CausalPlan, window: int, codec: str, id
         length = graph.call_function(kernels.advance, (past["length"], ids_ph))
     _finish(gm, [*scores, length, *next_state])
     _check_no_positions_from_arange(program, gm)
-    outputs = [*program.output_names, *names]
-    inputs = {plan.ids: ids, **{f"past_{n}": state[n] for n in names}}
-    dynamic = {plan.ids: {0: "batch", 1: "new"}, **{f"past_{n}": {0: "batch"} for n in names}}
-    spec = next(s for s in program.inputs if s.name == plan.ids)
-    ranges = {plan.ids: (spec.low, spec.high)} if spec.low is not None and spec.high is not None else {}
-    ranges["past_length"] = (window, window + 1)
-    return _capture(program, gm, "step", inputs, outputs, dynamic, ranges)
+    ids_spec = next(s for s in program.inputs if s.name == plan.ids)
+    inputs = [InputSpec(plan.ids, ids_spec.dtype, tuple(example[0].shape), {0: "batch", 1: "new"}, ids_spec.low,
+                        ids_spec.high)]
+    for spec, value in zip(specs, example[1:]):
+        low, high = (0, window + 1) if spec.name == "length" else (None, None)
+        inputs.append(InputSpec(f"past_{spec.name}", spec.dtype, tuple(value.shape), {0: "batch"}, low, high))
+    return _program(program, gm, "step", inputs, [*program.output_names, *names], example)

@@ -110,13 +110,19 @@ def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid:
     the next state: the last ``window`` events of cache + new, stored with
     ``codec`` (cached blocks are not re-encoded; only the new events are).
     Needs ``new <= window`` (the runner checks)."""
-    n_new = k.shape[2]
     keys = torch.cat([decode(cached_k, codec, k.dtype), k], dim=2)
     values = torch.cat([decode(cached_v, codec, v.dtype), v], dim=2)
     out = _sdpa(q, keys, values, window_mask(key_valid, q.shape[2], window), sdpa_kwargs)
-    next_k = tuple(torch.cat([c[:, :, n_new:], n], dim=2) for c, n in zip(cached_k, encode(k, codec)))
-    next_v = tuple(torch.cat([c[:, :, n_new:], n], dim=2) for c, n in zip(cached_v, encode(v, codec)))
+    next_k = tuple(_slide(c, n, window) for c, n in zip(cached_k, encode(k, codec)))
+    next_v = tuple(_slide(c, n, window) for c, n in zip(cached_v, encode(v, codec)))
     return (out, *next_k, *next_v)
+
+
+def _slide(cached: torch.Tensor, new: torch.Tensor, window: int) -> torch.Tensor:
+    """The last ``window`` events of ``cached`` then ``new`` (narrow, not ``cached[:, :, new:]``:
+    that would compare the new-event count with the window and specialize the graph on it)."""
+    both = torch.cat([cached, new], dim=2)
+    return both.narrow(2, new.shape[2], window).contiguous()
 
 
 def advance(past_length: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
