@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_incremental.py [--model gpt-rec:base] [--histories 64,200]
         [--batches 1,32] [--runtimes inductor,onnxruntime] [--pipeline O2] [--threads 2]
-        [--rounds 9] [--replay 100] [--json FILE] [--quick]
+        [--rounds 9] [--replay 100] [--out DIR [--reuse]] [--json FILE] [--quick]
 
 Per history length W (also the window, ``max_history``) the model is derived into
 prefill/step once and lowered with ``graphopt.lower_incremental`` to each runtime.
@@ -13,12 +13,15 @@ in the same rounds (``graphopt.bench.timing``):
   sliding-window semantics; it also writes the state);
 - ``step``: ``runner.step(new, state)`` on the state of the first W.
 
-``ratio`` is the median over rounds of full / step (paired, same round). ``max_abs``
+``ratio`` is the median over rounds of full / step (paired, same round); ``cpu_ratio`` the
+same from process CPU time per call (meaningful with ``--threads 1`` on a loaded machine,
+where wall-clock calls are preempted and weights evicted from cache). ``max_abs``
 is the step's max abs difference from the eager float32 full recompute; ``state_bytes``
 the state per user. Fidelity (eager, a replay of ``--replay`` steps past the window,
 batch 8): bf16 and int8 state vs float32 state (max abs, mean top-10 overlap), and the
 naive alternative, re-encoding only the last W events from scratch, vs the windowed
-step (top-10 overlap). Absolute milliseconds depend on the machine's load (recorded);
+step (top-10 overlap); ``--replay 0`` skips it. ``--out DIR --reuse`` times artifacts
+lowered by an earlier run (same model, pipeline and seed) instead of compiling again. Absolute milliseconds depend on the machine's load (recorded);
 compare ratios. ONNX Runtime sessions do not spin idle threads (``spin=False``).
 """
 
@@ -28,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -54,6 +58,20 @@ def _runner_options(runtime: str, threads: int) -> dict:
     if runtime == "onnxruntime":
         return {"intra_op_threads": threads, "spin": False}
     return {}
+
+
+def _cpu_times(fns: dict, rounds: int, calls: int = 5) -> dict[str, float]:
+    """Median process CPU time per call (ms), interleaved like the wall-clock rounds. With
+    ``--threads 1`` it is the call's single-thread cost whatever else the machine runs
+    (a loaded machine preempts calls; CPU time does not count the waiting)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(calls):
+                start = time.process_time()
+                fn()
+                times[name].append(time.process_time() - start)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def fidelity(program, inc_by_dtype, window: int, items: int, steps: int, batch: int = 8) -> list[dict]:
@@ -104,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--replay", type=int, default=100)
     ap.add_argument("--out", default=None, help="keep the artifacts here (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true", help="load the artifacts already in --out instead of lowering")
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="gpt-rec:tiny, histories 8,16, batches 1,4, 3 rounds")
     args = ap.parse_args(argv)
@@ -127,16 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         incs = {d: derive_incremental(program, window, d) for d in ("native", "bf16", "int8")}
         print(f"W={window}: derived in {time.perf_counter() - t0:.1f}s", flush=True)
-        fid += fidelity(program, incs, window, items, args.replay)
-        print(json.dumps(fid[-3:], indent=1), flush=True)
+        if args.replay:
+            fid += fidelity(program, incs, window, items, args.replay)
+            print(json.dumps(fid[-3:], indent=1), flush=True)
         runners = {}
         for runtime in runtimes:
-            t0 = time.perf_counter()
-            art = graphopt.lower_incremental(incs["native"], runtime, root / f"W{window}" / runtime, force=True,
-                                             **LOWER_OPTIONS.get(runtime, {}))
-            compile_s[f"W{window}/{runtime}"] = time.perf_counter() - t0
-            print(f"W={window}: lowered {runtime} in {compile_s[f'W{window}/{runtime}']:.1f}s", flush=True)
-            runners[runtime] = graphopt.load(art.path, **_runner_options(runtime, args.threads)).activate()
+            path = root / f"W{window}" / runtime
+            if not (args.reuse and (path / "manifest.json").is_file()):
+                t0 = time.perf_counter()
+                graphopt.lower_incremental(incs["native"], runtime, path, force=True, **LOWER_OPTIONS.get(runtime, {}))
+                compile_s[f"W{window}/{runtime}"] = time.perf_counter() - t0
+                print(f"W={window}: lowered {runtime} in {compile_s[f'W{window}/{runtime}']:.1f}s", flush=True)
+            runners[runtime] = graphopt.load(path, **_runner_options(runtime, args.threads)).activate()
         reference = incs["native"].prefill
         for batch in batches:
             ids = _histories(batch, window + 1, items, seed=window + batch)
@@ -149,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 fns[f"{runtime}/full"] = lambda r=runner, x=ids, m=full_mask: r.prefill(x, m)
                 fns[f"{runtime}/step"] = lambda r=runner, x=new, s=states[runtime]: r.step(x, s)
             samples = run_interleaved(fns, config)
+            cpu = _cpu_times(fns, args.rounds)
             for runtime, runner in runners.items():
                 scores, _ = runner.step(new, states[runtime])
                 full_s, step_s = summarize(samples[f"{runtime}/full"], batch), summarize(samples[f"{runtime}/step"],
@@ -157,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"runtime": runtime, "history": window, "batch": batch, "full_ms": full_s["p50_ms"],
                        "step_ms": step_s["p50_ms"], "ratio": ratio["speedup"], "ratio_p10": ratio["speedup_p10"],
                        "ratio_p90": ratio["speedup_p90"], "max_abs": float((scores - want).abs().max()),
-                       "state_bytes": incs["native"].state_bytes(), "state_dtype": "float32"}
+                       "state_bytes": incs["native"].state_bytes(), "state_dtype": "float32",
+                       "full_cpu_ms": cpu[f"{runtime}/full"], "step_cpu_ms": cpu[f"{runtime}/step"],
+                       "cpu_ratio": cpu[f"{runtime}/full"] / cpu[f"{runtime}/step"]}
                 rows.append(row)
                 print(f"{runtime:12s} W={window:4d} batch={batch:3d} full {row['full_ms']:8.2f} ms  step "
-                      f"{row['step_ms']:7.3f} ms  ratio {row['ratio']:6.1f}x  max_abs {row['max_abs']:.2e}  "
+                      f"{row['step_ms']:7.3f} ms  ratio {row['ratio']:6.1f}x (cpu time {row['cpu_ratio']:5.1f}x)  max_abs {row['max_abs']:.2e}  "
                       f"state {row['state_bytes']} B/user", flush=True)
         for runner in runners.values():
             runner.close()

@@ -108,6 +108,7 @@ def lower_incremental(
     *,
     max_history: int | None = None,
     state_dtype: str = "native",
+    max_positions: int | None = None,
     force: bool = False,
     **options: Any,
 ) -> Artifact:
@@ -115,8 +116,9 @@ def lower_incremental(
     lower both with ``runtime`` into one artifact folder (atomic).
 
     ``max_history``: events each one attends to (the state's window);
-    ``state_dtype``: ``native``, ``bf16`` or ``int8``; ``options``: the
-    runtime's lowering options, applied to both entries.
+    ``state_dtype``: ``native``, ``bf16`` or ``int8``; ``max_positions``: the
+    positions served (see :func:`graphopt.passlib.incremental.derive_incremental`);
+    ``options``: the runtime's lowering options, applied to both entries.
     """
     from graphopt.passlib.incremental import IncrementalPrograms, derive_incremental
 
@@ -125,7 +127,7 @@ def lower_incremental(
     elif isinstance(program, Program):
         if max_history is None:
             raise LoweringError("lower_incremental needs max_history (the events each one attends to)")
-        inc = derive_incremental(program, max_history, state_dtype)
+        inc = derive_incremental(program, max_history, state_dtype, max_positions=max_positions)
     else:
         raise LoweringError(f"lower_incremental takes a Program, got {type(program).__name__}; capture the model first")
     backend = get_runtime(runtime)
@@ -260,9 +262,9 @@ def _state_tensors(runner: Runner, section: dict[str, Any], state: Any, batch: i
     if rows is not None and length.numel() and int(length.max()) + new > rows:
         user = int(length.argmax())
         raise RunnerError(
-            f"{runner.name} | user {user} would reach position {int(length.max()) + new - 1} but the model's "
-            f"position table has {rows} rows; prefill that user again with its last {window} events "
-            "(positions restart at 0)")
+            f"{runner.name} | user {user} would reach position {int(length.max()) + new - 1}, past the {rows} "
+            f"positions this artifact serves (max_positions); prefill that user again with its last {window} "
+            "events (positions restart at 0)")
     return [tensors[n].contiguous() for n in names]
 
 
@@ -289,7 +291,8 @@ def prefill(runner: Runner, *args: Any, **kwargs: Any) -> tuple[Any, Incremental
         events = int(mask.sum(1).max())
         if rows is not None and events > rows:
             raise RunnerError(f"{runner.name} | input 'attention_mask': a history of {events} events runs past the "
-                              f"model's position table ({rows} rows); pass the last {section['max_history']} events")
+                              f"{rows} positions this artifact serves (max_positions); pass the last "
+                              f"{section['max_history']} events")
     return _wrap(runner, section, runner(*bound))
 
 

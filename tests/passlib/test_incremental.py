@@ -136,3 +136,13 @@ def test_max_history_checked():
         derive_incremental(optimized(), 513)
     with pytest.raises(PreconditionError, match="state_dtype must be one of native, bf16, int8"):
         derive_incremental(optimized(), 8, "fp8")
+    with pytest.raises(PreconditionError, match="max_positions must be an integer in \\[max_history, 512\\]"):
+        derive_incremental(optimized(), 8, max_positions=4)
+
+
+def test_max_positions_bounds_the_steps():
+    """A model fine-tuned on 16-event windows: serve positions 0..15 only; the state says where
+    a user is, the derived Programs are the same."""
+    inc = derive_incremental(optimized(), WINDOW, max_positions=16, check=False)
+    assert inc.max_positions == 16 and inc.to_json()["max_positions"] == 16
+    assert derived().max_positions == 512

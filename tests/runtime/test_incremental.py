@@ -94,8 +94,8 @@ def _bad_states(state):
         "missing": ({k: v for k, v in t.items() if k != "key_1"}, "state lacks 'key_1'"),
         "batch": ({**t, "length": t["length"][:2]}, "state 'length': expected shape [3] (batch 3"),
         "negative": ({**t, "length": t["length"] - 100}, "state 'length': events seen must be >= 0"),
-        "positions": ({**t, "length": t["length"] + 510}, "user 0 would reach position 515 but the model's "
-                                                           "position table has 512 rows"),
+        "positions": ({**t, "length": t["length"] + 510}, "user 0 would reach position 515, past the 512 "
+                                                           "positions this artifact serves"),
         "type": ([*t.values()], "state: expected an IncrementalState (or a dict of its tensors), got list"),
     }
 

@@ -54,13 +54,17 @@ def check_tolerance(dtype: torch.dtype, codec: str) -> float:
 
 
 def derive_incremental(program: Program, max_history: int, state_dtype: str = "native", *,
-                       check: bool = True) -> IncrementalPrograms:
+                       max_positions: int | None = None, check: bool = True) -> IncrementalPrograms:
     """Derive the ``prefill``/``step`` Programs of a causal ``(ids, attention_mask)`` Program.
 
     ``max_history``: the window W (events each one attends to, itself included);
     the state holds each attention's keys and values of the last W events.
     ``state_dtype``: ``native`` (the graph's dtype), ``bf16`` or ``int8``
-    (per event and head, float32 scale). Raises ``PreconditionError`` with the
+    (per event and head, float32 scale). ``max_positions``: serve positions
+    ``0..max_positions-1`` only (default: the whole position table); a model
+    fine-tuned on windows of N events has trained position rows for 0..N-1
+    only, so ``max_positions=N`` makes the runner refuse a step past them
+    (prefill the user's last events again instead). Raises ``PreconditionError`` with the
     reason when the Program is not causal, has no SDPA, or the steps do not
     reproduce the windowed full recompute.
     """
@@ -73,6 +77,15 @@ def derive_incremental(program: Program, max_history: int, state_dtype: str = "n
         raise PreconditionError(
             f"incremental state for {program.name}: max_history {max_history} exceeds the position table "
             f"({plan.max_positions} rows); choose max_history <= {plan.max_positions}")
+    if max_positions is not None:
+        table = plan.max_positions
+        if plan.max_positions is None:
+            raise PreconditionError(f"incremental state for {program.name}: max_positions given, but no position "
+                                    "table is indexed by the running event count; leave it unset")
+        if not isinstance(max_positions, int) or not max_history <= max_positions <= table:
+            raise PreconditionError(f"max_positions must be an integer in [max_history, {table}] (the position "
+                                    f"table), got {max_positions!r}")
+        plan.max_positions = max_positions
     seq = 7 if max_history == 6 else 6
     example = _by_name(program, probe_inputs(program, [seq, seq - 2], seq, seed=1))
     prefill = rewrite_prefill(program, plan, max_history, state_dtype, example)
