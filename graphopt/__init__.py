@@ -29,7 +29,15 @@ from graphopt.errors import (
 from graphopt.ir.capture import capture
 from graphopt.ir.program import InputSpec, Program
 from graphopt.passlib import qdq as _qdq  # noqa: F401  (registers quantized_decomposed ops so Program.load reads int8 Programs)
-from graphopt.runtime import Artifact, Runner, available_runtimes, load, lower
+from graphopt.runtime import (
+    Artifact,
+    IncrementalState,
+    Runner,
+    available_runtimes,
+    load,
+    lower,
+    lower_incremental,
+)
 from graphopt.transform.base import (
     Option,
     Pass,
@@ -77,6 +85,8 @@ __all__ = [
     "RunnerError",
     "BackendUnavailableError",
     "lower",
+    "lower_incremental",
+    "IncrementalState",
     "load",
     "Runner",
     "Artifact",

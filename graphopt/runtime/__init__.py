@@ -35,6 +35,7 @@ from graphopt.runtime.backend import (
     runtime_names,
 )
 from graphopt.runtime.contract import dim_ranges
+from graphopt.runtime.incremental import IncrementalState, lower_incremental
 from graphopt.runtime.lower import load, lower
 from graphopt.runtime.runner import Runner
 
@@ -48,6 +49,8 @@ __all__ = [
     "RuntimeStatus",
     "lower",
     "load",
+    "lower_incremental",
+    "IncrementalState",
     "read_artifact",
     "available_runtimes",
     "runtime_names",

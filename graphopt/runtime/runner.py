@@ -80,6 +80,8 @@ class Runner:
             self._deactivate_impl()
         finally:
             self.is_active = False
+            for entry in self.__dict__.pop("_entry_runners", {}).values():  # incremental step entry
+                entry.close()
 
     def close(self) -> None:
         """Release the backend (sessions, processes, memory) if it is loaded; safe to repeat."""
@@ -128,6 +130,21 @@ class Runner:
             raise RunnerError(f"{self.name} | missing input '{missing[0]}'; inputs are {self.input_names}")
         outputs = self(*(feeds[n] for n in self.input_names))
         return dict(zip(self.output_names, outputs))
+
+    # ----------------------------------------------------------- incremental
+    def prefill(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """Artifacts from ``graphopt.lower_incremental``: ``(scores, state)`` of left-padded
+        histories (``input_ids, attention_mask``); see :mod:`graphopt.runtime.incremental`."""
+        from graphopt.runtime.incremental import prefill
+
+        return prefill(self, *args, **kwargs)
+
+    def step(self, input_ids: torch.Tensor, state: Any) -> tuple[Any, Any]:
+        """``(scores, next state)`` after the new events ``input_ids`` (batch, new) of the
+        users in ``state``; the given state is refused with one line if it does not fit."""
+        from graphopt.runtime.incremental import step
+
+        return step(self, input_ids, state)
 
     def synchronize(self) -> None:
         """Wait for queued device work (call before reading a timer)."""

@@ -1,0 +1,311 @@
+"""Incremental serving: a causal Program's ``prefill`` and ``step`` lowered into one artifact.
+
+    art = graphopt.lower_incremental(program, "inductor", "out/inc", max_history=64)
+    with graphopt.load("out/inc") as runner:
+        scores, state = runner.prefill(input_ids, attention_mask)   # left-padded histories
+        scores, state = runner.step(new_ids, state)                  # (batch, new) events, all real
+
+The entry points come from :func:`graphopt.passlib.incremental.derive_incremental`
+(what they compute: sliding-window attention of width ``max_history`` over
+each user's whole history). The artifact folder holds each entry lowered by
+the runtime's own lowerer in ``prefill/`` and ``step/``, and one
+``manifest.json`` with checksums of both; its top-level inputs/outputs are
+the prefill's, so ``runner(ids, mask)`` also runs prefill (scores, then the
+state tensors). The ``incremental`` section records the window, the state
+layout and each entry's contract.
+
+``state`` is an :class:`IncrementalState`: ``length`` (events seen per
+user) and each attention's keys/values of the last ``max_history`` events,
+batch-major, so users can be stored apart and batched again
+(:meth:`IncrementalState.select`, :meth:`IncrementalState.cat`). ``step``
+refuses a state of the wrong names, dtypes, shape, window or batch, and a
+step that would run past the position table, with one line; it never
+changes the state it is given.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from graphopt.errors import GraphoptError, LoweringError, RunnerError, first_line
+from graphopt.ir.program import InputSpec, Program, bind_inputs, check_inputs
+from graphopt.options import resolve_options
+from graphopt.outputs import atomic_directory
+from graphopt.process import quiet_backends
+from graphopt.runtime.artifact import MANIFEST_FILE, MANIFEST_FORMAT, Artifact, sha256_file
+from graphopt.runtime.backend import get_runtime, require_available
+from graphopt.runtime.contract import dim_ranges, index_ranges
+
+if TYPE_CHECKING:
+    from graphopt.passlib.incremental import IncrementalPrograms
+    from graphopt.runtime.runner import Runner
+
+__all__ = ["lower_incremental", "IncrementalState", "prefill", "step"]
+
+log = logging.getLogger(__name__)
+
+_ENTRIES = ("prefill", "step")
+_PATH_KEYS = ("entry", "optimized")
+
+
+@dataclass(frozen=True)
+class IncrementalState:
+    """The state ``prefill``/``step`` return: named tensors, batch-major."""
+
+    tensors: dict[str, torch.Tensor]
+    max_history: int
+
+    @property
+    def length(self) -> torch.Tensor:
+        """Events seen per user ``(batch,)``: the position of each user's next event."""
+        return self.tensors["length"]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.length.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def select(self, index: Any) -> IncrementalState:
+        """The state of some users (``index`` as in ``tensor[index]``, kept 1-d)."""
+        return IncrementalState({k: t[index].reshape(-1, *t.shape[1:]) for k, t in self.tensors.items()},
+                                self.max_history)
+
+    @classmethod
+    def cat(cls, states: Sequence[IncrementalState]) -> IncrementalState:
+        """Users of several states in one batch (same artifact)."""
+        first = states[0]
+        return cls({k: torch.cat([s.tensors[k] for s in states]) for k in first.tensors}, first.max_history)
+
+
+# ------------------------------------------------------------------ lowering
+def _entry_manifest(program: Program, info: dict[str, Any], folder: str) -> dict[str, Any]:
+    return {
+        "dir": folder,
+        "inputs": [s.to_json() for s in program.inputs],
+        "outputs": list(program.output_names),
+        "dims": dim_ranges(program),
+        "index_ranges": index_ranges(program),
+        "backend": info,
+    }
+
+
+def lower_incremental(
+    program: Program | IncrementalPrograms,
+    runtime: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    max_history: int | None = None,
+    state_dtype: str = "native",
+    max_positions: int | None = None,
+    force: bool = False,
+    **options: Any,
+) -> Artifact:
+    """Derive ``prefill``/``step`` from a causal ``program`` (or take derived ones) and
+    lower both with ``runtime`` into one artifact folder (atomic).
+
+    ``max_history``: events each one attends to (the state's window);
+    ``state_dtype``: ``native``, ``bf16`` or ``int8``; ``max_positions``: the
+    positions served (see :func:`graphopt.passlib.incremental.derive_incremental`);
+    ``options``: the runtime's lowering options, applied to both entries.
+    """
+    from graphopt.passlib.incremental import IncrementalPrograms, derive_incremental
+
+    if isinstance(program, IncrementalPrograms):
+        inc = program
+    elif isinstance(program, Program):
+        if max_history is None:
+            raise LoweringError("lower_incremental needs max_history (the events each one attends to)")
+        inc = derive_incremental(program, max_history, state_dtype, max_positions=max_positions)
+    else:
+        raise LoweringError(f"lower_incremental takes a Program, got {type(program).__name__}; capture the model first")
+    backend = get_runtime(runtime)
+    runtime = backend.name
+    require_available(backend)
+    opts = resolve_options(backend.lower_options, options, f"{runtime} | lower", LoweringError)
+    entries = {"prefill": inc.prefill, "step": inc.step}
+    for entry in entries.values():
+        backend.check_program(entry, opts)
+    with atomic_directory(out_dir, force=force) as tmp, quiet_backends():
+        infos: dict[str, dict[str, Any]] = {}
+        for name, entry in entries.items():
+            (tmp / name).mkdir()
+            try:
+                info = backend.lower_into(entry, tmp / name, opts)
+            except GraphoptError:
+                raise
+            except Exception as e:  # backend exporters raise many unrelated types
+                if os.environ.get("GRAPHOPT_DEBUG"):
+                    raise
+                raise LoweringError(f"{runtime} | lowering {entry.name} failed: {first_line(e, with_type=True)}; "
+                                    "set GRAPHOPT_DEBUG=1 (or --debug) for the traceback") from e
+            if "entry" not in info or not (tmp / name / info["entry"]).is_file():
+                raise LoweringError(f"{runtime} | lowering {entry.name} wrote no entry file ({info.get('entry')!r})")
+            infos[name] = info
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = f.relative_to(tmp).as_posix()
+            if rel != MANIFEST_FILE:
+                files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        top = dict(infos["prefill"])
+        for key in _PATH_KEYS:
+            if isinstance(top.get(key), str):
+                top[key] = f"prefill/{top[key]}"
+        prefill_program = entries["prefill"]
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "runtime": runtime,
+            "model": prefill_program.name,
+            "source": prefill_program.meta.get("zoo") or prefill_program.meta.get("hf_directory") or prefill_program.name,
+            "pipeline": prefill_program.pipeline,
+            "inputs": [s.to_json() for s in prefill_program.inputs],
+            "outputs": list(prefill_program.output_names),
+            "dims": dim_ranges(prefill_program),
+            "index_ranges": index_ranges(prefill_program),
+            "options": dict(opts),
+            "versions": _versions(backend),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "backend": top,
+            "incremental": {**inc.to_json(),
+                            "entries": {n: _entry_manifest(entries[n], infos[n], n) for n in _ENTRIES}},
+            "files": files,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    log.info("lowered incremental %s with %s into %s (window %d, state %s)", prefill_program.name, runtime,
+             out_dir, inc.window, inc.codec)
+    return Artifact(Path(out_dir), manifest)
+
+
+def _versions(backend: Any) -> dict[str, str]:
+    from graphopt.runtime.lower import _versions as versions
+
+    return versions(backend)
+
+
+# ------------------------------------------------------------------- running
+def _section(runner: Runner) -> dict[str, Any]:
+    section = runner.artifact.manifest.get("incremental") if runner.artifact is not None else None
+    if not section:
+        where = runner.artifact.path if runner.artifact is not None else "this runner"
+        raise RunnerError(f"{runner.name} | {where} has no prefill/step entry points; lower the model with "
+                          "graphopt.lower_incremental(program, runtime, dir, max_history=N)")
+    return section
+
+
+def _step_runner(runner: Runner, section: dict[str, Any]) -> Runner:
+    """The step entry's runner (the same runtime and options), loaded on first use."""
+    subs = runner.__dict__.setdefault("_entry_runners", {})
+    if "step" not in subs:
+        entry = section["entries"]["step"]
+        manifest = {k: v for k, v in runner.artifact.manifest.items() if k != "incremental"}
+        manifest.update({k: entry[k] for k in ("inputs", "outputs", "dims", "index_ranges", "backend")})
+        artifact = Artifact(runner.artifact.path / entry["dir"], manifest)
+        sub = get_runtime(artifact.runtime).make_runner(artifact, runner.options)
+        sub.check_contract = runner.check_contract
+        subs["step"] = sub
+    sub = subs["step"]
+    if not sub.is_active:
+        sub.activate()
+    return sub
+
+
+def _state_error(runner: Runner, what: str) -> RunnerError:
+    return RunnerError(f"{runner.name} | state{what}; pass the state this artifact's prefill or step returned")
+
+
+def _state_tensors(runner: Runner, section: dict[str, Any], state: Any, batch: int, new: int) -> list[torch.Tensor]:
+    """The state's tensors in the step's input order, after checking each against the artifact."""
+    from graphopt.passlib.incremental import StateSpec
+
+    specs = [StateSpec.from_json(d) for d in section["state"]]
+    names = [s.name for s in specs]
+    if isinstance(state, IncrementalState):
+        tensors = state.tensors
+    elif isinstance(state, Mapping):
+        tensors = dict(state)
+    else:
+        raise _state_error(runner, f": expected an IncrementalState (or a dict of its tensors), got "
+                                   f"{type(state).__name__}")
+    missing = [n for n in names if n not in tensors]
+    extra = [n for n in tensors if n not in names]
+    if missing or extra:
+        which = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{extra[0]}'"
+        raise _state_error(runner, f" {which} (this artifact's state holds {', '.join(names)})")
+    window = section["max_history"]
+    for spec in specs:
+        t = tensors[spec.name]
+        if not isinstance(t, torch.Tensor):
+            raise _state_error(runner, f" '{spec.name}': expected a tensor, got {type(t).__name__}")
+        if t.dtype != spec.dtype:
+            raise _state_error(runner, f" '{spec.name}': expected {str(spec.dtype).replace('torch.', '')}, "
+                                       f"got {str(t.dtype).replace('torch.', '')} (state_dtype "
+                                       f"{section['state_dtype']})")
+        want = [batch, *spec.shape]
+        if list(t.shape) != want:
+            raise _state_error(runner, f" '{spec.name}': expected shape {want} (batch {batch}, max_history "
+                                       f"{window}), got {list(t.shape)}")
+    length = tensors["length"]
+    if length.numel() and int(length.min()) < 0:
+        raise _state_error(runner, f" 'length': events seen must be >= 0, got {int(length.min())}")
+    rows = section.get("max_positions")
+    if rows is not None and length.numel() and int(length.max()) + new > rows:
+        user = int(length.argmax())
+        raise RunnerError(
+            f"{runner.name} | user {user} would reach position {int(length.max()) + new - 1}, past the {rows} "
+            f"positions this artifact serves (max_positions); prefill that user again with its last {window} "
+            "events (positions restart at 0)")
+    return [tensors[n].contiguous() for n in names]
+
+
+def _wrap(runner: Runner, section: dict[str, Any], outputs: Sequence[torch.Tensor]) -> tuple[Any, IncrementalState]:
+    n = len(section["scores"])
+    names = [d["name"] for d in section["state"]]
+    state = IncrementalState(dict(zip(names, outputs[n:])), int(section["max_history"]))
+    scores = outputs[0] if n == 1 else tuple(outputs[:n])
+    return scores, state
+
+
+def prefill(runner: Runner, *args: Any, **kwargs: Any) -> tuple[Any, IncrementalState]:
+    """``runner.prefill(ids, attention_mask)``: scores and state of left-padded histories."""
+    section = _section(runner)
+    bound = bind_inputs(runner.inputs, args, kwargs, runner.name)
+    check_inputs(runner.inputs, bound, runner.name)
+    mask = bound[runner.input_names.index("attention_mask")]
+    if mask.numel():
+        if bool(((mask != 0) & (mask != 1)).any()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+            user = int((((mask != 0) & (mask != 1)).any(1) | (mask[:, 1:] < mask[:, :-1]).any(1)).nonzero()[0])
+            raise RunnerError(f"{runner.name} | input 'attention_mask': histories must be left-padded (0s, then "
+                              f"1s) for incremental state; user {user} is not")
+        rows = section.get("max_positions")
+        events = int(mask.sum(1).max())
+        if rows is not None and events > rows:
+            raise RunnerError(f"{runner.name} | input 'attention_mask': a history of {events} events runs past the "
+                              f"{rows} positions this artifact serves (max_positions); pass the last "
+                              f"{section['max_history']} events")
+    return _wrap(runner, section, runner(*bound))
+
+
+def step(runner: Runner, input_ids: Any, state: Any) -> tuple[Any, IncrementalState]:
+    """``runner.step(new_ids, state)``: scores after ``new_ids`` (batch, new) and the next state."""
+    section = _section(runner)
+    if not runner.is_active:
+        runner.activate()
+    spec = InputSpec.from_json(section["entries"]["step"]["inputs"][0])
+    check_inputs([spec], [input_ids], runner.name)
+    window = int(section["max_history"])
+    if not 1 <= input_ids.shape[1] <= window:
+        raise RunnerError(f"{runner.name} | input '{spec.name}': a step takes 1 to max_history ({window}) new events "
+                          f"per user, got {int(input_ids.shape[1])}; prefill longer histories")
+    tensors = _state_tensors(runner, section, state, int(input_ids.shape[0]), int(input_ids.shape[1]))
+    return _wrap(runner, section, _step_runner(runner, section)(input_ids, *tensors))
