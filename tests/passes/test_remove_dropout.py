@@ -13,10 +13,13 @@ aten = torch.ops.aten
 @pytest.mark.parametrize(("name", "clones"), [("bert4rec:tiny", 5), ("bert-cls:tiny", 6)])
 def test_removes_eval_dropout_clones(program, name, clones):
     prog = program(name)
-    assert prog.op_histogram()["aten.clone.default"] == clones
+    # capture's layout guards (clone(memory_format=contiguous) before a view of SDPA's output,
+    # graphopt.ir.layout) are clones too, and must stay
+    guards = [n for n in prog.gm.graph.nodes if n.target is aten.clone.default and n.kwargs.get("memory_format")]
+    assert prog.op_histogram()["aten.clone.default"] == clones + len(guards)
     optimized, report = graphopt.optimize(prog, "remove-dropout")
     assert report.passes[0].stats == {"eval-dropout-clone": clones}
-    assert optimized.op_histogram().get("aten.clone.default", 0) == 0
+    assert optimized.op_histogram().get("aten.clone.default", 0) == len(guards)
     assert_equivalent(prog, optimized, 1e-5)
 
 

@@ -162,7 +162,7 @@ def test_artifact_layout_and_checksums(artifacts, tmp_path):
     assert ops["aten.scaled_dot_product_attention.default"] == 2 and ops["aten.cat.default"] >= 4
     assert "attention_mask" not in step.input_names
     (tmp_path / "copy" / "step" / "program.pt2").write_bytes(b"not a program")
-    with pytest.raises(ArtifactError, match="checksum mismatch for step/program.pt2"):
+    with pytest.raises(ArtifactError, match=r"step/program\.pt2 is 13 bytes, the manifest says \d+ \(truncated or changed"):
         graphopt.load(tmp_path / "copy")
 
 

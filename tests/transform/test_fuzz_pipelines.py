@@ -102,9 +102,9 @@ def _fuzzed_passes() -> dict:
 def _vocabulary(program: Program) -> list[str]:
     """Words a list option may be given for this model: op families and ops, node names,
     module paths (and fnmatch patterns of them), embedding tables, item ids and ranges."""
-    from graphopt.passes.cast import _FAMILIES
+    from graphopt.passlib.precision import FP32_FAMILIES
 
-    words = set(_FAMILIES) | {"score", "reductions", "*", "*.0.*", "linear*"}
+    words = set(FP32_FAMILIES) | {"score", "tail", "reductions", "*", "*.0.*", "linear*"}
     for node in program.gm.graph.nodes:
         if node.op == "call_function":
             words.add(node.name)
@@ -139,6 +139,13 @@ def _values(pass_name: str, opt, vocab: list[str]) -> st.SearchStrategy:
         d = float(opt.default or 0.0)
         span = 2 * abs(d) + 1
         return st.one_of(st.just(d), st.floats(0.0, 1.0, exclude_max=True), st.floats(-span, span)).map(repr)
+    if (pass_name, opt.name) == ("cast", "keep"):  # cast refuses words that name no op family or aten op
+        import torch
+
+        from graphopt.passlib.precision import FP32_FAMILIES
+
+        ops = [w for w in vocab if w in FP32_FAMILIES or w in ("score", "tail") or hasattr(torch.ops.aten, w)]
+        return st.lists(st.sampled_from(ops), min_size=1, max_size=4, unique=True).map(",".join)
     if opt.type is list:  # words of the model, or only its ids and id ranges
         numbers = [w for w in vocab if w[0].isdigit()]
         return st.one_of(st.lists(st.sampled_from(vocab), min_size=1, max_size=4, unique=True),
