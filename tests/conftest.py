@@ -16,6 +16,16 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 _CAPTURED: dict = {}
 
 
+def pytest_configure(config):  # type: ignore[no-untyped-def]
+    """Under pytest-xdist (the README's ``-n 2``) each worker gets its share of the cores, so
+    two workers on two cores do not run four torch threads against each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def _verify_each(monkeypatch):
     monkeypatch.setenv("GRAPHOPT_VERIFY_EACH", "1")
