@@ -69,17 +69,27 @@ class Cast(Pass):
     (after prune-positions: the positions the outputs read, i.e. the last
     layer's query rows and FFN; 1/seq of a layer's cost), or any aten op.
 
-    Policy by measurement (``benchmarks/bench_bf16_policy.py``; AMD EPYC
-    avx512_bf16, no AMX; eager numerics; top-10 overlap with eager fp32 over
-    256 rows, seq 64; the fine-tuned demo bert4rec:base on MovieLens-100K,
-    943 test users, NDCG@10 change vs eager fp32):
+    Policy by measurement (``python benchmarks/bench_bf16_policy.py --checkpoint
+    <demo checkpoint>``, 2026-12-02; AMD EPYC avx512_bf16/vnni, no AMX; eager
+    numerics; top-10 overlap with eager fp32 over 8 x 32 rows, seq 64; and the
+    demo's fine-tuned bert4rec:base on MovieLens-100K, 943 test users, change of
+    HR@10 / NDCG@10 vs eager fp32):
 
-    POLICY_TABLE
+    ==========================  =============  =============  ==============
+    policy                      bert4rec:base  bert-cls:base  demo HR / NDCG
+    ==========================  =============  =============  ==============
+    torch.autocast              0.9898         0.9938         +0.0% / +0.8%
+    fast, old keep list         0.9789         0.9914         -2.9% / -2.6%
+    fast                        0.9813         0.9949         +0.0% / +2.2%
+    mixed, no score/tail        0.9898         0.9938         +0.0% / +0.8%
+    mixed, no tail              0.9918         0.9969         +0.0% / +3.0%
+    mixed (default)             0.9996         0.9992         +0.0% / +0.0%
+    ==========================  =============  =============  ==============
 
     The fp32 head lifts top-10 from autocast's level, the fp32 tail removes
-    the rest; the fp32 residual stream is what ``fast`` gives up. On Inductor
-    (``graphopt bench`` bert4rec:base, 1 thread, loaded machine) ``mixed`` ran
-    SPEED_LINE.
+    the rest; the fp32 residual stream is what ``fast`` gives up. Speed on
+    Inductor next to the autocast peer: ``graphopt bench`` /
+    ``benchmarks/headline.py`` (README headline table).
 
     Produces low-precision weights where every reader (through views)
     computes low, and one ``aten._to_copy`` per (tensor, dtype) at each
