@@ -27,14 +27,15 @@ measured cost, so they differ only in what they try when; table in
 TorchScript, ONNX Runtime, batch 1 and 32) greedy reached 0.917 / 0.956 of the
 best known speedup within 60 / 180 simulated seconds, random 0.888 / 0.917,
 halving 0.888 / 0.892 (median over 3 seeds; greedy uses no randomness), and
-greedy reached 95% of it within 180 s where random and halving did on 1
-seed of 3. Compiles dominate the cost (an ONNX export or AOTInductor
-build is seconds to minutes, a screen a fraction of that), and the structure of the space is known: precision decides most of
-the speed and all of the fidelity, the runtime most of the rest, fusions and
-options a few percent. Random spends its budget compiling combinations that
-repeat what earlier trials already showed; halving's eager screening speed
-does not predict compiled speed (bf16 is slower in eager and fastest under
-Inductor), so its cheap rung picks the wrong third.
+greedy reached 95% of it within 180 s where random and halving did on 1 seed
+of 3. Compiles dominate the cost (an ONNX export or AOTInductor build is
+seconds to minutes, a screen a fraction of that), and the structure of the
+space is known: precision decides most of the speed and all of the fidelity,
+the runtime most of the rest, fusions and options a few percent. Random spends
+its budget compiling combinations that repeat what earlier trials already
+showed; halving's eager screening speed does not predict compiled speed (bf16
+is slower in eager and fastest under Inductor), so its cheap rung picks the
+wrong third.
 
 Every strategy is deterministic for a seed: proposals depend only on the seed,
 the space and the results of earlier trials (which ``--resume`` replays
