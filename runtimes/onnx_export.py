@@ -76,10 +76,14 @@ def export_onnx(program: Program, *, opset: int | None = None, optimize: bool = 
         raise LoweringError(f"ONNX export needs the onnx package: pip install 'graphopt[onnx]' ({e})") from None
     ep = program.export()
     args = tuple(program.sample_inputs())
+    # dynamic int8 (choose_qparams on activations) has no exporter translation of its own
+    dynamic_qdq = any(n.target is torch.ops.quantized_decomposed.choose_qparams.tensor
+                      for n in program.graph.nodes if n.op == "call_function")
     onnx_program = torch.onnx.export(
         ep,
         args,
         dynamo=True,
+        custom_translation_table=qdq_translations() if dynamic_qdq else None,
         external_data=False,
         input_names=program.input_names,
         output_names=program.output_names,

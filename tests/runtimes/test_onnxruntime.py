@@ -170,3 +170,22 @@ def test_fused_graph_that_fails_at_full_optimization_falls_back(tmp_path, monkey
     with load(art.path) as runner:  # at the default level ("all")
         (out,) = runner(*inputs.values())
     torch.testing.assert_close(out, zm.module(**inputs).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_int8_lowers_with_dynamic_quantize_linear(program, tmp_path):
+    """Was: every quantize-int8-dynamic Program failed ONNX export ('No ONNX function found for
+    quantized_decomposed.choose_qparams.tensor'); the lowerer now passes graphopt's QDQ
+    translations for it: each activation's qparams come from ONNX DynamicQuantizeLinear."""
+    import graphopt
+
+    q, _ = graphopt.optimize(program("dlrm:tiny"), "quantize-int8-dynamic")
+    art = lower(q, "onnxruntime", tmp_path / "dyn")
+    assert art.manifest["backend"]["exported_ops"].get("DynamicQuantizeLinear", 0) >= 1, art.manifest["backend"]
+    x = q.sample_inputs(batch=6, seed=4)
+    with load(art.path) as runner:
+        (got,) = runner(*x)
+    # ORT's integer GEMMs vs the Program's fake-quant fp32 math (the pass itself is held to 0.25)
+    torch.testing.assert_close(got, q(*x)[0], atol=0.1, rtol=0.1)
+    # near miss: a float Program exports without any quantize op
+    plain = lower(program("dlrm:tiny"), "onnxruntime", tmp_path / "fp32")
+    assert "DynamicQuantizeLinear" not in plain.manifest["backend"]["exported_ops"]
