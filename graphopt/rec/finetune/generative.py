@@ -15,7 +15,6 @@ leave-one-out HR@10/NDCG@10 over all items.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from torch import nn
 
 from graphopt.errors import ModelNotFoundError
 from graphopt.rec.data import encode_histories
-from graphopt.rec.finetune.objectives import Batch, Objective, windows
+from graphopt.rec.finetune.objectives import Batch, Objective, next_item_batches, windows
 
 if TYPE_CHECKING:
     from graphopt.rec.finetune.loop import FinetuneConfig
@@ -96,17 +95,7 @@ class Seq2SeqNextItem(Objective):
 
     def batches(self, train: list[list[int]], cfg: FinetuneConfig, seq_len: int, mcfg: dict[str, Any],
                 rng: random.Random) -> Iterator[Batch]:
-        samples = []
-        for seq in train:
-            if len(seq) < 2:
-                continue
-            cuts = [len(seq) - 1] + [rng.randint(1, len(seq) - 1) for _ in range(2 * math.ceil(len(seq) / seq_len) - 1)]
-            samples.extend((seq[max(0, c - seq_len):c], seq[c]) for c in cuts)
-        rng.shuffle(samples)
-        for start in range(0, len(samples), cfg.batch_size):
-            chunk = samples[start:start + cfg.batch_size]
-            ids, attn = encode_histories([h for h, _ in chunk], seq_len)
-            yield ids, attn, torch.tensor([t for _, t in chunk])
+        yield from next_item_batches(train, cfg.batch_size, seq_len, rng)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         ids, attn, targets = batch

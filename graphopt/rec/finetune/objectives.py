@@ -256,17 +256,7 @@ class NextItemClassification(Objective):
 
     def batches(self, train: list[list[int]], cfg: FinetuneConfig, seq_len: int, mcfg: dict[str, Any],
                 rng: random.Random) -> Iterator[Batch]:
-        samples = []
-        for seq in train:
-            if len(seq) < 2:
-                continue
-            cuts = [len(seq) - 1] + [rng.randint(1, len(seq) - 1) for _ in range(2 * math.ceil(len(seq) / seq_len) - 1)]
-            samples.extend((seq[max(0, c - seq_len):c], seq[c]) for c in cuts)
-        rng.shuffle(samples)
-        for start in range(0, len(samples), cfg.batch_size):
-            chunk = samples[start:start + cfg.batch_size]
-            ids, attn = encode_histories([h for h, _ in chunk], seq_len)
-            yield ids, attn, torch.tensor([t - 1 for _, t in chunk])  # label j = item j + 1
+        yield from next_item_batches(train, cfg.batch_size, seq_len, rng, label_offset=-1)  # label j = item j + 1
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         ids, attn, labels = batch
@@ -294,6 +284,23 @@ def get_objective(kind: str) -> Objective:
 
 def model_kinds() -> tuple[str, ...]:
     return tuple(_OBJECTIVES)
+
+
+def next_item_batches(train: list[list[int]], batch_size: int, seq_len: int, rng: random.Random,
+                      label_offset: int = 0) -> Iterator[Batch]:
+    """(ids, mask, next item + ``label_offset``) batches: each user's last item and about two
+    random cut points per ``seq_len`` of history, the ``seq_len`` items before each as input."""
+    samples = []
+    for seq in train:
+        if len(seq) < 2:
+            continue
+        cuts = [len(seq) - 1] + [rng.randint(1, len(seq) - 1) for _ in range(2 * math.ceil(len(seq) / seq_len) - 1)]
+        samples.extend((seq[max(0, c - seq_len):c], seq[c]) for c in cuts)
+    rng.shuffle(samples)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        ids, attn = encode_histories([h for h, _ in chunk], seq_len)
+        yield ids, attn, torch.tensor([t + label_offset for _, t in chunk])
 
 
 register_objective(MaskedItem("bert4rec"))
