@@ -58,8 +58,9 @@ class QuantizeInt8(Pass):
     post-op), so int8 is carried from one GEMM to the next where a q follows.
     ``mixed=bf16`` (int8-mixed-bf16, the form PT2E gives under bf16 autocast):
     quantized linears read bf16 dequantized operands and write bf16, carried
-    through views, relu/gelu and attention (graphopt.passlib.int8_mixed);
-    layer norms, residual adds and kept-float layers stay fp32.
+    through views, relu/gelu and attention, and the layers the guard keeps out
+    of int8 run as bf16 GEMMs (graphopt.passlib.int8_mixed; the guard scores
+    them so); layer norms and residual adds stay fp32.
     Accuracy guard (on by default): on held-out calibration batches (the last
     quarter, which the observers do not see) the Program must keep ``metric``;
     ``bar`` = the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR: top-10
@@ -98,7 +99,7 @@ class QuantizeInt8(Pass):
                "(auto: when this CPU has none)", choices=REDUCE_RANGE_CHOICES),
         Option("skip", list, (), "fnmatch patterns of module paths / node names to keep float"),
         Option("mixed", str, "none", "int8-mixed-bf16: quantized linears write bf16, carried into attention "
-               "(layer norms, residuals and kept-float layers stay fp32)", choices=("none", "bf16")),
+               "(layers kept out of int8 run bf16 GEMMs; layer norms and residuals stay fp32)", choices=("none", "bf16")),
         Option("metric", str, "bar", "accuracy-guard metric; bar = the bench's fidelity bar "
                "(top-10 overlap >= 0.99, else cosine >= 0.999)", choices=GUARD_METRICS),
         Option("max_drop", float, 0.01, "largest allowed drop of metric vs float on held-out batches "
@@ -183,7 +184,8 @@ class QuantizeInt8(Pass):
         stats = {"linear": len(chosen), "activation-qdq": len({p.layer.act.name for p in chosen}),
                  **_prefixed(rewritten)}
         if self.mixed == "bf16" and chosen:
-            stats.update(carry_bf16(gm, [p.layer.node for p in chosen]))
+            kept = [plans[n].layer.node for n in plans if n not in enabled]
+            stats.update(carry_bf16(gm, [p.layer.node for p in chosen], kept))
         if len(chosen) < len(plans):
             stats["kept-float"] = len(plans) - len(chosen)
         return PassResult(program, modified=bool(chosen) or bool(rewritten), stats=stats, declined=declined,

@@ -48,8 +48,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: label=pipeline text; the ones whose passes are not in this build are reported as skipped
-DEFAULT_PIPELINES = ("O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8")
+#: label=pipeline text; the ones whose passes are not in this build are reported as skipped.
+#: int8-bf16 is int8-mixed-bf16 (graphopt.passlib.int8_mixed): the fast int8 form for Inductor on
+#: CPUs with bf16 (ONNX Runtime refuses it: no bf16 CPU kernels); int8 is the portable one
+DEFAULT_PIPELINES = ("O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8",
+                     "int8-bf16=O2,quantize-int8{mixed=bf16}")
 DEFAULT_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
 #: added to the defaults for embedding-dominated models: 8-bit tables + int8 weights
 SIZE_PIPELINE = "Os=Os"

@@ -58,8 +58,9 @@ from graphopt.rec.finetune import (
 
 __all__ = ["add_parser", "run", "cache_dir", "DEMO_PIPELINES"]
 
-#: label=pipeline: fp32 O2, bf16, int8 (the harness's defaults, named for the table)
-DEMO_PIPELINES = ("fp32-O2=O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8")
+#: label=pipeline: fp32 O2, bf16, int8, int8-mixed-bf16 (the harness's defaults, named for the table)
+DEMO_PIPELINES = ("fp32-O2=O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8",
+                  "int8-bf16=O2,quantize-int8{mixed=bf16}")
 #: added for embedding-dominated models (graphopt.bench.variants.default_pipelines's rule)
 SIZE_PIPELINE = "Os=Os"
 FULL_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")

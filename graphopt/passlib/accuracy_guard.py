@@ -67,6 +67,10 @@ class _Switched(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.on:
+            if self.plan.bf16_out:  # int8-mixed-bf16 runs a layer kept out of int8 as a bf16 GEMM
+                low = torch.bfloat16
+                bias = bias.to(low) if bias is not None else None
+                return torch.nn.functional.linear(x.to(low), weight.to(low), bias).float()
             return torch.nn.functional.linear(x, weight, bias)
         x = self.plan.fake_quant(x)
         if self.plan.bf16_out:  # attention after it also runs bf16 there; not emulated

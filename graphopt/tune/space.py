@@ -313,9 +313,10 @@ def reference_candidate() -> Candidate:
 
 
 def default_candidates(space: Space) -> list[Candidate]:
-    """The hand-written defaults (``graphopt bench``'s pipelines: O2, O2+bf16, O2+int8) on every runtime,
-    precision-major (each runtime's O2 first), so a tight budget still sees every runtime."""
+    """The hand-written defaults (``graphopt bench``'s pipelines: O2, O2+bf16, O2+int8, O2+int8-mixed-bf16)
+    on every runtime, precision-major (each runtime's O2 first), so a tight budget still sees every runtime."""
     all_fusions = tuple(space.fusions)
-    precisions = ["", "cast{dtype=bf16}" if space.bf16 else None, "quantize-int8" if space.int8 else None]
+    precisions = ["", "cast{dtype=bf16}" if space.bf16 else None, "quantize-int8" if space.int8 else None,
+                  "quantize-int8{mixed=bf16}" if space.int8 else None]
     return [Candidate(fusions=all_fusions, precision=p, runtime=rt, tags=("default",))
             for p in precisions if p is not None for rt in space.runtimes]

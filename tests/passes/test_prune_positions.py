@@ -201,3 +201,24 @@ def test_onnxruntime_lowering_matches_eager(program, tmp_path):
 @pytest.mark.slow  # one AOTInductor compile: tens of seconds on 2 cores
 def test_inductor_lowering_matches_eager(program, tmp_path):
     _lowered_matches(program, "inductor", tmp_path, device="cpu")
+
+
+def test_selected_rows_left_at_a_stop_are_made_dense(program):
+    """A selection left at a stop (the residual read by the last layer) is a strided view of the
+    full tensor; the pass copies it to a dense tensor once, because oneDNN's int8 matmul with a
+    strided residual addend falls back to its reference kernel (measured: 50 ms instead of 0.03 ms).
+    Near miss: the pass adds no copy for a selection that is already dense (none at all without a
+    selection)."""
+    prog = program("bert4rec:tiny")
+    optimized, _ = graphopt.optimize(prog, "remove-dropout,prune-positions")
+    slices = [n for n in optimized.graph.nodes if n.target is aten.slice.Tensor and n.args[1] == 1]
+    assert slices
+    for s in slices:
+        if s.meta["val"].is_contiguous():
+            continue
+        assert [u.target for u in s.users] == [aten.clone.default], s.name
+        dense = next(iter(s.users))
+        assert dense.kwargs["memory_format"] == torch.contiguous_format and dense.meta["val"].is_contiguous()
+    copies = [n for n in optimized.graph.nodes if n.target is aten.clone.default and n.args[0] in slices]
+    assert len(copies) == sum(not s.meta["val"].is_contiguous() for s in slices) >= 1
+    assert_equivalent(prog, optimized, 1e-5)

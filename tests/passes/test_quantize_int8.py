@@ -9,6 +9,7 @@ from graphopt.passes.quantize_int8 import QuantizeInt8
 
 import graphopt
 from graphopt.errors import GraphoptError, PassOptionError
+from graphopt.ir.fx import fetch_attr
 from graphopt.ir.program import Program
 from graphopt.metrics import agreement, cosine, drift
 from tests.models import ActivationMatmul
@@ -244,3 +245,36 @@ def test_mixed_bf16_form(zoo, program):
     # near miss: with every layer kept float nothing is carried in bf16
     _, none = graphopt.optimize(ref, "quantize-int8{mixed=bf16 skip=*}", calibration_data=calibration(zoo("bert4rec:tiny")))
     assert none.passes[-1].modified is False and "bf16-linear" not in none.passes[-1].stats
+
+
+def test_mixed_bf16_runs_guard_kept_layers_as_bf16_gemms(zoo, program):
+    """int8-mixed-bf16: a layer the guard keeps out of int8 runs a bf16 GEMM (bf16 weight and bias
+    constants, no per-call cast of the weight); the guard scored it so: the held-out agreement it
+    reports is what the rewritten graph gives."""
+    calib = calibration(zoo("bert4rec:tiny"), n=4, batch=16)
+    ref = program("bert4rec:tiny")
+    q, report = graphopt.optimize(ref, "O2,quantize-int8{mixed=bf16 metric=cosine max_drop=0.000001}",
+                                  calibration_data=calib)
+    rec = report.passes[-1]
+    kept = {d["node"] for d in rec.details if not d["quantized"]}
+    assert kept and rec.stats["bf16-float-linear"] == len(kept) == rec.stats["kept-float"]
+    assert rec.stats["bf16-linear"] == q.op_histogram()[DQC] == len(rec.details) - len(kept)
+    nodes = {n.name: n for n in q.gm.graph.nodes}
+    for name in kept:
+        lin = nodes[name]
+        x, *constants = [a for a in lin.args if a is not None]
+        assert lin.meta["val"].dtype == torch.bfloat16
+        assert x.target is torch.ops.aten._to_copy.default and x.kwargs["dtype"] == torch.bfloat16
+        assert constants and all(c.op == "get_attr" for c in constants)
+        assert all(fetch_attr(q.gm, c.target).dtype == torch.bfloat16 for c in constants)
+    # near miss: a layer the user skips stays fp32 (skip means float, not bf16)
+    q2, r2 = graphopt.optimize(ref, "O2,quantize-int8{mixed=bf16 max_drop=0 skip=*transform*}",
+                               calibration_data=calib)
+    # the skipped transform stays fuse-linear-act's fp32 linear+gelu (as_linears leaves it)
+    skipped = [n for n in q2.gm.graph.nodes if n.target is torch.ops.aten._addmm_activation.default]
+    assert len(skipped) == 1 and skipped[0].meta["val"].dtype == torch.float32
+    assert all(a.meta["val"].dtype == torch.float32 for a in skipped[0].args[:3])
+    assert r2.passes[-1].stats.get("bf16-float-linear", 0) == 0
+    # numerics: bf16 GEMMs on int8 vs fp32, stated tolerance (cosine of the scores)
+    x = q.sample_inputs(batch=8, seed=9)
+    assert cosine(q(*x)[0], ref(*x)[0]) > 0.999

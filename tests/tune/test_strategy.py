@@ -76,8 +76,9 @@ def test_another_seed_another_order(space, strategy):
 def test_every_strategy_starts_with_the_reference_and_the_defaults(space, strategy):
     trials = run(space, strategy, 0, 300).trials()
     assert trials[0].candidate.fusions is None and trials[0].candidate.runtime == "eager"
-    defaults = [t.pipeline for t in trials[1:13]]
-    assert defaults[:4] == ["O2"] * 4 and set(defaults) == {"O2", "O2,cast{dtype=bf16}", "O2,quantize-int8"}
+    defaults = [t.pipeline for t in trials[1:17]]
+    assert defaults[:4] == ["O2"] * 4 and set(defaults) == {"O2", "O2,cast{dtype=bf16}", "O2,quantize-int8",
+                                                             "O2,quantize-int8{mixed=bf16}"}
 
 
 def test_greedy_keeps_float_layers_when_int8_misses_the_bar_and_goes_on_after_a_failure(space):
