@@ -202,7 +202,11 @@ def _build_ort(source: torch.nn.Module, program: Program, work_dir: Path, thread
         fp32.size_bytes, fp32.size_kind = dir_size(optimized), "onnx"
         fp32.memory_target = {"kind": "onnx", "path": str(optimized)}
     except Exception as e:  # noqa: BLE001 - a peer that fails is reported, not hidden
-        reason = f"onnx export/optimize: {first_line(e)}"
+        root = e
+        while root.__cause__ is not None:  # the exporter wraps the cause in a "step 1/3" banner
+            root = root.__cause__
+        reason = f"onnx export/optimize: {first_line(e)}" + (f" ({first_line(root, with_type=True)})"
+                                                            if root is not e else "")
         return [fp32.fail(reason), int8.fail(reason)]
     try:
         import onnx
@@ -232,8 +236,8 @@ def _build_ort(source: torch.nn.Module, program: Program, work_dir: Path, thread
 
 # -------------------------------------------------------------------- torch peers
 _NO_LINEAR = (
-    "no nn.Linear module was quantized (a captured Program has no modules left); "
-    "benchmark the zoo model or the nn.Module to measure this peer"
+    "no nn.Linear module was quantized (the recipe quantizes nn.Linear only: GPT-2's Conv1D layers are not, "
+    "and a captured Program has no modules left); benchmark the nn.Module to measure this peer"
 )
 
 

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +43,7 @@ from graphopt.outputs import atomic_directory
 from graphopt.process import quiet_backends
 from graphopt.runtime.artifact import MANIFEST_FILE, MANIFEST_FORMAT, Artifact, sha256_file
 from graphopt.runtime.backend import get_runtime, require_available
-from graphopt.runtime.contract import dim_ranges, index_ranges
+from graphopt.runtime.contract import check_contract, dim_ranges, index_ranges
 
 if TYPE_CHECKING:
     from graphopt.passlib.incremental import IncrementalPrograms
@@ -63,6 +63,8 @@ class IncrementalState:
 
     tensors: dict[str, torch.Tensor]
     max_history: int
+    #: the runner that returned it (its own output needs no NaN scan on the way back in)
+    origin: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def length(self) -> torch.Tensor:
@@ -271,7 +273,7 @@ def _state_tensors(runner: Runner, section: dict[str, Any], state: Any, batch: i
 def _wrap(runner: Runner, section: dict[str, Any], outputs: Sequence[torch.Tensor]) -> tuple[Any, IncrementalState]:
     n = len(section["scores"])
     names = [d["name"] for d in section["state"]]
-    state = IncrementalState(dict(zip(names, outputs[n:])), int(section["max_history"]))
+    state = IncrementalState(dict(zip(names, outputs[n:])), int(section["max_history"]), origin=id(runner))
     scores = outputs[0] if n == 1 else tuple(outputs[:n])
     return scores, state
 
@@ -308,4 +310,15 @@ def step(runner: Runner, input_ids: Any, state: Any) -> tuple[Any, IncrementalSt
         raise RunnerError(f"{runner.name} | input '{spec.name}': a step takes 1 to max_history ({window}) new events "
                           f"per user, got {int(input_ids.shape[1])}; prefill longer histories")
     tensors = _state_tensors(runner, section, state, int(input_ids.shape[0]), int(input_ids.shape[1]))
-    return _wrap(runner, section, _step_runner(runner, section)(input_ids, *tensors))
+    sub = _step_runner(runner, section)
+    if not (isinstance(state, IncrementalState) and state.origin == id(runner) and sub.check_contract):
+        return _wrap(runner, section, sub(input_ids, *tensors))
+    # the state this runner returned: names, dtypes and shapes were checked above; the contract
+    # (id ranges, dims) is checked on the new events only, skipping a NaN scan of every cached
+    # key/value per step (0.2 of 1.7 ms per step of gpt-rec:base at batch 1, AMX Xeon)
+    check_contract(sub.inputs[:1], [input_ids], sub._dims, sub._index_ranges, sub.name)
+    sub.check_contract = False
+    try:
+        return _wrap(runner, section, sub(input_ids, *tensors))
+    finally:
+        sub.check_contract = True

@@ -97,6 +97,8 @@ def _bad_states(state):
         "positions": ({**t, "length": t["length"] + 510}, "user 0 would reach position 515, past the 512 "
                                                            "positions this artifact serves"),
         "type": ([*t.values()], "state: expected an IncrementalState (or a dict of its tensors), got list"),
+        # a state the runner did not return is scanned for NaN (its own is not, per step)
+        "nan": ({**t, "value_0": torch.full_like(t["value_0"], float("nan"))}, "NaN at [0, 0, 0, 0]"),
     }
 
 
