@@ -93,8 +93,8 @@ def measure(model: str, precision: str, settings: list[str], batches: list[int],
                 rows.append({"model": model, "precision": precision, "setting": setting, "error": str(e)[:200]})
                 continue
             compile_s = time.perf_counter() - start
-            (folder / "compile_s.txt").write_text(f"{compile_s}\n")
-        compile_s = compile_s or float((folder / "compile_s.txt").read_text())
+            folder.with_name(folder.name + ".compile_s").write_text(f"{compile_s}\n")
+        compile_s = compile_s or float(folder.with_name(folder.name + ".compile_s").read_text())
         runner = graphopt.load(folder)
         runner.activate()
         runners[setting] = (runner, n, compile_s)

@@ -8,8 +8,8 @@ sizes base (4 layers, width 256) and large (BERT-base shaped: 12 layers, width
         --models bert4rec --sizes base --batch-sizes 1,8 --seq-lens 64  # smoke run of a subset
 
 One ``graphopt.bench`` run per (model, size) over every (batch, seq) point:
-pipelines ``O2`` (fp32) and ``O2,cast{dtype=bf16}`` (and the int8 pipeline with
-``--int8``) on ``--runtimes`` (default inductor), peers ``torch.compile``
+pipelines ``O2`` (fp32) and ``O2,cast{dtype=bf16}`` (and the int8 pipelines, fp32
+form and int8-mixed-bf16, with ``--int8``) on ``--runtimes`` (default inductor), peers ``torch.compile``
 (fp32 and bf16 autocast) and torchao's PT2E static int8, all timed interleaved
 against eager. Large sizes get half the rounds (a point takes seconds there).
 "Best" is ``BenchReport.best``: the fastest variant whose top-10 overlap with
@@ -104,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-lens", default="64,200")
     ap.add_argument("--runtimes", default="inductor")
     ap.add_argument("--peers", default=",".join(PEERS))
-    ap.add_argument("--int8", action="store_true", help="also the default int8 pipeline")
+    ap.add_argument("--int8", action="store_true", help="also the default int8 pipelines (int8, int8-bf16)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=10, help="rounds at size base (large: half)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 4 rounds, no memory")
     args = ap.parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    pipelines = ["O2", "bf16=O2,cast{dtype=bf16}"] + (["int8=O2,quantize-int8"] if args.int8 else [])
+    pipelines = ["O2", "bf16=O2,cast{dtype=bf16}"] + (
+        ["int8=O2,quantize-int8", "int8-bf16=O2,quantize-int8{mixed=bf16}"] if args.int8 else [])
     started = time.perf_counter()
     reports, records = [], []
     for model in args.models.split(","):

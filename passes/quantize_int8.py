@@ -60,7 +60,8 @@ class QuantizeInt8(Pass):
     quantized linears read bf16 dequantized operands and write bf16, carried
     through views, relu/gelu and attention, and the layers the guard keeps out
     of int8 run as bf16 GEMMs (graphopt.passlib.int8_mixed; the guard scores
-    them so); layer norms and residual adds stay fp32.
+    them so; if it keeps every layer out, the Program stays fp32); layer norms
+    and residual adds stay fp32.
     Accuracy guard (on by default): on held-out calibration batches (the last
     quarter, which the observers do not see) the Program must keep ``metric``;
     ``bar`` = the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR: top-10

@@ -153,6 +153,9 @@ def test_peers_that_really_fail_are_reported_failed_not_hidden():
     status = {v["name"]: (v["status"], v["reason"]) for v in report.variants}
     assert status["eager"][0] == status["fp32 @ eager"][0] == "ok"
     assert status["peer: ort"][0] == "failed" and "export" in status["peer: ort"][1]
+    # the exporter's "step 1/3 ... Next steps:" banner is not the reason: its root cause follows it
+    banner, _, cause = status["peer: ort"][1].partition("Next steps:")
+    assert not cause or ("Error" in cause and cause.rstrip().endswith(")")), status["peer: ort"][1]
     assert status["fp32 @ onnxruntime"][0] == "failed"
     assert status["peer: torch.ao-int8-dynamic"][0] == "failed" and "nn.Linear" in status["peer: torch.ao-int8-dynamic"][1]
     _, rows = report.table("b16")
