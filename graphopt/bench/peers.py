@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import time
 import warnings
@@ -156,9 +157,12 @@ def _export_onnx(source: torch.nn.Module, program: Program, path: Path) -> None:
             return
         except Exception as e:  # noqa: BLE001 - try the other exporter before failing
             log.info("TorchScript ONNX export failed (%s); trying dynamo=True", first_line(e))
-        dims = tuple(
+        dims: Any = tuple(
             {d: torch.export.Dim.AUTO for d in s.dynamic} or None for s in program.inputs
         )
+        params = list(inspect.signature(source.forward).parameters.values())
+        if len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+            dims = {params[0].name: dims}  # forward(*args) (SourceModule): one spec for the varargs tuple
         torch.onnx.export(
             source, args, str(path), input_names=names, output_names=list(program.output_names),
             dynamic_shapes=dims, dynamo=True, external_data=False, verbose=False,
