@@ -84,7 +84,7 @@ def measure(model: str, precision: str, settings: list[str], batches: list[int],
         torch.set_num_threads(n)
         options = {**SETTINGS[setting], "threads": n, "device": "cpu"}
         folder = work / f"{model}-{precision}-{setting}".replace(":", "_")
-        compile_s = None
+        compile_s, timing = None, folder.with_name(folder.name + ".compile_s")  # beside: load checks the folder
         if not (folder / "manifest.json").is_file():  # --work keeps packages between runs
             start = time.perf_counter()
             try:
@@ -93,8 +93,8 @@ def measure(model: str, precision: str, settings: list[str], batches: list[int],
                 rows.append({"model": model, "precision": precision, "setting": setting, "error": str(e)[:200]})
                 continue
             compile_s = time.perf_counter() - start
-            folder.with_name(folder.name + ".compile_s").write_text(f"{compile_s}\n")
-        compile_s = compile_s or float(folder.with_name(folder.name + ".compile_s").read_text())
+            timing.write_text(f"{compile_s}\n")
+        compile_s = compile_s or float(timing.read_text())
         runner = graphopt.load(folder)
         runner.activate()
         runners[setting] = (runner, n, compile_s)

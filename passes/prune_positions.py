@@ -252,7 +252,7 @@ def _erase_dead(gm: torch.fx.GraphModule, nodes: list[Node]) -> None:
 
 
 def _dedupe(gm: torch.fx.GraphModule, sels: dict[Node, tuple[int, Rows, bool]]) -> None:
-    """Identical selections of one tensor left at a stop become one."""
+    """Identical selections of one tensor left at a stop become one, copied dense where strided."""
     first: dict[tuple, Node] = {}
     for node in list(gm.graph.nodes):
         if node in sels and is_op(node, aten.slice.Tensor):

@@ -270,7 +270,7 @@ def _load_target(target: dict[str, Any], threads: int | None) -> Callable[..., A
         runtime = read_artifact(target["path"], verify=False).runtime
         return load(target["path"], **runner_options(runtime, threads)).activate()
     if kind == "onnx":
-        from graphopt.bench.peers import ort_session
+        from graphopt.bench.ort_peer import ort_session
 
         session = ort_session(target["path"], threads)
         names = [i.name for i in session.get_inputs()]

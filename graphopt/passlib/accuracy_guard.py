@@ -66,18 +66,15 @@ class _Switched(torch.nn.Module):
         self.weight_dq = plan.dequantized_weight()
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.on:
-            if self.plan.bf16_out:  # int8-mixed-bf16 runs a layer kept out of int8 as a bf16 GEMM
-                low = torch.bfloat16
-                bias = bias.to(low) if bias is not None else None
-                return torch.nn.functional.linear(x.to(low), weight.to(low), bias).float()
-            return torch.nn.functional.linear(x, weight, bias)
-        x = self.plan.fake_quant(x)
-        if self.plan.bf16_out:  # attention after it also runs bf16 there; not emulated
+        if self.on:
+            x, weight = self.plan.fake_quant(x), self.weight_dq
+        # int8-mixed-bf16 runs both forms as bf16 GEMMs (an int8 one on bf16 dequantized operands, a layer
+        # kept out of int8 on its bf16 weight); attention after them also runs bf16 there, not emulated
+        if self.plan.bf16_out:
             low = torch.bfloat16
             bias = bias.to(low) if bias is not None else None
-            return torch.nn.functional.linear(x.to(low), self.weight_dq.to(low), bias).float()
-        return torch.nn.functional.linear(x, self.weight_dq, bias)
+            return torch.nn.functional.linear(x.to(low), weight.to(low), bias).float()
+        return torch.nn.functional.linear(x, weight, bias)
 
 
 class Emulator:
