@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_incremental.py [--model gpt-rec:base] [--histories 64,200]
         [--batches 1,32] [--runtimes inductor,onnxruntime] [--pipeline O2] [--threads 2]
-        [--rounds 9] [--replay 100] [--out DIR [--reuse]] [--json FILE] [--quick]
+        [--rounds 9] [--replay 100] [--step-options K=V,...] [--out DIR [--reuse]] [--json FILE] [--quick]
 
 Per history length W (also the window, ``max_history``) the model is derived into
 prefill/step once and lowered with ``graphopt.lower_incremental`` to each runtime.
@@ -20,7 +20,9 @@ is the step's max abs difference from the eager float32 full recompute; ``state_
 the state per user. Fidelity (eager, a replay of ``--replay`` steps past the window,
 batch 8): bf16 and int8 state vs float32 state (max abs, mean top-10 overlap), and the
 naive alternative, re-encoding only the last W events from scratch, vs the windowed
-step (top-10 overlap); ``--replay 0`` skips it. ``--out DIR --reuse`` times artifacts
+step (top-10 overlap); ``--replay 0`` skips it. ``--step-options max_autotune=true`` lowers
+the step entry of the Inductor artifact with those options (``lower_incremental``'s
+``step_options``; the other runtimes ignore it). ``--out DIR --reuse`` times artifacts
 lowered by an earlier run (same model, pipeline and seed) instead of compiling again. Absolute milliseconds depend on the machine's load (recorded);
 compare ratios. ONNX Runtime sessions do not spin idle threads (``spin=False``).
 """
@@ -52,6 +54,17 @@ LOWER_OPTIONS = {"onnxruntime": {"fusions": "off"}}
 def _histories(batch: int, events: int, items: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(1, items + 1, (batch, events), generator=gen)
+
+
+def _parse_options(text: str) -> dict:
+    """``K=V,K=V`` with ``true``/``false`` as booleans and digits as ints."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--step-options: expected KEY=VALUE, got {item!r}")
+        options[key.strip()] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return options
 
 
 def _runner_options(runtime: str, threads: int) -> dict:
@@ -124,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="keep the artifacts here (default: a temp dir)")
     ap.add_argument("--reuse", action="store_true", help="load the artifacts already in --out instead of lowering")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--step-options", default="", help="Inductor step-entry lowering options, K=V[,K=V]")
     ap.add_argument("--quick", action="store_true", help="gpt-rec:tiny, histories 8,16, batches 1,4, 3 rounds")
     args = ap.parse_args(argv)
     if args.quick:
@@ -134,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     histories = [int(x) for x in args.histories.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     runtimes = [r for r in args.runtimes.split(",") if r]
+    step_options = {"inductor": _parse_options(args.step_options)}
     load_start = list(os.getloadavg())
     zm = load_model(args.model)
     items = int(zm.config["items"])
@@ -154,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             path = root / f"W{window}" / runtime
             if not (args.reuse and (path / "manifest.json").is_file()):
                 t0 = time.perf_counter()
-                graphopt.lower_incremental(incs["native"], runtime, path, force=True, **LOWER_OPTIONS.get(runtime, {}))
+                graphopt.lower_incremental(incs["native"], runtime, path, force=True,
+                                           step_options=step_options.get(runtime), **LOWER_OPTIONS.get(runtime, {}))
                 compile_s[f"W{window}/{runtime}"] = time.perf_counter() - t0
                 print(f"W={window}: lowered {runtime} in {compile_s[f'W{window}/{runtime}']:.1f}s", flush=True)
             runners[runtime] = graphopt.load(path, **_runner_options(runtime, args.threads)).activate()
@@ -191,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     report = {"model": args.model, "pipeline": args.pipeline, "threads": args.threads, "rounds": args.rounds,
               "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
-              "machine": info, "lower_options": LOWER_OPTIONS, "lower_seconds": compile_s, "rows": rows,
+              "machine": info, "lower_options": LOWER_OPTIONS, "step_options": step_options,
+              "lower_seconds": compile_s, "rows": rows,
               "fidelity": fid}
     print(f"load average start {load_start}, end {report['load_average_end']}; cpu {info['cpu']} "
           f"{info['cpu_flags']}")

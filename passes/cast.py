@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 import torch.fx
 from torch._guards import detect_fake_mode
 
 from graphopt.errors import PassOptionError
-from graphopt.ir.fx import fetch_attr, is_op
+from graphopt.ir.fx import fetch_attr, is_op, module_path
 from graphopt.ir.shapes import infer_val
 from graphopt.passlib.precision import (
     ACCUMULATING_OPS,
@@ -68,6 +70,10 @@ class Cast(Pass):
     scores tie), ``tail`` = matrix ops on a sliver of the rows the others see
     (after prune-positions: the positions the outputs read, i.e. the last
     layer's query rows and FFN; 1/seq of a layer's cost), or any aten op.
+    ``skip`` keeps single layers in fp32: fnmatch patterns matched against a
+    node's module path and name, as ``quantize-int8``'s ``skip``
+    (``skip=*.h.3.mlp.*``); the tuner's keep-float sets (ranked by per-layer int8
+    sensitivity) use it for bf16 as well.
 
     Policy by measurement (``python benchmarks/bench_bf16_policy.py --checkpoint
     <demo checkpoint>``, 2026-12-02; AMD EPYC avx512_bf16/vnni, no AMX; eager
@@ -117,6 +123,7 @@ class Cast(Pass):
         Option("keep", list, DEFAULT_KEEP, "op families / aten ops kept in fp32 (score = the output head, "
                "tail = the rows prune-positions kept)",
                check=_check_keep),
+        Option("skip", list, (), "fnmatch patterns of module paths / node names whose ops stay fp32"),
         Option("io", str, "preserve", "inputs/outputs: keep their dtypes or use the target's",
                choices=("preserve", "native")),
     )
@@ -143,6 +150,8 @@ class Cast(Pass):
             forced |= score_nodes(graph)
         if "tail" in self.keep:
             forced |= tail_nodes(graph, LOW_PRECISION_OPS)
+        skipped = {n for n in graph.nodes if n.op == "call_function" and self.skip and _matches(n, self.skip)}
+        forced |= skipped
         counts: dict[str, int] = {}
         declined: list[str] = []
         casts: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
@@ -200,6 +209,8 @@ class Cast(Pass):
         for arg in list(out.all_input_nodes):
             if _val_dtype(arg) == have:
                 out.replace_input_with(arg, cast(arg, want_out))
+        declined += [f"{n.name} ({module_path(n) or 'no module'}): matched skip, kept fp32" for n in graph.nodes
+                     if n in skipped and is_op(n, *LOW_PRECISION_OPS)]
         modified = bool(counts.get("weight") or counts.get("boundary-cast") or counts.get("dtype-arg"))
         return PassResult(program, modified=modified, stats=counts, declined=declined)
 
@@ -256,6 +267,10 @@ class Cast(Pass):
             program.example_inputs = _to_specs(program.example_inputs, program.inputs)
             ctx.example_inputs = _to_specs(ctx.example_inputs, program.inputs)
         return {"native-input": n} if n else {}
+
+
+def _matches(node: torch.fx.Node, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns for name in (module_path(node), node.name) if name)
 
 
 def _follow_assert(node: torch.fx.Node) -> None:

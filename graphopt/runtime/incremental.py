@@ -92,9 +92,10 @@ class IncrementalState:
 
 
 # ------------------------------------------------------------------ lowering
-def _entry_manifest(program: Program, info: dict[str, Any], folder: str) -> dict[str, Any]:
+def _entry_manifest(program: Program, info: dict[str, Any], folder: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "dir": folder,
+        "options": dict(options),
         "inputs": [s.to_json() for s in program.inputs],
         "outputs": list(program.output_names),
         "dims": dim_ranges(program),
@@ -112,6 +113,7 @@ def lower_incremental(
     state_dtype: str = "native",
     max_positions: int | None = None,
     force: bool = False,
+    step_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Artifact:
     """Derive ``prefill``/``step`` from a causal ``program`` (or take derived ones) and
@@ -120,7 +122,10 @@ def lower_incremental(
     ``max_history``: events each one attends to (the state's window);
     ``state_dtype``: ``native``, ``bf16`` or ``int8``; ``max_positions``: the
     positions served (see :func:`graphopt.passlib.incremental.derive_incremental`);
-    ``options``: the runtime's lowering options, applied to both entries.
+    ``options``: the runtime's lowering options, applied to both entries;
+    ``step_options``: options that override them for the step entry alone (a step
+    runs a few rows per user, where other kernels win: on Inductor,
+    ``{"max_autotune": True}`` picks the CPP GEMM template over oneDNN's packed GEMM).
     """
     from graphopt.passlib.incremental import IncrementalPrograms, derive_incremental
 
@@ -136,15 +141,17 @@ def lower_incremental(
     runtime = backend.name
     require_available(backend)
     opts = resolve_options(backend.lower_options, options, f"{runtime} | lower", LoweringError)
+    entry_opts = {"prefill": opts, "step": resolve_options(backend.lower_options, {**options, **(step_options or {})},
+                                                            f"{runtime} | lower step", LoweringError)}
     entries = {"prefill": inc.prefill, "step": inc.step}
-    for entry in entries.values():
-        backend.check_program(entry, opts)
+    for name, entry in entries.items():
+        backend.check_program(entry, entry_opts[name])
     with atomic_directory(out_dir, force=force) as tmp, quiet_backends():
         infos: dict[str, dict[str, Any]] = {}
         for name, entry in entries.items():
             (tmp / name).mkdir()
             try:
-                info = backend.lower_into(entry, tmp / name, opts)
+                info = backend.lower_into(entry, tmp / name, entry_opts[name])
             except GraphoptError:
                 raise
             except Exception as e:  # backend exporters raise many unrelated types
@@ -180,7 +187,8 @@ def lower_incremental(
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "backend": top,
             "incremental": {**inc.to_json(),
-                            "entries": {n: _entry_manifest(entries[n], infos[n], n) for n in _ENTRIES}},
+                            "entries": {n: _entry_manifest(entries[n], infos[n], n, entry_opts[n])
+                                        for n in _ENTRIES}},
             "files": files,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

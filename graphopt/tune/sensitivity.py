@@ -4,9 +4,12 @@ int8: for every linear ``quantize-int8`` would take in the ``O2`` Program,
 the drop of the tuner's metric when that layer *alone* is quantized
 (``quantize-int8{skip=<every other layer>}``), measured in eager on the
 cheap screening subset. The ranking (most sensitive first) gives the
-keep-float sets: ``keep_float=k`` keeps the first k layers in float.
+keep-float sets: ``keep_float=k`` keeps the first k layers in float, for
+every precision pass that takes ``skip=`` (``quantize-int8``, and ``cast``,
+whose bf16 keep-float sets follow the same int8 ranking: a per-layer bf16
+ranking is not measured; whether int8's order is bf16's is an assumption).
 
-bf16: ``cast`` selects op families, not layers, so for each family the
+bf16: ``cast`` keeps op families in fp32 (and layers, by ``skip=``); for each family the
 default policy keeps in fp32 (layer norms, softmax, ...) the drop when that
 family is cast as well, next to the drop of the default policy itself.
 

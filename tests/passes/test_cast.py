@@ -111,6 +111,31 @@ def test_score_and_tail_are_what_keep_says(program):
     assert sum(_dtype(n) == FP32 for n in _matrix_ops(no_prune)) == 1  # only the head
 
 
+def test_skip_keeps_the_matched_layers_fp32(program):
+    """``skip``: the matrix ops of the matched module paths (and their weights) stay fp32,
+    the report names them; every other matrix op on all positions still runs bf16; numerics
+    within the bf16 tolerance, and closer to fp32 than without skip."""
+    from graphopt.ir.fx import module_path
+
+    ref = program("gpt-rec:tiny")
+    full, _ = graphopt.optimize(ref, "O2,cast")
+    out, report = graphopt.optimize(ref, "O2,cast{skip=*.h.0.attn.c_attn,*.h.0.mlp.*}")
+    skipped = [n for n in _matrix_ops(out) if module_path(n).endswith(("h.0.attn.c_attn", "h.0.mlp.c_fc",
+                                                                        "h.0.mlp.c_proj"))]
+    assert len(skipped) == 3 and all(_dtype(n) == FP32 and _dtype(n.args[1]) == FP32 for n in skipped)
+    others = [n for n in _matrix_ops(out) if n not in skipped and _rows_have_seq(n)]
+    assert others and all(_dtype(n) == BF16 for n in others)  # h.0's SDPA and attn.c_proj, and so on
+    declined = report.passes[-1].declined
+    assert sum("matched skip, kept fp32" in d for d in declined) == 3
+    assert any("h.0.attn.c_attn" in d for d in declined)
+    assert_equivalent(ref, out, TOLERANCE["bf16"], shapes=((None, None), (1, 8)))
+    x = ref.sample_inputs(batch=16, seed=4)
+    assert drift(out(*x), ref(*x))["max_abs"] < drift(full(*x), ref(*x))["max_abs"]
+    # a pattern that matches nothing changes nothing
+    none, _ = graphopt.optimize(ref, "O2,cast{skip=*.no_such_layer}")
+    assert [_dtype(n) for n in _matrix_ops(none)] == [_dtype(n) for n in _matrix_ops(full)]
+
+
 def test_fp16_is_closer_than_bf16(program):
     ref = program("bert4rec:tiny")
     x = ref.sample_inputs(batch=16, seed=4)

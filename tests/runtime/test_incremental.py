@@ -15,7 +15,7 @@ import torch
 from graphopt.runtimes.eager import EagerRunner
 
 import graphopt
-from graphopt.errors import ArtifactError, RunnerError
+from graphopt.errors import ArtifactError, LoweringError, RunnerError
 from graphopt.ir.program import Program
 from graphopt.runtime import available_runtimes
 from tests._incremental import WINDOW, derived, histories, optimized, replay, use_capture
@@ -24,6 +24,9 @@ RUNTIMES = ["eager", "onnxruntime", "inductor"]
 #: ONNX Runtime: onnxscript's ORT fusions currently break GPT-2's Gemm (rank-3 input; helper "gen"
 #: fixes it in the exporter); the fused graph is not the subject here
 OPTIONS = {"onnxruntime": {"fusions": "off"}}
+#: the step entry lowered with its own options (here: single-threaded Inductor kernels), so the
+#: replay below also covers an artifact whose two entries were compiled differently
+STEP_OPTIONS = {"inductor": {"threads": 1}}
 LENGTHS = [5, 3, 1]
 
 
@@ -50,7 +53,8 @@ def artifacts(tmp_path_factory):
     out = {}
     for runtime in RUNTIMES:
         if status[runtime].available:
-            out[runtime] = graphopt.lower_incremental(derived(), runtime, root / runtime, **OPTIONS.get(runtime, {}))
+            out[runtime] = graphopt.lower_incremental(derived(), runtime, root / runtime,
+                                                      step_options=STEP_OPTIONS.get(runtime), **OPTIONS.get(runtime, {}))
     return out
 
 
@@ -166,6 +170,18 @@ def test_artifact_layout_and_checksums(artifacts, tmp_path):
     (tmp_path / "copy" / "step" / "program.pt2").write_bytes(b"not a program")
     with pytest.raises(ArtifactError, match=r"step/program\.pt2 is 13 bytes, the manifest says \d+ \(truncated or changed"):
         graphopt.load(tmp_path / "copy")
+
+
+def test_step_entry_lowered_with_its_own_options(artifacts, tmp_path):
+    if "inductor" not in artifacts:
+        pytest.skip(f"inductor is not available here: {available_runtimes()['inductor'].reason}")
+    entries = artifacts["inductor"].manifest["incremental"]["entries"]
+    assert entries["step"]["options"]["threads"] == 1 and entries["prefill"]["options"]["threads"] == 0
+    assert entries["step"]["backend"]["inductor_configs"]["cpp.threads"] == 1
+    assert entries["prefill"]["backend"]["inductor_configs"]["cpp.threads"] == torch.get_num_threads()
+    with pytest.raises(LoweringError, match=r"inductor \| lower step: unknown option 'fusion'"):
+        graphopt.lower_incremental(derived(), "inductor", tmp_path / "bad", step_options={"fusion": "off"})
+    assert not (tmp_path / "bad").exists()
 
 
 def test_plain_runner_has_no_step():

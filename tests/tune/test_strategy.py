@@ -108,3 +108,26 @@ def test_budget_is_respected_and_expensive_trials_are_not_started(space, strateg
     assert all(end <= budget * 1.1 for end in ends[1:])
     if budget == 40.0:  # inductor (30 s) cannot fit after the cheap defaults
         assert sum(t.candidate.runtime == "inductor" for t in ctx.trials()) <= 1
+
+
+def test_greedy_keeps_float_layers_when_bf16_misses_the_bar(space):
+    """cast takes ``skip=`` too, so a bf16 family below the bar gets keep-float sets, ordered
+    by the same sensitivity ranking, and the pipeline it builds is valid pipeline text."""
+    from graphopt.transform.pipeline import parse_pipeline
+
+    def measure_bf16(cand, pipeline):
+        if cand.family == "bf16" and cand.keep_float < 1 and cand.runtime != "onnxruntime":
+            return {"screen_s": 1.0, "compile_s": 0.0, "timing_s": 0.0, "status": BELOW_BAR, "objective": None,
+                    "reason": "eager: HR@10 -0.64% < -0.5%", "fidelity": {"meets": False, "change_pct": -0.64}}
+        return measure(cand, pipeline)
+
+    def screen_bf16(cand, pipeline):
+        rec = measure_bf16(cand, pipeline)
+        return {"meets": rec["status"] != BELOW_BAR, "eager_ms": 10.0 / (1.0 + 0.1 * len(pipeline)), "seconds": 1.0}
+
+    table = Table(ranking=["layer.3", "layer.0", "layer.2", "layer.1"], ranking_s=5.0)
+    trials = replay("greedy", table, space, 0, 400, measure=measure_bf16, measure_screen=screen_bf16).trials()
+    kept = [t for t in trials if t.candidate.keep_float and t.candidate.family == "bf16"]
+    assert kept and kept[0].candidate.keep_float == 1 and kept[0].status == OK
+    assert "cast{dtype=bf16 skip=layer.3}" in kept[0].pipeline
+    parse_pipeline(kept[0].pipeline)  # cast's skip option takes the list

@@ -32,6 +32,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=32, layers=2, heads=4, intermediate=64, items=50, seq=16),
     # comparable to bert4rec:base (4 layers, width 256)
     "base": dict(hidden=256, layers=4, heads=4, intermediate=1024, items=1682, seq=64),
+    # GPT-2 small shaped (12 layers, width 768): the size teams fine-tune, like bert4rec:large
+    "large": dict(hidden=768, layers=12, heads=12, intermediate=3072, items=1682, seq=64),
 }
 
 
