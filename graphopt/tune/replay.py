@@ -74,7 +74,8 @@ class ReplayContext:
     def exhausted(self) -> bool:
         return self.budget.exhausted()
 
-    def ranking(self) -> list[str]:
+    def ranking(self, family: str = "int8") -> list[str]:
+        """The table's one recorded ranking, for every family (a replay does not re-measure)."""
         if not self._ranked:
             self._ranked = True
             self.now += self.table.ranking_s

@@ -221,8 +221,13 @@ def _sensitivity_lines(sens: dict[str, Any] | None) -> list[str]:
              "", "| layer | int8 drop |", "|---|---|"]
     for r in sorted(sens.get("int8", []), key=lambda r: -r["drop"] if math.isfinite(r["drop"]) else math.inf):
         lines.append(f"| {r['layer']} | {r['drop'] + 0.0:.5f} |")
+    if sens.get("bf16_layers"):
+        lines += ["", "bf16: drop of the default `cast{dtype=bf16}` policy with the layer alone kept fp32 "
+                  "(`skip=`). Kept first = recovers most.", "", "| layer kept fp32 | bf16 drop |", "|---|---|"]
+        for r in sorted(sens["bf16_layers"], key=lambda r: r["drop"] if math.isfinite(r["drop"]) else math.inf):
+            lines.append(f"| {r['layer']} | {r['drop'] + 0.0:.5f} |")
     if sens.get("bf16"):
-        lines += ["", "bf16 (`cast` keeps op families, not layers): drop of the default policy, and with each kept family "
+        lines += ["", "bf16 per op family: drop of the default policy, and with each family it keeps fp32 "
                   "cast as well.", "", "| cast to bf16 | drop |", "|---|---|"]
         for r in sens["bf16"]:
             lines.append(f"| {r['family']} | {r['drop'] + 0.0:.5f} |")

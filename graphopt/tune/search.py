@@ -85,8 +85,8 @@ class SearchRun:
         """The sensitivity tables if this run computed or loaded them."""
         return self._sensitivity or None
 
-    def ranking(self) -> list[str]:
-        return ranking(self.sensitivity())
+    def ranking(self, family: str = "int8") -> list[str]:
+        return ranking(self.sensitivity(), family)
 
     def sensitivity(self) -> dict[str, Any]:
         """Loaded from OUT or computed once; {} while the budget cannot pay for it."""
@@ -96,7 +96,7 @@ class SearchRun:
             found = load_sensitivity(self.out, base, self.settings["metric"])
             if found is None:
                 per = sorted(s.seconds for s in self.evaluator.screens.values() if s.seconds)
-                predicted = (per[len(per) // 2] if per else 0.0) * (self._count_linears(fusions) + 5)
+                predicted = (per[len(per) // 2] if per else 0.0) * (2 * self._count_linears(fusions) + 5)
                 if not self.budget.allows(predicted):
                     log.info("sensitivity not computed: predicted %.0fs, %.0fs left", predicted, self.budget.remaining)
                     return {}
@@ -116,7 +116,7 @@ class SearchRun:
             return 8
 
     def screen(self, cand: Candidate) -> dict[str, Any] | None:
-        pipeline = cand.resolved_pipeline(self.ranking() if cand.keep_float else ())
+        pipeline = cand.resolved_pipeline(self.ranking(cand.family) if cand.keep_float else ())
         ev = self.evaluator
         if pipeline not in ev.screens and not self.budget.allows(self.budget.predict(cand, False) * 0.3):
             return None
@@ -141,7 +141,7 @@ class SearchRun:
             self.replayed += 1
             self._adopt(trial)
             return trial
-        layers = self.ranking() if cand.keep_float else []
+        layers = self.ranking(cand.family) if cand.keep_float else []
         if cand.keep_float and not layers:
             return None  # no sensitivity ranking (the budget could not pay for it)
         if self.max_trials is not None and self.new_trials >= self.max_trials:

@@ -13,8 +13,9 @@ later change adds to ``cast`` shows up here; the int8 variants are the
 ``quantize-int8`` calibration methods and other choice/bool options; the
 runtime options are the backends' lowering and load options of type bool or
 with choices, minus those that do not change speed (:data:`NOT_TUNED`).
-Keep-float sets are symbolic (``keep_float=k``: the k layers the sensitivity
-ranking calls most sensitive) and resolved into a ``skip=`` list when built.
+Keep-float sets are symbolic (``keep_float=k``: the first k layers of the
+precision family's sensitivity ranking, int8's or bf16's) and resolved into a
+``skip=`` list when built.
 """
 
 from __future__ import annotations

@@ -78,8 +78,8 @@ class SearchContext(Protocol):
     def screen(self, cand: Candidate) -> dict | None:
         """Fidelity and eager speed of the candidate's pipeline, without compiling."""
 
-    def ranking(self) -> list[str]:
-        """int8 layers, most sensitive first (computed once; empty when the budget cannot pay for it)."""
+    def ranking(self, family: str = "int8") -> list[str]:
+        """Layers for ``family``'s keep-float sets, keep first (computed once; empty when the budget cannot pay)."""
 
     def exhausted(self) -> bool:
         """No time is left for another trial."""
@@ -144,7 +144,7 @@ def _refine_precision(ctx: SearchContext, family: str, steps: list[str], all_fus
     results = [_try(ctx, Candidate(fusions=all_fusions, precision=s, runtime=rt), f"precision:{family}") for s in steps]
     done = [t for t in results if t is not None]
     below = [t for t in done if t.status == BELOW_BAR and t.fidelity and keeps_layers_float(t.candidate.precision)]
-    if below and not any(t.ok for t in done) and ctx.space.keep_float and not ctx.exhausted() and ctx.ranking():
+    if below and not any(t.ok for t in done) and ctx.space.keep_float and not ctx.exhausted() and ctx.ranking(family):
         # every variant missed the bar: keep the most sensitive layers in float, fewest first
         base = max(below, key=lambda t: t.fidelity.get("change_pct", -1e9))
         step = base.candidate.precision
@@ -264,7 +264,7 @@ def random_search(ctx: SearchContext) -> None:
         if cand.key in seen:
             continue
         seen.add(cand.key)
-        if cand.keep_float and not ctx.ranking():
+        if cand.keep_float and not ctx.ranking(cand.family):
             continue
         refused = refused + 1 if _try(ctx, cand, "random") is None else 0
 
@@ -282,7 +282,7 @@ def halving(ctx: SearchContext, batch: int = 9, eta: int = 3) -> None:
             if cand.key in seen:
                 continue
             seen.add(cand.key)
-            if cand.keep_float and not ctx.ranking():
+            if cand.keep_float and not ctx.ranking(cand.family):
                 continue
             screened = ctx.screen(cand)
             if ctx.exhausted():
