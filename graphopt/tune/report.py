@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphopt.bench.report import pareto_front
+from graphopt.tune.sensitivity import ranking
 
 if TYPE_CHECKING:
     from graphopt.tune.trials import Trial
@@ -218,14 +219,18 @@ def _sensitivity_lines(sens: dict[str, Any] | None) -> list[str]:
     lines = ["## Per-layer sensitivity", "",
              f"Drop of {sens.get('metric')} (fraction; relative for eval metrics) when the layer alone is int8, on the "
              f"screening subset, base pipeline `{sens.get('base')}` ({sens.get('seconds', 0):.0f}s). Most sensitive first.",
-             "", "| layer | int8 drop |", "|---|---|"]
-    for r in sorted(sens.get("int8", []), key=lambda r: -r["drop"] if math.isfinite(r["drop"]) else math.inf):
-        lines.append(f"| {r['layer']} | {r['drop'] + 0.0:.5f} |")
+             "Score error = relative L2 error of the scores vs eager on the screening batches (orders ties).",
+             "", "| layer | int8 drop | score error |", "|---|---|---|"]
+    by_name = {r["layer"]: r for r in sens.get("int8", [])}
+    for name in ranking(sens, "int8"):
+        lines.append(_sens_row(by_name[name]))
     if sens.get("bf16_layers"):
         lines += ["", "bf16: drop of the default `cast{dtype=bf16}` policy with the layer alone kept fp32 "
-                  "(`skip=`). Kept first = recovers most.", "", "| layer kept fp32 | bf16 drop |", "|---|---|"]
-        for r in sorted(sens["bf16_layers"], key=lambda r: r["drop"] if math.isfinite(r["drop"]) else math.inf):
-            lines.append(f"| {r['layer']} | {r['drop'] + 0.0:.5f} |")
+                  "(`skip=`). Kept first = recovers most.", "", "| layer kept fp32 | bf16 drop | score error |",
+                  "|---|---|---|"]
+        by_name = {r["layer"]: r for r in sens["bf16_layers"]}
+        for name in ranking(sens, "bf16"):
+            lines.append(_sens_row(by_name[name]))
     if sens.get("bf16"):
         lines += ["", "bf16 per op family: drop of the default policy, and with each family it keeps fp32 "
                   "cast as well.", "", "| cast to bf16 | drop |", "|---|---|"]
@@ -233,6 +238,12 @@ def _sensitivity_lines(sens: dict[str, Any] | None) -> list[str]:
             lines.append(f"| {r['family']} | {r['drop'] + 0.0:.5f} |")
     lines.append("")
     return lines
+
+
+def _sens_row(r: dict[str, Any]) -> str:
+    error = r.get("error", math.nan)
+    return f"| {r['layer']} | {r['drop'] + 0.0:.5f} | {error:.2e} |" if math.isfinite(error) else \
+        f"| {r['layer']} | {r['drop'] + 0.0:.5f} | - |"
 
 
 def _cell(text: str, width: int) -> str:

@@ -15,6 +15,10 @@ hit, keeping them fp32 loses none). Measuring "kept" rather than "alone
 cast" is what the keep-float set does, and it counts the interactions the
 other layers' bf16 rounding leaves.
 
+Both tables also record each layer's relative score error against eager on the
+screening batches: on a few hundred users the metric moves in steps of one
+hit, so many layers tie on the drop, and the error orders them within a tie.
+
 bf16, per op family: ``cast`` keeps op families in fp32 (layer norms,
 softmax, ...); for each the drop when that family is cast as well, next to
 the drop of the default policy itself.
@@ -77,11 +81,11 @@ def compute_sensitivity(evaluator: Any, fusions: tuple[str, ...],
                 on_step(f"sensitivity: int8 {label}")
             try:
                 q, _ = optimize(program, step, calibration_data=calib)
-                drop = judge.sensitivity_drop(_eager(q))
+                drop, error = _measure(judge, _eager(q))
             except Exception as e:  # noqa: BLE001 - a layer that cannot be measured ranks last, with why
                 log.info("sensitivity of %s not measured: %s", label, first_line(e))
-                drop = math.nan
-            result["int8"].append({"layer": label, "node": layer.node.name, "drop": drop})
+                drop = error = math.nan
+            result["int8"].append({"layer": label, "node": layer.node.name, "drop": drop, "error": error})
     cast = available_passes().get("cast")
     if cast is not None:
         keep_opt = next((o for o in cast.options if o.name == "keep"), None)
@@ -94,11 +98,11 @@ def compute_sensitivity(evaluator: Any, fusions: tuple[str, ...],
                 on_step(f"sensitivity: bf16 without {label}")
             try:
                 c, _ = optimize(program, "cast{dtype=bf16 skip=" + label + "}")
-                drop = judge.sensitivity_drop(_eager(c))
+                drop, error = _measure(judge, _eager(c))
             except Exception as e:  # noqa: BLE001 - a layer that cannot be measured ranks last, with why
                 log.info("bf16 sensitivity of %s not measured: %s", label, first_line(e))
-                drop = math.nan
-            result["bf16_layers"].append({"layer": label, "drop": drop})
+                drop = error = math.nan
+            result["bf16_layers"].append({"layer": label, "drop": drop, "error": error})
         for family, keep in policies:
             if on_step:
                 on_step(f"sensitivity: bf16 {family}")
@@ -113,18 +117,30 @@ def compute_sensitivity(evaluator: Any, fusions: tuple[str, ...],
     return result
 
 
+def _measure(judge: Any, fn: Any) -> tuple[float, float]:
+    """The metric's drop on the subset, and the score error that orders layers within a tie."""
+    return judge.sensitivity_drop(fn), judge.score_error(fn)
+
+
+def _key(row: dict[str, Any], sign: float) -> tuple[float, float]:
+    """Sort key: ``sign`` * (drop, error), unmeasured last (rows of older tables have no error)."""
+    drop, error = row["drop"], row.get("error", 0.0)
+    if not math.isfinite(drop):
+        return (math.inf, math.inf)
+    return (sign * drop, sign * error if math.isfinite(error) else math.inf)
+
+
 def ranking(sensitivity: dict[str, Any], family: str = "int8") -> list[str]:
-    """Layer labels for ``family``'s keep-float sets, first = keep first (unmeasured last).
+    """Layer labels for ``family``'s keep-float sets, first = keep first (unmeasured last);
+    equal drops are ordered by the score error (``Judge.score_error``).
 
     ``bf16``/``fp16``: by the per-layer bf16 table (smallest drop with the layer
     kept fp32 first); when it is missing (a table from an older run), and for
     every other family: the int8 table, most sensitive first.
     """
     if family in ("bf16", "fp16") and sensitivity.get("bf16_layers"):
-        rows = sensitivity["bf16_layers"]
-        return [r["layer"] for r in sorted(rows, key=lambda r: r["drop"] if math.isfinite(r["drop"]) else math.inf)]
-    rows = sensitivity.get("int8", [])
-    return [r["layer"] for r in sorted(rows, key=lambda r: -r["drop"] if math.isfinite(r["drop"]) else math.inf)]
+        return [r["layer"] for r in sorted(sensitivity["bf16_layers"], key=lambda r: _key(r, 1.0))]
+    return [r["layer"] for r in sorted(sensitivity.get("int8", []), key=lambda r: _key(r, -1.0))]
 
 
 def save_sensitivity(out_dir: Path, sensitivity: dict[str, Any]) -> None:

@@ -57,9 +57,15 @@ def test_bf16_keep_float_ranking_comes_from_its_own_table(measured):
     assert len(labels) == 8 and list(bf16) == labels  # one row per linear, the same names as int8's
     assert all(math.isfinite(d) for d in bf16.values())
     order = ranking(sens, "bf16")
-    assert [bf16[x] for x in order] == sorted(bf16.values())  # kept first = smallest drop left
-    int8 = {r["layer"]: r["drop"] for r in sens["int8"]}
+    # kept first = smallest drop left, ties ordered by the (continuous) score error vs eager
+    keys = {r["layer"]: (r["drop"], r["error"]) for r in sens["bf16_layers"]}
+    assert all(math.isfinite(e) and e > 0 for _, e in keys.values())
+    assert [keys[x] for x in order] == sorted(keys.values())
+    int8 = {r["layer"]: (r["drop"], r["error"]) for r in sens["int8"]}
     assert [int8[x] for x in ranking(sens, "int8")] == sorted(int8.values(), reverse=True)
+    # the error is what it says: keeping a layer fp32 leaves less error than casting every layer
+    assert min(e for _, e in keys.values()) < ev.judge.score_error(_eager(graphopt.optimize(
+        ev.program_for(Candidate(fusions=fusions), Candidate(fusions=fusions).pipeline), "cast{dtype=bf16}")[0]))
     assert ranking({"int8": sens["int8"]}, "bf16") == ranking(sens, "int8")  # an older table: int8's order
 
 
