@@ -152,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     load_start = list(os.getloadavg())
     zm = load_model(args.model)
     items = int(zm.config["items"])
-    program, _ = graphopt.optimize(zm.capture(), args.pipeline, verify_each=False) if args.pipeline else (
-        zm.capture(), None)
+    # int8 pipelines calibrate on 8 batches of 8 seeded histories of the model's length (seeds 1000+)
+    captured = zm.capture()
+    calib = [tuple(zm.make_inputs(batch=8, seq=zm.seq, seed=1000 + i)[n] for n in captured.input_names) for i in range(8)]
+    program, _ = graphopt.optimize(captured, args.pipeline, verify_each=False, calibration_data=calib) \
+        if args.pipeline else (captured, None)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     config = TimingConfig(warmup=3, rounds=args.rounds, round_time_s=0.2, max_calls=20)
     rows, fid, compile_s = [], [], {}
