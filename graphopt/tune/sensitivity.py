@@ -10,10 +10,10 @@ bf16, per layer: the drop of the default ``cast{dtype=bf16}`` policy when
 that layer *alone* is kept fp32 (``cast{dtype=bf16 skip=<layer>}``); the
 layer whose fp32 copy leaves the smallest drop ranks first, so bf16
 keep-float sets are the layers that recover the most (on the fine-tuned
-gpt-rec:base the QKV projections: the default policy loses one test user's
-hit, keeping them fp32 loses none). Measuring "kept" rather than "alone
-cast" is what the keep-float set does, and it counts the interactions the
-other layers' bf16 rounding leaves.
+gpt-rec:base the default policy loses one test user's hit; with the first
+two, layer 0's QKV and FFN-down projections, kept fp32 it loses none).
+Measuring with the layer kept, rather than with it alone cast, is what a
+keep-float set does, and it counts the rounding the other layers still add.
 
 Both tables also record each layer's relative score error against eager on the
 screening batches: on a few hundred users the metric moves in steps of one
