@@ -57,13 +57,13 @@ def _histories(batch: int, events: int, items: int, seed: int) -> torch.Tensor:
 
 
 def _parse_options(text: str) -> dict:
-    """``K=V,K=V`` with ``true``/``false`` as booleans and digits as ints."""
+    """``K=V,K=V`` as strings; ``lower_incremental`` coerces them to the options' types (and refuses unknown keys)."""
     options = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--step-options: expected KEY=VALUE, got {item!r}")
-        options[key.strip()] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+        options[key.strip()] = value.strip()
     return options
 
 

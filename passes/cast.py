@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 import torch.fx
 from torch._guards import detect_fake_mode
 
 from graphopt.errors import PassOptionError
-from graphopt.ir.fx import fetch_attr, is_op, module_path
+from graphopt.ir.fx import fetch_attr, is_op, matches_skip, module_path
 from graphopt.ir.shapes import infer_val
 from graphopt.passlib.precision import (
     ACCUMULATING_OPS,
@@ -150,7 +148,7 @@ class Cast(Pass):
             forced |= score_nodes(graph)
         if "tail" in self.keep:
             forced |= tail_nodes(graph, LOW_PRECISION_OPS)
-        skipped = {n for n in graph.nodes if n.op == "call_function" and self.skip and _matches(n, self.skip)}
+        skipped = {n for n in graph.nodes if n.op == "call_function" and matches_skip(n, self.skip)}
         forced |= skipped
         counts: dict[str, int] = {}
         declined: list[str] = []
@@ -267,10 +265,6 @@ class Cast(Pass):
             program.example_inputs = _to_specs(program.example_inputs, program.inputs)
             ctx.example_inputs = _to_specs(ctx.example_inputs, program.inputs)
         return {"native-input": n} if n else {}
-
-
-def _matches(node: torch.fx.Node, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns for name in (module_path(node), node.name) if name)
 
 
 def _follow_assert(node: torch.fx.Node) -> None:

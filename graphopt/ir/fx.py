@@ -6,6 +6,7 @@ way and unused weights are really dropped from the GraphModule.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -18,6 +19,7 @@ __all__ = [
     "target_name",
     "add_tensor_attr",
     "drop_unused_attrs",
+    "matches_skip",
     "module_path",
     "module_type",
     "where",
@@ -108,6 +110,13 @@ def module_path(node: torch.fx.Node) -> str:
         return ""
     path, _ = list(stack.values())[-1]
     return str(path)
+
+
+def matches_skip(node: torch.fx.Node, patterns: Iterable[str]) -> bool:
+    """Whether ``node``'s module path or name matches one of the fnmatch ``patterns`` (the ``skip=`` option of
+    the precision passes)."""
+    names = [name for name in (module_path(node), node.name) if name]
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns for name in names)
 
 
 def module_type(node: torch.fx.Node) -> str:

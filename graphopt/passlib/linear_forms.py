@@ -16,14 +16,13 @@ fuse the activation back into ``onednn.qlinear_pointwise`` as a post-op.
 from __future__ import annotations
 
 import collections
-import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx
 
-from graphopt.ir.fx import add_tensor_attr, fetch_attr, module_path, tensor_meta
+from graphopt.ir.fx import add_tensor_attr, fetch_attr, matches_skip, module_path, tensor_meta
 from graphopt.ir.shapes import infer_val
 
 __all__ = ["as_linears", "LINEAR_LIKE"]
@@ -131,8 +130,7 @@ def as_linears(gm: torch.fx.GraphModule, skip: Sequence[str] = ()) -> tuple[dict
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in LINEAR_LIKE:
             continue
-        path = module_path(node)
-        if any(fnmatch.fnmatchcase(name, pat) for pat in skip for name in (path, node.name) if name):
+        if matches_skip(node, skip):
             continue
         xval = tensor_meta(node.args[1] if node.target in (aten._addmm_activation.default, aten.addmm.default)
                            else node.args[0])
@@ -144,7 +142,7 @@ def as_linears(gm: torch.fx.GraphModule, skip: Sequence[str] = ()) -> tuple[dict
             continue  # an activation x activation GEMM: find_linears says so
         if kind is None:
             label = node.target.overloadpacket.__name__
-            declined.append(f"{node.name} ({path or label}): {label} {why}, stays float")
+            declined.append(f"{node.name} ({module_path(node) or label}): {label} {why}, stays float")
         else:
             counts[kind] += 1
     if counts:

@@ -26,7 +26,6 @@ has no fake kernel and cannot be re-exported.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 import torch.fx
 
 from graphopt.hardware import has_int8_dot
-from graphopt.ir.fx import add_tensor_attr, fetch_attr, module_path
+from graphopt.ir.fx import add_tensor_attr, fetch_attr, matches_skip, module_path
 from graphopt.ir.shapes import infer_val
 
 __all__ = [
@@ -173,7 +172,7 @@ def find_linears(gm: torch.fx.GraphModule, skip: Sequence[str] = ()) -> tuple[li
         path = module_path(node)
         where = f"{node.name} ({path})" if path else node.name
         x, w = node.args[0], node.args[1]
-        if any(fnmatch.fnmatchcase(name, pat) for pat in skip for name in (path, node.name) if name):
+        if matches_skip(node, skip):
             declined.append(f"{where}: matched skip")
             continue
         if not isinstance(w, torch.fx.Node) or w.op != "get_attr":

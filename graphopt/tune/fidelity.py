@@ -155,8 +155,9 @@ class Judge:
 
         Continuous where the metric is not: on a few hundred users a hit is a step of
         0.4-1%, so layers tie on the drop; this orders them within a tie."""
-        if self._screen_reference is None:
-            self._screen_reference = [_tuple(self._reference(*b))[0].float() for b in self.data.screen]
+        if self._screen_reference is None:  # top-k mode computed them already; with evaluation data, once here
+            self._screen_reference = [r[0].float() for r in self.reference_outputs] or \
+                [_tuple(self._reference(*b))[0].float() for b in self.data.screen]
         errors = []
         for batch, ref in zip(self.data.screen, self._screen_reference):
             out = _tuple(fn(*batch))[0].float()

@@ -73,19 +73,25 @@ def compute_sensitivity(evaluator: Any, fusions: tuple[str, ...],
     labels = _labels(layers)
     calib = evaluator.data.calibration[:_CALIB_BATCHES]
     result: dict[str, Any] = {"base": base.pipeline, "metric": judge.metric.name, "int8": [], "bf16": [], "bf16_layers": []}
+
+    def measure(what: str, step: str, *, error: bool = True, **kwargs: Any) -> tuple[float, float]:
+        """(drop, score error) of O1 + fusions + ``step``; NaN when it cannot be measured (ranks last, logged why)."""
+        if on_step:
+            on_step(f"sensitivity: {what}")
+        try:
+            out, _ = optimize(program, step, **kwargs)
+            fn = _eager(out)
+            return judge.sensitivity_drop(fn), judge.score_error(fn) if error else math.nan
+        except Exception as e:  # noqa: BLE001 - passes and backends raise many unrelated types
+            log.info("sensitivity (%s) not measured: %s", what, first_line(e))
+            return math.nan, math.nan
+
     if "quantize-int8" in available_passes():
         for label, layer in zip(labels, layers):
             others = [x for x in labels if x != label]
             step = "quantize-int8" + ("{skip=" + ",".join(others) + "}" if others else "")
-            if on_step:
-                on_step(f"sensitivity: int8 {label}")
-            try:
-                q, _ = optimize(program, step, calibration_data=calib)
-                drop, error = _measure(judge, _eager(q))
-            except Exception as e:  # noqa: BLE001 - a layer that cannot be measured ranks last, with why
-                log.info("sensitivity of %s not measured: %s", label, first_line(e))
-                drop = error = math.nan
-            result["int8"].append({"layer": label, "node": layer.node.name, "drop": drop, "error": error})
+            drop, err = measure(f"int8 {label}", step, calibration_data=calib)
+            result["int8"].append({"layer": label, "node": layer.node.name, "drop": drop, "error": err})
     cast = available_passes().get("cast")
     if cast is not None:
         keep_opt = next((o for o in cast.options if o.name == "keep"), None)
@@ -94,32 +100,13 @@ def compute_sensitivity(evaluator: Any, fusions: tuple[str, ...],
             (family, tuple(k for k in default_keep if k != family)) for family in default_keep
         ]
         for label in labels:
-            if on_step:
-                on_step(f"sensitivity: bf16 without {label}")
-            try:
-                c, _ = optimize(program, "cast{dtype=bf16 skip=" + label + "}")
-                drop, error = _measure(judge, _eager(c))
-            except Exception as e:  # noqa: BLE001 - a layer that cannot be measured ranks last, with why
-                log.info("bf16 sensitivity of %s not measured: %s", label, first_line(e))
-                drop = error = math.nan
-            result["bf16_layers"].append({"layer": label, "drop": drop, "error": error})
+            drop, err = measure(f"bf16 without {label}", "cast{dtype=bf16 skip=" + label + "}")
+            result["bf16_layers"].append({"layer": label, "drop": drop, "error": err})
         for family, keep in policies:
-            if on_step:
-                on_step(f"sensitivity: bf16 {family}")
-            try:
-                c, _ = optimize(program, "cast{dtype=bf16 keep=" + ",".join(keep) + "}")
-                drop = judge.sensitivity_drop(_eager(c))
-            except Exception as e:  # noqa: BLE001
-                log.info("bf16 sensitivity of %s not measured: %s", family, first_line(e))
-                drop = math.nan
+            drop, _ = measure(f"bf16 {family}", "cast{dtype=bf16 keep=" + ",".join(keep) + "}", error=False)
             result["bf16"].append({"family": family, "drop": drop})
     result["seconds"] = time.perf_counter() - start
     return result
-
-
-def _measure(judge: Any, fn: Any) -> tuple[float, float]:
-    """The metric's drop on the subset, and the score error that orders layers within a tie."""
-    return judge.sensitivity_drop(fn), judge.score_error(fn)
 
 
 def _key(row: dict[str, Any], sign: float) -> tuple[float, float]:
