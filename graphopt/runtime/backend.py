@@ -115,6 +115,11 @@ class Backend:
     def check_program(self, program: Program, options: Mapping[str, Any]) -> None:
         """Raise LoweringError for a Program this backend cannot take."""
 
+    def step_defaults(self, step: Program) -> dict[str, Any]:
+        """Lowering options for an incremental ``step`` entry (a few rows per user) that differ
+        from this runtime's defaults; the caller's options and ``step_options`` override them."""
+        return {}
+
     def lower_into(self, program: Program, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:
         """Write the model file(s) into ``out``; return the manifest's ``backend`` section
         (must name the main file as ``entry``)."""

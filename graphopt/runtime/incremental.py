@@ -124,8 +124,11 @@ def lower_incremental(
     positions served (see :func:`graphopt.passlib.incremental.derive_incremental`);
     ``options``: the runtime's lowering options, applied to both entries;
     ``step_options``: options that override them for the step entry alone (a step
-    runs a few rows per user, where other kernels win: on Inductor,
-    ``{"max_autotune": True}`` picks the CPP GEMM template over oneDNN's packed GEMM).
+    runs a few rows per user, where other kernels win). The runtime's own step
+    defaults come first (``Backend.step_defaults``: Inductor lowers a float32 step
+    with ``weight_prepack=False``: MKL's GEMM on the plain weights), then ``options``,
+    then ``step_options`` (on Inductor ``{"max_autotune": True}`` picks the CPP GEMM
+    template).
     """
     from graphopt.passlib.incremental import IncrementalPrograms, derive_incremental
 
@@ -141,7 +144,8 @@ def lower_incremental(
     runtime = backend.name
     require_available(backend)
     opts = resolve_options(backend.lower_options, options, f"{runtime} | lower", LoweringError)
-    entry_opts = {"prefill": opts, "step": resolve_options(backend.lower_options, {**options, **(step_options or {})},
+    step_opts = {**backend.step_defaults(inc.step), **options, **(step_options or {})}
+    entry_opts = {"prefill": opts, "step": resolve_options(backend.lower_options, step_opts,
                                                             f"{runtime} | lower step", LoweringError)}
     entries = {"prefill": inc.prefill, "step": inc.step}
     for name, entry in entries.items():
@@ -234,12 +238,32 @@ def _state_error(runner: Runner, what: str) -> RunnerError:
     return RunnerError(f"{runner.name} | state{what}; pass the state this artifact's prefill or step returned")
 
 
-def _state_tensors(runner: Runner, section: dict[str, Any], state: Any, batch: int, new: int) -> list[torch.Tensor]:
-    """The state's tensors in the step's input order, after checking each against the artifact."""
-    from graphopt.passlib.incremental import StateSpec
+@dataclass(frozen=True)
+class _StepPlan:
+    """What ``step`` checks a call against, parsed once per runner from its manifest."""
 
-    specs = [StateSpec.from_json(d) for d in section["state"]]
-    names = [s.name for s in specs]
+    ids: InputSpec
+    specs: tuple[Any, ...]  # StateSpec, in the step's input order
+    window: int
+    rows: int | None  # max_positions
+    state_dtype: str
+
+    @classmethod
+    def of(cls, runner: Runner, section: dict[str, Any]) -> _StepPlan:
+        plan = runner.__dict__.get("_step_plan")
+        if plan is None:
+            from graphopt.passlib.incremental import StateSpec
+
+            plan = runner.__dict__["_step_plan"] = cls(
+                InputSpec.from_json(section["entries"]["step"]["inputs"][0]),
+                tuple(StateSpec.from_json(d) for d in section["state"]), int(section["max_history"]),
+                section.get("max_positions"), section["state_dtype"])
+        return plan
+
+
+def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new: int) -> list[torch.Tensor]:
+    """The state's tensors in the step's input order, after checking each against the artifact."""
+    names = [s.name for s in plan.specs]
     if isinstance(state, IncrementalState):
         tensors = state.tensors
     elif isinstance(state, Mapping):
@@ -247,28 +271,27 @@ def _state_tensors(runner: Runner, section: dict[str, Any], state: Any, batch: i
     else:
         raise _state_error(runner, f": expected an IncrementalState (or a dict of its tensors), got "
                                    f"{type(state).__name__}")
-    missing = [n for n in names if n not in tensors]
-    extra = [n for n in tensors if n not in names]
-    if missing or extra:
+    if len(tensors) != len(names) or any(n not in tensors for n in names):
+        missing = [n for n in names if n not in tensors]
+        extra = [n for n in tensors if n not in names]
         which = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{extra[0]}'"
         raise _state_error(runner, f" {which} (this artifact's state holds {', '.join(names)})")
-    window = section["max_history"]
-    for spec in specs:
+    window = plan.window
+    for spec in plan.specs:
         t = tensors[spec.name]
         if not isinstance(t, torch.Tensor):
             raise _state_error(runner, f" '{spec.name}': expected a tensor, got {type(t).__name__}")
         if t.dtype != spec.dtype:
             raise _state_error(runner, f" '{spec.name}': expected {str(spec.dtype).replace('torch.', '')}, "
                                        f"got {str(t.dtype).replace('torch.', '')} (state_dtype "
-                                       f"{section['state_dtype']})")
-        want = [batch, *spec.shape]
-        if list(t.shape) != want:
-            raise _state_error(runner, f" '{spec.name}': expected shape {want} (batch {batch}, max_history "
-                                       f"{window}), got {list(t.shape)}")
+                                       f"{plan.state_dtype})")
+        if t.shape[0] != batch or tuple(t.shape[1:]) != tuple(spec.shape):
+            raise _state_error(runner, f" '{spec.name}': expected shape {[batch, *spec.shape]} (batch {batch}, "
+                                       f"max_history {window}), got {list(t.shape)}")
     length = tensors["length"]
     if length.numel() and int(length.min()) < 0:
         raise _state_error(runner, f" 'length': events seen must be >= 0, got {int(length.min())}")
-    rows = section.get("max_positions")
+    rows = plan.rows
     if rows is not None and length.numel() and int(length.max()) + new > rows:
         user = int(length.argmax())
         raise RunnerError(
@@ -311,19 +334,21 @@ def step(runner: Runner, input_ids: Any, state: Any) -> tuple[Any, IncrementalSt
     section = _section(runner)
     if not runner.is_active:
         runner.activate()
-    spec = InputSpec.from_json(section["entries"]["step"]["inputs"][0])
+    plan = _StepPlan.of(runner, section)
+    spec = plan.ids
     check_inputs([spec], [input_ids], runner.name)
-    window = int(section["max_history"])
+    window = plan.window
     if not 1 <= input_ids.shape[1] <= window:
         raise RunnerError(f"{runner.name} | input '{spec.name}': a step takes 1 to max_history ({window}) new events "
                           f"per user, got {int(input_ids.shape[1])}; prefill longer histories")
-    tensors = _state_tensors(runner, section, state, int(input_ids.shape[0]), int(input_ids.shape[1]))
+    tensors = _state_tensors(runner, plan, state, int(input_ids.shape[0]), int(input_ids.shape[1]))
     sub = _step_runner(runner, section)
+    inputs = [input_ids, *tensors]
     if runner.check_contract:
         # a state this runner returned had its names, dtypes and shapes checked above and needs no NaN
         # scan of every cached key/value per step (0.2 of 1.7 ms per step of gpt-rec:base at batch 1,
         # AMX Xeon); the new events' id ranges and dims are checked always, a foreign state in full
         own = isinstance(state, IncrementalState) and state.origin == id(runner)
         n = 1 if own else len(sub.inputs)
-        check_contract(sub.inputs[:n], [input_ids, *tensors][:n], sub._dims, sub._index_ranges, sub.name)
-    return _wrap(runner, section, sub(input_ids, *tensors))
+        check_contract(sub.inputs[:n], inputs[:n], sub._dims, sub._index_ranges, sub.name)
+    return _wrap(runner, section, sub.run_checked(inputs))

@@ -107,6 +107,13 @@ class Runner:
         check_inputs(self.inputs, bound, self.name)
         if self.check_contract:
             check_contract(self.inputs, bound, self._dims, self._index_ranges, self.name)
+        return self.run_checked(bound)
+
+    def run_checked(self, bound: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Run inputs already bound in Program order and checked (``__call__`` without its
+        checks; the incremental ``step`` checks its state itself)."""
+        if not self.is_active:
+            self.activate()
         try:
             outputs = tuple(self._infer_impl(bound))
         except GraphoptError:

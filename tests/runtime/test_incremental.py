@@ -18,6 +18,7 @@ import graphopt
 from graphopt.errors import ArtifactError, LoweringError, RunnerError
 from graphopt.ir.program import Program
 from graphopt.runtime import available_runtimes
+from graphopt.runtimes.inductor_code import wrapper_calls, wrapper_source
 from tests._incremental import WINDOW, derived, histories, optimized, replay, use_capture
 
 RUNTIMES = ["eager", "onnxruntime", "inductor"]
@@ -179,9 +180,32 @@ def test_step_entry_lowered_with_its_own_options(artifacts, tmp_path):
     assert entries["step"]["options"]["threads"] == 1 and entries["prefill"]["options"]["threads"] == 0
     assert entries["step"]["backend"]["inductor_configs"]["cpp.threads"] == 1
     assert entries["prefill"]["backend"]["inductor_configs"]["cpp.threads"] == torch.get_num_threads()
+    # Inductor's step default for a float32 step: plain weights and MKL's GEMM instead of oneDNN's
+    # packed linear, although the prefill was compiled (packed) first in this very process
+    assert entries["step"]["options"]["weight_prepack"] is False and entries["prefill"]["options"]["weight_prepack"]
+    root = artifacts["inductor"].path
+    step = [c.kernel for c in wrapper_calls(wrapper_source(root / "step" / "model.pt2"))]
+    prefill = [c.kernel for c in wrapper_calls(wrapper_source(root / "prefill" / "model.pt2"))]
+    assert "aoti_torch_cpu__linear_pointwise" in prefill, prefill
+    assert not [k for k in step if k.startswith("aoti_torch_cpu__linear_pointwise")], step
+    assert "aoti_torch_cpu_addmm_out" in step, step
     with pytest.raises(LoweringError, match=r"inductor \| lower step: unknown option 'fusion'"):
         graphopt.lower_incremental(derived(), "inductor", tmp_path / "bad", step_options={"fusion": "off"})
     assert not (tmp_path / "bad").exists()
+
+
+def test_low_precision_steps_keep_packed_weights():
+    """bf16 (and int8) steps keep oneDNN's packed kernels: only a float32 step is lowered unpacked."""
+    if not available_runtimes()["inductor"].available:
+        pytest.skip(f"inductor is not available here: {available_runtimes()['inductor'].reason}")
+    from graphopt.passlib.incremental import derive_incremental
+    from graphopt.runtime import get_runtime
+
+    bf16, _ = graphopt.optimize(optimized(), "cast{dtype=bf16}", verify_each=False)
+    backend = get_runtime("inductor")
+    assert backend.step_defaults(derive_incremental(bf16, WINDOW).step) == {}
+    assert backend.step_defaults(derived().step) == {"weight_prepack": False}
+    assert backend.step_defaults(derived("int8").step) == {"weight_prepack": False}  # int8 state, fp32 weights
 
 
 def test_plain_runner_has_no_step():

@@ -54,6 +54,32 @@ def test_bf16_mixed_program_lowers_with_the_settings(program, tmp_path):
             torch.testing.assert_close(got, want, atol=TOLERANCE["bf16"], rtol=TOLERANCE["bf16"])
 
 
+def test_weight_prepack_off_holds_after_a_packed_compile(program, tmp_path):
+    """weight_prepack=False lowers float32 linears as MKL GEMMs on the plain weights even
+    when this process has compiled a packed model first (Inductor registers its packing
+    patterns once per process, so the package is compiled in a fresh interpreter); both
+    packages match the Program at two shapes (1e-5)."""
+    status = available_runtimes()["inductor"]
+    if not status.available:
+        pytest.skip(status.reason)
+    from graphopt.runtimes.inductor_code import wrapper_calls, wrapper_source
+
+    ref, _ = graphopt.optimize(program("bert4rec:tiny"), "O2", verify_each=False)
+    kernels = {}
+    for prepack in (True, False):
+        out = tmp_path / f"prepack-{prepack}"
+        artifact = lower(ref, "inductor", out, device="cpu", weight_prepack=prepack)
+        assert artifact.manifest["backend"]["inductor_configs"].get("cpp.weight_prepack", True) is prepack
+        kernels[prepack] = [c.kernel for c in wrapper_calls(wrapper_source(out / "model.pt2"))]
+        with graphopt.load(out) as runner:
+            for batch, seq in [(1, 8), (3, 12)]:
+                feeds = ref.sample_inputs(batch=batch, seq=seq, seed=4)
+                torch.testing.assert_close(runner(*feeds), ref(*feeds), atol=1e-5, rtol=1e-5)
+    assert "aoti_torch_cpu__linear_pointwise" in kernels[True], kernels[True]
+    assert not [k for k in kernels[False] if k.startswith("aoti_torch_cpu__linear_pointwise")], kernels[False]
+    assert "aoti_torch_cpu_addmm_out" in kernels[False], kernels[False]
+
+
 def test_lowering_options_are_checked(program, tmp_path):
     from graphopt.errors import LoweringError
 

@@ -1,0 +1,73 @@
+"""Compile an ExportedProgram into an AOTInductor package, here or in a fresh interpreter.
+
+Some Inductor settings are process-wide in fact, whatever ``inductor_configs``
+says: the freezing passes register oneDNN's weight-packing patterns once per
+process, on the first frozen compile, so ``cpp.weight_prepack=False`` is ignored
+after it (and a first compile with it off leaves every later one in the process
+unpacked). :func:`compile_package` therefore compiles a package with
+``cpp.weight_prepack=False`` in a fresh interpreter (``python -m
+graphopt.runtimes.inductor_compile EP PACKAGE CONFIGS``, the program passed
+through ``torch.export.save``); every other compile runs in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["compile_package", "needs_fresh_process"]
+
+#: how long a compile in a fresh interpreter may take (a large model's takes minutes)
+TIMEOUT_S = 3600
+
+
+def needs_fresh_process(configs: Mapping[str, Any]) -> bool:
+    """Whether ``configs`` only take effect in an interpreter that has compiled nothing yet."""
+    return configs.get("cpp.weight_prepack", True) is False
+
+
+def _compile_here(ep: torch.export.ExportedProgram, package: Path, configs: Mapping[str, Any]) -> None:
+    import torch._inductor
+
+    # Inductor freezes only when grad is off (compile_fx checks torch.is_grad_enabled()): without
+    # no_grad "freezing" is silently ignored, weights stay graph inputs, and int8 weights are
+    # dequantized on every call instead of prepacked for oneDNN's qlinear
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(package), inductor_configs=dict(configs))
+
+
+def compile_package(ep: torch.export.ExportedProgram, package: Path, configs: Mapping[str, Any]) -> None:
+    """``aoti_compile_and_package(ep, package, configs)`` under ``no_grad``; in a fresh
+    interpreter when :func:`needs_fresh_process` (its error's last line is raised)."""
+    if not needs_fresh_process(configs):
+        _compile_here(ep, package, configs)
+        return
+    with tempfile.TemporaryDirectory(prefix="graphopt-aoti-") as tmp:
+        saved = Path(tmp) / "program.pt2"
+        torch.export.save(ep, saved)
+        env = dict(os.environ, TORCHINDUCTOR_CPP_WEIGHT_PREPACK="0", OMP_NUM_THREADS=str(torch.get_num_threads()))
+        cmd = [sys.executable, "-m", "graphopt.runtimes.inductor_compile", str(saved), str(package),
+               json.dumps(dict(configs))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise RuntimeError(f"compiling in a fresh interpreter failed: {lines[-1] if lines else f'rc {proc.returncode}'}")
+
+
+def _main(argv: list[str]) -> int:
+    saved, package, configs = argv
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    _compile_here(torch.export.load(saved), Path(package), json.loads(configs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
