@@ -47,9 +47,6 @@ from graphopt.metrics import topk_overlap
 from graphopt.passlib.incremental import derive_incremental
 from graphopt.rec.zoo import load_model
 
-#: onnxscript's ORT fusions break GPT-2's Gemm today (helper "gen" fixes the exporter); unfused here
-LOWER_OPTIONS = {"onnxruntime": {"fusions": "off"}}
-
 
 def _histories(batch: int, events: int, items: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
@@ -173,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.reuse and (path / "manifest.json").is_file()):
                 t0 = time.perf_counter()
                 graphopt.lower_incremental(incs["native"], runtime, path, force=True,
-                                           step_options=step_options.get(runtime), **LOWER_OPTIONS.get(runtime, {}))
+                                           step_options=step_options.get(runtime))
                 compile_s[f"W{window}/{runtime}"] = time.perf_counter() - t0
                 print(f"W={window}: lowered {runtime} in {compile_s[f'W{window}/{runtime}']:.1f}s", flush=True)
             runners[runtime] = graphopt.load(path, **_runner_options(runtime, args.threads)).activate()
@@ -210,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     report = {"model": args.model, "pipeline": args.pipeline, "threads": args.threads, "rounds": args.rounds,
               "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
-              "machine": info, "lower_options": LOWER_OPTIONS, "step_options": step_options,
+              "machine": info, "step_options": step_options,
               "lower_seconds": compile_s, "rows": rows,
               "fidelity": fid}
     print(f"load average start {load_start}, end {report['load_average_end']}; cpu {info['cpu']} "

@@ -261,8 +261,10 @@ class _StepPlan:
         return plan
 
 
-def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new: int) -> list[torch.Tensor]:
-    """The state's tensors in the step's input order, after checking each against the artifact."""
+def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new: int,
+                   own: bool = False) -> list[torch.Tensor]:
+    """The state's tensors in the step's input order, after checking each against the artifact
+    (an ``own`` state, one this runner returned, has valid lengths: not scanned again)."""
     names = [s.name for s in plan.specs]
     if isinstance(state, IncrementalState):
         tensors = state.tensors
@@ -289,7 +291,7 @@ def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new:
             raise _state_error(runner, f" '{spec.name}': expected shape {[batch, *spec.shape]} (batch {batch}, "
                                        f"max_history {window}), got {list(t.shape)}")
     length = tensors["length"]
-    if length.numel() and int(length.min()) < 0:
+    if not own and length.numel() and int(length.min()) < 0:
         raise _state_error(runner, f" 'length': events seen must be >= 0, got {int(length.min())}")
     rows = plan.rows
     if rows is not None and length.numel() and int(length.max()) + new > rows:
@@ -341,14 +343,15 @@ def step(runner: Runner, input_ids: Any, state: Any) -> tuple[Any, IncrementalSt
     if not 1 <= input_ids.shape[1] <= window:
         raise RunnerError(f"{runner.name} | input '{spec.name}': a step takes 1 to max_history ({window}) new events "
                           f"per user, got {int(input_ids.shape[1])}; prefill longer histories")
-    tensors = _state_tensors(runner, plan, state, int(input_ids.shape[0]), int(input_ids.shape[1]))
+    # a state this runner returned had its names, dtypes and shapes checked below and needs no NaN
+    # scan of every cached key/value per step (0.2 of 1.7 ms per step of gpt-rec:base at batch 1,
+    # AMX Xeon) nor of its lengths; the new events' id ranges and dims are checked always, a
+    # foreign state in full
+    own = isinstance(state, IncrementalState) and state.origin == id(runner)
+    tensors = _state_tensors(runner, plan, state, int(input_ids.shape[0]), int(input_ids.shape[1]), own)
     sub = _step_runner(runner, section)
     inputs = [input_ids, *tensors]
     if runner.check_contract:
-        # a state this runner returned had its names, dtypes and shapes checked above and needs no NaN
-        # scan of every cached key/value per step (0.2 of 1.7 ms per step of gpt-rec:base at batch 1,
-        # AMX Xeon); the new events' id ranges and dims are checked always, a foreign state in full
-        own = isinstance(state, IncrementalState) and state.origin == id(runner)
         n = 1 if own else len(sub.inputs)
         check_contract(sub.inputs[:n], inputs[:n], sub._dims, sub._index_ranges, sub.name)
     return _wrap(runner, section, sub.run_checked(inputs))

@@ -22,9 +22,6 @@ from graphopt.runtimes.inductor_code import wrapper_calls, wrapper_source
 from tests._incremental import WINDOW, derived, histories, optimized, replay, use_capture
 
 RUNTIMES = ["eager", "onnxruntime", "inductor"]
-#: ONNX Runtime: onnxscript's ORT fusions currently break GPT-2's Gemm (rank-3 input; helper "gen"
-#: fixes it in the exporter); the fused graph is not the subject here
-OPTIONS = {"onnxruntime": {"fusions": "off"}}
 #: the step entry lowered with its own options (here: single-threaded Inductor kernels), so the
 #: replay below also covers an artifact whose two entries were compiled differently
 STEP_OPTIONS = {"inductor": {"threads": 1}}
@@ -55,7 +52,7 @@ def artifacts(tmp_path_factory):
     for runtime in RUNTIMES:
         if status[runtime].available:
             out[runtime] = graphopt.lower_incremental(derived(), runtime, root / runtime,
-                                                      step_options=STEP_OPTIONS.get(runtime), **OPTIONS.get(runtime, {}))
+                                                      step_options=STEP_OPTIONS.get(runtime))
     return out
 
 
