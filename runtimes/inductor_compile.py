@@ -59,6 +59,8 @@ def compile_package(ep: torch.export.ExportedProgram, package: Path, configs: Ma
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        if os.environ.get("GRAPHOPT_DEBUG"):
+            sys.stderr.write(proc.stderr)  # the fresh interpreter's whole traceback
         raise RuntimeError(f"compiling in a fresh interpreter failed: {lines[-1] if lines else f'rc {proc.returncode}'}")
 
 

@@ -80,6 +80,19 @@ def test_weight_prepack_off_holds_after_a_packed_compile(program, tmp_path):
     assert "aoti_torch_cpu_addmm_out" in kernels[False], kernels[False]
 
 
+def test_fresh_interpreter_compile_failure_is_one_line(tmp_path):
+    """A compile that runs in a fresh interpreter (weight_prepack off) and fails there is
+    reported with that interpreter's last error line, and leaves no package behind."""
+    from graphopt.runtimes.inductor_compile import compile_package
+
+    ep = torch.export.export(torch.nn.Linear(8, 4).eval(), (torch.randn(2, 8),))
+    configs = {"freezing": True, "cpp.weight_prepack": False, "cpp.no_such_setting": 1}
+    with pytest.raises(RuntimeError, match=r"^compiling in a fresh interpreter failed: .*no_such_setting") as info:
+        compile_package(ep, tmp_path / "model.pt2", configs)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "model.pt2").exists()
+
+
 def test_lowering_options_are_checked(program, tmp_path):
     from graphopt.errors import LoweringError
 
