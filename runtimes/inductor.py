@@ -146,11 +146,13 @@ class InductorBackend(Backend):
 
     def step_defaults(self, step: Program) -> dict[str, Any]:
         # A float32 step multiplies one row per user by each weight: oneDNN's packed linear costs
-        # 16-25 us a call at one row, MKL's GEMM on the plain weight 5-10 us (gpt-rec:base step,
-        # batch 1, history 64, AMX Xeon, 2 threads: 0.57 ms instead of 0.94; batch 32 no slower).
-        # Lowering with freezing=False also keeps plain weights, but fuses the state copies worse
-        # (batch 32, history 200: 14.3 ms vs 10.7). bf16 and int8 steps keep their packed kernels
-        # (bf16 step 0.84 vs 0.98 ms).
+        # 16-25 us a call at one row, MKL's GEMM on the plain weight 5-10 us. benchmarks/
+        # bench_step_kernels.py (AMX Xeon, 2 threads, history 64): plain is 1.53x / 1.17x / 1.04x
+        # the packed step at batch 1 / 8 / 32 on gpt-rec:base, 1.14x / 0.80x / 0.94x on gpt-rec:large,
+        # so the default serves one user's new event fastest, and batched steps of a large model
+        # want step_options={"weight_prepack": True}. freezing=False also keeps plain weights but
+        # fuses the state copies worse (base, batch 32, history 200: 14.3 ms vs 10.7). bf16 and
+        # int8 steps keep their packed kernels (gpt-rec:base bf16 step 0.84 ms packed, 0.98 plain).
         low = program_dtypes(step) & {torch.bfloat16, torch.float16}
         return {} if low or is_quantized(step) else {"weight_prepack": False}
 
