@@ -27,6 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also lower the result into OUT/NAME/ (repeatable; see `graphopt runtimes`)")
     p.add_argument("--runtime-option", action="append", default=[], metavar="KEY=VALUE",
                    help="lowering option for --runtime, e.g. fusions=false (see `graphopt runtimes --options`)")
+    inc = p.add_argument_group("incremental serving (causal models: prefill/step entries, see the README)")
+    inc.add_argument("--max-history", type=int, metavar="N",
+                     help="lower each --runtime with graphopt.lower_incremental: state of the last N events")
+    inc.add_argument("--state-dtype", choices=("native", "bf16", "int8"), default="native",
+                     help="how the state stores keys/values (default: the graph's dtype)")
+    inc.add_argument("--max-positions", type=int, metavar="N", help="positions served (the model's training length)")
+    inc.add_argument("--step-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="lowering option for the step entry alone, e.g. weight_prepack=true")
     p.set_defaults(run=run)
 
 
@@ -38,23 +46,32 @@ def _calibration(program, n: int, needed: bool):  # type: ignore[no-untyped-def]
     return default_calibration(program, n)
 
 
-def _runtime_options(pairs: list[str]) -> dict[str, str]:
+def _runtime_options(pairs: list[str], flag: str = "--runtime-option") -> dict[str, str]:
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise PipelineParseError(f"--runtime-option {pair!r}: expected KEY=VALUE")
+            raise PipelineParseError(f"{flag} {pair!r}: expected KEY=VALUE")
         options[key.strip()] = value.strip()
     return options
 
 
 def _lower_all(program, args: argparse.Namespace, tmp) -> list[str]:  # type: ignore[no-untyped-def]
-    """Lower into OUT/<runtime>/ for each --runtime (inside the atomic OUT)."""
-    from graphopt.runtime import lower
+    """Lower into OUT/<runtime>/ for each --runtime (inside the atomic OUT); with
+    --max-history, prefill and step of the causal Program (derived once)."""
+    from graphopt.runtime import lower, lower_incremental
 
     options = _runtime_options(args.runtime_option)
+    if args.max_history is None:
+        for name in args.runtime:
+            lower(program, name, tmp / name, **options)
+        return list(args.runtime)
+    from graphopt.passlib.incremental import derive_incremental
+
+    inc = derive_incremental(program, args.max_history, args.state_dtype, max_positions=args.max_positions)
+    step_options = _runtime_options(args.step_option, "--step-option")
     for name in args.runtime:
-        lower(program, name, tmp / name, **options)
+        lower_incremental(inc, name, tmp / name, step_options=step_options, **options)
     return list(args.runtime)
 
 
@@ -70,6 +87,17 @@ def run(args: argparse.Namespace) -> int:
             except LoweringError as e:
                 raise PipelineParseError(f"--runtime: {e}") from None
         _runtime_options(args.runtime_option)
+    incremental = [flag for flag, value in (("--state-dtype", args.state_dtype != "native"),
+                                            ("--max-positions", args.max_positions is not None),
+                                            ("--step-option", args.step_option)) if value]
+    if args.max_history is not None or incremental:
+        if args.max_history is None:
+            raise PipelineParseError(f"{incremental[0]} needs --max-history N (incremental lowering)")
+        if not args.runtime:
+            raise PipelineParseError("--max-history lowers prefill/step entries: name the runtime(s) with --runtime")
+        if args.max_history < 1:
+            raise PipelineParseError(f"--max-history must be >= 1, got {args.max_history}")
+        _runtime_options(args.step_option, "--step-option")
     check_replaceable(args.output, force=args.force)  # a refused -o fails before the model loads
     program = load_program(args.model)
     needs_data = any("calibration_data" in p.requires for p in pipeline)
@@ -95,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
         "nodes": [report.nodes_before, report.nodes_after],
         "max_abs_drift": report.drift.get("max_abs"),
     }
+    if artifacts and args.max_history is not None:
+        summary["incremental"] = {"max_history": args.max_history, "state_dtype": args.state_dtype}
     if artifacts:
         summary["artifacts"] = {name: f"{args.output.rstrip('/')}/{name}" for name in artifacts}
     print(json.dumps(summary))

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import graphopt
 from graphopt import Program
 from graphopt.cli import main
 
@@ -90,6 +91,43 @@ def test_optimize_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert (out_dir / "program.pt2").stat().st_mtime_ns == stamp
     assert run(capsys, "optimize", "dlrm:tiny", "-p", "O1", "-o", str(out_dir), "--force")[0] == 0
     assert json.loads((out_dir / "report.json").read_text())["pipeline"].startswith("remove-dropout")
+
+
+def test_optimize_lowers_prefill_and_step_with_max_history(tmp_path, capsys):
+    """--max-history lowers each --runtime with lower_incremental: the artifact's step continues
+    the prefilled users and matches a windowed full recompute (independent reference, 1e-4 fp32);
+    the flags' misuse and a model that is not causal are one-line usage errors, nothing written."""
+    from tests._incremental import ITEMS, band_reference, histories
+
+    out = tmp_path / "inc"
+    code, stdout, err = run(capsys, "optimize", "gpt-rec:tiny", "-p", "O2", "-o", str(out), "--runtime", "eager",
+                            "--max-history", "6", "--state-dtype", "native", "--max-positions", "512")
+    assert code == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["incremental"] == {"max_history": 6, "state_dtype": "native"}
+    ids, mask = histories([5, 3, 1])
+    new = torch.tensor([[7], [ITEMS], [1]])
+    with graphopt.load(out / "eager") as runner:
+        assert runner.artifact.manifest["incremental"]["max_history"] == 6
+        _, state = runner.prefill(ids, mask)
+        scores, state = runner.step(new, state)
+    both, both_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+    torch.testing.assert_close(scores, band_reference(both, both_mask, 6), atol=1e-4, rtol=1e-4)
+    assert state.length.tolist() == [6, 4, 2]
+    bad = {
+        ("--max-history", "6"): "--max-history lowers prefill/step entries: name the runtime(s) with --runtime",
+        ("--state-dtype", "bf16", "--runtime", "eager"): "--state-dtype needs --max-history N",
+        ("--runtime", "eager", "--max-history", "0"): "--max-history must be >= 1, got 0",
+        ("--runtime", "eager", "--max-history", "6", "--step-option", "threads"): "--step-option 'threads': expected",
+    }
+    for extra, message in bad.items():
+        code, _, err = run(capsys, "optimize", "gpt-rec:tiny", "-p", "O2", "-o", str(tmp_path / "bad"), *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "bad").exists()
+    code, _, err = run(capsys, "optimize", "bert4rec:tiny", "-p", "O2", "-o", str(tmp_path / "bad"),
+                       "--runtime", "eager", "--max-history", "6")
+    assert code != 0 and "is not causal" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_force_never_replaces_a_folder_graphopt_did_not_write(tmp_path, capsys):
