@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         new = torch.randint(1, items + 1, (batch, 1), generator=gen)
         state = inc.prefill(ids, torch.ones_like(ids))[len(inc.scores):]
         want = inc.step(new, *state)[0]
-        fns = {name: (lambda r=r: r(new, *state)) for name, r in runners.items()}
+        fns = {name: (lambda r=r, x=new, s=state: r(x, *s)) for name, r in runners.items()}
         samples = run_interleaved(fns, config)
         ratio = paired_speedup(samples["packed"], samples["plain"])
         row = {"batch": batch, "history": args.history, "speedup": ratio["speedup"],

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from graphopt.runtimes.inductor_compile import compile_package
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
 from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Option, Runner, resolve_device
 from graphopt.runtime.backend import is_quantized, program_dtypes
-from graphopt.runtimes.inductor_compile import compile_package
 
 __all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on", "inductor_configs"]
 

@@ -25,7 +25,6 @@ changes the state it is given.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -36,14 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from graphopt.errors import GraphoptError, LoweringError, RunnerError, first_line
+from graphopt.errors import LoweringError, RunnerError
 from graphopt.ir.program import InputSpec, Program, bind_inputs, check_inputs
 from graphopt.options import resolve_options
 from graphopt.outputs import atomic_directory
 from graphopt.process import quiet_backends
-from graphopt.runtime.artifact import MANIFEST_FILE, MANIFEST_FORMAT, Artifact, sha256_file
+from graphopt.runtime.artifact import MANIFEST_FILE, Artifact
 from graphopt.runtime.backend import get_runtime, require_available
 from graphopt.runtime.contract import check_contract, dim_ranges, index_ranges
+from graphopt.runtime.lower import file_checksums, lower_entry, manifest_head
 
 if TYPE_CHECKING:
     from graphopt.passlib.incremental import IncrementalPrograms
@@ -154,41 +154,15 @@ def lower_incremental(
         infos: dict[str, dict[str, Any]] = {}
         for name, entry in entries.items():
             (tmp / name).mkdir()
-            try:
-                info = backend.lower_into(entry, tmp / name, entry_opts[name])
-            except GraphoptError:
-                raise
-            except Exception as e:  # backend exporters raise many unrelated types
-                if os.environ.get("GRAPHOPT_DEBUG"):
-                    raise
-                raise LoweringError(f"{runtime} | lowering {entry.name} failed: {first_line(e, with_type=True)}; "
-                                    "set GRAPHOPT_DEBUG=1 (or --debug) for the traceback") from e
-            if "entry" not in info or not (tmp / name / info["entry"]).is_file():
-                raise LoweringError(f"{runtime} | lowering {entry.name} wrote no entry file ({info.get('entry')!r})")
-            infos[name] = info
-        files = {}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = f.relative_to(tmp).as_posix()
-            if rel != MANIFEST_FILE:
-                files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+            infos[name] = lower_entry(backend, entry, tmp / name, entry_opts[name])
+        files = file_checksums(tmp)
         top = dict(infos["prefill"])
         for key in _PATH_KEYS:
             if isinstance(top.get(key), str):
                 top[key] = f"prefill/{top[key]}"
         prefill_program = entries["prefill"]
         manifest = {
-            "format": MANIFEST_FORMAT,
-            "runtime": runtime,
-            "model": prefill_program.name,
-            "source": prefill_program.meta.get("zoo") or prefill_program.meta.get("hf_directory") or prefill_program.name,
-            "pipeline": prefill_program.pipeline,
-            "inputs": [s.to_json() for s in prefill_program.inputs],
-            "outputs": list(prefill_program.output_names),
-            "dims": dim_ranges(prefill_program),
-            "index_ranges": index_ranges(prefill_program),
-            "options": dict(opts),
-            "versions": _versions(backend),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **manifest_head(prefill_program, backend, opts),
             "backend": top,
             "incremental": {**inc.to_json(),
                             "entries": {n: _entry_manifest(entries[n], infos[n], n, entry_opts[n])
@@ -199,12 +173,6 @@ def lower_incremental(
     log.info("lowered incremental %s with %s into %s (window %d, state %s)", prefill_program.name, runtime,
              out_dir, inc.window, inc.codec)
     return Artifact(Path(out_dir), manifest)
-
-
-def _versions(backend: Any) -> dict[str, str]:
-    from graphopt.runtime.lower import _versions as versions
-
-    return versions(backend)
 
 
 # ------------------------------------------------------------------- running

@@ -33,6 +33,53 @@ def _versions(backend: Backend) -> dict[str, str]:
     return {"graphopt": graphopt.__version__, "torch": torch.__version__, **backend.versions()}
 
 
+def lower_entry(backend: Backend, program: Program, folder: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """``backend.lower_into(program, folder, opts)`` with its failures as one-line
+    ``LoweringError`` s (the traceback under ``GRAPHOPT_DEBUG``); checks the entry file exists."""
+    try:
+        info = backend.lower_into(program, folder, opts)
+    except GraphoptError:
+        raise
+    except Exception as e:  # backend exporters raise many unrelated types
+        if os.environ.get("GRAPHOPT_DEBUG"):
+            raise
+        raise LoweringError(
+            f"{backend.name} | lowering {program.name} failed: {first_line(e, with_type=True)}; "
+            "set GRAPHOPT_DEBUG=1 (or --debug) for the traceback"
+        ) from e
+    if "entry" not in info or not (folder / info["entry"]).is_file():
+        raise LoweringError(f"{backend.name} | lowering {program.name} wrote no entry file ({info.get('entry')!r})")
+    return info
+
+
+def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under ``folder`` but the manifest: relative path -> sha256 and size."""
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = f.relative_to(folder).as_posix()
+        if rel != MANIFEST_FILE:
+            files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    return files
+
+
+def manifest_head(program: Program, backend: Backend, opts: dict[str, Any]) -> dict[str, Any]:
+    """The manifest keys every artifact has, before its ``backend`` section and files."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "runtime": backend.name,
+        "model": program.name,
+        "source": program.meta.get("zoo") or program.meta.get("hf_directory") or program.name,
+        "pipeline": program.pipeline,
+        "inputs": [s.to_json() for s in program.inputs],
+        "outputs": list(program.output_names),
+        "dims": dim_ranges(program),
+        "index_ranges": index_ranges(program),
+        "options": dict(opts),
+        "versions": _versions(backend),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
 def lower(
     program: Program,
     runtime: str,
@@ -54,40 +101,9 @@ def lower(
     opts = resolve_options(backend.lower_options, options, f"{runtime} | lower", LoweringError)
     backend.check_program(program, opts)
     with atomic_directory(out_dir, force=force) as tmp, quiet_backends():
-        try:
-            info = backend.lower_into(program, tmp, opts)
-        except GraphoptError:
-            raise
-        except Exception as e:  # backend exporters raise many unrelated types
-            if os.environ.get("GRAPHOPT_DEBUG"):
-                raise
-            raise LoweringError(
-                f"{runtime} | lowering {program.name} failed: {first_line(e, with_type=True)}; "
-                "set GRAPHOPT_DEBUG=1 (or --debug) for the traceback"
-            ) from e
-        if "entry" not in info or not (tmp / info["entry"]).is_file():
-            raise LoweringError(f"{runtime} | lowering wrote no entry file ({info.get('entry')!r})")
-        files = {}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            rel = f.relative_to(tmp).as_posix()
-            if rel != MANIFEST_FILE:
-                files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "runtime": runtime,
-            "model": program.name,
-            "source": program.meta.get("zoo") or program.meta.get("hf_directory") or program.name,
-            "pipeline": program.pipeline,
-            "inputs": [s.to_json() for s in program.inputs],
-            "outputs": list(program.output_names),
-            "dims": dim_ranges(program),
-            "index_ranges": index_ranges(program),
-            "options": {k: v for k, v in opts.items()},
-            "versions": _versions(backend),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "backend": info,
-            "files": files,
-        }
+        info = lower_entry(backend, program, tmp, opts)
+        files = file_checksums(tmp)
+        manifest = {**manifest_head(program, backend, opts), "backend": info, "files": files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     log.info("lowered %s with %s into %s (%d files)", program.name, runtime, out_dir, len(files))
     return Artifact(Path(out_dir), manifest)

@@ -13,12 +13,12 @@ import shutil
 import pytest
 import torch
 from graphopt.runtimes.eager import EagerRunner
+from graphopt.runtimes.inductor_code import wrapper_calls, wrapper_source
 
 import graphopt
 from graphopt.errors import ArtifactError, LoweringError, RunnerError
 from graphopt.ir.program import Program
 from graphopt.runtime import available_runtimes
-from graphopt.runtimes.inductor_code import wrapper_calls, wrapper_source
 from tests._incremental import WINDOW, derived, histories, optimized, replay, use_capture
 
 RUNTIMES = ["eager", "onnxruntime", "inductor"]
