@@ -25,6 +25,7 @@ changes the state it is given.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -216,6 +217,10 @@ class _StepPlan:
     rows: int | None  # max_positions
     state_dtype: str
 
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.specs)
+
     @classmethod
     def of(cls, runner: Runner, section: dict[str, Any]) -> _StepPlan:
         plan = runner.__dict__.get("_step_plan")
@@ -233,7 +238,7 @@ def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new:
                    own: bool = False) -> list[torch.Tensor]:
     """The state's tensors in the step's input order, after checking each against the artifact
     (an ``own`` state, one this runner returned, has valid lengths: not scanned again)."""
-    names = [s.name for s in plan.specs]
+    names = plan.names
     if isinstance(state, IncrementalState):
         tensors = state.tensors
     elif isinstance(state, Mapping):
@@ -273,8 +278,8 @@ def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new:
 
 def _wrap(runner: Runner, section: dict[str, Any], outputs: Sequence[torch.Tensor]) -> tuple[Any, IncrementalState]:
     n = len(section["scores"])
-    names = [d["name"] for d in section["state"]]
-    state = IncrementalState(dict(zip(names, outputs[n:])), int(section["max_history"]), origin=id(runner))
+    plan = _StepPlan.of(runner, section)
+    state = IncrementalState(dict(zip(plan.names, outputs[n:])), plan.window, origin=id(runner))
     scores = outputs[0] if n == 1 else tuple(outputs[:n])
     return scores, state
 
