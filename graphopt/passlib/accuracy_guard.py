@@ -28,7 +28,7 @@ import torch.fx
 from graphopt.metrics import FIDELITY_BAR, agreement
 from graphopt.passlib.qdq import QD, WEIGHT_QMAX, WEIGHT_QMIN, QuantLinear
 
-__all__ = ["LayerPlan", "Emulator", "Target", "target_for", "guard"]
+__all__ = ["LayerPlan", "Emulator", "Target", "target_for", "Guarded", "guard"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,18 @@ def target_for(metric: str, max_drop: float, reference: Sequence[torch.Tensor], 
     return Target(name, required + headroom * (1.0 - required))
 
 
+@dataclass
+class Guarded:
+    """What :func:`guard` decided: the layers to quantize, each layer's score when quantized
+    alone (only when some must stay float), report notes, the target and the score it held."""
+
+    enabled: set[str]
+    alone: dict[str, float]
+    notes: list[str]
+    target: Target
+    score: float
+
+
 def _score(target: Target, outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
     if target.metric == "cosine":  # the bar's cosine fallback: the worst output, as the bench reports it
         return min(agreement("cosine", (o,), (r,)) for o, r in zip(outputs, reference) if r.is_floating_point())
@@ -146,9 +158,8 @@ def guard(
     holdout: Sequence[tuple[torch.Tensor, ...]],
     target_of: Callable[[Sequence[torch.Tensor]], Target],
     where: str,
-) -> tuple[set[str], dict[str, float], list[str], Target]:
-    """(layers to quantize, each layer's score when quantized alone (only when some
-    must stay float), report notes, the target held). ``target_of(reference outputs)``
+) -> Guarded:
+    """Which layers to quantize (see :class:`Guarded`). ``target_of(reference outputs)``
     picks the target from the float outputs of the first held-out batch.
 
     When every layer int8 misses the target, layers are ranked by the damage each
@@ -177,7 +188,7 @@ def guard(
     notes = [f"accuracy guard: {target.metric} {full:.4f} with every layer int8 on {where} batches "
              f"(target {target.describe()})"]
     if holds(full):
-        return set(plans), {}, notes, target
+        return Guarded(set(plans), {}, notes, target, full)
     damage = {name: run({name}) for name in plans}
     order = sorted(plans, key=lambda n: (damage[n][0], -damage[n][1]))  # worst first
 
@@ -195,7 +206,7 @@ def guard(
     log.info("accuracy guard: %d layer(s) stay float, %s %.4f", hi, target.metric, current)
     notes.append(f"accuracy guard: the {hi} most damaging layer(s) stay float; {target.metric} now {current:.4f} "
                  f"({len(plans) - hi} of {len(plans)} int8)")
-    return enabled, {name: d[0] for name, d in damage.items()}, notes, target
+    return Guarded(enabled, {name: d[0] for name, d in damage.items()}, notes, target, current)
 
 
 def _tuple(out: Any) -> tuple[torch.Tensor, ...]:

@@ -12,6 +12,9 @@ return the range ``(lo, hi)`` to quantize it over:
 - ``mse``: the threshold on |x| minimizing the expected squared error of
   8-bit rounding plus clipping.
 
+One histogram serves every method (:func:`read_as`), so a caller that wants
+to compare methods (``quantize-int8{calibration=auto}``) observes once.
+
 Histogram methods threshold |x| and return ``(max(min, -t), min(max, t))``.
 Histograms are grown by re-binning when a later batch exceeds the range.
 :func:`observe` runs a GraphModule over the batches and feeds chosen nodes'
@@ -44,6 +47,7 @@ __all__ = [
     "EntropyObserver",
     "MSEObserver",
     "make_observer",
+    "read_as",
     "observe",
     "agreement",
     "default_calibration",
@@ -214,6 +218,19 @@ def make_observer(method: str, *, percentile: float = 99.99, bins: int = 2048) -
     raise ValueError(f"unknown calibration method {method!r}; one of {', '.join(METHODS)}")
 
 
+def read_as(observer: HistogramObserver, method: str, *, percentile: float = 99.99) -> Observer:
+    """The same observations read with ``method``: a histogram observer's counts (and
+    min/max) shared by a new observer, so one calibration run serves every method."""
+    other = MinMaxObserver() if method == "minmax" else make_observer(method, percentile=percentile,
+                                                                      bins=observer.bins)
+    if isinstance(other, HistogramObserver):
+        if other.bins != observer.bins:
+            raise ValueError(f"{method} needs >= {other.bins} bins; observe with at least that many")
+        other.hist, other.top = observer.hist, observer.top
+    other.min, other.max, other.count = observer.min, observer.max, observer.count
+    return other
+
+
 class _Recorder(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, observers: dict[str, Observer]) -> None:
         super().__init__(gm)
@@ -248,8 +265,12 @@ def observe(
     percentile: float = 99.99,
     bins: int = 2048,
 ) -> dict[str, Observer]:
-    """Run ``gm`` on every batch; return an observer per named node, fed its outputs."""
-    observers = {name: make_observer(method, percentile=percentile, bins=bins) for name in node_names}
+    """Run ``gm`` on every batch; return an observer per named node, fed its outputs
+    (``method="histogram"``: a plain histogram of ``bins`` bins, for :func:`read_as`)."""
+    if method == "histogram":
+        observers: dict[str, Observer] = {name: HistogramObserver(bins) for name in node_names}
+    else:
+        observers = {name: make_observer(method, percentile=percentile, bins=bins) for name in node_names}
     recorder = _Recorder(gm, observers)
     progress = _progress(len(batches), f"calibrating ({method})")
     try:

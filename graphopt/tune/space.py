@@ -290,8 +290,10 @@ def build_space(
     int8: list[str] = []
     if "quantize-int8" in passes:
         options = passes["quantize-int8"].options
-        methods = next((o.choices for o in options if o.name == "calibration"), None) or ("minmax",)
-        int8 = [_step("quantize-int8", {} if m == "minmax" else {"calibration": m}) for m in methods]
+        calibration = next((o for o in options if o.name == "calibration"), None)
+        methods = (calibration.choices or (calibration.default,)) if calibration else ("minmax",)
+        default = calibration.default if calibration else "minmax"
+        int8 = [_step("quantize-int8", {} if m == default else {"calibration": m}) for m in methods]
         int8 += [s for s in _option_variants("quantize-int8", options, {})[1:] if "calibration=" not in s]
     int8_dynamic = _option_variants("quantize-int8-dynamic", passes["quantize-int8-dynamic"].options, {}) \
         if "quantize-int8-dynamic" in passes else []

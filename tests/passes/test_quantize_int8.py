@@ -141,6 +141,41 @@ def test_accuracy_guard_keeps_sensitive_layers_float(zoo, program):
     assert loose.passes[0].stats == {"linear": 4, "activation-qdq": 4}
 
 
+def test_auto_calibration_keeps_the_method_leaving_least_work_float(zoo, program):
+    from graphopt.passlib.costs import node_flops
+
+    calib = calibration(zoo("dlrm:tiny"), n=4, batch=32)
+    guard = "max_drop=0.000001 metric=cosine"
+    ref = program("dlrm:tiny")
+    q, report = graphopt.optimize(ref, f"quantize-int8{{{guard}}}", calibration_data=calib)
+    rec = report.passes[0]
+    note = next(n for n in rec.notes if n.startswith("calibration=auto chose "))
+    chosen = note.split()[2]
+    # each method as the note states it = a run of that method alone (same data, same guard)
+    flops = {n.name: node_flops(n) for n in ref.gm.graph.nodes if n.target is torch.ops.aten.linear.default}
+    shares, runs = {}, {}
+    for method in ("minmax", "entropy", "mse", "percentile"):
+        _, r = graphopt.optimize(ref, f"quantize-int8{{calibration={method} {guard}}}", calibration_data=calib)
+        runs[method] = [(d["node"], d["act_scale"], d["quantized"]) for d in r.passes[0].details]
+        shares[method] = 100.0 * sum(flops[n] for n, _, on in runs[method] if not on) / sum(flops.values())
+        assert f"{method}: {shares[method]:.1f}% of the GEMM FLOPs float" in note, (method, note)
+    assert len({tuple(r) for r in runs.values()}) > 1, "the methods must differ here, or this checks nothing"
+    assert shares[chosen] <= min(shares.values()) + 2.0
+    # auto's ranges and int8 layers are exactly the chosen method's, and the graph has them
+    assert [(d["node"], d["act_scale"], d["quantized"]) for d in rec.details] == runs[chosen]
+    assert q.op_histogram().get(DQC, 0) == sum(on for _, _, on in runs[chosen])
+    assert_equivalent(ref, q, 1.0 if chosen == "entropy" else TOL, shapes=((16, None), (3, None)))
+
+
+def test_auto_calibration_without_the_guard_is_minmax(zoo, program):
+    calib = calibration(zoo("bert4rec:tiny"), n=2)
+    _, auto = graphopt.optimize(program("bert4rec:tiny"), "quantize-int8{max_drop=0}", calibration_data=calib)
+    _, mm = graphopt.optimize(program("bert4rec:tiny"), "quantize-int8{max_drop=0 calibration=minmax}",
+                              calibration_data=calib)
+    assert [d["act_scale"] for d in auto.passes[0].details] == [d["act_scale"] for d in mm.passes[0].details]
+    assert not any(n.startswith("calibration=auto") for n in auto.passes[0].notes)
+
+
 def test_skip_and_near_miss():
     prog = graphopt.capture(ActivationMatmul(), (torch.randn(2, 3, 4), torch.randn(2, 5, 4)))
     out, report = graphopt.optimize(prog, "quantize-int8", calibration_data=[prog.sample_inputs(seed=1)])

@@ -13,6 +13,7 @@ from graphopt.passlib.calibration import (
     default_calibration,
     make_observer,
     observe,
+    read_as,
 )
 
 
@@ -57,6 +58,20 @@ def test_mse_clips_a_heavy_tail_but_keeps_rare_huge_outliers():
     mm.update(x)
     mse.update(x)
     assert mse.range()[1] > 0.8 * mm.range()[1]
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "mse", "percentile"])
+def test_one_histogram_read_as_each_method_equals_that_methods_observer(method):
+    x = _skewed(seed=3) - 0.5  # both signs, a long tail
+    shared, own = HistogramObserver(2048), make_observer(method, percentile=99.9, bins=2048)
+    for chunk in x.chunk(5):
+        shared.update(chunk)
+        own.update(chunk)
+    assert read_as(shared, method, percentile=99.9).range() == own.range()
+    if method != "minmax":  # and it is a clipping method's range, not the observed one
+        assert read_as(shared, method, percentile=99.9).range()[1] < float(x.max())
+    with pytest.raises(ValueError, match="bins"):
+        read_as(HistogramObserver(512), "entropy")
 
 
 def test_entropy_needs_fine_histogram():
