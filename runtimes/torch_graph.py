@@ -75,4 +75,5 @@ def move_graph_module(gm: torch.fx.GraphModule, device: str) -> torch.fx.GraphMo
 
 
 def to_device(inputs: list[torch.Tensor], device: str) -> list[torch.Tensor]:
-    return [t if t.device == torch.device(device) else t.to(device, non_blocking=True) for t in inputs]
+    target = torch.device(device)
+    return [t if t.device == target else t.to(target, non_blocking=True) for t in inputs]

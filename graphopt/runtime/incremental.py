@@ -32,6 +32,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,10 +63,12 @@ _PATH_KEYS = ("entry", "optimized")
 class IncrementalState:
     """The state ``prefill``/``step`` return: named tensors, batch-major."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
     max_history: int
-    #: the runner that returned it (its own output needs no NaN scan on the way back in)
+    #: the runner that returned it (its own output, read-only, is not checked tensor by tensor again)
     origin: int | None = field(default=None, compare=False, repr=False)
+    #: the most events any user has seen, when the runner that returned it knows (saves a reduction per step)
+    events: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def length(self) -> torch.Tensor:
@@ -221,6 +224,10 @@ class _StepPlan:
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.specs)
 
+    @functools.cached_property
+    def length_spec(self) -> tuple[Any, ...]:
+        return tuple(s for s in self.specs if s.name == "length")
+
     @classmethod
     def of(cls, runner: Runner, section: dict[str, Any]) -> _StepPlan:
         plan = runner.__dict__.get("_step_plan")
@@ -237,7 +244,8 @@ class _StepPlan:
 def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new: int,
                    own: bool = False) -> list[torch.Tensor]:
     """The state's tensors in the step's input order, after checking each against the artifact
-    (an ``own`` state, one this runner returned, has valid lengths: not scanned again)."""
+    (an ``own`` state, one this runner returned and read-only, has the artifact's names, dtypes
+    and shapes and valid lengths: only its batch is checked against the new events')."""
     names = plan.names
     if isinstance(state, IncrementalState):
         tensors = state.tensors
@@ -252,7 +260,7 @@ def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new:
         which = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{extra[0]}'"
         raise _state_error(runner, f" {which} (this artifact's state holds {', '.join(names)})")
     window = plan.window
-    for spec in plan.specs:
+    for spec in plan.length_spec if own else plan.specs:
         t = tensors[spec.name]
         if not isinstance(t, torch.Tensor):
             raise _state_error(runner, f" '{spec.name}': expected a tensor, got {type(t).__name__}")
@@ -267,7 +275,8 @@ def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new:
     if not own and length.numel() and int(length.min()) < 0:
         raise _state_error(runner, f" 'length': events seen must be >= 0, got {int(length.min())}")
     rows = plan.rows
-    if rows is not None and length.numel() and int(length.max()) + new > rows:
+    events = state.events if own else None
+    if rows is not None and length.numel() and (int(length.max()) if events is None else events) + new > rows:
         user = int(length.argmax())
         raise RunnerError(
             f"{runner.name} | user {user} would reach position {int(length.max()) + new - 1}, past the {rows} "
@@ -276,10 +285,12 @@ def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new:
     return [tensors[n].contiguous() for n in names]
 
 
-def _wrap(runner: Runner, section: dict[str, Any], outputs: Sequence[torch.Tensor]) -> tuple[Any, IncrementalState]:
+def _wrap(runner: Runner, section: dict[str, Any], outputs: Sequence[torch.Tensor],
+          events: int | None) -> tuple[Any, IncrementalState]:
     n = len(section["scores"])
     plan = _StepPlan.of(runner, section)
-    state = IncrementalState(dict(zip(plan.names, outputs[n:])), plan.window, origin=id(runner))
+    state = IncrementalState(MappingProxyType(dict(zip(plan.names, outputs[n:]))), plan.window, origin=id(runner),
+                             events=events)
     scores = outputs[0] if n == 1 else tuple(outputs[:n])
     return scores, state
 
@@ -295,13 +306,13 @@ def prefill(runner: Runner, *args: Any, **kwargs: Any) -> tuple[Any, Incremental
             user = int((((mask != 0) & (mask != 1)).any(1) | (mask[:, 1:] < mask[:, :-1]).any(1)).nonzero()[0])
             raise RunnerError(f"{runner.name} | input 'attention_mask': histories must be left-padded (0s, then "
                               f"1s) for incremental state; user {user} is not")
-        rows = section.get("max_positions")
-        events = int(mask.sum(1).max())
-        if rows is not None and events > rows:
-            raise RunnerError(f"{runner.name} | input 'attention_mask': a history of {events} events runs past the "
-                              f"{rows} positions this artifact serves (max_positions); pass the last "
-                              f"{section['max_history']} events")
-    return _wrap(runner, section, runner(*bound))
+    events = int(mask.sum(1).max()) if mask.numel() else 0
+    rows = section.get("max_positions")
+    if rows is not None and events > rows:
+        raise RunnerError(f"{runner.name} | input 'attention_mask': a history of {events} events runs past the "
+                          f"{rows} positions this artifact serves (max_positions); pass the last "
+                          f"{section['max_history']} events")
+    return _wrap(runner, section, runner(*bound), events)
 
 
 def step(runner: Runner, input_ids: Any, state: Any) -> tuple[Any, IncrementalState]:
@@ -327,4 +338,5 @@ def step(runner: Runner, input_ids: Any, state: Any) -> tuple[Any, IncrementalSt
     if runner.check_contract:
         n = 1 if own else len(sub.inputs)
         check_contract(sub.inputs[:n], inputs[:n], sub._dims, sub._index_ranges, sub.name)
-    return _wrap(runner, section, sub.run_checked(inputs))
+    events = state.events + int(input_ids.shape[1]) if own and state.events is not None else None
+    return _wrap(runner, section, sub.run_checked(inputs), events)

@@ -136,6 +136,33 @@ def test_bad_state_refused_in_the_same_words_and_runner_keeps_serving(runners):
         assert other == first
 
 
+def test_own_state_is_read_only_and_tracked_to_the_last_position(runners):
+    """The runner trusts the state it returned (checks only its batch per step), so that state
+    is read-only; it counts the events itself and refuses the step past the position table
+    as it refuses a foreign state's (512 positions in gpt-rec:tiny)."""
+    runner = runners["eager"]
+    ids, mask = histories([509, 3])
+    _, state = runner.prefill(ids, mask)
+    with pytest.raises(TypeError):
+        state.tensors["key_0"] = state.tensors["key_0"] * 0
+    one = torch.tensor([[4], [5]])
+    with pytest.raises(RunnerError, match="state 'length': expected shape \\[3\\] \\(batch 3"):
+        runner.step(torch.tensor([[4], [5], [6]]), state)  # the batch of an own state is still checked
+    for _ in range(3):  # positions 509, 510, 511: the last ones the table has
+        scores, state = runner.step(one, state)
+    assert state.length.tolist() == [512, 6]
+    foreign = {k: v.clone() for k, v in state.tensors.items()}
+    for past in (state, foreign):  # own (tracked count) and foreign (scanned): one message
+        with pytest.raises(RunnerError, match="user 0 would reach position 512, past the 512 positions"):
+            runner.step(one, past)
+    # the tracked count is the scanned one: one step before the end, both step and agree
+    _, before = runner.prefill(ids, mask)
+    _, before = runner.step(torch.tensor([[4, 4], [5, 5]]), before)
+    got, _ = runner.step(one, before)
+    want, _ = runner.step(one, {k: v.clone() for k, v in before.tensors.items()})
+    assert torch.equal(got, want)
+
+
 def test_state_select_and_cat(runners):
     """Users' states can be stored apart and batched again: rows step the same."""
     runner = runners["eager"]
