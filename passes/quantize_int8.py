@@ -86,6 +86,9 @@ class QuantizeInt8(Pass):
     the agreement on unseen inputs loosely (measured on bert4rec:base: 0.981 to
     0.991 across 32-row batches at one setting). When it misses, the fewest
     layers doing most damage alone stay float (graphopt.passlib.accuracy_guard).
+    With validation data (``graphopt.optimize(..., validation=...)``: the user's
+    HR@10/NDCG@10 or AUC/logloss as a function of a model), the chosen layers must
+    also keep each of those within 0.5% relative of the float model's on it.
     ``details`` lists every layer with its ranges, score alone and whether it
     stayed float; ``declined`` names the ones kept float and why.
     Requires calibration_data, shapes; preserves shapes. Approximate: tolerance
@@ -175,6 +178,8 @@ class QuantizeInt8(Pass):
         observers = observe(gm, calib, acts, "histogram" if shared else methods[0], percentile=self.percentile,
                             bins=max(self.bins, 2048) if shared else self.bins)
         where = "held-out" if len(holdout) < len(batches) else "calibration (too few batches to hold any out)"
+        validation = ctx.validation if self.guarded else None
+        float_metrics = dict(validation(_float_fn(gm))) if validation is not None else None
         tried: list[_Tried] = []
         for method in methods:
             ranges = {a: (read_as(o, method, percentile=self.percentile) if shared else o).range()  # type: ignore[arg-type]
@@ -184,8 +189,8 @@ class QuantizeInt8(Pass):
                                                 self.per_channel, self.mixed == "bf16")
                      for layer in layers}
             guarded = guard(gm, plans, holdout, lambda ref: target_for(self.metric, self.max_drop, ref,
-                                                                       self.headroom), where) \
-                if self.guarded else None
+                                                                       self.headroom), where, validation,
+                            float_metrics) if self.guarded else None
             tried.append(_Tried(method, plans, guarded))
         best = _pick(tried)
         plans, guarded = best.plans, best.guarded
@@ -269,6 +274,13 @@ def _auto_note(tried: Sequence[_Tried], best: _Tried) -> str:
     parts = [f"{t.method}: {100.0 * t.float_flops / total:.1f}% of the GEMM FLOPs float"
              + (f", {t.guarded.target.metric} {t.score:.4f}" if t.guarded else "") for t in tried]
     return f"calibration=auto chose {best.method} ({'; '.join(parts)})"
+
+
+def _float_fn(gm: torch.fx.GraphModule) -> Any:
+    def run(*inputs: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return gm(*inputs)
+    return run
 
 
 def _prefixed(rewritten: dict[str, int]) -> dict[str, int]:

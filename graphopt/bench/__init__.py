@@ -16,7 +16,7 @@ import sys
 import types
 from typing import Any
 
-from graphopt.bench.accuracy import ClickEvalData, EvalData
+from graphopt.bench.accuracy import ClickEvalData, EvalData, make_evaluator
 from graphopt.bench.harness import bench
 from graphopt.bench.peers import PEERS
 from graphopt.bench.report import BENCH_FORMAT, BenchReport, pareto_front
@@ -30,6 +30,7 @@ __all__ = [
     "BENCH_FORMAT",
     "EvalData",
     "ClickEvalData",
+    "make_evaluator",
     "TimingConfig",
     "Samples",
     "PEERS",

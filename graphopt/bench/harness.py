@@ -132,6 +132,7 @@ def bench(
     timing: TimingConfig | None = None,
     eval_data: Any = None,
     calibration_data: Sequence[Any] | None = None,
+    validation_data: Any = None,
     k: int = 10,
     memory: bool = True,
     keep_artifacts: bool = False,
@@ -150,6 +151,9 @@ def bench(
     ``eval_data``: :class:`~graphopt.bench.accuracy.EvalData` (batches,
     targets, seen) or a callable ``evaluate(fn) -> {"hr@10": .., "ndcg@10": ..}``;
     without it accuracy is drift and ranking agreement with eager only.
+    ``validation_data`` (same forms as ``eval_data``; data apart from it): what the
+    int8 accuracy guard holds HR/NDCG (AUC/logloss) on while choosing layers
+    (``graphopt.optimize(..., validation=...)``); never the evaluation data itself.
     ``out_dir``: write report.json, report.md and PNG plots there (atomic;
     an existing folder needs ``force``). Timings are never compared across
     runs: every ratio is measured pair by pair within this run.
@@ -168,7 +172,8 @@ def bench(
     try:
         return _run(
             model, specs, runtimes, peer_names, batch_sizes, seq_lens, threads, out_dir, force, config,
-            eval_data, calibration_data, k, memory, keep_artifacts, seed, progress, work, variants,
+            eval_data, calibration_data, validation_data, k, memory, keep_artifacts, seed, progress, work,
+            variants,
         )
     finally:
         for v in variants:
@@ -180,7 +185,7 @@ def bench(
 def _run(
     model: Any, specs: list, runtimes: list[str], peer_names: list[str], batch_sizes: Sequence[int],
     seq_lens: Sequence[int], threads: int | None, out_dir: str | Path | None, force: bool,
-    config: TimingConfig, eval_data: Any, calibration_data: Any, k: int, memory: bool,
+    config: TimingConfig, eval_data: Any, calibration_data: Any, validation_data: Any, k: int, memory: bool,
     keep_artifacts: bool, seed: int, progress: Progress | None, work: Path, variants: list[Variant],
 ) -> BenchReport:
     notes: list[str] = []
@@ -220,6 +225,7 @@ def _run(
     built = build_graphopt_variants(
         program, specs, runtimes, work,
         calibration_data=calibration_data, threads=threads,
+        validation=make_evaluator(validation_data) if validation_data is not None else None,
         on_built=lambda v: tick(f"built {v.name} ({v.status})"),
     )
     variants += built

@@ -275,9 +275,11 @@ def build_graphopt_variants(
     *,
     calibration_data: Sequence[Any] | None = None,
     threads: int | None = None,
+    validation: Callable[[Callable[..., Any]], Any] | None = None,
     on_built: Callable[[Variant], None] | None = None,
 ) -> list[Variant]:
-    """Every (pipeline, runtime) variant, built or marked skipped/failed."""
+    """Every (pipeline, runtime) variant, built or marked skipped/failed (``validation``:
+    see ``graphopt.optimize``)."""
     from graphopt.transform.optimize import optimize
 
     status = runtime_status(runtimes)
@@ -301,10 +303,13 @@ def build_graphopt_variants(
                 needs_data = any("calibration_data" in p.requires for p in pipeline)
                 data = calibration_data if calibration_data is not None else (default_calibration(program) if needs_data else None)
                 start = time.perf_counter()
-                optimized, _ = optimize(program, pipeline, calibration_data=data)
+                optimized, opt_report = optimize(program, pipeline, calibration_data=data, validation=validation)
                 optimize_s = time.perf_counter() - start
+                # what the accuracy guard kept float and why, in the report's notes of the variant
+                guard_notes = [n for rec in opt_report.passes for n in rec.notes
+                               if n.startswith(("accuracy guard: the", "accuracy guard: validation"))]
             else:
-                optimized = program
+                optimized, guard_notes = program, []
         except GraphoptError as e:
             reason = f"pipeline '{spec.text}': {first_line(e)}"
             skipped = type(e).__name__ in ("PipelineParseError",)  # pass not in this build
@@ -318,7 +323,7 @@ def build_graphopt_variants(
             continue
         model = memory_model(optimized)
         for name, rt in zip(names, runtimes):
-            v = Variant(name, "graphopt", spec.text, rt)
+            v = Variant(name, "graphopt", spec.text, rt, notes=list(guard_notes))
             v.memory_model = model
             available, why = status[rt]
             if not available:

@@ -18,14 +18,14 @@ not see).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 
-from graphopt.metrics import FIDELITY_BAR, agreement
+from graphopt.metrics import FIDELITY_BAR, agreement, relative_change
 from graphopt.passlib.qdq import QD, WEIGHT_QMAX, WEIGHT_QMIN, QuantLinear
 
 __all__ = ["LayerPlan", "Emulator", "Target", "target_for", "Guarded", "guard"]
@@ -158,6 +158,8 @@ def guard(
     holdout: Sequence[tuple[torch.Tensor, ...]],
     target_of: Callable[[Sequence[torch.Tensor]], Target],
     where: str,
+    validation: Callable[[Callable[..., Any]], Mapping[str, float]] | None = None,
+    validation_reference: Mapping[str, float] | None = None,
 ) -> Guarded:
     """Which layers to quantize (see :class:`Guarded`). ``target_of(reference outputs)``
     picks the target from the float outputs of the first held-out batch.
@@ -166,7 +168,12 @@ def guard(
     does alone (its score, then the relative squared error of the first output:
     top-k overlap on a few rows ties often), and the fewest worst layers kept
     float such that the target holds is found by bisection (the score is taken
-    to rise as more layers stay float), then checked.
+    to rise as more layers stay float), then checked. ``validation`` (the user's
+    metrics as a function of a model callable): a set of int8 layers must also
+    keep every metric within the fidelity bar of the float model's
+    (graphopt.metrics.FIDELITY_BAR, 0.5% relative), checked on the sets the
+    held-out score accepts (``validation_reference``: the float model's metrics, when
+    the caller has them).
     """
     emu = Emulator(gm, plans)
     refs = [_tuple(emu.run(set(), *b)) for b in holdout]
@@ -184,10 +191,29 @@ def guard(
     def holds(value: float) -> bool:
         return value >= target.required - 1e-12
 
+    checked: dict[frozenset[str], tuple[bool, str]] = {}
+    reference = validation_reference
+    if validation is not None and reference is None:
+        reference = dict(validation(lambda *x: emu.run(set(), *x)))
+
+    def valid(enabled: set[str]) -> bool:
+        """The validation bar (True without validation data); results kept for the notes."""
+        if validation is None or not enabled:
+            return True
+        key = frozenset(enabled)
+        if key not in checked:
+            metrics = dict(validation(lambda *x: emu.run(enabled, *x)))
+            ok, why = FIDELITY_BAR.check(metrics, reference)
+            changes = ", ".join(f"{k} {relative_change(metrics[k], v, k):+.2f}%" for k, v in (reference or {}).items()
+                                if isinstance(v, (int, float)) and k in metrics)
+            checked[key] = (ok, why or changes)
+        return checked[key][0]
+
     full, _ = run(set(plans))
     notes = [f"accuracy guard: {target.metric} {full:.4f} with every layer int8 on {where} batches "
              f"(target {target.describe()})"]
-    if holds(full):
+    if holds(full) and valid(set(plans)):
+        notes += _validation_notes(checked, set(plans))
         return Guarded(set(plans), {}, notes, target, full)
     damage = {name: run({name}) for name in plans}
     order = sorted(plans, key=lambda n: (damage[n][0], -damage[n][1]))  # worst first
@@ -200,13 +226,24 @@ def guard(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         scores[mid] = run(without(mid))[0]
-        lo, hi = (lo, mid) if holds(scores[mid]) else (mid, hi)
+        lo, hi = (lo, mid) if holds(scores[mid]) and valid(without(mid)) else (mid, hi)
     enabled = without(hi)
     current = scores.get(hi, 1.0)
     log.info("accuracy guard: %d layer(s) stay float, %s %.4f", hi, target.metric, current)
     notes.append(f"accuracy guard: the {hi} most damaging layer(s) stay float; {target.metric} now {current:.4f} "
                  f"({len(plans) - hi} of {len(plans)} int8)")
+    notes += _validation_notes(checked, enabled)
     return Guarded(enabled, {name: d[0] for name, d in damage.items()}, notes, target, current)
+
+
+def _validation_notes(checked: Mapping[frozenset[str], tuple[bool, str]], enabled: set[str]) -> list[str]:
+    if not checked:
+        return []
+    missed = sum(not ok for ok, _ in checked.values())
+    result = checked.get(frozenset(enabled))
+    now = f"; the chosen set: {result[1]}" if result else ""
+    return [f"accuracy guard: validation data checked {len(checked)} set(s) of int8 layers, {missed} missed the "
+            f"bar{now}"]
 
 
 def _tuple(out: Any) -> tuple[torch.Tensor, ...]:

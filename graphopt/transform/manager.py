@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,9 @@ class PassContext:
 
     example_inputs: tuple[torch.Tensor, ...] | None = None
     calibration_data: Sequence[Any] | None = None
+    #: the user's validation metrics as a function of a model callable (``fn(*inputs) -> outputs``)
+    #: -> ``{"hr@10": ..., "ndcg@10": ...}``; passes that trade accuracy hold the fidelity bar on it
+    validation: Callable[[Callable[..., Any]], Mapping[str, float]] | None = None
     seed: int = 0
     analyses: AnalysisManager = field(default_factory=AnalysisManager)
     passes_run: list[str] = field(default_factory=list)

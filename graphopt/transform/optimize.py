@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ def optimize(
     example_inputs: Any = None,
     calibration_data: Iterable[Any] | None = None,
     *,
+    validation: Callable[[Callable[..., Any]], Mapping[str, float]] | None = None,
     verify_each: bool | None = None,
     print_after_change: bool = False,
     instruments: Iterable[Instrument] = (),
@@ -39,7 +40,12 @@ def optimize(
     The input Program is not modified: passes run on a copy. Returns the
     optimized Program and an :class:`OptimizeReport` with per-pass records
     and the numeric drift of the result against the input on the example
-    inputs.
+    inputs. ``validation``: the user's quality metrics on held-out data as a
+    function of a model callable (``fn(*inputs) -> outputs``) -> ``{"hr@10": ...,
+    "ndcg@10": ...}`` (e.g. ``graphopt.bench.make_evaluator(EvalData(...))``):
+    ``quantize-int8``'s accuracy guard then also holds the fidelity bar on it
+    (each metric within 0.5% relative of the float model's). Use validation
+    data, not the test data the result is reported on.
     """
     pipeline = parse_pipeline(pipeline)  # every parse/option error before any work
     if isinstance(program_or_model, Program):
@@ -66,6 +72,7 @@ def optimize(
     ctx = PassContext(
         example_inputs=inputs,
         calibration_data=list(calibration_data) if calibration_data is not None else None,
+        validation=validation,
         seed=seed,
     )
     pm = PassManager(

@@ -50,6 +50,9 @@ def test_demo_quick_end_to_end_then_cached(demo_run, capsys):
             assert v["name"] in text
     ref = report["eval_reference"]
     assert ref["ndcg@10"] == variants["eager"]["eval"]["ndcg@10"]
+    # the int8 guard held HR/NDCG on the validation targets (not the test ones), and the report says so
+    for name in ("int8 @ eager", "int8-bf16 @ eager"):
+        assert any(n.startswith("accuracy guard: validation data checked") for n in variants[name]["notes"]), name
     summary = json.loads((out / "demo.json").read_text())
     assert summary["quick"] is True and summary["model"] == "bert4rec:tiny"
 

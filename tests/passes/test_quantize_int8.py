@@ -176,6 +176,41 @@ def test_auto_calibration_without_the_guard_is_minmax(zoo, program):
     assert not any(n.startswith("calibration=auto") for n in auto.passes[0].notes)
 
 
+def test_validation_data_holds_the_users_metric_on_the_real_graph(zoo, program):
+    from graphopt.metrics import FIDELITY_BAR, ndcg_at_k
+
+    ref = program("bert4rec:tiny")
+    calib = calibration(zoo("bert4rec:tiny"), n=4, batch=16)
+    batches = [ref.sample_inputs(batch=16, seed=300 + i) for i in range(4)]
+    with torch.no_grad():  # each row's target: the float model's 10th item, on the edge of its top 10
+        targets = torch.cat([ref(*b)[0].topk(10, dim=-1).indices[:, -1] for b in batches])
+    calls = []
+
+    def validation(fn):
+        calls.append(fn)
+        with torch.no_grad():
+            scores = torch.cat([torch.as_tensor(fn(*b)[0]) for b in batches])
+        return {"ndcg@10": ndcg_at_k(scores, targets, 10)}
+
+    loose = "quantize-int8{calibration=minmax metric=topk_overlap max_drop=0.5}"  # alone: every layer int8
+    q0, r0 = graphopt.optimize(ref, loose, calibration_data=calib)
+    q1, r1 = graphopt.optimize(ref, loose, calibration_data=calib, validation=validation)
+    float_metrics = validation(ref)
+    assert r0.passes[0].stats["linear"] == 13
+    # without validation data the user's metric is lost; with it, the guard keeps layers float until it holds
+    assert not FIDELITY_BAR.check(validation(q0), float_metrics)[0], "this setting must lose the metric"
+    assert FIDELITY_BAR.check(validation(q1), float_metrics)[0]
+    kept = r1.passes[0].stats.get("kept-float", 0)
+    assert 0 < kept <= 13 and r1.passes[0].stats.get("linear", 0) == 13 - kept
+    assert q1.op_histogram().get(DQC, 0) == 13 - kept
+    assert any(n.startswith("accuracy guard: validation data checked") for n in r1.passes[0].notes)
+    assert_equivalent(ref, q1, TOL, shapes=((8, None), (2, 24)))
+    # the guard off: validation data is not read
+    calls.clear()
+    graphopt.optimize(ref, "quantize-int8{max_drop=0}", calibration_data=calib, validation=validation)
+    assert not calls
+
+
 def test_skip_and_near_miss():
     prog = graphopt.capture(ActivationMatmul(), (torch.randn(2, 3, 4), torch.randn(2, 5, 4)))
     out, report = graphopt.optimize(prog, "quantize-int8", calibration_data=[prog.sample_inputs(seed=1)])
