@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 import graphopt
-from graphopt.bench.timing import TimingConfig, machine_info, paired_speedup, run_interleaved, summarize
+from graphopt.bench.timing import TimingConfig, finish_report, paired_speedup, run_interleaved, summarize
 from graphopt.metrics import topk_overlap
 from graphopt.passlib.incremental import derive_incremental
 from graphopt.rec.zoo import load_model
@@ -204,16 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"state {row['state_bytes']} B/user", flush=True)
         for runner in runners.values():
             runner.close()
-    info = machine_info()
     report = {"model": args.model, "pipeline": args.pipeline, "threads": args.threads, "rounds": args.rounds,
-              "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
-              "machine": info, "step_options": step_options,
-              "lower_seconds": compile_s, "rows": rows,
-              "fidelity": fid}
-    print(f"load average start {load_start}, end {report['load_average_end']}; cpu {info['cpu']} "
-          f"{info['cpu_flags']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+              "step_options": step_options, "lower_seconds": compile_s, "rows": rows, "fidelity": fid}
+    finish_report(report, load_start, args.json)
     return 0
 
 

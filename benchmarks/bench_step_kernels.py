@@ -16,7 +16,6 @@ load (recorded); compare the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 import graphopt
-from graphopt.bench.timing import TimingConfig, machine_info, paired_speedup, run_interleaved, summarize
+from graphopt.bench.timing import TimingConfig, finish_report, paired_speedup, run_interleaved, summarize
 from graphopt.passlib.incremental import derive_incremental
 from graphopt.rec.zoo import load_model
 
@@ -79,13 +78,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{max(row['packed_max_abs'], row['plain_max_abs']):.1e}", flush=True)
     for r in runners.values():
         r.close()
-    info = machine_info()
     report = {"model": args.model, "pipeline": args.pipeline, "threads": args.threads, "rows": rows,
-              "lower_seconds": compile_s, "load_average_start": load_start,
-              "load_average_end": list(os.getloadavg()), "machine": info}
-    print(f"load average start {load_start}, end {report['load_average_end']}; cpu {info['cpu']} {info['cpu_flags']}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+              "lower_seconds": compile_s}
+    finish_report(report, load_start, args.json)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -248,10 +249,14 @@ class _Tried:
     plans: dict[str, LayerPlan]
     guarded: Guarded | None
 
-    @property
+    @functools.cached_property
     def float_flops(self) -> int:
         enabled = self.guarded.enabled if self.guarded else set(self.plans)
         return sum(node_flops(p.layer.node) for n, p in self.plans.items() if n not in enabled)
+
+    @functools.cached_property
+    def total_flops(self) -> int:
+        return max(1, sum(node_flops(p.layer.node) for p in self.plans.values()))
 
     @property
     def score(self) -> float:
@@ -263,15 +268,13 @@ def _pick(tried: Sequence[_Tried]) -> _Tried:
     ``AUTO_FLOPS_SLACK`` of the linears' FLOPs of that, the one scoring highest held out
     (picking the fewest float layers alone would favour a method that scored well by
     chance on the few held-out rows); then the order of ``AUTO_METHODS``."""
-    total = max(1, sum(node_flops(p.layer.node) for p in tried[0].plans.values()))
     least = min(t.float_flops for t in tried)
-    close = [t for t in tried if t.float_flops <= least + AUTO_FLOPS_SLACK * total]
+    close = [t for t in tried if t.float_flops <= least + AUTO_FLOPS_SLACK * tried[0].total_flops]
     return max(close, key=lambda t: t.score)  # max keeps the first of equals
 
 
 def _auto_note(tried: Sequence[_Tried], best: _Tried) -> str:
-    total = max(1, sum(node_flops(p.layer.node) for p in tried[0].plans.values()))
-    parts = [f"{t.method}: {100.0 * t.float_flops / total:.1f}% of the GEMM FLOPs float"
+    parts = [f"{t.method}: {100.0 * t.float_flops / t.total_flops:.1f}% of the GEMM FLOPs float"
              + (f", {t.guarded.target.metric} {t.score:.4f}" if t.guarded else "") for t in tried]
     return f"calibration=auto chose {best.method} ({'; '.join(parts)})"
 

@@ -9,6 +9,7 @@ is the median of ratios measured seconds apart, not of two runs minutes apart.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ __all__ = [
     "paired_speedup",
     "run_interleaved",
     "machine_info",
+    "finish_report",
     "load_warning",
 ]
 
@@ -192,6 +194,18 @@ def _version(module: str) -> str | None:
         return version(module)
     except Exception:  # noqa: BLE001 - not installed or no metadata
         return None
+
+
+def finish_report(report: dict[str, Any], load_start: list[float], json_path: str | None) -> dict[str, Any]:
+    """A benchmark script's JSON report completed with the load averages and the machine (CPU
+    model and flags go with every figure), printed in one line and written to ``json_path``."""
+    info = machine_info()
+    report.update(load_average_start=load_start, load_average_end=list(os.getloadavg()), machine=info)
+    print(f"load average start {load_start}, end {report['load_average_end']}; cpu {info['cpu']} {info['cpu_flags']}")
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def machine_info() -> dict[str, Any]:
