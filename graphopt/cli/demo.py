@@ -51,6 +51,7 @@ from graphopt.rec.finetune import (
     Checkpoint,
     FinetuneConfig,
     finetune,
+    get_objective,
     is_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -132,7 +133,9 @@ def _training_config(quick: bool, max_minutes: float | None, threads: int | None
 def _cache_key(model: str, data: MovieLens | ClickData, config: FinetuneConfig) -> str:
     settings = {k: v for k, v in asdict(config).items() if k not in ("threads", "device")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{model.replace(':', '-')}-{data.name}-{data.fingerprint()}-{digest}"
+    revision = get_objective(model.split(":")[0]).revision  # a changed objective retrains
+    suffix = f"-r{revision}" if revision > 1 else ""
+    return f"{model.replace(':', '-')}-{data.name}-{data.fingerprint()}-{digest}{suffix}"
 
 
 def _model(args: argparse.Namespace, data: MovieLens | ClickData, step: _Steps, threads: int | None) -> Checkpoint:

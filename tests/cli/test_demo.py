@@ -69,3 +69,17 @@ def test_demo_refuses_to_overwrite_a_foreign_folder(tmp_path, capsys):
     assert main(["demo", "--quick", "-o", str(tmp_path / "mine")]) == 2
     assert "was not written by graphopt" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_cached_demo_models_are_keyed_on_the_objectives_revision(monkeypatch):
+    from graphopt.cli.demo import _cache_key, _training_config
+    from graphopt.rec.data import synthetic_movielens
+    from graphopt.rec.finetune.generative import Seq2SeqNextItem
+
+    data = synthetic_movielens(users=8, items=20, interactions=80, seed=0)
+    config = _training_config(False, None, None, ctr=False)
+    t5, bert = _cache_key("t5-rec:base", data, config), _cache_key("bert4rec:base", data, config)
+    assert t5.endswith(f"-r{Seq2SeqNextItem.revision}") and Seq2SeqNextItem.revision >= 2
+    assert not bert.split("-")[-1].startswith("r")  # revision 1 keeps the keys caches already hold
+    monkeypatch.setattr(Seq2SeqNextItem, "revision", 1)  # the one-step objective's models: another key
+    assert _cache_key("t5-rec:base", data, config) == t5.rsplit("-r", 1)[0] != t5

@@ -49,3 +49,48 @@ def test_generative_models_learn_and_round_trip(small, name, tmp_path):
     inputs = ckpt.make_inputs(batch=3, seed=1)
     with torch.no_grad():
         assert torch.equal(ckpt.model(**inputs), r.model(**inputs))
+
+
+def test_seq2seq_batches_teacher_force_the_items_after_each_cut():
+    import random
+
+    from graphopt.rec.finetune.generative import Seq2SeqNextItem
+
+    obj = Seq2SeqNextItem()
+    train = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21]]
+    rows = [b for b in obj.batches(train, _quick(batch_size=64), 4, {}, random.Random(0))]
+    ids, attn, labels = rows[0]
+    assert labels.shape == (ids.shape[0], obj.future) and len(rows) == 1
+    by_user = {}
+    for row_ids, row_attn, row_labels in zip(ids, attn, labels):
+        history = row_ids[row_attn.bool()].tolist()
+        seq = train[0] if history[0] >= 5 and history[0] < 20 else train[1]
+        cut = seq.index(history[-1]) + 1
+        assert history == seq[max(0, cut - 4):cut]  # at most seq_len items before the cut
+        future = seq[cut:cut + obj.future]
+        assert row_labels[:len(future)].tolist() == future  # the items that followed, in order
+        assert (row_labels[len(future):] == -100).all()  # nothing past the user's history
+        by_user.setdefault(seq[0], []).append(cut)
+    assert len(train[1]) - 1 in by_user[20] and len(train[0]) - 1 in by_user[5]  # every user's last item is a target
+
+
+def test_seq2seq_loss_scores_every_future_step_and_serving_reads_the_first():
+    from graphopt.rec.finetune.generative import Seq2SeqNextItem
+    from graphopt.rec.zoo.t5 import SIZES, T5Rec
+
+    torch.manual_seed(0)
+    cfg = dict(SIZES["tiny"], items=30)
+    model = T5Rec(30, cfg).eval()
+    ids = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]])
+    attn = (ids != 0).long()
+    labels = torch.tensor([[6, 7, 8, -100, -100, -100, -100, -100], [10, 11, 12, 13, 14, 15, 16, 17]])
+    with torch.no_grad():
+        loss = Seq2SeqNextItem().loss(model, (ids, attn, labels))
+        # by hand: teacher forcing with the start token then the labels, mean over the 11 real targets
+        dec = torch.tensor([[0, 6, 7, 0, 0, 0, 0, 0], [0, 10, 11, 12, 13, 14, 15, 16]])
+        logits = model.logits(ids, attn, dec)
+        real = labels != -100
+        expected = torch.nn.functional.cross_entropy(logits[real], labels[real])
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        # serving (forward) is the first decoder step: the same scores as position 0 of training
+        torch.testing.assert_close(model(ids, attn), logits[:, 0], rtol=1e-5, atol=1e-5)

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from graphopt.rec.finetune.loop import FinetuneConfig
 
 __all__ = ["Objective", "MaskedItem", "NextItemClassification", "register_objective", "get_objective",
-           "model_kinds", "windows"]
+           "model_kinds", "windows", "cut_points", "next_item_batches"]
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -66,6 +66,8 @@ class Objective:
     kind: ClassVar[str] = ""
     #: the validation metric early stopping and "best weights" follow (higher is better)
     selection_metric: ClassVar[str] = "ndcg@10"
+    #: raised when the objective trains a different model from the same settings (caches key on it)
+    revision: ClassVar[int] = 1
 
     # ------------------------------------------------------------ the model
     def model_config(self, size: str, num_items: int, seq_len: int | None) -> dict[str, Any]:
@@ -286,16 +288,18 @@ def model_kinds() -> tuple[str, ...]:
     return tuple(_OBJECTIVES)
 
 
+def cut_points(seq: list[int], seq_len: int, rng: random.Random) -> list[int]:
+    """Where to cut a history of 2+ items into (before, next): its last item and about two random
+    earlier cuts per ``seq_len`` of history."""
+    return [len(seq) - 1] + [rng.randint(1, len(seq) - 1) for _ in range(2 * math.ceil(len(seq) / seq_len) - 1)]
+
+
 def next_item_batches(train: list[list[int]], batch_size: int, seq_len: int, rng: random.Random,
                       label_offset: int = 0) -> Iterator[Batch]:
     """(ids, mask, next item + ``label_offset``) batches: each user's last item and about two
     random cut points per ``seq_len`` of history, the ``seq_len`` items before each as input."""
-    samples = []
-    for seq in train:
-        if len(seq) < 2:
-            continue
-        cuts = [len(seq) - 1] + [rng.randint(1, len(seq) - 1) for _ in range(2 * math.ceil(len(seq) / seq_len) - 1)]
-        samples.extend((seq[max(0, c - seq_len):c], seq[c]) for c in cuts)
+    samples = [(seq[max(0, c - seq_len):c], seq[c]) for seq in train if len(seq) >= 2
+               for c in cut_points(seq, seq_len, rng)]
     rng.shuffle(samples)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
