@@ -44,6 +44,9 @@ class Primitive:
 
 @dataclass(frozen=True)
 class PrimitiveRow:
+    """The primitives of one kind, problem, dtypes and post-ops: how many ran, their total ms;
+    ``mkn`` = (rows, reduction, columns) for GEMM-like kinds, else None."""
+
     kind: str
     mkn: tuple[int, int, int] | None
     problem: str
@@ -115,8 +118,9 @@ def summarize(records: Iterable[Primitive]) -> list[PrimitiveRow]:
 
 
 class _Trace:
-    def __init__(self, path: str):
-        self._path = path
+    """What the traced block made oneDNN print (``text``, filled when the block ends)."""
+
+    def __init__(self) -> None:
         self.text = ""
 
     def records(self) -> list[Primitive]:
@@ -133,7 +137,7 @@ def onednn_trace() -> Iterator[_Trace]:
     libc = ctypes.CDLL(None)
     with tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False) as f:
         path = f.name
-    trace = _Trace(path)
+    trace = _Trace()
     sys.stdout.flush()
     libc.fflush(None)
     saved = os.dup(1)
@@ -142,9 +146,8 @@ def onednn_trace() -> Iterator[_Trace]:
         os.dup2(fd, 1)
         with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
             yield trace
-        libc.fflush(None)
     finally:
-        libc.fflush(None)
+        libc.fflush(None)  # oneDNN prints through C stdio: flush it into the file before restoring fd 1
         os.dup2(saved, 1)
         os.close(saved)
         os.close(fd)

@@ -81,7 +81,7 @@ class Seq2SeqNextItem(Objective):
     ``future`` items that followed it (start token, then each item in turn), so one encoder
     pass trains up to ``future`` next-item predictions instead of one. Serving runs the
     first decoder step only: the item right after the history, position 0 of training.
-    Cuts: each user's last item and random earlier ones (``next_item_batches``'s)."""
+    Cuts: each user's last item and random earlier ones (``cut_points``)."""
 
     kind = "t5-rec"
     revision = 2  # 1: one decoder step per sample (test HR@10 0.042 on ml-100k in 5 min; 2: 0.056)
