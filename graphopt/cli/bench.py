@@ -45,6 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
     p.add_argument("--keep-artifacts", action="store_true", help="copy the lowered artifacts into the report folder")
     p.add_argument("-k", type=int, default=10, help="top-k for overlap and NDCG (default 10)")
+    p.add_argument("--data", metavar="DATA",
+                   help="with a fine-tuned checkpoint as MODEL: its data (ml-100k, a folder, or synthetic); variants "
+                        "are timed and calibrated on real inputs and judged on HR@10/NDCG@10 of the test users "
+                        "(AUC/logloss for CTR models), the int8 guard holds the validation users' metrics; "
+                        "the sequence length is the checkpoint's")
+    p.add_argument("--eval-users", type=int, help="with --data: evaluate on the first N test users (default all)")
     p.set_defaults(run=run)
 
 
@@ -72,6 +78,22 @@ def print_tables(report, console=None) -> None:  # type: ignore[no-untyped-def]
     for n in report.notes:
         console.print(f"note: {n}")
     console.print(report.ndcg_footnote(), style="dim")
+
+
+def _real_data(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
+    """``graphopt.cli.real_data.real_data_setup`` for a checkpoint MODEL and ``--data``."""
+    from graphopt.cli.finetune import is_ctr, load_click_data, load_data
+    from graphopt.cli.real_data import real_data_setup
+    from graphopt.errors import ModelNotFoundError
+    from graphopt.rec.finetune import is_checkpoint, load_checkpoint
+
+    if not is_checkpoint(args.model):
+        raise ModelNotFoundError(
+            f"--data judges a fine-tuned checkpoint on its data, and {args.model} is not one; make one with "
+            f"`graphopt finetune MODEL --data {args.data} -o DIR` and bench DIR")
+    ckpt = load_checkpoint(args.model)
+    data = load_click_data(args.data) if is_ctr(ckpt.name) else load_data(args.data)
+    return real_data_setup(data, ckpt, max(args.batch_sizes), eval_users=args.eval_users, quick=args.quick)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,11 +124,18 @@ def run(args: argparse.Namespace) -> int:
         def progress(message: str, done: float, total: float) -> None:
             bar.update(task, completed=done, total=total, description=message)
 
+        model, seq_lens, real = args.model, args.seq_lens, {}
+        if args.data:
+            bar.update(task, description=f"loading {args.data}")
+            setup = _real_data(args)
+            model, seq_lens = setup["zoo"], [setup["seq"]] if setup["seq"] else args.seq_lens
+            real = {"eval_data": setup["eval"], "validation_data": setup.get("validation"),
+                    "calibration_data": setup["calibration"]}
         report = bench(
-            args.model, args.pipelines, [r.strip() for r in args.runtimes.split(",") if r.strip()],
-            peers=peers, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, threads=args.threads,
+            model, args.pipelines, [r.strip() for r in args.runtimes.split(",") if r.strip()],
+            peers=peers, batch_sizes=args.batch_sizes, seq_lens=seq_lens, threads=args.threads,
             out_dir=args.output, force=args.force, quick=args.quick, timing=timing,
-            k=args.k, memory=not args.no_memory, keep_artifacts=args.keep_artifacts, progress=progress,
+            k=args.k, memory=not args.no_memory, keep_artifacts=args.keep_artifacts, progress=progress, **real,
         )
     print_tables(report, Console() if sys.stdout.isatty() else Console(width=160))
     if args.output:

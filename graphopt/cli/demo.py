@@ -30,8 +30,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from graphopt.bench.variants import EMBEDDING_DOMINATED, embedding_share
 from graphopt.cli.finetune import (
     describe_clicks,
@@ -42,10 +40,11 @@ from graphopt.cli.finetune import (
     loaded_machine,
     metrics_line,
 )
+from graphopt.cli.real_data import real_data_setup
 from graphopt.errors import ArtifactError
 from graphopt.metrics import FIDELITY_BAR
 from graphopt.outputs import atomic_directory, check_replaceable
-from graphopt.rec.data import MovieLens, encode_histories, evaluate_ranking
+from graphopt.rec.data import MovieLens
 from graphopt.rec.data.ctr import ClickData
 from graphopt.rec.finetune import (
     Checkpoint,
@@ -162,18 +161,6 @@ def _model(args: argparse.Namespace, data: MovieLens | ClickData, step: _Steps, 
     return load_checkpoint(ckpt_dir)
 
 
-def _real_inputs(ckpt: Checkpoint, histories: list[list[int]]) -> Any:
-    """``make_inputs(batch, seq, seed)`` drawing real user histories."""
-
-    def make(batch: int = 4, seq: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        rows = torch.randint(0, len(histories), (batch,), generator=g).tolist()
-        ids, mask = encode_histories([histories[r] for r in rows], seq or int(ckpt.model_config["seq"]), ckpt.append_mask)
-        return {"input_ids": ids, "attention_mask": mask}
-
-    return make
-
-
 def _table(report: Any, shape: str) -> str:
     header, rows = report.table(shape)
     keys = [k for k in report.eval_reference if k in ("hr@10", "ndcg@10", "auc", "logloss")]
@@ -188,55 +175,6 @@ def _table(report: Any, shape: str) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in full]
     return "\n".join(lines)
-
-
-def _sequence_setup(args: argparse.Namespace, data: MovieLens, ckpt: Checkpoint, eval_batch: int) -> dict[str, Any]:
-    """Real histories for timing and calibration, HR@10/NDCG@10 on the test users (reported) and
-    on the validation targets (what the int8 accuracy guard holds, never the test ones)."""
-    split = data.leave_one_out()
-    seq_len = int(ckpt.model_config["seq"])
-    users = args.eval_users or (256 if args.quick else None)
-
-    def on(cases: Any) -> Any:
-        def evaluate(fn: Any) -> dict[str, float]:
-            metrics = evaluate_ranking(fn, cases, split.num_items, seq_len=seq_len, append_mask=ckpt.append_mask,
-                                       batch_size=eval_batch, fixed_batch=True)
-            return {k: v for k, v in metrics.items() if k != "users"}
-        return evaluate
-
-    cases = split.test.subset(users)
-    evaluate, validate = on(cases), on(split.valid.subset(users))
-
-    zoo = ckpt.zoo_model(batch=eval_batch)
-    zoo.make_inputs = _real_inputs(ckpt, split.test.histories)
-    calibration = [tuple(zoo.make_inputs(batch=eval_batch, seed=2000 + i).values()) for i in range(2 if args.quick else 8)]
-    return {"zoo": zoo, "eval": evaluate, "validation": validate, "calibration": calibration, "seq": seq_len,
-            "count": len(cases), "what": f"HR@10/NDCG@10 on {len(cases)} test users"}
-
-
-def _click_setup(args: argparse.Namespace, data: ClickData, ckpt: Checkpoint, eval_batch: int) -> dict[str, Any]:
-    """Real test ratings for timing and calibration, AUC/logloss on the test ratings
-    (whole batches of ``eval_batch`` rows, for runtimes with a static batch)."""
-    from graphopt.bench import ClickEvalData
-
-    objective = ckpt.objective
-    rows = objective.encode(data.split(seed=0), "test", ckpt.model_config)  # type: ignore[attr-defined]
-    n = len(rows) if args.eval_users is None else min(len(rows), args.eval_users)
-    n = max(eval_batch, n - n % eval_batch)
-    names = list(rows.inputs)
-    batches = [tuple(rows.inputs[k][i:i + eval_batch] for k in names) for i in range(0, n, eval_batch)]
-    eval_data = ClickEvalData(batches, rows.clicks[:len(batches) * eval_batch], name=f"{data.name} test ratings")
-
-    def make(batch: int = 4, seq: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-        pick = torch.randint(0, len(rows), (batch,), generator=torch.Generator().manual_seed(seed))
-        return {k: v[pick] for k, v in rows.inputs.items()}
-
-    zoo = ckpt.zoo_model(batch=eval_batch)
-    zoo.make_inputs = make
-    calibration = [tuple(make(batch=eval_batch, seed=2000 + i).values()) for i in range(2 if args.quick else 8)]
-    count = len(eval_data.labels)
-    return {"zoo": zoo, "eval": eval_data, "calibration": calibration, "seq": None, "count": count,
-            "what": f"AUC/logloss on {count} test ratings"}
 
 
 # ------------------------------------------------------------------ the job
@@ -263,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "1,32")).split(",")]
     eval_batch = max(batch_sizes)
     runtimes = args.runtimes.split(",") if args.runtimes else list(QUICK_RUNTIMES if args.quick else FULL_RUNTIMES)
-    setup = (_click_setup if ctr else _sequence_setup)(args, data, ckpt, eval_batch)  # type: ignore[arg-type]
+    setup = real_data_setup(data, ckpt, eval_batch, eval_users=args.eval_users, quick=args.quick)
     zoo = setup["zoo"]
     pipelines = args.pipelines or list(DEMO_PIPELINES)
     if not args.pipelines and embedding_share(zoo.capture()) > EMBEDDING_DOMINATED:
