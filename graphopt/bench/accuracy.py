@@ -4,6 +4,7 @@ HR@k/NDCG@k, or held-out clicks, scored as AUC/logloss (CTR models);
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,11 +12,14 @@ from typing import Any
 import torch
 
 from graphopt.errors import GraphoptError
+from graphopt.hits import user_hits
 from graphopt.metrics import auc, hr_at_k, logloss, ndcg_at_k
 
-__all__ = ["EvalData", "ClickEvalData", "evaluate", "evaluate_clicks", "make_evaluator"]
+__all__ = ["EvalData", "ClickEvalData", "evaluate", "evaluate_clicks", "make_evaluator", "quality_section"]
 
-Evaluator = Callable[[Callable[..., Sequence[torch.Tensor]]], dict[str, float]]
+#: a variant's callable -> its metrics; an evaluator may add ``"per_user"``: a
+#: :class:`graphopt.hits.UserHits` (the harness then reports which users' hits changed)
+Evaluator = Callable[[Callable[..., Sequence[torch.Tensor]]], dict[str, Any]]
 
 
 @dataclass
@@ -86,8 +90,9 @@ def evaluate_clicks(fn: Callable[..., Sequence[torch.Tensor]], data: ClickEvalDa
     return {"auc": auc(logits, data.labels), "logloss": logloss(logits, data.labels)}
 
 
-def evaluate(fn: Callable[..., Sequence[torch.Tensor]], data: EvalData) -> dict[str, float]:
-    """HR@k and NDCG@k of the first output of ``fn`` over ``data``."""
+def evaluate(fn: Callable[..., Sequence[torch.Tensor]], data: EvalData, per_user: bool = False) -> dict[str, Any]:
+    """HR@k and NDCG@k of the first output of ``fn`` over ``data`` (``per_user``: and
+    each user's :class:`graphopt.hits.UserHits` under ``"per_user"``)."""
     scores = torch.cat([fn(*batch)[0].detach().float().reshape(len(batch[0]), -1) for batch in data.batches])
     if scores.shape[0] != data.targets.shape[0]:
         raise GraphoptError(
@@ -95,13 +100,16 @@ def evaluate(fn: Callable[..., Sequence[torch.Tensor]], data: EvalData) -> dict[
             "pass one target per input row"
         )
     k = data.k
-    return {
+    metrics: dict[str, Any] = {
         f"hr@{k}": hr_at_k(scores, data.targets, k, data.seen),
         f"ndcg@{k}": ndcg_at_k(scores, data.targets, k, data.seen),
     }
+    if per_user:
+        metrics["per_user"] = user_hits(scores, data.targets, k, data.seen)
+    return metrics
 
 
-def make_evaluator(eval_data: Any) -> Evaluator:
+def make_evaluator(eval_data: Any, per_user: bool = False) -> Evaluator:
     """``eval_data`` as a function of a variant's callable -> metrics.
 
     A callable is used as is (e.g. ``lambda f: graphopt.data.evaluate_ranking(f, split.test, ...)``);
@@ -116,4 +124,30 @@ def make_evaluator(eval_data: Any) -> Evaluator:
         clicks = ClickEvalData.coerce(eval_data)
         return lambda fn: evaluate_clicks(fn, clicks)
     data = EvalData.coerce(eval_data)
-    return lambda fn: evaluate(fn, data)
+    return lambda fn: evaluate(fn, data, per_user)
+
+
+def quality_section(variants: Sequence[dict[str, Any]], reference: dict[str, float], k: int) -> list[str]:
+    """The bench report's "Ranking quality on evaluation data" table (markdown lines): each
+    variant's metrics and, where the evaluation was per user, which users' hits changed."""
+    keys = list(reference)
+    users = any(v.get("eval_users") for v in variants)
+    extra = ["users gained / lost", "closest eager margin"] if users else []
+    lines = ["## Ranking quality on evaluation data", "", "| variant | " + " | ".join(keys + extra) + " |",
+             "|---|" + "---|" * len(keys + extra)]
+    for v in variants:
+        if not v.get("eval"):
+            continue
+        cells = [f"{v['eval'].get(key, math.nan):.4f}" for key in keys]
+        if users:
+            changes = v.get("eval_users") or {}
+            margin = changes.get("min_margin", math.nan)
+            cells += ([f"+{int(changes['gained'])} / -{int(changes['lost'])}",
+                       f"{margin:.2g}" if math.isfinite(margin) else "-"] if changes else ["-", "-"])
+        lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
+    if users:
+        lines += ["", f"Users gained / lost: evaluation users whose target entered / left the top {k} against "
+                  "eager's; closest eager margin: the smallest gap, in eager's own scores, between such a user's "
+                  "target and the top-k boundary: a gap below the variant's score error was a near-tie that any "
+                  "16-bit variant can flip."]
+    return lines + [""]

@@ -35,6 +35,7 @@ from graphopt.bench.variants import (
     parse_pipeline_spec,
 )
 from graphopt.errors import GraphoptError, first_line
+from graphopt.hits import UserHits, hit_changes
 from graphopt.ir.program import Program
 from graphopt.metrics import ranking_drift
 from graphopt.outputs import check_replaceable
@@ -295,16 +296,24 @@ def _run(
 
     eval_reference: dict[str, float] = {}
     if eval_data is not None:
-        evaluator = make_evaluator(eval_data)
+        evaluator = make_evaluator(eval_data, per_user=True)
+        per_user: dict[str, UserHits] = {}
         for v in variants:
             if v.ok:
                 try:
-                    v.eval = {key: float(val) for key, val in evaluator(v.fn).items()}  # type: ignore[arg-type]
+                    metrics = dict(evaluator(v.fn))  # type: ignore[arg-type]
+                    if isinstance(users := metrics.pop("per_user", None), UserHits):
+                        per_user[v.name] = users
+                    v.eval = {key: float(val) for key, val in metrics.items()}
                 except Exception as e:  # noqa: BLE001
                     v.eval = {}
                     v.notes.append(f"evaluation failed: {first_line(e)}")
             tick(f"evaluated {v.name}")
         eval_reference = dict(baseline.eval)
+        if baseline.name in per_user:
+            for v in variants:
+                if v.name in per_user and v is not baseline:
+                    v.eval_users = hit_changes(per_user[baseline.name], per_user[v.name])
 
     if memory and last_inputs:
         for v in variants:

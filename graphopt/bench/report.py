@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from graphopt.bench.accuracy import quality_section
 from graphopt.metrics import FIDELITY_BAR, relative_change
 from graphopt.outputs import atomic_directory
 
@@ -263,12 +264,7 @@ class BenchReport:
             ]
         lines += [self.ndcg_footnote(), ""]
         if self.eval_reference:
-            keys = list(self.eval_reference)
-            lines += ["## Ranking quality on evaluation data", "", "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-            for v in self.variants:
-                if v.get("eval"):
-                    lines.append(f"| {v['name']} | " + " | ".join(f"{v['eval'].get(key, math.nan):.4f}" for key in keys) + " |")
-            lines.append("")
+            lines += quality_section(self.variants, self.eval_reference, self.config.get("k", 10))
         lines += ["## Cost", "", "| variant | status | compile s | size | memory | notes |", "|---|---|---|---|---|---|"]
         for v in self.variants:
             compile_s = f"{v['compile_s']:.1f}" if _finite(v.get("compile_s")) else "-"

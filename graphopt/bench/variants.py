@@ -136,6 +136,9 @@ class Variant:
     memory_model: Any = None  # graphopt.transform.memory.MemoryAnalysis of the Program it runs (None: peers)
     memory: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, float] = field(default_factory=dict)
+    #: with per-user evaluation: users whose hit changed vs the baseline (gained, lost) and
+    #: the smallest baseline margin among them (graphopt.hits.hit_changes)
+    eval_users: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     close: Callable[[], None] | None = None
 
@@ -180,6 +183,7 @@ class Variant:
             "size_kind": self.size_kind,
             "memory": self.memory,
             "eval": self.eval,
+            "eval_users": self.eval_users,
             "notes": self.notes,
         }
 

@@ -164,12 +164,15 @@ def _model(args: argparse.Namespace, data: MovieLens | ClickData, step: _Steps, 
 def _table(report: Any, shape: str) -> str:
     header, rows = report.table(shape)
     keys = [k for k in report.eval_reference if k in ("hr@10", "ndcg@10", "auc", "logloss")]
-    header = header + [k.upper() for k in keys]
+    users = any(v.get("eval_users") for v in report.variants)
+    header = header + [k.upper() for k in keys] + (["USERS +/-"] if users else [])
     full = []
     for row, result in zip(rows, report.rows(shape)):
         v = report.variant(result["variant"])
         row = [cell if len(cell) <= 40 else cell[:39] + "…" for cell in row]  # reasons are listed in full below
-        full.append(row + [f"{v['eval'][k]:.4f}" if k in v.get("eval", {}) else "-" for k in keys])
+        changes = v.get("eval_users") or {}
+        moved = [f"+{int(changes['gained'])}/-{int(changes['lost'])}" if changes else "-"] if users else []
+        full.append(row + [f"{v['eval'][k]:.4f}" if k in v.get("eval", {}) else "-" for k in keys] + moved)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *full)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))

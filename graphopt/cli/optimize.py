@@ -95,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
             raise PipelineParseError(f"{incremental[0]} needs --max-history N (incremental lowering)")
         if not args.runtime:
             raise PipelineParseError("--max-history lowers prefill/step entries: name the runtime(s) with --runtime")
-        if args.max_history < 1:
-            raise PipelineParseError(f"--max-history must be >= 1, got {args.max_history}")
+        if args.max_history < 2:
+            raise PipelineParseError(f"--max-history must be >= 2 (the events each one attends to, itself "
+                                     f"included), got {args.max_history}")
         _runtime_options(args.step_option, "--step-option")
     check_replaceable(args.output, force=args.force)  # a refused -o fails before the model loads
     program = load_program(args.model)

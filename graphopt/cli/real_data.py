@@ -55,15 +55,15 @@ def _sequence_setup(data: MovieLens, ckpt: Checkpoint, eval_batch: int, eval_use
     seq_len = int(ckpt.model_config["seq"])
     users = eval_users or (256 if quick else None)
 
-    def on(cases: Any) -> Any:
-        def evaluate(fn: Any) -> dict[str, float]:
+    def on(cases: Any, per_user: bool) -> Any:
+        def evaluate(fn: Any) -> dict[str, Any]:
             metrics = evaluate_ranking(fn, cases, split.num_items, seq_len=seq_len, append_mask=ckpt.append_mask,
-                                       batch_size=eval_batch, fixed_batch=True)
+                                       batch_size=eval_batch, fixed_batch=True, per_user=per_user)
             return {k: v for k, v in metrics.items() if k != "users"}
         return evaluate
 
     cases = split.test.subset(users)
-    evaluate, validate = on(cases), on(split.valid.subset(users))
+    evaluate, validate = on(cases, True), on(split.valid.subset(users), False)
 
     zoo = ckpt.zoo_model(batch=eval_batch)
     zoo.make_inputs = real_inputs(ckpt, split.test.histories)

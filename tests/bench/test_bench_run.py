@@ -21,8 +21,12 @@ SHAPES = ["b1_s16", "b12_s16"]
 
 
 def _eval_data(zoo) -> EvalData:
+    """Each row's target is eager's 10th or 11th best item: on the top-10 boundary, the users
+    a variant's rounding can flip (half of them hits)."""
     batches = [tuple(zoo.make_inputs(batch=12, seq=16, seed=100 + i).values()) for i in range(2)]
-    targets = torch.randint(1, 51, (24,), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        order = torch.cat([zoo.module(*b) for b in batches]).argsort(dim=1, descending=True)
+    targets = order[torch.arange(24), 9 + torch.arange(24) % 2]
     return EvalData(batches, targets, k=10)
 
 
@@ -116,6 +120,36 @@ def test_eval_metrics_per_variant_match_an_independent_computation(tiny):
             assert set(v["eval"]) == {"hr@10", "ndcg@10"}
     assert report.variant("fp32 @ eager")["eval"]["ndcg@10"] == pytest.approx(report.eval_reference["ndcg@10"], abs=1e-6)
     assert report.quality_change(_row(report, "b1_s16", "fp32 @ eager")) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_users_whose_hit_changed_agree_with_the_metrics_and_a_recomputation(tiny):
+    report, out, model = tiny
+    data = _eval_data(model)
+    users = len(data.targets)
+    assert report.variant("eager")["eval_users"] == {}  # the reference itself
+    checked = 0
+    for v in report.variants:
+        if v["status"] != "ok" or v["kind"] == "baseline":
+            continue
+        changes = v["eval_users"]
+        net = round((v["eval"]["hr@10"] - report.eval_reference["hr@10"]) * users)
+        assert changes["gained"] - changes["lost"] == net, (v["name"], changes)
+        assert math.isnan(changes["min_margin"]) == (changes["gained"] + changes["lost"] == 0)
+        checked += 1
+    assert checked >= 3
+    # bf16 @ eager against a recomputation of the same pipeline's hits, user by user
+    from graphopt.hits import hit_changes, user_hits
+
+    program = model.capture()
+    bf16, _ = graphopt.optimize(program, "cast{dtype=bf16}", verify_each=False)
+    with torch.no_grad():
+        ref = torch.cat([model.module(*b) for b in data.batches])
+        low = torch.cat([bf16(*b)[0] for b in data.batches]).float()
+    expected = hit_changes(user_hits(ref, data.targets, 10), user_hits(low, data.targets, 10))
+    got = report.variant("bf16 @ eager")["eval_users"]
+    assert (got["gained"], got["lost"]) == (expected["gained"], expected["lost"])
+    md = (out / "report.md").read_text()
+    assert "| variant | hr@10 | ndcg@10 | users gained / lost | closest eager margin |" in md
 
 
 def test_markdown_and_plots_written(tiny):

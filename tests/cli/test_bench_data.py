@@ -43,6 +43,10 @@ def test_bench_judges_a_checkpoint_on_its_test_users_and_guards_int8_on_validati
     variants = {v["name"]: v for v in report["variants"]}
     int8 = variants["int8 @ eager"]
     assert int8["status"] == "ok" and {"hr@10", "ndcg@10"} <= set(int8["eval"])
+    # the users whose hit int8 changed, net of each other, are its HR@10 change on the 64 users
+    changes = int8["eval_users"]
+    assert changes["gained"] - changes["lost"] == round((int8["eval"]["hr@10"] - ref["hr@10"]) * 64), changes
+    assert "users gained / lost" in (out / "report.md").read_text()
     # the guard held the validation users' metrics (never the test ones), and the report says so
     assert any(n.startswith("accuracy guard: validation data checked") for n in int8["notes"]), int8["notes"]
 

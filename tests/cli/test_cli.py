@@ -117,7 +117,8 @@ def test_optimize_lowers_prefill_and_step_with_max_history(tmp_path, capsys):
     bad = {
         ("--max-history", "6"): "--max-history lowers prefill/step entries: name the runtime(s) with --runtime",
         ("--state-dtype", "bf16", "--runtime", "eager"): "--state-dtype needs --max-history N",
-        ("--runtime", "eager", "--max-history", "0"): "--max-history must be >= 1, got 0",
+        ("--runtime", "eager", "--max-history", "0"): "--max-history must be >= 2",
+        ("--runtime", "eager", "--max-history", "1"): "--max-history must be >= 2",
         ("--runtime", "eager", "--max-history", "6", "--step-option", "threads"): "--step-option 'threads': expected",
     }
     for extra, message in bad.items():

@@ -26,7 +26,7 @@ def test_demo_quick_end_to_end_then_cached(demo_run, capsys):
     text = capsys.readouterr().out
     for step in ("[1/4] data:", "[2/4] model: fine-tuning bert4rec:tiny", "[3/4] optimize + lower + benchmark", "[4/4] report:"):
         assert step in text, step
-    assert "HR@10" in text and "NDCG@10" in text
+    assert "HR@10" in text and "NDCG@10" in text and "USERS +/-" in text
     for name in ("report.json", "report.md", "demo.md", "demo.json", "finetune.json", "latency.png", "tradeoff.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
 
@@ -44,6 +44,9 @@ def test_demo_quick_end_to_end_then_cached(demo_run, capsys):
             assert v["status"] == "ok", (v["name"], v["status"], v.get("reason"))
         if v["status"] == "ok":
             assert set(v["eval"]) >= {"hr@10", "ndcg@10"}, v["name"]
+            if v["kind"] != "baseline":  # which of the 256 test users' hits changed: net = the HR@10 change
+                net = v["eval_users"]["gained"] - v["eval_users"]["lost"]
+                assert net == round((v["eval"]["hr@10"] - variants["eager"]["eval"]["hr@10"]) * 256), v["name"]
             assert 0.0 <= v["eval"]["ndcg@10"] <= v["eval"]["hr@10"] <= 1.0
         else:  # skipped or failed variants say why, in the printed table too
             assert v["reason"], v["name"]

@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
+from graphopt.hits import user_hits
 from graphopt.metrics import hr_at_k, ndcg_at_k
 from graphopt.rec.data.movielens import DataError, EvalSet, Split
 
@@ -67,11 +69,14 @@ def evaluate_ranking(
     k: int = 10,
     batch_size: int = 128,
     fixed_batch: bool = False,
-) -> dict[str, float]:
+    per_user: bool = False,
+) -> dict[str, Any]:
     """HR@k and NDCG@k of ``score_fn(input_ids, attention_mask)`` over all items.
 
     Seen items are masked. ``fixed_batch`` pads the last batch to
     ``batch_size`` rows (for runtimes with a static batch dimension).
+    ``per_user`` adds each user's hit and distance from the top-k boundary
+    (:class:`graphopt.hits.UserHits`) under ``"per_user"``.
     """
     ids, mask = encode_histories(cases.histories, seq_len, append_mask)
     parts = []
@@ -91,11 +96,14 @@ def evaluate_ranking(
     if broken:  # NaN compares false everywhere and would rank a target first
         log.warning("%d of %d users got NaN scores; they count as misses", broken, len(scores))
         scores = torch.nan_to_num(scores, nan=-math.inf)
-    return {
+    metrics: dict[str, Any] = {
         f"hr@{k}": hr_at_k(scores, cases.targets, k, cases.seen),
         f"ndcg@{k}": ndcg_at_k(scores, cases.targets, k, cases.seen),
         "users": float(len(cases)),
     }
+    if per_user:
+        metrics["per_user"] = user_hits(scores, cases.targets, k, cases.seen)
+    return metrics
 
 
 def popularity_metrics(split: Split, cases: str = "test", k: int = 10) -> dict[str, float]:
