@@ -1,9 +1,9 @@
 """Which evaluation users a variant's ranking changes, and how close to a tie they were.
 
-HR@10 on a few hundred users moves in steps of one user (0.1% of the hits on
-MovieLens-100K's 943 users is less than one), so "within 0.5% of eager" often
-means "no net lost hit", and one user whose target sat on the top-10 boundary
-decides it. :func:`user_hits` keeps, per user, the hit and the target's
+HR@10 moves in steps of one user: on MovieLens-100K's 943 test users, with 80
+to 160 hits, one hit is 0.6-1.2% of HR@10, more than the 0.5% bar, so "within
+0.5% of eager" means "no net lost hit", and one user whose target sat on the
+top-10 boundary decides it. :func:`user_hits` keeps, per user, the hit and the target's
 distance from that boundary in the model's own scores; :func:`hit_changes`
 says which users a variant gained and lost against the reference (eager) and
 the smallest reference margin among them: a lost user whose margin is below
