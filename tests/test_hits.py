@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from graphopt.hits import hit_changes, user_hits
+from graphopt.hits import hit_changes, mcnemar_exact, user_hits
 from graphopt.metrics import hr_at_k
 
 
@@ -45,8 +45,15 @@ def test_hit_changes_counts_both_ways_and_reports_the_closest_reference_margin()
     moved[0, 4] = 0.75  # user 0 loses its hit (its target led item 4 by 0.05)
     moved[1, 3] = 0.6   # user 1 gains one (its target trailed by 0.2)
     changes = hit_changes(ref, user_hits(moved, targets, 2))
-    assert changes == {"gained": 1.0, "lost": 1.0, "min_margin": pytest.approx(0.05, abs=1e-6)}
+    assert changes == {"gained": 1.0, "lost": 1.0, "min_margin": pytest.approx(0.05, abs=1e-6), "p_value": 1.0}
     same = hit_changes(ref, user_hits(scores + 1e-3, targets, 2))
     assert same["gained"] == same["lost"] == 0.0 and math.isnan(same["min_margin"])
     with pytest.raises(ValueError, match="users"):
         hit_changes(ref, user_hits(scores[:2], targets[:2], 2))
+
+
+def test_mcnemar_exact_by_hand():
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(0, 1) == 1.0 and mcnemar_exact(1, 1) == 1.0
+    assert mcnemar_exact(0, 2) == pytest.approx(0.5)  # 2 * P(X <= 0), n = 2: 2 * 1/4
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # the torch.compile-bf16 peer on the fine-tuned gpt-rec
+    assert mcnemar_exact(1, 9) == mcnemar_exact(9, 1) == pytest.approx(2 * 11 / 1024)  # symmetric

@@ -132,7 +132,7 @@ def quality_section(variants: Sequence[dict[str, Any]], reference: dict[str, flo
     variant's metrics and, where the evaluation was per user, which users' hits changed."""
     keys = list(reference)
     users = any(v.get("eval_users") for v in variants)
-    extra = ["users gained / lost", "closest eager margin"] if users else []
+    extra = ["users gained / lost", "closest eager margin", "McNemar p"] if users else []
     lines = ["## Ranking quality on evaluation data", "", "| variant | " + " | ".join(keys + extra) + " |",
              "|---|" + "---|" * len(keys + extra)]
     for v in variants:
@@ -143,11 +143,14 @@ def quality_section(variants: Sequence[dict[str, Any]], reference: dict[str, flo
             changes = v.get("eval_users") or {}
             margin = changes.get("min_margin", math.nan)
             cells += ([f"+{int(changes['gained'])} / -{int(changes['lost'])}",
-                       f"{margin:.2g}" if math.isfinite(margin) else "-"] if changes else ["-", "-"])
+                       f"{margin:.2g}" if math.isfinite(margin) else "-",
+                       f"{changes['p_value']:.2f}" if "p_value" in changes else "-"] if changes else ["-"] * 3)
         lines.append(f"| {v['name']} | " + " | ".join(cells) + " |")
     if users:
         lines += ["", f"Users gained / lost: evaluation users whose target entered / left the top {k} against "
                   "eager's; closest eager margin: the smallest gap, in eager's own scores, between such a user's "
                   "target and the top-k boundary: a gap below the variant's score error was a near-tie that any "
-                  "16-bit variant can flip."]
+                  "16-bit variant can flip; McNemar p: the exact two-sided test of gained against lost users, how "
+                  "likely so lopsided a split is if each changed user were a coin flip (large p: chance, not a "
+                  "systematic loss; the fidelity bar itself is not relaxed by it)."]
     return lines + [""]

@@ -135,6 +135,7 @@ def test_users_whose_hit_changed_agree_with_the_metrics_and_a_recomputation(tiny
         net = round((v["eval"]["hr@10"] - report.eval_reference["hr@10"]) * users)
         assert changes["gained"] - changes["lost"] == net, (v["name"], changes)
         assert math.isnan(changes["min_margin"]) == (changes["gained"] + changes["lost"] == 0)
+        assert 0.0 < changes["p_value"] <= 1.0
         checked += 1
     assert checked >= 3
     # bf16 @ eager against a recomputation of the same pipeline's hits, user by user
@@ -149,7 +150,7 @@ def test_users_whose_hit_changed_agree_with_the_metrics_and_a_recomputation(tiny
     got = report.variant("bf16 @ eager")["eval_users"]
     assert (got["gained"], got["lost"]) == (expected["gained"], expected["lost"])
     md = (out / "report.md").read_text()
-    assert "| variant | hr@10 | ndcg@10 | users gained / lost | closest eager margin |" in md
+    assert "| variant | hr@10 | ndcg@10 | users gained / lost | closest eager margin | McNemar p |" in md
 
 
 def test_markdown_and_plots_written(tiny):
