@@ -113,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(result) -> None:  # type: ignore[no-untyped-def]
+    from graphopt.tune.report import users_text
+
     best = result.best_trial
     trials = result.trials
     statuses: dict[str, int] = {}
@@ -131,6 +133,7 @@ def _summary(result) -> None:  # type: ignore[no-untyped-def]
     else:
         refs = fid.get("reference_values", {})
         quality = ", ".join(f"{k.upper()} {v:.4f} (eager {refs.get(k, math.nan):.4f})" for k, v in fid.get("values", {}).items())
+        quality += users_text(fid.get("users"))
     print(f"best: {best.key}\n  speedup vs eager: {speeds}\n  {quality}")
     defaults = [r for r in conf.values() if r["default"]]
     if defaults and best.n in conf:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DATASETS = ("ml-100k",)
 
 InputMaker = Callable[[int, "int | None", int], tuple[torch.Tensor, ...]]
-Evaluator = Callable[[Callable[..., Sequence[torch.Tensor]]], dict[str, float]]
+Evaluator = Callable[[Callable[..., Sequence[torch.Tensor]]], dict[str, Any]]  # metric -> float (+ optional "per_user")
 
 
 class DataSpecError(ModelNotFoundError):
@@ -165,13 +165,17 @@ class _RankingEval:
         scores = torch.cat(self._parts)[:users]
         return torch.nan_to_num(scores, nan=-math.inf)  # a NaN score never ranks an item up
 
-    def evaluate(self, fn: Callable[..., Any], users: int | None = None) -> dict[str, float]:
+    def evaluate(self, fn: Callable[..., Any], users: int | None = None) -> dict[str, Any]:
+        """HR@10 and NDCG@10 of the first ``users`` test users, and under ``"per_user"`` each
+        user's hit and margin (:class:`graphopt.hits.UserHits`; the :class:`Judge` compares them with eager's)."""
+        from graphopt.hits import user_hits
         from graphopt.metrics import hr_at_k, ndcg_at_k
 
         n = len(self.cases) if users is None else min(users, len(self.cases))
         scores = self._scores(fn, n)
         targets, seen = self.cases.targets[:n], self.cases.seen[:n]
-        return {"hr@10": hr_at_k(scores, targets, 10, seen), "ndcg@10": ndcg_at_k(scores, targets, 10, seen)}
+        return {"hr@10": hr_at_k(scores, targets, 10, seen), "ndcg@10": ndcg_at_k(scores, targets, 10, seen),
+                "per_user": user_hits(scores, targets, 10, seen)}
 
 
 @dataclass

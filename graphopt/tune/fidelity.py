@@ -22,6 +22,7 @@ import torch
 
 from graphopt.bench.report import MIN_COSINE
 from graphopt.errors import GraphoptError
+from graphopt.hits import UserHits, hit_changes
 from graphopt.metrics import FIDELITY_BAR, FidelityBar, agreement, relative_change, score_matrix
 from graphopt.tune.data import DataSpecError, TuneData
 
@@ -88,12 +89,13 @@ class Judge:
         self.reference_outputs: list[tuple[torch.Tensor, ...]] = []
         self._reference = reference
         self._screen_reference: list[torch.Tensor] | None = None
+        self._reference_users: dict[bool, UserHits | None] = {False: None, True: None}
         if self.metric.source == "eval":
-            self.reference_eval = data.evaluator(reference)  # type: ignore[misc]
+            self.reference_eval, self._reference_users[False] = _split_users(data.evaluator(reference))  # type: ignore[misc]
             if self.metric.key not in self.reference_eval:
                 raise DataSpecError(f"--metric {metric}: the evaluation data reports {', '.join(self.reference_eval)}")
             if data.subset_evaluator is not None:
-                self.reference_subset = data.subset_evaluator(reference)
+                self.reference_subset, self._reference_users[True] = _split_users(data.subset_evaluator(reference))
         else:
             self.reference_outputs = [_tuple(reference(*b)) for b in data.screen]
             self._ranks = score_matrix(self.reference_outputs[0][0], FIDELITY_BAR.k) is not None
@@ -106,20 +108,27 @@ class Judge:
         return f"{what} vs eager ({self.data.description})"
 
     def measure(self, fn: Fn, *, subset: bool = False) -> dict[str, Any]:
-        """``{"metric", "value", "reference", "change_pct", "values", "meets", "why"}`` for ``fn``.
+        """``{"metric", "value", "reference", "change_pct", "values", "meets", "why"}`` for ``fn``,
+        and ``"users"`` (:func:`graphopt.hits.hit_changes` against eager: users gained, lost, the
+        closest eager margin among them, McNemar p) when the evaluator reports per-user hits.
 
         ``subset`` measures on fewer users (sensitivity ranking; the bar is then indicative only).
         """
         if self.metric.source == "eval":
-            evaluate = self.data.subset_evaluator if subset and self.data.subset_evaluator else self.data.evaluator
-            reference = self.reference_subset if subset and self.reference_subset else self.reference_eval
-            values = {k: float(v) for k, v in evaluate(fn).items()}  # type: ignore[misc]
+            on_subset = bool(subset and self.data.subset_evaluator and self.reference_subset)
+            evaluate = self.data.subset_evaluator if on_subset else self.data.evaluator
+            reference = self.reference_subset if on_subset else self.reference_eval
+            values, users = _split_users(evaluate(fn))  # type: ignore[misc]
             meets, why = self.bar.check(values, reference)
             key = self.metric.key
             value, ref = values.get(key, math.nan), reference[key]
             change = relative_change(value, ref, key)
-            return {"metric": key, "value": value, "reference": ref, "change_pct": change,
-                    "values": values, "reference_values": dict(reference), "meets": meets, "why": why}
+            result = {"metric": key, "value": value, "reference": ref, "change_pct": change,
+                      "values": values, "reference_values": dict(reference), "meets": meets, "why": why}
+            ref_users = self._reference_users[on_subset]
+            if users is not None and ref_users is not None and users.hits.shape == ref_users.hits.shape:
+                result["users"] = hit_changes(ref_users, users)
+            return result
         batches = self.data.screen[:1] if subset else self.data.screen
         scores = []
         kind = "topk_overlap" if self._ranks else "cosine"
@@ -169,6 +178,13 @@ class Judge:
         r = self.measure(fn, subset=True)
         change = r["change_pct"]
         return float(-change / 100.0) if math.isfinite(change) else math.inf
+
+
+def _split_users(result: dict[str, Any]) -> tuple[dict[str, float], UserHits | None]:
+    """An evaluator's metrics as floats, and its ``"per_user"`` hits if it reported them."""
+    users = result.get("per_user")
+    values = {k: float(v) for k, v in result.items() if k != "per_user"}
+    return values, users if isinstance(users, UserHits) else None
 
 
 def _tuple(out: Any) -> tuple[torch.Tensor, ...]:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from graphopt.tune.trials import Trial
     from graphopt.tune.tuner import TuneResult
 
-__all__ = ["write_report", "plot_pareto", "render_report", "fidelity_y"]
+__all__ = ["write_report", "plot_pareto", "render_report", "fidelity_y", "users_text"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,18 @@ def _fid_text(fid: dict[str, Any]) -> str:
     vals = fid.get("values", {})
     refs = fid.get("reference_values", {})
     parts = [f"{k.upper()} {v:.4f} (eager {refs.get(k, math.nan):.4f})" for k, v in vals.items()]
-    return "; ".join(parts) + f"; {fid.get('metric', '').upper()} {fid.get('change_pct', math.nan):+.2f}%"
+    text = "; ".join(parts) + f"; {fid.get('metric', '').upper()} {fid.get('change_pct', math.nan):+.2f}%"
+    return text + users_text(fid.get("users"))
+
+
+def users_text(users: dict[str, float] | None) -> str:
+    """``; users +1/-2 (closest eager margin 2.5e-05, McNemar p 1.00)`` (see :mod:`graphopt.hits`)."""
+    if not users:
+        return ""
+    text = f"; users +{users['gained']:.0f}/-{users['lost']:.0f}"
+    if users["gained"] or users["lost"]:
+        text += f" (closest eager margin {users['min_margin']:.2g}, McNemar p {users['p_value']:.2f})"
+    return text
 
 
 def _speeds(latency: dict[str, Any]) -> str:

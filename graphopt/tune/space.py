@@ -257,7 +257,7 @@ def _runtime_option_moves(runtime: str) -> list[tuple[str, tuple[tuple[str, str]
             if opt.choices:
                 values = [c for c in opt.choices if c != opt.default]
             elif opt.type is bool:
-                values = [not opt.default]
+                values = [True, False] if opt.default is None else [not opt.default]  # None: decided per Program
             else:
                 continue
             moves += [(where, ((opt.name, opt.format(v)),)) for v in values]

@@ -49,6 +49,39 @@ def test_eval_metrics_hold_ndcg_and_hr_to_the_bar(setup):
     assert r["metric"] == "hr@10" and set(r["values"]) == {"hr@10", "ndcg@10"} and not r["meets"]
 
 
+def test_judge_reports_the_users_a_variant_gains_and_loses(setup):
+    """With per-user hits from the evaluator, every measurement says which users changed against eager."""
+    from graphopt.hits import mcnemar_exact, user_hits
+    from graphopt.tune.report import users_text
+
+    prog, base, data = setup
+    batches = [prog.sample_inputs(batch=16, seq=16, seed=s) for s in range(4)]  # the setup's evaluation batches
+    with torch.no_grad():
+        eager_scores = torch.cat([base(*b)[0] for b in batches])
+    eval_data = EvalData(batches, eager_scores.argmax(-1))
+    td = TuneData(data.calibration, data.screen, evaluator=lambda fn: evaluate(fn, eval_data, per_user=True))
+    judge = Judge("ndcg@10", 0.005, td, base)
+
+    def drop_first_rows(*xs):  # each batch's first 3 users lose their target (eager's top item) by a wide margin
+        (out,) = base(*xs)
+        out = out.clone()
+        rows = torch.arange(3)
+        out[rows, out[rows].argmax(-1)] -= 1e3
+        return (out,)
+
+    r = judge.measure(drop_first_rows)
+    users = r["users"]
+    assert users["gained"] == 0 and users["lost"] == 12 == round((1.0 - r["values"]["hr@10"]) * 64)
+    assert users["p_value"] == pytest.approx(mcnemar_exact(0, 12))
+    lost = torch.cat([torch.arange(3) + 16 * i for i in range(4)])
+    margins = user_hits(eager_scores, eval_data.targets, 10).margins
+    assert users["min_margin"] == pytest.approx(float(margins[lost].min()))
+    assert users_text(users).startswith("; users +0/-12 (closest eager margin")
+    same = judge.measure(base)["users"]
+    assert same["gained"] == same["lost"] == 0 and users_text(same) == "; users +0/-0"
+    assert "users" not in Judge("ndcg@10", 0.005, data, base).measure(base)  # an evaluator without per-user hits
+
+
 def test_topk_overlap_bar_is_one_minus_max_drop(setup):
     prog, base, data = setup
     loose = Judge("topk-overlap", None, data, base)
@@ -93,7 +126,12 @@ def test_ml100k_evaluation_is_the_demos(tmp_path):
     ev = _RankingEval(cases, data.num_items, 20, data.num_items + 1, 32)
     first = ev.evaluate(score, 40)  # a screen on the first users, then the full evaluation continues from it
     full = ev.evaluate(score)
+    want_users = evaluate_ranking(score, cases, data.num_items, seq_len=20, append_mask=data.num_items + 1,
+                                  batch_size=32, fixed_batch=True, per_user=True)["per_user"]
+    users = full.pop("per_user")
     assert full == {"hr@10": want["hr@10"], "ndcg@10": want["ndcg@10"]}
+    assert torch.equal(users.hits, want_users.hits) and torch.equal(users.margins, want_users.margins)
+    assert len(first.pop("per_user").hits) == 40
     assert first == {k: v for k, v in evaluate_ranking(score, cases.subset(40), data.num_items, seq_len=20,
                                                        append_mask=data.num_items + 1, batch_size=32,
                                                        fixed_batch=True).items() if k != "users"}
