@@ -2,17 +2,20 @@
 GEMM template, concat-linear, and the thread count the kernels are compiled for.
 
     python benchmarks/bench_inductor_settings.py [--models bert4rec:base,bert-cls:base]
-        [--precisions fp32,bf16] [--settings default,no-freezing,autotune,concat-linear,threads-2]
+        [--precisions fp32,bf16,int8-bf16]
+        [--settings default,no-freezing,autotune,no-autotune,concat-linear,threads-2]
         [--batch-sizes 1,32] [--seq 64] [--threads 1] [--rounds 10] [-o out.md]
 
-Per (model, precision) the Program (``O2`` or ``O2,cast{dtype=bf16}``) is lowered
+Per (model, precision) the Program (``O2``, ``O2,cast{dtype=bf16}`` or
+``O2,quantize-int8{mixed=bf16}`` calibrated on the Program's seeded batches) is lowered
 once per setting with ``graphopt.lower(program, "inductor", ...)``; compile time
 is the lowering's wall time. Then the settings run interleaved at each batch
 size: ``--rounds`` rounds, the order rotated every round, each setting's thread
 count set and one untimed call made before its timed calls (switching thread
 counts slows the first call after the switch), median of the round medians.
-The table gives p50 ms and the ratio to ``default`` (freezing on, everything
-else off) of the same model, precision and batch. ``threads-N`` compiles for N
+The table gives p50 ms and the ratio to ``default`` (freezing on, ``max_autotune``
+decided per Program: on for base-size models on CPU, concat-linear off) of the same
+model, precision and batch; ``autotune`` / ``no-autotune`` force it either way. ``threads-N`` compiles for N
 threads and runs with ``torch.set_num_threads(N)``; every other setting uses
 ``--threads``. On a machine loaded past its core count, more threads than free
 cores only measure OpenMP's barrier waits: read threads-N on an idle machine. Writes a markdown table (and ``.json``
@@ -38,13 +41,15 @@ import torch
 
 import graphopt
 from graphopt.bench.timing import machine_info
+from graphopt.passlib.calibration import default_calibration
 from graphopt.rec.zoo import load_model
 
-PRECISIONS = {"fp32": "O2", "bf16": "O2,cast{dtype=bf16}"}
+PRECISIONS = {"fp32": "O2", "bf16": "O2,cast{dtype=bf16}", "int8-bf16": "O2,quantize-int8{mixed=bf16}"}
 SETTINGS = {
-    "default": {},
+    "default": {},  # max_autotune decided per Program (on for base-size models on CPU)
     "no-freezing": {"freezing": False},
     "autotune": {"max_autotune": True, "gemm_backends": "CPP,ATEN"},
+    "no-autotune": {"max_autotune": False},
     "concat-linear": {"concat_linear": True},
     "threads-2": {"threads": 2},
 }
@@ -77,7 +82,10 @@ def _time(runners: dict, x: tuple, rounds: int, calls: int) -> dict[str, float]:
 def measure(model: str, precision: str, settings: list[str], batches: list[int], seq: int, threads: int,
             rounds: int, work: Path) -> list[dict]:
     zm = load_model(model)
-    program, _ = graphopt.optimize(zm.capture(), PRECISIONS[precision], verify_each=False)
+    captured = zm.capture()
+    pipeline = PRECISIONS[precision]
+    calibration = {"calibration_data": default_calibration(captured)} if "quantize" in pipeline else {}
+    program, _ = graphopt.optimize(captured, pipeline, verify_each=False, **calibration)
     runners, rows = {}, []
     for setting in settings:
         n = _threads(setting, threads)

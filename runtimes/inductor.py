@@ -24,9 +24,12 @@ from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
 from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Option, Runner, resolve_device
-from graphopt.runtime.backend import is_quantized, program_dtypes
+from graphopt.runtime.backend import gemm_weight_elements, is_quantized, program_dtypes
 
-__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on", "inductor_configs"]
+__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on", "inductor_configs", "AUTOTUNE_MIN_GEMM_WEIGHTS"]
+
+#: ``max_autotune`` left unset is on for CPU Programs whose GEMM weights have at least this many elements
+AUTOTUNE_MIN_GEMM_WEIGHTS = 1_000_000
 
 
 def export_on(program: Program, device: str) -> torch.export.ExportedProgram:
@@ -123,7 +126,8 @@ class InductorBackend(Backend):
     lower_options = (
         Option("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
         Option("freezing", bool, True, "fold weights into the compiled graph"),
-        Option("max_autotune", bool, False, "autotune GEMM/conv kernels (much slower compile)"),
+        Option("max_autotune", bool, None, "autotune GEMM kernels, trying Inductor's CPP GEMM template (2-3x the "
+               "compile); unset: on for a CPU Program whose GEMMs read >= 1M weight elements (base-size models)"),
         Option("gemm_backends", str, "CPP,ATEN", "GEMM candidates max_autotune tries (CPP = Inductor's CPU GEMM template)",
                check=_check_backends),
         Option("weight_prepack", bool, True, "pack weights for oneDNN's linear (cpp.weight_prepack); off: float32 "
@@ -144,6 +148,18 @@ class InductorBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"backend": torch.__version__}
 
+    def complete_options(self, program: Program, options: Mapping[str, Any]) -> dict[str, Any]:
+        # max_autotune unset: on where it pays for its compile. bench_inductor_settings.py (AMX Xeon,
+        # 2 threads, 2026-12-03, bert4rec:base and bert-cls:base, bf16 and int8-mixed-bf16): 1.32-1.58x
+        # at batch 1, 1.22-1.33x at batch 8, 0.96-1.21x at batch 32, compile 17-27 s -> 33-68 s. Each
+        # distinct GEMM shape costs ~4 s of C++ compile and benchmarking, which tiny models (GEMMs of
+        # microseconds; bert4rec:tiny 23 s -> 77 s) never earn back. On CUDA, Triton autotuning is opt-in.
+        opts = dict(options)
+        if opts["max_autotune"] is None:
+            cpu = resolve_device(opts["device"], self.name) == "cpu"
+            opts["max_autotune"] = cpu and gemm_weight_elements(program) >= AUTOTUNE_MIN_GEMM_WEIGHTS
+        return opts
+
     def step_defaults(self, step: Program) -> dict[str, Any]:
         # A float32 step multiplies one row per user by each weight: oneDNN's packed linear costs
         # 16-25 us a call at one row, MKL's GEMM on the plain weight 5-10 us. benchmarks/
@@ -153,8 +169,10 @@ class InductorBackend(Backend):
         # want step_options={"weight_prepack": True}. freezing=False also keeps plain weights but
         # fuses the state copies worse (base, batch 32, history 200: 14.3 ms vs 10.7). bf16 and
         # int8 steps keep their packed kernels (gpt-rec:base bf16 step 0.84 ms packed, 0.98 plain).
+        # max_autotune stays off for steps: 1.1-1.5x at batch 1 but 0.8-0.9x at batch 8-32 (README).
         low = program_dtypes(step) & {torch.bfloat16, torch.float16}
-        return {} if low or is_quantized(step) else {"weight_prepack": False}
+        return {"max_autotune": False} if low or is_quantized(step) else {"max_autotune": False,
+                                                                          "weight_prepack": False}
 
     def lower_into(self, program: Program, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:
         device = resolve_device(options["device"], self.name)

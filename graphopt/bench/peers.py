@@ -4,6 +4,9 @@ same run on the same inputs.
 =========================  ======================================================
 ``torch.compile``          Inductor with freezing, fp32
 ``torch.compile-bf16``     the same under ``torch.autocast("cpu", bfloat16)``
+``torch.compile-bf16-max-autotune``  the same with ``mode="max-autotune"`` (GEMM
+                           autotuning with Inductor's CPP template, as graphopt's
+                           inductor lowers base-size models by default)
 ``ort``                    ONNX export + ONNX Runtime transformer optimizer
                            (what Optimum's ORTOptimizer runs) + ORT_ENABLE_ALL
 ``ort-int8-dynamic``       the above + ``onnxruntime.quantization.quantize_dynamic``
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 PEERS = (
     "torch.compile",
     "torch.compile-bf16",
+    "torch.compile-bf16-max-autotune",
     "ort",
     "ort-int8-dynamic",
     "torchao-int8-dynamic",
@@ -74,8 +78,8 @@ def _compile_context(bf16: bool) -> Iterator[None]:
         yield
 
 
-def _compiled(module: torch.nn.Module, bf16: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
-    compiled = torch.compile(module)
+def _compiled(module: torch.nn.Module, bf16: bool, mode: str | None = None) -> Callable[..., tuple[torch.Tensor, ...]]:
+    compiled = torch.compile(module, mode=mode)
 
     def fn(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with _compile_context(bf16):
@@ -268,6 +272,11 @@ def build_peers(
     if "torch.compile-bf16" in peers:
         out.append(Variant("peer: torch.compile-bf16", "peer", runtime="inductor", pipeline="compile + freezing, bf16 autocast",
                            fn=_compiled(source, bf16=True), size_bytes=_param_bytes(source), size_kind="parameters"))
+    if "torch.compile-bf16-max-autotune" in peers:
+        out.append(Variant("peer: torch.compile-bf16-max-autotune", "peer", runtime="inductor",
+                           pipeline="compile mode=max-autotune + freezing, bf16 autocast",
+                           fn=_compiled(source, bf16=True, mode="max-autotune"), size_bytes=_param_bytes(source),
+                           size_kind="parameters"))
     if "ort" in peers or "ort-int8-dynamic" in peers:
         out += [v for v in build_ort_peers(source, program, work_dir, threads) if v.name.removeprefix("peer: ") in peers]
     if "torchao-int8-dynamic" in peers:

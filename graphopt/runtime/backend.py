@@ -68,6 +68,28 @@ def program_dtypes(program: Program) -> set[torch.dtype]:
     return dtypes
 
 
+_GEMMS = ("aten.linear.", "aten.addmm.", "aten.mm.", "aten.matmul.", "aten._addmm_activation.")
+
+
+def gemm_weight_elements(program: Program) -> int:
+    """Elements of the 2-D weights the Program's GEMMs read (linear, addmm, mm, matmul),
+    through up to three ops between weight and GEMM (transpose, cast, dequantize)."""
+    params = program.parameter_tensors()
+    total = 0
+    for node in program.graph.nodes:
+        if node.op != "get_attr" or node.target not in params or params[node.target].dim() != 2:
+            continue
+        frontier, reaches = [node], False
+        for _ in range(3):
+            users = [u for n in frontier for u in n.users if u.op == "call_function"]
+            reaches = any(str(u.target).startswith(_GEMMS) for u in users)
+            if reaches:
+                break
+            frontier = users
+        total += params[node.target].numel() if reaches else 0
+    return total
+
+
 def is_quantized(program: Program) -> bool:
     """True when the graph holds quantize/dequantize ops (QDQ int8)."""
     for node in program.graph.nodes:
@@ -114,6 +136,11 @@ class Backend:
 
     def check_program(self, program: Program, options: Mapping[str, Any]) -> None:
         """Raise LoweringError for a Program this backend cannot take."""
+
+    def complete_options(self, program: Program, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The resolved lowering options with any left unset (``None``: an option whose
+        default depends on the Program) decided for ``program``; what the manifest records."""
+        return dict(options)
 
     def step_defaults(self, step: Program) -> dict[str, Any]:
         """Lowering options for an incremental ``step`` entry (a few rows per user) that differ

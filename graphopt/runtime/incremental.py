@@ -147,10 +147,11 @@ def lower_incremental(
     backend = get_runtime(runtime)
     runtime = backend.name
     require_available(backend)
-    opts = resolve_options(backend.lower_options, options, f"{runtime} | lower", LoweringError)
+    opts = backend.complete_options(inc.prefill, resolve_options(backend.lower_options, options,
+                                                                 f"{runtime} | lower", LoweringError))
     step_opts = {**backend.step_defaults(inc.step), **options, **(step_options or {})}
-    entry_opts = {"prefill": opts, "step": resolve_options(backend.lower_options, step_opts,
-                                                            f"{runtime} | lower step", LoweringError)}
+    entry_opts = {"prefill": opts, "step": backend.complete_options(
+        inc.step, resolve_options(backend.lower_options, step_opts, f"{runtime} | lower step", LoweringError))}
     entries = {"prefill": inc.prefill, "step": inc.step}
     for name, entry in entries.items():
         backend.check_program(entry, entry_opts[name])

@@ -98,7 +98,8 @@ def lower(
     backend = get_runtime(runtime)
     runtime = backend.name  # the current name, for a renamed runtime's old one
     require_available(backend)
-    opts = resolve_options(backend.lower_options, options, f"{runtime} | lower", LoweringError)
+    opts = backend.complete_options(program, resolve_options(backend.lower_options, options, f"{runtime} | lower",
+                                                             LoweringError))
     backend.check_program(program, opts)
     with atomic_directory(out_dir, force=force) as tmp, quiet_backends():
         info = lower_entry(backend, program, tmp, opts)

@@ -219,7 +219,8 @@ def test_step_entry_lowered_with_its_own_options(artifacts, tmp_path):
 
 
 def test_low_precision_steps_keep_packed_weights():
-    """bf16 (and int8) steps keep oneDNN's packed kernels: only a float32 step is lowered unpacked."""
+    """bf16 (and int8) steps keep oneDNN's packed kernels: only a float32 step is lowered unpacked;
+    no step is autotuned unless asked (max_autotune's per-Program default is for full-sequence entries)."""
     if not available_runtimes()["inductor"].available:
         pytest.skip(f"inductor is not available here: {available_runtimes()['inductor'].reason}")
     from graphopt.passlib.incremental import derive_incremental
@@ -227,9 +228,9 @@ def test_low_precision_steps_keep_packed_weights():
 
     bf16, _ = graphopt.optimize(optimized(), "cast{dtype=bf16}", verify_each=False)
     backend = get_runtime("inductor")
-    assert backend.step_defaults(derive_incremental(bf16, WINDOW).step) == {}
-    assert backend.step_defaults(derived().step) == {"weight_prepack": False}
-    assert backend.step_defaults(derived("int8").step) == {"weight_prepack": False}  # int8 state, fp32 weights
+    assert backend.step_defaults(derive_incremental(bf16, WINDOW).step) == {"max_autotune": False}
+    assert backend.step_defaults(derived().step) == {"max_autotune": False, "weight_prepack": False}
+    assert backend.step_defaults(derived("int8").step) == {"max_autotune": False, "weight_prepack": False}  # int8 state
 
 
 def test_plain_runner_has_no_step():

@@ -98,3 +98,40 @@ def test_lowering_options_are_checked(program, tmp_path):
 
     with pytest.raises(LoweringError, match="unknown GEMM backend"):
         lower(program("dlrm:tiny"), "inductor", tmp_path / "x", gemm_backends="CPP,CUTLASS")
+
+
+def test_max_autotune_left_unset_is_decided_per_program(program, tmp_path):
+    """Unset, max_autotune is on for a CPU Program whose GEMMs read >= 1M weight elements and
+    off for a tiny one; a value the caller gives wins. The resolved value is what the manifest
+    records and what Inductor compiles with; the autotuned package matches the Program (1e-4)
+    at two batch sizes. (Which kernel autotuning picks is a timing decision: not asserted.)"""
+    status = available_runtimes()["inductor"]
+    if not status.available:
+        pytest.skip(status.reason)
+    from graphopt.runtimes.inductor import AUTOTUNE_MIN_GEMM_WEIGHTS, BACKEND
+
+    from graphopt.options import resolve_options
+    from graphopt.runtime.backend import gemm_weight_elements
+
+    torch.manual_seed(0)
+    wide_model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 32)).eval()
+    wide = graphopt.capture(wide_model, torch.randn(4, 1024), name="wide")
+    tiny, _ = graphopt.optimize(program("bert4rec:tiny"), "O2", verify_each=False)
+    assert gemm_weight_elements(wide) == 1024 * 1024 + 32 * 1024 >= AUTOTUNE_MIN_GEMM_WEIGHTS
+    assert gemm_weight_elements(tiny) < AUTOTUNE_MIN_GEMM_WEIGHTS
+
+    def decided(prog, **given):
+        opts = resolve_options(BACKEND.lower_options, {"device": "cpu", **given}, "inductor | lower", ValueError)
+        return BACKEND.complete_options(prog, opts)["max_autotune"]
+
+    assert decided(wide) is True and decided(tiny) is False
+    assert decided(wide, max_autotune=False) is False and decided(tiny, max_autotune="true") is True
+    artifact = lower(wide, "inductor", tmp_path / "wide", device="cpu", threads=1)
+    assert artifact.manifest["options"]["max_autotune"] is True
+    configs = artifact.manifest["backend"]["inductor_configs"]
+    assert configs["max_autotune"] is True and configs["max_autotune_gemm_backends"] == "CPP,ATEN"
+    with graphopt.load(artifact.path) as runner:
+        for batch in (1, 7):
+            x = torch.randn(batch, 1024, generator=torch.Generator().manual_seed(batch))
+            (got,), (want,) = runner(x), wide(x)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
