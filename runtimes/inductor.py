@@ -14,22 +14,28 @@ Artifact: ``model.pt2`` (the AOTI package). Runs on CUDA when lowered with
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from graphopt.runtimes.inductor_autotune import (
+    MAX_REL_ERROR,
+    MIN_GEMM_WEIGHTS,
+    autotune_by_default,
+    package_error,
+)
 from graphopt.runtimes.inductor_compile import compile_package
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
 from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Option, Runner, resolve_device
-from graphopt.runtime.backend import gemm_weight_elements, is_quantized, program_dtypes
+from graphopt.runtime.backend import is_quantized, program_dtypes
 
-__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on", "inductor_configs", "AUTOTUNE_MIN_GEMM_WEIGHTS"]
+__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on", "inductor_configs", "MIN_GEMM_WEIGHTS"]
 
-#: ``max_autotune`` left unset is on for CPU Programs whose GEMM weights have at least this many elements
-AUTOTUNE_MIN_GEMM_WEIGHTS = 1_000_000
+log = logging.getLogger(__name__)
 
 
 def export_on(program: Program, device: str) -> torch.export.ExportedProgram:
@@ -149,15 +155,10 @@ class InductorBackend(Backend):
         return {"backend": torch.__version__}
 
     def complete_options(self, program: Program, options: Mapping[str, Any]) -> dict[str, Any]:
-        # max_autotune unset: on where it pays for its compile. bench_inductor_settings.py (AMX Xeon,
-        # 2 threads, 2026-12-03, bert4rec:base and bert-cls:base, bf16 and int8-mixed-bf16): 1.32-1.58x
-        # at batch 1, 1.22-1.33x at batch 8, 0.96-1.21x at batch 32, compile 17-27 s -> 33-68 s. Each
-        # distinct GEMM shape costs ~4 s of C++ compile and benchmarking, which tiny models (GEMMs of
-        # microseconds; bert4rec:tiny 23 s -> 77 s) never earn back. On CUDA, Triton autotuning is opt-in.
+        # max_autotune unset: on where it pays for its compile and is right (runtimes/inductor_autotune.py)
         opts = dict(options)
         if opts["max_autotune"] is None:
-            cpu = resolve_device(opts["device"], self.name) == "cpu"
-            opts["max_autotune"] = cpu and gemm_weight_elements(program) >= AUTOTUNE_MIN_GEMM_WEIGHTS
+            opts["max_autotune"] = autotune_by_default(program, resolve_device(opts["device"], self.name))
         return opts
 
     def step_defaults(self, step: Program) -> dict[str, Any]:
@@ -179,7 +180,17 @@ class InductorBackend(Backend):
         ep = export_on(program, device)
         configs = inductor_configs(options)
         compile_package(ep, out / "model.pt2", configs)
-        return {"entry": "model.pt2", "device": device, "inductor_configs": configs}
+        info = {"entry": "model.pt2", "device": device, "inductor_configs": configs}
+        if configs["max_autotune"] and device == "cpu":
+            error = package_error(out / "model.pt2", program)
+            if not error <= MAX_REL_ERROR:  # NaN too
+                why = (f"max_autotune's package differed from the Program by {error:.3g} (relative L2 on its "
+                       f"sample inputs, > {MAX_REL_ERROR}): compiled again without autotuning")
+                log.warning("inductor | %s: %s", program.name, why)
+                configs = inductor_configs({**options, "max_autotune": False})
+                compile_package(ep, out / "model.pt2", configs)
+                info.update(inductor_configs=configs, autotune_rejected=why)
+        return info
 
 
 def inductor_configs(options: Mapping[str, Any]) -> dict[str, Any]:

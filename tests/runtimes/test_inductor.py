@@ -108,7 +108,8 @@ def test_max_autotune_left_unset_is_decided_per_program(program, tmp_path):
     status = available_runtimes()["inductor"]
     if not status.available:
         pytest.skip(status.reason)
-    from graphopt.runtimes.inductor import AUTOTUNE_MIN_GEMM_WEIGHTS, BACKEND
+    from graphopt.runtimes.inductor import BACKEND
+    from graphopt.runtimes.inductor_autotune import MAX_REL_ERROR, MIN_GEMM_WEIGHTS, package_error
 
     from graphopt.options import resolve_options
     from graphopt.runtime.backend import gemm_weight_elements
@@ -117,8 +118,8 @@ def test_max_autotune_left_unset_is_decided_per_program(program, tmp_path):
     wide_model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 32)).eval()
     wide = graphopt.capture(wide_model, torch.randn(4, 1024), name="wide")
     tiny, _ = graphopt.optimize(program("bert4rec:tiny"), "O2", verify_each=False)
-    assert gemm_weight_elements(wide) == 1024 * 1024 + 32 * 1024 >= AUTOTUNE_MIN_GEMM_WEIGHTS
-    assert gemm_weight_elements(tiny) < AUTOTUNE_MIN_GEMM_WEIGHTS
+    assert gemm_weight_elements(wide) == 1024 * 1024 + 32 * 1024 >= MIN_GEMM_WEIGHTS
+    assert gemm_weight_elements(tiny) < MIN_GEMM_WEIGHTS
 
     def decided(prog, **given):
         opts = resolve_options(BACKEND.lower_options, {"device": "cpu", **given}, "inductor | lower", ValueError)
@@ -130,8 +131,48 @@ def test_max_autotune_left_unset_is_decided_per_program(program, tmp_path):
     assert artifact.manifest["options"]["max_autotune"] is True
     configs = artifact.manifest["backend"]["inductor_configs"]
     assert configs["max_autotune"] is True and configs["max_autotune_gemm_backends"] == "CPP,ATEN"
+    assert "autotune_rejected" not in artifact.manifest["backend"]
     with graphopt.load(artifact.path) as runner:
         for batch in (1, 7):
             x = torch.randn(batch, 1024, generator=torch.Generator().manual_seed(batch))
             (got,), (want,) = runner(x), wide(x)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the check every autotuned package passes: near zero against its own Program, large against another
+    assert package_error(artifact.path / "model.pt2", wide) <= 1e-4
+    other = graphopt.capture(torch.nn.Sequential(*wide_model[:2], torch.nn.Linear(1024, 32)).eval(), torch.randn(4, 1024))
+    assert package_error(artifact.path / "model.pt2", other) > MAX_REL_ERROR
+
+
+def test_an_autotuned_package_that_differs_from_its_program_is_compiled_again(program, tmp_path, monkeypatch):
+    """On torch 2.13 Inductor's CPP int8 GEMM template computes a float32-activation int8 bert4rec
+    wrong (relative error ~1 against the Program). Unset, max_autotune stays off for such Programs
+    (whatever their size); forced on, the autotuned package is checked against the Program on its
+    sample inputs, and one that differs is compiled again without autotuning, the manifest saying
+    why. Whatever was kept matches the Program (1e-4) at two shapes."""
+    status = available_runtimes()["inductor"]
+    if not status.available:
+        pytest.skip(status.reason)
+    from graphopt.runtimes import inductor_autotune
+
+    from graphopt.passlib.calibration import default_calibration
+
+    base = program("bert4rec:tiny")
+    int8, _ = graphopt.optimize(base, "O2,quantize-int8", calibration_data=default_calibration(base), verify_each=False)
+    mixed, _ = graphopt.optimize(base, "O2,quantize-int8{mixed=bf16}", calibration_data=default_calibration(base),
+                                 verify_each=False)
+    monkeypatch.setattr(inductor_autotune, "MIN_GEMM_WEIGHTS", 0)  # as if the tiny model were base-size
+    assert inductor_autotune.autotune_by_default(mixed, "cpu") is True
+    assert inductor_autotune.autotune_by_default(int8, "cpu") is False
+    assert inductor_autotune.autotune_by_default(mixed, "cuda") is False
+    artifact = lower(int8, "inductor", tmp_path / "int8", device="cpu", threads=1, max_autotune=True)
+    backend = artifact.manifest["backend"]
+    rejected = backend.get("autotune_rejected")
+    assert artifact.manifest["options"]["max_autotune"] is True  # what was asked
+    assert backend["inductor_configs"]["max_autotune"] is (rejected is None)  # what was compiled
+    if torch.__version__.startswith("2.13"):
+        assert rejected and "compiled again without autotuning" in rejected, backend
+    with graphopt.load(artifact.path) as runner:
+        for batch, seq in [(1, 8), (3, 12)]:
+            feeds = base.sample_inputs(batch=batch, seq=seq, seed=3)
+            (got,), (want,) = runner(*feeds), int8(*feeds)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
