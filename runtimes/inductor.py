@@ -133,7 +133,8 @@ class InductorBackend(Backend):
         Option("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),
         Option("freezing", bool, True, "fold weights into the compiled graph"),
         Option("max_autotune", bool, None, "autotune GEMM kernels, trying Inductor's CPP GEMM template (2-3x the "
-               "compile); unset: on for a CPU Program whose GEMMs read >= 1M weight elements (base-size models)"),
+               "compile); unset: on for a CPU Program whose GEMMs read >= 1M weight elements (base-size models), "
+               "except float32-activation int8; every autotuned package is checked against the Program"),
         Option("gemm_backends", str, "CPP,ATEN", "GEMM candidates max_autotune tries (CPP = Inductor's CPU GEMM template)",
                check=_check_backends),
         Option("weight_prepack", bool, True, "pack weights for oneDNN's linear (cpp.weight_prepack); off: float32 "
