@@ -25,6 +25,7 @@ NOISY_LOGGERS = (
     "torch._inductor",
     "torch.fx.experimental.symbolic_shapes",
     "torch.utils._pytree",
+    "torch.utils.cpp_extension",  # "No CUDA runtime is found" when Inductor compiles C++ on a CPU machine
     "torchao",
     "onnxscript",
     "onnx_ir",
@@ -37,6 +38,8 @@ _WARNINGS = (
     {"message": ".*TorchScript.*"},
     {"message": ".*torch.jit.*"},
     {"message": "No complete tensor found"},  # torch.export.save of shared buffers
+    {"message": "To copy construct from a tensor"},  # Inductor's int8 autotuning (mkldnn_lowerings)
+    {"message": "TypedStorage is deprecated"},  # Inductor's autotuning (select_algorithm)
 )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,9 @@ def inductor_configs(options: Mapping[str, Any]) -> dict[str, Any]:
     configs: dict[str, Any] = {"freezing": options["freezing"], "max_autotune": options["max_autotune"]}
     if options["max_autotune"]:
         configs["max_autotune_gemm_backends"] = options["gemm_backends"]
+        if not os.environ.get("GRAPHOPT_DEBUG"):
+            configs["autotune_num_choices_displayed"] = 0  # no timing table per GEMM shape on stderr
+            configs["max_autotune_report_choices_stats"] = False  # nor its JSON summary
     if options["concat_linear"]:
         configs["cpp.enable_concat_linear"] = True
     if not options["weight_prepack"]:

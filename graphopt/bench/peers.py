@@ -70,7 +70,8 @@ def _compile_context(bf16: bool) -> Iterator[None]:
     import torch._inductor.config as inductor_config
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(inductor_config.patch(freezing=True))
+        stack.enter_context(inductor_config.patch(freezing=True, autotune_num_choices_displayed=0,
+                                                   max_autotune_report_choices_stats=False))
         stack.enter_context(dynamo_config.patch(recompile_limit=64, cache_size_limit=64))
         stack.enter_context(torch.no_grad())
         if bf16:
