@@ -142,6 +142,11 @@ class Backend:
         default depends on the Program) decided for ``program``; what the manifest records."""
         return dict(options)
 
+    def prefill_defaults(self, prefill: Program) -> dict[str, Any]:
+        """Lowering options for an incremental ``prefill`` entry that differ from this runtime's
+        defaults; the caller's options override them."""
+        return {}
+
     def step_defaults(self, step: Program) -> dict[str, Any]:
         """Lowering options for an incremental ``step`` entry (a few rows per user) that differ
         from this runtime's defaults; the caller's options and ``step_options`` override them."""

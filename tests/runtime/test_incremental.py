@@ -207,6 +207,8 @@ def test_step_entry_lowered_with_its_own_options(artifacts, tmp_path):
     # Inductor's step default for a float32 step: plain weights and MKL's GEMM instead of oneDNN's
     # packed linear, although the prefill was compiled (packed) first in this very process
     assert entries["step"]["options"]["weight_prepack"] is False and entries["prefill"]["options"]["weight_prepack"]
+    # neither entry autotunes by default (kernels picked at the probe's few rows lose at real histories)
+    assert entries["prefill"]["options"]["max_autotune"] is False and entries["step"]["options"]["max_autotune"] is False
     root = artifacts["inductor"].path
     step = [c.kernel for c in wrapper_calls(wrapper_source(root / "step" / "model.pt2"))]
     prefill = [c.kernel for c in wrapper_calls(wrapper_source(root / "prefill" / "model.pt2"))]
@@ -228,6 +230,7 @@ def test_low_precision_steps_keep_packed_weights():
 
     bf16, _ = graphopt.optimize(optimized(), "cast{dtype=bf16}", verify_each=False)
     backend = get_runtime("inductor")
+    assert backend.prefill_defaults(derived().prefill) == {"max_autotune": False}
     assert backend.step_defaults(derive_incremental(bf16, WINDOW).step) == {"max_autotune": False}
     assert backend.step_defaults(derived().step) == {"max_autotune": False, "weight_prepack": False}
     assert backend.step_defaults(derived("int8").step) == {"max_autotune": False, "weight_prepack": False}  # int8 state
