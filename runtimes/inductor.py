@@ -21,12 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from graphopt.runtimes.inductor_autotune import (
-    MAX_REL_ERROR,
-    MIN_GEMM_WEIGHTS,
-    autotune_by_default,
-    package_error,
-)
+from graphopt.runtimes.inductor_autotune import MAX_REL_ERROR, autotune_by_default, package_error
 from graphopt.runtimes.inductor_compile import compile_package
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
@@ -34,7 +29,7 @@ from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Option, Runner, resolve_device
 from graphopt.runtime.backend import is_quantized, program_dtypes
 
-__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on", "inductor_configs", "MIN_GEMM_WEIGHTS"]
+__all__ = ["InductorBackend", "InductorRunner", "BACKEND", "export_on", "inductor_configs"]
 
 log = logging.getLogger(__name__)
 
