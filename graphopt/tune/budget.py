@@ -9,6 +9,9 @@ time of earlier timing runs. A runtime not yet seen is predicted from the
 reference trial's eager build times a per-runtime factor
 (:data:`COMPILE_FACTOR`, measured on the zoo's tiny and base models here:
 ONNX export is ~3x a torch.export save, an AOTInductor compile ~10x).
+An autotuning compile (``max_autotune`` given as true, or left unset where
+the runtime turns it on for this model: Inductor on a base-size CPU model)
+is predicted :data:`AUTOTUNE_FACTOR` times a plain one until one is seen.
 The first trial always runs, so a run lasts at most the budget plus one
 trial's misprediction; the 10% of slack covers that.
 """
@@ -20,12 +23,17 @@ import re
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
+from graphopt.errors import LoweringError
+from graphopt.ir.program import Program
+from graphopt.options import resolve_options
+from graphopt.runtime import get_runtime
 from graphopt.tune.data import DataSpecError
 from graphopt.tune.space import Candidate
 from graphopt.tune.trials import Trial
 
-__all__ = ["Budget", "parse_budget", "COMPILE_FACTOR", "SLACK"]
+__all__ = ["Budget", "parse_budget", "autotunes_for", "COMPILE_FACTOR", "SLACK"]
 
 #: compile time of a runtime's first trial relative to the eager build of the reference trial
 COMPILE_FACTOR = {"eager": 1.0, "torchscript": 1.0, "onnxruntime": 3.0, "inductor": 10.0, "tensorrt": 15.0}
@@ -64,6 +72,8 @@ class Budget:
         self._compile: dict[str, list[float]] = defaultdict(list)
         self._timing: list[float] = []
         self._reference_build: float | None = None
+        #: whether a candidate's compile autotunes (set by the tuner for its model: :func:`autotunes_for`)
+        self.autotunes: Callable[[Candidate], bool] = _explicit_autotune
 
     @property
     def elapsed(self) -> float:
@@ -79,7 +89,7 @@ class Budget:
         if trial.screen_s > 0:
             self._screen[family].append(trial.screen_s)
         if trial.compile_s > 0:
-            self._compile[_compile_key(trial.candidate)].append(trial.compile_s)
+            self._compile[self._compile_key(trial.candidate)].append(trial.compile_s)
             if self._reference_build is None and trial.candidate.runtime == "eager":
                 self._reference_build = trial.compile_s
         if trial.timing_s > 0:
@@ -91,13 +101,13 @@ class Budget:
         if not screened:
             past = self._screen.get(cand.family) or [x for xs in self._screen.values() for x in xs]
             screen = statistics.median(past) if past else 0.0
-        past_compile = self._compile.get(_compile_key(cand))
+        past_compile = self._compile.get(self._compile_key(cand))
         if past_compile:
             build = statistics.median(past_compile)
         else:
             base = self._reference_build or 0.0
             build = base * COMPILE_FACTOR.get(cand.runtime, 5.0)
-            if dict(cand.lower).get("max_autotune") == "true":
+            if self.autotunes(cand):
                 build *= AUTOTUNE_FACTOR
         timing = statistics.median(self._timing) if self._timing else 0.0
         return screen + build + timing
@@ -117,6 +127,32 @@ class Budget:
         return self.elapsed > self.seconds * (1.0 + SLACK)
 
 
-def _compile_key(cand: Candidate) -> str:
-    autotune = dict(cand.lower).get("max_autotune") == "true"
-    return cand.runtime + (":autotune" if autotune else "")
+    def _compile_key(self, cand: Candidate) -> str:
+        return cand.runtime + (":autotune" if self.autotunes(cand) else "")
+
+
+def _explicit_autotune(cand: Candidate) -> bool:
+    return dict(cand.lower).get("max_autotune") == "true"
+
+
+def autotunes_for(program: Program) -> Callable[[Candidate], bool]:
+    """Whether a candidate's lowering of ``program`` autotunes: its ``max_autotune`` option
+    as the runtime resolves it for ``program`` (given, or its per-Program default). Decided
+    on the model as given, before the candidate's passes (an int8 pipeline the runtime will
+    not autotune is predicted as autotuned: a budget errs long)."""
+    cache: dict[tuple, bool] = {}
+
+    def autotunes(cand: Candidate) -> bool:
+        key = (cand.runtime, tuple(cand.lower))
+        if key not in cache:
+            cache[key] = _explicit_autotune(cand)
+            backend = get_runtime(cand.runtime)
+            if any(o.name == "max_autotune" for o in backend.lower_options):
+                try:
+                    opts = resolve_options(backend.lower_options, dict(cand.lower), "tune", LoweringError)
+                    cache[key] = bool(backend.complete_options(program, opts).get("max_autotune"))
+                except Exception:  # noqa: BLE001 - a prediction: the candidate's own lowering reports its error
+                    pass
+        return cache[key]
+
+    return autotunes

@@ -29,7 +29,7 @@ from graphopt.errors import ArtifactError
 from graphopt.outputs import MARKER, atomic_directory, check_output_path, written_by_graphopt
 from graphopt.runtime import Artifact, get_runtime, load
 from graphopt.runtime.artifact import read_artifact
-from graphopt.tune.budget import Budget, parse_budget
+from graphopt.tune.budget import Budget, autotunes_for, parse_budget
 from graphopt.tune.data import DataSpecError, resolve_model, tune_data
 from graphopt.tune.evaluate import OBJECTIVES, Evaluator
 from graphopt.tune.fidelity import METRICS, Judge, parse_drop
@@ -205,6 +205,7 @@ def tune(
     budget_clock = Budget(seconds)
     with _torch_threads(threads):
         tm = resolve_model(model)
+        budget_clock.autotunes = autotunes_for(tm.program)
         shapes = _shapes(batch_sizes, seq_lens, tm.program.dynamic_labels(), tm.program)
         eval_batch = max(b for b, _ in shapes)
         td = tune_data(tm, data=data, calib=calib, eval_data=eval_data, batch=eval_batch, seed=seed)
