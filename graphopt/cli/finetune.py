@@ -78,11 +78,15 @@ def describe_clicks(data: ClickData) -> str:
 
 
 def metrics_line(test: dict[str, float], popularity: dict[str, float]) -> str:
-    """``test AUC 0.7712  logloss 0.5512   (popularity baseline AUC ...)``, or NDCG/HR."""
+    """``test AUC 0.7712  logloss 0.5512   (popularity baseline AUC ...)``, or NDCG/HR; a model
+    that ranks below the baseline (AUC, else NDCG@10) is said to, with what to do."""
     keys = [k for k in ("auc", "logloss", "ndcg@10", "hr@10") if k in test]
     ours = "  ".join(f"{k.upper() if '@' in k or k == 'auc' else k} {test[k]:.4f}" for k in keys)
     base = "  ".join(f"{k.upper() if '@' in k or k == 'auc' else k} {popularity[k]:.4f}" for k in keys if k in popularity)
-    return f"test  {ours}   (popularity baseline {base})"
+    key = next((k for k in ("auc", "ndcg@10") if k in test and k in popularity), None)
+    below = ("; below the popularity baseline: retrain for longer (--fresh --max-minutes N)"
+             if key and test[key] < popularity[key] else "")
+    return f"test  {ours}   (popularity baseline {base}){below}"
 
 
 def loaded_machine() -> bool:

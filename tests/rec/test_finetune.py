@@ -219,3 +219,28 @@ def test_cuda_fp16_autocast_with_grad_scaler(small):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     assert next(r.model.parameters()).device.type == "cpu"  # handed back on the CPU, fp32
     assert all(p.dtype == torch.float32 for p in r.model.parameters())
+
+
+def test_early_stopping_waits_until_validation_beats_popularity(small):
+    # lr 0 and no popularity prior: the model keeps its random weights (a near-random ranking),
+    # so validation NDCG@10 never improves after the first evaluation
+    frozen = finetune("bert4rec:tiny", small, _quick(epochs=4, lr=0.0, patience=1, popularity_init=False))
+    floor = frozen.popularity["valid"]["ndcg@10"]
+    assert frozen.valid["ndcg@10"] <= floor  # on the plateau: stopping now would keep a model below popularity
+    assert len(frozen.history) == 4 and frozen.stopped == "4 epochs done", frozen.stopped
+    # a model that beats popularity stops after `patience` evaluations without a better one
+    learning = finetune("bert4rec:tiny", small, _quick(epochs=30, lr=5e-3, patience=1, popularity_init=False))
+    assert learning.valid["ndcg@10"] > learning.popularity["valid"]["ndcg@10"]
+    assert learning.stopped.startswith("early stop"), learning.stopped
+    assert len(learning.history) < 30
+
+
+def test_the_metrics_line_says_when_a_model_ranks_below_popularity():
+    from graphopt.cli.finetune import metrics_line
+
+    pop = {"ndcg@10": 0.0250, "hr@10": 0.0498}
+    below = metrics_line({"ndcg@10": 0.0240, "hr@10": 0.0456}, pop)
+    assert below.endswith("below the popularity baseline: retrain for longer (--fresh --max-minutes N)")
+    assert "NDCG@10 0.0240" in below and "popularity baseline NDCG@10 0.0250" in below
+    assert "below" not in metrics_line({"ndcg@10": 0.0526, "hr@10": 0.1039}, pop)
+    assert "below" in metrics_line({"auc": 0.69, "logloss": 0.6}, {"auc": 0.70, "logloss": 0.6})
