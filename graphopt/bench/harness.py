@@ -40,6 +40,7 @@ from graphopt.ir.program import Program
 from graphopt.metrics import ranking_drift
 from graphopt.outputs import check_replaceable
 from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCH, DEFAULT_CALIBRATION_BATCHES
+from graphopt.process import keep_freed_memory
 
 __all__ = ["bench", "Progress"]
 
@@ -157,8 +158,11 @@ def bench(
     (``graphopt.optimize(..., validation=...)``); never the evaluation data itself.
     ``out_dir``: write report.json, report.md and PNG plots there (atomic;
     an existing folder needs ``force``). Timings are never compared across
-    runs: every ratio is measured pair by pair within this run.
+    runs: every ratio is measured pair by pair within this run. Every variant, eager
+    and the peers included, runs under the heap policy a graphopt runner sets
+    (:func:`graphopt.process.keep_freed_memory`), set before the first is timed.
     """
+    keep_freed_memory()
     if out_dir is not None:  # refuse the output folder before the run, not after it
         check_replaceable(out_dir, force=force)
     config = timing or (TimingConfig.quick() if quick else TimingConfig())

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from graphopt.hardware import cpu_model, has_int8_dot, reported_flags
+from graphopt.process import heap_policy
 
 __all__ = [
     "TimingConfig",
@@ -224,6 +225,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "heap": heap_policy(),
         "versions": {
             name: _version(name)
             for name in ("graphopt", "torch", "onnxruntime", "onnx", "onnxscript", "torchao", "tensorrt", "transformers")

@@ -14,7 +14,7 @@ import torch
 
 from graphopt.errors import GraphoptError, RunnerError, first_line
 from graphopt.ir.program import InputSpec, bind_inputs, check_inputs
-from graphopt.process import quiet_backends
+from graphopt.process import keep_freed_memory, quiet_backends
 from graphopt.runtime.contract import check_contract
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class Runner:
             raise RunnerError(f"{self.name} | runner is already active; deactivate() it first")
         if self.artifact is not None:
             self.artifact.check_unchanged()  # files changed since load() checked them are refused
+        keep_freed_memory()  # a serving process: no page faults on each call's buffers (graphopt/process.py)
         try:
             with quiet_backends():
                 self._activate_impl()

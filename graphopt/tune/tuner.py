@@ -27,6 +27,7 @@ import torch
 from graphopt.bench.timing import TimingConfig, load_warning, machine_info
 from graphopt.errors import ArtifactError
 from graphopt.outputs import MARKER, atomic_directory, check_output_path, written_by_graphopt
+from graphopt.process import keep_freed_memory
 from graphopt.runtime import Artifact, get_runtime, load
 from graphopt.runtime.artifact import read_artifact
 from graphopt.tune.budget import Budget, autotunes_for, parse_budget
@@ -203,6 +204,7 @@ def tune(
             raise ArtifactError(f"{out} exists and was not written by graphopt (no {MARKER} file); "
                                 "graphopt will not replace it even with --force; pick another -o")
     budget_clock = Budget(seconds)
+    keep_freed_memory()  # eager and every candidate timed under the heap policy a runner sets (graphopt/process.py)
     with _torch_threads(threads):
         tm = resolve_model(model)
         budget_clock.autotunes = autotunes_for(tm.program)
