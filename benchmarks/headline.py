@@ -26,6 +26,7 @@ from pathlib import Path
 import graphopt
 from graphopt.bench import BenchReport, TimingConfig
 from graphopt.metrics import FIDELITY_BAR
+from graphopt.process import quiet_third_party
 
 MODELS = ("bert4rec:base", "bert-cls:base", "dlrm:base")
 
@@ -93,6 +94,7 @@ def markdown(rows: list[list[str]], reports: list[BenchReport], command: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()  # as the graphopt command does: no third-party warnings between the progress lines
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", default="bench-headline", help="output folder (default ./bench-headline)")
     parser.add_argument("--models", default=",".join(MODELS))

@@ -253,3 +253,33 @@ def test_ort_peer_exports_a_module_the_torchscript_exporter_cannot():
     (shape,) = report.shapes
     row = next(r for r in report.rows(shape) if r["variant"] == "peer: ort")
     assert row["accuracy"]["topk_overlap"] == 1.0 and row["accuracy"]["max_abs"] < 1e-4
+
+
+def test_fidelity_pools_enough_rows_and_matches_a_recomputation():
+    """Top-10 overlap is measured on FIDELITY_ROWS rows per shape (the timed batch and more
+    seeded batches of its shape), not on the one timed batch: recomputed here from the same
+    seeds, the same Program and eager, it must match the report's figure."""
+    from graphopt.bench.harness import FIDELITY_ROWS
+    from graphopt.metrics import ranking_drift
+    from graphopt.rec.zoo import load_model
+
+    zm = load_model("gpt-rec:tiny")  # rows rank differently (bert4rec:tiny's random weights rank alike)
+    names = zm.capture().input_names
+    calibration = [tuple(zm.make_inputs(batch=8, seed=2000 + i)[n] for n in names) for i in range(4)]
+    pipeline = "O2,quantize-int8{calibration=minmax max_drop=0}"  # guard off: every linear int8, top-10 moves
+    report = graphopt.bench("gpt-rec:tiny", [f"int8={pipeline}"], ["eager"], batch_sizes=[8], quick=True,
+                            memory=False, calibration_data=calibration)
+    (shape,) = report.shapes
+    row = next(r for r in report.rows(shape) if r["variant"] == "int8 @ eager")
+    assert row["accuracy"]["rows"] == FIDELITY_ROWS == 256  # 32 batches of 8
+    program, _ = graphopt.optimize(zm.capture(), pipeline, calibration_data=calibration)
+    batches = [tuple(zm.make_inputs(batch=8, seq=64, seed=s)[n] for n in names)  # the bench's default seq 64
+               for s in range(FIDELITY_ROWS // 8)]
+    with torch.no_grad():
+        ref = torch.cat([zm.module.eval()(*x) for x in batches])
+        out = torch.cat([program(*x)[0] for x in batches])
+    want = ranking_drift((out,), (ref,), 10)["topk_overlap"]
+    # the bench ran the lowered eager artifact, this the Program: rounding may differ by a slot or two
+    assert row["accuracy"]["topk_overlap"] == pytest.approx(want, abs=2 / (10 * FIDELITY_ROWS))
+    first = ranking_drift((out[:8],), (ref[:8],), 10)["topk_overlap"]  # what the timed batch alone would say
+    assert 0 < want < 1.0 and abs(first - want) > 2 / (10 * FIDELITY_ROWS), (first, want)
