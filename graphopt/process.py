@@ -7,10 +7,10 @@ CLI read memory the same way and silence the same things.
 The heap policy (:func:`keep_freed_memory`): with glibc's default malloc a
 serving process gives the large intermediate buffers of each call back to the
 kernel (``mmap``/heap trimming) and page-faults them in again on the next call.
-An AOTInductor package of bert4rec:base (bf16, batch 32, AMX Xeon, 2 threads)
-took ~2,300 minor page faults per call and 11-13 ms; with freed memory kept for
-reuse ~20 faults and 8.6-10.5 ms (torch.compile's Python wrapper, same model:
-130-360 faults; eager: ~7,000, 24.6 -> 18.8 ms). jemalloc/tcmalloc under
+bert4rec:base at batch 32 (AMX Xeon, 2 threads, 2026-12-04, ``benchmarks/bench_heap.py``):
+an AOTInductor bf16 package 16.3 ms and 2,336 minor page faults per call with
+glibc's default, 12.5 ms and 33 with freed memory kept; torch.compile-bf16 18.1 ->
+13.3 ms (4,029 -> 0 faults); eager fp32 71.8 -> 57.7 ms. jemalloc/tcmalloc under
 ``LD_PRELOAD`` do the same; this is the glibc setting, made when a runner
 activates and before the harness or the tuner time anything, so every variant
 of a run, eager and the peers included, runs under one policy.

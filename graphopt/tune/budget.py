@@ -126,7 +126,6 @@ class Budget:
     def deadline_passed(self) -> bool:
         return self.elapsed > self.seconds * (1.0 + SLACK)
 
-
     def _compile_key(self, cand: Candidate) -> str:
         return cand.runtime + (":autotune" if self.autotunes(cand) else "")
 
@@ -146,13 +145,13 @@ def autotunes_for(program: Program) -> Callable[[Candidate], bool]:
         key = (cand.runtime, tuple(cand.lower))
         if key not in cache:
             cache[key] = _explicit_autotune(cand)
-            backend = get_runtime(cand.runtime)
-            if any(o.name == "max_autotune" for o in backend.lower_options):
-                try:
+            try:
+                backend = get_runtime(cand.runtime)
+                if any(o.name == "max_autotune" for o in backend.lower_options):
                     opts = resolve_options(backend.lower_options, dict(cand.lower), "tune", LoweringError)
                     cache[key] = bool(backend.complete_options(program, opts).get("max_autotune"))
-                except Exception:  # noqa: BLE001 - a prediction: the candidate's own lowering reports its error
-                    pass
+            except Exception:  # noqa: BLE001 - a prediction: the candidate's own lowering reports its error
+                pass
         return cache[key]
 
     return autotunes

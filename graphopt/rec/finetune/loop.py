@@ -297,7 +297,7 @@ def finetune(
                     result.valid = {k: v for k, v in metrics.items() if k != "users"}
                 else:
                     since_best += 1
-                    if since_best >= cfg.patience and not result.stopped  and (floor is None or best_score > floor):
+                    if since_best >= cfg.patience and not result.stopped and (floor is None or best_score > floor):
                         result.stopped = f"early stop: no better validation {select} in {cfg.patience} evaluations"
             elapsed = time.perf_counter() - start
             record["elapsed_s"] = elapsed
