@@ -41,12 +41,17 @@ print(json.dumps({"faults": faults, "policy": heap_policy(), "err": err}))
 """
 
 
-def _run(**env: str) -> dict:
+def _child(script: str, *args: str, **env: str) -> dict:
+    """Run ``script`` in a fresh interpreter without this process's malloc settings; its last line as JSON."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GRAPHOPT_KEEP_HEAP"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
                           env={**environ, **env})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run(**env: str) -> dict:
+    return _child(SCRIPT, **env)
 
 
 def test_an_active_runner_sets_the_policy_and_computes_the_same():
@@ -77,14 +82,7 @@ print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     # glibc's default maps each block above its adaptive threshold on its own and unmaps it on free
     # (465 MiB touched fresh here); kept, the heap grows once to the largest block (30 MiB)
-    def faults(mode: str) -> dict:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GRAPHOPT_KEEP_HEAP"}
-        proc = subprocess.run([sys.executable, "-c", GROWING, mode], capture_output=True, text=True, timeout=120,
-                              env=env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    kept, default = faults("keep"), faults("default")
+    kept, default = _child(GROWING, "keep"), _child(GROWING, "default")
     assert kept["policy"].startswith("freed memory kept") and default["policy"] == "default (not set)"
     assert default["faults"] > 60_000, default  # ~119,000 pages: every block faulted in
     assert kept["faults"] < 20_000, kept  # ~7,700 pages: the heap's growth to 30 MiB

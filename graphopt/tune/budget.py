@@ -142,7 +142,7 @@ def autotunes_for(program: Program) -> Callable[[Candidate], bool]:
     cache: dict[tuple, bool] = {}
 
     def autotunes(cand: Candidate) -> bool:
-        key = (cand.runtime, tuple(cand.lower))
+        key = (cand.runtime, cand.lower)
         if key not in cache:
             cache[key] = _explicit_autotune(cand)
             try:
