@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence, Set
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ import torch.fx
 
 from graphopt.errors import PassOptionError
 from graphopt.ir.fx import fetch_attr
-from graphopt.passlib.accuracy_guard import Guarded, LayerPlan, guard, target_for
+from graphopt.passlib.accuracy_guard import Guarded, LayerPlan, confirm, guard, target_for
 from graphopt.passlib.calibration import METHODS, METRICS, observe, read_as
 from graphopt.passlib.costs import node_flops
 from graphopt.passlib.int8_mixed import carry_bf16
@@ -73,10 +73,13 @@ class QuantizeInt8(Pass):
     post-op), so int8 is carried from one GEMM to the next where a q follows.
     ``mixed=bf16`` (int8-mixed-bf16, the form PT2E gives under bf16 autocast):
     quantized linears read bf16 dequantized operands and write bf16, carried
-    through views, relu/gelu and attention, and the layers the guard keeps out
-    of int8 run as bf16 GEMMs (graphopt.passlib.int8_mixed; the guard scores
-    them so; if it keeps every layer out, the Program stays fp32); layer norms
-    and residual adds stay fp32.
+    through views, relu/gelu and attention (graphopt.passlib.int8_mixed); layer
+    norms and residual adds stay fp32. Of the layers the guard keeps out of int8,
+    those it finds can run bf16 GEMMs do (least damaging first), the rest fp32
+    (a scoring head in bf16 loses ranking: bert-cls:base's did). Then the rewritten
+    Program itself must hold the target on the held-out batches (it runs attention
+    in bf16, which the guard's emulator does not): while it misses, the most damaging
+    layer left goes fp32. If every layer ends up out, the Program stays fp32.
     Accuracy guard (on by default): on held-out calibration batches (the last
     quarter, which the observers do not see) the Program must keep ``metric``;
     ``bar`` = the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR: top-10
@@ -195,8 +198,13 @@ class QuantizeInt8(Pass):
             tried.append(_Tried(method, plans, guarded))
         best = _pick(tried)
         plans, guarded = best.plans, best.guarded
+        if guarded is not None and self.mixed == "bf16":
+            guarded = confirm(guarded, gm, plans, holdout, functools.partial(_rewritten_copy, gm, plans),
+                              validation, float_metrics)
         self.tolerance = 1.0 if best.method == "entropy" else type(self).tolerance
         enabled = guarded.enabled if guarded else set(plans)
+        # int8-mixed-bf16: layers kept out of int8 run bf16 GEMMs where the guard found that holds (all, unguarded)
+        bf16 = (guarded.bf16 if guarded else set(plans) - enabled) if self.mixed == "bf16" else set()
         alone = guarded.alone if guarded else {}
         notes: list[str] = [bits_note] if bits_note else []
         if rewritten:
@@ -212,33 +220,58 @@ class QuantizeInt8(Pass):
                 "act_scale": plan.qparams[0], "act_zero_point": plan.qparams[1],
                 "weight_scale_max": float(plan.weight[1].max()), "weight_bits": bits, "quantized": name in enabled,
             }
+            if name not in enabled:
+                detail["kept_as"] = "bf16" if name in bf16 else "fp32"
             if name in alone:
                 detail["sensitivity"] = round(1.0 - alone[name], 6)
             if name not in enabled:
-                why = f"among the layers doing most damage alone ({metric} {alone[name]:.4f} with only it int8)"
+                why = (f"among the layers doing most damage alone ({metric} {alone[name]:.4f} with only it int8)"
+                       if name in alone else "the rewritten Program missed the target with it int8")
+                why += f"; runs {detail['kept_as']}" if self.mixed == "bf16" else ""
                 detail["reason"] = f"accuracy guard: {why}"
                 declined.append(f"{name} ({plan.layer.label}): kept float by the accuracy guard, {why}")
             details.append(detail)
-        chosen = [plans[n] for n in plans if n in enabled]
-        self._rewrite(gm, chosen)
-        stats = {"linear": len(chosen), "activation-qdq": len({p.layer.act.name for p in chosen}),
-                 **_prefixed(rewritten)}
-        if self.mixed == "bf16" and chosen:
-            kept = [plans[n].layer.node for n in plans if n not in enabled]
-            stats.update(carry_bf16(gm, [p.layer.node for p in chosen], kept))
+        stats = _apply(gm, plans, enabled, bf16)
+        chosen = [n for n in plans if n in enabled]
+        stats.update({"linear": len(chosen), "activation-qdq": len({plans[n].layer.act.name for n in chosen}),
+                      **_prefixed(rewritten)})
         if len(chosen) < len(plans):
             stats["kept-float"] = len(plans) - len(chosen)
         return PassResult(program, modified=bool(chosen) or bool(rewritten), stats=stats, declined=declined,
                           details=details, notes=notes)
 
-    def _rewrite(self, gm: torch.fx.GraphModule, chosen: Sequence[LayerPlan]) -> None:
-        by_act: dict[torch.fx.Node, list[LayerPlan]] = {}
-        for plan in chosen:
-            insert_weight_dequant(gm, plan.layer, *plan.weight, per_channel=plan.per_channel)
-            by_act.setdefault(plan.layer.act, []).append(plan)
-        for act, group in by_act.items():
-            # consumers of one tensor share a QDQ pair when their ranges agree (they do: one observer)
-            insert_activation_qdq(gm, act, [p.layer.node for p in group], group[0].qparams, group[0].act_dtype)
+
+def _apply(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan], enabled: Set[str],
+           bf16: Set[str] = frozenset()) -> dict[str, int]:
+    """Rewrite the ``enabled`` layers of ``gm`` into QDQ form (and, for int8-mixed-bf16 plans,
+    the int8-mixed-bf16 form, with the ``bf16`` layers as bf16 GEMMs); returns carry_bf16's counts."""
+    chosen = [plans[n] for n in plans if n in enabled]
+    by_act: dict[torch.fx.Node, list[LayerPlan]] = {}
+    for plan in chosen:
+        insert_weight_dequant(gm, plan.layer, *plan.weight, per_channel=plan.per_channel)
+        by_act.setdefault(plan.layer.act, []).append(plan)
+    for act, group in by_act.items():
+        # consumers of one tensor share a QDQ pair when their ranges agree (they do: one observer)
+        insert_activation_qdq(gm, act, [p.layer.node for p in group], group[0].qparams, group[0].act_dtype)
+    if not chosen or not chosen[0].bf16_out:
+        return {}
+    kept = [plans[n].layer.node for n in plans if n not in enabled and n in bf16]
+    return carry_bf16(gm, [p.layer.node for p in chosen], kept)
+
+
+def _rewritten_copy(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan], enabled: Set[str],
+                    bf16: Set[str]) -> Any:
+    """The Program ``_apply`` would make, built on a copy of the graph (sharing the
+    weights) and returned as a callable; ``gm`` is left as it is."""
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    copy = torch.fx.GraphModule(gm, graph)
+    moved = {name: replace(plan, layer=replace(plan.layer, node=env[plan.layer.node], act=env[plan.layer.act]))
+             for name, plan in plans.items()}
+    _apply(copy, moved, enabled, bf16)
+    copy.recompile()
+    return _float_fn(copy)
 
 
 @dataclass

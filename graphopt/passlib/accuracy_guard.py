@@ -18,8 +18,8 @@ not see).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence, Set
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ import torch.fx
 from graphopt.metrics import FIDELITY_BAR, agreement, relative_change
 from graphopt.passlib.qdq import QD, WEIGHT_QMAX, WEIGHT_QMIN, QuantLinear
 
-__all__ = ["LayerPlan", "Emulator", "Target", "target_for", "Guarded", "guard"]
+__all__ = ["LayerPlan", "Emulator", "Target", "target_for", "Guarded", "guard", "confirm"]
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +58,21 @@ class LayerPlan:
 
 
 class _Switched(torch.nn.Module):
-    """A linear that computes as the QDQ graph does when ``on``, else in float."""
+    """A linear computed as the rewritten graph computes it in ``mode``: ``int8`` (the QDQ
+    form), ``bf16`` (a bf16 GEMM on its bf16 weight: int8-mixed-bf16's kept layers) or ``fp32``."""
 
     def __init__(self, plan: LayerPlan):
         super().__init__()
-        self.plan, self.on = plan, False
+        self.plan, self.mode = plan, "fp32"
         self.weight_dq = plan.dequantized_weight()
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.on:
+        if self.mode == "int8":
             x, weight = self.plan.fake_quant(x), self.weight_dq
-        # int8-mixed-bf16 runs both forms as bf16 GEMMs (an int8 one on bf16 dequantized operands, a layer
-        # kept out of int8 on its bf16 weight); attention after them also runs bf16 there, not emulated
-        if self.plan.bf16_out:
+        # int8-mixed-bf16 runs an int8 layer as a bf16 GEMM on bf16 dequantized operands, and a kept
+        # layer either so on its bf16 weight or in fp32; attention after them also runs bf16 there,
+        # which :func:`confirm` checks on the rewritten Program
+        if self.mode != "fp32" and self.plan.bf16_out:
             low = torch.bfloat16
             bias = bias.to(low) if bias is not None else None
             return torch.nn.functional.linear(x.to(low), weight.to(low), bias).float()
@@ -104,9 +106,11 @@ class Emulator:
             graph.erase_node(node)
         self.module.recompile()
 
-    def run(self, enabled: set[str], *inputs: torch.Tensor) -> Any:
+    def run(self, enabled: set[str], *inputs: torch.Tensor, bf16: Set[str] = frozenset()) -> Any:
+        """Outputs with the ``enabled`` layers int8, the ``bf16`` ones bf16 GEMMs (int8-mixed-bf16
+        only), the rest fp32; ``run(set())`` is the float model."""
         for name, switch in self.switches.items():
-            switch.on = name in enabled
+            switch.mode = "int8" if name in enabled else "bf16" if name in bf16 else "fp32"
         with torch.no_grad():
             return self.module(*inputs)
 
@@ -120,6 +124,10 @@ class Target:
 
     def describe(self) -> str:
         return f"{self.metric} >= {self.required:g}"
+
+    def show(self, value: float) -> str:
+        """``metric value``, with the digits the metric needs (cosine targets sit near 1)."""
+        return f"{self.metric} {value:.{6 if self.metric == 'cosine' else 4}f}"
 
 
 def target_for(metric: str, max_drop: float, reference: Sequence[torch.Tensor], headroom: float = 0.0) -> Target:
@@ -144,6 +152,8 @@ class Guarded:
     notes: list[str]
     target: Target
     score: float
+    worst_first: list[str] = field(default_factory=list)  # layers by the damage each does alone, when ranked
+    bf16: set[str] = field(default_factory=set)  # kept layers that run bf16 GEMMs (int8-mixed-bf16); others fp32
 
 
 def _score(target: Target, outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
@@ -168,7 +178,9 @@ def guard(
     does alone (its score, then the relative squared error of the first output:
     top-k overlap on a few rows ties often), and the fewest worst layers kept
     float such that the target holds is found by bisection (the score is taken
-    to rise as more layers stay float), then checked. ``validation`` (the user's
+    to rise as more layers stay float), then checked. With int8-mixed-bf16 plans
+    the kept layers then run bf16 GEMMs, least damaging first, where the target
+    still holds, else fp32. Every score is against the fp32 model. ``validation`` (the user's
     metrics as a function of a model callable): a set of int8 layers must also
     keep every metric within the fidelity bar of the float model's
     (graphopt.metrics.FIDELITY_BAR, 0.5% relative), checked on the sets the
@@ -179,30 +191,24 @@ def guard(
     refs = [_tuple(emu.run(set(), *b)) for b in holdout]
     target = target_of(refs[0])
 
-    def run(enabled: set[str]) -> tuple[float, float]:
-        values, errors = [], []
-        for b, r in zip(holdout, refs):
-            out = _tuple(emu.run(enabled, *b))
-            values.append(_score(target, out, r))
-            ref = r[0].detach().double()
-            errors.append(float((out[0].detach().double() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)))
-        return sum(values) / len(values), sum(errors) / len(errors)
+    def run(enabled: set[str], bf16: Set[str] = frozenset()) -> tuple[float, float]:
+        return _damage(emu, enabled, holdout, refs, target, bf16)
 
     def holds(value: float) -> bool:
         return value >= target.required - 1e-12
 
-    checked: dict[frozenset[str], tuple[bool, str]] = {}
+    checked: dict[tuple[frozenset[str], frozenset[str]], tuple[bool, str]] = {}
     reference = validation_reference
     if validation is not None and reference is None:
         reference = dict(validation(lambda *x: emu.run(set(), *x)))
 
-    def valid(enabled: set[str]) -> bool:
+    def valid(enabled: set[str], bf16: Set[str] = frozenset()) -> bool:
         """The validation bar (True without validation data); results kept for the notes."""
-        if validation is None or not enabled:
+        if validation is None or not (enabled or bf16):
             return True
-        key = frozenset(enabled)
+        key = (frozenset(enabled), frozenset(bf16))
         if key not in checked:
-            metrics = dict(validation(lambda *x: emu.run(enabled, *x)))
+            metrics = dict(validation(lambda *x: emu.run(enabled, *x, bf16=bf16)))
             ok, why = FIDELITY_BAR.check(metrics, reference)
             changes = ", ".join(f"{k} {relative_change(metrics[k], v, k):+.2f}%" for k, v in (reference or {}).items()
                                 if isinstance(v, (int, float)) and k in metrics)
@@ -210,13 +216,13 @@ def guard(
         return checked[key][0]
 
     full, _ = run(set(plans))
-    notes = [f"accuracy guard: {target.metric} {full:.4f} with every layer int8 on {where} batches "
+    notes = [f"accuracy guard: {target.show(full)} with every layer int8 on {where} batches "
              f"(target {target.describe()})"]
     if holds(full) and valid(set(plans)):
         notes += _validation_notes(checked, set(plans))
         return Guarded(set(plans), {}, notes, target, full)
     damage = {name: run({name}) for name in plans}
-    order = sorted(plans, key=lambda n: (damage[n][0], -damage[n][1]))  # worst first
+    order = _worst_first(damage)
 
     def without(k: int) -> set[str]:
         return set(order[k:])
@@ -230,17 +236,110 @@ def guard(
     enabled = without(hi)
     current = scores.get(hi, 1.0)
     log.info("accuracy guard: %d layer(s) stay float, %s %.4f", hi, target.metric, current)
-    notes.append(f"accuracy guard: the {hi} most damaging layer(s) stay float; {target.metric} now {current:.4f} "
+    notes.append(f"accuracy guard: the {hi} most damaging layer(s) stay float, now {target.show(current)} "
                  f"({len(plans) - hi} of {len(plans)} int8)")
-    notes += _validation_notes(checked, enabled)
-    return Guarded(enabled, {name: d[0] for name, d in damage.items()}, notes, target, current)
+    bf16: set[str] = set()
+    if any(plan.bf16_out for plan in plans.values()):
+        for name in reversed(order[:hi]):  # least damaging first
+            value = run(enabled, bf16 | {name})[0]
+            if holds(value) and valid(enabled, bf16 | {name}):
+                bf16.add(name)
+                current = value
+        notes.append(f"accuracy guard: of the layers kept out of int8, {len(bf16)} run bf16 GEMMs and "
+                     f"{hi - len(bf16)} fp32 (bf16 where the target still holds), now {target.show(current)}")
+    notes += _validation_notes(checked, enabled, bf16)
+    return Guarded(enabled, {name: d[0] for name, d in damage.items()}, notes, target, current, order, bf16)
 
 
-def _validation_notes(checked: Mapping[frozenset[str], tuple[bool, str]], enabled: set[str]) -> list[str]:
+def _worst_first(damage: Mapping[str, tuple[float, float]]) -> list[str]:
+    """Layers by the damage each does alone: lowest score, then largest squared error."""
+    return sorted(damage, key=lambda n: (damage[n][0], -damage[n][1]))
+
+
+def confirm(
+    guarded: Guarded,
+    gm: torch.fx.GraphModule,
+    plans: dict[str, LayerPlan],
+    holdout: Sequence[tuple[torch.Tensor, ...]],
+    rewritten: Callable[[set[str], Set[str]], Callable[..., Any]],
+    validation: Callable[[Callable[..., Any]], Mapping[str, float]] | None = None,
+    validation_reference: Mapping[str, float] | None = None,
+) -> Guarded:
+    """Hold the guard's target on the rewritten Program itself, not only on the emulator.
+
+    The emulator computes each layer as the rewritten graph does but leaves what
+    lies between them in fp32, where int8-mixed-bf16 also runs attention in bf16.
+    ``rewritten(enabled, bf16)`` builds the Program with the ``enabled`` layers int8
+    and the ``bf16`` ones bf16 GEMMs, as a callable; while it misses the target
+    (or the validation bar), the most damaging layer not yet fp32 goes fp32, one
+    at a time. Returns the guard's decision updated, with a note of what it found.
+    """
+    target = guarded.target
+    refs = [_tuple(_no_grad(gm)(*b)) for b in holdout]
+    reference = validation_reference
+    if validation is not None and reference is None:
+        reference = dict(validation(_no_grad(gm)))
+
+    def check(enabled: set[str], bf16: set[str]) -> tuple[float, bool]:
+        fn = rewritten(enabled, bf16)
+        value = sum(_score(target, _tuple(fn(*b)), r) for b, r in zip(holdout, refs)) / len(holdout)
+        ok = value >= target.required - 1e-12
+        if ok and validation is not None and (enabled or bf16):
+            ok = FIDELITY_BAR.check(dict(validation(fn)), reference)[0]
+        return value, ok
+
+    enabled, bf16 = set(guarded.enabled), set(guarded.bf16)
+    value, ok = check(enabled, bf16)
+    first = value
+    order = guarded.worst_first
+    if not ok and not order:  # every layer held in the emulator: rank them now
+        emu = Emulator(gm, plans)
+        order = _worst_first({name: _damage(emu, {name}, holdout, refs, target) for name in plans})
+    moved = []
+    for name in order:
+        if ok:
+            break
+        if name in enabled or name in bf16:
+            enabled.discard(name)
+            bf16.discard(name)
+            moved.append(name)
+            value, ok = check(enabled, bf16)
+    notes = list(guarded.notes)
+    if moved:
+        notes.append(f"accuracy guard: the rewritten Program scored {target.show(first)} (it also runs attention "
+                     f"in bf16); {len(moved)} more layer(s) run fp32, now {target.show(value)} "
+                     f"({len(enabled)} of {len(plans)} int8, {len(bf16)} bf16)")
+    else:
+        notes.append(f"accuracy guard: the rewritten Program holds it too, {target.show(value)}")
+    return Guarded(enabled, guarded.alone, notes, target, value, order, bf16)
+
+
+def _damage(emu: Emulator, enabled: set[str], holdout: Sequence[tuple[torch.Tensor, ...]],
+            refs: Sequence[tuple[torch.Tensor, ...]], target: Target,
+            bf16: Set[str] = frozenset()) -> tuple[float, float]:
+    """Mean held-out score and relative squared error of the first output, for these layer modes."""
+    values, errors = [], []
+    for b, r in zip(holdout, refs):
+        out = _tuple(emu.run(enabled, *b, bf16=bf16))
+        values.append(_score(target, out, r))
+        ref = r[0].detach().double()
+        errors.append(float((out[0].detach().double() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)))
+    return sum(values) / len(values), sum(errors) / len(errors)
+
+
+def _no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*inputs: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return fn(*inputs)
+    return run
+
+
+def _validation_notes(checked: Mapping[tuple[frozenset[str], frozenset[str]], tuple[bool, str]], enabled: set[str],
+                      bf16: Set[str] = frozenset()) -> list[str]:
     if not checked:
         return []
     missed = sum(not ok for ok, _ in checked.values())
-    result = checked.get(frozenset(enabled))
+    result = checked.get((frozenset(enabled), frozenset(bf16)))
     now = f"; the chosen set: {result[1]}" if result else ""
     return [f"accuracy guard: validation data checked {len(checked)} set(s) of int8 layers, {missed} missed the "
             f"bar{now}"]

@@ -7,7 +7,16 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+except ImportError:  # torch < 2.13 (GPU images ship 2.11): the symbol's example hint, no guards added
+
+    def optimization_hint(a: Any, fallback: int | None = None) -> int:
+        if not isinstance(a, torch.SymInt):
+            return a
+        hint = a.node.shape_env.size_hint(a.node.expr, allow_none=True)
+        return fallback if hint is None else hint
 
 __all__ = ["hint_shape", "tensor_bytes", "node_flops"]
 
