@@ -6,7 +6,11 @@ computed exactly as the rewritten QDQ graph computes them (same
 ``quantized_decomposed`` ops), so the guard can score any subset without
 rewriting the graph. :func:`guard` scores every layer quantized; if that
 misses the target, it ranks layers by the damage each does alone and keeps
-the worst in float, one at a time, until the target holds.
+the fewest worst ones float such that the target holds (for int8-mixed-bf16,
+each kept layer then runs a bf16 GEMM where the target still holds, else
+fp32). :func:`confirm` then scores the rewritten Program itself and moves the
+next most damaging layers to fp32 while it misses. Every score is against the
+fp32 model's outputs.
 
 The default target is the fidelity bar the bench stars variants by
 (:data:`graphopt.metrics.FIDELITY_BAR`): top-10 overlap with the float outputs
