@@ -7,6 +7,7 @@ import json
 
 from graphopt.errors import LoweringError, PipelineParseError
 from graphopt.outputs import atomic_directory, check_replaceable
+from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCHES
 from graphopt.rec.resolve import load_program
 from graphopt.transform.optimize import optimize
 from graphopt.transform.pipeline import parse_pipeline
@@ -21,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true", help="print the per-pass report")
     p.add_argument("--verify-each", action="store_true", help="lint, run and compare after every pass")
     p.add_argument("--print-after-change", action="store_true", help="print the graph after each change")
-    p.add_argument("--calibration-batches", type=int, default=8, help="random calibration batches for passes that need them")
+    p.add_argument("--calibration-batches", type=int, default=DEFAULT_CALIBRATION_BATCHES,
+                   help="random calibration batches for passes that need them (the int8 guard holds out a quarter)")
     p.add_argument("--reproducer", metavar="DIR", help="on a pass failure, save its input Program and pipeline here")
     p.add_argument("--runtime", action="append", default=[], metavar="NAME",
                    help="also lower the result into OUT/NAME/ (repeatable; see `graphopt runtimes`)")

@@ -12,7 +12,7 @@ to judge variants on the data the model was fine-tuned for (``graphopt demo`` an
 - ``validation`` (sequence models): the same metrics on the validation targets
   (each user's second-to-last item), what the int8 accuracy guard holds; the
   test targets are never shown to it;
-- ``calibration``: 8 batches (2 with ``quick``) of those inputs.
+- ``calibration``: 16 batches (2 with ``quick``) of those inputs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCHES
 from graphopt.rec.data import MovieLens, encode_histories, evaluate_ranking
 from graphopt.rec.data.ctr import ClickData
 from graphopt.rec.finetune import Checkpoint
@@ -67,7 +68,8 @@ def _sequence_setup(data: MovieLens, ckpt: Checkpoint, eval_batch: int, eval_use
 
     zoo = ckpt.zoo_model(batch=eval_batch)
     zoo.make_inputs = real_inputs(ckpt, split.test.histories)
-    calibration = [tuple(zoo.make_inputs(batch=eval_batch, seed=2000 + i).values()) for i in range(2 if quick else 8)]
+    calibration = [tuple(zoo.make_inputs(batch=eval_batch, seed=2000 + i).values())
+                   for i in range(2 if quick else DEFAULT_CALIBRATION_BATCHES)]
     return {"zoo": zoo, "eval": evaluate, "validation": validate, "calibration": calibration, "seq": seq_len,
             "count": len(cases), "what": f"HR@10/NDCG@10 on {len(cases)} test users"}
 
@@ -91,7 +93,8 @@ def _click_setup(data: ClickData, ckpt: Checkpoint, eval_batch: int, eval_users:
 
     zoo = ckpt.zoo_model(batch=eval_batch)
     zoo.make_inputs = make
-    calibration = [tuple(make(batch=eval_batch, seed=2000 + i).values()) for i in range(2 if quick else 8)]
+    calibration = [tuple(make(batch=eval_batch, seed=2000 + i).values())
+                   for i in range(2 if quick else DEFAULT_CALIBRATION_BATCHES)]
     count = len(eval_data.labels)
     return {"zoo": zoo, "eval": eval_data, "calibration": calibration, "seq": None, "count": count,
             "what": f"AUC/logloss on {count} test ratings"}

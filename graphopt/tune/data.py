@@ -27,6 +27,7 @@ import torch
 
 from graphopt.errors import GraphoptError, ModelNotFoundError, first_line
 from graphopt.ir.program import Program
+from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCHES
 
 __all__ = ["TuneModel", "TuneData", "DataSpecError", "resolve_model", "tune_data", "load_calibration_file", "DATASETS"]
 
@@ -261,7 +262,7 @@ def _movielens_eval(tm: TuneModel, eval_batch: int, seed: int) -> tuple[TuneData
 
     train = [h for h in split.train if h]
     calib_inputs = histories_inputs(train)
-    calibration = [calib_inputs(eval_batch, None, seed + 2000 + i) for i in range(8)]
+    calibration = [calib_inputs(eval_batch, None, seed + 2000 + i) for i in range(DEFAULT_CALIBRATION_BATCHES)]
     screen_inputs = histories_inputs(split.test.histories)
     screen = [screen_inputs(eval_batch, None, seed + 3000 + i) for i in range(4)]
     desc = (f"{data.name} from {data.source}: HR@10/NDCG@10 on {len(split.test)} leave-one-out test users "
@@ -296,7 +297,7 @@ def tune_data(
     if data == "ml-100k":
         td, _ = _movielens_eval(tm, batch, seed)
     else:
-        calibration = [tm.make_inputs(batch, seq, seed + 2000 + i) for i in range(8)]
+        calibration = [tm.make_inputs(batch, seq, seed + 2000 + i) for i in range(DEFAULT_CALIBRATION_BATCHES)]
         screen = [tm.make_inputs(screen_batch, seq, seed + 3000 + i) for i in range(4)]
         td = TuneData(calibration, screen, description=f"top-10 overlap with eager on {len(screen)} held-out "
                       f"batches of {screen_batch} seeded inputs")

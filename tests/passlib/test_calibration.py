@@ -119,7 +119,7 @@ def test_agreement_metrics():
 def test_default_calibration_is_seeded_rows_at_the_default_batch(program):
     p = program("bert4rec:tiny")
     batches = default_calibration(p)
-    assert len(batches) == 8 and all(b[0].shape[0] == 32 for b in batches)  # 8 x 32 rows
+    assert len(batches) == 16 and all(b[0].shape[0] == 32 for b in batches)  # 16 x 32 rows
     again = default_calibration(p)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))  # deterministic
     assert not torch.equal(batches[0][0], batches[1][0])  # distinct seeds
