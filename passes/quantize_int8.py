@@ -79,7 +79,7 @@ class QuantizeInt8(Pass):
     (a scoring head in bf16 loses ranking: bert-cls:base's did). Then the rewritten
     Program itself must hold the target on the held-out batches (it runs attention
     in bf16, which the guard's emulator does not): while it misses, the most damaging
-    layer left goes fp32. If every layer ends up out, the Program stays fp32.
+    layer left goes fp32. If every layer ends up fp32, the Program stays fp32.
     Accuracy guard (on by default): on held-out calibration batches (the last
     quarter, which the observers do not see) the Program must keep ``metric``;
     ``bar`` = the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR: top-10
@@ -203,8 +203,8 @@ class QuantizeInt8(Pass):
                               validation, float_metrics)
         self.tolerance = 1.0 if best.method == "entropy" else type(self).tolerance
         enabled = guarded.enabled if guarded else set(plans)
-        # int8-mixed-bf16: layers kept out of int8 run bf16 GEMMs where the guard found that holds (all, unguarded)
-        bf16 = (guarded.bf16 if guarded else set(plans) - enabled) if self.mixed == "bf16" else set()
+        # int8-mixed-bf16: the kept layers the guard found can run bf16 GEMMs (the others run fp32)
+        bf16 = guarded.bf16 if guarded is not None and self.mixed == "bf16" else set()
         alone = guarded.alone if guarded else {}
         notes: list[str] = [bits_note] if bits_note else []
         if rewritten:
@@ -253,9 +253,9 @@ def _apply(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan], enabled: Set[s
     for act, group in by_act.items():
         # consumers of one tensor share a QDQ pair when their ranges agree (they do: one observer)
         insert_activation_qdq(gm, act, [p.layer.node for p in group], group[0].qparams, group[0].act_dtype)
-    if not chosen or not chosen[0].bf16_out:
-        return {}
     kept = [plans[n].layer.node for n in plans if n not in enabled and n in bf16]
+    if not any(p.bf16_out for p in plans.values()) or not (chosen or kept):
+        return {}
     return carry_bf16(gm, [p.layer.node for p in chosen], kept)
 
 
