@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seq-len", type=int, help="history length (default: the model's)")
     p.add_argument("--patience", type=int, default=5,
-                   help="evaluations without a better validation NDCG@10 (AUC for CTR models) before stopping")
+                   help="evaluations without a better validation NDCG@10 (AUC for CTR models) before stopping "
+                        "(with --max-minutes 0; a time budget is the stop, the best weights are kept)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast: auto = bf16 on CPUs with AMX/AVX512-BF16, fp16 + GradScaler on CUDA")
     p.add_argument("--seed", type=int, default=0)

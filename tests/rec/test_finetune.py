@@ -233,6 +233,14 @@ def test_early_stopping_waits_until_validation_beats_popularity(small):
     assert learning.valid["ndcg@10"] > learning.popularity["valid"]["ndcg@10"]
     assert learning.stopped.startswith("early stop"), learning.stopped
     assert len(learning.history) < 30
+    # the same run under a time budget: the schedule decays over the budget, so the budget is the stop
+    # (patience would end it at the same epoch as above, its learning rate still high)
+    budget = finetune("bert4rec:tiny", small, _quick(epochs=10_000, max_minutes=0.1, lr=5e-3, patience=1,
+                                                     popularity_init=False))
+    assert budget.stopped == "time budget of 0.1 min reached", budget.stopped
+    assert len(budget.history) > len(learning.history)
+    assert budget.history[-1]["lr"] < 0.1 * 5e-3  # ended decayed
+    assert budget.valid["ndcg@10"] == max(r["valid_ndcg@10"] for r in budget.history)  # the best weights kept
 
 
 def test_the_metrics_line_says_when_a_model_ranks_below_popularity():
