@@ -59,19 +59,23 @@ def _on_cuda(feeds):
     return tuple(f.to("cuda") for f in feeds)
 
 
-def _top10(fn, program, reference, batch: int, rows: int) -> float:
-    """Mean top-10 overlap with ``reference`` over ``rows`` seeded rows (seeds 1+) at this batch."""
-    from graphopt.metrics import score_matrix, topk_overlap
+def _fidelity_rows(program, reference, batch: int, rows: int):
+    """Seeded feeds (seeds 1+) holding ``rows`` rows at this batch, and ``reference``'s first output
+    on them, computed once for every variant (None where the output ranks nothing)."""
+    from graphopt.metrics import score_matrix
 
-    got, want = [], []
-    for seed in range(1, 1 + max(1, rows // batch)):
-        feeds = _on_cuda(program.sample_inputs(batch=batch, seed=seed))
-        out, ref = fn(*feeds)[0], reference(*feeds)[0]
-        if score_matrix(ref.float().cpu(), 10) is None:
-            return float("nan")
-        got.append(out.float().cpu())
-        want.append(ref.float().cpu())
-    return topk_overlap(torch.cat(got), torch.cat(want), k=10)
+    feeds = [_on_cuda(program.sample_inputs(batch=batch, seed=s)) for s in range(1, 1 + max(1, rows // batch))]
+    outs = [reference(*f)[0].float().cpu() for f in feeds]
+    return feeds, (torch.cat(outs) if score_matrix(outs[0], 10) is not None else None)
+
+
+def _top10(fn, feeds, want) -> float:
+    """Top-10 overlap of ``fn``'s first output on ``feeds`` with ``want`` (nan where nothing is ranked)."""
+    from graphopt.metrics import topk_overlap
+
+    if want is None:
+        return float("nan")
+    return topk_overlap(torch.cat([fn(*f)[0].float().cpu() for f in feeds]), want, k=10)
 
 
 def _build_runners(args, program, module, tmp):
@@ -150,13 +154,14 @@ def main() -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             feeds = _on_cuda(program.sample_inputs(batch=batch, seed=0))
             ref = tuple(t.float().cpu() for t in program(*program.sample_inputs(batch=batch, seed=0)))
+            fidelity = _fidelity_rows(program, reference, batch, args.fidelity_rows) if reference else ([], None)
             rows = {}
             for label, r in list(runners.items()):
                 try:
                     for _ in range(3):
                         out = r(*feeds)
                     err = max((o.float().cpu() - e).abs().max().item() for o, e in zip(out, ref))
-                    top10 = _top10(r, program, reference, batch, args.fidelity_rows) if reference else float("nan")
+                    top10 = _top10(r, *fidelity)
                 except Exception as exc:  # noqa: BLE001
                     skipped[f"{label} (batch {batch})"] = f"run failed: {type(exc).__name__}: {str(exc)[:300]}"
                     continue

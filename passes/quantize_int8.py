@@ -204,7 +204,7 @@ class QuantizeInt8(Pass):
         self.tolerance = 1.0 if best.method == "entropy" else type(self).tolerance
         enabled = guarded.enabled if guarded else set(plans)
         # int8-mixed-bf16: the kept layers the guard found can run bf16 GEMMs (the others run fp32)
-        bf16 = guarded.bf16 if guarded is not None and self.mixed == "bf16" else set()
+        bf16 = guarded.bf16 if guarded else set()
         alone = guarded.alone if guarded else {}
         notes: list[str] = [bits_note] if bits_note else []
         if rewritten:
