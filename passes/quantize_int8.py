@@ -13,7 +13,7 @@ import torch.fx
 
 from graphopt.errors import PassOptionError
 from graphopt.ir.fx import fetch_attr
-from graphopt.passlib.accuracy_guard import Guarded, LayerPlan, confirm, guard, target_for
+from graphopt.passlib.accuracy_guard import Guarded, LayerPlan, confirm, guard, inference, target_for
 from graphopt.passlib.calibration import METHODS, METRICS, observe, read_as
 from graphopt.passlib.costs import node_flops
 from graphopt.passlib.int8_mixed import carry_bf16
@@ -183,7 +183,7 @@ class QuantizeInt8(Pass):
                             bins=max(self.bins, 2048) if shared else self.bins)
         where = "held-out" if len(holdout) < len(batches) else "calibration (too few batches to hold any out)"
         validation = ctx.validation if self.guarded else None
-        float_metrics = dict(validation(_float_fn(gm))) if validation is not None else None
+        float_metrics = dict(validation(inference(gm))) if validation is not None else None
         tried: list[_Tried] = []
         for method in methods:
             ranges = {a: (read_as(o, method, percentile=self.percentile) if shared else o).range()  # type: ignore[arg-type]
@@ -271,7 +271,7 @@ def _rewritten_copy(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan], enabl
              for name, plan in plans.items()}
     _apply(copy, moved, enabled, bf16)
     copy.recompile()
-    return _float_fn(copy)
+    return inference(copy)
 
 
 @dataclass
@@ -310,13 +310,6 @@ def _auto_note(tried: Sequence[_Tried], best: _Tried) -> str:
     parts = [f"{t.method}: {100.0 * t.float_flops / t.total_flops:.1f}% of the GEMM FLOPs float"
              + (f", {t.guarded.target.metric} {t.score:.4f}" if t.guarded else "") for t in tried]
     return f"calibration=auto chose {best.method} ({'; '.join(parts)})"
-
-
-def _float_fn(gm: torch.fx.GraphModule) -> Any:
-    def run(*inputs: torch.Tensor) -> Any:
-        with torch.no_grad():
-            return gm(*inputs)
-    return run
 
 
 def _prefixed(rewritten: dict[str, int]) -> dict[str, int]:

@@ -62,6 +62,7 @@ PEERS = (
 
 #: calibration batches the PT2E peers observe (the first of those graphopt's int8 gets)
 PT2E_CALIBRATION_BATCHES = 4
+_DYNAMIC_EXPORT = "dynamic-shape export"
 
 
 @contextlib.contextmanager
@@ -173,7 +174,7 @@ def _build_torch_ao(source: torch.nn.Module) -> Variant:
 
 def _pt2e_batches(program: Program, calibration_data: Sequence[Any] | None) -> tuple[list[tuple[torch.Tensor, ...]], str]:
     """The batches graphopt's int8 pipeline calibrates on (the caller's, else the
-    Program's sample inputs), the first few, as positional tuples; and where from."""
+    Program's sample inputs), the first few, as positional tuples; and where they come from."""
     given = calibration_data is not None
     data = list(calibration_data if given else default_calibration(program))[:PT2E_CALIBRATION_BATCHES]
     batches = []
@@ -187,7 +188,7 @@ def _pt2e_batches(program: Program, calibration_data: Sequence[Any] | None) -> t
     if not batches:
         raise ValueError("calibration_data is empty; pass calibration batches or leave it unset")
     where = "calibration_data" if given else "Program sample inputs, seeds 1000+ (graphopt.passlib.calibration.default_calibration)"
-    return batches, f"calibrated on {len(batches)} batches: {where}"
+    return batches, where
 
 
 def _pt2e_export(source: torch.nn.Module, program: Program, example: tuple[torch.Tensor, ...]) -> tuple[Any, str]:
@@ -195,7 +196,7 @@ def _pt2e_export(source: torch.nn.Module, program: Program, example: tuple[torch
     calibration shape where that fails."""
     dims = tuple({d: torch.export.Dim.AUTO for d in s.dynamic} or None for s in program.inputs)
     try:
-        return torch.export.export(source, example, dynamic_shapes=(dims,)).module(), "dynamic-shape export"
+        return torch.export.export(source, example, dynamic_shapes=(dims,)).module(), _DYNAMIC_EXPORT
     except Exception as e:  # noqa: BLE001 - a static export still measures the calibration shape
         shape = "x".join(str(d) for d in example[0].shape)
         log.info("PT2E dynamic export failed (%s); exporting static", first_line(e))
@@ -218,10 +219,14 @@ def _build_pt2e(
             get_default_x86_inductor_quantization_config,
         )
 
-        batches, calibrated = _pt2e_batches(program, calibration_data)
+        batches, where = _pt2e_batches(program, calibration_data)
         start = time.perf_counter()
         with torch.no_grad():
             module, exported = _pt2e_export(source, program, batches[0])
+        if exported != _DYNAMIC_EXPORT:  # a static graph calibrates on its own shape only
+            shape = [tuple(t.shape) for t in batches[0]]
+            batches = [b for b in batches if [tuple(t.shape) for t in b] == shape]
+        calibrated = f"calibrated on {len(batches)} batches: {where}"
         export_s = time.perf_counter() - start
         start = time.perf_counter()
         quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())

@@ -32,7 +32,7 @@ import torch.fx
 from graphopt.metrics import FIDELITY_BAR, agreement, relative_change
 from graphopt.passlib.qdq import QD, WEIGHT_QMAX, WEIGHT_QMIN, QuantLinear
 
-__all__ = ["LayerPlan", "Emulator", "Target", "target_for", "Guarded", "guard", "confirm"]
+__all__ = ["LayerPlan", "Emulator", "Target", "target_for", "Guarded", "guard", "confirm", "inference"]
 
 log = logging.getLogger(__name__)
 
@@ -279,10 +279,10 @@ def confirm(
     at a time. Returns the guard's decision updated, with a note of what it found.
     """
     target = guarded.target
-    refs = [_tuple(_no_grad(gm)(*b)) for b in holdout]
+    refs = [_tuple(inference(gm)(*b)) for b in holdout]
     reference = validation_reference
     if validation is not None and reference is None:
-        reference = dict(validation(_no_grad(gm)))
+        reference = dict(validation(inference(gm)))
 
     def check(enabled: set[str], bf16: set[str]) -> tuple[float, bool]:
         fn = rewritten(enabled, bf16)
@@ -331,7 +331,8 @@ def _damage(emu: Emulator, enabled: set[str], holdout: Sequence[tuple[torch.Tens
     return sum(values) / len(values), sum(errors) / len(errors)
 
 
-def _no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+def inference(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a callable that runs without autograd (a graph module, a rewritten Program)."""
     def run(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
             return fn(*inputs)

@@ -210,3 +210,30 @@ def test_shapes_that_rank_nothing_fall_back_to_cosine():
         r["accuracy"] = {"cosine": 0.9999}
     rep.results[2]["accuracy"] = {"cosine": 0.99}
     assert rep.best("b1") == "ok"
+
+
+# ------------------------------------------------------------------ calibration batches
+def test_bench_calibration_takes_every_sequence_length_in_turn(zoo):
+    """The bench's own calibration batches cover each length it judges the variants on, the
+    guard's held-out last quarter included (calibrated at one length, an int8 variant that held
+    the bar there fell below it at another), with distinct seeds and a note saying so."""
+    from graphopt.bench.harness import bench_calibration
+    from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCH, DEFAULT_CALIBRATION_BATCHES
+
+    model = zoo("bert4rec:tiny")
+
+    def inputs(batch, seq, seed):
+        made = model.make_inputs(batch=batch, seq=seq, seed=seed)
+        return tuple(made.values())
+
+    batches, note = bench_calibration(inputs, [(1, 8), (1, 16), (12, 8), (12, 16)])
+    assert len(batches) == DEFAULT_CALIBRATION_BATCHES
+    lengths = [b[0].shape[1] for b in batches]
+    assert lengths == [8, 16] * (DEFAULT_CALIBRATION_BATCHES // 2)
+    assert all(b[0].shape[0] == DEFAULT_CALIBRATION_BATCH for b in batches)
+    held_out = lengths[-max(1, len(batches) // 4):]
+    assert set(held_out) == {8, 16}
+    assert len({tuple(b[0].flatten()[:32].tolist()) for b in batches}) == len(batches)  # distinct seeds
+    assert note.endswith("(seeds 1000+), seq 8, 16 in turn"), note
+    one, note1 = bench_calibration(inputs, [(12, 16)])
+    assert {b[0].shape[1] for b in one} == {16} and note1.endswith("seq 16"), note1
