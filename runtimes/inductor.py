@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from graphopt.runtimes.inductor_autotune import MAX_REL_ERROR, autotune_by_default, package_error
+from graphopt.runtimes.inductor_autotune import MAX_REL_ERROR, autotune_by_default, package_check
 from graphopt.runtimes.inductor_compile import compile_package
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
@@ -185,10 +185,12 @@ class InductorBackend(Backend):
         compile_package(ep, out / "model.pt2", configs)
         info = {"entry": "model.pt2", "device": device, "inductor_configs": configs}
         if configs["max_autotune"] and device == "cpu":
-            error = package_error(out / "model.pt2", program)
-            if not error <= MAX_REL_ERROR:  # NaN too
-                why = (f"max_autotune's package differed from the Program by {error:.3g} (relative L2 on its "
-                       f"sample inputs, > {MAX_REL_ERROR}): compiled again without autotuning")
+            error, died = package_check(out / "model.pt2", program)
+            if died is not None or not error <= MAX_REL_ERROR:  # NaN too
+                what = (f"crashed on the Program's sample inputs, {died}" if died is not None else
+                        f"differed from the Program by {error:.3g} (relative L2 on its sample inputs, > "
+                        f"{MAX_REL_ERROR})")
+                why = f"max_autotune's package {what}: compiled again without autotuning"
                 log.warning("inductor | %s: %s", program.name, why)
                 configs = inductor_configs({**options, "max_autotune": False})
                 compile_package(ep, out / "model.pt2", configs)

@@ -13,14 +13,24 @@ Programs: on torch 2.13 Inductor's CPP int8 GEMM template computes those wrong
 top-10 overlap 0.24; int8-mixed-bf16 and float Programs are right).
 
 Because a template can be wrong where nobody has measured it, every
-autotuned CPU package is run once on the Program's sample inputs before it is
-kept (:func:`package_error`); one whose outputs are off by more than
-:data:`MAX_REL_ERROR` (relative L2; bf16 rounding gives ~5e-3, the miscompile
-above ~1) is compiled again without autotuning, and the manifest says why.
+autotuned CPU package is run on the Program's sample inputs (and at batch 1 and
+another sequence length where those dims are dynamic) before it is kept
+(:func:`package_check`), in a fresh interpreter: a template can also write out
+of bounds, and then the process aborts (bert4rec:base int8-mixed-bf16 with two
+linears kept fp32 and four bf16, torch 2.13: ``free(): invalid next size``).
+A package whose outputs are off by more than :data:`MAX_REL_ERROR` (relative
+L2; bf16 rounding gives ~5e-3, the miscompile above ~1), or that ends the
+interpreter running it, is compiled again without autotuning, and the manifest
+says why.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,12 +38,14 @@ import torch
 from graphopt.ir.program import Program
 from graphopt.runtime.backend import gemm_weight_elements, is_quantized, program_dtypes
 
-__all__ = ["MIN_GEMM_WEIGHTS", "MAX_REL_ERROR", "autotune_by_default", "package_error"]
+__all__ = ["MIN_GEMM_WEIGHTS", "MAX_REL_ERROR", "autotune_by_default", "package_check", "package_error"]
 
 #: ``max_autotune`` left unset is on for CPU Programs whose GEMM weights have at least this many elements
 MIN_GEMM_WEIGHTS = 1_000_000
 #: an autotuned package whose outputs are further than this from the Program's (relative L2) is not kept
 MAX_REL_ERROR = 0.05
+#: seconds the fresh interpreter may take to load and run a package on the check's inputs
+CHECK_TIMEOUT_S = 600
 
 
 def autotune_by_default(program: Program, device: str) -> bool:
@@ -44,24 +56,95 @@ def autotune_by_default(program: Program, device: str) -> bool:
     return not (is_quantized(program) and not low)  # float32-activation int8: miscompiled (module docstring)
 
 
+def check_inputs(program: Program) -> list[tuple[torch.Tensor, ...]]:
+    """The Program's sample inputs, and at batch 1 and a shorter sequence where those dims are dynamic."""
+    default = program.sample_inputs()
+    labels = program.dynamic_labels()
+    out = [default]
+    if "batch" in labels:
+        out.append(program.sample_inputs(batch=1, seed=1))
+    seq = next((t.shape[d] for spec, t in zip(program.inputs, default) for d, lab in spec.dynamic.items()
+                if lab == "seq"), None)
+    if seq is not None and seq > 2:
+        out.append(program.sample_inputs(seq=seq // 2 + 1, seed=2))
+    return out
+
+
+def package_check(package: Path, program: Program) -> tuple[float, str | None]:
+    """Run the package in a fresh interpreter (heap checks on) on :func:`check_inputs`: the largest relative L2
+    error of its float outputs against the Program's (0.0 when it has none; inf when it could
+    not run), and how the interpreter ended when it did not end normally (else None)."""
+    cases = check_inputs(program)
+    with torch.no_grad():
+        wants = [_floats(program(*x)) for x in cases]
+    with tempfile.TemporaryDirectory(prefix="graphopt-check-") as tmp:
+        feeds = Path(tmp) / "check.pt"
+        torch.save({"inputs": cases, "wants": wants}, feeds)
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), **_checked_heap())
+        cmd = [sys.executable, "-m", "graphopt.runtimes.inductor_autotune", str(package), str(feeds)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, env=env)
+        except subprocess.TimeoutExpired:
+            return float("inf"), f"running it took over {CHECK_TIMEOUT_S} s"
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        errs = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln]
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        return float("inf"), f"the process running it died ({how}{': ' + errs[-1] if errs else ''})"
+    return float(json.loads(lines[-1])["error"]), None
+
+
+def _checked_heap() -> dict[str, str]:
+    """glibc's checking allocator for the check's interpreter, where it is installed: a guard byte
+    after each heap block, checked when the block is freed, so a write one byte past a buffer
+    aborts the check instead of passing unseen."""
+    import ctypes.util
+
+    lib = ctypes.util.find_library("c_malloc_debug")
+    if lib is None:
+        return {}
+    preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD"), lib]))
+    return {"LD_PRELOAD": preload, "MALLOC_CHECK_": "3"}
+
+
 def package_error(package: Path, program: Program) -> float:
-    """The largest relative L2 error of the package's float outputs against the Program's,
-    on the Program's sample inputs (0.0 when it has no float outputs)."""
+    """:func:`package_check`'s error alone (inf when the package could not run)."""
+    return package_check(package, program)[0]
+
+
+def _floats(out: object) -> list[torch.Tensor | None]:
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    return [o.detach().float().cpu() if isinstance(o, torch.Tensor) and o.is_floating_point() else None for o in outs]
+
+
+def _relative_error(got: object, wants: list[torch.Tensor | None]) -> float:
+    gots = _floats(got)
+    if len(gots) != len(wants):
+        return float("inf")
+    worst = 0.0
+    for g, w in zip(gots, wants):
+        if w is None:
+            continue
+        if g is None or g.shape != w.shape:
+            return float("inf")
+        norm = float(torch.linalg.vector_norm(w))
+        diff = float(torch.linalg.vector_norm(g - w))
+        worst = max(worst, diff / norm if norm > 0 else diff)
+    return worst
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m graphopt.runtimes.inductor_autotune PACKAGE CHECK.pt``: prints ``{"error": E}``."""
     import torch._inductor
 
-    inputs = program.sample_inputs()
+    package, feeds = argv
+    check = torch.load(feeds, weights_only=True)
+    model = torch._inductor.aoti_load_package(package)
     with torch.no_grad():
-        got = torch._inductor.aoti_load_package(str(package))(*inputs)
-        want = program(*inputs)
-    got = list(got) if isinstance(got, (tuple, list)) else [got]
-    want = list(want) if isinstance(want, (tuple, list)) else [want]
-    worst = 0.0
-    for g, w in zip(got, want):
-        if isinstance(w, torch.Tensor) and w.is_floating_point():
-            g, w = g.detach().float().cpu(), w.detach().float().cpu()
-            if g.shape != w.shape:
-                return float("inf")
-            norm = float(torch.linalg.vector_norm(w))
-            diff = float(torch.linalg.vector_norm(g - w))
-            worst = max(worst, diff / norm if norm > 0 else diff)
-    return worst if len(got) == len(want) else float("inf")
+        error = max(_relative_error(model(*x), w) for x, w in zip(check["inputs"], check["wants"]))
+    print(json.dumps({"error": error}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

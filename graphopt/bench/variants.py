@@ -338,8 +338,10 @@ def build_graphopt_variants(
             out_dir = work_dir / f"{spec.label}-{rt}".replace("/", "_").replace(" ", "_")
             try:
                 start = time.perf_counter()
-                lower(optimized, rt, out_dir, force=True)
+                artifact = lower(optimized, rt, out_dir, force=True)
                 v.timings["lower_s"] = time.perf_counter() - start
+                if rejected := artifact.manifest.get("backend", {}).get("autotune_rejected"):
+                    v.notes.append(f"{rt}: {rejected}")
                 start = time.perf_counter()
                 v.fn, v.close = _runner_fn(load(out_dir, **runner_options(rt, threads)))
                 v.timings["load_s"] = time.perf_counter() - start

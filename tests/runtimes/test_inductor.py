@@ -109,7 +109,13 @@ def test_max_autotune_left_unset_is_decided_per_program(program, tmp_path):
     if not status.available:
         pytest.skip(status.reason)
     from graphopt.runtimes.inductor import BACKEND
-    from graphopt.runtimes.inductor_autotune import MAX_REL_ERROR, MIN_GEMM_WEIGHTS, package_error
+    from graphopt.runtimes.inductor_autotune import (
+        MAX_REL_ERROR,
+        MIN_GEMM_WEIGHTS,
+        check_inputs,
+        package_check,
+        package_error,
+    )
 
     from graphopt.options import resolve_options
     from graphopt.runtime.backend import gemm_weight_elements
@@ -142,6 +148,15 @@ def test_max_autotune_left_unset_is_decided_per_program(program, tmp_path):
     assert package_error(artifact.path / "model.pt2", wide) <= 1e-4
     other = graphopt.capture(torch.nn.Sequential(*wide_model[:2], torch.nn.Linear(1024, 32)).eval(), torch.randn(4, 1024))
     assert package_error(artifact.path / "model.pt2", other) > MAX_REL_ERROR
+    # it runs in a fresh interpreter, at the sample shape and batch 1: a package that ends that
+    # process (a template writing out of bounds aborts it; here a truncated file) is reported with
+    # how it ended, and this process goes on
+    assert [tuple(x[0].shape) for x in check_inputs(wide)] == [(4, 1024), (1, 1024)]
+    broken = tmp_path / "broken.pt2"
+    broken.write_bytes((artifact.path / "model.pt2").read_bytes()[:4096])
+    error, died = package_check(broken, wide)
+    assert error == float("inf") and died.startswith("the process running it died (exit code 1: "), died
+    assert package_check(artifact.path / "model.pt2", wide) == (package_error(artifact.path / "model.pt2", wide), None)
 
 
 def test_an_autotuned_package_that_differs_from_its_program_is_compiled_again(program, tmp_path, monkeypatch):
