@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from graphopt.runtimes.inductor_autotune import MAX_REL_ERROR, autotune_by_default, package_check
+from graphopt.runtimes.inductor_autotune import (
+    MAX_REL_ERROR,
+    autotune_by_default,
+    narrowing_epilogues,
+    package_check,
+)
 from graphopt.runtimes.inductor_compile import compile_package
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
@@ -182,8 +187,15 @@ class InductorBackend(Backend):
         device = resolve_device(options["device"], self.name)
         ep = export_on(program, device)
         configs = inductor_configs(options)
+        info: dict[str, Any] = {"entry": "model.pt2", "device": device}
+        if configs["max_autotune"] and device == "cpu" and (narrowing := narrowing_epilogues(program)):
+            configs["epilogue_fusion"] = False
+            info["epilogue_fusion_off"] = (
+                f"{len(narrowing)} float linear(s) ({', '.join(narrowing[:3])}{', ...' if len(narrowing) > 3 else ''}) "
+                "feed a uint8 quantize through elementwise ops; fused into the GEMM template's epilogue, torch "
+                "2.13 writes past that output (graphopt.runtimes.inductor_autotune)")
         compile_package(ep, out / "model.pt2", configs)
-        info = {"entry": "model.pt2", "device": device, "inductor_configs": configs}
+        info["inductor_configs"] = configs
         if configs["max_autotune"] and device == "cpu":
             error, died = package_check(out / "model.pt2", program)
             if died is not None or not error <= MAX_REL_ERROR:  # NaN too

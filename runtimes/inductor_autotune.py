@@ -22,6 +22,15 @@ A package whose outputs are off by more than :data:`MAX_REL_ERROR` (relative
 L2; bf16 rounding gives ~5e-3, the miscompile above ~1), or that ends the
 interpreter running it, is compiled again without autotuning, and the manifest
 says why.
+
+That abort has a known cause, avoided up front (:func:`narrowing_epilogues`): on
+torch 2.13 the CPP GEMM template of a float (fp32 or bf16) linear whose fused
+epilogue ends in a narrower dtype (GELU then the uint8 quantize of an int8
+layer's input) stores its float result into the uint8 output before the uint8
+values: 3 (fp32) or 1 (bf16) extra bytes per byte written, past the buffer at
+its end. A Program with such a linear is autotuned with Inductor's epilogue
+fusion off (the template keeps its own bias/activation; the quantize runs as
+its own kernel).
 """
 
 from __future__ import annotations
@@ -38,7 +47,8 @@ import torch
 from graphopt.ir.program import Program
 from graphopt.runtime.backend import gemm_weight_elements, is_quantized, program_dtypes
 
-__all__ = ["MIN_GEMM_WEIGHTS", "MAX_REL_ERROR", "autotune_by_default", "package_check", "package_error"]
+__all__ = ["MIN_GEMM_WEIGHTS", "MAX_REL_ERROR", "autotune_by_default", "narrowing_epilogues", "package_check",
+           "package_error"]
 
 #: ``max_autotune`` left unset is on for CPU Programs whose GEMM weights have at least this many elements
 MIN_GEMM_WEIGHTS = 1_000_000
@@ -54,6 +64,42 @@ def autotune_by_default(program: Program, device: str) -> bool:
         return False
     low = program_dtypes(program) & {torch.bfloat16, torch.float16}
     return not (is_quantized(program) and not low)  # float32-activation int8: miscompiled (module docstring)
+
+
+_GEMMS = ("linear", "addmm", "mm", "bmm", "matmul")
+_VIEWS = ("view", "reshape", "_to_copy", "clone", "expand", "permute", "transpose", "squeeze", "unsqueeze")
+
+
+def narrowing_epilogues(program: Program, depth: int = 5) -> list[str]:
+    """Float linears whose output reaches a ``quantize_per_tensor`` through elementwise and view
+    ops only (an epilogue Inductor would fuse into the linear's GEMM template, ending in uint8)."""
+    found: list[str] = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or "quantize_per_tensor" not in str(node.target) \
+                or "dequantize" in str(node.target):
+            continue
+        frontier = [a for a in node.args[:1] if isinstance(a, torch.fx.Node)]
+        for _ in range(depth):
+            nxt = []
+            for n in frontier:
+                if n.op != "call_function":
+                    continue
+                name = _op_name(n)
+                if name in _GEMMS:
+                    source = n.args[0] if n.args else None
+                    int8 = isinstance(source, torch.fx.Node) and "dequantize" in str(source.target)
+                    val = n.meta.get("val")
+                    if not int8 and getattr(val, "dtype", None) in (torch.float32, torch.bfloat16, torch.float16) \
+                            and n.name not in found:
+                        found.append(n.name)
+                elif torch.Tag.pointwise in getattr(n.target, "tags", ()) or name in _VIEWS:
+                    nxt += [a for a in n.args if isinstance(a, torch.fx.Node)]
+            frontier = nxt
+    return found
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    return str(getattr(node.target, "__name__", node.target)).split(".")[0]
 
 
 def check_inputs(program: Program) -> list[tuple[torch.Tensor, ...]]:

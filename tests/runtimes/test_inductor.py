@@ -192,3 +192,45 @@ def test_an_autotuned_package_that_differs_from_its_program_is_compiled_again(pr
             feeds = base.sample_inputs(batch=batch, seq=seq, seed=3)
             (got,), (want,) = runner(*feeds), int8(*feeds)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_float_linear_feeding_an_int8_one_is_autotuned_without_epilogue_fusion(tmp_path):
+    """A float linear whose GELU output is the uint8 input of an int8 linear: fused into the float
+    GEMM template's epilogue, torch 2.13's template stores its float result into the uint8 output
+    first, past its end (the process running it dies). Such a Program is autotuned with Inductor's
+    epilogue fusion off, the manifest saying why, and the package matches the Program (1e-4) at
+    two batch sizes; the near miss (no float linear before the quantize) keeps epilogue fusion."""
+    status = available_runtimes()["inductor"]
+    if not status.available:
+        pytest.skip(status.reason)
+    from graphopt.runtimes.inductor import export_on, inductor_configs
+    from graphopt.runtimes.inductor_autotune import narrowing_epilogues, package_check
+    from graphopt.runtimes.inductor_compile import compile_package
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).eval()
+    float_prog = graphopt.capture(mlp, torch.randn(4, 256), name="mlp")
+    calib = [(torch.randn(32, 256, generator=torch.Generator().manual_seed(i)),) for i in range(8)]
+    first = next(n.name for n in float_prog.graph.nodes if "linear" in str(n.target))
+    mixed, _ = graphopt.optimize(float_prog, f"quantize-int8{{skip={first} metric=cosine max_drop=0.5}}",
+                                 calibration_data=calib, verify_each=False)
+    every, _ = graphopt.optimize(float_prog, "quantize-int8{metric=cosine max_drop=0.5}", calibration_data=calib,
+                                 verify_each=False)
+    assert narrowing_epilogues(mixed) == [first]
+    assert narrowing_epilogues(every) == [] and narrowing_epilogues(float_prog) == []
+    artifact = lower(mixed, "inductor", tmp_path / "mixed", device="cpu", threads=2, max_autotune=True)
+    backend = artifact.manifest["backend"]
+    assert backend["inductor_configs"]["max_autotune"] is True and "autotune_rejected" not in backend, backend
+    assert backend["inductor_configs"]["epilogue_fusion"] is False and first in backend["epilogue_fusion_off"]
+    with graphopt.load(artifact.path) as runner:
+        for batch in (1, 7):
+            x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(batch))
+            (got,), (want,) = runner(x), mixed(x)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if torch.__version__.startswith("2.13"):  # the reason, while it holds: with epilogue fusion the package dies
+        fused = tmp_path / "fused.pt2"
+        compile_package(export_on(mixed, "cpu"), fused, inductor_configs(
+            {"freezing": True, "max_autotune": True, "gemm_backends": "CPP,ATEN", "concat_linear": False,
+             "weight_prepack": True, "threads": 2}))
+        error, died = package_check(fused, mixed)
+        assert died is not None and error == float("inf"), (error, died)
