@@ -340,8 +340,9 @@ def build_graphopt_variants(
                 start = time.perf_counter()
                 artifact = lower(optimized, rt, out_dir, force=True)
                 v.timings["lower_s"] = time.perf_counter() - start
-                if rejected := artifact.manifest.get("backend", {}).get("autotune_rejected"):
-                    v.notes.append(f"{rt}: {rejected}")
+                backend_info = artifact.manifest.get("backend", {})
+                v.notes += [f"{rt}: {backend_info[k]}" for k in ("epilogue_fusion_off", "autotune_rejected")
+                            if backend_info.get(k)]
                 start = time.perf_counter()
                 v.fn, v.close = _runner_fn(load(out_dir, **runner_options(rt, threads)))
                 v.timings["load_s"] = time.perf_counter() - start
