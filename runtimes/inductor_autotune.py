@@ -86,16 +86,27 @@ def narrowing_epilogues(program: Program, depth: int = 5) -> list[str]:
                     continue
                 name = _op_name(n)
                 if name in _GEMMS:
-                    source = n.args[0] if n.args else None
-                    int8 = isinstance(source, torch.fx.Node) and "dequantize" in str(source.target)
                     val = n.meta.get("val")
-                    if not int8 and getattr(val, "dtype", None) in (torch.float32, torch.bfloat16, torch.float16) \
+                    if not _dequantized(n) and getattr(val, "dtype", None) in (torch.float32, torch.bfloat16,
+                                                                                  torch.float16) \
                             and n.name not in found:
                         found.append(n.name)
                 elif torch.Tag.pointwise in getattr(n.target, "tags", ()) or name in _VIEWS:
                     nxt += [a for a in n.args if isinstance(a, torch.fx.Node)]
             frontier = nxt
     return found
+
+
+def _dequantized(gemm: torch.fx.Node, depth: int = 3) -> bool:
+    """Whether the GEMM reads a dequantized operand (an int8 layer: int8-mixed-bf16 casts the
+    dequantized input and weight to bf16 first), looking back through view and cast ops."""
+    frontier = [a for a in gemm.args[:2] if isinstance(a, torch.fx.Node)]
+    for _ in range(depth):
+        if any("dequantize" in str(n.target) for n in frontier):
+            return True
+        frontier = [a for n in frontier if n.op == "call_function" and _op_name(n) in _VIEWS
+                    for a in n.args[:1] if isinstance(a, torch.fx.Node)]
+    return any("dequantize" in str(n.target) for n in frontier)
 
 
 def _op_name(node: torch.fx.Node) -> str:
