@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from graphopt.bench.accuracy import make_evaluator
+from graphopt.bench.calibration import bench_calibration
 from graphopt.bench.memory import explain_memory, measure_in_process, measure_subprocess, predict_variant
 from graphopt.bench.peers import PEERS, build_peers
 from graphopt.bench.report import BenchReport, shape_key
@@ -39,7 +40,6 @@ from graphopt.hits import UserHits, hit_changes
 from graphopt.ir.program import Program
 from graphopt.metrics import ranking_drift, score_matrix
 from graphopt.outputs import check_replaceable
-from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCH, DEFAULT_CALIBRATION_BATCHES
 from graphopt.process import keep_freed_memory
 
 __all__ = ["bench", "Progress"]
@@ -120,21 +120,6 @@ def _shapes(program: Program, batch_sizes: Sequence[int], seq_lens: Sequence[int
         batches = [static]
     seqs: list[int | None] = list(dict.fromkeys(int(s) for s in seq_lens)) if "seq" in labels else [None]
     return [(b, s) for b in batches for s in seqs]
-
-
-def bench_calibration(inputs: Callable[[int, int | None, int], tuple[torch.Tensor, ...]],
-                      shapes: Sequence[tuple[int, int | None]]) -> tuple[list[tuple[torch.Tensor, ...]], str]:
-    """Held-out batches of the bench's own inputs (seeds 1000+, apart from the timed ones) and the
-    report's note. The int8 pipelines calibrate on the first ones and their accuracy guard scores
-    the last quarter; the batches take the bench's sequence lengths in turn, so the ranges and the
-    held-out quarter see every length the variants are judged on (calibrated at seq 64 alone,
-    bert4rec:base's int8-bf16 kept top-10 0.995 at seq 64 and 0.981 at seq 200)."""
-    seqs = list(dict.fromkeys(s for _, s in shapes)) or [None]
-    batches = [inputs(DEFAULT_CALIBRATION_BATCH, seqs[i % len(seqs)], 1000 + i)
-               for i in range(DEFAULT_CALIBRATION_BATCHES)]
-    where = "seq " + ", ".join(str(s) for s in seqs) + (" in turn" if len(seqs) > 1 else "")
-    return batches, (f"calibration (int8 pipelines, PT2E peers): {DEFAULT_CALIBRATION_BATCHES} batches of "
-                     f"{DEFAULT_CALIBRATION_BATCH} of the bench's inputs (seeds 1000+), {where}")
 
 
 def _fidelity_batches(batch: int) -> int:

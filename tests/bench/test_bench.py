@@ -217,7 +217,7 @@ def test_bench_calibration_takes_every_sequence_length_in_turn(zoo):
     """The bench's own calibration batches cover each length it judges the variants on, the
     guard's held-out last quarter included (calibrated at one length, an int8 variant that held
     the bar there fell below it at another), with distinct seeds and a note saying so."""
-    from graphopt.bench.harness import bench_calibration
+    from graphopt.bench.calibration import bench_calibration
     from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCH, DEFAULT_CALIBRATION_BATCHES
 
     model = zoo("bert4rec:tiny")
