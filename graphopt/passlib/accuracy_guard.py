@@ -7,9 +7,10 @@ computed exactly as the rewritten QDQ graph computes them (same
 rewriting the graph. :func:`guard` scores every layer quantized; if that
 misses the target, it ranks layers by the damage each does alone and keeps
 the fewest worst ones float such that the target holds (for int8-mixed-bf16,
-each kept layer then runs a bf16 GEMM where the target still holds, else
-fp32). :func:`confirm` then scores the rewritten Program itself and moves the
-next most damaging layers to fp32 while it misses. Every score is against the
+the least damaging kept layers then run bf16 GEMMs while the target holds,
+the rest fp32); both found by bisection. :func:`confirm` then scores the
+rewritten Program itself and moves the next most damaging layers to fp32
+while it misses. Every score is against the
 fp32 model's outputs.
 
 The default target is the fidelity bar the bench stars variants by
@@ -183,8 +184,9 @@ def guard(
     top-k overlap on a few rows ties often), and the fewest worst layers kept
     float such that the target holds is found by bisection (the score is taken
     to rise as more layers stay float), then checked. With int8-mixed-bf16 plans
-    the kept layers then run bf16 GEMMs, least damaging first, where the target
-    still holds, else fp32. Every score is against the fp32 model. ``validation`` (the user's
+    the most kept layers, least damaging first, that can run bf16 GEMMs with the
+    target held are found the same way; the others run fp32. Every score is
+    against the fp32 model. ``validation`` (the user's
     metrics as a function of a model callable): a set of int8 layers must also
     keep every metric within the fidelity bar of the float model's
     (graphopt.metrics.FIDELITY_BAR, 0.5% relative), checked on the sets the
@@ -225,6 +227,8 @@ def guard(
     if holds(full) and valid(set(plans)):
         notes += _validation_notes(checked, set(plans))
         return Guarded(set(plans), {}, notes, target, full)
+    # every held-out row: ranked on the first 8 or 16 rows of each batch (4x / 2x cheaper), bert4rec:base's
+    # guard kept 10 of 18 layers float where it keeps 6 (2026-12-05)
     damage = {name: run({name}) for name in plans}
     order = _worst_first(damage)
 
@@ -244,13 +248,20 @@ def guard(
                  f"({len(plans) - hi} of {len(plans)} int8)")
     bf16: set[str] = set()
     if any(plan.bf16_out for plan in plans.values()):
-        for name in reversed(order[:hi]):  # least damaging first
-            value = run(enabled, bf16 | {name})[0]
-            if holds(value) and valid(enabled, bf16 | {name}):
-                bf16.add(name)
-                current = value
+        # the most kept layers, least damaging first, that run bf16 GEMMs with the target held: by
+        # bisection as above (one layer at a time took a held-out pass per kept layer, 50 on a
+        # BERT-base-sized model)
+        kept = list(reversed(order[:hi]))
+        bf16_scores = {0: current}
+        few, many = 0, len(kept)  # the most that hold lies in [few, many]
+        while few < many:
+            mid = many if len(bf16_scores) == 1 else (few + many + 1) // 2  # all of them first
+            bf16_scores[mid] = run(enabled, set(kept[:mid]))[0]
+            few, many = (mid, many) if holds(bf16_scores[mid]) and valid(enabled, set(kept[:mid])) else (few, mid - 1)
+        bf16, current = set(kept[:few]), bf16_scores[few]
         notes.append(f"accuracy guard: of the layers kept out of int8, {len(bf16)} run bf16 GEMMs and "
-                     f"{hi - len(bf16)} fp32 (bf16 where the target still holds), now {target.show(current)}")
+                     f"{hi - len(bf16)} fp32 (the least damaging in bf16 while the target holds), "
+                     f"now {target.show(current)}")
     notes += _validation_notes(checked, enabled, bf16)
     return Guarded(enabled, {name: d[0] for name, d in damage.items()}, notes, target, current, order, bf16)
 
