@@ -197,17 +197,33 @@ class InductorBackend(Backend):
         compile_package(ep, out / "model.pt2", configs)
         info["inductor_configs"] = configs
         if configs["max_autotune"] and device == "cpu":
-            error, died = package_check(out / "model.pt2", program)
-            if died is not None or not error <= MAX_REL_ERROR:  # NaN too
-                what = (f"crashed on the Program's sample inputs, {died}" if died is not None else
-                        f"differed from the Program by {error:.3g} (relative L2 on its sample inputs, > "
-                        f"{MAX_REL_ERROR})")
-                why = f"max_autotune's package {what}: compiled again without autotuning"
+            failed = _check_failed(out / "model.pt2", program)
+            if failed and configs.get("epilogue_fusion", True):
+                # a narrowing epilogue :func:`narrowing_epilogues` does not know: autotune again without fusion
+                why = f"max_autotune's package {failed}: autotuned again with epilogue fusion off"
+                log.warning("inductor | %s: %s", program.name, why)
+                configs = {**configs, "epilogue_fusion": False}
+                compile_package(ep, out / "model.pt2", configs)
+                info.update(inductor_configs=configs, epilogue_fusion_off=why)
+                failed = _check_failed(out / "model.pt2", program)
+            if failed:
+                why = f"max_autotune's package {failed}: compiled again without autotuning"
                 log.warning("inductor | %s: %s", program.name, why)
                 configs = inductor_configs({**options, "max_autotune": False})
                 compile_package(ep, out / "model.pt2", configs)
                 info.update(inductor_configs=configs, autotune_rejected=why)
         return info
+
+
+def _check_failed(package: Path, program: Program) -> str | None:
+    """How an autotuned package failed :func:`package_check` (crashed, or off by more than
+    :data:`MAX_REL_ERROR`), or None when it passed."""
+    error, died = package_check(package, program)
+    if died is not None:
+        return f"crashed on the Program's sample inputs, {died}"
+    if not error <= MAX_REL_ERROR:  # NaN too
+        return f"differed from the Program by {error:.3g} (relative L2 on its sample inputs, > {MAX_REL_ERROR})"
+    return None
 
 
 def inductor_configs(options: Mapping[str, Any]) -> dict[str, Any]:

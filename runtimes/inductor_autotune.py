@@ -21,16 +21,17 @@ linears kept fp32 and four bf16, torch 2.13: ``free(): invalid next size``).
 A package whose outputs are off by more than :data:`MAX_REL_ERROR` (relative
 L2; bf16 rounding gives ~5e-3, the miscompile above ~1), or that ends the
 interpreter running it, is compiled again without autotuning, and the manifest
-says why.
+says why (the inductor runtime first autotunes a package that crashed again
+with epilogue fusion off, the cause below).
 
 That abort has a known cause, avoided up front (:func:`narrowing_epilogues`): on
 torch 2.13 the CPP GEMM template of a float (fp32 or bf16) linear whose fused
 epilogue ends in a narrower dtype (GELU then the uint8 quantize of an int8
-layer's input) stores its float result into the uint8 output before the uint8
-values: 3 (fp32) or 1 (bf16) extra bytes per byte written, past the buffer at
-its end. A Program with such a linear is autotuned with Inductor's epilogue
-fusion off (the template keeps its own bias/activation; the quantize runs as
-its own kernel).
+layer's input; tanh then a cast to bf16) stores its float result into the
+narrow output before the narrow values: up to 3 extra bytes per byte written,
+past the buffer at its end. A Program with such a linear is autotuned with
+Inductor's epilogue fusion off (the template keeps its own bias/activation; the
+quantize or cast runs as its own kernel).
 """
 
 from __future__ import annotations
@@ -71,30 +72,42 @@ _VIEWS = ("view", "reshape", "_to_copy", "clone", "expand", "permute", "transpos
 
 
 def narrowing_epilogues(program: Program, depth: int = 5) -> list[str]:
-    """Float linears whose output reaches a ``quantize_per_tensor`` through elementwise and view
-    ops only (an epilogue Inductor would fuse into the linear's GEMM template, ending in uint8)."""
+    """Float linears whose output reaches a narrower dtype through elementwise and view ops only (an
+    epilogue Inductor would fuse into the linear's GEMM template): the uint8 ``quantize_per_tensor`` of
+    an int8 layer's input, or a cast to bf16 (an fp32 layer kept by int8-mixed-bf16's guard feeding a bf16
+    one: bert-cls:base's pooler, tanh, then the bf16 classifier)."""
     found: list[str] = []
-    for node in program.graph.nodes:
-        if node.op != "call_function" or "quantize_per_tensor" not in str(node.target) \
-                or "dequantize" in str(node.target):
+    for gemm in program.graph.nodes:
+        if gemm.op != "call_function" or _op_name(gemm) not in _GEMMS or _dequantized(gemm):
             continue
-        frontier = [a for a in node.args[:1] if isinstance(a, torch.fx.Node)]
+        width = _itemsize(gemm)
+        if not width or not _dtype(gemm).is_floating_point:
+            continue
+        frontier = list(gemm.users)
         for _ in range(depth):
-            nxt = []
-            for n in frontier:
-                if n.op != "call_function":
-                    continue
-                name = _op_name(n)
-                if name in _GEMMS:
-                    val = n.meta.get("val")
-                    if not _dequantized(n) and getattr(val, "dtype", None) in (torch.float32, torch.bfloat16,
-                                                                                  torch.float16) \
-                            and n.name not in found:
-                        found.append(n.name)
-                elif torch.Tag.pointwise in getattr(n.target, "tags", ()) or name in _VIEWS:
-                    nxt += [a for a in n.args if isinstance(a, torch.fx.Node)]
-            frontier = nxt
+            if any(_itemsize(n) and _itemsize(n) < width for n in frontier if _fusible(n)):
+                found.append(gemm.name)
+                break
+            frontier = [u for n in frontier if _fusible(n) for u in n.users]
     return found
+
+
+def _fusible(node: torch.fx.Node) -> bool:
+    """An op an epilogue can hold: elementwise, a view or cast, a per-tensor quantize."""
+    if node.op != "call_function":
+        return False
+    target = str(node.target)
+    return (torch.Tag.pointwise in getattr(node.target, "tags", ()) or _op_name(node) in _VIEWS
+            or ("quantize_per_tensor" in target and "dequantize" not in target))
+
+
+def _dtype(node: torch.fx.Node) -> torch.dtype | None:
+    return getattr(node.meta.get("val"), "dtype", None)
+
+
+def _itemsize(node: torch.fx.Node) -> int:
+    dtype = _dtype(node)
+    return dtype.itemsize if dtype is not None else 0
 
 
 def _dequantized(gemm: torch.fx.Node, depth: int = 3) -> bool:
