@@ -17,7 +17,7 @@ The default target is the fidelity bar the bench stars variants by
 (:data:`graphopt.metrics.FIDELITY_BAR`): top-10 overlap with the float outputs
 >= 0.99 where the first output ranks more than 10 candidates, else cosine
 >= 0.999; scored on held-out batches (calibration batches the observers did
-not see).
+not see), at each of their input shapes (the lowest per-shape mean).
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def confirm(
 
     def check(enabled: set[str], bf16: set[str]) -> tuple[float, bool]:
         fn = rewritten(enabled, bf16)
-        value = sum(_score(target, _tuple(fn(*b)), r) for b, r in zip(holdout, refs)) / len(holdout)
+        value = _worst_shape(holdout, [_score(target, _tuple(fn(*b)), r) for b, r in zip(holdout, refs)])
         ok = value >= target.required - 1e-12
         if ok and validation is not None and (enabled or bf16):
             ok = FIDELITY_BAR.check(dict(validation(fn)), reference)[0]
@@ -332,14 +332,26 @@ def confirm(
 def _damage(emu: Emulator, enabled: set[str], holdout: Sequence[tuple[torch.Tensor, ...]],
             refs: Sequence[tuple[torch.Tensor, ...]], target: Target,
             bf16: Set[str] = frozenset()) -> tuple[float, float]:
-    """Mean held-out score and relative squared error of the first output, for these layer modes."""
+    """Held-out score (:func:`_worst_shape`) and mean relative squared error of the first output, for
+    these layer modes."""
     values, errors = [], []
     for b, r in zip(holdout, refs):
         out = _tuple(emu.run(enabled, *b, bf16=bf16))
         values.append(_score(target, out, r))
         ref = r[0].detach().double()
         errors.append(float((out[0].detach().double() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)))
-    return sum(values) / len(values), sum(errors) / len(errors)
+    return _worst_shape(holdout, values), sum(errors) / len(errors)
+
+
+def _worst_shape(holdout: Sequence[tuple[torch.Tensor, ...]], values: Sequence[float]) -> float:
+    """The lowest of the mean scores per input shape: held-out batches of several sequence lengths (the
+    bench's) must each hold the target, as the bench judges each shape on its own. (Averaged over
+    seq 64 and 200, bert-cls:base's int8-mixed-bf16 held top-10 0.996 and scored 0.989 at seq 64.)"""
+    groups: dict[tuple[Any, ...], list[float]] = {}
+    for batch, value in zip(holdout, values):
+        key = tuple(tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else None for t in batch)
+        groups.setdefault(key, []).append(value)
+    return min(sum(v) / len(v) for v in groups.values())
 
 
 def inference(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from graphopt.passes.quantize_int8 import _rewritten_copy
 
@@ -87,3 +88,19 @@ def test_guard_keeps_the_fewest_layers_float_and_runs_the_most_of_them_bf16_by_b
     n, k = len(plans), len(kept)
     bisections = math.ceil(math.log2(n)) + 1 + math.ceil(math.log2(k))
     assert len(passes) <= len(holdout) * (1 + 1 + n + bisections), len(passes)  # refs, all int8, ranking, searches
+
+
+def test_the_held_out_score_is_the_worst_sequence_length_not_the_average():
+    """The bench judges each shape on its own, so the guard's score over held-out batches of several
+    lengths is the lowest per-length mean (an average let seq 64 fall below the bar while seq 200 held
+    it up); batches of one shape (batch sizes may differ) are simply averaged."""
+    from graphopt.passlib.accuracy_guard import _worst_shape
+
+    def batch(rows: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(rows, seq, dtype=torch.long), torch.ones(rows, seq, dtype=torch.long)
+
+    two = [batch(32, 64), batch(32, 200), batch(32, 64), batch(32, 200)]
+    assert _worst_shape(two, [0.99, 1.0, 0.98, 1.0]) == pytest.approx(0.985)
+    assert _worst_shape(two, [1.0, 0.97, 1.0, 0.99]) == pytest.approx(0.98)
+    one = [batch(32, 64), batch(32, 64), batch(7, 64)]
+    assert _worst_shape(one, [0.99, 0.98, 0.97]) == pytest.approx(0.98)
