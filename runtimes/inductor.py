@@ -192,8 +192,9 @@ class InductorBackend(Backend):
             configs["epilogue_fusion"] = False
             info["epilogue_fusion_off"] = (
                 f"autotuned with epilogue fusion off: {len(narrowing)} float linear(s) ({', '.join(narrowing[:3])}"
-                f"{', ...' if len(narrowing) > 3 else ''}) feed a uint8 quantize through elementwise ops; fused into "
-                "the GEMM template's epilogue, torch 2.13 writes past that output (graphopt.runtimes.inductor_autotune)")
+                f"{', ...' if len(narrowing) > 3 else ''}) reach a narrower dtype (a uint8 quantize, a bf16 cast) "
+                "through elementwise ops; fused into the GEMM template's epilogue, torch 2.13 writes past that "
+                "output (graphopt.runtimes.inductor_autotune)")
         compile_package(ep, out / "model.pt2", configs)
         info["inductor_configs"] = configs
         if configs["max_autotune"] and device == "cpu":
