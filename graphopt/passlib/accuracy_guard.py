@@ -10,8 +10,7 @@ the fewest worst ones float such that the target holds (for int8-mixed-bf16,
 the least damaging kept layers then run bf16 GEMMs while the target holds,
 the rest fp32); both found by bisection. :func:`confirm` then scores the
 rewritten Program itself and moves the next most damaging layers to fp32
-while it misses. Every score is against the
-fp32 model's outputs.
+while it misses. Every score is against the fp32 model's outputs.
 
 The default target is the fidelity bar the bench stars variants by
 (:data:`graphopt.metrics.FIDELITY_BAR`): top-10 overlap with the float outputs
@@ -345,8 +344,8 @@ def _damage(emu: Emulator, enabled: set[str], holdout: Sequence[tuple[torch.Tens
 
 def _worst_shape(holdout: Sequence[tuple[torch.Tensor, ...]], values: Sequence[float]) -> float:
     """The lowest of the mean scores per input shape: held-out batches of several sequence lengths (the
-    bench's) must each hold the target, as the bench judges each shape on its own. (Averaged over
-    seq 64 and 200, bert-cls:base's int8-mixed-bf16 held top-10 0.996 and scored 0.989 at seq 64.)"""
+    bench's) must each hold the target, as the bench judges each shape on its own; an average lets a
+    length that holds it comfortably cover one that does not."""
     groups: dict[tuple[Any, ...], list[float]] = {}
     for batch, value in zip(holdout, values):
         key = tuple(tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else None for t in batch)

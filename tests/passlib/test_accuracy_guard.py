@@ -92,8 +92,8 @@ def test_guard_keeps_the_fewest_layers_float_and_runs_the_most_of_them_bf16_by_b
 
 def test_the_held_out_score_is_the_worst_sequence_length_not_the_average():
     """The bench judges each shape on its own, so the guard's score over held-out batches of several
-    lengths is the lowest per-length mean (an average let seq 64 fall below the bar while seq 200 held
-    it up); batches of one shape (batch sizes may differ) are simply averaged."""
+    lengths is the lowest per-length mean (an average lets one length cover another); batches of one
+    shape (batch sizes may differ) are simply averaged."""
     from graphopt.passlib.accuracy_guard import _worst_shape
 
     def batch(rows: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
