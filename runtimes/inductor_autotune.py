@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from graphopt.ir.fx import op_name, tensor_meta
 from graphopt.ir.program import Program
 from graphopt.runtime.backend import gemm_weight_elements, is_quantized, program_dtypes
 
@@ -78,11 +79,12 @@ def narrowing_epilogues(program: Program, depth: int = 5) -> list[str]:
     one: bert-cls:base's pooler, tanh, then the bf16 classifier)."""
     found: list[str] = []
     for gemm in program.graph.nodes:
-        if gemm.op != "call_function" or _op_name(gemm) not in _GEMMS or _dequantized(gemm):
+        if gemm.op != "call_function" or op_name(gemm) not in _GEMMS or _dequantized(gemm):
             continue
-        width = _itemsize(gemm)
-        if not width or not _dtype(gemm).is_floating_point:
+        val = tensor_meta(gemm)
+        if val is None or not val.dtype.is_floating_point:
             continue
+        width = val.dtype.itemsize
         frontier = list(gemm.users)
         for _ in range(depth):
             if any(_itemsize(n) and _itemsize(n) < width for n in frontier if _fusible(n)):
@@ -97,17 +99,13 @@ def _fusible(node: torch.fx.Node) -> bool:
     if node.op != "call_function":
         return False
     target = str(node.target)
-    return (torch.Tag.pointwise in getattr(node.target, "tags", ()) or _op_name(node) in _VIEWS
+    return (torch.Tag.pointwise in getattr(node.target, "tags", ()) or op_name(node) in _VIEWS
             or ("quantize_per_tensor" in target and "dequantize" not in target))
 
 
-def _dtype(node: torch.fx.Node) -> torch.dtype | None:
-    return getattr(node.meta.get("val"), "dtype", None)
-
-
 def _itemsize(node: torch.fx.Node) -> int:
-    dtype = _dtype(node)
-    return dtype.itemsize if dtype is not None else 0
+    val = tensor_meta(node)
+    return val.dtype.itemsize if val is not None else 0
 
 
 def _dequantized(gemm: torch.fx.Node, depth: int = 3) -> bool:
@@ -117,13 +115,9 @@ def _dequantized(gemm: torch.fx.Node, depth: int = 3) -> bool:
     for _ in range(depth):
         if any("dequantize" in str(n.target) for n in frontier):
             return True
-        frontier = [a for n in frontier if n.op == "call_function" and _op_name(n) in _VIEWS
+        frontier = [a for n in frontier if n.op == "call_function" and op_name(n) in _VIEWS
                     for a in n.args[:1] if isinstance(a, torch.fx.Node)]
     return any("dequantize" in str(n.target) for n in frontier)
-
-
-def _op_name(node: torch.fx.Node) -> str:
-    return str(getattr(node.target, "__name__", node.target)).split(".")[0]
 
 
 def check_inputs(program: Program) -> list[tuple[torch.Tensor, ...]]:

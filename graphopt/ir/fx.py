@@ -17,6 +17,7 @@ import torch.fx
 __all__ = [
     "fetch_attr",
     "target_name",
+    "op_name",
     "add_tensor_attr",
     "drop_unused_attrs",
     "matches_skip",
@@ -34,6 +35,11 @@ def target_name(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return str(target)
     return getattr(target, "__name__", str(target))
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """The op's short name: ``linear`` for ``aten.linear.default``, the function name otherwise."""
+    return str(getattr(node.target, "__name__", node.target)).split(".")[0]
 
 
 def fetch_attr(gm: torch.nn.Module, target: str) -> Any:

@@ -253,10 +253,11 @@ def guard(
         kept = list(reversed(order[:hi]))
         bf16_scores = {0: current}
         few, many = 0, len(kept)  # the most that hold lies in [few, many]
+        mid = many  # all of them first
         while few < many:
-            mid = many if len(bf16_scores) == 1 else (few + many + 1) // 2  # all of them first
             bf16_scores[mid] = run(enabled, set(kept[:mid]))[0]
             few, many = (mid, many) if holds(bf16_scores[mid]) and valid(enabled, set(kept[:mid])) else (few, mid - 1)
+            mid = (few + many + 1) // 2
         bf16, current = set(kept[:few]), bf16_scores[few]
         notes.append(f"accuracy guard: of the layers kept out of int8, {len(bf16)} run bf16 GEMMs and "
                      f"{hi - len(bf16)} fp32 (the least damaging in bf16 while the target holds), "

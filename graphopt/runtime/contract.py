@@ -25,6 +25,7 @@ import torch
 import torch.fx
 
 from graphopt.errors import RunnerError
+from graphopt.ir.fx import op_name
 from graphopt.ir.program import Program
 
 __all__ = ["dim_ranges", "index_ranges", "check_contract"]
@@ -74,14 +75,9 @@ def dim_ranges(program: Program) -> dict[str, dict[str, int | None]]:
     return out
 
 
-def _op_name(node: torch.fx.Node) -> str:
-    name = getattr(node.target, "__name__", str(node.target))
-    return name.split(".")[0]
-
-
 def _table_rows(node: torch.fx.Node, arg: torch.fx.Node) -> int | None:
     """Rows of the table ``node`` indexes with ``arg`` (embedding, embedding_bag, index_select on dim 0)."""
-    op = _op_name(node)
+    op = op_name(node)
     if op in ("embedding", "embedding_bag") and len(node.args) > 1 and node.args[1] is arg:
         table = node.args[0]
     elif op == "index_select" and len(node.args) > 2 and node.args[2] is arg and node.args[1] == 0:
@@ -116,7 +112,7 @@ def index_ranges(program: Program) -> dict[str, Any]:
                 n = _table_rows(user, cur)
                 if n is not None:
                     rows.append((n, slot))
-                elif user.op == "call_function" and _op_name(user) in _VALUE_PRESERVING and user.args and \
+                elif user.op == "call_function" and op_name(user) in _VALUE_PRESERVING and user.args and \
                         user.args[0] is cur and user not in seen:
                     seen.add(user)
                     if same_dims and slot is None and _slot(user, len(spec.shape)) is not None:
@@ -130,7 +126,7 @@ def index_ranges(program: Program) -> dict[str, Any]:
 
 def _slot(node: torch.fx.Node, rank: int) -> tuple[int, int] | None:
     """(dim, index) when ``node`` is ``select(input, dim, index)`` with constant ints."""
-    if _op_name(node) != "select" or len(node.args) < 3:
+    if op_name(node) != "select" or len(node.args) < 3:
         return None
     dim, index = node.args[1], node.args[2]
     if not (isinstance(dim, int) and isinstance(index, int)):
@@ -140,7 +136,7 @@ def _slot(node: torch.fx.Node, rank: int) -> tuple[int, int] | None:
 
 def _keeps_dims(node: torch.fx.Node) -> bool:
     """Copies and full slices: the output's dims are the input's, element for element."""
-    name = _op_name(node)
+    name = op_name(node)
     if name in ("clone", "contiguous", "alias", "detach", "lift_fresh_copy"):
         return True
     if name == "slice":
