@@ -5,8 +5,9 @@ weight). :class:`Emulator` runs the float graph with a chosen set of layers
 computed exactly as the rewritten QDQ graph computes them (same
 ``quantized_decomposed`` ops), so the guard can score any subset without
 rewriting the graph. :func:`guard` scores every layer quantized; if that
-misses the target, it ranks layers by the damage each does alone and keeps
-the fewest worst ones float such that the target holds (for int8-mixed-bf16,
+misses the target, it ranks layers by the damage each does alone (each
+layer's pass starting from the float values at that layer,
+:meth:`Emulator.each_alone`) and keeps the fewest worst ones float such that the target holds (for int8-mixed-bf16,
 the least damaging kept layers then run bf16 GEMMs while the target holds,
 the rest fp32); both found by bisection. :func:`confirm` then scores the
 rewritten Program itself and moves the next most damaging layers to fp32
@@ -30,93 +31,11 @@ import torch
 import torch.fx
 
 from graphopt.metrics import FIDELITY_BAR, agreement, relative_change
-from graphopt.passlib.qdq import QD, WEIGHT_QMAX, WEIGHT_QMIN, QuantLinear
+from graphopt.passlib.layer_emulator import Emulator, LayerPlan
 
 __all__ = ["LayerPlan", "Emulator", "Target", "target_for", "Guarded", "guard", "confirm", "inference"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerPlan:
-    """One layer's quantization: activation ``qparams`` = (scale, zp, qmin, qmax),
-    the observed range, and the int8 weight ``(q, scale, zero_point)``."""
-
-    layer: QuantLinear
-    qparams: tuple[float, int, int, int]
-    act_range: tuple[float, float]
-    weight: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    act_dtype: torch.dtype
-    per_channel: bool
-    bf16_out: bool = False  # int8-mixed-bf16: the GEMM reads bf16 operands and rounds its output to bf16
-
-    def dequantized_weight(self) -> torch.Tensor:
-        q, scale, zp = self.weight
-        if not self.per_channel:
-            return QD.dequantize_per_tensor(q, float(scale), int(zp), WEIGHT_QMIN, WEIGHT_QMAX, torch.int8)
-        return QD.dequantize_per_channel(q, scale.float(), zp, 0, WEIGHT_QMIN, WEIGHT_QMAX, torch.int8)
-
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        args = (*self.qparams, self.act_dtype)
-        return QD.dequantize_per_tensor(QD.quantize_per_tensor(x, *args), *args)
-
-
-class _Switched(torch.nn.Module):
-    """A linear computed as the rewritten graph computes it in ``mode``: ``int8`` (the QDQ
-    form), ``bf16`` (a bf16 GEMM on its bf16 weight: int8-mixed-bf16's kept layers) or ``fp32``."""
-
-    def __init__(self, plan: LayerPlan):
-        super().__init__()
-        self.plan, self.mode = plan, "fp32"
-        self.weight_dq = plan.dequantized_weight()
-
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.mode == "int8":
-            x, weight = self.plan.fake_quant(x), self.weight_dq
-        # int8-mixed-bf16 runs an int8 layer as a bf16 GEMM on bf16 dequantized operands, and a kept
-        # layer either so on its bf16 weight or in fp32; attention after them also runs bf16 there,
-        # which :func:`confirm` checks on the rewritten Program
-        if self.mode != "fp32" and self.plan.bf16_out:
-            low = torch.bfloat16
-            bias = bias.to(low) if bias is not None else None
-            return torch.nn.functional.linear(x.to(low), weight.to(low), bias).float()
-        return torch.nn.functional.linear(x, weight, bias)
-
-
-class Emulator:
-    """The float graph with every planned layer switchable to its QDQ numerics.
-
-    A copy of the graph (sharing the weights) where each planned ``linear`` calls
-    a switch module; :meth:`run` sets the switches and runs it as generated
-    Python, so scoring a subset of layers costs one forward pass.
-    """
-
-    def __init__(self, gm: torch.fx.GraphModule, plans: dict[str, LayerPlan]):
-        graph = torch.fx.Graph()
-        env: dict[torch.fx.Node, torch.fx.Node] = {}
-        graph.output(graph.graph_copy(gm.graph, env))
-        self.module = torch.fx.GraphModule(gm, graph)
-        self.switches: dict[str, _Switched] = {}
-        by_name = {n.name: n for n in gm.graph.nodes}
-        for i, (name, plan) in enumerate(plans.items()):
-            node = env[by_name[name]]
-            switch = _Switched(plan)
-            target = f"_graphopt_switch_{i}"
-            self.module.add_submodule(target, switch)
-            self.switches[name] = switch
-            with graph.inserting_before(node):
-                call = graph.call_module(target, node.args, node.kwargs)
-            node.replace_all_uses_with(call)
-            graph.erase_node(node)
-        self.module.recompile()
-
-    def run(self, enabled: set[str], *inputs: torch.Tensor, bf16: Set[str] = frozenset()) -> Any:
-        """Outputs with the ``enabled`` layers int8, the ``bf16`` ones bf16 GEMMs (int8-mixed-bf16
-        only), the rest fp32; ``run(set())`` is the float model."""
-        for name, switch in self.switches.items():
-            switch.mode = "int8" if name in enabled else "bf16" if name in bf16 else "fp32"
-        with torch.no_grad():
-            return self.module(*inputs)
 
 
 @dataclass(frozen=True)
@@ -228,7 +147,7 @@ def guard(
         return Guarded(set(plans), {}, notes, target, full)
     # every held-out row: ranked on the first 8 or 16 rows of each batch (4x / 2x cheaper), bert4rec:base's
     # guard kept 10 of 18 layers float where it keeps 6 (2026-12-05)
-    damage = {name: run({name}) for name in plans}
+    damage = _damage_alone(emu, list(plans), holdout, refs, target)
     order = _worst_first(damage)
 
     def without(k: int) -> set[str]:
@@ -309,7 +228,7 @@ def confirm(
     order = guarded.worst_first
     if not ok and not order:  # every layer held in the emulator: rank them now
         emu = Emulator(gm, plans)
-        order = _worst_first({name: _damage(emu, {name}, holdout, refs, target) for name in plans})
+        order = _worst_first(_damage_alone(emu, list(plans), holdout, refs, target))
     moved = []
     for name in order:
         if ok:
@@ -334,13 +253,30 @@ def _damage(emu: Emulator, enabled: set[str], holdout: Sequence[tuple[torch.Tens
             bf16: Set[str] = frozenset()) -> tuple[float, float]:
     """Held-out score (:func:`_worst_shape`) and mean relative squared error of the first output, for
     these layer modes."""
-    values, errors = [], []
+    measured = [_measure(target, _tuple(emu.run(enabled, *b, bf16=bf16)), r) for b, r in zip(holdout, refs)]
+    return _summary(holdout, measured)
+
+
+def _damage_alone(emu: Emulator, names: Sequence[str], holdout: Sequence[tuple[torch.Tensor, ...]],
+                  refs: Sequence[tuple[torch.Tensor, ...]], target: Target) -> dict[str, tuple[float, float]]:
+    """``{name: _damage(emu, {name}, ...)}`` for every name, the same values, with each batch's
+    float prefix shared between the layers (:meth:`Emulator.each_alone`)."""
+    measured: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for b, r in zip(holdout, refs):
-        out = _tuple(emu.run(enabled, *b, bf16=bf16))
-        values.append(_score(target, out, r))
-        ref = r[0].detach().double()
-        errors.append(float((out[0].detach().double() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)))
-    return _worst_shape(holdout, values), sum(errors) / len(errors)
+        for name, out in emu.each_alone(names, *b):
+            measured[name].append(_measure(target, _tuple(out), r))
+    return {name: _summary(holdout, measured[name]) for name in names}
+
+
+def _measure(target: Target, out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    """One batch's score and relative squared error of the first output."""
+    want = ref[0].detach().double()
+    error = float((out[0].detach().double() - want).pow(2).sum() / want.pow(2).sum().clamp_min(1e-30))
+    return _score(target, out, ref), error
+
+
+def _summary(holdout: Sequence[tuple[torch.Tensor, ...]], measured: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    return _worst_shape(holdout, [m[0] for m in measured]), sum(m[1] for m in measured) / len(measured)
 
 
 def _worst_shape(holdout: Sequence[tuple[torch.Tensor, ...]], values: Sequence[float]) -> float:
