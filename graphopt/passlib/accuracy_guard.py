@@ -4,10 +4,11 @@ Each candidate layer has a :class:`LayerPlan` (activation qparams, int8
 weight). :class:`Emulator` runs the float graph with a chosen set of layers
 computed exactly as the rewritten QDQ graph computes them (same
 ``quantized_decomposed`` ops), so the guard can score any subset without
-rewriting the graph. :func:`guard` scores every layer quantized; if that
-misses the target, it ranks layers by the damage each does alone (each
-layer's pass starting from the float values at that layer,
-:meth:`Emulator.each_alone`) and keeps the fewest worst ones float such that the target holds (for int8-mixed-bf16,
+rewriting the graph (both in :mod:`graphopt.passlib.layer_emulator`).
+:func:`guard` scores every layer quantized; if that misses the target, it
+ranks layers by the damage each does alone (each layer's pass starting from
+the float values at that layer, :meth:`Emulator.each_alone`) and keeps the
+fewest worst ones float such that the target holds (for int8-mixed-bf16,
 the least damaging kept layers then run bf16 GEMMs while the target holds,
 the rest fp32); both found by bisection. :func:`confirm` then scores the
 rewritten Program itself and moves the next most damaging layers to fp32
@@ -276,6 +277,7 @@ def _measure(target: Target, out: tuple[torch.Tensor, ...], ref: tuple[torch.Ten
 
 
 def _summary(holdout: Sequence[tuple[torch.Tensor, ...]], measured: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """The batches' (score, error) pairs as one: the worst per-shape mean score, the mean error."""
     return _worst_shape(holdout, [m[0] for m in measured]), sum(m[1] for m in measured) / len(measured)
 
 
