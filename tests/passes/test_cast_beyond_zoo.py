@@ -135,17 +135,25 @@ def test_bags_bf16_runs_on_inductor(tmp_path):
 def test_default_ranks_better_than_autocast_on_pretrained_minilm():
     """Real pretrained MiniLM-L6 (2 layers) scoring 64 items. ``policy=mixed`` without
     score/tail in keep is torch.autocast's arithmetic, bit for bit; the default adds the
-    fp32 head and keeps more of eager fp32's top 10 (measured over 960 top-10 slots:
-    0.9990 vs autocast's 0.9969; seeds 3 and 5: 0.9948 vs 0.9917, 0.9979 vs 0.9958)."""
+    fp32 head and keeps more of eager fp32's top 10 over ten batches of 96 (9,600 slots).
+    Per batch it can tie or lose a slot, and how often depends on the CPU's bf16 GEMM:
+    Intel Xeon with AMX, seeds 3 / 4 / 5: 0.9948 vs 0.9917, 0.9990 vs 0.9969, 0.9979 vs
+    0.9958; AMD EPYC with AVX2 only (no bf16 instructions), seeds 1-10: 9,575 vs 9,563
+    slots, 4 ties, seed 9 one slot worse (2026-12-05)."""
     ref = _program("minilm")
-    x = _inputs("minilm", seed=4, batch=96, seq=16)
-    (want,) = ref(*x)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        (autocast,) = ref(*x)
     no_head = ",".join(k for k in DEFAULT_KEEP if k not in ("score", "tail"))
     like_autocast, _ = graphopt.optimize(ref, f"cast{{keep={no_head}}}")
-    assert torch.equal(like_autocast(*x)[0], autocast.float())
     default, _ = graphopt.optimize(ref, "cast")
-    (got,) = default(*x)
-    assert topk_overlap(got, want, 10) > topk_overlap(autocast.float(), want, 10)
-    _close((got,), (want,), TOLERANCE["bf16"])
+    kept = {"default": 0.0, "autocast": 0.0}
+    for seed in range(1, 11):
+        x = _inputs("minilm", seed=seed, batch=96, seq=16)
+        (want,) = ref(*x)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            (autocast,) = ref(*x)
+        if seed == 4:
+            assert torch.equal(like_autocast(*x)[0], autocast.float())
+        (got,) = default(*x)
+        _close((got,), (want,), TOLERANCE["bf16"])
+        kept["default"] += topk_overlap(got, want, 10) * len(want) * 10
+        kept["autocast"] += topk_overlap(autocast.float(), want, 10) * len(want) * 10
+    assert round(kept["default"]) > round(kept["autocast"]), kept
