@@ -11,6 +11,15 @@ packages are timed interleaved in the same rounds per batch (one new event per u
 full window). ``speedup`` is packed / plain (median over rounds, paired); both outputs are
 checked against the eager step (``max_abs``). Absolute milliseconds depend on the machine's
 load (recorded); compare the ratios.
+
+The weights' floor, timed in the same rounds: every GEMM weight of the step (``weights_mb``)
+read once by an eager one-row-per-user float32 ``linear`` on the same weights, back to back
+(``floor_ms``; ``floor_gbs`` = weights_mb / floor_ms): no float32 step can be faster here,
+whatever else it saves. Beside it, for whoever weighs a lower-precision step,
+``aten._weight_int8pack_mm`` (torchao's int8 weight-only kernel: int8 weights, bf16
+activations, a quarter of the bytes) over the same weights at the step's rows
+(``w8_ms``) and at a full recompute's ``history`` rows (``w8_full_ms``, against
+``floor_full_ms`` for float32): kernels only, a different model's numerics.
 """
 
 from __future__ import annotations
@@ -26,8 +35,38 @@ import torch
 
 import graphopt
 from graphopt.bench.timing import TimingConfig, finish_report, paired_speedup, run_interleaved, summarize
+from graphopt.ir.fx import fetch_attr
 from graphopt.passlib.incremental import derive_incremental
+from graphopt.passlib.linear_forms import as_linears
+from graphopt.passlib.qdq import find_linears, quantize_weight
 from graphopt.rec.zoo import load_model
+
+
+def step_weights(step: graphopt.Program) -> list[torch.Tensor]:
+    """Every constant GEMM weight the step reads, ``(out, in)`` float32 (on a copy: addmm / mm
+    forms are rewritten into linear to find them)."""
+    copy = step.copy()
+    as_linears(copy.gm)
+    return [fetch_attr(copy.gm, layer.weight).detach().float().contiguous()
+            for layer in find_linears(copy.gm)[0]]
+
+
+def floor_fns(weights: list[torch.Tensor], rows: int, history: int) -> dict[str, object]:
+    """Zero-argument callables reading every weight once: float32 linear at ``rows`` and
+    ``history`` rows, and the int8 weight-only kernel at both (absent where this torch lacks it)."""
+    x = {(n, k): torch.randn(n, k) for n in (rows, history) for k in {w.shape[1] for w in weights}}
+    fns = {name: (lambda n=n: [torch.nn.functional.linear(x[n, w.shape[1]], w) for w in weights])
+           for name, n in (("floor", rows), ("floor_full", history))}
+    packed = [(q, s.to(torch.bfloat16)) for q, s, _ in (quantize_weight(w, bits=8) for w in weights)]
+    xb = {key: v.to(torch.bfloat16) for key, v in x.items()}
+    try:
+        torch.ops.aten._weight_int8pack_mm(xb[rows, weights[0].shape[1]], *packed[0])
+    except (AttributeError, RuntimeError) as e:
+        print(f"int8 weight-only kernel unavailable: {str(e).splitlines()[0]}", flush=True)
+        return fns
+    for name, n in (("w8", rows), ("w8_full", history)):
+        fns[name] = (lambda n=n: [torch.ops.aten._weight_int8pack_mm(xb[n, q.shape[1]], q, s) for q, s in packed])
+    return fns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     zm = load_model(args.model)
     program, _ = graphopt.optimize(zm.capture(), args.pipeline, verify_each=False)
     inc = derive_incremental(program, args.history)
+    weights = step_weights(inc.step)
+    weights_mb = sum(w.numel() * 4 for w in weights) / 1e6
     items = int(zm.config["items"])
     root = Path(tempfile.mkdtemp(prefix="bench-step-kernels-"))
     runners, compile_s = {}, {}
@@ -65,17 +106,26 @@ def main(argv: list[str] | None = None) -> int:
         state = inc.prefill(ids, torch.ones_like(ids))[len(inc.scores):]
         want = inc.step(new, *state)[0]
         fns = {name: (lambda r=r, x=new, s=state: r(x, *s)) for name, r in runners.items()}
-        samples = run_interleaved(fns, config)
+        fns.update(floor_fns(weights, batch, batch * args.history))
+        with torch.inference_mode():
+            samples = run_interleaved(fns, config)
         ratio = paired_speedup(samples["packed"], samples["plain"])
         row = {"batch": batch, "history": args.history, "speedup": ratio["speedup"],
                "speedup_p10": ratio["speedup_p10"], "speedup_p90": ratio["speedup_p90"]}
-        for name, r in runners.items():
+        for name in samples:
             row[f"{name}_ms"] = summarize(samples[name], batch)["p50_ms"]
+        for name, r in runners.items():
             row[f"{name}_max_abs"] = float((r(new, *state)[0] - want).abs().max())
+        row["weights_mb"] = weights_mb
+        row["floor_gbs"] = weights_mb / row["floor_ms"]
         rows.append(row)
+        w8 = (f"; int8 weight-only kernel {row['w8_ms']:.3f} ms, at {batch * args.history} rows "
+              f"{row['w8_full_ms']:.3f} ms" if "w8_ms" in row else "")
         print(f"{args.model} {args.pipeline} history {args.history} batch {batch:3d}: packed {row['packed_ms']:8.3f} ms"
               f"  plain {row['plain_ms']:8.3f} ms  plain is {row['speedup']:.2f}x packed  max_abs "
-              f"{max(row['packed_max_abs'], row['plain_max_abs']):.1e}", flush=True)
+              f"{max(row['packed_max_abs'], row['plain_max_abs']):.1e}\n    weights floor (float32, {weights_mb:.1f} MB"
+              f" read once): {row['floor_ms']:.3f} ms ({row['floor_gbs']:.0f} GB/s), at {batch * args.history} "
+              f"rows {row['floor_full_ms']:.3f} ms{w8}", flush=True)
     for r in runners.values():
         r.close()
     report = {"model": args.model, "pipeline": args.pipeline, "threads": args.threads, "rows": rows,

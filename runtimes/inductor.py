@@ -179,6 +179,9 @@ class InductorBackend(Backend):
         # fuses the state copies worse (base, batch 32, history 200: 14.3 ms vs 10.7). bf16 and
         # int8 steps keep their packed kernels (gpt-rec:base bf16 step 0.84 ms packed, 0.98 plain).
         # max_autotune stays off for steps: 1.1-1.5x at batch 1 but 0.8-0.9x at batch 8-32 (README).
+        # Not every CPU agrees: on an AMD EPYC with AVX2 only, plain is 0.62-0.81x the packed step
+        # (2026-12-05), though eager MKL beats oneDNN's packed linear per call there as well, so a
+        # per-CPU default would have to time the two compiled steps (benchmarks/README).
         low = program_dtypes(step) & {torch.bfloat16, torch.float16}
         return {"max_autotune": False} if low or is_quantized(step) else {"max_autotune": False,
                                                                           "weight_prepack": False}
