@@ -47,6 +47,8 @@ def test_minilm_ranking_holds_the_bar():
     assert all("accuracy guard" in d["reason"] for d in kept)
     assert sum("kept float by the accuracy guard" in d for d in rec.declined) == len(kept)
     assert any("target" in n for n in rec.notes)
+    # 16 held-out titles cannot certify the bar, and the guard says so
+    assert any("only 16 held-out rows (160 top-10 slots)" in n for n in rec.notes), rec.notes
     print("MiniLM kept float:", [d["layer"] for d in kept])  # for the report (-s)
 
 

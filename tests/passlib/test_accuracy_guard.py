@@ -109,6 +109,21 @@ def test_the_held_out_score_is_the_worst_sequence_length_not_the_average():
     assert _worst_shape(one, [0.99, 0.98, 0.97]) == pytest.approx(0.98)
 
 
+def test_too_few_held_out_rows_to_certify_the_bar_are_said():
+    """No miss in n top-10 slots bounds the miss rate on unseen rows by 3/n (95%): below 30 held-out
+    rows even a perfect score cannot certify the 0.99 bar, and the guard says so; 30 rows (3 batches
+    of 10, or one of 30 with a sequence dim folded in) can; a cosine target has no slots."""
+    from graphopt.passlib.accuracy_guard import _too_few_rows
+
+    topk = Target("topk_overlap", 0.995)
+    scores = [(torch.zeros(8, 400),), (torch.zeros(8, 400),)]
+    (note,) = _too_few_rows(scores, topk)
+    assert "only 16 held-out rows (160 top-10 slots)" in note and ">= 0.981 (95%)" in note and ">= 30 rows" in note
+    assert _too_few_rows([(torch.zeros(10, 400),)] * 3, topk) == []
+    assert _too_few_rows([(torch.zeros(3, 10, 400),)], topk) == []  # per position: 30 rows
+    assert _too_few_rows(scores, Target("cosine", 0.9995)) == []
+
+
 def test_each_layer_alone_shares_the_float_prefix_and_gives_exactly_what_one_pass_per_layer_gives(
         zoo, program, monkeypatch):
     """The guard's ranking (every layer int8 on its own): ``each_alone`` runs the float graph once and
