@@ -9,6 +9,7 @@ from graphopt.passes.quantize_int8 import QuantizeInt8
 
 import graphopt
 from graphopt.errors import GraphoptError, PassOptionError
+from graphopt.hardware import has_bf16_kernels
 from graphopt.ir.fx import fetch_attr
 from graphopt.ir.program import Program
 from graphopt.metrics import agreement, cosine, drift
@@ -289,6 +290,9 @@ def test_mixed_bf16_form(zoo, program):
     nodes = list(q.gm.graph.nodes)
     linears = [n for n in nodes if n.target is torch.ops.aten.linear.default]
     assert stats["bf16-linear"] == len(linears) == q.op_histogram()[DQC] and stats["bf16-sdpa"] == 2
+    # on a CPU where oneDNN has no bf16 kernels (AVX2 only) the pass says this form runs reference code
+    warned = any("oneDNN has no bf16 kernels for this CPU" in n for n in report.passes[-1].notes)
+    assert warned is not has_bf16_kernels(), report.passes[-1].notes
 
     def dtype(n):
         return n.meta["val"].dtype
