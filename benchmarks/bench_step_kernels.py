@@ -1,16 +1,23 @@
-"""The incremental step's GEMMs on Inductor: oneDNN's packed weights vs MKL on plain weights.
+"""The incremental step's GEMMs on Inductor: MKL on plain weights, oneDNN's packed weights,
+Inductor's autotuned CPP GEMM template.
 
     .venv/bin/python benchmarks/bench_step_kernels.py [--model gpt-rec:base] [--history 64]
         [--batches 1,8,32] [--pipeline O2] [--threads 2] [--rounds 9] [--json FILE]
 
 The step entry of one causal model (``derive_incremental(program, history)``) is lowered
-twice with ``graphopt.lower``, ``weight_prepack=True`` (Inductor's default for a frozen
-graph: every linear a oneDNN packed GEMM) and ``weight_prepack=False`` (``addmm`` on the
-plain weights: MKL; what ``lower_incremental`` picks for a float32 step), and the two
-packages are timed interleaved in the same rounds per batch (one new event per user on a
-full window). ``speedup`` is packed / plain (median over rounds, paired); both outputs are
-checked against the eager step (``max_abs``). Absolute milliseconds depend on the machine's
-load (recorded); compare the ratios.
+three ways with ``graphopt.lower``, every option explicit: ``plain`` (``weight_prepack=False``,
+``max_autotune=False``: ``addmm`` on the plain weights, MKL), ``packed``
+(``weight_prepack=True``, ``max_autotune=False``: oneDNN's packed linear) and ``template``
+(``weight_prepack=True``, ``max_autotune=True``: Inductor's CPP GEMM template where it wins
+the autotuning), and the three packages are timed interleaved in the same rounds per batch
+(one new event per user on a full window). ``default`` names the one ``lower_incremental``
+picks for this step on this CPU (``InductorBackend.step_defaults``); ``<variant>_vs_default``
+is default / variant (median over rounds, paired; > 1: faster than the default). Every
+output is checked against the eager step (``<variant>_max_abs``). Absolute milliseconds
+depend on the machine's load (recorded); compare the ratios. (Before 2026-12-06 this
+script lowered ``packed`` and ``plain`` with ``max_autotune`` left to ``graphopt.lower``'s
+per-Program default, which autotunes base-size Programs: its AMD EPYC figures of
+2026-12-05 compared the template with MKL.)
 
 The weights' floor, timed in the same rounds: every GEMM weight of the step (``weights_mb``)
 read once by an eager one-row-per-user float32 ``linear`` on the same weights, back to back
@@ -40,6 +47,14 @@ from graphopt.passlib.incremental import derive_incremental
 from graphopt.passlib.linear_forms import as_linears
 from graphopt.passlib.qdq import find_linears, quantize_weight
 from graphopt.rec.zoo import load_model
+from graphopt.runtime import get_runtime
+
+#: the step lowerings timed, each with every option that decides its GEMMs explicit
+VARIANTS = {
+    "plain": {"weight_prepack": False, "max_autotune": False},
+    "packed": {"weight_prepack": True, "max_autotune": False},
+    "template": {"weight_prepack": True, "max_autotune": True},
+}
 
 
 def step_weights(step: graphopt.Program) -> list[torch.Tensor]:
@@ -89,13 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     weights_mb = sum(w.numel() * 4 for w in weights) / 1e6
     items = int(zm.config["items"])
     root = Path(tempfile.mkdtemp(prefix="bench-step-kernels-"))
+    # Inductor's own defaults (packed weights; autotuning off for a step) under the step's
+    defaults = {"weight_prepack": True, "max_autotune": False,
+                **get_runtime("inductor").step_defaults(inc.step, {"device": "cpu"})}
+    default = next(n for n, opts in VARIANTS.items() if all(defaults[k] == v for k, v in opts.items()))
     runners, compile_s = {}, {}
-    for prepack in (True, False):
-        name = "packed" if prepack else "plain"
+    for name, opts in VARIANTS.items():
         t0 = time.perf_counter()
-        graphopt.lower(inc.step, "inductor", root / name, weight_prepack=prepack)
+        graphopt.lower(inc.step, "inductor", root / name, device="cpu", **opts)
         compile_s[name] = time.perf_counter() - t0
-        print(f"lowered {name} in {compile_s[name]:.1f}s", flush=True)
+        print(f"lowered {name} in {compile_s[name]:.1f}s{' (the step default here)' if name == default else ''}",
+              flush=True)
         runners[name] = graphopt.load(root / name).activate()
     config = TimingConfig(warmup=3, rounds=args.rounds, round_time_s=0.2, max_calls=20)
     rows = []
@@ -109,23 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         fns.update(floor_fns(weights, batch, batch * args.history))
         with torch.inference_mode():
             samples = run_interleaved(fns, config)
-        ratio = paired_speedup(samples["packed"], samples["plain"])
-        row = {"batch": batch, "history": args.history, "speedup": ratio["speedup"],
-               "speedup_p10": ratio["speedup_p10"], "speedup_p90": ratio["speedup_p90"]}
+        row = {"batch": batch, "history": args.history, "default": default}
         for name in samples:
             row[f"{name}_ms"] = summarize(samples[name], batch)["p50_ms"]
         for name, r in runners.items():
+            row[f"{name}_vs_default"] = paired_speedup(samples[default], samples[name])["speedup"]
             row[f"{name}_max_abs"] = float((r(new, *state)[0] - want).abs().max())
         row["weights_mb"] = weights_mb
         row["floor_gbs"] = weights_mb / row["floor_ms"]
         rows.append(row)
         w8 = (f"; int8 weight-only kernel {row['w8_ms']:.3f} ms, at {batch * args.history} rows "
               f"{row['w8_full_ms']:.3f} ms" if "w8_ms" in row else "")
-        print(f"{args.model} {args.pipeline} history {args.history} batch {batch:3d}: packed {row['packed_ms']:8.3f} ms"
-              f"  plain {row['plain_ms']:8.3f} ms  plain is {row['speedup']:.2f}x packed  max_abs "
-              f"{max(row['packed_max_abs'], row['plain_max_abs']):.1e}\n    weights floor (float32, {weights_mb:.1f} MB"
-              f" read once): {row['floor_ms']:.3f} ms ({row['floor_gbs']:.0f} GB/s), at {batch * args.history} "
-              f"rows {row['floor_full_ms']:.3f} ms{w8}", flush=True)
+        timed = "  ".join(f"{n} {row[f'{n}_ms']:.3f} ms ({row[f'{n}_vs_default']:.2f}x)" for n in runners)
+        print(f"{args.model} {args.pipeline} history {args.history} batch {batch:3d}: {timed}  (x: vs the default, "
+              f"{default})  max_abs {max(row[f'{n}_max_abs'] for n in runners):.1e}\n    weights floor (float32, "
+              f"{weights_mb:.1f} MB read once): {row['floor_ms']:.3f} ms ({row['floor_gbs']:.0f} GB/s), at "
+              f"{batch * args.history} rows {row['floor_full_ms']:.3f} ms{w8}", flush=True)
     for r in runners.values():
         r.close()
     report = {"model": args.model, "pipeline": args.pipeline, "threads": args.threads, "rows": rows,

@@ -30,6 +30,7 @@ from graphopt.runtimes.inductor_autotune import (
 from graphopt.runtimes.inductor_compile import compile_package
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
+from graphopt.hardware import has_fast_mkl
 from graphopt.ir.program import Program
 from graphopt.runtime import Backend, Option, Runner, resolve_device
 from graphopt.runtime.backend import is_quantized, program_dtypes
@@ -169,22 +170,34 @@ class InductorBackend(Backend):
         # 12.48 ms, the plain one 8.09 (the whole model, autotuned at its own example size: 7.97 vs 8.41).
         return {"max_autotune": False}
 
-    def step_defaults(self, step: Program) -> dict[str, Any]:
-        # A float32 step multiplies one row per user by each weight: oneDNN's packed linear costs
-        # 16-25 us a call at one row, MKL's GEMM on the plain weight 5-10 us. benchmarks/
-        # bench_step_kernels.py (AMX Xeon, 2 threads, history 64): plain is 1.53x / 1.17x / 1.04x
-        # the packed step at batch 1 / 8 / 32 on gpt-rec:base, 1.14x / 0.80x / 0.94x on gpt-rec:large,
-        # so the default serves one user's new event fastest, and batched steps of a large model
-        # want step_options={"weight_prepack": True}. freezing=False also keeps plain weights but
-        # fuses the state copies worse (base, batch 32, history 200: 14.3 ms vs 10.7). bf16 and
-        # int8 steps keep their packed kernels (gpt-rec:base bf16 step 0.84 ms packed, 0.98 plain).
-        # max_autotune stays off for steps: 1.1-1.5x at batch 1 but 0.8-0.9x at batch 8-32 (README).
-        # Not every CPU agrees: on an AMD EPYC with AVX2 only, plain is 0.62-0.81x the packed step
-        # (2026-12-05), though eager MKL beats oneDNN's packed linear per call there as well, so a
-        # per-CPU default would have to time the two compiled steps (benchmarks/README).
+    def step_defaults(self, step: Program, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        # A float32 step multiplies one row per user by each weight; which GEMM serves that fastest
+        # depends on the CPU's vendor (gpt-rec:base O2, batch 1 / 8 / 32, the four lowerings timed
+        # interleaved; ms at history 64):
+        # - Intel Xeon with AMX (2026-12-03, benchmarks/bench_step_kernels.py): MKL's GEMM on the
+        #   plain weights (weight_prepack=False), 5-10 us a call at one row, beats oneDNN's packed
+        #   linear (16-25 us): plain is 1.53x / 1.17x / 1.04x the packed step, and the autotuned
+        #   CPP GEMM template was 0.67 ms against plain's 0.60 at batch 1.
+        # - AMD EPYC, AVX2 only (2026-12-06): MKL runs its generic code path on a non-Intel CPU
+        #   (perf: 22% of the plain step in mkl_blas_def_xsgemv) and oneDNN's one-row linear is
+        #   slow too: plain 1.63 / 5.02 / 9.95, packed 1.46 / 3.61 / 8.70, packed + max_autotune
+        #   (Inductor's CPP GEMM template, its own AVX2 micro-kernels) 0.84 / 3.07 / 8.30; at
+        #   history 200, batch 1: 1.73 / 1.76 / 1.23. gpt-rec:tiny (below max_autotune's size
+        #   bar): plain 0.175, packed 0.400, autotuned 0.160, for a 3x longer compile.
+        # So: plain weights where MKL is Intel's tuned one (hardware.has_fast_mkl), else the
+        # autotuned template where max_autotune pays for its compile (autotune_by_default), else
+        # plain. freezing=False also keeps plain weights but fuses the state copies worse (Xeon,
+        # base, batch 32, history 200: 14.3 ms vs 10.7). bf16 and int8 steps keep their packed,
+        # unautotuned kernels (Xeon: gpt-rec:base bf16 step 0.84 ms packed, 0.98 plain).
         low = program_dtypes(step) & {torch.bfloat16, torch.float16}
-        return {"max_autotune": False} if low or is_quantized(step) else {"max_autotune": False,
-                                                                          "weight_prepack": False}
+        if low or is_quantized(step):
+            return {"max_autotune": False}
+        device = (options or {}).get("device", "auto")  # an unavailable one is refused by the lowering
+        if device == "auto":
+            device = resolve_device(device, self.name)
+        if device == "cpu" and not has_fast_mkl() and autotune_by_default(step, device):
+            return {"max_autotune": True, "weight_prepack": True}
+        return {"max_autotune": False, "weight_prepack": False}
 
     def lower_into(self, program: Program, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:
         device = resolve_device(options["device"], self.name)

@@ -20,3 +20,18 @@ def test_int8_dot_follows_flags_and_onednn_cap(monkeypatch):
     assert hardware.has_int8_dot() is False
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
     assert hardware.has_int8_dot() is expected
+
+
+def test_fast_mkl_only_on_intel(monkeypatch):
+    """MKL's tuned BLAS kernels are Intel's: the float32 step lowering keys on it."""
+    import torch
+
+    vendor = hardware.cpu_vendor()
+    with open("/proc/cpuinfo") as f:
+        listed = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")]
+    assert vendor == (listed[0] if listed else vendor)
+    assert hardware.has_fast_mkl() is (torch.backends.mkl.is_available() and vendor == "GenuineIntel")
+    monkeypatch.setattr(hardware, "cpu_vendor", lambda: "AuthenticAMD")
+    assert hardware.has_fast_mkl() is False
+    monkeypatch.setattr(hardware, "cpu_vendor", lambda: "GenuineIntel")
+    assert hardware.has_fast_mkl() is torch.backends.mkl.is_available()

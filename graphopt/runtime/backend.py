@@ -147,9 +147,10 @@ class Backend:
         defaults; the caller's options override them."""
         return {}
 
-    def step_defaults(self, step: Program) -> dict[str, Any]:
+    def step_defaults(self, step: Program, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Lowering options for an incremental ``step`` entry (a few rows per user) that differ
-        from this runtime's defaults; the caller's options and ``step_options`` override them."""
+        from this runtime's defaults, given the caller's ``options`` (``step_options`` merged in;
+        they override what this returns)."""
         return {}
 
     def lower_into(self, program: Program, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:

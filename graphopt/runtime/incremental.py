@@ -129,11 +129,10 @@ def lower_incremental(
     ``options``: the runtime's lowering options, applied to both entries;
     ``step_options``: options that override them for the step entry alone (a step
     runs a few rows per user, where other kernels win). The runtime's own step
-    defaults come first (``Backend.prefill_defaults`` / ``step_defaults``: Inductor autotunes
-    neither entry, and lowers a float32 step
-    with ``weight_prepack=False``: MKL's GEMM on the plain weights), then ``options``,
-    then ``step_options`` (on Inductor ``{"max_autotune": True}`` picks the CPP GEMM
-    template).
+    defaults come first (``Backend.prefill_defaults`` / ``step_defaults``: Inductor does not
+    autotune the prefill, and lowers a float32 step with ``weight_prepack=False``, MKL's GEMM
+    on the plain weights, on an Intel CPU, and elsewhere, for a base-size model, with
+    ``max_autotune=True``, its CPP GEMM template), then ``options``, then ``step_options``.
     """
     from graphopt.passlib.incremental import IncrementalPrograms, derive_incremental
 
@@ -150,7 +149,8 @@ def lower_incremental(
     require_available(backend)
     opts = backend.complete_options(inc.prefill, resolve_options(
         backend.lower_options, {**backend.prefill_defaults(inc.prefill), **options}, f"{runtime} | lower", LoweringError))
-    step_opts = {**backend.step_defaults(inc.step), **options, **(step_options or {})}
+    asked = {**options, **(step_options or {})}
+    step_opts = {**backend.step_defaults(inc.step, asked), **asked}
     entry_opts = {"prefill": opts, "step": backend.complete_options(
         inc.step, resolve_options(backend.lower_options, step_opts, f"{runtime} | lower step", LoweringError))}
     entries = {"prefill": inc.prefill, "step": inc.step}

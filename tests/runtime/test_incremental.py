@@ -236,6 +236,33 @@ def test_low_precision_steps_keep_packed_weights():
     assert backend.step_defaults(derived("int8").step) == {"max_autotune": False, "weight_prepack": False}  # int8 state
 
 
+def test_float32_step_default_follows_the_cpu_vendor(monkeypatch):
+    """A float32 step of a base-size model: MKL on plain weights where MKL is Intel's tuned one,
+    else Inductor's autotuned CPP GEMM template (MKL's generic path and oneDNN's one-row linear
+    lose on an AMD EPYC: runtimes/inductor.py); small steps and other devices never autotune."""
+    if not available_runtimes()["inductor"].available:
+        pytest.skip(f"inductor is not available here: {available_runtimes()['inductor'].reason}")
+    import graphopt.runtimes.inductor as inductor_runtime
+    import graphopt.runtimes.inductor_autotune as autotune
+
+    from graphopt import hardware
+    from graphopt.passlib.incremental import derive_incremental
+
+    backend = inductor_runtime.BACKEND
+    plain = {"max_autotune": False, "weight_prepack": False}
+    template = {"max_autotune": True, "weight_prepack": True}
+    step = derived().step
+    assert backend.step_defaults(step) == plain  # gpt-rec:tiny's step: below max_autotune's size bar
+    monkeypatch.setattr(autotune, "MIN_GEMM_WEIGHTS", 1)  # as if base-size
+    assert backend.step_defaults(step, {"device": "cpu"}) == (plain if hardware.has_fast_mkl() else template)
+    for fast, want in ((True, plain), (False, template)):
+        monkeypatch.setattr(inductor_runtime, "has_fast_mkl", lambda fast=fast: fast)
+        assert backend.step_defaults(step, {"device": "cpu"}) == want
+        assert backend.step_defaults(step, {"device": "cuda"}) == plain  # CUDA: never a CPU template
+    bf16, _ = graphopt.optimize(optimized(), "cast{dtype=bf16}", verify_each=False)
+    assert backend.step_defaults(derive_incremental(bf16, WINDOW).step, {"device": "cpu"}) == {"max_autotune": False}
+
+
 def test_plain_runner_has_no_step():
     runner = EagerRunner.from_program(optimized())
     with pytest.raises(RunnerError, match="eager \\| this runner has no prefill/step entry points; lower the model "
