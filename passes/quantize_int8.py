@@ -206,9 +206,12 @@ class QuantizeInt8(Pass):
             tried.append(_Tried(method, plans, guarded))
         best = _pick(tried)
         plans, guarded = best.plans, best.guarded
-        if guarded is not None and self.mixed == "bf16":
-            guarded = confirm(guarded, gm, plans, holdout, functools.partial(_rewritten_copy, gm, plans),
-                              validation, float_metrics)
+        if guarded is not None and (self.mixed == "bf16" or len(holdout) < len(batches)):
+            # the rewritten Program on every calibration batch: the guard's choice was made on the
+            # held-out few (accuracy_guard.confirm)
+            guarded = confirm(guarded, gm, plans, batches, functools.partial(_rewritten_copy, gm, plans),
+                              validation, float_metrics, where=f"all {len(batches)} calibration",
+                              bf16_attention=self.mixed == "bf16")
         # 7-bit weights round twice as coarsely: twice the tolerance
         self.tolerance = 1.0 if best.method == "entropy" else type(self).tolerance * 2 ** (8 - bits)
         enabled = guarded.enabled if guarded else set(plans)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.hardware import has_int8_dot
 from graphopt.metrics import cosine, topk_overlap
 from tests.passes import int8_models
 
@@ -28,18 +27,16 @@ def test_minilm_ranking_holds_the_bar():
     calib = [make_batch(s) for s in range(1, 9)]  # 8 x 8 titles; the guard holds out the last 2
     q, report = graphopt.optimize(program, "O2,quantize-int8", calibration_data=calib)
     rec = report.passes[-1]
-    checks = _check_batches(make_batch)
+    checks = _check_batches(make_batch, range(40, 60))  # 160 titles: one missed slot moves it by 0.0006
     with torch.no_grad():
         refs = [model(*b) for b in checks]
         outs = [q(*b)[0] for b in checks]
     overlap = sum(topk_overlap(o, r) for o, r in zip(outs, refs)) / len(refs)
-    # the bar on 32 titles the guard never saw (without the guard every layer int8 gives ~0.91).
-    # Known shortfall, kept visible: with 7-bit weights (a CPU without VNNI/AMX, reduce_range=auto)
-    # the guard's 16 held-out titles score 1.0 and these 32 score 0.984 (AMD EPYC, AVX2 only,
-    # 2026-12-05; 0.994 on 128 other titles): 16 titles cannot certify the 0.995 target. The
-    # floor there records that state, so a further loss still fails.
-    bar = 0.99 if has_int8_dot() else 0.98
-    assert overlap >= bar, (overlap, rec.notes)
+    # the bar on 160 titles the guard never saw (without the guard every layer int8 gives ~0.91).
+    # 32 of them were too few to judge it: with 7-bit weights (a CPU without VNNI/AMX,
+    # reduce_range=auto) the same Program scored 0.984 on seeds 40-43 and 0.994 on seeds 44-59,
+    # 0.992 on all 160 (AMD EPYC, AVX2 only, 2026-12-06; 8-bit weights: 0.991 / 0.992)
+    assert overlap >= 0.99, (overlap, rec.notes)
     assert min(cosine(o, r) for o, r in zip(outs, refs)) > 0.999
     # some layers stay int8, the kept ones are float in the graph and named with the reason
     kept = [d for d in rec.details if not d["quantized"]]
@@ -47,8 +44,10 @@ def test_minilm_ranking_holds_the_bar():
     assert all("accuracy guard" in d["reason"] for d in kept)
     assert sum("kept float by the accuracy guard" in d for d in rec.declined) == len(kept)
     assert any("target" in n for n in rec.notes)
-    # 16 held-out titles cannot certify the bar, and the guard says so
+    # 16 held-out titles cannot certify the bar, and the guard says so; what it chose on them is
+    # then scored on all 64 calibration titles (the rewritten Program), where it held 0.9953 here
     assert any("only 16 held-out rows (160 top-10 slots)" in n for n in rec.notes), rec.notes
+    assert any("the rewritten Program" in n and "on all 8 calibration batches" in n for n in rec.notes), rec.notes
     print("MiniLM kept float:", [d["layer"] for d in kept])  # for the report (-s)
 
 
