@@ -16,7 +16,7 @@ import torch
 from graphopt.bench.accuracy import make_evaluator
 from graphopt.bench.calibration import bench_calibration
 from graphopt.bench.memory import explain_memory, measure_in_process, measure_subprocess, predict_variant
-from graphopt.bench.peers import PEERS, build_peers
+from graphopt.bench.peers import build_peers, default_peers
 from graphopt.bench.report import BenchReport, shape_key
 from graphopt.bench.timing import (
     TimingConfig,
@@ -34,6 +34,7 @@ from graphopt.bench.variants import (
     build_graphopt_variants,
     default_pipelines,
     parse_pipeline_spec,
+    without_bf16,
 )
 from graphopt.errors import GraphoptError, first_line
 from graphopt.hits import UserHits, hit_changes
@@ -174,9 +175,11 @@ def bench(
     ZooModel. ``pipelines``: pipeline texts, optionally labelled
     (``"bf16=O2,cast{dtype=bf16}"``; ``"none"`` = unoptimized); default
     :func:`~graphopt.bench.variants.default_pipelines` (``DEFAULT_PIPELINES``, plus ``Os``
-    for embedding-dominated models). ``runtimes``: default every runtime; an
+    for embedding-dominated models; less the bf16 ones on a CPU without bf16 GEMM kernels,
+    :func:`~graphopt.bench.variants.without_bf16`, with a note). ``runtimes``: default every runtime; an
     unavailable one is reported as skipped with the reason. ``peers``: True
-    for every peer recipe or a list of names from :data:`PEERS`.
+    for every peer recipe (less the bf16 ones on a CPU without bf16 GEMM kernels, with a note:
+    :func:`~graphopt.bench.peers.default_peers`) or a list of names from :data:`PEERS`.
     ``eval_data``: :class:`~graphopt.bench.accuracy.EvalData` (batches,
     targets, seen) or a callable ``evaluate(fn) -> {"hr@10": .., "ndcg@10": ..}``;
     without it accuracy is drift and ranking agreement with eager only.
@@ -195,7 +198,7 @@ def bench(
     config = timing or (TimingConfig.quick() if quick else TimingConfig())
     specs = None if pipelines is None else [parse_pipeline_spec(p) for p in pipelines]  # None: per model, below
     runtimes = list(DEFAULT_RUNTIMES if runtimes is None else runtimes)
-    peer_names = list(PEERS) if peers is True else list(peers or [])
+    peer_names, peer_note = default_peers() if peers is True else (list(peers or []), None)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -205,7 +208,7 @@ def bench(
         return _run(
             model, specs, runtimes, peer_names, batch_sizes, seq_lens, threads, out_dir, force, config,
             eval_data, calibration_data, validation_data, k, memory, keep_artifacts, seed, progress, work,
-            variants,
+            variants, [peer_note] if peer_note else [],
         )
     finally:
         for v in variants:
@@ -219,8 +222,8 @@ def _run(
     seq_lens: Sequence[int], threads: int | None, out_dir: str | Path | None, force: bool,
     config: TimingConfig, eval_data: Any, calibration_data: Any, validation_data: Any, k: int, memory: bool,
     keep_artifacts: bool, seed: int, progress: Progress | None, work: Path, variants: list[Variant],
+    notes: list[str],
 ) -> BenchReport:
-    notes: list[str] = []
     warnings_: list[str] = []
     if (w := load_warning()) is not None:
         warnings_.append(w)
@@ -235,7 +238,9 @@ def _run(
     what = _Model(model)
     program = what.program
     if specs is None:
-        specs = [parse_pipeline_spec(p) for p in default_pipelines(program)]
+        pipelines, left_out = without_bf16(default_pipelines(program))
+        specs = [parse_pipeline_spec(p) for p in pipelines]
+        notes += [left_out] if left_out else []
     shapes = _shapes(program, batch_sizes, seq_lens, notes)
     n_builds = 1 + len(specs) * len(runtimes) + len(peer_names)
     state["total"] = float(

@@ -28,10 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="zoo name (bert4rec:base), saved Program (.pt2 or folder) or HF folder")
     p.add_argument("-p", "--pipeline", action="append", dest="pipelines", metavar="[LABEL=]PIPELINE",
                    help=f"pipeline to benchmark (repeatable; 'none' = unoptimized); default: {' '.join(DEFAULT_PIPELINES)}, "
-                        f"plus {SIZE_PIPELINE} for embedding-dominated models (tables > half the parameter bytes)")
+                        f"plus {SIZE_PIPELINE} for embedding-dominated models (tables > half the parameter bytes); "
+                        "bf16 and int8-bf16 left out on a CPU without bf16 GEMM kernels (AVX2 only)")
     p.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES),
                    help="comma-separated runtimes (unavailable ones are reported as skipped)")
-    p.add_argument("--peers", action="store_true", help="also measure every peer recipe (torch.compile, ONNX Runtime, torchao)")
+    p.add_argument("--peers", action="store_true", help="also measure every peer recipe (torch.compile, ONNX Runtime, "
+                   "torchao; the bf16 ones left out on a CPU without bf16 GEMM kernels, AVX2 only)")
     p.add_argument("--peer", action="append", dest="peer_names", metavar="NAME", choices=PEERS,
                    help=f"measure this peer only (repeatable): {', '.join(PEERS)}")
     p.add_argument("--batch-sizes", default="1,32", type=lambda t: _ints(t, "--batch-sizes"))
@@ -100,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from graphopt.bench import PEERS, TimingConfig, bench
+    from graphopt.bench import TimingConfig, bench
     from graphopt.bench.variants import parse_pipeline_spec
     from graphopt.transform.pipeline import parse_pipeline
 
-    peers = list(args.peer_names or (PEERS if args.peers else []))
+    peers = list(args.peer_names) if args.peer_names else bool(args.peers)  # True: bench's default_peers
     if args.pipelines:  # explicit pipelines must parse before anything runs (exit 2)
         for spec in args.pipelines:
             text = parse_pipeline_spec(spec).text

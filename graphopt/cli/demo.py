@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from graphopt.bench.variants import EMBEDDING_DOMINATED, embedding_share
+from graphopt.bench.variants import EMBEDDING_DOMINATED, embedding_share, without_bf16
 from graphopt.cli.finetune import (
     describe_clicks,
     describe_data,
@@ -79,7 +79,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, help="fine-tuning time budget (default 5; --quick: none)")
     p.add_argument("--runtimes", help=f"comma-separated (default: {','.join(FULL_RUNTIMES)}; --quick: {','.join(QUICK_RUNTIMES)})")
     p.add_argument("-p", "--pipeline", action="append", dest="pipelines", metavar="LABEL=PIPELINE",
-                   help="replace the default pipelines (repeatable), e.g. -p 'fp32-O2=O2'")
+                   help="replace the default pipelines (repeatable; default: "
+                   f"{' '.join(DEMO_PIPELINES)}, the bf16 ones left out on a CPU without bf16 GEMM kernels), "
+                   "e.g. -p 'fp32-O2=O2'")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,32; --quick: 8)")
     p.add_argument("--eval-users", type=int, help="test users scored per variant (default: all)")
     p.add_argument("--threads", type=int, help="torch/runtime threads (default: torch's; 1 when the machine is loaded)")
@@ -207,8 +209,11 @@ def run(args: argparse.Namespace) -> int:
     setup = real_data_setup(data, ckpt, eval_batch, eval_users=args.eval_users, quick=args.quick)
     zoo = setup["zoo"]
     pipelines = args.pipelines or list(DEMO_PIPELINES)
-    if not args.pipelines and embedding_share(zoo.capture()) > EMBEDDING_DOMINATED:
-        pipelines.append(SIZE_PIPELINE)
+    left_out = None
+    if not args.pipelines:
+        if embedding_share(zoo.capture()) > EMBEDDING_DOMINATED:
+            pipelines.append(SIZE_PIPELINE)
+        pipelines, left_out = without_bf16(pipelines)
     step(
         f"optimize + lower + benchmark: pipelines {', '.join(p.split('=')[0] for p in pipelines)} x runtimes "
         f"{', '.join(runtimes)}; batch {','.join(map(str, batch_sizes))}"
@@ -216,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.quick:
         step.say("--quick: inductor and tensorrt left out (their compiles take minutes); run without --quick for all")
+    if left_out:
+        step.say(left_out)
 
     import graphopt.bench as gbench
 

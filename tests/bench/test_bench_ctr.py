@@ -65,3 +65,31 @@ def test_size_pipeline_is_a_default_for_embedding_dominated_models_only(program)
     # near miss: BERT4Rec's item table is tied to its scoring head, so it counts as a dense weight
     bert = program("bert4rec:tiny")
     assert embedding_share(bert) < 0.5 and default_pipelines(bert) == DEFAULT_PIPELINES
+
+
+def test_bf16_pipelines_are_left_out_where_the_cpu_has_no_bf16_kernels():
+    """On an AVX2-only CPU oneDNN runs bf16 as reference code (0.05-0.58x eager): the default
+    bench and demo leave those pipelines out and say so; elsewhere, and for named ones, all stay."""
+    from graphopt.bench.variants import without_bf16
+
+    pipes = list(DEFAULT_PIPELINES)
+    assert without_bf16(pipes, bf16_kernels=True) == (pipes, None)
+    kept, note = without_bf16(pipes, bf16_kernels=False)
+    assert kept == ["O2", "int8=O2,quantize-int8"]
+    assert note.startswith("pipelines bf16, int8-bf16 left out: this CPU has no bf16 GEMM kernels")
+    assert "-p" in note
+    assert without_bf16(["O2", "int8=O2,quantize-int8"], bf16_kernels=False) == (["O2", "int8=O2,quantize-int8"], None)
+    # the label decides, not the text: a user's own bf16 pipeline under another label is theirs
+    assert without_bf16(["mine=O2,cast{dtype=bf16}"], bf16_kernels=False) == (["mine=O2,cast{dtype=bf16}"], None)
+
+
+def test_bf16_peers_are_left_out_of_all_peers_where_the_cpu_has_no_bf16_kernels():
+    """``--peers`` on an AVX2-only CPU: every peer but the bf16 ones (which a full run spent
+    half an hour in), with a note; a CPU with bf16 kernels gets all of them."""
+    from graphopt.bench.peers import PEERS, default_peers
+
+    assert default_peers(bf16_kernels=True) == (list(PEERS), None)
+    names, note = default_peers(bf16_kernels=False)
+    assert names == [p for p in PEERS if "bf16" not in p] and "torch.compile" in names and "torchao-pt2e-int8" in names
+    assert note.startswith("peers torch.compile-bf16, torch.compile-bf16-max-autotune, torchao-pt2e-int8-bf16 left out")
+    assert "--peer" in note
