@@ -140,7 +140,8 @@ class InductorBackend(Backend):
         Option("gemm_backends", str, "CPP,ATEN", "GEMM candidates max_autotune tries (CPP = Inductor's CPU GEMM template)",
                check=_check_backends),
         Option("weight_prepack", bool, True, "pack weights for oneDNN's linear (cpp.weight_prepack); off: float32 "
-               "linears call MKL's GEMM on plain weights (faster for a few rows; compiled in a fresh process)"),
+               "linears call MKL's GEMM on plain weights (faster for a few rows on an Intel CPU; compiled in a fresh "
+               "process)"),
         Option("concat_linear", bool, False, "concatenate linears that share an input (cpp.enable_concat_linear)"),
         Option("threads", int, 0, "OpenMP threads the CPU kernels are compiled for (0: torch's count when lowering)",
                check=lambda n: "must be >= 0" if n < 0 else None),
