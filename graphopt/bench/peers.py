@@ -44,8 +44,7 @@ from graphopt.errors import first_line
 from graphopt.ir.program import Program
 from graphopt.passlib.calibration import default_calibration
 
-__all__ = [
-    "PEERS", "PT2E_CALIBRATION_BATCHES", "build_peers", "default_peers", "ort_session"]
+__all__ = ["PEERS", "PT2E_CALIBRATION_BATCHES", "build_peers", "default_peers", "ort_session"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,6 @@ PEERS = (
     "torchao-pt2e-int8",
     "torchao-pt2e-int8-bf16",
 )
-
 
 
 def default_peers(bf16_kernels: bool | None = None) -> tuple[list[str], str | None]:
