@@ -283,3 +283,20 @@ def test_fidelity_pools_enough_rows_and_matches_a_recomputation():
     assert row["accuracy"]["topk_overlap"] == pytest.approx(want, abs=2 / (10 * FIDELITY_ROWS))
     first = ranking_drift((out[:8],), (ref[:8],), 10)["topk_overlap"]  # what the timed batch alone would say
     assert 0 < want < 1.0 and abs(first - want) > 2 / (10 * FIDELITY_ROWS), (first, want)
+
+
+@pytest.mark.parametrize("bf16_kernels", [False, True])
+def test_default_pipelines_follow_the_cpus_bf16_kernels(monkeypatch, bf16_kernels):
+    """The harness's defaults (no pipelines given) leave the bf16 ones out, said in a report note,
+    exactly where oneDNN has no bf16 kernels (TensorRT, absent here, keeps the run to the pipelines)."""
+    from graphopt import hardware
+
+    monkeypatch.setattr(hardware, "has_bf16_kernels", lambda: bf16_kernels)
+    report = graphopt.bench("bert4rec:tiny", None, ["tensorrt"], batch_sizes=[2], seq_lens=[8], quick=True,
+                            memory=False)
+    labels = {v["name"].split(" @ ")[0] for v in report.variants if " @ " in v["name"]}
+    left_out = [n for n in report.notes if n.startswith("pipelines bf16, int8-bf16 left out")]
+    if bf16_kernels:
+        assert labels == {"O2", "bf16", "int8", "int8-bf16"} and not left_out
+    else:
+        assert labels == {"O2", "int8"} and len(left_out) == 1
