@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     weights_mb = sum(w.numel() * 4 for w in weights) / 1e6
     items = int(zm.config["items"])
     root = Path(tempfile.mkdtemp(prefix="bench-step-kernels-"))
-    # Inductor's own defaults (packed weights; autotuning off for a step) under the step's
+    # the step's defaults on this CPU over Inductor's own (packed weights; a step not autotuned)
     defaults = {"weight_prepack": True, "max_autotune": False,
                 **get_runtime("inductor").step_defaults(inc.step, {"device": "cpu"})}
     default = next(n for n, opts in VARIANTS.items() if all(defaults[k] == v for k, v in opts.items()))

@@ -81,9 +81,10 @@ class QuantizeInt8(Pass):
     stay fp32. Layers are chosen by fidelity, not speed: moving bert-cls:base's
     attention GEMMs (where int8 runs no faster than bf16 at width 256) to bf16
     left it as fast (8.84 vs 8.79 ms at batch 32, top-10 0.996 vs 0.995, AMX Xeon). Then the rewritten
-    Program itself must hold the target on the held-out batches (it runs attention
-    in bf16, which the guard's emulator does not): while it misses, the most damaging
-    layer left goes fp32. If every layer ends up fp32, the Program stays fp32.
+    Program itself must hold the target on every calibration batch (with ``mixed=bf16``
+    it runs attention in bf16, which the guard's emulator does not; and the layers
+    were chosen on the held-out few, whose score overstates the unseen one): while it
+    misses, the most damaging layer left goes fp32. If every layer ends up fp32, the Program stays fp32.
     Accuracy guard (on by default): on held-out calibration batches (the last
     quarter, which the observers do not see) the Program must keep ``metric``;
     ``bar`` = the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR: top-10

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from graphopt.bench.ort_peer import build_ort_peers, ort_session
-from graphopt.bench.variants import Variant
+from graphopt.bench.variants import NO_BF16_KERNELS, Variant, split_bf16
 from graphopt.errors import first_line
 from graphopt.ir.program import Program
 from graphopt.passlib.calibration import default_calibration
@@ -63,22 +63,16 @@ PEERS = (
 
 def default_peers(bf16_kernels: bool | None = None) -> tuple[list[str], str | None]:
     """What ``peers=True`` (``graphopt bench --peers``) measures: every :data:`PEERS` recipe, less
-    the bf16 ones on a CPU without bf16 GEMM kernels (``graphopt.hardware.has_bf16_kernels``;
-    ``bf16_kernels`` overrides it), and a note naming them (None when none was left out). There
-    oneDNN runs bf16 as reference code: torch.compile-bf16 ran bert4rec:base at 0.13x eager at
-    batch 32 (AMD EPYC, AVX2 only), and the PT2E int8-bf16 peer's batch-1 fidelity calls kept
-    a full ``--peers`` run going past 29 minutes. ``--peer NAME`` still runs any of them."""
-    if bf16_kernels is None:
-        from graphopt.hardware import has_bf16_kernels
-
-        bf16_kernels = has_bf16_kernels()
-    if bf16_kernels:
-        return list(PEERS), None
-    left = [p for p in PEERS if "bf16" in p]
-    return [p for p in PEERS if p not in left], (
-        f"peers {', '.join(left)} left out: this CPU has no bf16 GEMM kernels (AVX2 only), so they run oneDNN's "
-        "reference code (torch.compile-bf16 0.13x eager on bert4rec:base at batch 32, AMD EPYC); name one with "
-        "--peer to time it anyway")
+    the bf16 ones on a CPU without bf16 GEMM kernels (:func:`~graphopt.bench.variants.split_bf16`),
+    and a note naming them (None when none was left out). There torch.compile-bf16 ran
+    bert4rec:base at 0.13x eager at batch 32 (AMD EPYC, AVX2 only), and the PT2E int8-bf16 peer's
+    batch-1 fidelity calls kept a full ``--peers`` run going past 29 minutes. ``--peer NAME``
+    still runs any of them."""
+    kept, left = split_bf16(list(PEERS), lambda p: "bf16" in p, bf16_kernels)
+    if not left:
+        return kept, None
+    return kept, (f"peers {', '.join(left)} left out: {NO_BF16_KERNELS} (torch.compile-bf16 0.13x eager on "
+                  "bert4rec:base at batch 32, AMD EPYC); name one with --peer to time it anyway")
 
 
 #: calibration batches the PT2E peers observe (the first of those graphopt's int8 gets)

@@ -38,6 +38,8 @@ __all__ = [
     "EMBEDDING_DOMINATED",
     "default_pipelines",
     "without_bf16",
+    "split_bf16",
+    "NO_BF16_KERNELS",
     "embedding_share",
     "runtime_status",
     "baseline_variant",
@@ -93,29 +95,35 @@ def default_pipelines(program: Program) -> tuple[str, ...]:
 
 #: labels of the default pipelines whose speed rests on bf16 GEMM kernels
 BF16_LABELS = ("bf16", "int8-bf16")
+#: why the bf16 defaults are left out, in the notes that say so
+NO_BF16_KERNELS = "this CPU has no bf16 GEMM kernels (AVX2 only), so oneDNN runs bf16 as reference code"
 
 
-def without_bf16(pipelines: Sequence[str], bf16_kernels: bool | None = None) -> tuple[list[str], str | None]:
-    """``pipelines`` less the :data:`BF16_LABELS` ones where this CPU has no bf16 GEMM kernels
-    (``graphopt.hardware.has_bf16_kernels``, ``bf16_kernels`` overrides it), and a note saying
-    which and why (None when none was left out). Without them oneDNN runs bf16 as reference code:
-    on an AMD EPYC with AVX2 only, bert4rec:base at batch 32 ran bf16 @ inductor at 0.58x eager's
-    speed and int8-bf16 @ inductor at 0.05x (132 s to compile), where int8 ran 2.18x; they cost a
-    default bench or demo most of its time and are never the fastest variant there."""
+def split_bf16(items: Sequence[Any], is_bf16: Callable[[Any], bool],
+               bf16_kernels: bool | None = None) -> tuple[list[Any], list[Any]]:
+    """``(kept, left out)``: the ``is_bf16`` items are left out where this CPU has no bf16 GEMM
+    kernels (``graphopt.hardware.has_bf16_kernels``; ``bf16_kernels`` overrides it), else none."""
     if bf16_kernels is None:
         from graphopt.hardware import has_bf16_kernels
 
         bf16_kernels = has_bf16_kernels()
-    if bf16_kernels:
-        return list(pipelines), None
-    left = [p for p in pipelines if parse_pipeline_spec(p).label in BF16_LABELS]
+    left = [] if bf16_kernels else [i for i in items if is_bf16(i)]
+    return [i for i in items if i not in left], left
+
+
+def without_bf16(pipelines: Sequence[str], bf16_kernels: bool | None = None) -> tuple[list[str], str | None]:
+    """``pipelines`` less the :data:`BF16_LABELS` ones where this CPU has no bf16 GEMM kernels
+    (:func:`split_bf16`), and a note saying which and why (None when none was left out). Without
+    them oneDNN runs bf16 as reference code: on an AMD EPYC with AVX2 only, bert4rec:base at batch
+    32 ran bf16 @ inductor at 0.58x eager's speed and int8-bf16 @ inductor at 0.05x (132 s to
+    compile), where int8 ran 2.18x; they cost a default bench or demo most of its time and are
+    never the fastest variant there."""
+    kept, left = split_bf16(list(pipelines), lambda p: parse_pipeline_spec(p).label in BF16_LABELS, bf16_kernels)
     if not left:
-        return list(pipelines), None
+        return kept, None
     names = ", ".join(parse_pipeline_spec(p).label for p in left)
-    note = (f"pipelines {names} left out: this CPU has no bf16 GEMM kernels (AVX2 only), so oneDNN runs bf16 as "
-            "reference code (bert4rec:base, batch 32, AMD EPYC: bf16 @ inductor 0.58x eager, int8-bf16 0.05x); "
-            "name them with -p to time them anyway")
-    return [p for p in pipelines if p not in left], note
+    return kept, (f"pipelines {names} left out: {NO_BF16_KERNELS} (bert4rec:base, batch 32, AMD EPYC: bf16 @ "
+                  "inductor 0.58x eager, int8-bf16 0.05x); name them with -p to time them anyway")
 
 
 def dir_size(path: Path) -> int:
