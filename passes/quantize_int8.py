@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections.abc import Sequence, Set
@@ -13,7 +14,7 @@ import torch.fx
 
 from graphopt.errors import PassOptionError
 from graphopt.hardware import has_bf16_kernels
-from graphopt.ir.fx import fetch_attr
+from graphopt.ir.fx import drop_unused_attrs, fetch_attr
 from graphopt.passlib.accuracy_guard import Guarded, LayerPlan, confirm, guard, inference, target_for
 from graphopt.passlib.calibration import METHODS, METRICS, observe, read_as
 from graphopt.passlib.costs import node_flops
@@ -170,11 +171,13 @@ class QuantizeInt8(Pass):
 
     def run(self, program, ctx):  # type: ignore[no-untyped-def]
         gm = program.gm
+        before = _graph_copy(gm)  # restored when no layer ends up int8 (see below)
         rewritten, declined = as_linears(gm, self.skip)
         layers, found_declined = find_linears(gm, self.skip)
         declined += found_declined
         if not layers:
-            return PassResult(program, modified=bool(rewritten), stats=_prefixed(rewritten), declined=declined)
+            _restore(gm, before, rewritten)
+            return PassResult(program, modified=False, declined=declined)
         batches = ctx.calibration_batches()
         calib, holdout = batches, batches
         if self.guarded and len(batches) >= 2:
@@ -248,6 +251,16 @@ class QuantizeInt8(Pass):
                 detail["reason"] = f"accuracy guard: {why}"
                 declined.append(f"{name} ({plan.layer.label}): kept float by the accuracy guard, {why}")
             details.append(detail)
+        if not enabled and not bf16:
+            # nothing quantized: the Program stays as it came (O2's fused linear+gelu too, which
+            # as_linears split for int8), so the pass reports no change and a bench sees the Program
+            # of the pipeline without it (graphopt.bench.variants does not time it twice)
+            if rewritten:
+                _restore(gm, before, rewritten)
+                notes = [n for n in notes if not n.startswith("as linear: ")]
+            notes.append(f"no layer int8 (all {len(plans)} kept float): the Program is left as it came")
+            return PassResult(program, modified=False, stats={"kept-float": len(plans)}, declined=declined,
+                              details=details, notes=notes)
         stats = _apply(gm, plans, enabled, bf16)
         chosen = [n for n in plans if n in enabled]
         stats.update({"linear": len(chosen), "activation-qdq": len({plans[n].layer.act.name for n in chosen}),
@@ -256,6 +269,19 @@ class QuantizeInt8(Pass):
             stats["kept-float"] = len(plans) - len(chosen)
         return PassResult(program, modified=bool(chosen) or bool(rewritten), stats=stats, declined=declined,
                           details=details, notes=notes)
+
+
+def _graph_copy(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    return copy.deepcopy(gm.graph)  # nodes and their meta (shallow), not the weights
+
+
+def _restore(gm: torch.fx.GraphModule, graph: torch.fx.Graph, rewritten: dict[str, int]) -> None:
+    """Put back the graph ``as_linears`` rewrote (and drop the transposed weights it added)."""
+    if not rewritten:
+        return
+    gm.graph = graph
+    drop_unused_attrs(gm)
+    gm.recompile()
 
 
 def _apply(gm: torch.fx.GraphModule, plans: dict[str, LayerPlan], enabled: Set[str],

@@ -207,6 +207,16 @@ class Program:
             _target_name(n.target) for n in self.gm.graph.nodes if n.op == "call_function"
         )
 
+    def same_as(self, other: Program) -> bool:
+        """The same computation: the same generated code, inputs and outputs, and equal weights."""
+        if (self.gm.code != other.gm.code or self.output_names != other.output_names
+                or [s.to_json() for s in self.inputs] != [s.to_json() for s in other.inputs]):
+            return False
+        mine, theirs = self.parameter_tensors(), other.parameter_tensors()
+        return mine.keys() == theirs.keys() and all(
+            a.dtype == theirs[k].dtype and a.shape == theirs[k].shape and torch.equal(a, theirs[k])
+            for k, a in mine.items())
+
     def parameter_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors the graph actually reads through ``get_attr`` (deduplicated)."""
         out: dict[str, torch.Tensor] = {}

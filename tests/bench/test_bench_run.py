@@ -285,6 +285,19 @@ def test_fidelity_pools_enough_rows_and_matches_a_recomputation():
     assert 0 < want < 1.0 and abs(first - want) > 2 / (10 * FIDELITY_ROWS), (first, want)
 
 
+def test_a_pipeline_that_yields_the_same_program_is_not_timed_again():
+    """int8 that quantizes nothing (here every linear skipped; in practice the accuracy guard
+    keeping every layer float) is O2's Program: skipped with the reason, never timed or starred;
+    a pipeline that changes the Program (fp32, unoptimized) is built as usual."""
+    report = graphopt.bench("bert4rec:tiny", ["none", "O2", "int8=O2,quantize-int8{skip=*}"], ["eager"],
+                            batch_sizes=[2], seq_lens=[8], quick=True, memory=False)
+    int8 = report.variant("int8 @ eager")
+    assert int8["status"] == "skipped" and int8["reason"] == "the same Program as 'O2'", int8
+    assert report.variant("O2 @ eager")["status"] == "ok" and report.variant("fp32 @ eager")["status"] == "ok"
+    (shape,) = report.shapes
+    assert not any(r["variant"] == "int8 @ eager" and r.get("p50_ms") for r in report.rows(shape))
+
+
 @pytest.mark.parametrize("bf16_kernels", [False, True])
 def test_default_pipelines_follow_the_cpus_bf16_kernels(monkeypatch, bf16_kernels):
     """The harness's defaults (no pipelines given) leave the bf16 ones out, said in a report note,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import graphopt
 from graphopt import ArtifactError, Program, RunnerError
 
 
@@ -84,3 +85,15 @@ def test_describe_counts_only_used_parameters(program):
     info = prog.describe()
     assert info["parameters"] == prog.num_parameters() > 0
     assert info["ops"]["aten.linear.default"] == 4
+
+
+def test_same_as_compares_code_io_and_weights(program):
+    p = program("bert4rec:tiny")
+    twin = p.copy()
+    assert p.same_as(twin) and twin.same_as(p)
+    weight = next(iter(twin.parameter_tensors().values()))
+    with torch.no_grad():
+        weight.view(-1)[0] += 1e-3  # one weight differs
+    assert not p.same_as(twin)
+    o2, _ = graphopt.optimize(p, "O2", verify_each=False)  # same weights, other code
+    assert o2.gm.code != p.gm.code and not p.same_as(o2)

@@ -212,6 +212,35 @@ def test_validation_data_holds_the_users_metric_on_the_real_graph(zoo, program):
     assert not calls
 
 
+def test_no_layer_int8_leaves_the_program_as_it_came(zoo, program):
+    # O2 fuses linear+gelu into _addmm_activation, which quantize-int8 rewrites into linear to
+    # quantize it; a user metric no int8 layer holds (exact to ~1e-6) keeps every layer float, and
+    # then the Program must be O2's unchanged, op for op and weight for weight
+    o2, _ = graphopt.optimize(program("bert4rec:tiny"), "O2", verify_each=False)
+    assert o2.op_histogram().get("aten._addmm_activation.default", 0) == 3
+    code, weights = o2.gm.code, {k: v.clone() for k, v in o2.parameter_tensors().items()}
+    probe = o2.sample_inputs(batch=8, seed=5)
+    with torch.no_grad():
+        want = o2(*probe)[0]
+
+    def validation(fn):
+        with torch.no_grad():
+            return {"exactness": 1.0 - 1e6 * float((torch.as_tensor(fn(*probe)[0]) - want).abs().max())}
+
+    q, report = graphopt.optimize(o2, "quantize-int8", calibration_data=calibration(zoo("bert4rec:tiny"), n=4),
+                                  validation=validation)
+    rec = report.passes[-1]
+    assert rec.modified is False and rec.stats == {"kept-float": 11}
+    assert len(rec.declined) == 11 and not any(d["quantized"] for d in rec.details)
+    assert any(n == "no layer int8 (all 11 kept float): the Program is left as it came" for n in rec.notes)
+    assert not any(n.startswith("as linear: ") for n in rec.notes)
+    assert q.gm.code == code and q.parameter_tensors().keys() == weights.keys()
+    assert all(torch.equal(t, weights[k]) for k, t in q.parameter_tensors().items())
+    assert_equivalent(o2, q, 0.0, shapes=((8, None), (2, 24)))  # exact: the same graph
+    with torch.no_grad():
+        assert torch.equal(q(*probe)[0], want)
+
+
 def test_skip_and_near_miss():
     prog = graphopt.capture(ActivationMatmul(), (torch.randn(2, 3, 4), torch.randn(2, 5, 4)))
     out, report = graphopt.optimize(prog, "quantize-int8", calibration_data=[prog.sample_inputs(seed=1)])
