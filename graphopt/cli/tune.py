@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
             task = bar.add_task("", total=seconds, best="")
         best = f"best {p.best_speedup:.2f}x" if p.best_speedup else ""
         bar.update(task, completed=min(p.elapsed_s, p.budget_s), description=p.message[:90], best=best)
-        if not console.is_terminal and p.message.startswith(("trial", "done", "confirming", "computing")):
+        if p.message.startswith("note") and console.is_terminal:
+            bar.console.print(p.message, markup=False, highlight=False)  # stays above the bar
+        elif not console.is_terminal and p.message.startswith(("trial", "done", "confirming", "computing", "note")):
             print(f"[{p.elapsed_s:5.0f}s] {p.message}", file=sys.stderr, flush=True)
 
     try:

@@ -153,6 +153,8 @@ def render_report(result: TuneResult, summary: dict[str, Any]) -> str:
     ]
     for w in summary.get("warnings", []):
         lines += [f"> **Warning:** {w}", ""]
+    for n in summary.get("space_notes", []):
+        lines += [f"> Note: {n}", ""]
     if s.get("data_notice"):
         lines += [f"> **Notice:** {s['data_notice']}", ""]
     best = result.best_trial

@@ -233,6 +233,8 @@ def tune(
         run.max_trials = max_trials
         _restore_best(run, recorded)
         run.say(f"tuning {tm.name}: {len(runtime_names)} runtimes, budget {seconds:.0f}s, bar: {judge.describe()}")
+        for note in space.notes:
+            run.say(f"note: {note}")
         warnings_ = [w] if (w := load_warning()) else []
         interrupted = False
         try:
@@ -253,7 +255,8 @@ def tune(
         result = TuneResult(out, best, best_trial, run.trials(), confirmation, settings,
                             time.monotonic() - wall, run.computed_sensitivity)
         summary = {
-            **settings, "machine": machine_info(), "warnings": warnings_, "wall_s": result.wall_s,
+            **settings, "machine": machine_info(), "warnings": warnings_, "space_notes": space.notes,
+            "wall_s": result.wall_s,
             "trials": len(run.trials()), "replayed": run.replayed, "not_started_budget": run.skipped_budget,
             "best": best_trial.to_json() if best_trial else None, "confirmation": confirmation,
             "torch_threads": torch.get_num_threads(),

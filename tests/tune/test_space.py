@@ -23,13 +23,13 @@ def test_fusions_are_what_o2_adds_to_o1():
 
 def test_a_new_cast_option_shows_up_in_the_bf16_policies(monkeypatch):
     cast = get_pass("cast")
-    before = build_space(["eager"]).bf16
+    before = build_space(["eager"], bf16_kernels=True).bf16
     assert before[0] == "cast{dtype=bf16}"
     assert "cast{dtype=bf16 policy=fast}" in before  # every non-default policy is a candidate
     # an option a later change adds to cast appears with each non-default value
     extra = Option("accumulate", str, "fp32", "GEMM accumulation", choices=("fp32", "bf16", "auto"))
     monkeypatch.setattr(cast, "options", (*cast.options, extra))
-    after = build_space(["eager"]).bf16
+    after = build_space(["eager"], bf16_kernels=True).bf16
     assert "cast{dtype=bf16 accumulate=bf16}" in after and "cast{dtype=bf16 accumulate=auto}" in after
     for step in after:  # every generated step is valid pipeline text for the pass as registered
         parse_pipeline(step)
@@ -58,12 +58,36 @@ def test_runtime_options_come_from_the_backend_registry():
 
 
 def test_defaults_are_the_bench_pipelines_on_every_runtime():
-    space = build_space(["eager", "onnxruntime"])
+    space = build_space(["eager", "onnxruntime"], bf16_kernels=True)
     defaults = default_candidates(space)
     texts = {parse_pipeline_spec(p).text for p in DEFAULT_PIPELINES}
     assert {c.pipeline for c in defaults} == texts
     assert len(defaults) == 2 * len(texts)
     assert [c.runtime for c in defaults[:2]] == ["eager", "onnxruntime"]  # every runtime's O2 first
+
+
+@pytest.mark.parametrize("bf16_kernels", [False, True])
+def test_bf16_settings_are_left_out_where_the_cpu_has_no_bf16_kernels(bf16_kernels, monkeypatch):
+    """As the bench's defaults: no bf16 cast or int8-mixed-bf16 candidate where oneDNN would run
+    bf16 as reference code, said in a note; the fp32 and int8 knobs stay (a GPU keeps them all)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    space = build_space(["eager", "inductor"], bf16_kernels=bf16_kernels)
+    both = build_space(["eager", "inductor"], bf16_kernels=True)
+    mixed = [s for s in both.int8 if "mixed=bf16" in s]
+    assert both.bf16 and mixed and not both.notes
+    pipelines = {c.pipeline for c in default_candidates(space)}
+    if bf16_kernels:
+        assert space.bf16 == both.bf16 and space.int8 == both.int8 and not space.notes
+        assert any("cast{dtype=bf16}" in p for p in pipelines)
+    else:
+        assert space.bf16 == [] and space.int8 == [s for s in both.int8 if s not in mixed]
+        assert space.int8_dynamic == both.int8_dynamic and space.fusions == both.fusions
+        assert space.notes == [f"{len(both.bf16)} bf16 cast(s) and {len(mixed)} int8-mixed-bf16 setting(s) not "
+                               "tried: this CPU has no bf16 GEMM kernels (AVX2 only), so oneDNN runs bf16 as "
+                               "reference code"]
+        assert not any("bf16" in p for p in pipelines) and any("quantize-int8" in p for p in pipelines)
 
 
 def test_candidate_text_keys_and_json():

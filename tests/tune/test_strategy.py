@@ -50,7 +50,7 @@ def screen(cand: Candidate, pipeline: str) -> dict:
 
 @pytest.fixture(scope="module")
 def space():
-    return build_space(RUNTIMES)
+    return build_space(RUNTIMES, bf16_kernels=True)  # the synthetic table has bf16 on every CPU
 
 
 def run(space, strategy: str, seed: int, budget: float) -> ReplayContext:

@@ -52,8 +52,12 @@ def tuned(tmp_path_factory, program):
     out = tmp_path_factory.mktemp("tune") / "out"
     start = time.monotonic()
     try:
-        result = graphopt.tune(prog, out, runtimes=RUNTIMES, **SHAPES, budget=900, max_trials=MAX_TRIALS,
-                               timing=QUICK, confirm_timing=CONFIRM, seed=0)
+        with pytest.MonkeyPatch.context() as mp:
+            # the same space on every CPU (a CPU without bf16 kernels leaves the bf16 settings out:
+            # tests/tune/test_space.py), so bf16 @ onnxruntime is the refused candidate below
+            mp.setattr("graphopt.hardware.has_bf16_kernels", lambda: True)
+            result = graphopt.tune(prog, out, runtimes=RUNTIMES, **SHAPES, budget=900, max_trials=MAX_TRIALS,
+                                   timing=QUICK, confirm_timing=CONFIRM, seed=0)
     finally:
         os.environ["GRAPHOPT_VERIFY_EACH"] = "1"
     return result, time.monotonic() - start, prog
@@ -125,8 +129,9 @@ def test_best_folder_loads_and_holds_the_winner(tuned):
     assert result.best.runtime == result.best_trial.candidate.runtime
 
 
-def test_resume_replays_finished_trials_and_the_budget_binds(tuned, tmp_path):
+def test_resume_replays_finished_trials_and_the_budget_binds(tuned, tmp_path, monkeypatch):
     result, _, prog = tuned
+    monkeypatch.setattr("graphopt.hardware.has_bf16_kernels", lambda: True)  # the space the fixture tuned in
     out = tmp_path / "resumed"
     shutil.copytree(result.out_dir, out)
     lines = (out / "trials.jsonl").read_text().splitlines(keepends=True)
