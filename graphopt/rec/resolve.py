@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +19,21 @@ import torch
 from graphopt.errors import ModelNotFoundError, first_line
 from graphopt.ir.program import Program
 
-__all__ = ["load_program", "capture_hf_directory"]
+__all__ = ["load_program", "load_program_and_inputs", "named_inputs", "capture_hf_directory"]
+
+#: ``(batch, seq, seed) -> inputs in the Program's order``
+InputMaker = Callable[[int, "int | None", int], tuple[torch.Tensor, ...]]
+
+
+def named_inputs(make_inputs: Callable[..., dict[str, torch.Tensor]], names: Sequence[str]) -> InputMaker:
+    """``make_inputs(batch=, seq=, seed=) -> {name: tensor}`` (a zoo model's, a checkpoint's) as an
+    :data:`InputMaker`."""
+
+    def make(batch: int, seq: int | None, seed: int) -> tuple[torch.Tensor, ...]:
+        made = make_inputs(batch=batch, seq=seq, seed=seed)
+        return tuple(made[n] for n in names)
+
+    return make
 
 
 def capture_hf_directory(path: Path, batch: int = 4, seq: int = 16) -> Program:
@@ -60,18 +75,27 @@ def capture_hf_directory(path: Path, batch: int = 4, seq: int = 16) -> Program:
 
 def load_program(spec: str) -> Program:
     """Zoo name, saved Program, or Hugging Face folder -> Program."""
+    return load_program_and_inputs(spec)[0]
+
+
+def load_program_and_inputs(spec: str) -> tuple[Program, InputMaker | None]:
+    """:func:`load_program`, and for a zoo name or a fine-tuned checkpoint its own input maker:
+    histories shaped like real ones (a length each, left-padded), where the Program's input specs
+    draw full-length ones (every mask position 1): what calibration should read."""
     path = Path(spec)
     if path.exists():
         if path.is_file():
-            return Program.load(path)
+            return Program.load(path), None
         if (path / "program.pt2").is_file():
-            return Program.load(path / "program.pt2")
+            return Program.load(path / "program.pt2"), None
         if (path / "graphopt-checkpoint.json").is_file():  # `graphopt finetune -o` output
             from graphopt.rec.finetune import load_checkpoint
 
-            return load_checkpoint(path).capture()
+            ckpt = load_checkpoint(path)
+            program = ckpt.capture()
+            return program, named_inputs(ckpt.make_inputs, program.input_names)
         if (path / "config.json").is_file():
-            return capture_hf_directory(path)
+            return capture_hf_directory(path), None
         raise ModelNotFoundError(
             f"{path} holds neither program.pt2, a graphopt checkpoint, nor a Hugging Face config.json; "
             "point at a saved Program or a model folder"
@@ -80,4 +104,6 @@ def load_program(spec: str) -> Program:
         raise ModelNotFoundError(f"no such file or directory: {spec}")
     from graphopt.rec.zoo import load_model
 
-    return load_model(spec).capture()
+    zoo = load_model(spec)
+    program = zoo.capture()
+    return program, named_inputs(zoo.make_inputs, program.input_names)

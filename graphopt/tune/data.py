@@ -28,6 +28,7 @@ import torch
 from graphopt.errors import GraphoptError, ModelNotFoundError, first_line
 from graphopt.ir.program import Program
 from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCHES
+from graphopt.rec.resolve import InputMaker, named_inputs
 
 __all__ = ["TuneModel", "TuneData", "DataSpecError", "resolve_model", "tune_data", "load_calibration_file", "DATASETS"]
 
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 #: names ``--data`` accepts
 DATASETS = ("ml-100k",)
 
-InputMaker = Callable[[int, "int | None", int], tuple[torch.Tensor, ...]]
 Evaluator = Callable[[Callable[..., Sequence[torch.Tensor]]], dict[str, Any]]  # metric -> float (+ optional "per_user")
 
 
@@ -78,16 +78,6 @@ class TuneModel:
         return original
 
 
-def _named_inputs(make_inputs: Callable[..., dict[str, torch.Tensor]], names: Sequence[str]) -> InputMaker:
-    """``make_inputs(batch=, seq=, seed=) -> {name: tensor}`` as an :data:`InputMaker`."""
-
-    def make(batch: int, seq: int | None, seed: int) -> tuple[torch.Tensor, ...]:
-        made = make_inputs(batch=batch, seq=seq, seed=seed)
-        return tuple(made[n] for n in names)
-
-    return make
-
-
 def _program_inputs(program: Program) -> InputMaker:
     return lambda batch, seq, seed: tuple(program.sample_inputs(batch=batch, seq=seq, seed=seed))
 
@@ -99,7 +89,7 @@ def resolve_model(model: Any) -> TuneModel:
                          _kind(model.meta.get("zoo")), model.name)
     if hasattr(model, "module") and hasattr(model, "make_inputs") and hasattr(model, "capture"):
         program = model.capture()
-        return TuneModel(program, model.name, _named_inputs(model.make_inputs, program.input_names), dict(model.config),
+        return TuneModel(program, model.name, named_inputs(model.make_inputs, program.input_names), dict(model.config),
                          _kind(model.name), model.name, model.module)
     if not isinstance(model, (str, Path)):
         raise GraphoptError(f"tune takes a model name or path, a Program or a ZooModel, got {type(model).__name__}")
@@ -110,7 +100,7 @@ def resolve_model(model: Any) -> TuneModel:
     if path.is_dir() and is_checkpoint(path):
         ckpt = load_checkpoint(path)
         program = ckpt.capture()
-        return TuneModel(program, program.name, _named_inputs(ckpt.make_inputs, program.input_names),
+        return TuneModel(program, program.name, named_inputs(ckpt.make_inputs, program.input_names),
                          dict(ckpt.model_config), ckpt.kind, spec, ckpt.model)
     if path.exists() or spec.endswith(".pt2") or "/" in spec:
         from graphopt.rec.resolve import load_program
@@ -122,7 +112,7 @@ def resolve_model(model: Any) -> TuneModel:
 
     zoo = load_model(spec)
     program = zoo.capture()
-    return TuneModel(program, zoo.name, _named_inputs(zoo.make_inputs, program.input_names), dict(zoo.config),
+    return TuneModel(program, zoo.name, named_inputs(zoo.make_inputs, program.input_names), dict(zoo.config),
                      _kind(zoo.name), spec, zoo.module)
 
 

@@ -63,6 +63,34 @@ def test_optimize_writes_program_and_report(tmp_path, capsys, zoo):
     assert code == 0 and "remove-dropout,dce" in out
 
 
+def test_optimize_calibrates_a_zoo_model_on_its_own_histories(tmp_path, capsys, zoo):
+    """int8 from the command line reads the zoo's histories (a length each, left-padded, as the
+    bench calibrates, same seeds), not draws from the input specs (every history full length):
+    the activation ranges it saves are those graphopt.optimize finds on the zoo's batches."""
+    from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCH, default_calibration
+
+    out_dir = tmp_path / "out"
+    pipeline = "quantize-int8{calibration=minmax max_drop=0}"  # guard off: the ranges alone decide
+    code, _, err = run(capsys, "optimize", "bert4rec:tiny", "-p", pipeline, "-o", str(out_dir),
+                       "--calibration-batches", "4")
+    assert code == 0, err
+    saved = json.loads((out_dir / "report.json").read_text())["passes"][-1]["details"]
+    zm = zoo("bert4rec:tiny")
+    program = zm.capture()
+    made = [zm.make_inputs(batch=DEFAULT_CALIBRATION_BATCH, seed=1000 + i) for i in range(4)]
+    masks = torch.cat([m["attention_mask"] for m in made])
+    assert bool((masks[:, 1:] >= masks[:, :-1]).all()) and not bool(masks.all())  # left padding: 0s, then 1s
+    histories = [tuple(m[n] for n in program.input_names) for m in made]
+    random_batches = default_calibration(program, 4)
+    assert all(bool(b[program.input_names.index("attention_mask")].all()) for b in random_batches)  # no padding
+
+    def ranges(batches):
+        _, report = graphopt.optimize(program, pipeline, calibration_data=batches)
+        return [(d["node"], d["act_range"]) for d in report.passes[-1].details]
+
+    assert [(d["node"], d["act_range"]) for d in saved] == ranges(histories) != ranges(random_batches)
+
+
 def test_local_hugging_face_folder_is_a_model(tmp_path, capsys, zoo):
     folder = tmp_path / "my-finetuned-bert"
     zoo("bert-cls:tiny").module.save_pretrained(folder)
