@@ -19,9 +19,10 @@ from typing import Any
 from graphopt.bench.accuracy import ClickEvalData, EvalData, make_evaluator
 from graphopt.bench.harness import bench
 from graphopt.bench.peers import PEERS
+from graphopt.bench.pipelines import DEFAULT_PIPELINES
 from graphopt.bench.report import BENCH_FORMAT, BenchReport, pareto_front
 from graphopt.bench.timing import Samples, TimingConfig, paired_speedup, summarize
-from graphopt.bench.variants import DEFAULT_PIPELINES, DEFAULT_RUNTIMES
+from graphopt.bench.variants import DEFAULT_RUNTIMES
 from graphopt.metrics import ndcg_vs_reference, ranking_drift
 
 __all__ = [

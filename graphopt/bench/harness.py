@@ -17,6 +17,7 @@ from graphopt.bench.accuracy import make_evaluator
 from graphopt.bench.calibration import bench_calibration
 from graphopt.bench.memory import explain_memory, measure_in_process, measure_subprocess, predict_variant
 from graphopt.bench.peers import build_peers, default_peers
+from graphopt.bench.pipelines import default_pipelines, parse_pipeline_spec, without_bf16
 from graphopt.bench.report import BenchReport, shape_key
 from graphopt.bench.timing import (
     TimingConfig,
@@ -32,9 +33,6 @@ from graphopt.bench.variants import (
     Variant,
     baseline_variant,
     build_graphopt_variants,
-    default_pipelines,
-    parse_pipeline_spec,
-    without_bf16,
 )
 from graphopt.errors import GraphoptError, first_line
 from graphopt.hits import UserHits, hit_changes
@@ -174,9 +172,9 @@ def bench(
     ``model``: zoo name (``"bert4rec:base"``), saved Program path, Program or
     ZooModel. ``pipelines``: pipeline texts, optionally labelled
     (``"bf16=O2,cast{dtype=bf16}"``; ``"none"`` = unoptimized); default
-    :func:`~graphopt.bench.variants.default_pipelines` (``DEFAULT_PIPELINES``, plus ``Os``
+    :func:`~graphopt.bench.pipelines.default_pipelines` (``DEFAULT_PIPELINES``, plus ``Os``
     for embedding-dominated models; less the bf16 ones on a CPU without bf16 GEMM kernels,
-    :func:`~graphopt.bench.variants.without_bf16`, with a note). ``runtimes``: default every runtime; an
+    :func:`~graphopt.bench.pipelines.without_bf16`, with a note). ``runtimes``: default every runtime; an
     unavailable one is reported as skipped with the reason. ``peers``: True
     for every peer recipe (less the bf16 ones on a CPU without bf16 GEMM kernels, with a note:
     :func:`~graphopt.bench.peers.default_peers`) or a list of names from :data:`PEERS`.

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from graphopt.bench.ort_peer import build_ort_peers, ort_session
-from graphopt.bench.variants import NO_BF16_KERNELS, Variant, split_bf16
+from graphopt.bench.pipelines import NO_BF16_KERNELS, split_bf16
+from graphopt.bench.variants import Variant
 from graphopt.errors import first_line
 from graphopt.ir.program import Program
 from graphopt.passlib.calibration import default_calibration
@@ -63,7 +64,7 @@ PEERS = (
 
 def default_peers(bf16_kernels: bool | None = None) -> tuple[list[str], str | None]:
     """What ``peers=True`` (``graphopt bench --peers``) measures: every :data:`PEERS` recipe, less
-    the bf16 ones on a CPU without bf16 GEMM kernels (:func:`~graphopt.bench.variants.split_bf16`),
+    the bf16 ones on a CPU without bf16 GEMM kernels (:func:`~graphopt.bench.pipelines.split_bf16`),
     and a note naming them (None when none was left out). There torch.compile-bf16 ran
     bert4rec:base at 0.13x eager at batch 32 (AMD EPYC, AVX2 only), and the PT2E int8-bf16 peer's
     batch-1 fidelity calls kept a full ``--peers`` run going past 29 minutes. ``--peer NAME``

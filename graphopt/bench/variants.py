@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from graphopt.bench.memory import memory_model
+from graphopt.bench.pipelines import PipelineSpec
 from graphopt.errors import BackendUnavailableError, GraphoptError, first_line
 from graphopt.ir.capture import _flatten_outputs
 from graphopt.ir.program import Program
@@ -30,17 +31,7 @@ from graphopt.transform.pipeline import parse_pipeline
 
 __all__ = [
     "Variant",
-    "PipelineSpec",
-    "parse_pipeline_spec",
-    "DEFAULT_PIPELINES",
     "DEFAULT_RUNTIMES",
-    "SIZE_PIPELINE",
-    "EMBEDDING_DOMINATED",
-    "default_pipelines",
-    "without_bf16",
-    "split_bf16",
-    "NO_BF16_KERNELS",
-    "embedding_share",
     "runtime_status",
     "baseline_variant",
     "build_graphopt_variants",
@@ -51,79 +42,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: label=pipeline text; the ones whose passes are not in this build are reported as skipped.
-#: int8-bf16 is int8-mixed-bf16 (graphopt.passlib.int8_mixed): the fast int8 form for Inductor on
-#: CPUs with bf16 (ONNX Runtime refuses it: no bf16 CPU kernels); int8 is the portable one
-DEFAULT_PIPELINES = ("O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8",
-                     "int8-bf16=O2,quantize-int8{mixed=bf16}")
 DEFAULT_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
-#: added to the defaults for embedding-dominated models: 8-bit tables + int8 weights
-SIZE_PIPELINE = "Os=Os"
-#: share of parameter bytes in embedding tables above which a model is embedding-dominated
-EMBEDDING_DOMINATED = 0.5
-
-_LOOKUPS = (torch.ops.aten.embedding.default, torch.ops.aten.embedding_bag.default,
-            torch.ops.aten.embedding_bag.padding_idx)
-
-
-def embedding_share(program: Program) -> float:
-    """Bytes of the embedding tables / all parameter bytes (0 when none).
-
-    A table counts when embedding lookups are its only readers: a table tied
-    to an output head (BERT4Rec scores items with its item table) is a dense
-    weight as well, and ``Os`` leaves it in fp32.
-    """
-    total = program.parameter_bytes()
-    params = program.parameter_tensors()
-    found: dict[str, int] = {}
-    for node in program.graph.nodes:
-        if node.op == "get_attr" and node.users and all(
-                u.op == "call_function" and u.target in _LOOKUPS and u.args[0] is node for u in node.users):
-            value = params.get(node.target)
-            if value is not None:
-                found[node.target] = value.numel() * value.element_size()
-    return sum(found.values()) / total if total else 0.0
-
-
-def default_pipelines(program: Program) -> tuple[str, ...]:
-    """:data:`DEFAULT_PIPELINES`, plus :data:`SIZE_PIPELINE` when embedding tables
-    hold more than half the parameter bytes (dlrm, two-tower: 99% and 91%)."""
-    if embedding_share(program) > EMBEDDING_DOMINATED:
-        return (*DEFAULT_PIPELINES, SIZE_PIPELINE)
-    return DEFAULT_PIPELINES
-
-
-#: labels of the default pipelines whose speed rests on bf16 GEMM kernels
-BF16_LABELS = ("bf16", "int8-bf16")
-#: why the bf16 defaults are left out, in the notes that say so
-NO_BF16_KERNELS = "this CPU has no bf16 GEMM kernels (AVX2 only), so oneDNN runs bf16 as reference code"
-
-
-def split_bf16(items: Sequence[Any], is_bf16: Callable[[Any], bool],
-               bf16_kernels: bool | None = None) -> tuple[list[Any], list[Any]]:
-    """``(kept, left out)``: the ``is_bf16`` items are left out where this CPU has no bf16 GEMM
-    kernels (``graphopt.hardware.has_bf16_kernels``; ``bf16_kernels`` overrides it), else none."""
-    if bf16_kernels is None:
-        from graphopt.hardware import has_bf16_kernels
-
-        bf16_kernels = has_bf16_kernels()
-    left = [] if bf16_kernels else [i for i in items if is_bf16(i)]
-    return [i for i in items if i not in left], left
-
-
-def without_bf16(pipelines: Sequence[str], bf16_kernels: bool | None = None) -> tuple[list[str], str | None]:
-    """``pipelines`` less the :data:`BF16_LABELS` ones where this CPU has no bf16 GEMM kernels
-    (:func:`split_bf16`), and a note saying which and why (None when none was left out). Without
-    them oneDNN runs bf16 as reference code: on an AMD EPYC with AVX2 only, bert4rec:base at batch
-    32 ran bf16 @ inductor at 0.58x eager's speed and int8-bf16 @ inductor at 0.05x (132 s to
-    compile), where int8 ran 2.18x; they cost a default bench or demo most of its time and are
-    never the fastest variant there."""
-    kept, left = split_bf16(list(pipelines), lambda p: parse_pipeline_spec(p).label in BF16_LABELS, bf16_kernels)
-    if not left:
-        return kept, None
-    names = ", ".join(parse_pipeline_spec(p).label for p in left)
-    return kept, (f"pipelines {names} left out: {NO_BF16_KERNELS} (bert4rec:base, batch 32, AMD EPYC: bf16 @ "
-                  "inductor 0.58x eager, int8-bf16 0.05x); name them with -p to time them anyway")
 
 
 def dir_size(path: Path) -> int:
@@ -132,25 +51,6 @@ def dir_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-@dataclass
-class PipelineSpec:
-    label: str
-    text: str
-
-
-def parse_pipeline_spec(spec: str) -> PipelineSpec:
-    """``"bf16=O2,cast{dtype=bf16}"`` -> label ``bf16``; ``"O2"`` -> label ``O2``;
-    ``""``/``"none"`` -> the unoptimized Program (label ``fp32``)."""
-    head, sep, tail = spec.partition("=")
-    if sep and "{" not in head and "," not in head and head.strip():
-        label, text = head.strip(), tail.strip()
-    else:
-        label, text = spec.strip(), spec.strip()
-    if text.lower() in ("", "none"):
-        return PipelineSpec(label if label.lower() not in ("", "none") else "fp32", "")
-    return PipelineSpec(label, text)
 
 
 @dataclass

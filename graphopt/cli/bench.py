@@ -22,7 +22,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from graphopt.bench import DEFAULT_PIPELINES, DEFAULT_RUNTIMES, PEERS
-    from graphopt.bench.variants import SIZE_PIPELINE
+    from graphopt.bench.pipelines import SIZE_PIPELINE
 
     p = sub.add_parser("bench", help="benchmark pipelines x runtimes (and peers) against eager fp32")
     p.add_argument("model", help="zoo name (bert4rec:base), saved Program (.pt2 or folder) or HF folder")
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from graphopt.bench import TimingConfig, bench
-    from graphopt.bench.variants import parse_pipeline_spec
+    from graphopt.bench.pipelines import parse_pipeline_spec
     from graphopt.transform.pipeline import parse_pipeline
 
     peers = list(args.peer_names) if args.peer_names else bool(args.peers)  # True: bench's default_peers

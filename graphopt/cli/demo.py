@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from graphopt.bench.variants import EMBEDDING_DOMINATED, embedding_share, without_bf16
+from graphopt.bench.pipelines import EMBEDDING_DOMINATED, embedding_share, without_bf16
 from graphopt.cli.finetune import (
     describe_clicks,
     describe_data,
@@ -61,7 +61,7 @@ __all__ = ["add_parser", "run", "cache_dir", "DEMO_PIPELINES"]
 #: label=pipeline: fp32 O2, bf16, int8, int8-mixed-bf16 (the harness's defaults, named for the table)
 DEMO_PIPELINES = ("fp32-O2=O2", "bf16=O2,cast{dtype=bf16}", "int8=O2,quantize-int8",
                   "int8-bf16=O2,quantize-int8{mixed=bf16}")
-#: added for embedding-dominated models (graphopt.bench.variants.default_pipelines's rule)
+#: added for embedding-dominated models (graphopt.bench.pipelines.default_pipelines's rule)
 SIZE_PIPELINE = "Os=Os"
 FULL_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
 QUICK_RUNTIMES = ("eager", "torchscript", "onnxruntime")

@@ -46,7 +46,8 @@ def _calibration(program, n: int, needed: bool, make_inputs=None):  # type: igno
     calibrates (the same seeds, 1000+), else random draws from the Program's input specs. The draws
     are full-length histories (every mask 1), the zoo's have a length each, left-padded, as users'
     do: bert4rec:base's int8 guard, AMD EPYC, kept 10 of 18 linears int8 on the draws and 16 of 18
-    on the zoo's histories (Inductor, batch 32, one interleaved run: 1.36x and 1.87x eager)."""
+    on the zoo's histories (Inductor, batch 32, one interleaved run: 1.36x and 1.87x eager, top-10
+    overlap 0.997 and 0.992)."""
     if not needed or n <= 0:
         return None
     from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCH, default_calibration

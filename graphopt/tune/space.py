@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from graphopt.bench.variants import NO_BF16_KERNELS, split_bf16
+from graphopt.bench.pipelines import NO_BF16_KERNELS, split_bf16
 from graphopt.options import Option
 from graphopt.runtime import get_runtime
 from graphopt.transform.base import available_passes, get_preset

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from graphopt.bench.accuracy import EvalData, evaluate
+from graphopt.bench.pipelines import parse_pipeline_spec
 from graphopt.bench.report import BenchReport, pareto_front
 from graphopt.bench.timing import (
     Samples,
@@ -20,7 +21,6 @@ from graphopt.bench.timing import (
     run_interleaved,
     summarize,
 )
-from graphopt.bench.variants import parse_pipeline_spec
 from graphopt.metrics import ndcg_vs_reference, ranking_drift, score_matrix, topk_overlap
 
 

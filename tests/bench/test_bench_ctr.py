@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from graphopt.bench.accuracy import ClickEvalData, evaluate_clicks, make_evaluator
+from graphopt.bench.pipelines import DEFAULT_PIPELINES, SIZE_PIPELINE, default_pipelines, embedding_share
 from graphopt.bench.report import BenchReport, accuracy_score
-from graphopt.bench.variants import DEFAULT_PIPELINES, SIZE_PIPELINE, default_pipelines, embedding_share
 from graphopt.errors import GraphoptError
 
 
@@ -70,7 +70,7 @@ def test_size_pipeline_is_a_default_for_embedding_dominated_models_only(program)
 def test_bf16_pipelines_are_left_out_where_the_cpu_has_no_bf16_kernels():
     """On an AVX2-only CPU oneDNN runs bf16 as reference code (0.05-0.58x eager): the default
     bench and demo leave those pipelines out and say so; elsewhere, and for named ones, all stay."""
-    from graphopt.bench.variants import without_bf16
+    from graphopt.bench.pipelines import without_bf16
 
     pipes = list(DEFAULT_PIPELINES)
     assert without_bf16(pipes, bf16_kernels=True) == (pipes, None)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from graphopt.bench.variants import without_bf16
+from graphopt.bench.pipelines import without_bf16
 from graphopt.cli import main
 from graphopt.cli.demo import DEMO_PIPELINES
 from graphopt.hardware import has_bf16_kernels

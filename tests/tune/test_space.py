@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from graphopt.bench.variants import DEFAULT_PIPELINES, parse_pipeline_spec
+from graphopt.bench.pipelines import DEFAULT_PIPELINES, parse_pipeline_spec
 from graphopt.options import Option
 from graphopt.transform.base import get_pass, get_preset
 from graphopt.transform.pipeline import parse_pipeline
