@@ -224,7 +224,7 @@ def build_graphopt_variants(
 
     status = runtime_status(runtimes)
     variants: list[Variant] = []
-    built: list[tuple[str, Program]] = []  # (label, Program) of each pipeline lowered so far
+    built: dict[str, str] = {}  # Program.fingerprint() -> label of each pipeline lowered so far
 
     def done(v: Variant) -> None:
         variants.append(v)
@@ -262,7 +262,8 @@ def build_graphopt_variants(
             for name, rt in zip(names, runtimes):
                 done(Variant(name, "graphopt", spec.text, rt).fail(reason))
             continue
-        same = next((label for label, prev in built if optimized.same_as(prev)), None)
+        fingerprint = optimized.fingerprint()
+        same = built.get(fingerprint)
         if same is not None:
             # e.g. int8 where the accuracy guard kept every layer float: timing it again would only
             # time noise (and a star on it would credit int8 with fp32's speed)
@@ -270,7 +271,7 @@ def build_graphopt_variants(
             for name, rt in zip(names, runtimes):
                 done(Variant(name, "graphopt", spec.text, rt, notes=list(guard_notes)).fail(why, "skipped"))
             continue
-        built.append((spec.label, optimized))
+        built[fingerprint] = spec.label
         model = memory_model(optimized)
         for name, rt in zip(names, runtimes):
             v = Variant(name, "graphopt", spec.text, rt, notes=list(guard_notes))

@@ -87,13 +87,18 @@ def test_describe_counts_only_used_parameters(program):
     assert info["ops"]["aten.linear.default"] == 4
 
 
-def test_same_as_compares_code_io_and_weights(program):
+def test_fingerprint_covers_code_io_and_weights(program):
     p = program("bert4rec:tiny")
     twin = p.copy()
-    assert p.same_as(twin) and twin.same_as(p)
+    assert p.fingerprint() == twin.fingerprint() == p.fingerprint()
     weight = next(iter(twin.parameter_tensors().values()))
     with torch.no_grad():
         weight.view(-1)[0] += 1e-3  # one weight differs
-    assert not p.same_as(twin)
+    assert p.fingerprint() != twin.fingerprint()
     o2, _ = graphopt.optimize(p, "O2", verify_each=False)  # same weights, other code
-    assert o2.gm.code != p.gm.code and not p.same_as(o2)
+    assert o2.gm.code != p.gm.code and p.fingerprint() != o2.fingerprint()
+    half = p.copy()  # the same values in another dtype
+    with torch.no_grad():
+        for t in half.parameter_tensors().values():
+            t.data = t.data.to(torch.bfloat16)
+    assert p.fingerprint() != half.fingerprint()
