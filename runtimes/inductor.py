@@ -7,7 +7,10 @@ sequence length (no recompile per shape). Compiling is slow (tens of seconds
 for a tiny model on 2 cores, minutes for base models); loading is fast.
 This is the fastest CPU path for bf16 and oneDNN int8.
 
-Artifact: ``model.pt2`` (the AOTI package). Runs on CUDA when lowered with
+Artifact: ``model.pt2`` (the AOTI package) and, where ``split_rows`` is on (a float32
+Program on a CPU whose MKL is not Intel's tuned one, :func:`split_rows_by_default`),
+``model_rows.pt2``, the same Program compiled with plain weights, which the runner
+calls from that many rows per call on. Runs on CUDA when lowered with
 ``device=cuda`` (``auto`` picks CUDA where present).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 from graphopt.runtimes.inductor_autotune import (
     MAX_REL_ERROR,
     autotune_by_default,
+    heap_is_checked,
     narrowing_epilogues,
     package_check,
 )
@@ -84,27 +89,38 @@ class InductorRunner(Runner):
 
     def __init__(self, *args: Any, **options: Any):
         super().__init__(*args, **options)
-        self._model: Any = None
-        self._boxed_run: Any = None
+        self._packages: list[tuple[Any, Any]] = []  # (model, boxed_run): the entry, then the split's
+        self._split: tuple[int, int, tuple[int, ...]] | None = None  # from_rows, input index, its dynamic dims
 
     def _activate_impl(self) -> None:
         import torch._inductor
 
         assert self.artifact is not None
-        self.device = resolve_device(self.artifact.manifest["backend"].get("device", "cpu"), self.name)
-        self._model = torch._inductor.aoti_load_package(str(self.artifact.entry))
-        self._boxed_run = _flat_runner(self._model)
+        backend = self.artifact.manifest["backend"]
+        self.device = resolve_device(backend.get("device", "cpu"), self.name)
+        files = [self.artifact.entry] + ([self.artifact.file(backend["split"]["entry"])] if "split" in backend else [])
+        for file in files:
+            model = torch._inductor.aoti_load_package(str(file))
+            self._packages.append((model, _flat_runner(model)))
+        if "split" in backend:
+            index = next(i for i, spec in enumerate(self.inputs) if spec.dynamic)
+            self._split = (int(backend["split"]["from_rows"]), index, tuple(sorted(self.inputs[index].dynamic)))
 
     def _infer_impl(self, inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
         flat = [t.contiguous() for t in to_device(inputs, self.device)]
+        model, boxed_run = self._packages[0]
+        if self._split is not None:
+            from_rows, index, dims = self._split
+            if math.prod(flat[index].shape[d] for d in dims) >= from_rows:
+                model, boxed_run = self._packages[1]
         with torch.inference_mode():
-            if self._boxed_run is not None:
-                return tuple(self._boxed_run(flat))
-            out = self._model(*flat)
+            if boxed_run is not None:
+                return tuple(boxed_run(flat))
+            out = model(*flat)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     def _deactivate_impl(self) -> None:
-        self._model = self._boxed_run = None
+        self._packages, self._split = [], None
 
 
 def _flat_runner(model: Any) -> Any:
@@ -142,6 +158,11 @@ class InductorBackend(Backend):
         Option("weight_prepack", bool, True, "pack weights for oneDNN's linear (cpp.weight_prepack); off: float32 "
                "linears call MKL's GEMM on plain weights (faster for a few rows on an Intel CPU; compiled in a fresh "
                "process)"),
+        Option("split_rows", int, None, "from this many rows per call (the product of the first dynamic input's "
+               "dynamic dims: batch x history) run a second package of plain float32 weights (MKL's GEMM; CPU); 0: one "
+               "package; unset: 512 for an autotuned float32 Program on a CPU whose MKL is not Intel's tuned one, "
+               "else 0 (runtimes/inductor.py, split_rows_by_default)",
+               check=lambda n: "must be >= 0" if n < 0 else None),
         Option("concat_linear", bool, False, "concatenate linears that share an input (cpp.enable_concat_linear)"),
         Option("threads", int, 0, "OpenMP threads the CPU kernels are compiled for (0: torch's count when lowering)",
                check=lambda n: "must be >= 0" if n < 0 else None),
@@ -161,15 +182,21 @@ class InductorBackend(Backend):
     def complete_options(self, program: Program, options: Mapping[str, Any]) -> dict[str, Any]:
         # max_autotune unset: on where it pays for its compile and is right (runtimes/inductor_autotune.py)
         opts = dict(options)
+        device = resolve_device(opts["device"], self.name)
         if opts["max_autotune"] is None:
-            opts["max_autotune"] = autotune_by_default(program, resolve_device(opts["device"], self.name))
+            opts["max_autotune"] = autotune_by_default(program, device)
+        if opts["split_rows"] is None:
+            opts["split_rows"] = split_rows_by_default(program, device, opts)
         return opts
+
+    def artifact_files(self, backend: Mapping[str, Any]) -> list[str]:
+        return [backend["entry"], *([backend["split"]["entry"]] if "split" in backend else [])]
 
     def prefill_defaults(self, prefill: Program) -> dict[str, Any]:
         # Autotuning picks kernels at the entry's hint sizes, here the derivation's probe (a few rows):
         # gpt-rec:base O2, history 200, batch 1 (2026-12-03, 2 threads): the autotuned prefill took
         # 12.48 ms, the plain one 8.09 (the whole model, autotuned at its own example size: 7.97 vs 8.41).
-        return {"max_autotune": False}
+        return {"max_autotune": False, "split_rows": 0}
 
     def step_defaults(self, step: Program, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # A float32 step multiplies one row per user by each weight; which GEMM serves that fastest
@@ -190,58 +217,100 @@ class InductorBackend(Backend):
         # plain. freezing=False also keeps plain weights but fuses the state copies worse (Xeon,
         # base, batch 32, history 200: 14.3 ms vs 10.7). bf16 and int8 steps keep their packed,
         # unautotuned kernels (Xeon: gpt-rec:base bf16 step 0.84 ms packed, 0.98 plain).
+        # A step is a few rows: one package (split_rows=0).
         low = program_dtypes(step) & {torch.bfloat16, torch.float16}
         if low or is_quantized(step):
-            return {"max_autotune": False}
+            return {"max_autotune": False, "split_rows": 0}
         device = (options or {}).get("device", "auto")  # an unavailable one is refused by the lowering
         if device == "auto":
             device = resolve_device(device, self.name)
         if device == "cpu" and not has_fast_mkl() and autotune_by_default(step, device):
-            return {"max_autotune": True, "weight_prepack": True}
-        return {"max_autotune": False, "weight_prepack": False}
+            return {"max_autotune": True, "weight_prepack": True, "split_rows": 0}
+        return {"max_autotune": False, "weight_prepack": False, "split_rows": 0}
 
     def lower_into(self, program: Program, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:
         device = resolve_device(options["device"], self.name)
         ep = export_on(program, device)
-        configs = inductor_configs(options)
-        info: dict[str, Any] = {"entry": "model.pt2", "device": device}
-        if configs["max_autotune"] and device == "cpu" and (narrowing := narrowing_epilogues(program)):
-            configs["epilogue_fusion"] = False
-            info["epilogue_fusion_off"] = (
-                f"autotuned with epilogue fusion off: {len(narrowing)} float linear(s) ({', '.join(narrowing[:3])}"
-                f"{', ...' if len(narrowing) > 3 else ''}) reach a narrower dtype (a uint8 quantize, a bf16 cast) "
-                "through elementwise ops; fused into the GEMM template's epilogue, torch 2.13 writes past that "
-                "output (graphopt.runtimes.inductor_autotune)")
-        compile_package(ep, out / "model.pt2", configs)
-        info["inductor_configs"] = configs
-        if configs["max_autotune"] and device == "cpu":
-            failed = _check_failed(out / "model.pt2", program)
-            if failed and configs.get("epilogue_fusion", True):
-                # a narrowing epilogue :func:`narrowing_epilogues` does not know: autotune again without fusion
-                why = f"max_autotune's package {failed}: autotuned again with epilogue fusion off"
-                log.warning("inductor | %s: %s", program.name, why)
-                configs = {**configs, "epilogue_fusion": False}
-                compile_package(ep, out / "model.pt2", configs)
-                info.update(inductor_configs=configs, epilogue_fusion_off=why)
-                failed = _check_failed(out / "model.pt2", program)
-            if failed:
-                why = f"max_autotune's package {failed}: compiled again without autotuning"
-                log.warning("inductor | %s: %s", program.name, why)
-                configs = inductor_configs({**options, "max_autotune": False})
-                compile_package(ep, out / "model.pt2", configs)
-                info.update(inductor_configs=configs, autotune_rejected=why)
+        info: dict[str, Any] = {"entry": "model.pt2", "device": device,
+                                **_compile_checked(ep, out / "model.pt2", program, options, device)}
+        if options["split_rows"] and device == "cpu":
+            plain = {**options, "weight_prepack": False}
+            info["split"] = {"entry": "model_rows.pt2", "from_rows": options["split_rows"],
+                             **_compile_checked(ep, out / "model_rows.pt2", program, plain, device)}
         return info
 
 
-def _check_failed(package: Path, program: Program) -> str | None:
+def split_rows_by_default(program: Program, device: str, options: Mapping[str, Any]) -> int:
+    """``split_rows`` left unset: :data:`SPLIT_ROWS` for an autotuned float32 CPU Program with packed
+    weights and a dynamic input where MKL is not Intel's tuned one, else 0 (one package).
+
+    On such a CPU oneDNN's packed float32 GEMMs win for a few rows and MKL's ``sgemm`` (its Zen
+    kernels) on the plain weights wins for many. AMD EPYC (Zen 3, AVX2 only), 2 threads, O2 at
+    history 64, the autotuned plain package over the autotuned packed one, interleaved, two
+    builds each (2026-12-06; the second ``benchmarks/bench_split_rows.py``), by rows (batch x 64):
+    bert4rec:base 0.95 / 1.07x at 64 rows, 1.08 / 1.18x at 128, 1.06 / 1.21x at 256, 1.12 / 1.22x at
+    512, 1.20 / 1.31x at 2048; t5-rec:base 0.93 / 0.69x, 0.90 / 0.84x, 1.04 / 0.89x, 1.25 / 1.02x,
+    1.32 / 1.08x (its packed package 0.86 / 1.04x eager at 2048 rows). Autotuning picks kernels by
+    timing, so builds differ; from 512 rows every build measured favoured the plain weights. The
+    Intel Xeon keeps one package (MKL is Intel's tuned one there; the split is not measured on it)."""
+    if device != "cpu" or has_fast_mkl() or not options.get("max_autotune") or not options.get("weight_prepack"):
+        return 0
+    if program_dtypes(program) & {torch.bfloat16, torch.float16} or is_quantized(program):
+        return 0
+    return SPLIT_ROWS if any(spec.dynamic for spec in program.inputs) else 0
+
+
+#: rows per call (batch x history) from which an AMD float32 artifact runs its plain-weights package
+SPLIT_ROWS = 512
+
+
+def _compile_checked(ep: torch.export.ExportedProgram, package: Path, program: Program,
+                     options: Mapping[str, Any], device: str) -> dict[str, Any]:
+    """Compile ``package`` with ``options``; an autotuned CPU package is checked against the Program
+    first (:func:`package_check`) and compiled again as the module docstring of
+    ``inductor_autotune`` says where it fails. The manifest keys saying what was compiled and why."""
+    configs = inductor_configs(options)
+    info: dict[str, Any] = {}
+    if configs["max_autotune"] and device == "cpu" and (narrowing := narrowing_epilogues(program)):
+        configs["epilogue_fusion"] = False
+        info["epilogue_fusion_off"] = (
+            f"autotuned with epilogue fusion off: {len(narrowing)} float linear(s) ({', '.join(narrowing[:3])}"
+            f"{', ...' if len(narrowing) > 3 else ''}) reach a narrower dtype (a uint8 quantize, a bf16 cast) "
+            "through elementwise ops; fused into the GEMM template's epilogue, torch 2.13 writes past that "
+            "output (graphopt.runtimes.inductor_autotune)")
+    compile_package(ep, package, configs)
+    info["inductor_configs"] = configs
+    if configs["max_autotune"] and device == "cpu":
+        failed, crashed = _check_failed(package, program)
+        if failed and configs.get("epilogue_fusion", True) and (crashed or not heap_is_checked()):
+            # maybe a narrowing epilogue :func:`narrowing_epilogues` does not know: autotune again without
+            # fusion. Its write past the output aborts the check's interpreter where glibc's checking heap
+            # is installed; there, outputs that merely differ are another template bug, and this third
+            # compile would be wasted (bert4rec:tiny float32-activation int8: 124 s -> 2 compiles)
+            why = f"max_autotune's package {failed}: autotuned again with epilogue fusion off"
+            log.warning("inductor | %s: %s", program.name, why)
+            configs = {**configs, "epilogue_fusion": False}
+            compile_package(ep, package, configs)
+            info.update(inductor_configs=configs, epilogue_fusion_off=why)
+            failed, _ = _check_failed(package, program)
+        if failed:
+            why = f"max_autotune's package {failed}: compiled again without autotuning"
+            log.warning("inductor | %s: %s", program.name, why)
+            configs = inductor_configs({**options, "max_autotune": False})
+            compile_package(ep, package, configs)
+            info.update(inductor_configs=configs, autotune_rejected=why)
+    return info
+
+
+def _check_failed(package: Path, program: Program) -> tuple[str | None, bool]:
     """How an autotuned package failed :func:`package_check` (crashed, or off by more than
-    :data:`MAX_REL_ERROR`), or None when it passed."""
+    :data:`MAX_REL_ERROR`), or None when it passed; and whether it crashed."""
     error, died = package_check(package, program)
     if died is not None:
-        return f"crashed on the Program's sample inputs, {died}"
+        return f"crashed on the Program's sample inputs, {died}", True
     if not error <= MAX_REL_ERROR:  # NaN too
-        return f"differed from the Program by {error:.3g} (relative L2 on its sample inputs, > {MAX_REL_ERROR})"
-    return None
+        return f"differed from the Program by {error:.3g} (relative L2 on its sample inputs, > {MAX_REL_ERROR})", False
+    return None, False
 
 
 def inductor_configs(options: Mapping[str, Any]) -> dict[str, Any]:

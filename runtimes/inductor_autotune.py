@@ -49,8 +49,8 @@ from graphopt.ir.fx import op_name, tensor_meta
 from graphopt.ir.program import Program
 from graphopt.runtime.backend import gemm_weight_elements, is_quantized, program_dtypes
 
-__all__ = ["MIN_GEMM_WEIGHTS", "MAX_REL_ERROR", "autotune_by_default", "narrowing_epilogues", "package_check",
-           "package_error"]
+__all__ = ["MIN_GEMM_WEIGHTS", "MAX_REL_ERROR", "autotune_by_default", "heap_is_checked", "narrowing_epilogues",
+           "package_check", "package_error"]
 
 #: ``max_autotune`` left unset is on for CPU Programs whose GEMM weights have at least this many elements
 MIN_GEMM_WEIGHTS = 1_000_000
@@ -156,6 +156,12 @@ def package_check(package: Path, program: Program) -> tuple[float, str | None]:
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
         return float("inf"), f"the process running it died ({how}{': ' + errs[-1] if errs else ''})"
     return float(json.loads(lines[-1])["error"]), None
+
+
+def heap_is_checked() -> bool:
+    """Whether :func:`package_check` runs the package on glibc's checking heap (libc_malloc_debug is
+    installed), so that a write past a buffer aborts the check instead of passing unseen."""
+    return bool(_checked_heap())
 
 
 def _checked_heap() -> dict[str, str]:

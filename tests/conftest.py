@@ -13,6 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+# Inductor's compile workers likewise: by default each test worker, and each fresh interpreter a
+# lowering starts (weight_prepack=false), starts a pool of one process per core, which costs more to
+# start than it wins back on a share of two cores
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 _CAPTURED: dict = {}
 
 

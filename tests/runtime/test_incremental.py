@@ -230,10 +230,12 @@ def test_low_precision_steps_keep_packed_weights():
 
     bf16, _ = graphopt.optimize(optimized(), "cast{dtype=bf16}", verify_each=False)
     backend = get_runtime("inductor")
-    assert backend.prefill_defaults(derived().prefill) == {"max_autotune": False}
-    assert backend.step_defaults(derive_incremental(bf16, WINDOW).step) == {"max_autotune": False}
-    assert backend.step_defaults(derived().step) == {"max_autotune": False, "weight_prepack": False}
-    assert backend.step_defaults(derived("int8").step) == {"max_autotune": False, "weight_prepack": False}  # int8 state
+    one = {"split_rows": 0}  # each entry one package (split_rows is for many rows per call)
+    assert backend.prefill_defaults(derived().prefill) == {"max_autotune": False, **one}
+    assert backend.step_defaults(derive_incremental(bf16, WINDOW).step) == {"max_autotune": False, **one}
+    assert backend.step_defaults(derived().step) == {"max_autotune": False, "weight_prepack": False, **one}
+    assert backend.step_defaults(derived("int8").step) == {"max_autotune": False, "weight_prepack": False,
+                                                           **one}  # int8 state
 
 
 def test_float32_step_default_follows_the_cpu_vendor(monkeypatch):
@@ -249,8 +251,8 @@ def test_float32_step_default_follows_the_cpu_vendor(monkeypatch):
     from graphopt.passlib.incremental import derive_incremental
 
     backend = inductor_runtime.BACKEND
-    plain = {"max_autotune": False, "weight_prepack": False}
-    template = {"max_autotune": True, "weight_prepack": True}
+    plain = {"max_autotune": False, "weight_prepack": False, "split_rows": 0}
+    template = {"max_autotune": True, "weight_prepack": True, "split_rows": 0}
     step = derived().step
     assert backend.step_defaults(step) == plain  # gpt-rec:tiny's step: below max_autotune's size bar
     monkeypatch.setattr(autotune, "MIN_GEMM_WEIGHTS", 1)  # as if base-size
@@ -260,7 +262,8 @@ def test_float32_step_default_follows_the_cpu_vendor(monkeypatch):
         assert backend.step_defaults(step, {"device": "cpu"}) == want
         assert backend.step_defaults(step, {"device": "cuda"}) == plain  # CUDA: never a CPU template
     bf16, _ = graphopt.optimize(optimized(), "cast{dtype=bf16}", verify_each=False)
-    assert backend.step_defaults(derive_incremental(bf16, WINDOW).step, {"device": "cpu"}) == {"max_autotune": False}
+    assert backend.step_defaults(derive_incremental(bf16, WINDOW).step, {"device": "cpu"}) == {"max_autotune": False,
+                                                                                              "split_rows": 0}
 
 
 def test_plain_runner_has_no_step():
