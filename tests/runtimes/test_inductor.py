@@ -54,6 +54,13 @@ def test_bf16_mixed_program_lowers_with_the_settings(program, tmp_path):
             torch.testing.assert_close(got, want, atol=TOLERANCE["bf16"], rtol=TOLERANCE["bf16"])
 
 
+def _mlp() -> graphopt.Program:
+    """Two float32 linears with a GELU between, captured with a dynamic batch (inputs: (batch, 64))."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
+    return graphopt.capture(mlp, torch.randn(4, 64), name="mlp")
+
+
 def test_weight_prepack_off_holds_after_a_packed_compile(tmp_path):
     """weight_prepack=False lowers float32 linears as MKL GEMMs on the plain weights even
     when this process has compiled a packed model first (Inductor registers its packing
@@ -65,9 +72,7 @@ def test_weight_prepack_off_holds_after_a_packed_compile(tmp_path):
         pytest.skip(status.reason)
     from graphopt.runtimes.inductor_code import wrapper_calls, wrapper_source
 
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
-    ref = graphopt.capture(mlp, torch.randn(4, 64), name="mlp")
+    ref = _mlp()
     kernels = {}
     for prepack in (True, False):
         out = tmp_path / f"prepack-{prepack}"
@@ -114,9 +119,7 @@ def test_split_rows_runs_a_plain_weights_package_from_that_many_rows(tmp_path):
     from graphopt.errors import LoweringError
     from graphopt.runtime.artifact import read_artifact
 
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
-    ref = graphopt.capture(mlp, torch.randn(4, 64), name="mlp")
+    ref = _mlp()
     artifact = lower(ref, "inductor", tmp_path / "split", device="cpu", max_autotune=False, split_rows=8)
     backend = artifact.manifest["backend"]
     assert backend["entry"] == "model.pt2" and "cpp.weight_prepack" not in backend["inductor_configs"]
@@ -145,7 +148,7 @@ def test_split_rows_runs_a_plain_weights_package_from_that_many_rows(tmp_path):
         lower(ref, "inductor", tmp_path / "bad", split_rows=-1)
 
 
-def test_split_rows_left_unset_is_decided_per_program_and_cpu(program, monkeypatch):
+def test_split_rows_left_unset_is_decided_per_program_and_cpu(monkeypatch):
     """Unset, split_rows is 512 (SPLIT_ROWS) for an autotuned float32 CPU Program with packed weights where MKL is
     not Intel's tuned one (runtimes/inductor.py: measured on an AMD EPYC), else 0 (one package):
     on an Intel CPU, on CUDA, for bf16 and int8 Programs, unautotuned or unpacked ones; given, it wins."""
@@ -154,11 +157,14 @@ def test_split_rows_left_unset_is_decided_per_program_and_cpu(program, monkeypat
     import graphopt.runtimes.inductor as inductor_runtime
 
     from graphopt.options import resolve_options
-    from graphopt.passlib.calibration import default_calibration
+    from graphopt.runtime.backend import is_quantized
 
-    fp32, _ = graphopt.optimize(program("bert4rec:tiny"), "O2", verify_each=False)
+    fp32 = _mlp()
     bf16, _ = graphopt.optimize(fp32, "cast{dtype=bf16}", verify_each=False)
-    int8, _ = graphopt.optimize(fp32, "quantize-int8", calibration_data=default_calibration(fp32), verify_each=False)
+    calib = [(torch.randn(32, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    int8, _ = graphopt.optimize(fp32, "quantize-int8{metric=cosine max_drop=0.5}", calibration_data=calib,
+                                verify_each=False)
+    assert is_quantized(int8)
     backend = inductor_runtime.BACKEND
 
     def decided(prog, **given):
