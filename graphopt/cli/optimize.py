@@ -50,10 +50,10 @@ def _calibration(program, n: int, needed: bool, make_inputs=None):  # type: igno
     overlap 0.997 and 0.992)."""
     if not needed or n <= 0:
         return None
-    from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCH, default_calibration
+    from graphopt.passlib.calibration import CALIBRATION_SEED, DEFAULT_CALIBRATION_BATCH, default_calibration
 
     if make_inputs is not None:
-        return [make_inputs(DEFAULT_CALIBRATION_BATCH, None, 1000 + i) for i in range(n)]
+        return [make_inputs(DEFAULT_CALIBRATION_BATCH, None, CALIBRATION_SEED + i) for i in range(n)]
     return default_calibration(program, n)
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "default_calibration",
     "DEFAULT_CALIBRATION_BATCHES",
     "DEFAULT_CALIBRATION_BATCH",
+    "CALIBRATION_SEED",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ METHODS = ("minmax", "percentile", "entropy", "mse")
 #: both at the bar on 256 fresh rows: 0.9973 / 0.9953)
 DEFAULT_CALIBRATION_BATCHES = 16
 DEFAULT_CALIBRATION_BATCH = 32
+#: the first seed of calibration batches graphopt draws (i-th batch: this + i), apart from the example
+#: inputs' seed 0 and the bench's timed and fidelity batches
+CALIBRATION_SEED = 1000
 
 
 class Observer:
@@ -296,4 +300,4 @@ def default_calibration(
     bench's checks) from the Program's input specs, ``batch`` rows each where the
     batch dim is dynamic (None: the captured batch). The int8 guard holds out the
     last quarter, so 16 x 32 gives it 128 held-out rows to score the ranking on."""
-    return [program.sample_inputs(batch=batch, seed=1000 + i) for i in range(n)]
+    return [program.sample_inputs(batch=batch, seed=CALIBRATION_SEED + i) for i in range(n)]
