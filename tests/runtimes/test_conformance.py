@@ -17,6 +17,9 @@ corrupted artifact rejected at load.
   contract; int8 and bf16 are the low-precision passes' business.
 * The O2/int8 Programs are built with verify-each off: the passes' own tests
   verify them; here they are inputs.
+* Each artifact is lowered once per session, whichever test worker asks first
+  (tests/_lowered_once.py), and shared read-only with the other worker and with
+  tests/runtimes/test_untrusted_artifacts.py (whose cases damage copies).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 
 import graphopt
 from graphopt.errors import ArtifactError, RunnerError
-from graphopt.runtime import available_runtimes, lower
+from graphopt.runtime import available_runtimes
+from tests._lowered_once import lowered_once
 
 RUNTIMES = ["eager", "torchscript", "onnxruntime", "inductor", "tensorrt"]
 MODELS = ["bert4rec:tiny", "bert-cls:tiny", "dlrm:tiny", "two-tower:tiny"]
@@ -75,9 +79,8 @@ def _artifact(tmp_path_factory, program_factory, runtime: str, model: str, varia
     key = (runtime, model, variant)
     if key not in _ARTIFACTS:
         program = _variant_program(program_factory, model, variant)
-        out = tmp_path_factory.mktemp("artifacts") / f"{runtime}-{model.replace(':', '-')}-{variant}"
-        _ARTIFACTS[key] = (program, lower(program, runtime, out, device="cpu") if runtime in (
-            "eager", "torchscript", "inductor") else lower(program, runtime, out))
+        options = {"device": "cpu"} if runtime in ("eager", "torchscript", "inductor") else {}
+        _ARTIFACTS[key] = (program, lowered_once(tmp_path_factory, program, runtime, **options))
     return _ARTIFACTS[key]
 
 
