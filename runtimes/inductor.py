@@ -160,8 +160,9 @@ class InductorBackend(Backend):
                "process)"),
         Option("split_rows", int, None, "from this many rows per call (the product of the first dynamic input's "
                "dynamic dims: batch x history) run a second package of plain float32 weights (MKL's GEMM; CPU); 0: one "
-               "package; unset: 512 for an autotuned float32 Program on a CPU whose MKL is not Intel's tuned one, "
-               "else 0 (runtimes/inductor.py, split_rows_by_default)",
+               "package (also where weight_prepack is off); unset: 512 for an autotuned float32 Program, and for a "
+               "base-size float32 incremental prefill, on a CPU whose MKL is not Intel's tuned one, else 0 "
+               "(runtimes/inductor.py, split_rows_by_default)",
                check=lambda n: "must be >= 0" if n < 0 else None),
         Option("concat_linear", bool, False, "concatenate linears that share an input (cpp.enable_concat_linear)"),
         Option("threads", int, 0, "OpenMP threads the CPU kernels are compiled for (0: torch's count when lowering)",
@@ -192,11 +193,22 @@ class InductorBackend(Backend):
     def artifact_files(self, backend: Mapping[str, Any]) -> list[str]:
         return [backend["entry"], *([backend["split"]["entry"]] if "split" in backend else [])]
 
-    def prefill_defaults(self, prefill: Program) -> dict[str, Any]:
+    def prefill_defaults(self, prefill: Program, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # Autotuning picks kernels at the entry's hint sizes, here the derivation's probe (a few rows):
         # gpt-rec:base O2, history 200, batch 1 (2026-12-03, 2 threads): the autotuned prefill took
         # 12.48 ms, the plain one 8.09 (the whole model, autotuned at its own example size: 7.97 vs 8.41).
-        return {"max_autotune": False, "split_rows": 0}
+        # A prefill is many rows per call (a batch of users' histories): where MKL is not Intel's
+        # tuned one, a base-size float32 prefill holds a plain-weights package for them too, as the
+        # main entry does (split_rows_by_default). AMD EPYC, AVX2 only (2026-12-06, 2 threads,
+        # gpt-rec:base O2 prefill over 65 events, unautotuned, interleaved, two runs): plain over packed
+        # 0.84-0.96 / 1.03-1.16 / 1.10-1.22x at batch 1 / 8 / 32 (over 201 events: 0.93 / 1.06 / 1.07x),
+        # the autotuned package 0.97 / 0.84 / 0.89x.
+        # "Base-size" as the step's rule says it: where max_autotune would pay for its compile.
+        device = (options or {}).get("device", "auto")  # an unavailable one is refused by the lowering
+        if device == "auto":
+            device = resolve_device(device, self.name)
+        split = _plain_wins_many_rows(prefill, device) and autotune_by_default(prefill, device)
+        return {"max_autotune": False, "split_rows": SPLIT_ROWS if split else 0}
 
     def step_defaults(self, step: Program, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         # A float32 step multiplies one row per user by each weight; which GEMM serves that fastest
@@ -233,7 +245,7 @@ class InductorBackend(Backend):
         ep = export_on(program, device)
         info: dict[str, Any] = {"entry": "model.pt2", "device": device,
                                 **_compile_checked(ep, out / "model.pt2", program, options, device)}
-        if options["split_rows"] and device == "cpu":
+        if options["split_rows"] and device == "cpu" and options["weight_prepack"]:  # else model.pt2 is plain
             plain = {**options, "weight_prepack": False}
             info["split"] = {"entry": "model_rows.pt2", "from_rows": options["split_rows"],
                              **_compile_checked(ep, out / "model_rows.pt2", program, plain, device)}
@@ -253,11 +265,18 @@ def split_rows_by_default(program: Program, device: str, options: Mapping[str, A
     1.32 / 1.08x (its packed package 0.86 / 1.04x eager at 2048 rows). Autotuning picks kernels by
     timing, so builds differ; from 512 rows every build measured favoured the plain weights. The
     Intel Xeon keeps one package (MKL is Intel's tuned one there; the split is not measured on it)."""
-    if device != "cpu" or has_fast_mkl() or not options.get("max_autotune") or not options.get("weight_prepack"):
+    if not options.get("max_autotune") or not options.get("weight_prepack"):
         return 0
+    return SPLIT_ROWS if _plain_wins_many_rows(program, device) else 0
+
+
+def _plain_wins_many_rows(program: Program, device: str) -> bool:
+    """A float32 CPU Program with a dynamic input, on a CPU whose MKL is not Intel's tuned one."""
+    if device != "cpu" or has_fast_mkl():
+        return False
     if program_dtypes(program) & {torch.bfloat16, torch.float16} or is_quantized(program):
-        return 0
-    return SPLIT_ROWS if any(spec.dynamic for spec in program.inputs) else 0
+        return False
+    return any(spec.dynamic for spec in program.inputs)
 
 
 #: rows per call (batch x history) from which an AMD float32 artifact runs its plain-weights package

@@ -142,9 +142,9 @@ class Backend:
         default depends on the Program) decided for ``program``; what the manifest records."""
         return dict(options)
 
-    def prefill_defaults(self, prefill: Program) -> dict[str, Any]:
+    def prefill_defaults(self, prefill: Program, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Lowering options for an incremental ``prefill`` entry that differ from this runtime's
-        defaults; the caller's options override them."""
+        defaults, given the caller's ``options`` (they override what this returns)."""
         return {}
 
     def step_defaults(self, step: Program, options: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -96,6 +96,13 @@ class IncrementalState:
 
 
 # ------------------------------------------------------------------ lowering
+def _under(folder: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry's ``backend`` section with its file paths (``_PATH_KEYS``, also in nested sections
+    such as Inductor's ``split``) made relative to the artifact's top folder."""
+    return {key: f"{folder}/{value}" if key in _PATH_KEYS and isinstance(value, str)
+            else _under(folder, value) if isinstance(value, Mapping) else value for key, value in info.items()}
+
+
 def _entry_manifest(program: Program, info: dict[str, Any], folder: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "dir": folder,
@@ -130,9 +137,12 @@ def lower_incremental(
     ``step_options``: options that override them for the step entry alone (a step
     runs a few rows per user, where other kernels win). The runtime's own step
     defaults come first (``Backend.prefill_defaults`` / ``step_defaults``: Inductor does not
-    autotune the prefill, and lowers a float32 step with ``weight_prepack=False``, MKL's GEMM
-    on the plain weights, on an Intel CPU, and elsewhere, for a base-size model, with
-    ``max_autotune=True``, its CPP GEMM template), then ``options``, then ``step_options``.
+    autotune the prefill, and, off Intel's MKL, gives a base-size float32 prefill a plain-weights
+    package for many rows per call (``split_rows``); it lowers a float32 step with
+    ``weight_prepack=False``, MKL's GEMM on the plain weights, on an Intel CPU, and elsewhere, for a
+    base-size model, with ``max_autotune=True``, its CPP GEMM template), then ``options``, then
+    ``step_options`` (``options`` reach the step too: ``split_rows=N`` with
+    ``step_options={"split_rows": 0}`` splits the prefill alone).
     """
     from graphopt.passlib.incremental import IncrementalPrograms, derive_incremental
 
@@ -148,7 +158,8 @@ def lower_incremental(
     runtime = backend.name
     require_available(backend)
     opts = backend.complete_options(inc.prefill, resolve_options(
-        backend.lower_options, {**backend.prefill_defaults(inc.prefill), **options}, f"{runtime} | lower", LoweringError))
+        backend.lower_options, {**backend.prefill_defaults(inc.prefill, options), **options}, f"{runtime} | lower",
+        LoweringError))
     asked = {**options, **(step_options or {})}
     step_opts = {**backend.step_defaults(inc.step, asked), **asked}
     entry_opts = {"prefill": opts, "step": backend.complete_options(
@@ -162,10 +173,7 @@ def lower_incremental(
             (tmp / name).mkdir()
             infos[name] = lower_entry(backend, entry, tmp / name, entry_opts[name])
         files = file_checksums(tmp)
-        top = dict(infos["prefill"])
-        for key in _PATH_KEYS:
-            if isinstance(top.get(key), str):
-                top[key] = f"prefill/{top[key]}"
+        top = _under("prefill", infos["prefill"])
         prefill_program = entries["prefill"]
         manifest = {
             **manifest_head(prefill_program, backend, opts),

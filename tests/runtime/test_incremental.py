@@ -22,8 +22,13 @@ from graphopt.runtime import available_runtimes
 from tests._incremental import WINDOW, derived, histories, optimized, replay, use_capture
 
 RUNTIMES = ["eager", "onnxruntime", "inductor"]
-#: the step entry lowered with its own options (here: single-threaded Inductor kernels), so the
-#: replay below also covers an artifact whose two entries were compiled differently
+#: Inductor's prefill holds a plain-weights package for 8+ rows per call (``split_rows``, on by default
+#: for a base-size float32 prefill where MKL is not Intel's), so the replay's prefill (3 users x 5
+#: events) runs it and test_prefill_split_rows below runs both
+OPTIONS = {"inductor": {"split_rows": 8}}
+#: the step entry lowered with its own options (here: single-threaded Inductor kernels), so the replay
+#: below also covers an artifact whose two entries were compiled differently; split_rows reaches the
+#: step too, whose float32 default is plain weights already: one package
 STEP_OPTIONS = {"inductor": {"threads": 1}}
 LENGTHS = [5, 3, 1]
 
@@ -52,7 +57,8 @@ def artifacts(tmp_path_factory):
     for runtime in RUNTIMES:
         if status[runtime].available:
             out[runtime] = graphopt.lower_incremental(derived(), runtime, root / runtime,
-                                                      step_options=STEP_OPTIONS.get(runtime))
+                                                      step_options=STEP_OPTIONS.get(runtime),
+                                                      **OPTIONS.get(runtime, {}))
     return out
 
 
@@ -215,9 +221,38 @@ def test_step_entry_lowered_with_its_own_options(artifacts, tmp_path):
     assert "aoti_torch_cpu__linear_pointwise" in prefill, prefill
     assert not [k for k in step if k.startswith("aoti_torch_cpu__linear_pointwise")], step
     assert "aoti_torch_cpu_addmm_out" in step, step
+    # the prefill's plain-weights package for many rows, under the artifact's top folder; none for the
+    # step, although split_rows reached it: its weights are plain already (weight_prepack off)
+    assert entries["prefill"]["options"]["split_rows"] == entries["step"]["options"]["split_rows"] == 8
+    manifest = artifacts["inductor"].manifest
+    assert manifest["backend"]["split"]["entry"] == "prefill/model_rows.pt2" and "split" not in entries["step"]["backend"]
+    assert "prefill/model_rows.pt2" in manifest["files"] and not (root / "step" / "model_rows.pt2").exists()
+    rows = [c.kernel for c in wrapper_calls(wrapper_source(root / "prefill" / "model_rows.pt2"))]
+    assert "aoti_torch_cpu_addmm_out" in rows and not [k for k in rows if "_linear_pointwise" in k], rows
     with pytest.raises(LoweringError, match=r"inductor \| lower step: unknown option 'fusion'"):
         graphopt.lower_incremental(derived(), "inductor", tmp_path / "bad", step_options={"fusion": "off"})
     assert not (tmp_path / "bad").exists()
+
+
+def test_prefill_split_rows(runners):
+    """The Inductor prefill's runner calls the packed package below ``split_rows`` rows per call
+    (users x events) and the plain-weights one from there on: its outputs bit for bit the chosen
+    package's (loaded alone), both within 1e-4 of the eager prefill."""
+    runner = _runner(runners, "inductor")
+    import torch._inductor
+
+    root = runner.artifact.path / "prefill"
+    alone = {n: torch._inductor.aoti_load_package(str(root / n)) for n in ("model.pt2", "model_rows.pt2")}
+    for lengths, package in (([3], "model.pt2"), ([7], "model.pt2"), ([4, 2], "model_rows.pt2"),
+                             (LENGTHS, "model_rows.pt2")):
+        ids, mask = histories(lengths, seed=len(lengths))
+        got = runner(ids, mask)
+        want = derived().prefill(ids, mask)
+        chosen = alone[package](ids, mask)
+        other = alone[({*alone} - {package}).pop()](ids, mask)
+        assert all(torch.equal(g, c) for g, c in zip(got, chosen)), (lengths, package)
+        assert not all(torch.equal(g, o) for g, o in zip(got, other)), lengths  # the two can be told apart
+        assert max(float((g - w).abs().max()) for g, w in zip(got, want)) <= 1e-4
 
 
 def test_low_precision_steps_keep_packed_weights():
@@ -238,10 +273,12 @@ def test_low_precision_steps_keep_packed_weights():
                                                            **one}  # int8 state
 
 
-def test_float32_step_default_follows_the_cpu_vendor(monkeypatch):
+def test_float32_step_and_prefill_defaults_follow_the_cpu_vendor(monkeypatch):
     """A float32 step of a base-size model: MKL on plain weights where MKL is Intel's tuned one,
     else Inductor's autotuned CPP GEMM template (MKL's generic path and oneDNN's one-row linear
-    lose on an AMD EPYC: runtimes/inductor.py); small steps and other devices never autotune."""
+    lose on an AMD EPYC: runtimes/inductor.py); small steps and other devices never autotune.
+    Its prefill: one packed package where MKL is Intel's, else a plain-weights one beside it from
+    SPLIT_ROWS rows per call; one package for a small, a bf16 or a CUDA prefill."""
     if not available_runtimes()["inductor"].available:
         pytest.skip(f"inductor is not available here: {available_runtimes()['inductor'].reason}")
     import graphopt.runtimes.inductor as inductor_runtime
@@ -257,13 +294,19 @@ def test_float32_step_default_follows_the_cpu_vendor(monkeypatch):
     assert backend.step_defaults(step) == plain  # gpt-rec:tiny's step: below max_autotune's size bar
     monkeypatch.setattr(autotune, "MIN_GEMM_WEIGHTS", 1)  # as if base-size
     assert backend.step_defaults(step, {"device": "cpu"}) == (plain if hardware.has_fast_mkl() else template)
-    for fast, want in ((True, plain), (False, template)):
+    prefill = derived().prefill
+    bf16, _ = graphopt.optimize(optimized(), "cast{dtype=bf16}", verify_each=False)
+    bf16_inc = derive_incremental(bf16, WINDOW)
+    for fast, want, split in ((True, plain, 0), (False, template, inductor_runtime.SPLIT_ROWS)):
         monkeypatch.setattr(inductor_runtime, "has_fast_mkl", lambda fast=fast: fast)
         assert backend.step_defaults(step, {"device": "cpu"}) == want
         assert backend.step_defaults(step, {"device": "cuda"}) == plain  # CUDA: never a CPU template
-    bf16, _ = graphopt.optimize(optimized(), "cast{dtype=bf16}", verify_each=False)
-    assert backend.step_defaults(derive_incremental(bf16, WINDOW).step, {"device": "cpu"}) == {"max_autotune": False,
-                                                                                              "split_rows": 0}
+        assert backend.prefill_defaults(prefill, {"device": "cpu"}) == {"max_autotune": False, "split_rows": split}
+        assert backend.prefill_defaults(prefill, {"device": "cuda"})["split_rows"] == 0
+        assert backend.prefill_defaults(bf16_inc.prefill, {"device": "cpu"})["split_rows"] == 0
+    assert backend.step_defaults(bf16_inc.step, {"device": "cpu"}) == {"max_autotune": False, "split_rows": 0}
+    monkeypatch.setattr(autotune, "MIN_GEMM_WEIGHTS", 10**9)  # gpt-rec:tiny as it is: one prefill package
+    assert backend.prefill_defaults(prefill, {"device": "cpu"})["split_rows"] == 0
 
 
 def test_plain_runner_has_no_step():
