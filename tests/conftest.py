@@ -21,6 +21,29 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count(
 
 _CAPTURED: dict = {}
 
+#: the files that take a minute or more of test time (``--durations=0`` under ``-n 2``, AMD EPYC with AVX2,
+#: 2026-12-06), slowest first. pytest-xdist's ``--dist loadfile`` hands files to the workers in collection
+#: order, and these sort last alphabetically (tests/runtimes/...): a worker that starts the 3.5-minute
+#: conformance suite near the end leaves the other idle. Run first, the small files even the workers out.
+_SLOW_FILES = (
+    "runtimes/test_conformance.py",
+    "runtimes/test_inductor_autotune.py",
+    "bench/test_bench_run.py",
+    "runtime/test_incremental.py",
+    "passes/test_cast_beyond_zoo.py",
+    "passes/test_quantize_int8.py",
+    "passes/test_quantize_int8_models.py",
+    "cli/test_cli.py",
+    "runtimes/test_untrusted_artifacts.py",
+    "runtimes/test_inductor.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    """The slow files first (a stable sort: each file's tests, and the other files, keep their order)."""
+    rank = {f"tests/{name}": i for i, name in enumerate(_SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 
 def pytest_configure(config):  # type: ignore[no-untyped-def]
     """Under pytest-xdist (the README's ``-n 2``) each worker gets its share of the cores, so
