@@ -201,7 +201,7 @@ class InductorBackend(Backend):
         # tuned one, a base-size float32 prefill holds a plain-weights package for them too, as the
         # main entry does (split_rows_by_default). AMD EPYC, AVX2 only (2026-12-06, 2 threads,
         # gpt-rec:base O2 prefill over 65 events, unautotuned, interleaved, two runs): plain over packed
-        # 0.84-0.96 / 1.03-1.16 / 1.10-1.22x at batch 1 / 8 / 32 (over 201 events: 0.93 / 1.06 / 1.07x),
+        # 0.84-0.96 / 1.03-1.16 / 1.10-1.22x at batch 1 / 8 / 32 (over 201: 0.90-0.93 / 1.02-1.06 / 1.00-1.07x),
         # the autotuned package 0.97 / 0.84 / 0.89x.
         # "Base-size" as the step's rule says it: where max_autotune would pay for its compile.
         device = (options or {}).get("device", "auto")  # an unavailable one is refused by the lowering
