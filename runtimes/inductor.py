@@ -98,9 +98,8 @@ class InductorRunner(Runner):
         assert self.artifact is not None
         backend = self.artifact.manifest["backend"]
         self.device = resolve_device(backend.get("device", "cpu"), self.name)
-        files = [self.artifact.entry] + ([self.artifact.file(backend["split"]["entry"])] if "split" in backend else [])
-        for file in files:
-            model = torch._inductor.aoti_load_package(str(file))
+        for name in BACKEND.artifact_files(backend):  # the entry, then the split's package
+            model = torch._inductor.aoti_load_package(str(self.artifact.file(name)))
             self._packages.append((model, _flat_runner(model)))
         if "split" in backend:
             index = next(i for i, spec in enumerate(self.inputs) if spec.dynamic)
@@ -204,9 +203,7 @@ class InductorBackend(Backend):
         # 0.84-0.96 / 1.03-1.16 / 1.10-1.22x at batch 1 / 8 / 32 (over 201: 0.90-0.93 / 1.02-1.06 / 1.00-1.07x),
         # the autotuned package 0.97 / 0.84 / 0.89x.
         # "Base-size" as the step's rule says it: where max_autotune would pay for its compile.
-        device = (options or {}).get("device", "auto")  # an unavailable one is refused by the lowering
-        if device == "auto":
-            device = resolve_device(device, self.name)
+        device = self._device_asked(options)
         split = _plain_wins_many_rows(prefill, device) and autotune_by_default(prefill, device)
         return {"max_autotune": False, "split_rows": SPLIT_ROWS if split else 0}
 
@@ -233,12 +230,15 @@ class InductorBackend(Backend):
         low = program_dtypes(step) & {torch.bfloat16, torch.float16}
         if low or is_quantized(step):
             return {"max_autotune": False, "split_rows": 0}
-        device = (options or {}).get("device", "auto")  # an unavailable one is refused by the lowering
-        if device == "auto":
-            device = resolve_device(device, self.name)
+        device = self._device_asked(options)
         if device == "cpu" and not has_fast_mkl() and autotune_by_default(step, device):
             return {"max_autotune": True, "weight_prepack": True, "split_rows": 0}
         return {"max_autotune": False, "weight_prepack": False, "split_rows": 0}
+
+    def _device_asked(self, options: Mapping[str, Any] | None) -> str:
+        """The caller's ``device`` option, ``auto`` resolved (an unavailable one is refused by the lowering)."""
+        device = (options or {}).get("device", "auto")
+        return resolve_device(device, self.name) if device == "auto" else device
 
     def lower_into(self, program: Program, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:
         device = resolve_device(options["device"], self.name)

@@ -13,17 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-# Inductor's compile workers likewise: by default each test worker, and each fresh interpreter a
-# lowering starts (weight_prepack=false), starts a pool of one process per core, which costs more to
-# start than it wins back on a share of two cores
+# Each test worker gets its share of the cores (pytest_configure: torch's threads), and so do
+# Inductor's compile workers: by default each test worker, and each fresh interpreter a lowering
+# starts (weight_prepack=false), starts a pool of one process per core, which costs more to start
+# than it wins back on a share of two cores
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+_CORES_EACH = max(1, (os.cpu_count() or 1) // _WORKERS)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(_CORES_EACH))
 
 _CAPTURED: dict = {}
 
 #: the files that take a minute or more of test time (``--durations=0`` under ``-n 2``, AMD EPYC with AVX2,
 #: 2026-12-06), slowest first. pytest-xdist's ``--dist loadfile`` hands files to the workers in collection
-#: order, and these sort last alphabetically (tests/runtimes/...): a worker that starts the 3.5-minute
+#: order, and the slowest sort last alphabetically (tests/runtimes/...): a worker that starts the 3.5-minute
 #: conformance suite near the end leaves the other idle. Run first, the small files even the workers out.
 _SLOW_FILES = (
     "runtimes/test_conformance.py",
@@ -48,11 +50,10 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
 def pytest_configure(config):  # type: ignore[no-untyped-def]
     """Under pytest-xdist (the README's ``-n 2``) each worker gets its share of the cores, so
     two workers on two cores do not run four torch threads against each other."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
+    if _WORKERS > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(_CORES_EACH)
 
 
 @pytest.fixture(autouse=True)
