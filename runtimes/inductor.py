@@ -32,7 +32,7 @@ from graphopt.runtimes.inductor_autotune import (
     narrowing_epilogues,
     package_check,
 )
-from graphopt.runtimes.inductor_compile import compile_package
+from graphopt.runtimes.inductor_compile import FreshCompile, compile_package, start_fresh_compile
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
 from graphopt.hardware import has_fast_mkl
@@ -243,12 +243,22 @@ class InductorBackend(Backend):
     def lower_into(self, program: Program, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:
         device = resolve_device(options["device"], self.name)
         ep = export_on(program, device)
-        info: dict[str, Any] = {"entry": "model.pt2", "device": device,
-                                **_compile_checked(ep, out / "model.pt2", program, options, device)}
-        if options["split_rows"] and device == "cpu" and options["weight_prepack"]:  # else model.pt2 is plain
-            plain = {**options, "weight_prepack": False}
+        split = bool(options["split_rows"]) and device == "cpu" and options["weight_prepack"]  # else one package
+        plain = {**options, "weight_prepack": False}
+        # the plain package compiles in a fresh interpreter anyway: unautotuned, it compiles beside this
+        # process's (autotuning times kernels, so an autotuned pair compiles one after the other)
+        started = (start_fresh_compile(ep, out / "model_rows.pt2", inductor_configs(plain))
+                   if split and not options["max_autotune"] else None)
+        try:
+            info: dict[str, Any] = {"entry": "model.pt2", "device": device,
+                                    **_compile_checked(ep, out / "model.pt2", program, options, device)}
+        except BaseException:
+            if started is not None:
+                started.cancel()
+            raise
+        if split:
             info["split"] = {"entry": "model_rows.pt2", "from_rows": options["split_rows"],
-                             **_compile_checked(ep, out / "model_rows.pt2", program, plain, device)}
+                             **_compile_checked(ep, out / "model_rows.pt2", program, plain, device, started)}
         return info
 
 
@@ -284,10 +294,11 @@ SPLIT_ROWS = 512
 
 
 def _compile_checked(ep: torch.export.ExportedProgram, package: Path, program: Program,
-                     options: Mapping[str, Any], device: str) -> dict[str, Any]:
-    """Compile ``package`` with ``options``; an autotuned CPU package is checked against the Program
-    first (:func:`package_check`) and compiled again as the module docstring of
-    ``inductor_autotune`` says where it fails. The manifest keys saying what was compiled and why."""
+                     options: Mapping[str, Any], device: str, started: FreshCompile | None = None) -> dict[str, Any]:
+    """Compile ``package`` with ``options`` (or wait for ``started``, that compile already running); an
+    autotuned CPU package is checked against the Program first (:func:`package_check`) and compiled
+    again as the module docstring of ``inductor_autotune`` says where it fails. The manifest keys
+    saying what was compiled and why."""
     configs = inductor_configs(options)
     info: dict[str, Any] = {}
     if configs["max_autotune"] and device == "cpu" and (narrowing := narrowing_epilogues(program)):
@@ -297,7 +308,10 @@ def _compile_checked(ep: torch.export.ExportedProgram, package: Path, program: P
             f"{', ...' if len(narrowing) > 3 else ''}) reach a narrower dtype (a uint8 quantize, a bf16 cast) "
             "through elementwise ops; fused into the GEMM template's epilogue, torch 2.13 writes past that "
             "output (graphopt.runtimes.inductor_autotune)")
-    compile_package(ep, package, configs)
+    if started is not None:
+        started.wait()
+    else:
+        compile_package(ep, package, configs)
     info["inductor_configs"] = configs
     if configs["max_autotune"] and device == "cpu":
         failed, crashed, error = _check_failed(package, program)

@@ -8,6 +8,8 @@ unpacked). :func:`compile_package` therefore compiles a package with
 ``cpp.weight_prepack=False`` in a fresh interpreter (``python -m
 graphopt.runtimes.inductor_compile EP PACKAGE CONFIGS``, the program passed
 through ``torch.export.save``); every other compile runs in this process.
+:func:`start_fresh_compile` starts such a compile and returns at once, so that a
+caller can compile another package here meanwhile (one core each).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["compile_package", "needs_fresh_process"]
+__all__ = ["FreshCompile", "compile_package", "needs_fresh_process", "start_fresh_compile"]
 
 #: how long a compile in a fresh interpreter may take (a large model's takes minutes)
 TIMEOUT_S = 3600
@@ -50,18 +52,56 @@ def compile_package(ep: torch.export.ExportedProgram, package: Path, configs: Ma
     if not needs_fresh_process(configs):
         _compile_here(ep, package, configs)
         return
-    with tempfile.TemporaryDirectory(prefix="graphopt-aoti-") as tmp:
-        saved = Path(tmp) / "program.pt2"
+    start_fresh_compile(ep, package, configs).wait()
+
+
+class FreshCompile:
+    """A package compiling in a fresh interpreter (:func:`start_fresh_compile`): :meth:`wait` for it
+    (its error's last line is raised), or :meth:`cancel` it (the process is killed)."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, package: Path, configs: Mapping[str, Any]) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="graphopt-aoti-")
+        saved = Path(self._tmp.name) / "program.pt2"
         torch.export.save(ep, saved)
-        env = dict(os.environ, TORCHINDUCTOR_CPP_WEIGHT_PREPACK="0", OMP_NUM_THREADS=str(torch.get_num_threads()))
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        if not configs.get("cpp.weight_prepack", True):
+            env["TORCHINDUCTOR_CPP_WEIGHT_PREPACK"] = "0"
         cmd = [sys.executable, "-m", "graphopt.runtimes.inductor_compile", str(saved), str(package),
                json.dumps(dict(configs))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        if os.environ.get("GRAPHOPT_DEBUG"):
-            sys.stderr.write(proc.stderr)  # the fresh interpreter's whole traceback
-        raise RuntimeError(f"compiling in a fresh interpreter failed: {lines[-1] if lines else f'rc {proc.returncode}'}")
+        # stderr to a file, not a pipe: a pipe nobody reads while this process compiles would stall the child
+        self._stderr = open(Path(self._tmp.name) / "stderr.txt", "w+")
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr, env=env)
+
+    def wait(self) -> None:
+        try:
+            self._proc.wait(timeout=TIMEOUT_S)
+            self._stderr.seek(0)
+            err = self._stderr.read()
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            raise RuntimeError(f"compiling in a fresh interpreter took over {TIMEOUT_S} s") from None
+        finally:
+            self._close()
+        if self._proc.returncode != 0:
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+            if os.environ.get("GRAPHOPT_DEBUG"):
+                sys.stderr.write(err)  # the fresh interpreter's whole traceback
+            raise RuntimeError(f"compiling in a fresh interpreter failed: {lines[-1] if lines else f'rc {self._proc.returncode}'}")
+
+    def cancel(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        self._stderr.close()
+        self._tmp.cleanup()
+
+
+def start_fresh_compile(ep: torch.export.ExportedProgram, package: Path, configs: Mapping[str, Any]) -> FreshCompile:
+    """Start compiling ``package`` in a fresh interpreter and return at once."""
+    return FreshCompile(ep, package, configs)
 
 
 def _main(argv: list[str]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,6 +76,21 @@ def test_fresh_interpreter_compile_failure_is_one_line(tmp_path):
     assert not (tmp_path / "model.pt2").exists()
 
 
+def test_a_started_fresh_interpreter_compile_can_be_cancelled(tmp_path):
+    """The unautotuned split starts its plain package's compile before compiling the packed one here;
+    when this process's compile fails, the started one is killed: no process, no package, no
+    temporary folder left."""
+    from graphopt.runtimes.inductor_compile import start_fresh_compile
+
+    ep = torch.export.export(torch.nn.Linear(8, 4).eval(), (torch.randn(2, 8),))
+    started = start_fresh_compile(ep, tmp_path / "model.pt2", {"freezing": True, "cpp.weight_prepack": False})
+    folder = Path(started._tmp.name)
+    assert started._proc.poll() is None and (folder / "program.pt2").is_file()  # running: it takes seconds
+    started.cancel()
+    assert started._proc.returncode is not None and not folder.exists()
+    assert not (tmp_path / "model.pt2").exists()
+
+
 def test_lowering_options_are_checked(program, tmp_path):
     from graphopt.errors import LoweringError
 
@@ -85,9 +102,9 @@ def test_split_rows_runs_a_plain_weights_package_from_that_many_rows(tmp_path):
     """split_rows=N: the artifact holds a second package compiled with plain weights (MKL's GEMM),
     checksummed like the first; a call of N rows or more runs it, fewer rows the packed one (oneDNN's
     linear): the runner's output is bit for bit the chosen package's, and the two packages' outputs
-    differ in their last bits; both match the Program (1e-5). The plain package is weight_prepack=False
-    compiled after a packed compile in this process: it holds (Inductor registers its packing patterns
-    once per process, so that package is compiled in a fresh interpreter): no oneDNN linear in it."""
+    differ in their last bits; both match the Program (1e-5). The plain package is weight_prepack=False,
+    compiled in a fresh interpreter beside the packed compile in this process (Inductor registers its
+    packing patterns once per process): it holds no oneDNN linear."""
     if not available_runtimes()["inductor"].available:
         pytest.skip(available_runtimes()["inductor"].reason)
     from graphopt.runtimes.inductor_code import wrapper_calls, wrapper_source
