@@ -90,5 +90,5 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 
 
 def test_the_process_own_malloc_settings_win():
-    own = _run(MALLOC_ARENA_MAX="2")
+    own = _child(GROWING, "keep", MALLOC_ARENA_MAX="2")  # keep_freed_memory: what activating a runner calls
     assert own["policy"] == "the process's own malloc settings (MALLOC_*, GLIBC_TUNABLES or LD_PRELOAD)"

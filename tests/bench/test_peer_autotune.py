@@ -23,6 +23,11 @@ class _Scorer(torch.nn.Module):
 
 
 def test_max_autotune_peer_runs_compiled_and_matches_eager_in_bf16(tmp_path, monkeypatch):
+    from graphopt.hardware import has_bf16_kernels
+
+    if not has_bf16_kernels():  # there oneDNN runs bf16 as reference code: a 22 s autotune of reference kernels
+        pytest.skip("the bf16 peers are left out of the bench on a CPU without bf16 GEMM kernels "
+                    "(graphopt.bench.peers.default_peers); this one is tested where it runs")
     torch.manual_seed(0)
     model = _Scorer().eval()
     program = graphopt.capture(model, torch.randn(4, 128), name="scorer")

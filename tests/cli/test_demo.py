@@ -18,8 +18,9 @@ from graphopt.hardware import has_bf16_kernels
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     out, cache = root / "report", root / "cache"
-    # eager + onnxruntime keep the test short; torchscript/inductor are covered by the runtime suites
-    args = ["demo", "--quick", "-o", str(out), "--cache-dir", str(cache), "--runtimes", "eager,onnxruntime", "--threads", "1"]
+    # eager keeps the test short (ONNX Runtime added ~15 s); the other runtimes' lowerings, timings and
+    # refusals are covered by the runtime suites and tests/bench/test_bench_run.py
+    args = ["demo", "--quick", "-o", str(out), "--cache-dir", str(cache), "--runtimes", "eager", "--threads", "1"]
     return args, out, cache
 
 
@@ -66,8 +67,8 @@ def test_demo_quick_end_to_end_then_cached(demo_run, capsys):
     summary = json.loads((out / "demo.json").read_text())
     assert summary["quick"] is True and summary["model"] == "bert4rec:tiny"
 
-    # second run: the fine-tuned model comes from the cache, the report is replaced
-    assert main(args[:-4] + ["--runtimes", "eager", "--threads", "1"]) == 0
+    # second run: the fine-tuned model comes from the cache, the report is replaced (one cheap pipeline)
+    assert main(args + ["-p", "fp32-O1=O1"]) == 0
     text = capsys.readouterr().out
     assert "model: cached fine-tuned bert4rec:tiny" in text
     assert len(list((cache / "demo").iterdir())) == 1

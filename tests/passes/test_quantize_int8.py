@@ -89,19 +89,6 @@ def test_ort_integer_kernels_rank2_dlrm(zoo, program, tmp_path):
     assert "Gemm" not in optimized and "FusedGemm" not in optimized
 
 
-def test_inductor_lowers_to_onednn_int8(zoo, program):
-    from torch._inductor import config
-    from torch._inductor.utils import run_and_get_code
-
-    q, _ = graphopt.optimize(program("dlrm:tiny"), "quantize-int8", calibration_data=calibration(zoo("dlrm:tiny")))
-    x = q.sample_inputs(batch=8, seed=3)
-    torch._dynamo.reset()
-    with config.patch(freezing=True), torch.no_grad():
-        out, code = run_and_get_code(torch.compile(q.gm), *x)
-    assert "onednn.qlinear_pointwise" in "\n".join(code)
-    torch.testing.assert_close(out[0], q(*x)[0], atol=TOL, rtol=TOL)
-
-
 def test_entropy_and_minmax_pick_different_scales(zoo, program):
     calib = calibration(zoo("dlrm:tiny"), n=3, batch=32)
     scales = {}
