@@ -14,20 +14,16 @@ pytestmark = pytest.mark.slow
 
 def test_max_autotune_left_unset_is_decided_per_program(program, tmp_path):
     """Unset, max_autotune is on for a CPU Program whose GEMMs read >= 1M weight elements and
-    off for a tiny one; a value the caller gives wins. The resolved value is what the manifest
-    records and what Inductor compiles with; the autotuned package matches the Program (1e-4)
-    at two batch sizes. (Which kernel autotuning picks is a timing decision: not asserted.)"""
+    off for a tiny one; a value the caller gives wins; an autotuned compile tries the CPP template
+    and ATEN with Inductor's per-shape timing tables off stderr. The check every autotuned package
+    passes runs it in a fresh interpreter at the sample shape and batch 1, and a package that ends
+    that interpreter is reported with how it ended. (Autotuned packages are compiled, run, checked,
+    and recorded in the manifest by the three tests below: each compile is ~25 s here.)"""
     status = available_runtimes()["inductor"]
     if not status.available:
         pytest.skip(status.reason)
-    from graphopt.runtimes.inductor import BACKEND
-    from graphopt.runtimes.inductor_autotune import (
-        MAX_REL_ERROR,
-        MIN_GEMM_WEIGHTS,
-        check_inputs,
-        package_check,
-        package_error,
-    )
+    from graphopt.runtimes.inductor import BACKEND, inductor_configs
+    from graphopt.runtimes.inductor_autotune import MIN_GEMM_WEIGHTS, check_inputs, package_check
 
     from graphopt.options import resolve_options
     from graphopt.runtime.backend import gemm_weight_elements
@@ -41,33 +37,17 @@ def test_max_autotune_left_unset_is_decided_per_program(program, tmp_path):
 
     def decided(prog, **given):
         opts = resolve_options(BACKEND.lower_options, {"device": "cpu", **given}, "inductor | lower", ValueError)
-        return BACKEND.complete_options(prog, opts)["max_autotune"]
+        return BACKEND.complete_options(prog, opts)
 
-    assert decided(wide) is True and decided(tiny) is False
-    assert decided(wide, max_autotune=False) is False and decided(tiny, max_autotune="true") is True
-    # one package (split_rows, AMD's second float32 package for many rows, is tested on its own)
-    artifact = lower(wide, "inductor", tmp_path / "wide", device="cpu", threads=1, split_rows=0)
-    assert artifact.manifest["options"]["max_autotune"] is True
-    configs = artifact.manifest["backend"]["inductor_configs"]
+    assert decided(wide)["max_autotune"] is True and decided(tiny)["max_autotune"] is False
+    assert decided(wide, max_autotune=False)["max_autotune"] is False
+    assert decided(tiny, max_autotune="true")["max_autotune"] is True
+    configs = inductor_configs(decided(wide))  # what Inductor compiles with
     assert configs["max_autotune"] is True and configs["max_autotune_gemm_backends"] == "CPP,ATEN"
     assert configs["autotune_num_choices_displayed"] == 0  # Inductor's per-shape timing tables stay off stderr
-    assert "autotune_rejected" not in artifact.manifest["backend"]
-    with graphopt.load(artifact.path) as runner:
-        for batch in (1, 7):
-            x = torch.randn(batch, 1024, generator=torch.Generator().manual_seed(batch))
-            (got,), (want,) = runner(x), wide(x)
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    # the check every autotuned package passes (the manifest keeps its error): near zero against its
-    # own Program, large against another
-    assert 0.0 <= artifact.manifest["backend"]["autotune_check_error"] <= 1e-4, artifact.manifest["backend"]
-    other = graphopt.capture(torch.nn.Sequential(*wide_model[:2], torch.nn.Linear(1024, 32)).eval(), torch.randn(4, 1024))
-    assert package_error(artifact.path / "model.pt2", other) > MAX_REL_ERROR
-    # it runs in a fresh interpreter, at the sample shape and batch 1: a package that ends that
-    # process (a template writing out of bounds aborts it; here a truncated file) is reported with
-    # how it ended, and this process goes on
     assert [tuple(x[0].shape) for x in check_inputs(wide)] == [(4, 1024), (1, 1024)]
-    broken = tmp_path / "broken.pt2"
-    broken.write_bytes((artifact.path / "model.pt2").read_bytes()[:4096])
+    broken = tmp_path / "broken.pt2"  # a package that cannot load: its interpreter exits with an error
+    broken.write_bytes(b"PK\x03\x04" + bytes(4092))
     error, died = package_check(broken, wide)
     assert error == float("inf") and died.startswith("the process running it died (exit code 1: "), died
 
