@@ -32,7 +32,7 @@ from graphopt.runtimes.inductor_autotune import (
     narrowing_epilogues,
     package_check,
 )
-from graphopt.runtimes.inductor_compile import FreshCompile, compile_package, start_fresh_compile
+from graphopt.runtimes.inductor_compile import FreshCompile, compile_package
 from graphopt.runtimes.torch_graph import move_graph_module, to_device
 
 from graphopt.hardware import has_fast_mkl
@@ -247,7 +247,7 @@ class InductorBackend(Backend):
         plain = {**options, "weight_prepack": False}
         # the plain package compiles in a fresh interpreter anyway: unautotuned, it compiles beside this
         # process's (autotuning times kernels, so an autotuned pair compiles one after the other)
-        started = (start_fresh_compile(ep, out / "model_rows.pt2", inductor_configs(plain))
+        started = (FreshCompile(ep, out / "model_rows.pt2", inductor_configs(plain))
                    if split and not options["max_autotune"] else None)
         try:
             info: dict[str, Any] = {"entry": "model.pt2", "device": device,

@@ -8,7 +8,7 @@ unpacked). :func:`compile_package` therefore compiles a package with
 ``cpp.weight_prepack=False`` in a fresh interpreter (``python -m
 graphopt.runtimes.inductor_compile EP PACKAGE CONFIGS``, the program passed
 through ``torch.export.save``); every other compile runs in this process.
-:func:`start_fresh_compile` starts such a compile and returns at once, so that a
+:class:`FreshCompile` starts such a compile and returns at once, so that a
 caller can compile another package here meanwhile (one core each).
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FreshCompile", "compile_package", "needs_fresh_process", "start_fresh_compile"]
+__all__ = ["FreshCompile", "compile_package", "needs_fresh_process"]
 
 #: how long a compile in a fresh interpreter may take (a large model's takes minutes)
 TIMEOUT_S = 3600
@@ -52,11 +52,11 @@ def compile_package(ep: torch.export.ExportedProgram, package: Path, configs: Ma
     if not needs_fresh_process(configs):
         _compile_here(ep, package, configs)
         return
-    start_fresh_compile(ep, package, configs).wait()
+    FreshCompile(ep, package, configs).wait()
 
 
 class FreshCompile:
-    """A package compiling in a fresh interpreter (:func:`start_fresh_compile`): :meth:`wait` for it
+    """Start compiling ``package`` in a fresh interpreter and return at once: :meth:`wait` for it
     (its error's last line is raised), or :meth:`cancel` it (the process is killed)."""
 
     def __init__(self, ep: torch.export.ExportedProgram, package: Path, configs: Mapping[str, Any]) -> None:
@@ -97,11 +97,6 @@ class FreshCompile:
     def _close(self) -> None:
         self._stderr.close()
         self._tmp.cleanup()
-
-
-def start_fresh_compile(ep: torch.export.ExportedProgram, package: Path, configs: Mapping[str, Any]) -> FreshCompile:
-    """Start compiling ``package`` in a fresh interpreter and return at once."""
-    return FreshCompile(ep, package, configs)
 
 
 def _main(argv: list[str]) -> int:

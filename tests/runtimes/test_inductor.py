@@ -80,10 +80,10 @@ def test_a_started_fresh_interpreter_compile_can_be_cancelled(tmp_path):
     """The unautotuned split starts its plain package's compile before compiling the packed one here;
     when this process's compile fails, the started one is killed: no process, no package, no
     temporary folder left."""
-    from graphopt.runtimes.inductor_compile import start_fresh_compile
+    from graphopt.runtimes.inductor_compile import FreshCompile
 
     ep = torch.export.export(torch.nn.Linear(8, 4).eval(), (torch.randn(2, 8),))
-    started = start_fresh_compile(ep, tmp_path / "model.pt2", {"freezing": True, "cpp.weight_prepack": False})
+    started = FreshCompile(ep, tmp_path / "model.pt2", {"freezing": True, "cpp.weight_prepack": False})
     folder = Path(started._tmp.name)
     assert started._proc.poll() is None and (folder / "program.pt2").is_file()  # running: it takes seconds
     started.cancel()
