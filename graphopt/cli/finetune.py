@@ -47,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast: auto = bf16 on CPUs with AMX/AVX512-BF16, fp16 + GradScaler on CUDA")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--item-init", choices=("cooccurrence", "random"), default="cooccurrence",
+                   help="the item table's start: cooccurrence = factorised co-occurrence of the training "
+                        "histories (bert4rec, gpt-rec, t5-rec; it leaves the popularity plateau at once), "
+                        "random = the model's own initialisation")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 when the machine is loaded)")
     p.add_argument("--no-synthetic", action="store_true", help="fail instead of falling back to synthetic data")
     p.set_defaults(run=run)
@@ -138,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(
         epochs=args.epochs, max_minutes=args.max_minutes or None, max_steps=args.max_steps,
         batch_size=args.batch_size or getattr(get_objective(parse_spec(args.model)[0]), "batch_size", 64), lr=args.lr, seq_len=args.seq_len, patience=args.patience,
-        precision=args.precision, seed=args.seed, threads=threads,
+        precision=args.precision, seed=args.seed, threads=threads, item_init=args.item_init,
     )
     interactive = sys.stderr.isatty()
     print(f"fine-tuning {args.model} (budget {args.max_minutes:g} min, up to {args.epochs} epochs)")

@@ -222,9 +222,10 @@ def test_cuda_fp16_autocast_with_grad_scaler(small):
 
 
 def test_early_stopping_waits_until_validation_beats_popularity(small):
-    # lr 0 and no popularity prior: the model keeps its random weights (a near-random ranking),
-    # so validation NDCG@10 never improves after the first evaluation
-    frozen = finetune("bert4rec:tiny", small, _quick(epochs=4, lr=0.0, patience=1, popularity_init=False))
+    # lr 0, no popularity prior, a random item table: the model keeps its random weights (a near-random
+    # ranking), so validation NDCG@10 never improves after the first evaluation
+    frozen = finetune("bert4rec:tiny", small, _quick(epochs=4, lr=0.0, patience=1, popularity_init=False,
+                                                     item_init="random"))
     floor = frozen.popularity["valid"]["ndcg@10"]
     assert frozen.valid["ndcg@10"] <= floor  # on the plateau: stopping now would keep a model below popularity
     assert len(frozen.history) == 4 and frozen.stopped == "4 epochs done", frozen.stopped

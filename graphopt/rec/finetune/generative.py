@@ -58,6 +58,9 @@ class CausalNextItem(Objective):
 
         return GPTRec(cfg["items"], cfg)
 
+    def item_table(self, model: nn.Module) -> torch.Tensor | None:
+        return model.gpt.wte.weight[1:model.items + 1]
+
     def batches(self, train: list[list[int]], cfg: FinetuneConfig, seq_len: int, mcfg: dict[str, Any],
                 rng: random.Random) -> Iterator[Batch]:
         samples = [w for seq in train if len(seq) >= 2 for w in windows(seq, seq_len + 1, rng)]
@@ -96,6 +99,9 @@ class Seq2SeqNextItem(Objective):
         from graphopt.rec.zoo.t5 import T5Rec
 
         return T5Rec(cfg["items"], cfg)
+
+    def item_table(self, model: nn.Module) -> torch.Tensor | None:
+        return model.t5.shared.weight[1:model.items + 1]
 
     def samples_per_epoch(self, train: list[list[int]], seq_len: int) -> int:
         return 2 * super().samples_per_epoch(train, seq_len)

@@ -2,22 +2,24 @@
 :class:`FinetuneResult`.
 
 Training: the output bias starts at log item popularity (so step 0 is the
-popularity baseline), AdamW (no decay on biases/LayerNorm), linear warm-up then
-linear decay, gradient clipping, bf16 autocast on CPUs with native bf16 (AMX)
-and fp16 autocast + GradScaler on CUDA, early stopping on the objective's
-validation metric (the best weights are kept; evaluations count towards the
-patience only once the best beats the popularity baseline on validation, the
-plateau a fresh model starts on: a cold ``graphopt demo`` on 2026-12-03 stopped
-there after 5 evaluations at test HR@10 0.0456, popularity's 0.0498, where
-other runs of it reach 0.086-0.119). With ``max_minutes`` the
-schedule follows the share of the time budget used, so a run always ends
-decayed: the budget is the stop and patience does not apply (the best
-validation weights are still kept; a cold demo on 2026-12-04 stopped on patience
-at 212 s of 300, its learning rate still at 30% of its peak, at test HR@10
-0.0488, where budget-length runs reached 0.112-0.120); results depend on machine
-speed. With ``max_minutes=None`` a run is reproducible from its seed and stops
-on patience. What differs per model kind (batches, loss,
-scores, evaluation) is its :class:`~graphopt.rec.finetune.objectives.Objective`.
+popularity baseline), the item table at the training histories' factorised
+co-occurrence (``item_init``, :mod:`.item_init`: a random table sat on the
+popularity plateau for most of a 5-minute run on a CPU without bf16), AdamW (no
+decay on biases/LayerNorm), linear warm-up then linear decay, gradient clipping,
+bf16 autocast on CPUs with native bf16 (AMX) and fp16 autocast + GradScaler on
+CUDA, early stopping on the objective's validation metric (the best weights are
+kept; evaluations count towards the patience only once the best beats the
+popularity baseline on validation, the plateau a fresh model starts on: a cold
+``graphopt demo`` on 2026-12-03 stopped there after 5 evaluations at test HR@10
+0.0456, popularity's 0.0498, where other runs of it reach 0.086-0.119). With
+``max_minutes`` the schedule follows the share of the time budget used, so a run
+always ends decayed: the budget is the stop and patience does not apply (the
+best validation weights are still kept; a cold demo on 2026-12-04 stopped on
+patience at 212 s of 300, its learning rate still at 30% of its peak, at test
+HR@10 0.0488, where budget-length runs reached 0.112-0.120); results depend on
+machine speed. With ``max_minutes=None`` a run is reproducible from its seed and
+stops on patience. What differs per model kind (batches, loss, scores,
+evaluation) is its :class:`~graphopt.rec.finetune.objectives.Objective`.
 """
 
 from __future__ import annotations
@@ -73,10 +75,13 @@ class FinetuneConfig:
     threads: int | None = None  # torch intra-op threads while training (None: leave as is)
     dropout: float | None = None  # override the model's dropout while training (None: keep 0.1)
     popularity_init: bool = True  # output bias starts at log item popularity
+    item_init: str = "cooccurrence"  # cooccurrence | random: the item table's start (see .item_init)
 
     def check(self) -> None:
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise GraphoptError(f"precision '{self.precision}' is not one of auto, bf16, fp16, fp32")
+        if self.item_init not in ("cooccurrence", "random"):
+            raise GraphoptError(f"item_init '{self.item_init}' is not one of cooccurrence, random")
         for name in ("epochs", "batch_size", "patience", "eval_every"):
             if getattr(self, name) < 1:
                 raise GraphoptError(f"finetune {name} must be >= 1, got {getattr(self, name)}")
@@ -223,6 +228,8 @@ def finetune(
     split = objective.split(data, model_cfg)
     if cfg.popularity_init:
         objective.init_bias(model, split)
+    if cfg.item_init == "cooccurrence":
+        objective.init_items(model, split)
     if cfg.dropout is not None:
         for module in model.modules():
             if isinstance(module, nn.Dropout):  # attention dropout too: SDPA reads .p

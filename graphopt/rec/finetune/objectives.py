@@ -32,6 +32,7 @@ from torch import nn
 
 from graphopt.errors import ModelNotFoundError
 from graphopt.rec.data import MovieLens, Split, encode_histories, evaluate_ranking, popularity_metrics
+from graphopt.rec.finetune.item_init import cooccurrence_embeddings
 from graphopt.rec.finetune.precision import autocast
 
 if TYPE_CHECKING:
@@ -105,6 +106,23 @@ class Objective:
     @torch.no_grad()
     def init_bias(self, model: nn.Module, split: Split) -> None:
         """Output bias = log training popularity (centred): step 0 is the popularity baseline."""
+
+    def item_table(self, model: nn.Module) -> torch.Tensor | None:
+        """Rows ``1..items`` of the model's item embedding table (a view written in place), or None
+        where the model has none to initialise from co-occurrence."""
+        return None
+
+    @torch.no_grad()
+    def init_items(self, model: nn.Module, split: Split, window: int = 10) -> bool:
+        """Item table = factorised co-occurrence of the training histories (:mod:`.item_init`), at the
+        spread the model's own initialisation gave it; False where the model has no such table."""
+        table = self.item_table(model)
+        if table is None:
+            return False
+        emb = cooccurrence_embeddings(split.train, split.num_items, table.shape[1], window=window,
+                                      std=float(table.float().std()))
+        table.copy_(emb.to(table.dtype))
+        return True
 
     # ------------------------------------------------------------- training
     def samples_per_epoch(self, train: list[list[int]], seq_len: int) -> int:
@@ -205,6 +223,11 @@ class MaskedItem(Objective):
         prior = _popularity_prior(split)
         prior[0] = prior[1:].min()  # padding is never a target
         model.bias.copy_(prior)
+
+    def item_table(self, model: nn.Module) -> torch.Tensor | None:
+        if self.text:  # initialised from item titles (``prepare``)
+            return None
+        return model.bert.embeddings.word_embeddings.weight[1:model.items + 1]
 
     def batches(self, train: list[list[int]], cfg: FinetuneConfig, seq_len: int, mcfg: dict[str, Any],
                 rng: random.Random) -> Iterator[Batch]:
