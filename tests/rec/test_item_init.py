@@ -109,3 +109,18 @@ def test_bert4rec_leaves_the_popularity_plateau_within_24_steps_on_movielens():
     popularity = run.popularity["valid"]["ndcg@10"]
     assert run.train_config.item_init == "cooccurrence" and run.steps == 24
     assert run.valid["ndcg@10"] > 1.25 * popularity, (run.valid, popularity)
+
+
+def test_a_catalogue_above_the_dense_limit_keeps_its_random_table_and_says_so(caplog):
+    from graphopt.rec.finetune.item_init import MAX_ITEMS
+
+    items = MAX_ITEMS + 1
+    split = MovieLens("wide", "test", [[1, 2, 3, items]] * 4, num_items=items).leave_one_out()
+    model = build_model("bert4rec", dict(TINY, items=items))
+    before = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    with caplog.at_level("WARNING"):
+        assert get_objective("bert4rec").init_items(model, split) is False
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, before)
+    assert f"{items} items is more than the co-occurrence start's {MAX_ITEMS}" in caplog.text
+    with pytest.raises(ValueError, match=f"the dense co-occurrence start handles at most {MAX_ITEMS}"):
+        cooccurrence_embeddings([[1, 2]], num_items=items, dim=4)

@@ -13,13 +13,18 @@ random table, t5-rec:base 0.080 against 0.037 (``benchmarks/bench_item_init.py``
 2026-12-06, AMD EPYC with AVX2 only, fp32).
 
 Only training histories are read, so validation and test targets stay unseen.
+The matrix is dense (items x items, float64): catalogues above ``MAX_ITEMS``
+keep the model's own table (a warning says so) rather than take gigabytes and
+minutes before the first step.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["cooccurrence_counts", "cooccurrence_embeddings"]
+__all__ = ["MAX_ITEMS", "cooccurrence_counts", "cooccurrence_embeddings"]
+
+MAX_ITEMS = 8192  # dense PPMI: 0.5 GB and its eigendecomposition here; ML-100K has 1682 items, ML-1M 3706
 
 
 def cooccurrence_counts(train: list[list[int]], num_items: int, window: int) -> torch.Tensor:
@@ -44,6 +49,8 @@ def cooccurrence_embeddings(train: list[list[int]], num_items: int, dim: int, *,
     eigenvalues dropped). Items never seen in training get zero rows before scaling, as do
     columns beyond the matrix's rank.
     """
+    if num_items > MAX_ITEMS:
+        raise ValueError(f"{num_items} items: the dense co-occurrence start handles at most {MAX_ITEMS}")
     counts = cooccurrence_counts(train, num_items, window)[1:, 1:]
     total = counts.sum()
     if total == 0:

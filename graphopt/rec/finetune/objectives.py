@@ -22,6 +22,7 @@ it. Register a new kind with :func:`register_objective`.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from torch import nn
 
 from graphopt.errors import ModelNotFoundError
 from graphopt.rec.data import MovieLens, Split, encode_histories, evaluate_ranking, popularity_metrics
-from graphopt.rec.finetune.item_init import cooccurrence_embeddings
+from graphopt.rec.finetune.item_init import MAX_ITEMS, cooccurrence_embeddings
 from graphopt.rec.finetune.precision import autocast
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ __all__ = ["Objective", "MaskedItem", "NextItemClassification", "register_object
            "model_kinds", "windows", "cut_points", "next_item_batches"]
 
 Batch = tuple[torch.Tensor, ...]
+log = logging.getLogger(__name__)
 
 
 def windows(seq: list[int], length: int, rng: random.Random) -> list[list[int]]:
@@ -118,6 +120,10 @@ class Objective:
         spread the model's own initialisation gave it; False where the model has no such table."""
         table = self.item_table(model)
         if table is None:
+            return False
+        if split.num_items > MAX_ITEMS:
+            log.warning("item table keeps its random start: %d items is more than the co-occurrence start's "
+                        "%d (pass item_init='random' to silence this)", split.num_items, MAX_ITEMS)
             return False
         emb = cooccurrence_embeddings(split.train, split.num_items, table.shape[1], window=window,
                                       std=float(table.float().std()))
