@@ -2,7 +2,9 @@
 int8-mixed-bf16) run through the harness on bert4rec:tiny: status, fidelity
 against eager within the int8 tolerance, and oneDNN int8 kernels in the code
 Inductor generated. Near misses: nothing to quantize, unusable calibration
-data. Timing numbers are never asserted."""
+data. Timing numbers are never asserted. The int8-mixed-bf16 peer runs where
+the CPU has bf16 GEMM kernels, where the bench's defaults hold it (elsewhere
+oneDNN's reference bf16 kernels cost ~10 s here and the bench leaves it out)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import graphopt
+from graphopt.hardware import has_bf16_kernels
 
-PT2E = ["torchao-pt2e-int8", "torchao-pt2e-int8-bf16"]
+PT2E = ["torchao-pt2e-int8"] + (["torchao-pt2e-int8-bf16"] if has_bf16_kernels() else [])
 SHAPE = "b12_s16"
 #: static int8 (per-tensor activations, per-channel weights): the stated tolerance
 MIN_COSINE, MIN_TOP10 = 0.99, 0.8
@@ -80,12 +83,15 @@ def test_inductor_code_runs_onednn_int8_linears(pt2e, zoo):
     linears = sum(isinstance(m, torch.nn.Linear) for m in zoo("bert4rec:tiny").module.modules())
     assert f"{linears} int8 per-channel weights" in report.variant("peer: torchao-pt2e-int8")["notes"]
     with_qlinear = [c for c in codes if "onednn.qlinear_pointwise" in c]
-    assert len(with_qlinear) == 2, f"{len(codes)} generated modules, {len(with_qlinear)} with qlinear"
-    int8, mixed = (_qlinear_out_dtypes(c) for c in with_qlinear)
-    assert len(int8) == len(mixed) == linears
+    assert len(with_qlinear) == len(PT2E), f"{len(codes)} generated modules, {len(with_qlinear)} with qlinear"
+    int8 = _qlinear_out_dtypes(with_qlinear[0])
+    assert len(int8) == linears
     assert set(int8) == {"torch.float32", "torch.uint8"}
-    assert set(mixed) <= {"torch.bfloat16", "torch.float32", "torch.uint8"}
-    assert mixed.count("torch.bfloat16") >= linears // 2, mixed
+    if len(PT2E) == 2:  # the int8-mixed-bf16 peer, on CPUs with bf16 GEMM kernels
+        mixed = _qlinear_out_dtypes(with_qlinear[1])
+        assert len(mixed) == linears
+        assert set(mixed) <= {"torch.bfloat16", "torch.float32", "torch.uint8"}
+        assert mixed.count("torch.bfloat16") >= linears // 2, mixed
 
 
 def test_near_miss_nothing_to_quantize_is_reported_failed():
@@ -98,7 +104,7 @@ def test_near_miss_nothing_to_quantize_is_reported_failed():
         v = report.variant(f"peer: {name}")
         assert v["status"] == "failed" and "quantized no weight" in v["reason"], v
     assert report.variant("fp32 @ eager")["status"] == "ok"
-    assert len(report.not_measured("b2")) == 2
+    assert len(report.not_measured("b2")) == len(PT2E)
 
 
 @pytest.mark.parametrize(
