@@ -10,12 +10,9 @@ import torch
 
 import graphopt
 from graphopt.errors import RunnerError
-from graphopt.rec.data import recbole_folder
 from graphopt.rec.data.ctr import dlrm_inputs, load_clicks, popularity_baseline, two_tower_inputs
 from graphopt.rec.zoo.skew import ZipfIds
-
-needs_data = pytest.mark.skipif(recbole_folder() is None,
-                                reason="MovieLens-100K not installed: pip install --no-deps recbole==1.2.1")
+from tests.rec import needs_data
 
 
 @pytest.fixture(scope="module")

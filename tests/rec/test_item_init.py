@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from graphopt.errors import GraphoptError
-from graphopt.rec.data import MovieLens, load_movielens, recbole_folder
+from graphopt.rec.data import MovieLens, load_movielens
 from graphopt.rec.finetune import FinetuneConfig, build_model, finetune, get_objective
 from graphopt.rec.finetune.item_init import cooccurrence_counts, cooccurrence_embeddings
+from tests.rec import needs_data
 
-needs_data = pytest.mark.skipif(recbole_folder() is None,
-                                reason="MovieLens-100K not installed: pip install --no-deps recbole==1.2.1")
 TINY = dict(hidden=32, layers=1, heads=4, intermediate=64, items=12, seq=8)
 
 
