@@ -85,7 +85,8 @@ class QuantizeInt8(Pass):
     Program itself must hold the target on every calibration batch (with ``mixed=bf16``
     it runs attention in bf16, which the guard's emulator does not; and the layers
     were chosen on the held-out few, whose score overstates the unseen one): while it
-    misses, the most damaging layer left goes fp32. If every layer ends up fp32, the Program stays fp32.
+    misses, the most damaging layer left goes fp32 (with ``mixed=bf16``, to a bf16 GEMM
+    first, and fp32 only once no int8 layer is left). If every layer ends up fp32, the Program stays fp32.
     Accuracy guard (on by default): on held-out calibration batches (the last
     quarter, which the observers do not see) the Program must keep ``metric``;
     ``bar`` = the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR: top-10
@@ -215,7 +216,7 @@ class QuantizeInt8(Pass):
             # held-out few (accuracy_guard.confirm)
             guarded = confirm(guarded, gm, plans, batches, functools.partial(_rewritten_copy, gm, plans),
                               validation, float_metrics, where=f"all {len(batches)} calibration",
-                              bf16_attention=self.mixed == "bf16")
+                              bf16_attention=self.mixed == "bf16", bf16_first=self.mixed == "bf16")
         # 7-bit weights round twice as coarsely: twice the tolerance
         self.tolerance = 1.0 if best.method == "entropy" else type(self).tolerance * 2 ** (8 - bits)
         enabled = guarded.enabled if guarded else set(plans)

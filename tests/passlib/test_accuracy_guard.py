@@ -3,6 +3,7 @@ and ``run(set())`` the float model itself (the guard's reference)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from graphopt.passes.quantize_int8 import _rewritten_copy
 
 from graphopt.ir.fx import fetch_attr
 from graphopt.metrics import agreement
-from graphopt.passlib.accuracy_guard import Emulator, LayerPlan, Target, guard
+from graphopt.passlib.accuracy_guard import Emulator, Guarded, LayerPlan, Target, confirm, guard
 from graphopt.passlib.calibration import observe
 from graphopt.passlib.qdq import activation_qparams, find_linears, quantize_weight
 
@@ -163,3 +164,55 @@ def test_each_layer_alone_shares_the_float_prefix_and_gives_exactly_what_one_pas
     target = Target("topk_overlap", 0.99)
     assert _damage_alone(emu, names, batches, refs, target) == {n: _damage(emu, {n}, batches, refs, target)
                                                               for n in names}
+
+
+def _confirm_score(gm, plans, batches, enabled: set[str], bf16: set[str]) -> float:
+    """The rewritten Program's cosine with the float outputs (the worst output, mean over the batches),
+    recomputed here as the guard's cosine target defines it."""
+    fn = _rewritten_copy(gm, plans, enabled, bf16)
+    with torch.no_grad():
+        per_batch = [min(agreement("cosine", (o,), (r,)) for o, r in zip(_outputs(fn(*b)), _outputs(gm(*b))))
+                     for b in batches]
+    return sum(per_batch) / len(per_batch)
+
+
+def _outputs(out) -> tuple[torch.Tensor, ...]:
+    return tuple(o for o in (out if isinstance(out, (tuple, list)) else (out,)) if o.is_floating_point())
+
+
+def test_confirm_moves_int8_layers_to_bf16_before_any_layer_goes_fp32(zoo, program):
+    """int8-mixed-bf16 (``bf16_first``): while the rewritten Program misses the target, the most damaging
+    int8 layer moves to a bf16 GEMM; a layer goes fp32 only once no int8 layer is left. Targets are set
+    between the scores of every layer int8, every layer bf16 and fp32, so each rung must be reached.
+    Near miss: without ``bf16_first`` (int8 with fp32 elsewhere) the same misses go straight to fp32."""
+    zm, gm = zoo("bert4rec:tiny"), program("bert4rec:tiny").gm
+    batches = [tuple(zm.make_inputs(batch=16, seed=300 + i).values()) for i in range(2)]
+    plans = _plans(gm, batches, bf16_out=True)
+    names = set(plans)
+    rewritten = functools.partial(_rewritten_copy, gm, plans)
+    all_int8 = _confirm_score(gm, plans, batches, names, set())
+    all_bf16 = _confirm_score(gm, plans, batches, set(), names)
+    assert all_int8 < all_bf16 < 1.0, (all_int8, all_bf16)
+
+    def run(required: float, bf16_first: bool) -> Guarded:
+        start = Guarded(set(names), {}, [], Target("cosine", required), 0.0)
+        return confirm(start, gm, plans, batches, rewritten, where="all 2 calibration", bf16_first=bf16_first)
+
+    # between all-int8 and all-bf16: stops inside the bf16 rung, nothing fp32, most damaging first
+    mid = run((all_int8 + all_bf16) / 2, bf16_first=True)
+    assert mid.bf16 and mid.enabled | mid.bf16 == names, (mid.enabled, mid.bf16)
+    assert mid.bf16 == set(mid.worst_first[:len(mid.bf16)])
+    assert mid.score == pytest.approx(_confirm_score(gm, plans, batches, mid.enabled, mid.bf16), abs=1e-9)
+    assert mid.score >= mid.target.required
+    assert f"{len(mid.bf16)} more layer(s) run bf16, now cosine" in mid.notes[-1]
+    # above all-bf16: every int8 layer is bf16 before the first goes fp32
+    high = run((all_bf16 + 1.0) / 2, bf16_first=True)
+    fp32 = names - high.enabled - high.bf16
+    assert not high.enabled and fp32, (high.enabled, high.bf16)
+    assert fp32 == set(high.worst_first[:len(fp32)])
+    assert high.score == pytest.approx(_confirm_score(gm, plans, batches, set(), high.bf16), abs=1e-9)
+    assert high.score >= high.target.required
+    # near miss: no bf16 rung, the misses go fp32 directly
+    plain = run((all_int8 + all_bf16) / 2, bf16_first=False)
+    assert not plain.bf16 and plain.enabled < names and plain.score >= plain.target.required
+    assert "run bf16" not in plain.notes[-1] and "more layer(s) run fp32" in plain.notes[-1]
