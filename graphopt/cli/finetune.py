@@ -23,7 +23,7 @@ from graphopt.rec.finetune import (
     save_checkpoint,
 )
 from graphopt.rec.finetune.clicks import CTR_KINDS
-from graphopt.rec.finetune.loop import parse_spec
+from graphopt.rec.finetune.loop import ITEM_INITS, parse_spec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast: auto = bf16 on CPUs with AMX/AVX512-BF16, fp16 + GradScaler on CUDA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--item-init", choices=("cooccurrence", "random"), default="cooccurrence",
+    p.add_argument("--item-init", choices=ITEM_INITS, default=ITEM_INITS[0],
                    help="the item table's start: cooccurrence = factorised co-occurrence of the training "
                         "histories (bert4rec, gpt-rec, t5-rec; it leaves the popularity plateau at once), "
                         "random = the model's own initialisation")

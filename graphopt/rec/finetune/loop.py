@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 MAX_SKIPPED_STEPS = 20  # non-finite updates skipped before a run counts as diverged
 
 
+#: the item table's starts (``FinetuneConfig.item_init``; the first is the default)
+ITEM_INITS = ("cooccurrence", "random")
+
+
 @dataclass
 class FinetuneConfig:
     """Training hyper-parameters; the defaults suit ``bert4rec:base`` on ML-100K."""
@@ -80,8 +84,8 @@ class FinetuneConfig:
     def check(self) -> None:
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise GraphoptError(f"precision '{self.precision}' is not one of auto, bf16, fp16, fp32")
-        if self.item_init not in ("cooccurrence", "random"):
-            raise GraphoptError(f"item_init '{self.item_init}' is not one of cooccurrence, random")
+        if self.item_init not in ITEM_INITS:
+            raise GraphoptError(f"item_init '{self.item_init}' is not one of {', '.join(ITEM_INITS)}")
         for name in ("epochs", "batch_size", "patience", "eval_every"):
             if getattr(self, name) < 1:
                 raise GraphoptError(f"finetune {name} must be >= 1, got {getattr(self, name)}")
