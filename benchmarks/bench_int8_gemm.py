@@ -1,7 +1,7 @@
 """oneDNN's int8 GEMM against its bf16 (or float32) GEMM, shape by shape: what int8 can pay on this CPU.
 
     python benchmarks/bench_int8_gemm.py [--rows 2048] [--shapes 256x768,256x1024,1024x256,...]
-        [--rounds 30] [--threads 2] [--float auto|bf16|fp32]
+        [--rounds 30] [--threads 2] [--float auto|bf16|fp32] [--epilogues]
 
 The kernels Inductor's x86 lowerings call: ``onednn::qlinear_pointwise`` (u8
 activations, per-channel s8 weights prepacked by ``onednn::qlinear_prepack``,
@@ -36,9 +36,10 @@ from graphopt.hardware import cpu_model, has_bf16_kernels, reported_flags
 DEFAULT_SHAPES = "256x768,256x256,256x1024,1024x256,768x2304,768x3072,3072x768"
 
 
-def _cases(rows: int, k: int, n: int, fl: torch.dtype) -> dict[str, object]:
+def _cases(rows: int, k: int, n: int, fl: torch.dtype, epilogues: bool = False) -> dict[str, object]:
     """The float GEMM (``fl``: bf16 or float32, oneDNN's packed linear) and oneDNN's int8 GEMM
-    writing ``fl`` or u8, each plain and with the fused exact GELU."""
+    writing ``fl`` or u8, each plain and with the fused exact GELU (``epilogues``: also the tanh GELU
+    and relu, int8 writing u8)."""
     torch.manual_seed(0)
     x8 = torch.randint(0, 255, (rows, k), dtype=torch.uint8)
     w8 = torch.ops.onednn.qlinear_prepack(torch.randint(-127, 127, (n, k), dtype=torch.int8), [rows, k])
@@ -52,13 +53,24 @@ def _cases(rows: int, k: int, n: int, fl: torch.dtype) -> dict[str, object]:
         return lambda: torch.ops.onednn.qlinear_pointwise(x8, 0.02, 128, w8, w_scale, w_zp, bias, scale, zp, out,
                                                           post, [], "none")
 
-    return {
-        "float": lambda: torch.ops.mkldnn._linear_pointwise(xb, wb, bias, "none", [], ""),
+    def qe(post: str, algorithm: str):  # type: ignore[no-untyped-def]
+        return lambda: torch.ops.onednn.qlinear_pointwise(x8, 0.02, 128, w8, w_scale, w_zp, bias, 0.05, 128,
+                                                          torch.uint8, post, [], algorithm)
+
+    def fe(post: str, algorithm: str):  # type: ignore[no-untyped-def]
+        return lambda: torch.ops.mkldnn._linear_pointwise(xb, wb, bias, post, [], algorithm)
+
+    cases = {
+        "float": fe("none", ""),
         "int8->float": q("none", fl),
         "int8->u8": q("none", torch.uint8),
-        "float+gelu": lambda: torch.ops.mkldnn._linear_pointwise(xb, wb, bias, "gelu", [], "none"),
+        "float+gelu": fe("gelu", "none"),
         "int8+gelu->u8": q("gelu", torch.uint8),
     }
+    if epilogues:  # the other epilogues an FFN's up-projection could fuse
+        cases.update({"float+gelu_tanh": fe("gelu", "tanh"), "int8+gelu_tanh->u8": qe("gelu", "tanh"),
+                      "float+relu": fe("relu", ""), "int8+relu->u8": qe("relu", "none")})
+    return cases
 
 
 def _keep_freed_memory() -> None:
@@ -79,6 +91,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="reduction x columns, comma-separated")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--epilogues", action="store_true",
+                    help="also time the tanh-approximate GELU and relu epilogues (a second table)")
     ap.add_argument("--float", default="auto", choices=("auto", "bf16", "fp32"),
                     help="the float GEMM int8 is compared with (auto: bf16 where oneDNN has bf16 kernels, else fp32)")
     args = ap.parse_args()
@@ -91,10 +105,11 @@ def main() -> None:
     print(f"| rows x red. x cols | GFLOP | {name} ms | int8->{name} | int8->u8 | {name}/int8 | {name} GOP/s | "
           f"int8 GOP/s | {name}+GELU | int8+GELU->u8 | {name}/int8 with GELU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    epilogue_rows = []
     with torch.no_grad():
         for shape in args.shapes.split(","):
             k, n = (int(v) for v in shape.split("x"))
-            cases = _cases(args.rows, k, n, fl)
+            cases = _cases(args.rows, k, n, fl, args.epilogues)
             times: dict[str, list[float]] = {case: [] for case in cases}
             for fn in cases.values():
                 for _ in range(3):
@@ -110,6 +125,15 @@ def main() -> None:
                   f"{ms['int8->u8']:.3f} | {ms['float'] / ms['int8->float']:.2f}x | {gflop / ms['float'] * 1e3:.0f} | "
                   f"{gflop / ms['int8->float'] * 1e3:.0f} | {ms['float+gelu']:.3f} | {ms['int8+gelu->u8']:.3f} |"
                   f" {ms['float+gelu'] / ms['int8+gelu->u8']:.2f}x |", flush=True)
+            if args.epilogues:
+                epilogue_rows.append(f"| {args.rows}x{k}x{n} | " + " | ".join(
+                    f"{ms[f'float{e}']:.3f} / {ms[f'int8{e}->u8' if e else 'int8->u8']:.3f}"
+                    for e in ("", "+gelu", "+gelu_tanh", "+relu")) + " |")
+    if epilogue_rows:
+        print(f"\nEpilogues, ms ({name} / int8 -> u8):")
+        print("| rows x red. x cols | none | exact GELU | tanh GELU | relu |")
+        print("|---|---|---|---|---|")
+        print("\n".join(epilogue_rows))
     print(f"load after: {os.getloadavg()}")
 
 
