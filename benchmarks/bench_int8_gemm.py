@@ -48,14 +48,10 @@ def _cases(rows: int, k: int, n: int, fl: torch.dtype, epilogues: bool = False) 
     xb = torch.randn(rows, k).to(fl)
     wb = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).to(fl), rows)
 
-    def q(post: str, out: torch.dtype):  # type: ignore[no-untyped-def]
+    def q(post: str, out: torch.dtype, algorithm: str = "none"):  # type: ignore[no-untyped-def]
         scale, zp = (0.05, 128) if out == torch.uint8 else (1.0, 0)
         return lambda: torch.ops.onednn.qlinear_pointwise(x8, 0.02, 128, w8, w_scale, w_zp, bias, scale, zp, out,
-                                                          post, [], "none")
-
-    def qe(post: str, algorithm: str):  # type: ignore[no-untyped-def]
-        return lambda: torch.ops.onednn.qlinear_pointwise(x8, 0.02, 128, w8, w_scale, w_zp, bias, 0.05, 128,
-                                                          torch.uint8, post, [], algorithm)
+                                                          post, [], algorithm)
 
     def fe(post: str, algorithm: str):  # type: ignore[no-untyped-def]
         return lambda: torch.ops.mkldnn._linear_pointwise(xb, wb, bias, post, [], algorithm)
@@ -68,8 +64,8 @@ def _cases(rows: int, k: int, n: int, fl: torch.dtype, epilogues: bool = False) 
         "int8+gelu->u8": q("gelu", torch.uint8),
     }
     if epilogues:  # the other epilogues an FFN's up-projection could fuse
-        cases.update({"float+gelu_tanh": fe("gelu", "tanh"), "int8+gelu_tanh->u8": qe("gelu", "tanh"),
-                      "float+relu": fe("relu", ""), "int8+relu->u8": qe("relu", "none")})
+        cases.update({"float+gelu_tanh": fe("gelu", "tanh"), "int8+gelu_tanh->u8": q("gelu", torch.uint8, "tanh"),
+                      "float+relu": fe("relu", ""), "int8+relu->u8": q("relu", torch.uint8)})
     return cases
 
 
