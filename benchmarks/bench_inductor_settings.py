@@ -7,9 +7,16 @@ GEMM template, concat-linear, and the thread count the kernels are compiled for.
         [--batch-sizes 1,32] [--seq 64] [--threads 1] [--rounds 10] [-o out.md]
 
 Per (model, precision) the Program (``O2``, ``O2,cast{dtype=bf16}`` or
-``O2,quantize-int8{mixed=bf16}`` calibrated on the Program's seeded batches) is lowered
+``O2,quantize-int8{mixed=bf16}`` calibrated, accuracy guard on, on the batches
+``graphopt bench`` calibrates on at that seq, so the int8 plan is the bench's) is lowered
 once per setting with ``graphopt.lower(program, "inductor", ...)``; compile time
-is the lowering's wall time. Then the settings run interleaved at each batch
+is the lowering's wall time. ``autotune-cpp`` / ``autotune-aten`` autotune with
+one GEMM backend only (Inductor's CPP template / ATen's oneDNN and MKL calls);
+``SETTING@N`` compiles SETTING once more, as its N-th package: max-autotune picks
+each GEMM's kernel by timing it at compile time, so two compiles of one Program can
+differ, and this measures by how much. The ``GEMMs`` column is what each package
+runs, read from its generated code (``graphopt.runtimes.inductor_code.gemm_census``):
+oneDNN/ATen calls, CPP template kernels on AMX tiles, other CPP template kernels. Then the settings run interleaved at each batch
 size: ``--rounds`` rounds, the order rotated every round, each setting's thread
 count set and one untimed call made before its timed calls (switching thread
 counts slows the first call after the switch), median of the round medians.
@@ -29,6 +36,7 @@ one about 20 minutes.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -40,8 +48,8 @@ from pathlib import Path
 import torch
 
 import graphopt
+from graphopt.bench.calibration import bench_calibration
 from graphopt.bench.timing import machine_info
-from graphopt.passlib.calibration import default_calibration
 from graphopt.rec.zoo import load_model
 
 PRECISIONS = {"fp32": "O2", "bf16": "O2,cast{dtype=bf16}", "int8-bf16": "O2,quantize-int8{mixed=bf16}"}
@@ -49,6 +57,8 @@ SETTINGS = {
     "default": {},  # max_autotune decided per Program (on for base-size models on CPU)
     "no-freezing": {"freezing": False},
     "autotune": {"max_autotune": True, "gemm_backends": "CPP,ATEN"},
+    "autotune-cpp": {"max_autotune": True, "gemm_backends": "CPP"},
+    "autotune-aten": {"max_autotune": True, "gemm_backends": "ATEN"},
     "no-autotune": {"max_autotune": False},
     "concat-linear": {"concat_linear": True},
     "threads-2": {"threads": 2},
@@ -56,7 +66,23 @@ SETTINGS = {
 
 
 def _threads(setting: str, default: int) -> int:
-    return int(setting.split("-")[1]) if setting.startswith("threads-") else default
+    return int(setting.split("-")[1].split("@")[0]) if setting.startswith("threads-") else default
+
+
+def _options(setting: str) -> dict:
+    """The lowering options of a setting; ``SETTING@N`` is SETTING compiled once more."""
+    name = setting.split("@")[0]
+    if name not in SETTINGS and not name.startswith("threads-"):
+        raise SystemExit(f"unknown setting {setting!r}: pick from {', '.join(SETTINGS)}, threads-N, SETTING@N")
+    return SETTINGS.get(name, {})
+
+
+def _gemms(folder: Path) -> str:
+    """``oneDNN n / AMX template n / template n`` of the artifact's package(s)."""
+    from graphopt.runtimes.inductor_code import gemm_census
+
+    counts = sum((gemm_census(pt2) for pt2 in sorted(folder.glob("*.pt2"))), collections.Counter())
+    return f"{counts['onednn']} / {counts['template-amx']} / {counts['template']}"
 
 
 def _time(runners: dict, x: tuple, rounds: int, calls: int) -> dict[str, float]:
@@ -67,7 +93,7 @@ def _time(runners: dict, x: tuple, rounds: int, calls: int) -> dict[str, float]:
     per_round: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            runner, n, _ = runners[name]
+            runner, n, *_ = runners[name]
             torch.set_num_threads(n)
             runner(*x)
             times = []
@@ -84,13 +110,18 @@ def measure(model: str, precision: str, settings: list[str], batches: list[int],
     zm = load_model(model)
     captured = zm.capture()
     pipeline = PRECISIONS[precision]
-    calibration = {"calibration_data": default_calibration(captured)} if "quantize" in pipeline else {}
+    calibration = {}
+    if "quantize" in pipeline:  # the bench's own held-out batches: its int8 plan, not another one
+        held, _ = bench_calibration(
+            lambda b, s, seed: tuple(zm.make_inputs(batch=b, seq=s, seed=seed)[n] for n in captured.input_names),
+            [(b, seq) for b in batches])
+        calibration = {"calibration_data": held}
     program, _ = graphopt.optimize(captured, pipeline, verify_each=False, **calibration)
     runners, rows = {}, []
     for setting in settings:
         n = _threads(setting, threads)
         torch.set_num_threads(n)
-        options = {**SETTINGS[setting], "threads": n, "device": "cpu"}
+        options = {**_options(setting), "threads": n, "device": "cpu"}
         folder = work / f"{model}-{precision}-{setting}".replace(":", "_")
         compile_s, timing = None, folder.with_name(folder.name + ".compile_s")  # beside: load checks the folder
         if not (folder / "manifest.json").is_file():  # --work keeps packages between runs
@@ -105,32 +136,34 @@ def measure(model: str, precision: str, settings: list[str], batches: list[int],
         compile_s = compile_s or float(timing.read_text())
         runner = graphopt.load(folder)
         runner.activate()
-        runners[setting] = (runner, n, compile_s)
-        print(f"  {model} {precision} {setting}: compiled in {compile_s:.0f}s", flush=True)
+        runners[setting] = (runner, n, compile_s, _gemms(folder))
+        print(f"  {model} {precision} {setting}: compiled in {compile_s:.0f}s, GEMMs {runners[setting][3]}",
+              flush=True)
     for batch in batches:
         x = tuple(zm.make_inputs(batch=batch, seq=seq, seed=0).values())
         calls = 5 if batch <= 8 else 2
         p50 = {s: t * 1e3 for s, t in _time(runners, x, rounds, calls).items()}
         base = p50.get("default")
-        for s, (_, n, compile_s) in runners.items():
+        for s, (_, n, compile_s, gemms) in runners.items():
             rows.append({"model": model, "precision": precision, "setting": s, "batch": batch, "threads": n,
-                         "p50_ms": p50[s], "vs_default": (base / p50[s]) if base else None, "compile_s": compile_s})
-    for runner, _, _ in runners.values():
+                         "p50_ms": p50[s], "vs_default": (base / p50[s]) if base else None, "compile_s": compile_s,
+                         "gemms": gemms})
+    for runner, *_ in runners.values():
         runner.deactivate()
     torch.set_num_threads(threads)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | precision | setting | threads | batch | p50 ms | speedup vs default | compile s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | precision | setting | threads | batch | p50 ms | speedup vs default | compile s | "
+             "GEMMs oneDNN / AMX template / template |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['precision']} | {r['setting']} | - | - | failed: {r['error']} | - | - |")
+            lines.append(f"| {r['model']} | {r['precision']} | {r['setting']} | - | - | failed: {r['error']} | - | - | - |")
             continue
         ratio = f"{r['vs_default']:.2f}x" if r["vs_default"] else "-"
         lines.append(f"| {r['model']} | {r['precision']} | {r['setting']} | {r['threads']} | {r['batch']} | "
-                     f"{r['p50_ms']:.2f} | {ratio} | {r['compile_s']:.0f} |")
+                     f"{r['p50_ms']:.2f} | {ratio} | {r['compile_s']:.0f} | {r['gemms']} |")
     return "\n".join(lines)
 
 

@@ -104,10 +104,11 @@ def test_split_rows_runs_a_plain_weights_package_from_that_many_rows(tmp_path):
     linear): the runner's output is bit for bit the chosen package's, and the two packages' outputs
     differ in their last bits; both match the Program (1e-5). The plain package is weight_prepack=False,
     compiled in a fresh interpreter beside the packed compile in this process (Inductor registers its
-    packing patterns once per process): it holds no oneDNN linear."""
+    packing patterns once per process): it holds no oneDNN linear. Neither was autotuned: the GEMM
+    census counts both linears as oneDNN/ATen calls and no CPP GEMM template."""
     if not available_runtimes()["inductor"].available:
         pytest.skip(available_runtimes()["inductor"].reason)
-    from graphopt.runtimes.inductor_code import wrapper_calls, wrapper_source
+    from graphopt.runtimes.inductor_code import gemm_census, wrapper_calls, wrapper_source
 
     from graphopt.errors import ArtifactError, LoweringError
     from graphopt.runtime.artifact import read_artifact
@@ -124,6 +125,8 @@ def test_split_rows_runs_a_plain_weights_package_from_that_many_rows(tmp_path):
     assert "aoti_torch_cpu__linear_pointwise" in kernels["model.pt2"], kernels
     assert "aoti_torch_cpu_addmm_out" in kernels["model_rows.pt2"], kernels
     assert not [k for k in kernels["model_rows.pt2"] if k.startswith("aoti_torch_cpu__linear_pointwise")], kernels
+    assert {name: dict(gemm_census(path)) for name, path in packages.items()} == {
+        "model.pt2": {"onednn": 2}, "model_rows.pt2": {"onednn": 2}}
     alone = {name: torch._inductor.aoti_load_package(str(path)) for name, path in packages.items()}
     with graphopt.load(artifact.path) as runner, torch.inference_mode():
         for batch, chosen in ((1, "model.pt2"), (7, "model.pt2"), (8, "model_rows.pt2"), (9, "model_rows.pt2")):

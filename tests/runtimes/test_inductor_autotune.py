@@ -101,13 +101,18 @@ def test_a_float_linear_feeding_an_int8_one_is_autotuned_without_epilogue_fusion
     first, past its end (the process running it dies). Such a Program is autotuned with Inductor's
     epilogue fusion off, the manifest saying why, and the package matches the Program (1e-4) at
     two batch sizes; the near misses (every linear int8, in fp32 or int8-mixed-bf16 form, whose GEMMs
-    read bf16 casts of the dequantized operands) are not flagged."""
+    read bf16 casts of the dequantized operands) are not flagged. Autotuned with the CPP template
+    alone, both GEMMs are template kernels in the generated code (the int8 one on AMX tiles where
+    the CPU has amx_int8), none a oneDNN call."""
     status = available_runtimes()["inductor"]
     if not status.available:
         pytest.skip(status.reason)
     from graphopt.runtimes.inductor import export_on, inductor_configs
     from graphopt.runtimes.inductor_autotune import narrowing_epilogues, package_check
+    from graphopt.runtimes.inductor_code import gemm_census
     from graphopt.runtimes.inductor_compile import compile_package
+
+    from graphopt.hardware import cpu_flags
 
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)).eval()
@@ -128,6 +133,9 @@ def test_a_float_linear_feeding_an_int8_one_is_autotuned_without_epilogue_fusion
     backend = artifact.manifest["backend"]
     assert backend["inductor_configs"]["max_autotune"] is True and "autotune_rejected" not in backend, backend
     assert backend["inductor_configs"]["epilogue_fusion"] is False and first in backend["epilogue_fusion_off"]
+    census = gemm_census(artifact.path / backend["entry"])
+    amx = "amx_int8" in cpu_flags()
+    assert census == {"template": 1 if amx else 2, **({"template-amx": 1} if amx else {})}, census
     with graphopt.load(artifact.path) as runner:
         for batch in (1, 7):
             x = torch.randn(batch, 256, generator=torch.Generator().manual_seed(batch))
