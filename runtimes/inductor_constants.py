@@ -7,19 +7,21 @@ it. glibc returns 16-byte-aligned blocks (a block of 32 MB or more is its own
 mapping, returned 16 bytes past the page), so every weight starts 16, 32 or 48
 bytes off a cache line, or, by luck, on one: each GEMM's weight rows then
 straddle cache lines and its AMX/AVX-512 tile loads split. Measured on an Intel
-Xeon with AMX (Emerald Rapids, 2 threads, torch 2.13, 2026-12-06): bert4rec:large
-bf16 at batch 8 took 79-83 ms per call as loaded and 58-61 ms with the same
-package's constants 64-byte aligned (its 198 MB block is mapped: never aligned);
-on bert4rec:base, six loads of one package in one process ran 9.6-10.0 ms at
-batch 32, except the one whose block happened to fall on a cache line, 8.4.
+Xeon with AMX (Emerald Rapids, 2 threads, torch 2.13, 2026-12-06,
+benchmarks/bench_constant_alignment.py): bert4rec:large's bf16 package (its block
+is mapped: never aligned) ran 1.12x / 1.24x faster aligned at batch 8 / 32, and
+1.38x / 1.54x compiled without autotuning; on bert4rec:base, six loads of one
+package in one process ran 9.6-10.0 ms at batch 32, except the one whose block
+happened to fall on a cache line, 8.4. Float32 packages (MKL's packed GEMMs) do
+not care.
 
 :class:`AlignedPackage` loads the package's shared library itself (the
 container runner the package loader would create) and moves every constant it
 can name into memory torch allocates (64-byte aligned), swapping them in as
-user-managed constants. The loader's ``extract_constants_map`` keys constants
+user-managed constants. The container's ``extract_constants_map`` keys constants
 by their original FQN, which some constants share (a quantized model's many
-``x_scale``); those few stay where AOTInductor put them (scalars: they cost
-nothing). The old copies of the moved ones are released page by page
+``x_scale``); those few stay where AOTInductor put them (scalars and per-channel
+zero points). The old copies of the moved ones are released page by page
 (``madvise(MADV_DONTNEED)`` on the whole pages inside them), so the weights are
 held once, not twice. The outputs are bit for bit those of the package as the
 loader loads it (tests/runtimes/test_inductor_constants.py).
@@ -155,7 +157,7 @@ class AlignedPackage:
         self._moved = {}
         self._dir.cleanup()
 
-    def __del__(self) -> Any:
+    def __del__(self) -> None:
         if getattr(self, "_runner", None) is not None:
             self.close()
 
