@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import mmap
 import tempfile
 import zipfile
@@ -85,6 +86,7 @@ def _release(ranges: list[tuple[int, int]]) -> int:
     return released
 
 
+@functools.cache
 def _libc() -> Any:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -111,16 +113,19 @@ class AlignedPackage:
         self._moved: dict[str, torch.Tensor] = {}  # user-managed: the runner holds pointers into these
         self.placement = self._align(move)
 
-    def _align(self, move: bool) -> dict[str, int]:
+    def _named(self) -> tuple[dict[str, torch.Tensor], int, int]:
+        """The constants that can be told apart, by name (an FQN two constants share names neither),
+        how many constants there are, and how many of them sit off a 64-byte boundary."""
         by_fqn = self._runner.extract_constants_map(False)
         names = self._runner.get_constant_names_to_original_fqns()
         shared = collections.Counter(names.values())
-        misaligned = sum(_byte_range(t)[0] % ALIGNMENT != 0 for t in by_fqn.values())
+        named = {name: by_fqn[fqn] for name, fqn in names.items() if shared[fqn] == 1 and fqn in by_fqn}
+        return named, len(names), sum(_byte_range(t)[0] % ALIGNMENT != 0 for t in by_fqn.values())
+
+    def _align(self, move: bool) -> dict[str, int]:
+        named, total, misaligned = self._named()
         old: list[tuple[int, int]] = []
-        for name, fqn in names.items():
-            t = by_fqn.get(fqn)
-            if t is None or shared[fqn] > 1:
-                continue
+        for name, t in named.items():
             address, size = _byte_range(t)
             if not move or size == 0 or address % ALIGNMENT == 0:
                 continue
@@ -132,7 +137,7 @@ class AlignedPackage:
         if self._moved:
             self._runner.update_constant_buffer(self._moved, False, False, True)
         packed = sum(t.layout != torch.strided for t in self._moved.values())
-        return {"moved": len(self._moved), "moved_packed": packed, "kept": len(names) - len(self._moved),
+        return {"moved": len(self._moved), "moved_packed": packed, "kept": total - len(self._moved),
                 "misaligned": misaligned,
                 "moved_bytes": sum(e - s for s, e in old),
                 "released_bytes": _release(old) if old else 0}  # again, with the pages moved neighbours share
@@ -140,11 +145,7 @@ class AlignedPackage:
     def misaligned(self) -> list[str]:
         """The constants the model reads now that do not start on a 64-byte boundary, by name
         (the ones sharing an FQN with another constant cannot be told apart and are left out)."""
-        by_fqn = self._runner.extract_constants_map(False)
-        names = self._runner.get_constant_names_to_original_fqns()
-        shared = collections.Counter(names.values())
-        return sorted(name for name, fqn in names.items() if shared[fqn] == 1 and fqn in by_fqn
-                      and _byte_range(by_fqn[fqn])[0] % ALIGNMENT != 0)
+        return sorted(name for name, t in self._named()[0].items() if _byte_range(t)[0] % ALIGNMENT != 0)
 
     def __call__(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
         return self._runner.run(flat)
