@@ -48,6 +48,7 @@ __all__ = [
     "auc",
     "logloss",
     "relative_change",
+    "shown_against",
     "FidelityBar",
     "FIDELITY_BAR",
 ]
@@ -317,6 +318,20 @@ def relative_change(value: float, reference: float, key: str = "") -> float:
     return -change if _lower_is_better(key) else change
 
 
+def shown_against(value: float, bound: float, digits: int, sign: bool = False) -> str:
+    """``value`` to ``digits`` decimals, or to up to three more where fewer would put it on
+    the other side of ``bound`` than it is: against the 0.99 bar a top-10 overlap of 0.9898
+    reads 0.990 at three decimals and is shown 0.9898; a change of -0.503% against -0.5%
+    is shown -0.503 (``sign``: a leading + on positive values)."""
+    below = value < bound
+    text = ""
+    for places in range(digits, digits + 4):
+        text = f"{value:{'+' if sign else ''}.{places}f}"
+        if (float(text) < bound) == below:
+            break
+    return text
+
+
 @dataclass(frozen=True)
 class FidelityBar:
     """What "keeps the ranking" means when a best variant is chosen.
@@ -351,13 +366,23 @@ class FidelityBar:
                     return False, f"{key} not measured"
                 change = relative_change(float(value), float(eager_eval[key]), key)  # type: ignore[index]
                 if not change >= -100.0 * self.max_rel_drop - 1e-9:
-                    return False, f"{key} {change:+.2f}% vs eager (bar -{100 * self.max_rel_drop:g}%)"
+                    return False, (f"{key} {self.show_change(change)}% vs eager "
+                                   f"(bar -{100 * self.max_rel_drop:g}%)")
             return True, ""
         if topk is not None and math.isfinite(topk):
             if topk >= self.min_topk_overlap - 1e-12:
                 return True, ""
-            return False, f"top-{self.k} overlap {topk:.3f} < {self.min_topk_overlap:g}"
+            return False, f"top-{self.k} overlap {self.show_overlap(topk)} < {self.min_topk_overlap:g}"
         return False, "no fidelity measured"
+
+    def show_overlap(self, topk: float) -> str:
+        """A top-k overlap to three decimals, more where three would round a miss onto the bar."""
+        return shown_against(topk, self.min_topk_overlap, 3)
+
+    def show_change(self, change_pct: float) -> str:
+        """A signed relative change in percent to two decimals, more where two would round
+        a miss onto the bar (no % sign)."""
+        return shown_against(change_pct, -100.0 * self.max_rel_drop, 2, sign=True)
 
     def agreement_target(self, reference: Sequence[torch.Tensor]) -> tuple[str, float]:
         """The bar for outputs without evaluation data, as an :func:`agreement` metric

@@ -16,6 +16,7 @@ from graphopt.metrics import (
     ranking_drift,
     relative_change,
     score_rows,
+    shown_against,
 )
 
 
@@ -65,6 +66,19 @@ def test_fidelity_bar_with_and_without_eval_data():
     ok, why = FIDELITY_BAR.check(None, None, topk=0.972)
     assert not ok and "0.972" in why
     assert FIDELITY_BAR.check(None, None, None) == (False, "no fidelity measured")
+
+
+def test_a_near_miss_is_never_shown_on_the_bar():
+    # three decimals would print 0.990 for a 0.9898 overlap that misses the 0.99 bar, two
+    # would print -0.50% for a -0.503% change that misses the 0.5% one: more digits then
+    assert FIDELITY_BAR.check(None, None, topk=0.98984375) == (False, "top-10 overlap 0.9898 < 0.99")
+    ok, why = FIDELITY_BAR.check({"ndcg@10": 0.049748}, {"ndcg@10": 0.05})  # -0.504%
+    assert not ok and why == "ndcg@10 -0.504% vs eager (bar -0.5%)"
+    # values clear of the bar, and one exactly on it (it meets the bar), keep the usual digits
+    assert [FIDELITY_BAR.show_overlap(x) for x in (0.9953, 0.972, 0.99, 1.0)] == ["0.995", "0.972", "0.990", "1.000"]
+    assert [FIDELITY_BAR.show_change(x) for x in (-0.33, -0.5, -0.63, 0.0, 0.291)] == [
+        "-0.33", "-0.50", "-0.63", "+0.00", "+0.29"]
+    assert shown_against(0.98999, 0.99, 3) == "0.98999" and shown_against(-0.5001, -0.5, 2, sign=True) == "-0.5001"
 
 
 # ------------------------------------------------------------------ AUC and logloss

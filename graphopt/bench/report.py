@@ -210,8 +210,8 @@ class BenchReport:
                 f"{lat.get('p50_ms', math.nan):.2f}",
                 f"{lat.get('p99_ms', math.nan):.2f}",
                 speed,
-                f"{acc['topk_overlap']:.3f}" if _finite(acc.get("topk_overlap")) else "-",
-                *(f"{c:+.2f}%" if c is not None else "-" for c in changes),
+                FIDELITY_BAR.show_overlap(acc["topk_overlap"]) if _finite(acc.get("topk_overlap")) else "-",
+                *(f"{FIDELITY_BAR.show_change(c)}%" if c is not None else "-" for c in changes),
                 _size(v),
                 f"{v['compile_s']:.1f}" if _finite(v.get("compile_s")) and v["kind"] != "baseline" else "-",
             ])

@@ -182,6 +182,9 @@ def test_best_is_the_fastest_variant_whose_ranking_holds():
     assert header[:4] == ["variant", "p50 ms", "p99 ms", "speedup"]
     assert [r[0] for r in rows if r[0].endswith("★")] == ["good ★"]
     assert [r[0] for r in rows if r[0].endswith("✗")] == ["fast-but-wrong ✗", "near-miss ✗"]
+    # a miss by a hair is shown below the bar, not rounded onto it
+    hair = _report([("eager", "baseline", 1.0, 1.0), ("hair", "graphopt", 5.0, 0.98984375)])
+    assert hair.table("b1")[1][1][:5] == ["hair ✗", "0.20", "0.40", "5.00x (5.00-5.00)", "0.9898"]
     # near miss: nothing faster than eager with its accuracy intact -> no best
     assert _report([("eager", "baseline", 1.0, 1.0), ("slow", "graphopt", 0.8, 1.0)]).best("b1") is None
 

@@ -94,3 +94,39 @@ def test_cached_demo_models_are_keyed_on_the_objectives_revision(monkeypatch):
     assert not bert.split("-")[-1].startswith("r")  # revision 1 keeps the keys caches already hold
     monkeypatch.setattr(Seq2SeqNextItem, "revision", 1)  # the one-step objective's models: another key
     assert _cache_key("t5-rec:base", data, config) == t5.rsplit("-r", 1)[0] != t5
+
+
+def test_one_user_miss_names_the_fastest_variant_that_lost_one_user_net():
+    from graphopt.bench import BenchReport
+    from graphopt.cli.demo import one_user_miss
+
+    def variant(name, kind, hr, moved):
+        return {"name": name, "kind": kind, "status": "ok", "eval": {"hr@10": hr, "ndcg@10": 0.0925},
+                "eval_users": moved, "compile_s": 1.0, "size_bytes": 1, "size_kind": "artifact", "memory": {},
+                "notes": [], "reason": ""}
+
+    def moved(gained, lost):
+        return {"gained": float(gained), "lost": float(lost), "min_margin": 2.5e-05, "p_value": 1.0}
+
+    hits = 158  # of 943 users: HR@10 0.1676, one user 0.63% of it against the 0.5% bar
+    rows = [("eager", "baseline", 1.0, hits, None), ("fp32", "graphopt", 1.45, hits, moved(0, 0)),
+            ("int8", "graphopt", 3.35, hits - 1, moved(1, 2)), ("bf16", "graphopt", 5.51, hits - 1, moved(0, 1)),
+            ("bf16-two", "graphopt", 6.0, hits - 2, moved(0, 2))]
+    variants = [variant(n, k, h / 943, m) for n, k, _, h, m in rows]
+    results = [{"shape": "b32", "batch": 32, "seq": 64, "variant": n, "status": "ok",
+                "latency": {"p50_ms": 10.0 / s, "p99_ms": 20.0 / s},
+                "speedup": {"speedup": s, "speedup_p10": s, "speedup_p90": s},
+                "accuracy": {"topk_overlap": 1.0}} for n, _, s, _, _ in rows]
+    rep = BenchReport("m", 0.0, 1.0, {}, {"k": 10, "timing": {"warmup": 1, "rounds": 2}}, variants, results,
+                      eval_reference={"hr@10": hits / 943, "ndcg@10": 0.0925})
+    assert rep.best("b32") == "fp32"
+    line = one_user_miss(rep, "b32", 943)
+    # bf16-two is faster but lost two users; bf16 is the fastest one-user miss, int8 slower than it
+    assert line is not None and line.strip().startswith("bf16 (5.51x) misses it by one user net (+0/-1 of 943")
+    assert "one user is 0.63% of HR@10 here, the bar 0.5%" in line and "McNemar p 1.00" in line
+    # nothing to say where every variant faster than the starred one lost more, or none missed
+    rep.variants[3]["eval_users"] = moved(0, 3)
+    rep.variants[2]["eval_users"] = moved(0, 3)
+    assert one_user_miss(rep, "b32", 943) is None
+    rep.eval_reference = {"auc": 0.77}  # click models: no HR@10 to step
+    assert one_user_miss(rep, "b32", 943) is None
