@@ -4,8 +4,8 @@ torch only (no graphopt import), for filing with PyTorch: AOTInductor copies a C
 package's constants into one block from ``std::malloc`` (``RAII_cpuMalloc`` in
 ``torch/csrc/inductor/aoti_runtime/model_base.h``) and lays them out at 64-byte
 offsets inside it; glibc returns 16-byte-aligned memory (a block of 32 MB or more
-is its own mapping, 16 bytes past the page), so every weight starts 16 bytes off
-a cache line. This script compiles a bf16 MLP whose weights take 64 MB, loads the
+is its own mapping, 16 bytes past the page; a smaller one lands wherever the heap
+puts it), so every weight starts 16 bytes off a cache line. This script compiles a bf16 MLP whose weights take 64 MB, loads the
 package's model library with the container runner the package loader uses, prints
 each constant's address modulo 64, then times the model as loaded and after
 swapping in 64-byte-aligned copies of the same weights

@@ -319,12 +319,9 @@ def relative_change(value: float, reference: float, key: str = "") -> float:
 
 
 def shown_against(value: float, bound: float, digits: int, sign: bool = False) -> str:
-    """``value`` to ``digits`` decimals, or to up to three more where fewer would put it on
-    the other side of ``bound`` than it is: against the 0.99 bar a top-10 overlap of 0.9898
-    reads 0.990 at three decimals and is shown 0.9898; a change of -0.503% against -0.5%
-    is shown -0.503 (``sign``: a leading + on positive values)."""
-    below = value < bound
-    text = ""
+    """``value`` to ``digits`` decimals, or up to three more where fewer would show it on the other side
+    of ``bound``: 0.9898 against the 0.99 bar, -0.503 against -0.5 (``sign``: a + on positive values)."""
+    below, text = value < bound, ""
     for places in range(digits, digits + 4):
         text = f"{value:{'+' if sign else ''}.{places}f}"
         if (float(text) < bound) == below:
