@@ -24,6 +24,7 @@ than one.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -35,23 +36,8 @@ import torch
 
 import graphopt
 from graphopt.bench.calibration import bench_calibration
-from graphopt.bench.timing import machine_info
+from graphopt.bench.timing import machine_info, rotated_medians
 from graphopt.rec.zoo import load_model
-
-
-def _time(runners: dict, x: tuple, rounds: int, calls: int) -> dict[str, float]:
-    names = list(runners)
-    per: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            runners[name](*x)
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                runners[name](*x)
-                times.append(time.perf_counter() - start)
-            per[name].append(statistics.median(times))
-    return {n: statistics.median(v) for n, v in per.items()}
 
 
 def measure(model: str, pipeline: str, batches: list[int], seq: int, instances: int, rounds: int,
@@ -83,7 +69,8 @@ def measure(model: str, pipeline: str, batches: list[int], seq: int, instances: 
         x = tuple(zm.make_inputs(batch=batch, seq=seq, seed=0).values())
         outs = {n: r(*x)[0] for n, r in runners.items()}
         first = next(iter(outs.values()))
-        p50 = {n: t * 1e3 for n, t in _time(runners, x, rounds, 5 if batch <= 8 else 3).items()}
+        p50 = {n: t * 1e3 for n, t in rotated_medians({n: functools.partial(r, *x) for n, r in runners.items()},
+                                                        rounds, 5 if batch <= 8 else 3).items()}
         side = {s: [v for n, v in p50.items() if n.startswith(s)] for s in ("aligned", "as-loaded")}
         med = {s: statistics.median(v) for s, v in side.items()}
         rows.append({"model": model, "pipeline": pipeline, "batch": batch, "seq": seq,

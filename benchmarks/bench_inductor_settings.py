@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -49,7 +49,7 @@ import torch
 
 import graphopt
 from graphopt.bench.calibration import bench_calibration
-from graphopt.bench.timing import machine_info
+from graphopt.bench.timing import machine_info, rotated_medians
 from graphopt.rec.zoo import load_model
 
 PRECISIONS = {"fp32": "O2", "bf16": "O2,cast{dtype=bf16}", "int8-bf16": "O2,quantize-int8{mixed=bf16}"}
@@ -83,26 +83,6 @@ def _gemms(folder: Path) -> str:
 
     counts = sum((gemm_census(pt2) for pt2 in sorted(folder.glob("*.pt2"))), collections.Counter())
     return f"{counts['onednn']} / {counts['template-amx']} / {counts['template']}"
-
-
-def _time(runners: dict, x: tuple, rounds: int, calls: int) -> dict[str, float]:
-    """Median per-call seconds of each runner: per round, in an order rotated every round
-    (no setting always runs right after another), set its thread count, make one untimed
-    call (a thread-count switch costs the first call), then time ``calls`` calls."""
-    names = list(runners)
-    per_round: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            runner, n, *_ = runners[name]
-            torch.set_num_threads(n)
-            runner(*x)
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                runner(*x)
-                times.append(time.perf_counter() - start)
-            per_round[name].append(statistics.median(times))
-    return {n: statistics.median(v) for n, v in per_round.items()}
 
 
 def measure(model: str, precision: str, settings: list[str], batches: list[int], seq: int, threads: int,
@@ -142,7 +122,9 @@ def measure(model: str, precision: str, settings: list[str], batches: list[int],
     for batch in batches:
         x = tuple(zm.make_inputs(batch=batch, seq=seq, seed=0).values())
         calls = 5 if batch <= 8 else 2
-        p50 = {s: t * 1e3 for s, t in _time(runners, x, rounds, calls).items()}
+        p50 = {s: t * 1e3 for s, t in rotated_medians(
+            {s: functools.partial(r[0], *x) for s, r in runners.items()}, rounds, calls,
+            before=lambda s: torch.set_num_threads(runners[s][1])).items()}
         base = p50.get("default")
         for s, (_, n, compile_s, gemms) in runners.items():
             rows.append({"model": model, "precision": precision, "setting": s, "batch": batch, "threads": n,

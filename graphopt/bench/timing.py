@@ -32,6 +32,7 @@ __all__ = [
     "summarize",
     "paired_speedup",
     "run_interleaved",
+    "rotated_medians",
     "machine_info",
     "finish_report",
     "load_warning",
@@ -171,6 +172,23 @@ def run_interleaved(
         if on_round is not None:
             on_round(r + 1, config.rounds)
     return samples
+
+
+def rotated_medians(fns: Mapping[str, Callable[[], Any]], rounds: int, calls: int,
+                    before: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Median per-call seconds of each callable, for A/B benchmarks of a few artifacts: per
+    round, in an order rotated every round (none always runs right after another), call
+    ``before(name)`` (e.g. set its thread count), make one untimed call (a switch costs the
+    first call), then time ``calls`` calls; the median of the round medians."""
+    names = list(fns)
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if before is not None:
+                before(name)
+            fns[name]()
+            per_round[name].append(statistics.median(_time_call(fns[name]) for _ in range(calls)))
+    return {n: statistics.median(v) for n, v in per_round.items()}
 
 
 def load_warning() -> str | None:

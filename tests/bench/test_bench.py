@@ -18,6 +18,7 @@ from graphopt.bench.timing import (
     TimingConfig,
     paired_speedup,
     percentile,
+    rotated_medians,
     run_interleaved,
     summarize,
 )
@@ -240,3 +241,13 @@ def test_bench_calibration_takes_every_sequence_length_in_turn(zoo):
     assert note.endswith("(seeds 1000+), seq 8, 16 in turn"), note
     one, note1 = bench_calibration(inputs, [(12, 16)])
     assert {b[0].shape[1] for b in one} == {16} and note1.endswith("seq 16"), note1
+
+
+def test_rotated_medians_rotates_the_order_and_times_each_callable():
+    log: list[str] = []
+    fns = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    medians = rotated_medians(fns, rounds=3, calls=2, before=lambda name: log.append(f"set {name}"))
+    # per round: before(name), one untimed call, `calls` timed calls; the order rotates each round
+    per_name = ["set {0}", "{0}", "{0}", "{0}"]
+    assert log == [step.format(n) for order in ("abc", "bca", "cab") for n in order for step in per_name]
+    assert set(medians) == {"a", "b", "c"} and all(t >= 0.0 for t in medians.values())  # no timing asserted
