@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.bench.accuracy import quality_section
-from graphopt.metrics import FIDELITY_BAR, relative_change
+from graphopt.metrics import FIDELITY_BAR, relative_change, shown_against
 from graphopt.outputs import atomic_directory
 
 __all__ = ["BenchReport", "BENCH_FORMAT", "shape_key", "pareto_front", "accuracy_score"]
@@ -115,7 +115,7 @@ class BenchReport:
         if not self.eval_reference and not _finite(topk):
             cos = acc.get("cosine")
             if _finite(cos):
-                return (True, "") if cos >= MIN_COSINE else (False, f"cosine {cos:.4f} < {MIN_COSINE}")
+                return (True, "") if cos >= MIN_COSINE else (False, f"cosine {shown_against(cos, MIN_COSINE, 4)} < {MIN_COSINE}")
         return FIDELITY_BAR.check(v.get("eval") or None, self.eval_reference or None,
                                   float(topk) if _finite(topk) else None)
 

@@ -23,7 +23,14 @@ import torch
 from graphopt.bench.report import MIN_COSINE
 from graphopt.errors import GraphoptError
 from graphopt.hits import UserHits, hit_changes
-from graphopt.metrics import FIDELITY_BAR, FidelityBar, agreement, relative_change, score_matrix
+from graphopt.metrics import (
+    FIDELITY_BAR,
+    FidelityBar,
+    agreement,
+    relative_change,
+    score_matrix,
+    shown_against,
+)
 from graphopt.tune.data import DataSpecError, TuneData
 
 __all__ = ["Metric", "METRICS", "Judge", "parse_drop"]
@@ -141,7 +148,7 @@ class Judge:
         if self._ranks:
             meets, why = self.bar.check(None, None, value)
         else:
-            meets, why = (value >= MIN_COSINE, "" if value >= MIN_COSINE else f"cosine {value:.4f} < {MIN_COSINE}")
+            meets, why = (value >= MIN_COSINE, "" if value >= MIN_COSINE else f"cosine {shown_against(value, MIN_COSINE, 4)} < {MIN_COSINE}")
         return {"metric": kind, "value": value, "reference": 1.0, "change_pct": 100.0 * (value - 1.0),
                 "values": {kind: value}, "meets": meets, "why": why}
 

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphopt.bench.report import pareto_front
+from graphopt.bench.report import MIN_COSINE, pareto_front
+from graphopt.metrics import shown_against
 from graphopt.tune.sensitivity import ranking
 
 if TYPE_CHECKING:
@@ -105,15 +106,29 @@ def plot_pareto(result: TuneResult, path: Path) -> Path | None:
     return path
 
 
-def _fid_text(fid: dict[str, Any]) -> str:
+def _bar_of(fid: dict[str, Any], drop: float) -> tuple[float, float]:
+    """The tuner's bar for ``fid``'s metric: (on its value, on its change in %)."""
+    floor = {"topk_overlap": 1.0 - drop, "cosine": MIN_COSINE}.get(fid.get("metric", ""))
+    return (floor, 100.0 * (floor - 1.0)) if floor is not None else (math.nan, -100.0 * drop)
+
+
+def _change_text(fid: dict[str, Any], drop: float) -> str:
+    """The relative change in %, never rounded onto the bar (:func:`graphopt.metrics.shown_against`)."""
+    change = fid.get("change_pct", math.nan) if fid else math.nan
+    return shown_against(change, _bar_of(fid, drop)[1], 2, sign=True) + "%" if math.isfinite(change) else "-"
+
+
+def _fid_text(fid: dict[str, Any], drop: float) -> str:
     if not fid:
         return "-"
     if fid.get("metric") in ("topk_overlap", "cosine"):
-        return f"{fid['metric'].replace('_', '-')} {fid.get('value', math.nan):.4f}"
+        value = fid.get("value", math.nan)
+        shown = shown_against(value, _bar_of(fid, drop)[0], 4) if math.isfinite(value) else "nan"
+        return f"{fid['metric'].replace('_', '-')} {shown}"
     vals = fid.get("values", {})
     refs = fid.get("reference_values", {})
     parts = [f"{k.upper()} {v:.4f} (eager {refs.get(k, math.nan):.4f})" for k, v in vals.items()]
-    text = "; ".join(parts) + f"; {fid.get('metric', '').upper()} {fid.get('change_pct', math.nan):+.2f}%"
+    text = "; ".join(parts) + f"; {fid.get('metric', '').upper()} {_change_text(fid, drop)}"
     return text + users_text(fid.get("users"))
 
 
@@ -134,6 +149,7 @@ def _speeds(latency: dict[str, Any]) -> str:
 
 def render_report(result: TuneResult, summary: dict[str, Any]) -> str:
     s = result.settings
+    drop = s.get("max_drop", 0.005)
     m = summary.get("machine", {})
     trials = result.trials
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -171,7 +187,7 @@ def render_report(result: TuneResult, summary: dict[str, Any]) -> str:
             f"- pipeline: `{best.pipeline or 'none'}`",
             f"- runtime: {best.candidate.runtime}, options {best.candidate.options}",
             f"- speed: {_speeds(lat)}" + (" (confirmation run)" if best.n in rows else " (search run)"),
-            f"- fidelity on {best.candidate.runtime}: {_fid_text(best.runtime_fidelity or best.fidelity)}",
+            f"- fidelity on {best.candidate.runtime}: {_fid_text(best.runtime_fidelity or best.fidelity, drop)}",
             f"- artifact: `{result.out_dir / 'best'}` (`graphopt.load` it; its manifest.json `tune` section says all this)",
             "",
         ]
@@ -207,7 +223,7 @@ def render_report(result: TuneResult, summary: dict[str, Any]) -> str:
         t = max(ok, key=lambda t: t.objective)
         confirmed = rows.get(t.n, {}).get("latency")
         speed = _speeds(confirmed) + " (confirmation run)" if confirmed else _speeds(t.latency) + " (search)"
-        lines.append(f"| {rt} | {_cell(t.key, 90)} | {t.n} | {speed} | {_cell(_fid_text(t.runtime_fidelity), 90)} |")
+        lines.append(f"| {rt} | {_cell(t.key, 90)} | {t.n} | {speed} | {_cell(_fid_text(t.runtime_fidelity, drop), 90)} |")
     lines += ["", "![speed vs fidelity](pareto.png)", ""]
     lines += _sensitivity_lines(result.sensitivity)
     counts: dict[str, int] = {}
@@ -217,7 +233,7 @@ def render_report(result: TuneResult, summary: dict[str, Any]) -> str:
               "| # | stage | candidate | status | fidelity Δ | objective | compile s | why |", "|---|---|---|---|---|---|---|---|"]
     for t in sorted(trials, key=lambda t: t.n):
         fid = t.runtime_fidelity or t.fidelity
-        delta = f"{fid['change_pct']:+.2f}%" if fid and math.isfinite(fid.get("change_pct", math.nan)) else "-"
+        delta = _change_text(fid, drop)
         obj = f"{t.objective:.2f}x" if t.objective else "-"
         comp = f"{t.compile_s:.1f}" if t.compile_s else "-"
         lines.append(f"| {t.n}{' ★' if best is not None and t.n == best.n else ''} | {t.stage} | {_cell(t.key, 110)} | "

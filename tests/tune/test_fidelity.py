@@ -135,3 +135,27 @@ def test_ml100k_evaluation_is_the_demos(tmp_path):
     assert first == {k: v for k, v in evaluate_ranking(score, cases.subset(40), data.num_items, seq_len=20,
                                                        append_mask=data.num_items + 1, batch_size=32,
                                                        fixed_batch=True).items() if k != "users"}
+
+
+def test_the_report_never_rounds_a_miss_onto_the_bar(tmp_path):
+    """A trial 0.502% below eager's NDCG misses the 0.5% bar: its trial row and fidelity text say -0.502%, not
+    -0.50%; a top-10 overlap of 0.99496 against the tuner's 0.995 reads 0.99496, not 0.9950."""
+    from graphopt.tune.report import render_report
+    from graphopt.tune.space import Candidate
+    from graphopt.tune.trials import Trial
+    from graphopt.tune.tuner import TuneResult
+
+    ndcg = {"metric": "ndcg@10", "values": {"ndcg@10": 0.0995, "hr@10": 0.2}, "change_pct": -0.502, "meets": False,
+            "reference_values": {"ndcg@10": 0.1, "hr@10": 0.2}, "why": "NDCG@10 -0.502% vs eager (bar -0.5%)"}
+    topk = {"metric": "topk_overlap", "value": 0.99496, "values": {"topk_overlap": 0.99496}, "change_pct": -0.504,
+            "meets": False}
+    trials = [Trial(n, Candidate(precision=p, runtime="onnxruntime"), "precision", "below-bar",
+                    pipeline=p, fidelity=f, runtime_fidelity=f, reason=f.get("why", ""))
+              for n, (p, f) in enumerate([("cast{dtype=bf16}", ndcg), ("quantize-int8", topk)], 1)]
+    result = TuneResult(tmp_path, None, None, trials, settings={"max_drop": 0.005, "runtimes": ["onnxruntime"],
+                                                                  "shapes": [(1, None)], "budget_s": 60.0})
+    text = render_report(result, {})
+    rows = [line for line in text.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and "| -0.502% |" in rows[0] and "| -0.504% |" in rows[1]
+    assert "-0.50%" not in text and "0.9950" not in text
+    assert "No candidate met the bar" in text
