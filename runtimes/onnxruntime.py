@@ -149,11 +149,24 @@ def _loads(ort: Any, model: Any) -> str | None:
     return None
 
 
+def _ir_copy(model: Any) -> Any:
+    """``model`` as an onnx_ir model that shares nothing with it: the rewriters edit what they are
+    given, and an IR read straight from the proto edits the proto too (measured: onnxscript's
+    transformer fusions left a Llama int8 export with a dangling input), which the fallback of
+    every caller below then saves."""
+    import onnx
+    import onnx_ir as ir
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return ir.serde.deserialize_model(copy)
+
+
 def _ort_fusions(model: Any) -> tuple[Any, dict[str, int]]:
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    fused, counts = optimize_for_ort(ir.serde.deserialize_model(model))
+    fused, counts = optimize_for_ort(_ir_copy(model))
     return ir.serde.serialize_model(fused), {k: int(v) for k, v in counts.items() if v}
 
 
@@ -165,7 +178,7 @@ def _qdq_fusions(model: Any) -> tuple[Any, dict[str, int]]:
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions._core import fuse_xformers
 
-    fused, counts = fuse_xformers(ir.serde.deserialize_model(model))
+    fused, counts = fuse_xformers(_ir_copy(model))
     return ir.serde.serialize_model(fused), {k: int(v) for k, v in counts.items() if v}
 
 

@@ -107,8 +107,9 @@ def _token_batches(vocab: int, batch: int, seq: int) -> Callable[[int], Batch]:
 
 
 def hf_scorer(kind: str, vocab: int = 96, batch: int = 8, seq: int = 12) -> tuple[nn.Module, Batch, Callable[[int], Batch]]:
-    """``gpt2`` (Conv1D projections: ``addmm``) or ``t5`` (one decoder step), seeded random weights."""
-    from transformers import GPT2Config, GPT2Model, T5Config, T5Model
+    """``gpt2`` (Conv1D projections: ``addmm``), ``t5`` (one decoder step) or ``llama`` (RMSNorm, rotary
+    positions, grouped-query attention, gated FFN), seeded random weights."""
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel, T5Config, T5Model
 
     torch.manual_seed(0)
     if kind == "gpt2":
@@ -119,6 +120,11 @@ def hf_scorer(kind: str, vocab: int = 96, batch: int = 8, seq: int = 12) -> tupl
         config = T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                           num_heads=4, attn_implementation="sdpa")
         model = NextTokenScorer(T5Model(config), encoder_decoder=True)
+    elif kind == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             use_cache=False, attn_implementation="sdpa")
+        model = NextTokenScorer(LlamaModel(config), encoder_decoder=False)
     else:
         raise ValueError(kind)
     make_batch = _token_batches(vocab, batch, seq)

@@ -189,3 +189,29 @@ def test_dynamic_int8_lowers_with_dynamic_quantize_linear(program, tmp_path):
     # near miss: a float Program exports without any quantize op
     plain = lower(program("dlrm:tiny"), "onnxruntime", tmp_path / "fp32")
     assert "DynamicQuantizeLinear" not in plain.manifest["backend"]["exported_ops"]
+
+
+def test_int8_llama_lowers_with_its_transformer_fusions(tmp_path):
+    """Was: onnxscript's transformer fusions edited the exported proto they were handed (an IR read from a
+    proto shares it) and left it with a dangling input; the lowerer's fallback then saved that graph, and
+    every Llama-, Mistral- or Qwen2-style int8 artifact failed to load ("Invalid model. Node input 'val_66'
+    is not a graph input, initializer, or output of a previous node"). The fusions now get a copy."""
+    import graphopt
+    from tests.passes import int8_models
+
+    model, example, _ = int8_models.hf_scorer("llama")
+    seq = {0: "batch", 1: "seq"}
+    prog = capture(model, dict(zip(("input_ids", "attention_mask"), example)),
+                   dynamic={"input_ids": seq, "attention_mask": seq})
+    batches = int8_models._token_batches(96, 8, 12)
+    q, _ = graphopt.optimize(prog, "O2,quantize-int8{max_drop=0}", calibration_data=[batches(s) for s in range(1, 5)])
+    art = lower(q, "onnxruntime", tmp_path / "llama")
+    backend = art.manifest["backend"]
+    assert "skipped" not in backend["fusions"] and backend["fusions"].get("rotary_embedding", 0) > 0, backend["fusions"]
+    assert sum(backend["qdq"]["integer_ops"].values()) > 0, backend["qdq"]
+    x = int8_models._token_batches(96, 3, 7)(40)
+    with load(art.path) as runner:
+        (got,) = runner(*x)
+    # ORT's integer GEMMs against the Program's fake-quant fp32 math (the pass itself is held to 0.25)
+    want = q(*x)[0]
+    torch.testing.assert_close(got, want, atol=0.05 * float(want.abs().max()), rtol=0.05)
