@@ -13,6 +13,7 @@ import torch
 
 from graphopt.errors import GraphoptError
 from graphopt.hits import user_hits
+from graphopt.ir.program import positional
 from graphopt.metrics import auc, hr_at_k, logloss, ndcg_at_k
 
 __all__ = ["EvalData", "ClickEvalData", "evaluate", "evaluate_clicks", "make_evaluator", "quality_section"]
@@ -35,10 +36,11 @@ class EvalData:
     name: str = "eval"
 
     @classmethod
-    def coerce(cls, data: Any) -> EvalData:
+    def coerce(cls, data: Any, input_names: Sequence[str] | None = None) -> EvalData:
         """Accept an EvalData, a mapping or an object with ``batches``/``inputs``,
-        ``targets`` and optional ``seen``."""
-        if isinstance(data, EvalData):
+        ``targets`` and optional ``seen``. Dict batches are bound by ``input_names``
+        where given (:func:`positional`), else taken in their own key order."""
+        if isinstance(data, EvalData) and input_names is None:
             return data
         get = data.get if isinstance(data, dict) else (lambda key, default=None: getattr(data, key, default))
         batches = get("batches") or get("inputs")
@@ -49,7 +51,7 @@ class EvalData:
             )
         if isinstance(batches, tuple) and batches and isinstance(batches[0], torch.Tensor):
             batches = [batches]
-        batches = [tuple(b.values()) if isinstance(b, dict) else tuple(b) for b in batches]
+        batches = [positional(b, input_names, f"eval_data batch {i}") for i, b in enumerate(batches)]
         return cls(batches, torch.as_tensor(targets), get("seen"), int(get("k", 10) or 10), str(get("name", "eval")))
 
 
@@ -65,8 +67,8 @@ class ClickEvalData:
     name: str = "clicks"
 
     @classmethod
-    def coerce(cls, data: Any) -> ClickEvalData:
-        if isinstance(data, ClickEvalData):
+    def coerce(cls, data: Any, input_names: Sequence[str] | None = None) -> ClickEvalData:
+        if isinstance(data, ClickEvalData) and input_names is None:
             return data
         get = data.get if isinstance(data, dict) else (lambda key, default=None: getattr(data, key, default))
         batches = get("batches") or get("inputs")
@@ -75,7 +77,7 @@ class ClickEvalData:
                                 "see graphopt.bench.ClickEvalData")
         if isinstance(batches, tuple) and batches and isinstance(batches[0], torch.Tensor):
             batches = [batches]
-        batches = [tuple(b.values()) if isinstance(b, dict) else tuple(b) for b in batches]
+        batches = [positional(b, input_names, f"eval_data batch {i}") for i, b in enumerate(batches)]
         return cls(batches, torch.as_tensor(get("labels")).float(), str(get("name", "clicks")))
 
 
@@ -109,21 +111,22 @@ def evaluate(fn: Callable[..., Sequence[torch.Tensor]], data: EvalData, per_user
     return metrics
 
 
-def make_evaluator(eval_data: Any, per_user: bool = False) -> Evaluator:
+def make_evaluator(eval_data: Any, per_user: bool = False, input_names: Sequence[str] | None = None) -> Evaluator:
     """``eval_data`` as a function of a variant's callable -> metrics.
 
     A callable is used as is (e.g. ``lambda f: graphopt.data.evaluate_ranking(f, split.test, ...)``);
     click data (a :class:`ClickEvalData`, or anything with ``labels``) is
-    scored as AUC/logloss; anything else is coerced to :class:`EvalData`.
+    scored as AUC/logloss; anything else is coerced to :class:`EvalData`
+    (dict batches bound by ``input_names``, the model's, where given).
     """
     if callable(eval_data) and not isinstance(eval_data, (EvalData, ClickEvalData)):
         return eval_data
     has_labels = isinstance(eval_data, ClickEvalData) or (
         eval_data.get("labels") is not None if isinstance(eval_data, dict) else getattr(eval_data, "labels", None) is not None)
     if has_labels:
-        clicks = ClickEvalData.coerce(eval_data)
+        clicks = ClickEvalData.coerce(eval_data, input_names)
         return lambda fn: evaluate_clicks(fn, clicks)
-    data = EvalData.coerce(eval_data)
+    data = EvalData.coerce(eval_data, input_names)
     return lambda fn: evaluate(fn, data, per_user)
 
 

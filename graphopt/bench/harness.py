@@ -257,7 +257,8 @@ def _run(
     built = build_graphopt_variants(
         program, specs, runtimes, work,
         calibration_data=calibration_data, threads=threads,
-        validation=make_evaluator(validation_data) if validation_data is not None else None,
+        validation=make_evaluator(validation_data, input_names=program.input_names)
+        if validation_data is not None else None,
         on_built=lambda v: tick(f"built {v.name} ({v.status})"),
     )
     variants += built
@@ -332,7 +333,7 @@ def _run(
 
     eval_reference: dict[str, float] = {}
     if eval_data is not None:
-        evaluator = make_evaluator(eval_data, per_user=True)
+        evaluator = make_evaluator(eval_data, per_user=True, input_names=program.input_names)
         per_user: dict[str, UserHits] = {}
         for v in variants:
             if v.ok:

@@ -42,7 +42,7 @@ from graphopt.bench.ort_peer import build_ort_peers, ort_session
 from graphopt.bench.pipelines import NO_BF16_KERNELS, split_bf16
 from graphopt.bench.variants import Variant
 from graphopt.errors import first_line
-from graphopt.ir.program import Program
+from graphopt.ir.program import Program, positional
 from graphopt.passlib.calibration import default_calibration
 
 __all__ = ["PEERS", "PT2E_CALIBRATION_BATCHES", "build_peers", "default_peers", "ort_session"]
@@ -193,14 +193,7 @@ def _pt2e_batches(program: Program, calibration_data: Sequence[Any] | None) -> t
     Program's sample inputs), the first few, as positional tuples; and where they come from."""
     given = calibration_data is not None
     data = list(calibration_data if given else default_calibration(program))[:PT2E_CALIBRATION_BATCHES]
-    batches = []
-    for b in data:
-        if isinstance(b, torch.Tensor):
-            batches.append((b,))
-        elif isinstance(b, dict):
-            batches.append(tuple(b[n] for n in program.input_names) if set(program.input_names) <= set(b) else tuple(b.values()))
-        else:
-            batches.append(tuple(b))
+    batches = [positional(b, program.input_names, f"calibration_data[{i}]") for i, b in enumerate(data)]
     if not batches:
         raise ValueError("calibration_data is empty; pass calibration batches or leave it unset")
     where = "calibration_data" if given else "Program sample inputs, seeds 1000+ (graphopt.passlib.calibration.default_calibration)"

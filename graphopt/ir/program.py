@@ -30,7 +30,7 @@ from graphopt.errors import ArtifactError, RunnerError, first_line
 from graphopt.ir.fx import fetch_attr as _fetch_attr
 from graphopt.ir.fx import target_name as _target_name
 
-__all__ = ["InputSpec", "Program", "bind_inputs", "check_inputs", "PROGRAM_FORMAT"]
+__all__ = ["InputSpec", "Program", "bind_inputs", "check_inputs", "positional", "PROGRAM_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,23 @@ def bind_inputs(
         if value is None:
             raise RunnerError(f"{runtime} | missing input '{name}'; inputs are {names}")
     return bound
+
+
+def positional(batch: Any, input_names: Sequence[str] | None, where: str) -> tuple[torch.Tensor, ...]:
+    """One batch as a positional tuple: a dict in ``input_names`` order where given (an unknown or
+    missing name is a one-line error naming ``where``, never a silent reorder), else in its own order."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if not isinstance(batch, Mapping):
+        return tuple(batch)
+    if input_names is None:
+        return tuple(batch.values())
+    unknown = [k for k in batch if k not in input_names]
+    missing = [n for n in input_names if n not in batch]
+    if unknown or missing:
+        what = f"unknown input '{unknown[0]}'" if unknown else f"missing input '{missing[0]}'"
+        raise RunnerError(f"{where}: {what}; the model's inputs are {list(input_names)}")
+    return tuple(batch[n] for n in input_names)
 
 
 def check_inputs(specs: Sequence[InputSpec], args: Sequence[Any], runtime: str) -> None:

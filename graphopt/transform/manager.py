@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from graphopt.errors import GraphoptError, PassFailedError, PostconditionError, PreconditionError, first_line
+from graphopt.ir.program import positional
 from graphopt.transform.analysis import AnalysisManager
 from graphopt.transform.base import Pass, PassResult
 from graphopt.transform.instruments import (
@@ -61,15 +62,7 @@ class PassContext:
         """Calibration data as a list of positional input tuples."""
         if not self.calibration_data:
             return []
-        out = []
-        for batch in self.calibration_data:
-            if isinstance(batch, torch.Tensor):
-                out.append((batch,))
-            elif isinstance(batch, dict):
-                out.append(tuple(batch.values()))
-            else:
-                out.append(tuple(batch))
-        return out
+        return [positional(b, None, "calibration_data") for b in self.calibration_data]  # optimize() bound them
 
 
 def _has_shape_meta(program: Any) -> bool:

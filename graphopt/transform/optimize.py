@@ -11,7 +11,7 @@ import torch
 from graphopt.errors import GraphoptError, PostconditionError, first_line
 from graphopt.ir.capture import capture
 from graphopt.ir.fx import drop_unused_attrs
-from graphopt.ir.program import Program
+from graphopt.ir.program import Program, positional
 from graphopt.metrics import drift
 from graphopt.transform.base import Pass
 from graphopt.transform.instruments import Instrument
@@ -59,7 +59,7 @@ def optimize(
             f"optimize takes a Program or an nn.Module, got {type(program_or_model).__name__}"
         )
     if example_inputs is not None and isinstance(program_or_model, Program):
-        inputs = tuple(example_inputs.values()) if isinstance(example_inputs, dict) else tuple(example_inputs)
+        inputs = positional(example_inputs, program.input_names, "example_inputs")
     else:
         inputs = program.sample_inputs()
     reference = program(*inputs)
@@ -71,7 +71,8 @@ def optimize(
     )
     ctx = PassContext(
         example_inputs=inputs,
-        calibration_data=list(calibration_data) if calibration_data is not None else None,
+        calibration_data=[positional(b, program.input_names, f"calibration_data[{i}]") for i, b in enumerate(calibration_data)]
+        if calibration_data is not None else None,
         validation=validation,
         seed=seed,
     )
@@ -106,3 +107,4 @@ def optimize(
         ) from e
     report.drift = drift(outputs, reference)
     return program, report
+

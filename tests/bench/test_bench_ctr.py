@@ -31,6 +31,23 @@ def test_clicks_are_scored_as_auc_and_logloss():
         evaluate_clicks(model, ClickEvalData(data.batches, torch.tensor([1.0, 0.0, 1.0])))
 
 
+def test_eval_batches_given_as_dicts_bind_by_the_models_input_names():
+    """A dict batch in another key order than the model's inputs is bound by name (it was read in its
+    own order: the model scored swapped inputs); a name the model lacks is a one-line error."""
+    def model(dense: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor]:
+        return ((dense + 10.0 * ids.float()).unsqueeze(1),)
+
+    rows = {"ids": torch.tensor([0, 1, 0, 1]), "dense": torch.tensor([0.5, -0.5, -1.0, 1.0])}
+    labels = [0, 1, 0, 1]  # only ids separate the clicks: AUC 1.0 when the model reads them as ids
+    score = make_evaluator({"batches": [rows], "labels": labels}, input_names=["dense", "ids"])
+    assert score(model)["auc"] == pytest.approx(1.0)
+    built = ClickEvalData([rows], torch.tensor(labels, dtype=torch.float))  # built by hand, bound the same
+    assert make_evaluator(built, input_names=["dense", "ids"])(model)["auc"] == pytest.approx(1.0)
+    assert make_evaluator({"batches": [rows], "labels": labels})(model)["auc"] == pytest.approx(0.75)  # own order
+    with pytest.raises(GraphoptError, match=r"eval_data batch 0: missing input 'dense'; the model's inputs are"):
+        make_evaluator({"batches": [{"ids": rows["ids"]}], "labels": labels}, input_names=["dense", "ids"])
+
+
 def _report(evals: dict[str, dict[str, float]], speedups: dict[str, float]) -> BenchReport:
     variants = [{"name": n, "kind": "baseline" if n == "eager" else "graphopt", "status": "ok", "eval": e,
                  "compile_s": 1.0, "size_bytes": 1 << 20, "size_kind": "artifact", "memory": {}, "notes": [],

@@ -250,6 +250,26 @@ def test_needs_calibration_data_and_checks_options(program):
         QuantizeInt8(calibration="entropy", bins=1024)
 
 
+def test_calibration_dicts_bind_by_input_name(zoo, program):
+    """Was: a dict batch was read in its own key order, so batches written {"attention_mask": ..,
+    "input_ids": ..} calibrated on swapped inputs (top-10 0.93 on fresh rows, nothing reported) and
+    unknown names passed silently. Now they bind by name; a wrong name is a one-line error."""
+    prog, zm = program("bert-cls:tiny"), zoo("bert-cls:tiny")
+    batches = calibration(zm)  # positional, in the Program's order
+    swapped = [dict(reversed(list(zip(prog.input_names, b)))) for b in batches]
+    assert list(swapped[0]) == prog.input_names[::-1]
+    plain, _ = graphopt.optimize(prog, "quantize-int8{max_drop=0}", calibration_data=batches)
+    named, _ = graphopt.optimize(prog, "quantize-int8{max_drop=0}", calibration_data=swapped)
+    x = zm.make_inputs(batch=4, seed=11)
+    assert torch.equal(plain(*x.values())[0], named(*x.values())[0])  # same scales: same Program
+    # near miss: the same tensors in swapped positions do calibrate a different Program
+    crossed, _ = graphopt.optimize(prog, "quantize-int8{max_drop=0}", calibration_data=[b[::-1] for b in batches])
+    assert not torch.equal(plain(*x.values())[0], crossed(*x.values())[0])
+    wrong = [{"ids": b[0], "mask": b[1]} for b in batches]
+    with pytest.raises(GraphoptError, match=r"calibration_data\[0\]: unknown input 'ids'; the model's inputs are"):
+        graphopt.optimize(prog, "quantize-int8{max_drop=0}", calibration_data=wrong)
+
+
 def test_reduce_range_keeps_weights_7_bit_and_runs_on_ort(zoo, program, tmp_path):
     """7-bit weights (|q| <= 64: u8 x s8 pair sums fit int16 on CPUs without VNNI/AMX)."""
     ref = program("dlrm:tiny")
