@@ -18,6 +18,7 @@ import logging
 import os
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -143,21 +144,35 @@ def _dynamic_shapes(
 def _labels(
     names: Sequence[str], gm: torch.fx.GraphModule, dynamic: DynamicSpec
 ) -> dict[str, dict[int, str]]:
-    """Which dims really came out symbolic, with their labels."""
-    labels: dict[str, dict[int, str]] = {}
+    """Which dims really came out symbolic, with their labels: the caller's where named. Else a
+    leading dim is "batch" where its example size is the one most inputs lead with (export may keep
+    a mask's batch apart from its ids'; the contract holds them equal), and any other dim shares
+    a label with the dims export gave its symbol: EmbeddingBag's flat ids and offsets lead with
+    different sizes and so get two labels, not one "batch" that refuses every real request."""
+    symbols: dict[str, dict[int, Any]] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for name, ph in zip(names, placeholders):
         val = ph.meta.get("val")
-        dims: dict[int, str] = {}
-        if isinstance(val, torch.Tensor):
-            for d, size in enumerate(val.shape):
-                if isinstance(size, torch.SymInt) and not isinstance(size.node.maybe_as_int(), int):
-                    if isinstance(dynamic, Mapping) and d in dynamic.get(name, {}):
-                        dims[d] = dynamic[name][d]
-                    else:
-                        dims[d] = "batch" if d == 0 else f"{name}_dim{d}"
-        labels[name] = dims
-    return labels
+        symbols[name] = {d: size.node for d, size in enumerate(val.shape)
+                         if isinstance(size, torch.SymInt) and not isinstance(size.node.maybe_as_int(), int)
+                         } if isinstance(val, torch.Tensor) else {}
+    named = {name: dict(dynamic.get(name, {})) if isinstance(dynamic, Mapping) else {} for name in symbols}
+    leading = Counter(dims[0].hint for name, dims in symbols.items() if 0 in dims and 0 not in named[name])
+    batch = leading.most_common(1)[0][0] if leading else None
+    label_of: dict[str, str] = {}
+    out: dict[str, dict[int, str]] = {name: {} for name in symbols}
+    for first in (True, False):  # leading dims first: their labels carry over to the same symbol elsewhere
+        for name, dims in symbols.items():
+            for d, node in dims.items():
+                if (d == 0) != first:
+                    continue
+                if d in named[name]:
+                    out[name][d] = named[name][d]
+                elif first and node.hint == batch:
+                    out[name][d] = label_of.setdefault(str(node.expr), "batch")
+                else:
+                    out[name][d] = label_of.setdefault(str(node.expr), f"{name}_dim{d}")
+    return {name: dict(sorted(dims.items())) for name, dims in out.items()}
 
 
 def capture(

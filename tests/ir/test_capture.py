@@ -72,6 +72,39 @@ def test_plain_module_positional_inputs_and_train_mode_warning():
                                model(torch.randn(7, 8, generator=torch.Generator().manual_seed(1))))
 
 
+class _FlatBag(torch.nn.Module):
+    """DLRM-style: flat item ids, one offset per user, dense features per user."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = torch.nn.EmbeddingBag(300, 16, mode="sum")
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, ids, offsets, dense):
+        return self.head(self.bag(ids, offsets)) + dense
+
+
+def test_dynamic_true_labels_leading_dims_by_what_the_example_shows(tmp_path):
+    """Was: dynamic=True labelled every leading dim "batch", so the contract held the flat ids' length
+    equal to the number of users and every runner refused a real request ("dim 0 (batch) is 2 but 'ids'
+    has batch 7"). The mask of a sequence model, which export keeps apart from the ids, stays "batch"."""
+    torch.manual_seed(0)
+    model = _FlatBag().eval()
+    prog = graphopt.capture(model, (torch.tensor([5, 7, 9, 11, 13, 17]), torch.tensor([0, 2, 3, 5]), torch.randn(4, 8)))
+    assert {s.name: s.dynamic for s in prog.inputs} == {
+        "ids": {0: "ids_dim0"}, "offsets": {0: "batch"}, "dense": {0: "batch"}}
+    x = (torch.arange(1, 8), torch.tensor([0, 3]), torch.randn(2, 8))  # 7 ids, 2 users
+    with graphopt.load(graphopt.lower(prog, "eager", tmp_path / "bag").path) as runner:
+        torch.testing.assert_close(runner(*x)[0], model(*x), atol=1e-6, rtol=1e-6)
+        with pytest.raises(graphopt.RunnerError, match="'dense': dim 0 \\(batch\\) is 3 but 'offsets' has batch 2"):
+            runner(x[0], x[1], torch.randn(3, 8))  # near miss: the two per-user inputs still must agree
+    from graphopt.rec.zoo import load_model
+
+    zm = load_model("bert4rec:tiny")
+    seq = graphopt.capture(zm.module, zm.example_inputs)
+    assert [s.dynamic for s in seq.inputs] == [{0: "batch", 1: "input_ids_dim1"}] * 2
+
+
 def test_static_capture_rejects_other_shapes():
     model = MLP().eval()
     prog = graphopt.capture(model, torch.randn(4, 8), dynamic=False)
