@@ -1,8 +1,9 @@
 """The ``graphopt`` command. Each verb is a module with ``add_parser`` and ``run``.
 
 Exit codes: 0 ok, 1 a check or run failed, 2 usage error (bad pipeline text,
-unknown pass or model, unreadable file, output exists). Errors are one line on
-stderr; ``--debug`` shows the traceback.
+unknown pass or model, unreadable file, output exists), 130 interrupted, 143
+terminated (SIGTERM: partial outputs are removed as on Ctrl-C). Errors are one
+line on stderr; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from graphopt.errors import (
     ArtifactError,
     GraphoptError,
     ModelNotFoundError,
     PipelineParseError,
+    first_line,
 )
 from graphopt.process import quiet_third_party
 
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["GRAPHOPT_DEBUG"] = "1"
     else:
         quiet_third_party()
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # unwind like Ctrl-C
     try:
         return int(args.run(args) or 0)
     except GraphoptError as e:
@@ -67,6 +73,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("graphopt: terminated", file=sys.stderr)
+        return 143
+    except OSError as e:  # a file the user named: missing, a folder, unreadable
+        if args.debug:
+            raise
+        print(f"graphopt: error: {first_line(e, with_type=True)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug or an unforeseen input: one line, and how to see more
+        if args.debug:
+            raise
+        print(f"graphopt: error: {first_line(e, with_type=True)} (unexpected; --debug shows the traceback, "
+              "please report it)", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is so that context managers clean up."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from graphopt.cli.argtypes import positive_int
+
 __all__ = ["add_parser", "run", "print_tables"]
 
 
@@ -39,20 +41,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", default="1,32", type=lambda t: _ints(t, "--batch-sizes"))
     p.add_argument("--seq-lens", default="64", type=lambda t: _ints(t, "--seq-lens"),
                    help="sequence lengths (models with a dynamic 'seq' dim)")
-    p.add_argument("--threads", type=int, help="torch and runtime threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch and runtime threads (default: torch's)")
     p.add_argument("-o", "--output", help="report folder (report.json, report.md, latency.png, tradeoff.png)")
     p.add_argument("--force", action="store_true", help="overwrite an existing report folder")
     p.add_argument("--quick", action="store_true", help="1 warm-up call and 4 rounds: a smoke run, not a measurement")
-    p.add_argument("--rounds", type=int, help="interleaved timing rounds (default 15)")
+    p.add_argument("--rounds", type=positive_int, help="interleaved timing rounds (default 15)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
     p.add_argument("--keep-artifacts", action="store_true", help="copy the lowered artifacts into the report folder")
-    p.add_argument("-k", type=int, default=10, help="top-k for overlap and NDCG (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="top-k for overlap and NDCG (default 10)")
     p.add_argument("--data", metavar="DATA",
                    help="with a fine-tuned checkpoint as MODEL: its data (ml-100k, a folder, or synthetic); variants "
                         "are timed and calibrated on real inputs and judged on HR@10/NDCG@10 of the test users "
                         "(AUC/logloss for CTR models), the int8 guard holds the validation users' metrics; "
                         "the sequence length is the checkpoint's")
-    p.add_argument("--eval-users", type=int, help="with --data: evaluate on the first N test users (default all)")
+    p.add_argument("--eval-users", type=positive_int, help="with --data: evaluate on the first N test users (default all)")
     p.set_defaults(run=run)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.bench.pipelines import EMBEDDING_DOMINATED, embedding_share, without_bf16
+from graphopt.cli.argtypes import non_negative_float, positive_int
 from graphopt.cli.finetune import (
     describe_clicks,
     describe_data,
@@ -76,15 +77,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model to fine-tune (default bert4rec:base; --quick: bert4rec:tiny); "
                    "dlrm:SIZE or two-tower:SIZE train on MovieLens-100K clicks")
     p.add_argument("--data", default="ml-100k", help="ml-100k (search), synthetic, or an ml-100k folder")
-    p.add_argument("--max-minutes", type=float, help="fine-tuning time budget (default 5; --quick: none)")
+    p.add_argument("--max-minutes", type=non_negative_float, help="fine-tuning time budget (default 5; --quick: none)")
     p.add_argument("--runtimes", help=f"comma-separated (default: {','.join(FULL_RUNTIMES)}; --quick: {','.join(QUICK_RUNTIMES)})")
     p.add_argument("-p", "--pipeline", action="append", dest="pipelines", metavar="LABEL=PIPELINE",
                    help="replace the default pipelines (repeatable; default: "
                    f"{' '.join(DEMO_PIPELINES)}, the bf16 ones left out on a CPU without bf16 GEMM kernels), "
                    "e.g. -p 'fp32-O2=O2'")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,32; --quick: 8)")
-    p.add_argument("--eval-users", type=int, help="test users scored per variant (default: all)")
-    p.add_argument("--threads", type=int, help="torch/runtime threads (default: torch's; 1 when the machine is loaded)")
+    p.add_argument("--eval-users", type=positive_int, help="test users scored per variant (default: all)")
+    p.add_argument("--threads", type=positive_int, help="torch/runtime threads (default: torch's; 1 when the machine is loaded)")
     p.add_argument("--memory", action="store_true", help="also measure each variant's peak memory in a subprocess (slower)")
     p.add_argument("--cache-dir", help="where fine-tuned models are cached (default ~/.cache/graphopt)")
     p.set_defaults(run=run)

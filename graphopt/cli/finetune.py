@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from graphopt.cli.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from graphopt.errors import ArtifactError
 from graphopt.rec.data import DataError, MovieLens, load_movielens, synthetic_movielens
 from graphopt.rec.data.ctr import ClickData, load_clicks
@@ -35,13 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "data: a rating >= 4 is a click")
     p.add_argument("-o", "--output", required=True, help="checkpoint folder (model.safetensors + graphopt-checkpoint.json)")
     p.add_argument("--fresh", action="store_true", help="retrain and overwrite an existing checkpoint")
-    p.add_argument("--max-minutes", type=float, default=5.0, help="training time budget (0: none; default 5)")
-    p.add_argument("--epochs", type=int, default=200, help="most epochs (early stopping may end sooner)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, help="default 64; 256 for the CTR models")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seq-len", type=int, help="history length (default: the model's)")
-    p.add_argument("--patience", type=int, default=5,
+    p.add_argument("--max-minutes", type=non_negative_float, default=5.0, help="training time budget (0: none; default 5)")
+    p.add_argument("--epochs", type=positive_int, default=200, help="most epochs (early stopping may end sooner)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, help="default 64; 256 for the CTR models")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--seq-len", type=positive_int, help="history length (default: the model's)")
+    p.add_argument("--patience", type=non_negative_int, default=5,
                    help="evaluations without a better validation NDCG@10 (AUC for CTR models) before stopping "
                         "(with --max-minutes 0; a time budget is the stop, the best weights are kept)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
@@ -51,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the item table's start: cooccurrence = factorised co-occurrence of the training "
                         "histories (bert4rec, gpt-rec, t5-rec; it leaves the popularity plateau at once), "
                         "random = the model's own initialisation")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 when the machine is loaded)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's; 1 when the machine is loaded)")
     p.add_argument("--no-synthetic", action="store_true", help="fail instead of falling back to synthetic data")
     p.set_defaults(run=run)
 

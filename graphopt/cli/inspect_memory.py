@@ -110,9 +110,13 @@ def plot_peak(analysis: MemoryAnalysis, batches: list[int], seqs: list[int | Non
 
 
 def check_plot(args: argparse.Namespace) -> None:
-    """Refuse a ``--plot`` path that exists (without ``--force``) or has no folder."""
+    """Refuse a ``--plot`` path that is no image file name, exists (without ``--force``) or has no folder."""
     if args.plot:
         plot = Path(args.plot)
+        if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise ArtifactError(f"--plot {plot}: name a .png (or .svg, .pdf) file")
+        if plot.is_dir():
+            raise ArtifactError(f"--plot {plot} is a folder; name a .png file")
         if plot.exists() and not args.force:
             raise ArtifactError(f"{plot} exists; pass --force to overwrite it")
         if not plot.parent.is_dir():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from graphopt.cli.argtypes import positive_int
 from graphopt.errors import LoweringError, PipelineParseError
 from graphopt.outputs import atomic_directory, check_replaceable
 from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCHES
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true", help="print the per-pass report")
     p.add_argument("--verify-each", action="store_true", help="lint, run and compare after every pass")
     p.add_argument("--print-after-change", action="store_true", help="print the graph after each change")
-    p.add_argument("--calibration-batches", type=int, default=DEFAULT_CALIBRATION_BATCHES,
+    p.add_argument("--calibration-batches", type=positive_int, default=DEFAULT_CALIBRATION_BATCHES,
                    help="calibration batches for passes that need them: a zoo model's or checkpoint's own inputs, "
                         "else random ones (the int8 guard holds out a quarter)")
     p.add_argument("--reproducer", metavar="DIR", help="on a pass failure, save its input Program and pipeline here")
@@ -35,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="lower each --runtime with graphopt.lower_incremental: state of the last N events")
     inc.add_argument("--state-dtype", choices=("native", "bf16", "int8"), default="native",
                      help="how the state stores keys/values (default: the graph's dtype)")
-    inc.add_argument("--max-positions", type=int, metavar="N", help="positions served (the model's training length)")
+    inc.add_argument("--max-positions", type=positive_int, metavar="N", help="positions served (the model's training length)")
     inc.add_argument("--step-option", action="append", default=[], metavar="KEY=VALUE",
                      help="lowering option for the step entry alone, e.g. weight_prepack=true")
     p.set_defaults(run=run)

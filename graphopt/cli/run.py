@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from graphopt.errors import ArtifactError
-from graphopt.runtime import MANIFEST_FILE, RENAMED_RUNTIMES, Runner, canonical_runtime, load
+from graphopt.cli.argtypes import positive_int
+from graphopt.errors import ArtifactError, first_line
+from graphopt.runtime import MANIFEST_FILE, RENAMED_RUNTIMES, Runner, canonical_runtime, get_runtime, load
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,10 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--random-inputs", action="store_true", help="seeded random inputs from the input specs")
     src.add_argument("--inputs", metavar="FILE", help="torch.save'd dict (by input name) or tuple of tensors")
-    p.add_argument("--batch", type=int, help="batch size for --random-inputs")
-    p.add_argument("--seq", type=int, help="sequence length for --random-inputs")
+    p.add_argument("--batch", type=positive_int, help="batch size for --random-inputs")
+    p.add_argument("--seq", type=positive_int, help="sequence length for --random-inputs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeat", type=int, default=5, help="timed runs (median reported)")
+    p.add_argument("--repeat", type=positive_int, default=5, help="timed runs (median reported)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 pass (manifest, paths and sizes are still checked); a damaged file "
                         "may then crash the process (AOTInductor) or return wrong scores (TorchScript, ONNX)")
@@ -41,11 +42,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def resolve_runner(target: str, runtime: str | None = None, verify: bool = True) -> Runner:
     """An (inactive) Runner for what ``graphopt run`` is pointed at."""
     path = Path(target)
+    if runtime:
+        runtime = canonical_runtime(runtime)
+        get_runtime(runtime)  # an unknown name is a usage error, whatever the target holds
     if path.is_dir() and (path / MANIFEST_FILE).is_file():
-        return load(path, verify=verify)
+        runner = load(path, verify=verify)
+        if runtime and runner.name != runtime:
+            raise ArtifactError(f"{path} is the {runner.name} artifact, not {runtime}; drop --runtime, or point "
+                                f"at the {runtime}/ folder that `optimize --runtime {runtime}` writes")
+        return runner
     if path.is_dir():
         if runtime:
-            runtime = canonical_runtime(runtime)
             # OUT/<name>/, or the folder an older graphopt wrote under a renamed runtime's old name
             for folder in (runtime, *(old for old, new in RENAMED_RUNTIMES.items() if new == runtime)):
                 if (path / folder / MANIFEST_FILE).is_file():
@@ -71,7 +78,14 @@ def resolve_runner(target: str, runtime: str | None = None, verify: bool = True)
 
 def _inputs(runner: Runner, args: argparse.Namespace) -> list[torch.Tensor]:
     if args.inputs:
-        data: Any = torch.load(args.inputs, weights_only=True)
+        try:
+            data: Any = torch.load(args.inputs, weights_only=True)
+        except FileNotFoundError:
+            raise ArtifactError(f"--inputs {args.inputs}: no such file") from None
+        except Exception as e:  # not a torch.save file, or one holding more than tensors
+            raise ArtifactError(f"--inputs {args.inputs}: not a file of tensors torch.load can read safely "
+                                f"({first_line(e, with_type=True, limit=80)}); write it with torch.save(dict or "
+                                "tuple of tensors)") from None
         if isinstance(data, dict):
             return [data.get(name) for name in runner.input_names]
         return list(data) if isinstance(data, (list, tuple)) else [data]

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from graphopt.cli.argtypes import non_negative_int, positive_float, positive_int
 from graphopt.errors import RunnerError
 from graphopt.metrics import max_abs_error
 
@@ -41,18 +42,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("artifact", help="folder written by lowering with the `stages` runtime")
     p.add_argument(
-        "--rank", type=int, help="this process's rank (default: $RANK, else 0 and spawn the others)"
+        "--rank", type=non_negative_int, help="this process's rank (default: $RANK, else 0 and spawn the others)"
     )
-    p.add_argument("--world-size", type=int, help="number of ranks = stages (default: $WORLD_SIZE)")
+    p.add_argument("--world-size", type=positive_int, help="number of ranks = stages (default: $WORLD_SIZE)")
     p.add_argument("--master-addr", help="rank 0's address (default: $MASTER_ADDR or 127.0.0.1)")
-    p.add_argument("--master-port", type=int, help="rank 0's port (default: $MASTER_PORT)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a stage waits on a peer mid-run")
-    p.add_argument("--join-timeout", type=float, default=60.0, help="seconds to wait for all ranks to join")
-    p.add_argument("--threads", type=int, help="torch threads in this process (and spawned ranks)")
-    p.add_argument("--microbatches", type=int, default=1, help="rank 0: micro-batches per batch")
-    p.add_argument("--batch", type=int, help="rank 0: batch size of the random inputs")
-    p.add_argument("--seq", type=int, help="rank 0: sequence length of the random inputs")
-    p.add_argument("--iterations", type=int, default=5, help="rank 0: timed batches after one warm-up")
+    p.add_argument("--master-port", type=positive_int, help="rank 0's port (default: $MASTER_PORT)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds a stage waits on a peer mid-run")
+    p.add_argument("--join-timeout", type=positive_float, default=60.0, help="seconds to wait for all ranks to join")
+    p.add_argument("--threads", type=positive_int, help="torch threads in this process (and spawned ranks)")
+    p.add_argument("--microbatches", type=positive_int, default=1, help="rank 0: micro-batches per batch")
+    p.add_argument("--batch", type=positive_int, help="rank 0: batch size of the random inputs")
+    p.add_argument("--seq", type=positive_int, help="rank 0: sequence length of the random inputs")
+    p.add_argument("--iterations", type=positive_int, default=5, help="rank 0: timed batches after one warm-up")
     p.add_argument(
         "--check", action="store_true", help="rank 0: compare with the stages run in sequence here"
     )

@@ -7,6 +7,7 @@ import argparse
 import math
 import sys
 
+from graphopt.cli.argtypes import positive_int
 from graphopt.errors import PipelineParseError
 
 __all__ = ["add_parser", "run"]
@@ -58,8 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", choices=list(STRATEGIES), default="greedy", help="search strategy (default greedy)")
     p.add_argument("--prune", type=lambda t: _floats(t, "--prune"), default=(), metavar="RATIOS",
                    help="also try prune-ffn/prune-heads at these ratios, with distillation recovery (e.g. 0.1,0.2)")
-    p.add_argument("--threads", type=int, help="torch and runtime threads for every candidate (default: torch's)")
-    p.add_argument("--max-trials", type=int, metavar="N", help="stop after N new trials (the budget still applies)")
+    p.add_argument("--threads", type=positive_int, help="torch and runtime threads for every candidate (default: torch's)")
+    p.add_argument("--max-trials", type=positive_int, metavar="N", help="stop after N new trials (the budget still applies)")
     p.add_argument("-o", "--output", required=True, help="output folder (best/, trials.jsonl, report.md, pareto.png)")
     state = p.add_mutually_exclusive_group()
     state.add_argument("--resume", action="store_true", help="continue OUT from its trials.jsonl")

@@ -181,10 +181,12 @@ def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str
             if size < lo or (hi is not None and size > hi):
                 within = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
                 raise RunnerError(f"{runtime} | input '{spec.name}': dim {dim} ({label}) must be {within}, got {size}")
-        if value.is_floating_point() and value.numel() and bool(torch.isnan(value).any()):
-            at = [int(i) for i in torch.isnan(value).nonzero()[0].tolist()]
-            raise RunnerError(f"{runtime} | input '{spec.name}': NaN at {at}; inputs must not hold NaN "
-                              "(replace missing values before calling)")
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            first = (~torch.isfinite(value)).nonzero()[0]
+            at = [int(i) for i in first.tolist()]
+            what = "NaN" if bool(torch.isnan(value[tuple(first)])) else "inf"  # runtimes differ on both
+            raise RunnerError(f"{runtime} | input '{spec.name}': {what} at {at}; inputs must not hold NaN or "
+                              "inf (replace missing values before calling)")
         bounds = ranges.get(spec.name)
         if bounds and value.numel():
             if isinstance(bounds, dict):  # one range per slot along bounds["dim"]

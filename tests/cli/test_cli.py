@@ -234,3 +234,61 @@ def test_console_entry_point_runs_as_a_process(tmp_path):
     assert proc.returncode == 2
     assert "column 9" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["bench", "bert4rec:tiny", "--threads", "-1"], "--threads: expected a positive integer, got -1"),
+    (["bench", "bert4rec:tiny", "--rounds", "0"], "--rounds: expected a positive integer, got 0"),
+    (["finetune", "bert4rec:tiny", "--lr", "-1"], "--lr: expected a positive number, got -1"),
+    (["finetune", "bert4rec:tiny", "--batch-size", "0"], "--batch-size: expected a positive integer, got 0"),
+    (["run", "x", "--random-inputs", "--batch", "-2"], "--batch: expected a positive integer, got -2"),
+    (["serve-stages", "x", "--iterations", "-1"], "--iterations: expected a positive integer, got -1"),
+    (["optimize", "dlrm:tiny", "-p", "O2", "--calibration-batches", "0"], "expected a positive integer, got 0"),
+])
+def test_nonsense_numbers_are_usage_errors(capsys, argv, flag):
+    """Were: tracebacks (negative threads, batch, learning rate), or silent defaults (rounds 0 ran 15,
+    batch size 0 trained at 64) and reports of -1 iterations."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_run_names_its_input_file_and_artifact_mistakes(tmp_path, capsys):
+    code, _, _ = run(capsys, "optimize", "dlrm:tiny", "-p", "dce", "-o", str(tmp_path / "o"), "--runtime", "eager")
+    assert code == 0
+    art = str(tmp_path / "o" / "eager")
+    code, _, err = run(capsys, "run", art, "--inputs", str(tmp_path / "none.pt"))
+    assert code == 2 and err.strip() == f"graphopt: error: --inputs {tmp_path / 'none.pt'}: no such file"
+    (tmp_path / "text.pt").write_text("not tensors")
+    code, _, err = run(capsys, "run", art, "--inputs", str(tmp_path / "text.pt"))
+    assert code == 2 and "not a file of tensors torch.load can read safely" in err and len(err.splitlines()) == 1
+    # was: --runtime was ignored for an artifact folder, so this ran (and reported) eager as onnxruntime
+    code, _, err = run(capsys, "run", art, "--runtime", "onnxruntime", "--random-inputs")
+    assert code == 2 and "is the eager artifact, not onnxruntime" in err
+    code, _, err = run(capsys, "run", art, "--runtime", "bogus", "--random-inputs")
+    assert code != 0 and "unknown runtime 'bogus'" in err
+    code, out, _ = run(capsys, "run", art, "--runtime", "eager", "--random-inputs", "--repeat", "1")
+    assert code == 0 and '"runtime": "eager"' in out  # near miss: the artifact's own runtime
+    code, _, err = run(capsys, "inspect", "dlrm:tiny", "--plot", str(tmp_path / "peak.txt"))
+    assert code == 2 and "name a .png (or .svg, .pdf) file" in err
+
+
+def test_sigterm_removes_the_partial_output(tmp_path):
+    """Was: a SIGTERM (what `timeout` and schedulers send) left OUT's hidden temporary folder behind;
+    it now unwinds like Ctrl-C, exits 143 and leaves nothing."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "graphopt", "optimize", "bert4rec:tiny", "-p", "O2", "-o",
+                             str(tmp_path / "o"), "--runtime", "onnxruntime"], cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".o.tmp") for p in tmp_path.iterdir()) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "graphopt: terminated" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

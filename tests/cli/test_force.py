@@ -27,7 +27,7 @@ VERBS = {
 }
 #: verb -> arguments of a run that fails (after the output folder was accepted)
 FAILING = {
-    "optimize": ["optimize", "dlrm:tiny", "-p", "quantize-int8", "--calibration-batches", "0", "-o", "OUT", "--force"],
+    "optimize": ["optimize", "dlrm:tiny", "-p", "dce,test-raises", "-o", "OUT", "--force"],  # a pass that raises
     "lower": ["optimize", "dlrm:tiny", "-p", "cast{dtype=bf16}", "--runtime", "onnxruntime", "-o", "OUT", "--force"],
     "bench": ["bench", "CORRUPT", "--runtimes", "eager", "--quick", "--no-memory", "-o", "OUT", "--force"],
     "demo": ["demo", "--quick", "--data", "synthetic", "--model", "nosuch:tiny", "-o", "OUT"],
@@ -69,6 +69,8 @@ def test_lower_refuses_a_users_folder_in_python(tmp_path, program):
 
 @pytest.mark.parametrize("verb", list(FAILING))
 def test_a_failing_run_under_force_keeps_the_previous_output(tmp_path, capsys, verb):
+    import tests.transform.test_pass_manager  # noqa: F401  (registers test-raises)
+
     previous = tmp_path / "previous"
     with atomic_directory(previous, kind=verb) as tmp:  # graphopt's own earlier output, as each verb leaves it
         name = {"demo": "demo.json", "bench": "report.json"}.get(verb, "report.json")

@@ -1,0 +1,31 @@
+"""argparse types for numbers that must be positive (or not negative): a nonsense value is a
+usage error naming the flag (rc 2), not a traceback or a silent default later."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float"]
+
+
+def _number(kind: type, floor: float, strict: bool) -> Callable[[str], int | float]:
+    what = f"{'a positive' if strict else 'a non-negative'} {'integer' if kind is int else 'number'}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value != value or (value <= floor if strict else value < floor):  # NaN or out of range
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)
+non_negative_int = _number(int, 0, strict=False)
+positive_float = _number(float, 0.0, strict=True)
+non_negative_float = _number(float, 0.0, strict=False)
