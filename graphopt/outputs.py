@@ -3,7 +3,10 @@
 An existing directory is never replaced unless ``force`` is set, and even
 then only when graphopt wrote it (its :data:`MARKER` file, or a manifest,
 report or checkpoint file graphopt writes, is there) or it is empty: a
-user's folder is refused with one line whatever the flags. A path at ``.``,
+user's folder is refused with one line whatever the flags. The marker lists
+the files graphopt wrote (and the names it goes on writing, ``later``), so a
+folder holding anything else, a user's notes added to a report folder, is
+refused too: ``--force`` replaces only what graphopt wrote. A path at ``.``,
 ``~``, ``/`` or a folder holding the current directory or graphopt's own
 checkout is refused as an output. A crash or a failure mid-write leaves the
 old directory (or nothing) behind, never a half-written one. Replacing an
@@ -17,17 +20,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fnmatch
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from graphopt.errors import ArtifactError
 
-__all__ = ["MARKER", "atomic_directory", "check_output_path", "check_replaceable", "written_by_graphopt"]
+__all__ = ["MARKER", "atomic_directory", "check_output_path", "check_replaceable", "foreign_files", "written_by_graphopt"]
 
 #: written into every output folder graphopt creates
 MARKER = ".graphopt"
@@ -39,6 +43,34 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 def written_by_graphopt(path: Path) -> bool:
     """Whether ``path`` is a folder graphopt wrote (its marker or a known graphopt file is there)."""
     return any((path / name).is_file() for name in (MARKER, *_KNOWN_FILES))
+
+
+def foreign_files(path: Path) -> list[str]:
+    """Files under ``path`` that graphopt did not write, per its :data:`MARKER`'s list (empty for a
+    folder whose marker has no list: an older graphopt wrote it, and what it wrote is unknown).
+    Graphopt's own temporaries (``.NAME.tmp-*``) and nested graphopt folders are its own."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
+        return []
+    ours = set(marker["files"]) | {MARKER}
+    later = [str(p) for p in marker.get("later", [])] + [".*.tmp-*", ".*.old-*", ".*.tmp*"]
+    found = []
+    for root, dirs, files in os.walk(path):
+        here = Path(root)
+        dirs[:] = [d for d in dirs if not (here / d / MARKER).is_file()]  # a nested output speaks for itself
+        for name in files:
+            rel = (here / name).relative_to(path).as_posix()
+            top = rel.split("/")[0]
+            if rel not in ours and not any(fnmatch.fnmatch(top, pattern) for pattern in later):
+                found.append(rel)
+    return sorted(found)
+
+
+def _written(tmp: Path) -> list[str]:
+    return sorted((Path(root) / f).relative_to(tmp).as_posix() for root, _, files in os.walk(tmp) for f in files)
 
 
 def check_output_path(out_dir: str | os.PathLike[str]) -> Path:
@@ -87,21 +119,30 @@ def check_replaceable(out_dir: str | os.PathLike[str], *, force: bool = False) -
     if out.exists() and not _replaceable(out):
         raise ArtifactError(f"{out} exists and was not written by graphopt (no {MARKER} file); "
                             "graphopt will not replace it even with --force; pick another -o")
+    foreign = foreign_files(out) if out.exists() else []
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise ArtifactError(f"{out} holds files graphopt did not write ({foreign[0]}{more}); move them out "
+                            "and run again (--force replaces only graphopt's own output), or pick another -o")
     return out
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False, kind: str = "output") -> Iterator[Path]:
-    """``with atomic_directory("out") as tmp: write files into tmp``; the folder gets :data:`MARKER`.
+def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False, kind: str = "output",
+                     later: Iterable[str] = ()) -> Iterator[Path]:
+    """``with atomic_directory("out") as tmp: write files into tmp``; the folder gets :data:`MARKER`,
+    which lists the files written and ``later``: top-level names (globs) graphopt adds afterwards.
 
-    ``force`` replaces an existing folder only if graphopt wrote it or it is empty.
+    ``force`` replaces an existing folder only if graphopt wrote it (and nothing else is in it) or it
+    is empty.
     """
     out = check_replaceable(out_dir, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"kind": kind, "created": time.time()}) + "\n")
+        (tmp / MARKER).write_text(json.dumps({"kind": kind, "created": time.time(), "files": _written(tmp),
+                                              "later": list(later)}) + "\n")
         if out.exists() and _exchange(tmp, out):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
         elif out.exists():

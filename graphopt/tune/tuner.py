@@ -26,7 +26,13 @@ import torch
 
 from graphopt.bench.timing import TimingConfig, load_warning, machine_info
 from graphopt.errors import ArtifactError
-from graphopt.outputs import MARKER, atomic_directory, check_output_path, written_by_graphopt
+from graphopt.outputs import (
+    MARKER,
+    atomic_directory,
+    check_output_path,
+    check_replaceable,
+    written_by_graphopt,
+)
 from graphopt.process import keep_freed_memory
 from graphopt.runtime import Artifact, get_runtime, load
 from graphopt.runtime.artifact import read_artifact
@@ -36,6 +42,7 @@ from graphopt.tune.evaluate import OBJECTIVES, Evaluator
 from graphopt.tune.fidelity import METRICS, Judge, parse_drop
 from graphopt.tune.keepbest import BEST_DIR
 from graphopt.tune.search import SearchRun, TuneProgress, best_key
+from graphopt.tune.sensitivity import SENSITIVITY_FILE
 from graphopt.tune.space import build_space
 from graphopt.tune.strategy import STRATEGIES
 from graphopt.tune.trials import TRIALS_FILE, Trial, TrialLog
@@ -125,7 +132,8 @@ def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool)
         return TrialLog(out / TRIALS_FILE).read()
     if out.exists() and not force:
         raise ArtifactError(f"{out} already exists; pass --resume to continue it or --force to start over")
-    with atomic_directory(out, force=force, kind="tune") as tmp:
+    later = (TRIALS_FILE, RESULT_FILE, SENSITIVITY_FILE, BEST_DIR, WORK_DIR, "report.md", "pareto.png")
+    with atomic_directory(out, force=force, kind="tune", later=later) as tmp:
         (tmp / TUNE_FILE).write_text(json.dumps(settings, indent=1) + "\n")
     return []
 
@@ -203,6 +211,7 @@ def tune(
         if not out.is_dir() or not (written_by_graphopt(out) or not any(out.iterdir())):
             raise ArtifactError(f"{out} exists and was not written by graphopt (no {MARKER} file); "
                                 "graphopt will not replace it even with --force; pick another -o")
+        check_replaceable(out, force=True)  # and nothing of the user's was added to it
     budget_clock = Budget(seconds)
     keep_freed_memory()  # eager and every candidate timed under the heap policy a runner sets (graphopt/process.py)
     with _torch_threads(threads):

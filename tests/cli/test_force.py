@@ -86,3 +86,26 @@ def test_a_failing_run_under_force_keeps_the_previous_output(tmp_path, capsys, v
     assert code in (1, 2) and err.startswith("graphopt: error: ") and "\n" not in err, err
     assert _snapshot(previous) == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".previous.")]  # no temp folder left
+
+
+@pytest.mark.parametrize("verb", ["optimize", "bench"])
+def test_force_keeps_a_users_files_added_to_a_graphopt_folder(tmp_path, capsys, verb):
+    """Was: --force replaced a graphopt folder whole, notes the user had put in it included. The marker
+    lists what graphopt wrote; anything else makes --force refuse (in one line, before any work)."""
+    out = tmp_path / "out"
+    assert main(_args(VERBS[verb], OUT=out)) == 0
+    capsys.readouterr()
+    (out / "my_notes.txt").write_text("do not lose me")
+    (out / "mine").mkdir()
+    (out / "mine" / "r.csv").write_text("1,2\n")
+    before = _snapshot(out)
+    assert main(_args(VERBS[verb], OUT=out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"graphopt: error: {out} holds files graphopt did not write (mine/r.csv and 1 more); move them "
+                   "out and run again (--force replaces only graphopt's own output), or pick another -o"), err
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (out / "my_notes.txt").unlink()
+    (out / "mine" / "r.csv").unlink()  # near miss: an empty folder of the user's is no file to lose
+    assert main(_args(VERBS[verb], OUT=out)) == 0
+    assert "my_notes.txt" not in _snapshot(out)
