@@ -71,7 +71,8 @@ def export_onnx(program: Program, *, opset: int | None = None, optimize: bool = 
     """The Program as an ``onnx.ModelProto`` (standard ONNX ops only); with
     ``for_tensorrt`` the form TensorRT parses (:func:`uint8_gathers_as_words`)."""
     try:
-        import onnx  # noqa: F401
+        import onnx
+        import onnx.defs
     except ImportError as e:
         raise LoweringError(f"ONNX export needs the onnx package: pip install 'graphopt[onnx]' ({e})") from None
     ep = program.export()
@@ -92,6 +93,11 @@ def export_onnx(program: Program, *, opset: int | None = None, optimize: bool = 
         verbose=False,
     )
     model = onnx_program.model_proto
+    wrote = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and wrote != opset:  # the exporter falls back to its own opset where it cannot convert
+        raise LoweringError(f"opset={opset}: the ONNX exporter cannot write {program.name} at that opset (it "
+                            f"wrote {wrote}, and this onnx knows up to {onnx.defs.onnx_opset_version()}); leave "
+                            f"opset unset or pick one it converts to, such as {wrote}")
     if [i.name for i in model.graph.input] != program.input_names:
         raise LoweringError(
             f"ONNX export changed the inputs of {program.name}: {[i.name for i in model.graph.input]} "

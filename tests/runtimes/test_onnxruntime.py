@@ -58,6 +58,18 @@ def test_fusions_off_is_plain_onnx(bert_artifact, tmp_path):
     assert not any("." in op for op in art.manifest["backend"]["ops"])  # no com.microsoft ops
 
 
+def test_an_opset_the_exporter_cannot_write_is_refused(bert_artifact, tmp_path):
+    """Was: opset=3 (or 99) lowered at the exporter's own opset 18 while the manifest said 3."""
+    prog, _ = bert_artifact
+    with pytest.raises(LoweringError, match=r"^opset=3: the ONNX exporter cannot write bert4rec:tiny at that opset \(it wrote 18"):
+        lower(prog, "onnxruntime", tmp_path / "old", opset=3)
+    assert not (tmp_path / "old").exists()
+    art = lower(prog, "onnxruntime", tmp_path / "17", opset=17, fusions="off")  # near miss: one it converts to
+    assert art.manifest["options"]["opset"] == 17
+    model = onnx.load(str(art.path / "model.onnx"))
+    assert [o.version for o in model.opset_import if o.domain == ""] == [17]
+
+
 def test_bf16_program_is_refused(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 4)).to(torch.bfloat16).eval()
     prog = capture(model, (torch.randn(2, 8, dtype=torch.bfloat16),), dynamic={"input": {0: "batch"}})
