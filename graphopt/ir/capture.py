@@ -175,6 +175,37 @@ def _labels(
     return {name: dict(sorted(dims.items())) for name, dims in out.items()}
 
 
+def _check_dynamic(names: Sequence[str], tensors: Sequence[torch.Tensor], dynamic: DynamicSpec) -> None:
+    """A ``dynamic`` mapping names only inputs and dims the model has (was: silently ignored)."""
+    if not isinstance(dynamic, Mapping):
+        return
+    for name, dims in dynamic.items():
+        if name not in names:
+            raise CaptureError(f"dynamic names input '{name}', but the model's inputs are {list(names)}")
+        rank = tensors[list(names).index(name)].dim()
+        bad = [d for d in dims if not isinstance(d, int) or not 0 <= d < rank]
+        if bad:
+            raise CaptureError(f"dynamic names dim {bad[0]!r} of input '{name}', which has {rank} dims "
+                               f"(0 to {rank - 1})")
+
+
+def _check_kept_static(names: Sequence[str], tensors: Sequence[torch.Tensor], dynamic: DynamicSpec,
+                       labels: Mapping[str, Mapping[int, str]]) -> None:
+    """A dim the caller named dynamic that export kept static: an error where the example's size of
+    0 or 1 is the reason (torch.export specializes those), else a warning naming the size it keeps."""
+    if not isinstance(dynamic, Mapping):
+        return
+    for name, t in zip(names, tensors):
+        for d, label in dynamic.get(name, {}).items():
+            if d in labels[name]:
+                continue
+            if t.shape[d] <= 1:
+                raise CaptureError(f"input '{name}' dim {d} ({label}) has size {t.shape[d]} in the example, which "
+                                   "torch.export captures as a constant; capture with an example of size >= 2 there")
+            warnings.warn(f"torch.export kept input '{name}' dim {d} ({label}) static at {t.shape[d]}: the model "
+                          "fixes that size; requests must have it", stacklevel=3)
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | torch.Tensor,
@@ -208,6 +239,7 @@ def capture(
             raise CaptureError(
                 f"input '{n}' is {type(t).__name__}; graphopt captures tensor inputs only"
             )
+    _check_dynamic(names, tensors, dynamic)
     was_training = model.training
     if was_training:
         warnings.warn(
@@ -240,6 +272,7 @@ def capture(
     gm = ep.module()
     canonicalize(gm)  # addmm projections -> linear; layout-dependent views copy first
     labels = _labels(names, gm, dynamic)
+    _check_kept_static(names, tensors, dynamic, labels)
     ranges = dict(input_ranges or {})
     specs = []
     for n, t in zip(names, tensors):

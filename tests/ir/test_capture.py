@@ -105,6 +105,22 @@ def test_dynamic_true_labels_leading_dims_by_what_the_example_shows(tmp_path):
     assert [s.dynamic for s in seq.inputs] == [{0: "batch", 1: "input_ids_dim1"}] * 2
 
 
+def test_dynamic_spec_mistakes_are_one_line_capture_errors():
+    """Were silent: a misspelt input name or a dim the input lacks left every dim static, and a batch-1
+    example came out static (torch.export specializes sizes 0 and 1), refused later at serving time."""
+    model = MLP().eval()
+    x = torch.randn(3, 8)
+    with pytest.raises(CaptureError, match=r"^dynamic names input 'inp', but the model's inputs are \['x'\]$"):
+        graphopt.capture(model, (x,), dynamic={"inp": {0: "batch"}})
+    with pytest.raises(CaptureError, match=r"^dynamic names dim 2 of input 'x', which has 2 dims \(0 to 1\)$"):
+        graphopt.capture(model, (x,), dynamic={"x": {2: "batch"}})
+    with pytest.raises(CaptureError, match=r"dim 0 \(batch\) has size 1 in the example, .* of size >= 2 there$"):
+        graphopt.capture(model, (x[:1],), dynamic={"x": {0: "batch"}})
+    prog = graphopt.capture(model, (x,), dynamic={"x": {0: "batch"}})  # near miss: the same, done right
+    assert prog.inputs[0].dynamic == {0: "batch"}
+    torch.testing.assert_close(prog(x[:1])[0], model(x[:1]), atol=1e-6, rtol=1e-6)
+
+
 def test_static_capture_rejects_other_shapes():
     model = MLP().eval()
     prog = graphopt.capture(model, torch.randn(4, 8), dynamic=False)
