@@ -1,12 +1,12 @@
-"""argparse types for numbers that must be positive (or not negative): a nonsense value is a
-usage error naming the flag (rc 2), not a traceback or a silent default later."""
+"""argparse types for numbers that must be positive (or not negative) and for runtime lists: a nonsense
+value is a usage error naming the flag (rc 2), not a traceback, a silent default or a whole run wasted later."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float", "runtime_list"]
 
 
 def _number(kind: type, floor: float, strict: bool) -> Callable[[str], int | float]:
@@ -29,3 +29,18 @@ positive_int = _number(int, 0, strict=True)
 non_negative_int = _number(int, 0, strict=False)
 positive_float = _number(float, 0.0, strict=True)
 non_negative_float = _number(float, 0.0, strict=False)
+
+
+def runtime_list(text: str) -> list[str]:
+    """Known runtime names (an unavailable one is benchmarked as skipped; a misspelt one is refused)."""
+    from graphopt.errors import closest
+    from graphopt.runtime import canonical_runtime, runtime_names
+
+    names = [canonical_runtime(r.strip()) for r in text.split(",") if r.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one runtime, e.g. --runtimes eager,inductor")
+    for name in names:
+        if name not in runtime_names():
+            raise argparse.ArgumentTypeError(f"unknown runtime '{name}'{closest(name, runtime_names())}; runtimes: "
+                                             f"{', '.join(runtime_names())}")
+    return names

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graphopt.cli.argtypes import positive_int
+from graphopt.cli.argtypes import positive_int, runtime_list
 
 __all__ = ["add_parser", "run", "print_tables"]
 
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"pipeline to benchmark (repeatable; 'none' = unoptimized); default: {' '.join(DEFAULT_PIPELINES)}, "
                         f"plus {SIZE_PIPELINE} for embedding-dominated models (tables > half the parameter bytes); "
                         "bf16 and int8-bf16 left out on a CPU without bf16 GEMM kernels (AVX2 only)")
-    p.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES),
+    p.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES), type=runtime_list,
                    help="comma-separated runtimes (unavailable ones are reported as skipped)")
     p.add_argument("--peers", action="store_true", help="also measure every peer recipe (torch.compile, ONNX Runtime, "
                    "torchao; the bf16 ones left out on a CPU without bf16 GEMM kernels, AVX2 only)")
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             real = {"eval_data": setup["eval"], "validation_data": setup.get("validation"),
                     "calibration_data": setup["calibration"]}
         report = bench(
-            model, args.pipelines, [r.strip() for r in args.runtimes.split(",") if r.strip()],
+            model, args.pipelines, args.runtimes,
             peers=peers, batch_sizes=args.batch_sizes, seq_lens=seq_lens, threads=args.threads,
             out_dir=args.output, force=args.force, quick=args.quick, timing=timing,
             k=args.k, memory=not args.no_memory, keep_artifacts=args.keep_artifacts, progress=progress, **real,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.bench.pipelines import EMBEDDING_DOMINATED, embedding_share, without_bf16
-from graphopt.cli.argtypes import non_negative_float, positive_int
+from graphopt.cli.argtypes import non_negative_float, positive_int, runtime_list
 from graphopt.cli.finetune import (
     describe_clicks,
     describe_data,
@@ -78,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "dlrm:SIZE or two-tower:SIZE train on MovieLens-100K clicks")
     p.add_argument("--data", default="ml-100k", help="ml-100k (search), synthetic, or an ml-100k folder")
     p.add_argument("--max-minutes", type=non_negative_float, help="fine-tuning time budget (default 5; --quick: none)")
-    p.add_argument("--runtimes", help=f"comma-separated (default: {','.join(FULL_RUNTIMES)}; --quick: {','.join(QUICK_RUNTIMES)})")
+    p.add_argument("--runtimes", type=runtime_list, help=f"comma-separated (default: {','.join(FULL_RUNTIMES)}; --quick: {','.join(QUICK_RUNTIMES)})")
     p.add_argument("-p", "--pipeline", action="append", dest="pipelines", metavar="LABEL=PIPELINE",
                    help="replace the default pipelines (repeatable; default: "
                    f"{' '.join(DEMO_PIPELINES)}, the bf16 ones left out on a CPU without bf16 GEMM kernels), "
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
 
     batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "1,32")).split(",")]
     eval_batch = max(batch_sizes)
-    runtimes = args.runtimes.split(",") if args.runtimes else list(QUICK_RUNTIMES if args.quick else FULL_RUNTIMES)
+    runtimes = args.runtimes if args.runtimes else list(QUICK_RUNTIMES if args.quick else FULL_RUNTIMES)
     setup = real_data_setup(data, ckpt, eval_batch, eval_users=args.eval_users, quick=args.quick)
     zoo = setup["zoo"]
     pipelines = args.pipelines or list(DEMO_PIPELINES)

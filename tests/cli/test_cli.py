@@ -244,10 +244,14 @@ def test_console_entry_point_runs_as_a_process(tmp_path):
     (["run", "x", "--random-inputs", "--batch", "-2"], "--batch: expected a positive integer, got -2"),
     (["serve-stages", "x", "--iterations", "-1"], "--iterations: expected a positive integer, got -1"),
     (["optimize", "dlrm:tiny", "-p", "O2", "--calibration-batches", "0"], "expected a positive integer, got 0"),
+    (["bench", "dlrm:tiny", "--runtimes", "eager,onnxrutime"], "unknown runtime 'onnxrutime' (did you mean"),
+    (["bench", "dlrm:tiny", "--runtimes", ","], "--runtimes: name at least one runtime"),
+    (["demo", "--runtimes", "bogus"], "--runtimes: unknown runtime 'bogus'"),
 ])
-def test_nonsense_numbers_are_usage_errors(capsys, argv, flag):
-    """Were: tracebacks (negative threads, batch, learning rate), or silent defaults (rounds 0 ran 15,
-    batch size 0 trained at 64) and reports of -1 iterations."""
+def test_nonsense_arguments_are_usage_errors(capsys, argv, flag):
+    """Were: tracebacks (negative threads, batch, learning rate), silent defaults (rounds 0 ran 15,
+    batch size 0 trained at 64), reports of -1 iterations, and a misspelt runtime found only after the
+    whole bench had run (every variant "skipped")."""
     with pytest.raises(SystemExit) as info:
         main(argv)
     err = capsys.readouterr().err
