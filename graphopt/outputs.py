@@ -108,22 +108,24 @@ def _replaceable(out: Path) -> bool:
     return out.is_dir() and (written_by_graphopt(out) or not any(out.iterdir()))
 
 
-def check_replaceable(out_dir: str | os.PathLike[str], *, force: bool = False) -> Path:
+def check_replaceable(out_dir: str | os.PathLike[str], *, force: bool = False, flag: str | None = "--force") -> Path:
     """The checks :func:`atomic_directory` makes before writing, on their own, so a long
-    job (bench, demo) can refuse its output folder before it starts; returns the path."""
+    job (bench, demo) can refuse its output folder before it starts; returns the path.
+    ``flag``: the caller's overwrite flag, for the messages (None: it has none)."""
     out = check_output_path(out_dir)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a directory; remove it or pick another path")
     if out.exists() and not force:
         raise ArtifactError(f"{out} already exists; pass --force (force=True) to overwrite it")
     if out.exists() and not _replaceable(out):
+        even = f" even with {flag}" if flag else ""
         raise ArtifactError(f"{out} exists and was not written by graphopt (no {MARKER} file); "
-                            "graphopt will not replace it even with --force; pick another -o")
+                            f"graphopt will not replace it{even}; pick another -o")
     foreign = foreign_files(out) if out.exists() else []
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise ArtifactError(f"{out} holds files graphopt did not write ({foreign[0]}{more}); move them out "
-                            "and run again (--force replaces only graphopt's own output), or pick another -o")
+                            f"and run again ({flag or 'graphopt'} replaces only graphopt's own output), or pick another -o")
     return out
 
 

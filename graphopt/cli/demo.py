@@ -209,7 +209,7 @@ def one_user_miss(report: Any, shape: str, users: int) -> str | None:
 
 # ------------------------------------------------------------------ the job
 def run(args: argparse.Namespace) -> int:
-    out = check_replaceable(args.output, force=True)  # '.', '~', a user's folder: refused before the run
+    out = check_replaceable(args.output, force=True, flag=None)  # '.', '~', a user's folder: refused before the run
     if out.exists() and not (out / REPORT_MARKER).is_file():
         raise ArtifactError(f"{out} exists and is not a graphopt demo report; pick another -o")
     step = _Steps(4)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from graphopt.cli.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from graphopt.errors import ArtifactError
+from graphopt.outputs import check_replaceable, written_by_graphopt
 from graphopt.rec.data import DataError, MovieLens, load_movielens, synthetic_movielens
 from graphopt.rec.data.ctr import ClickData, load_clicks
 from graphopt.rec.finetune import (
@@ -127,7 +128,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{out} already holds a fine-tuned {ckpt.name}; pass --fresh to retrain it")
             print(json.dumps({"output": str(out), "metrics": ckpt.meta.get("metrics", {}).get("test", {})}))
             return 0
-        raise ArtifactError(f"{out} exists and is not a graphopt checkpoint; pick another -o or pass --fresh to overwrite it")
+        if not written_by_graphopt(out):
+            raise ArtifactError(f"{out} exists and was not written by graphopt; pick another -o")
+        raise ArtifactError(f"{out} holds graphopt output that is no checkpoint; pass --fresh to replace it or "
+                            "pick another -o")
+    if out.exists():
+        check_replaceable(out, force=True, flag="--fresh")  # a user's folder or files: refused before training
     ctr = is_ctr(args.model)
     data: MovieLens | ClickData
     if ctr:

@@ -24,6 +24,7 @@ VERBS = {
     "bench": ["bench", "dlrm:tiny", "-p", "none", "--runtimes", "eager", "--batch-sizes", "2", "--quick",
               "--no-memory", "-o", "OUT", "--force"],
     "demo": ["demo", "--quick", "--data", "synthetic", "--runtimes", "eager", "-o", "OUT"],
+    "finetune": ["finetune", "bert4rec:tiny", "--data", "synthetic", "--max-steps", "1", "-o", "OUT", "--fresh"],
 }
 #: verb -> arguments of a run that fails (after the output folder was accepted)
 FAILING = {
@@ -51,8 +52,9 @@ def test_a_users_folder_is_refused_even_with_force(tmp_path, capsys, verb):
     args = _args(VERBS[verb], OUT=user) + (["--cache-dir", str(cache)] if verb == "demo" else [])
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
+    even = {"demo": "", "finetune": " even with --fresh"}.get(verb, " even with --force")  # each verb's own flag
     assert err == (f"graphopt: error: {user} exists and was not written by graphopt (no .graphopt file); "
-                   "graphopt will not replace it even with --force; pick another -o"), err
+                   f"graphopt will not replace it{even}; pick another -o"), err
     assert _snapshot(user) == {"notes.txt": b"do not lose me"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # refused before any work: no cache, no temp folder
 
