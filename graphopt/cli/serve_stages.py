@@ -28,8 +28,9 @@ import time
 import torch
 
 from graphopt.cli.argtypes import non_negative_int, positive_float, positive_int
-from graphopt.errors import RunnerError
+from graphopt.errors import ArtifactError, RunnerError
 from graphopt.metrics import max_abs_error
+from graphopt.runtime import read_artifact
 
 TOLERANCE = 1e-5
 #: the verb's old name, still accepted
@@ -70,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.verb == OLD_NAME:
         print(f"graphopt: `{OLD_NAME}` is now `serve-stages`; the old name will be removed", file=sys.stderr)
+    artifact = read_artifact(args.artifact, verify=False)  # the manifest only: which runtime it is for
+    if artifact.runtime != "stages":
+        raise ArtifactError(f"{args.artifact} was lowered for {artifact.runtime}; serve-stages serves split models: "
+                            "graphopt optimize MODEL -p 'split-stages{n=2}' --runtime stages -o OUT, then "
+                            "serve OUT/stages (`graphopt run` runs this one)")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank = args.rank if args.rank is not None else _env_int("RANK")

@@ -29,6 +29,7 @@ import torch.fx
 from graphopt.errors import ArtifactError, RunnerError, first_line
 from graphopt.ir.fx import fetch_attr as _fetch_attr
 from graphopt.ir.fx import target_name as _target_name
+from graphopt.ir.integrity import is_aoti_package, weights_digest
 
 __all__ = ["InputSpec", "Program", "bind_inputs", "check_inputs", "positional", "PROGRAM_FORMAT"]
 
@@ -309,6 +310,7 @@ class Program:
                 "pipeline": self.pipeline,
                 "meta": self.meta,
                 "torch": torch.__version__,
+                "weights_sha256": weights_digest(self.parameter_tensors().values()),
             }
         )
 
@@ -340,6 +342,9 @@ class Program:
         try:
             ep = torch.export.load(str(path), extra_files=extra)
         except (RuntimeError, zipfile.BadZipFile, KeyError, ValueError, EOFError) as e:
+            if is_aoti_package(path):
+                raise ArtifactError(f"{path} is an AOTInductor package (a lowered artifact), not a saved Program; "
+                                    "run its folder with `graphopt run`, or inspect OUT/program.pt2") from None
             raise ArtifactError(
                 f"{path} is not a readable torch.export archive ({first_line(e, with_type=False)}); re-create it"
             ) from None
@@ -355,7 +360,7 @@ class Program:
         if ep.example_inputs is not None:
             args, _ = ep.example_inputs
             example = tuple(args)
-        return cls(
+        program = cls(
             ep.module(),
             inputs,
             meta["outputs"],
@@ -364,6 +369,11 @@ class Program:
             pipeline=meta.get("pipeline", ""),
             meta=meta.get("meta", {}),
         )
+        saved = meta.get("weights_sha256")  # absent in Programs saved before it was written
+        if saved and weights_digest(program.parameter_tensors().values()) != saved:
+            raise ArtifactError(f"{path} is damaged: its weights do not match the checksum saved with them; "
+                                "re-create it")
+        return program
 
     def __repr__(self) -> str:
         return (

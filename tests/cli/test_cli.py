@@ -276,6 +276,9 @@ def test_run_names_its_input_file_and_artifact_mistakes(tmp_path, capsys):
     assert code == 0 and '"runtime": "eager"' in out  # near miss: the artifact's own runtime
     code, _, err = run(capsys, "inspect", "dlrm:tiny", "--plot", str(tmp_path / "peak.txt"))
     assert code == 2 and "name a .png (or .svg, .pdf) file" in err
+    # was: "eager | load: unknown option 'microbatches'"
+    code, _, err = run(capsys, "serve-stages", art)
+    assert code == 2 and f"{art} was lowered for eager; serve-stages serves split models" in err
 
 
 def test_sigterm_removes_the_partial_output(tmp_path):

@@ -80,6 +80,37 @@ def test_truncated_file_is_detected(tmp_path, program):
         Program.load(path)
 
 
+def test_a_flipped_weight_byte_is_refused(tmp_path, program):
+    """Was: a saved Program whose weight bytes changed on disk loaded and returned slightly different
+    scores. Its metadata now carries a sha256 of the weights, checked on load."""
+    import struct
+    import zipfile
+
+    path = program("dlrm:tiny").save(tmp_path / "p.pt2")
+    Program.load(path)  # intact: loads
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/weights/weight_" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    data[at] ^= 0x01  # the lowest bit of one byte in the middle of the largest weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"is damaged: its weights do not match the checksum saved with them"):
+        Program.load(path)
+
+
+def test_a_lowered_package_is_named_as_such(tmp_path):
+    """An AOTInductor package (OUT/inductor/model.pt2) given where a saved Program is expected: said so,
+    not "re-create it". Built from a zip member name, not a compile: the check reads names only."""
+    import zipfile
+
+    fake = tmp_path / "model.pt2"
+    with zipfile.ZipFile(fake, "w") as z:
+        z.writestr("model/data/aotinductor/model/x.wrapper.cpp", "// AOTI wrapper")
+    with pytest.raises(ArtifactError, match=r"is an AOTInductor package \(a lowered artifact\), not a saved Program"):
+        Program.load(fake)
+
+
 def test_describe_counts_only_used_parameters(program):
     prog = program("dlrm:tiny")
     info = prog.describe()
