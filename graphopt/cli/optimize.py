@@ -6,7 +6,8 @@ import argparse
 import json
 
 from graphopt.cli.argtypes import positive_int
-from graphopt.errors import LoweringError, PipelineParseError
+from graphopt.errors import LoweringError, PassOptionError, PipelineParseError
+from graphopt.options import resolve_options
 from graphopt.outputs import atomic_directory, check_replaceable
 from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCHES
 from graphopt.rec.resolve import load_program_and_inputs
@@ -93,12 +94,16 @@ def run(args: argparse.Namespace) -> int:
         from graphopt.runtime import canonical_runtime, get_runtime
 
         args.runtime = [canonical_runtime(name) for name in args.runtime]  # OUT/<current name>
+        given = _runtime_options(args.runtime_option)
         for name in args.runtime:
             try:
-                get_runtime(name)  # unknown runtime: a usage error before the pipeline runs
+                backend = get_runtime(name)  # unknown runtime: a usage error before the pipeline runs
             except LoweringError as e:
                 raise PipelineParseError(f"--runtime: {e}") from None
-        _runtime_options(args.runtime_option)
+            # and an option it does not have, or a value it refuses (was: found after the pipeline ran)
+            resolve_options(backend.lower_options, given, f"--runtime-option ({name})", PassOptionError)
+    elif args.runtime_option:
+        raise PipelineParseError("--runtime-option sets a lowering option: name the runtime(s) with --runtime")
     incremental = [flag for flag, value in (("--state-dtype", args.state_dtype != "native"),
                                             ("--max-positions", args.max_positions is not None),
                                             ("--step-option", args.step_option)) if value]

@@ -258,6 +258,20 @@ def test_nonsense_arguments_are_usage_errors(capsys, argv, flag):
     assert info.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_runtime_options_are_checked_before_the_pipeline_runs(tmp_path, capsys):
+    """Were: an unknown option or a bad value failed after the pipeline had run (exit 1), and an option
+    without --runtime was dropped silently."""
+    out = str(tmp_path / "o")
+    cases = {("--runtime", "eager", "--runtime-option", "bogus=1"): "--runtime-option (eager): unknown option 'bogus'",
+             ("--runtime", "inductor", "--runtime-option", "max_autotune=maybe"):
+                 "--runtime-option (inductor) option 'max_autotune': expected bool",
+             ("--runtime-option", "opset=17"): "--runtime-option sets a lowering option: name the runtime(s)"}
+    for extra, message in cases.items():
+        code, _, err = run(capsys, "optimize", "dlrm:tiny", "-p", "dce", "-o", out, *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "o").exists()
+
+
 def test_run_names_its_input_file_and_artifact_mistakes(tmp_path, capsys):
     code, _, _ = run(capsys, "optimize", "dlrm:tiny", "-p", "dce", "-o", str(tmp_path / "o"), "--runtime", "eager")
     assert code == 0
