@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float", "runtime_list"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "non_negative_float", "positive_ints", "runtime_list"]
 
 
 def _number(kind: type, floor: float, strict: bool) -> Callable[[str], int | float]:
@@ -29,6 +29,21 @@ positive_int = _number(int, 0, strict=True)
 non_negative_int = _number(int, 0, strict=False)
 positive_float = _number(float, 0.0, strict=True)
 non_negative_float = _number(float, 0.0, strict=False)
+
+
+def positive_ints(flag: str) -> Callable[[str], list[int]]:
+    """``1,8,32`` -> [1, 8, 32]; anything but positive integers is a usage error naming ``flag``."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"{flag}: expected positive integers, got {text!r}")
+        return values
+
+    return parse
 
 
 def runtime_list(text: str) -> list[str]:

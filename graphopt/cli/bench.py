@@ -7,19 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graphopt.cli.argtypes import positive_int, runtime_list
+from graphopt.cli.argtypes import positive_int, positive_ints, runtime_list
 
 __all__ = ["add_parser", "run", "print_tables"]
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{what}: expected positive integers, got {text!r}")
-    return values
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "torchao; the bf16 ones left out on a CPU without bf16 GEMM kernels, AVX2 only)")
     p.add_argument("--peer", action="append", dest="peer_names", metavar="NAME", choices=PEERS,
                    help=f"measure this peer only (repeatable): {', '.join(PEERS)}")
-    p.add_argument("--batch-sizes", default="1,32", type=lambda t: _ints(t, "--batch-sizes"))
-    p.add_argument("--seq-lens", default="64", type=lambda t: _ints(t, "--seq-lens"),
+    p.add_argument("--batch-sizes", default="1,32", type=positive_ints("--batch-sizes"))
+    p.add_argument("--seq-lens", default="64", type=positive_ints("--seq-lens"),
                    help="sequence lengths (models with a dynamic 'seq' dim)")
     p.add_argument("--threads", type=positive_int, help="torch and runtime threads (default: torch's)")
     p.add_argument("-o", "--output", help="report folder (report.json, report.md, latency.png, tradeoff.png)")

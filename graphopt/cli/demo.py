@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.bench.pipelines import EMBEDDING_DOMINATED, embedding_share, without_bf16
-from graphopt.cli.argtypes import non_negative_float, positive_int, runtime_list
+from graphopt.cli.argtypes import non_negative_float, positive_int, positive_ints, runtime_list
 from graphopt.cli.finetune import (
     describe_clicks,
     describe_data,
@@ -83,7 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace the default pipelines (repeatable; default: "
                    f"{' '.join(DEMO_PIPELINES)}, the bf16 ones left out on a CPU without bf16 GEMM kernels), "
                    "e.g. -p 'fp32-O2=O2'")
-    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,32; --quick: 8)")
+    p.add_argument("--batch-sizes", type=positive_ints("--batch-sizes"), help="comma-separated (default 1,32; --quick: 8)")
     p.add_argument("--eval-users", type=positive_int, help="test users scored per variant (default: all)")
     p.add_argument("--threads", type=positive_int, help="torch/runtime threads (default: torch's; 1 when the machine is loaded)")
     p.add_argument("--memory", action="store_true", help="also measure each variant's peak memory in a subprocess (slower)")
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         step(describe_data(data).replace("\nNOTICE:", "\n      NOTICE:"))
     ckpt = _model(args, data, step, threads)
 
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("8" if args.quick else "1,32")).split(",")]
+    batch_sizes = args.batch_sizes or ([8] if args.quick else [1, 32])
     eval_batch = max(batch_sizes)
     runtimes = args.runtimes if args.runtimes else list(QUICK_RUNTIMES if args.quick else FULL_RUNTIMES)
     setup = real_data_setup(data, ckpt, eval_batch, eval_users=args.eval_users, quick=args.quick)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from graphopt.cli.bench import _ints
+from graphopt.cli.argtypes import positive_ints
 from graphopt.rec.resolve import load_program
 
 
@@ -18,9 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--graph", action="store_true", help="also print the graph")
     p.add_argument("--memory", action="store_true",
                    help="predict memory: weights by kind/dtype, activation peak per shape (eager run)")
-    p.add_argument("--batch-sizes", type=lambda t: _ints(t, "--batch-sizes"), metavar="B,B",
+    p.add_argument("--batch-sizes", type=positive_ints("--batch-sizes"), metavar="B,B",
                    help="batch sizes to evaluate (implies --memory; default: the example's)")
-    p.add_argument("--seq-lens", type=lambda t: _ints(t, "--seq-lens"), metavar="S,S",
+    p.add_argument("--seq-lens", type=positive_ints("--seq-lens"), metavar="S,S",
                    help="sequence lengths, models with a dynamic 'seq' dim (implies --memory)")
     p.add_argument("--plot", metavar="FILE", help="write a PNG of predicted peak memory vs batch size (implies --memory)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")

@@ -7,20 +7,10 @@ import argparse
 import math
 import sys
 
-from graphopt.cli.argtypes import positive_int
+from graphopt.cli.argtypes import positive_int, positive_ints
 from graphopt.errors import PipelineParseError
 
 __all__ = ["add_parser", "run"]
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{what}: expected positive integers, got {text!r}")
-    return values
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -50,8 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-drop", default=None, metavar="PCT",
                    help="largest allowed drop, e.g. 0.5%% (default: the project's bar, 0.5%% NDCG/HR, top-10 >= 0.99)")
     p.add_argument("--budget", default="10m", help="wall-clock budget: seconds or 90s / 10m / 1h (default 10m)")
-    p.add_argument("--batch-sizes", default="1,32", type=lambda t: _ints(t, "--batch-sizes"))
-    p.add_argument("--seq-lens", default="64", type=lambda t: _ints(t, "--seq-lens"))
+    p.add_argument("--batch-sizes", default="1,32", type=positive_ints("--batch-sizes"))
+    p.add_argument("--seq-lens", default="64", type=positive_ints("--seq-lens"))
     p.add_argument("--runtimes", help="comma-separated runtimes to search (default: every available one)")
     p.add_argument("--objective", choices=OBJECTIVES, default="p50",
                    help="p50/p99 latency ratio vs eager (geometric mean over shapes) or throughput at the largest batch")

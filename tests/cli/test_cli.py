@@ -247,6 +247,7 @@ def test_console_entry_point_runs_as_a_process(tmp_path):
     (["bench", "dlrm:tiny", "--runtimes", "eager,onnxrutime"], "unknown runtime 'onnxrutime' (did you mean"),
     (["bench", "dlrm:tiny", "--runtimes", ","], "--runtimes: name at least one runtime"),
     (["demo", "--runtimes", "bogus"], "--runtimes: unknown runtime 'bogus'"),
+    (["demo", "--batch-sizes", "8,0"], "--batch-sizes: expected positive integers, got '8,0'"),
 ])
 def test_nonsense_arguments_are_usage_errors(capsys, argv, flag):
     """Were: tracebacks (negative threads, batch, learning rate), silent defaults (rounds 0 ran 15,
