@@ -165,8 +165,15 @@ def lower_incremental(
     entry_opts = {"prefill": opts, "step": backend.complete_options(
         inc.step, resolve_options(backend.lower_options, step_opts, f"{runtime} | lower step", LoweringError))}
     entries = {"prefill": inc.prefill, "step": inc.step}
-    for name, entry in entries.items():
-        backend.check_program(entry, entry_opts[name])
+    try:
+        for name, entry in entries.items():
+            backend.check_program(entry, entry_opts[name])
+    except LoweringError as e:
+        if inc.codec != "bf16" or "bfloat16" not in str(e):
+            raise
+        raise LoweringError(f"{runtime} | a bf16 state (state_dtype='bf16', --state-dtype bf16) computes in "
+                            f"bfloat16, which {runtime} cannot run here; use int8 or native there, or the "
+                            "inductor runtime") from None
     with atomic_directory(out_dir, force=force) as tmp, quiet_backends():
         infos: dict[str, dict[str, Any]] = {}
         for name, entry in entries.items():

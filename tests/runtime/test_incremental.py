@@ -325,6 +325,16 @@ def test_float32_step_and_prefill_defaults_follow_the_cpu_vendor(monkeypatch):
     assert backend.prefill_defaults(prefill, {"device": "cpu"})["split_rows"] == 0
 
 
+@pytest.mark.skipif(not available_runtimes()["onnxruntime"].available, reason="onnxruntime not installed")
+def test_a_bf16_state_on_onnxruntime_says_what_to_use(tmp_path):
+    """Was: "... computes in bfloat16 ...; drop the bf16 pass from the pipeline" for a plain O2 pipeline
+    whose only bf16 is the state it was asked for."""
+    with pytest.raises(LoweringError, match=r"^onnxruntime \| a bf16 state .* use int8 or native there, or the "
+                                             r"inductor runtime$"):
+        graphopt.lower_incremental(derived("bf16"), "onnxruntime", tmp_path / "bf16")
+    assert not (tmp_path / "bf16").exists()
+
+
 def test_plain_runner_has_no_step():
     runner = EagerRunner.from_program(optimized())
     with pytest.raises(RunnerError, match="eager \\| this runner has no prefill/step entry points; lower the model "
