@@ -150,8 +150,20 @@ def test_checkpoint_round_trip_and_optimize(trained, tmp_path):
 
 def test_corrupted_checkpoints_are_clear_errors(trained, tmp_path):
     ckpt_dir = save_checkpoint(trained, tmp_path / "ckpt")
-    (ckpt_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    weights = ckpt_dir / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight: was loaded, and scored slightly differently
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.safetensors is damaged: it does not match the checksum saved"):
+        load_checkpoint(ckpt_dir)
+    meta = json.loads((ckpt_dir / CHECKPOINT_FILE).read_text())
+    weights.write_bytes(b"not a safetensors file")
+    del meta["weights_sha256"]  # a checkpoint written before the checksum: safetensors' own check remains
+    (ckpt_dir / CHECKPOINT_FILE).write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="could not be read"):
+        load_checkpoint(ckpt_dir)
+    (ckpt_dir / CHECKPOINT_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "kind"}))
+    with pytest.raises(ArtifactError, match="lacks its model kind or config"):  # was: KeyError 'kind'
         load_checkpoint(ckpt_dir)
     (ckpt_dir / CHECKPOINT_FILE).write_text("{")
     with pytest.raises(ArtifactError, match="not valid JSON"):

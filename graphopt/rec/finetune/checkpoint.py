@@ -16,6 +16,7 @@ from graphopt.errors import ArtifactError, first_line
 from graphopt.outputs import atomic_directory
 from graphopt.rec.finetune.loop import FinetuneResult
 from graphopt.rec.finetune.objectives import Objective, get_objective
+from graphopt.runtime.artifact import sha256_file
 
 __all__ = ["Checkpoint", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "WEIGHTS_FILE", "is_checkpoint",
            "save_checkpoint", "load_checkpoint"]
@@ -109,6 +110,7 @@ def save_checkpoint(result: FinetuneResult, out_dir: str | Path, *, force: bool 
     }
     with atomic_directory(out_dir, force=force) as tmp:
         save_model(result.model, str(tmp / WEIGHTS_FILE))
+        meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out_dir)
 
@@ -127,11 +129,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ArtifactError(f"{marker} is not valid JSON ({e.msg}); re-create the checkpoint") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ArtifactError(f"{marker} has format {meta.get('format')!r}, this graphopt reads {CHECKPOINT_FORMAT!r}")
+    if not isinstance(meta.get("kind"), str) or not isinstance(meta.get("config"), dict):
+        raise ArtifactError(f"{marker} lacks its model kind or config; re-create the checkpoint")
     kind, cfg = meta["kind"], meta["config"]
     model = get_objective(kind).build(cfg, pretrained=False)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{path} has no {WEIGHTS_FILE}; re-create the checkpoint with `graphopt finetune -o`")
+    saved = meta.get("weights_sha256")  # absent in checkpoints written before it was recorded
+    if saved and sha256_file(weights) != saved:
+        raise ArtifactError(f"{weights} is damaged: it does not match the checksum saved with it; re-create the "
+                            "checkpoint with `graphopt finetune --fresh`")
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except Exception as e:  # safetensors raises its own error types
