@@ -56,7 +56,7 @@ def foreign_files(path: Path) -> list[str]:
     if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
         return []
     ours = set(marker["files"]) | {MARKER}
-    later = [str(p) for p in marker.get("later", [])] + [".*.tmp-*", ".*.old-*", ".*.tmp*"]
+    later = [str(p) for p in marker.get("later", [])] + [".*.tmp*", ".*.old-*"]
     found = []
     for root, dirs, files in os.walk(path):
         here = Path(root)

@@ -48,14 +48,13 @@ def positive_ints(flag: str) -> Callable[[str], list[int]]:
 
 def runtime_list(text: str) -> list[str]:
     """Known runtime names (an unavailable one is benchmarked as skipped; a misspelt one is refused)."""
-    from graphopt.errors import closest
-    from graphopt.runtime import canonical_runtime, runtime_names
+    from graphopt.errors import LoweringError
+    from graphopt.runtime.backend import check_runtime_name
 
-    names = [canonical_runtime(r.strip()) for r in text.split(",") if r.strip()]
+    try:
+        names = [check_runtime_name(r.strip()) for r in text.split(",") if r.strip()]
+    except LoweringError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if not names:
         raise argparse.ArgumentTypeError("name at least one runtime, e.g. --runtimes eager,inductor")
-    for name in names:
-        if name not in runtime_names():
-            raise argparse.ArgumentTypeError(f"unknown runtime '{name}'{closest(name, runtime_names())}; runtimes: "
-                                             f"{', '.join(runtime_names())}")
     return names

@@ -161,17 +161,14 @@ def _labels(
     batch = leading.most_common(1)[0][0] if leading else None
     label_of: dict[str, str] = {}
     out: dict[str, dict[int, str]] = {name: {} for name in symbols}
-    for first in (True, False):  # leading dims first: their labels carry over to the same symbol elsewhere
-        for name, dims in symbols.items():
-            for d, node in dims.items():
-                if (d == 0) != first:
-                    continue
-                if d in named[name]:
-                    out[name][d] = named[name][d]
-                elif first and node.hint == batch:
-                    out[name][d] = label_of.setdefault(str(node.expr), "batch")
-                else:
-                    out[name][d] = label_of.setdefault(str(node.expr), f"{name}_dim{d}")
+    # leading dims first (a stable sort keeps input order): their labels carry over to the same symbol elsewhere
+    for name, d, node in sorted(((n, d, node) for n, dims in symbols.items() for d, node in dims.items()),
+                                key=lambda item: item[1] != 0):
+        if d in named[name]:
+            out[name][d] = named[name][d]
+        else:
+            own = "batch" if d == 0 and node.hint == batch else f"{name}_dim{d}"
+            out[name][d] = label_of.setdefault(str(node.expr), own)
     return {name: dict(sorted(dims.items())) for name, dims in out.items()}
 
 

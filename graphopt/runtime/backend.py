@@ -193,16 +193,23 @@ def runtime_names() -> list[str]:
     return list(dict.fromkeys([*_BUILTIN, *_REGISTRY]))
 
 
-def get_runtime(name: str) -> Backend:
-    """The Backend named ``name`` (imports ``graphopt.runtimes.<name>`` on first use;
-    an old name of a renamed runtime resolves to it, see :func:`canonical_runtime`)."""
+def check_runtime_name(name: str) -> str:
+    """``name``'s current name, without importing its backend; an unknown one is a LoweringError
+    naming the closest runtime."""
     name = canonical_runtime(name)
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if name not in _BUILTIN:
+    if name not in _REGISTRY and name not in _BUILTIN:
         raise LoweringError(
             f"unknown runtime '{name}'{closest(name, runtime_names())}; runtimes: {', '.join(runtime_names())}"
         )
+    return name
+
+
+def get_runtime(name: str) -> Backend:
+    """The Backend named ``name`` (imports ``graphopt.runtimes.<name>`` on first use;
+    an old name of a renamed runtime resolves to it, see :func:`canonical_runtime`)."""
+    name = check_runtime_name(name)
+    if name in _REGISTRY:
+        return _REGISTRY[name]
     module = importlib.import_module(f"graphopt.runtimes.{_BUILTIN[name]}")
     backend: Backend = module.BACKEND
     _REGISTRY[name] = backend

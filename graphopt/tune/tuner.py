@@ -27,11 +27,9 @@ import torch
 from graphopt.bench.timing import TimingConfig, load_warning, machine_info
 from graphopt.errors import ArtifactError
 from graphopt.outputs import (
-    MARKER,
     atomic_directory,
     check_output_path,
     check_replaceable,
-    written_by_graphopt,
 )
 from graphopt.process import keep_freed_memory
 from graphopt.runtime import Artifact, get_runtime, load
@@ -208,10 +206,7 @@ def tune(
     if out.exists() and not resume:
         if not force:
             raise ArtifactError(f"{out} already exists; pass --resume to continue it or --force to start over")
-        if not out.is_dir() or not (written_by_graphopt(out) or not any(out.iterdir())):
-            raise ArtifactError(f"{out} exists and was not written by graphopt (no {MARKER} file); "
-                                "graphopt will not replace it even with --force; pick another -o")
-        check_replaceable(out, force=True)  # and nothing of the user's was added to it
+        check_replaceable(out, force=True)  # a user's folder, or a user's files added to ours: refused
     budget_clock = Budget(seconds)
     keep_freed_memory()  # eager and every candidate timed under the heap policy a runner sets (graphopt/process.py)
     with _torch_threads(threads):
