@@ -6,6 +6,12 @@ with the Program's input/output names; the symbolic dims torch.export made
 ``seq``), so every input and output shows the same dynamic axis names.
 Weights go to an external data file only above 2 GB (the protobuf limit).
 
+A query row whose boolean attention mask is all False (a user with no
+events) gets zeros from torch's attention and a uniform average of the
+values from ONNX's (ORT's fused attention too); the export multiplies each
+such attention output by ``any(mask, -1)`` (:func:`zero_fully_masked_rows`)
+so every runtime scores that row as torch does.
+
 For TensorRT (``export_onnx(..., for_tensorrt=True)``) the uint8 code tables
 of ``quantize-embeddings`` are gathered as int32 words
 (:func:`uint8_gathers_as_words`): TensorRT has no uint8 Gather.
@@ -22,9 +28,10 @@ from typing import Any
 import torch
 
 from graphopt.errors import LoweringError
+from graphopt.ir.fx import is_op, op_name
 from graphopt.ir.program import Program
 
-__all__ = ["export_onnx", "save_onnx", "rename_dims", "op_counts", "qdq_translations", "ORT_DISABLED_OPTIMIZERS",
+__all__ = ["export_onnx", "zero_fully_masked_rows", "save_onnx", "rename_dims", "op_counts", "qdq_translations", "ORT_DISABLED_OPTIMIZERS",
            "EXTERNAL_DATA_BYTES", "uint8_gathers_as_words"]
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,75 @@ def _symbol_labels(ep: torch.export.ExportedProgram, program: Program) -> dict[s
             if dim < val.dim() and isinstance(val.shape[dim], torch.SymInt):
                 mapping.setdefault(str(val.shape[dim]), label)
     return mapping
+
+
+_LAYOUT_OPS = ("clone", "contiguous", "view", "reshape", "_unsafe_view")
+
+
+def _rank(node: torch.fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _heads_merged(sdpa: torch.fx.Node) -> torch.fx.Node | None:
+    """The node after ``transpose(1, 2)`` and a reshape to (batch, seq, width)
+    that merge SDPA's heads (a same-rank view may come first), where that
+    chain is SDPA's only use; else None."""
+    node, transposed = sdpa, False
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not transposed and op_name(user) == "transpose" and sorted(user.args[1:3]) == [1, 2]:
+            transposed = True
+        elif op_name(user) in _LAYOUT_OPS and (transposed or _rank(user) == 4):
+            pass
+        else:
+            break
+        node = user
+    return node if transposed and _rank(node) == 3 else None
+
+
+def zero_fully_masked_rows(gm: torch.fx.GraphModule) -> int:
+    """Zero each attention output row whose boolean ``attn_mask`` row is all
+    False, as torch's kernels do (ONNX's softmax over a large negative bias
+    gives the values' mean there): the output is multiplied by
+    ``any(mask, -1)`` (as ``min(sum(mask, -1), 1)``), one for every other row
+    (exact). The product goes after
+    the heads are merged (``transpose(1, 2)`` + reshape) where the graph has
+    that form, so ORT's attention fusions still see SDPA's whole pattern;
+    elsewhere straight after SDPA. Edits ``gm`` in place (an
+    ExportedProgram's own module); returns how many outputs it guards."""
+    aten = torch.ops.aten
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if not is_op(node, aten.scaled_dot_product_attention):
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        val = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.bool:
+            continue
+        merged = _heads_merged(node) if val.dim() == 4 and val.shape[1] == 1 else None
+        at = merged if merged is not None else node
+        dtype = at.meta["val"].dtype
+        with graph.inserting_after(at):  # any(mask, -1) as min(sum, 1): ReduceSum converts to every opset
+            allowed = graph.call_function(aten.sum.dim_IntList, (mask, [-1], True), {"dtype": dtype})
+        allowed.meta["val"] = aten.sum.dim_IntList(val, [-1], True, dtype=dtype)
+        with graph.inserting_after(allowed):
+            keep = graph.call_function(aten.clamp_max.default, (allowed, 1))  # (batch, 1, queries, 1)
+        keep.meta["val"] = aten.clamp_max.default(allowed.meta["val"], 1)
+        if merged is not None:
+            with graph.inserting_after(keep):
+                keep = graph.call_function(aten.squeeze.dim, (keep, 1))  # (batch, queries, 1)
+            keep.meta["val"] = aten.squeeze.dim(keep.args[0].meta["val"], 1)
+        with graph.inserting_after(keep):
+            out = graph.call_function(aten.mul.Tensor, (at, keep))
+        out.meta["val"] = aten.mul.Tensor(at.meta["val"], keep.meta["val"])
+        at.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+        count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
 
 
 def rename_dims(model: Any, mapping: dict[str, str]) -> int:
@@ -76,6 +152,7 @@ def export_onnx(program: Program, *, opset: int | None = None, optimize: bool = 
     except ImportError as e:
         raise LoweringError(f"ONNX export needs the onnx package: pip install 'graphopt[onnx]' ({e})") from None
     ep = program.export()
+    zero_fully_masked_rows(ep.graph_module)
     args = tuple(program.sample_inputs())
     # dynamic int8 (choose_qparams on activations) has no exporter translation of its own
     dynamic_qdq = any(n.target is torch.ops.quantized_decomposed.choose_qparams.tensor

@@ -43,7 +43,7 @@ from graphopt.options import resolve_options
 from graphopt.outputs import atomic_directory
 from graphopt.process import quiet_backends
 from graphopt.runtime.artifact import MANIFEST_FILE, Artifact
-from graphopt.runtime.backend import get_runtime, require_available
+from graphopt.runtime.backend import get_runtime, program_dtypes, require_available
 from graphopt.runtime.contract import check_contract, dim_ranges, index_ranges
 from graphopt.runtime.lower import file_checksums, lower_entry, manifest_head
 
@@ -165,15 +165,15 @@ def lower_incremental(
     entry_opts = {"prefill": opts, "step": backend.complete_options(
         inc.step, resolve_options(backend.lower_options, step_opts, f"{runtime} | lower step", LoweringError))}
     entries = {"prefill": inc.prefill, "step": inc.step}
-    try:
-        for name, entry in entries.items():
+    for name, entry in entries.items():
+        try:
             backend.check_program(entry, entry_opts[name])
-    except LoweringError as e:
-        if inc.codec != "bf16" or "bfloat16" not in str(e):
-            raise
-        raise LoweringError(f"{runtime} | a bf16 state (state_dtype='bf16', --state-dtype bf16) computes in "
-                            f"bfloat16, which {runtime} cannot run here; use int8 or native there, or the "
-                            "inductor runtime") from None
+        except LoweringError:
+            if inc.codec != "bf16" or torch.bfloat16 not in program_dtypes(entry):
+                raise
+            raise LoweringError(f"{runtime} | a bf16 state (state_dtype='bf16', --state-dtype bf16) computes in "
+                                f"bfloat16, which {runtime} cannot run here; use int8 or native there, or the "
+                                "inductor runtime") from None
     with atomic_directory(out_dir, force=force) as tmp, quiet_backends():
         infos: dict[str, dict[str, Any]] = {}
         for name, entry in entries.items():
