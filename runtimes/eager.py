@@ -52,7 +52,7 @@ class EagerRunner(Runner):
 
     def _infer_impl(self, inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
         assert self._gm is not None
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may edit the scores they get (masked_fill_)
             out = self._gm(*to_device(inputs, self.device))
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 

@@ -121,7 +121,7 @@ class InductorRunner(Runner):
             from_rows, index, dims = self._split
             if math.prod(flat[index].shape[d] for d in dims) >= from_rows:
                 model, boxed_run = self._packages[1]
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may edit the scores they get (masked_fill_)
             if boxed_run is not None:
                 return tuple(boxed_run(flat))
             out = model(*flat)

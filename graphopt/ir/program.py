@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import zipfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 
 PROGRAM_FORMAT = "graphopt.program/1"
 _META_FILE = "graphopt.json"
+
+
+#: torch.export.load keeps its deserializer in a module global: two threads loading at once
+#: (a serving process's first calls) fail with "_CURRENT_DESERIALIZER is already set"
+_LOAD_LOCK = threading.Lock()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -141,13 +147,16 @@ def check_inputs(specs: Sequence[InputSpec], args: Sequence[Any], runtime: str) 
         raise RunnerError(f"{runtime} | expected {len(specs)} inputs ({names}), got {len(args)}")
     for spec, value in zip(specs, args):
         if not isinstance(value, torch.Tensor):
+            how = "torch.from_numpy(x)" if type(value).__module__ == "numpy" else "torch.tensor(x)"
             raise RunnerError(
-                f"{runtime} | input '{spec.name}': expected a tensor, got {type(value).__name__}"
+                f"{runtime} | input '{spec.name}': expected a tensor, got {type(value).__name__}; pass {how}"
             )
+        if value.is_meta:
+            raise RunnerError(f"{runtime} | input '{spec.name}': a meta tensor holds no values; pass real tensors")
         if value.dtype != spec.dtype:
             raise RunnerError(
                 f"{runtime} | input '{spec.name}': expected {_dtype_name(spec.dtype)}, "
-                f"got {_dtype_name(value.dtype)}"
+                f"got {_dtype_name(value.dtype)}; convert it with .to(torch.{_dtype_name(spec.dtype)})"
             )
         if value.dim() != len(spec.shape):
             raise RunnerError(
@@ -340,7 +349,8 @@ class Program:
             raise ArtifactError(f"no saved Program at {path}; write one with `graphopt optimize -o`")
         extra = {_META_FILE: ""}
         try:
-            ep = torch.export.load(str(path), extra_files=extra)
+            with _LOAD_LOCK:
+                ep = torch.export.load(str(path), extra_files=extra)
         except (RuntimeError, zipfile.BadZipFile, KeyError, ValueError, EOFError) as e:
             if is_aoti_package(path):
                 raise ArtifactError(f"{path} is an AOTInductor package (a lowered artifact), not a saved Program; "

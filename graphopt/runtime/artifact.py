@@ -105,6 +105,9 @@ class Artifact:
     def check_unchanged(self) -> None:
         """Refuse files changed since :func:`read_artifact` checked them (re-checks only
         those whose size, mtime or inode moved; a Runner calls this before loading)."""
+        if not self.path.is_dir():
+            raise ArtifactError(f"{self._where()}the folder is gone since load() read it (moved or deleted); "
+                                "load it again from where it is now") from None
         for name, stamp in self._stamps.items():
             f = self.path / name
             try:

@@ -7,9 +7,9 @@
   rows (through view-like ops) must hold values in [0, N); where each slot
   ``input[:, t]`` feeds its own table (DLRM's sparse features), each slot is
   held to its own table's rows;
-- no NaN in a floating-point input (a NaN feature turns the row's scores into
-  NaN, which ranks arbitrarily downstream); infinities pass (an additive
-  attention mask may hold -inf).
+- no NaN or infinity in a floating-point input (a NaN feature turns the row's
+  scores into NaN, which ranks arbitrarily downstream; an infinity gave NaN
+  scores on some runtimes and finite ones on others).
 
 Stored in the manifest (``dims``, ``index_ranges``) and checked by the
 Runner base class before any backend runs, with the same words on every

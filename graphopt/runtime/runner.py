@@ -7,6 +7,7 @@ artifact's input contract, then call the subclass's ``_activate_impl`` /
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -48,6 +49,8 @@ class Runner:
         self.options = dict(options)
         self.device = "cpu"
         self.is_active = False
+        #: serving threads may make their first calls at once: the backend loads once
+        self._lock = threading.RLock()
         #: check the manifest's contract (dim ranges and equalities, index ranges) on every call;
         #: callers that validate upstream may set it False
         self.check_contract = True
@@ -57,6 +60,17 @@ class Runner:
 
     # ------------------------------------------------------------- lifecycle
     def activate(self) -> Runner:
+        with self._lock:
+            return self._activate()
+
+    def ensure_active(self) -> None:
+        """Load the backend unless it is loaded (once, whatever the number of threads asking)."""
+        if not self.is_active:
+            with self._lock:
+                if not self.is_active:  # another thread's first call may have loaded it meanwhile
+                    self._activate()
+
+    def _activate(self) -> Runner:
         if self.is_active:
             raise RunnerError(f"{self.name} | runner is already active; deactivate() it first")
         if self.artifact is not None:
@@ -75,19 +89,21 @@ class Runner:
         return self
 
     def deactivate(self) -> None:
-        if not self.is_active:
-            raise RunnerError(f"{self.name} | runner is not active; nothing to deactivate")
-        try:
-            self._deactivate_impl()
-        finally:
-            self.is_active = False
-            for entry in self.__dict__.pop("_entry_runners", {}).values():  # incremental step entry
-                entry.close()
+        with self._lock:
+            if not self.is_active:
+                raise RunnerError(f"{self.name} | runner is not active; nothing to deactivate")
+            try:
+                self._deactivate_impl()
+            finally:
+                self.is_active = False
+                for entry in self.__dict__.pop("_entry_runners", {}).values():  # incremental step entry
+                    entry.close()
 
     def close(self) -> None:
         """Release the backend (sessions, processes, memory) if it is loaded; safe to repeat."""
-        if self.is_active:
-            self.deactivate()
+        with self._lock:
+            if self.is_active:
+                self.deactivate()
 
     def __enter__(self) -> Runner:
         return self if self.is_active else self.activate()
@@ -102,8 +118,7 @@ class Runner:
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         """Run with inputs in Program order (or by name); outputs in Program order."""
-        if not self.is_active:  # ready to call, like InferenceSession / torch.jit.load
-            self.activate()
+        self.ensure_active()  # ready to call, like InferenceSession / torch.jit.load
         bound = bind_inputs(self.inputs, args, kwargs, self.name)
         check_inputs(self.inputs, bound, self.name)
         if self.check_contract:
@@ -113,8 +128,7 @@ class Runner:
     def run_checked(self, bound: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Run inputs already bound in Program order and checked (``__call__`` without its
         checks; the incremental ``step`` checks its state itself)."""
-        if not self.is_active:
-            self.activate()
+        self.ensure_active()
         try:
             outputs = tuple(self._infer_impl(bound))
         except GraphoptError:

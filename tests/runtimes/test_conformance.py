@@ -143,7 +143,7 @@ def test_bad_inputs_name_the_runtime(tmp_path_factory, program, runtime):
     prog, artifact = _artifact(tmp_path_factory, program, runtime, model, "fp32")
     ids, mask = _feeds(prog, 2, 8)
     with graphopt.load(artifact.path) as runner:
-        with pytest.raises(RunnerError, match=rf"^{runtime} \| input 'input_ids': expected int64, got float32$"):
+        with pytest.raises(RunnerError, match=rf"^{runtime} \| input 'input_ids': expected int64, got float32; convert it with \.to\(torch\.int64\)$"):
             runner(ids.float(), mask)
         with pytest.raises(RunnerError, match=rf"^{runtime} \| input 'attention_mask': expected rank 2"):
             runner(ids, mask[0])
@@ -205,7 +205,10 @@ BAD_INPUTS = {
     "mask seq != ids seq": (lambda ids, mask: (ids, mask[:, :7]),
                             r"input 'attention_mask': dim 1 \(seq\) is 7 but 'input_ids' has seq 8; they must be equal$"),
     "empty batch": (lambda ids, mask: (ids[:0], mask[:0]), r"input 'input_ids': dim 0 \(batch\) must be >= 1, got 0$"),
-    "wrong dtype": (lambda ids, mask: (ids.int(), mask), r"input 'input_ids': expected int64, got int32$"),
+    "wrong dtype": (lambda ids, mask: (ids.int(), mask), r"input 'input_ids': expected int64, got int32; convert it with \.to\(torch\.int64\)$"),
+    "numpy array": (lambda ids, mask: (ids.numpy(), mask), r"input 'input_ids': expected a tensor, got ndarray; pass torch\.from_numpy\(x\)$"),
+    "meta tensor": (lambda ids, mask: (ids, mask.to("meta")),  # was a raw RuntimeError from .item()
+                    r"input 'attention_mask': a meta tensor holds no values; pass real tensors$"),
 }
 
 
@@ -224,6 +227,50 @@ def test_contract_rejects_bad_requests_and_keeps_serving(tmp_path_factory, progr
             torch.testing.assert_close(runner(ids, mask)[0], good, atol=0, rtol=0, msg=case)
         runner.check_contract = False  # callers who validate upstream: the near miss still runs in range
         torch.testing.assert_close(runner(ids, mask)[0], good, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("runtime", RUNTIME_CASES)
+def test_first_calls_from_many_threads_load_once_and_return_editable_scores(tmp_path_factory, program, runtime,
+                                                                              monkeypatch):
+    """A serving process's threads all make their first call at once: each runner loads its backend
+    once and every request is answered (eager failed 3 of 4 with "_CURRENT_DESERIALIZER is already
+    set", two runners of one artifact included; the others loaded 2-4 copies of the weights), and
+    the scores are ordinary tensors the caller may edit (eager's and Inductor's were inference
+    tensors: ``masked_fill_`` raised), which the next call does not see."""
+    import threading
+
+    prog, artifact = _artifact(tmp_path_factory, program, runtime, "bert4rec:tiny", "fp32")
+    ids, mask = _feeds(prog, 2, 8)
+    runners = [graphopt.load(artifact.path), graphopt.load(artifact.path)]
+    loads = []
+    impl = type(runners[0])._activate_impl
+    monkeypatch.setattr(type(runners[0]), "_activate_impl", lambda self: (loads.append(self), impl(self))[1])
+    start, results, errors = threading.Barrier(6), [], []
+
+    def serve(runner):
+        start.wait()
+        try:
+            results.append(runner(ids, mask)[0])
+        except Exception as e:  # noqa: BLE001 - every failure is reported below
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=serve, args=(runners[i % 2],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    try:
+        assert errors == [] and len(results) == 6
+        assert sorted(map(id, loads)) == sorted(map(id, runners))  # one load per runner
+        for got in results[1:]:
+            torch.testing.assert_close(got, results[0], atol=0, rtol=0)
+        torch.testing.assert_close(results[0], prog(ids, mask)[0], atol=1e-4, rtol=1e-4)
+        kept = results[0].clone()
+        results[0].masked_fill_(torch.ones_like(results[0], dtype=torch.bool), float("-inf"))
+        torch.testing.assert_close(runners[0](ids, mask)[0], kept, atol=0, rtol=0)
+    finally:
+        for r in runners:
+            r.close()
 
 
 @pytest.mark.parametrize("runtime", RUNTIME_CASES)

@@ -209,6 +209,19 @@ def test_intact_copy_loads_and_a_file_changed_after_load_is_refused(tmp_path_fac
         graphopt.load(d, verify=False)
 
 
+def test_a_folder_moved_after_load_says_load_it_again(tmp_path_factory, program, tmp_path):
+    """Was: "file program.pt2 was removed after the artifact was checked; re-lower the artifact" for an
+    intact folder that was only moved (re-lowering is the wrong, expensive advice)."""
+    d = _copy(_source(tmp_path_factory, program, "eager"), tmp_path)
+    runner = graphopt.load(d)
+    d.rename(tmp_path / "moved")
+    with pytest.raises(ArtifactError, match=rf"^eager \| {re.escape(str(d))}: the folder is gone since load\(\) "
+                                            r"read it \(moved or deleted\); load it again from where it is now$"):
+        runner(*program("bert4rec:tiny").sample_inputs(batch=2, seq=8))
+    with graphopt.load(tmp_path / "moved") as moved:
+        moved(*program("bert4rec:tiny").sample_inputs(batch=2, seq=8))
+
+
 def test_stage_files_are_covered(tmp_path_factory, program, tmp_path):
     artifact = _stages_artifact(tmp_path_factory, program)
     assert [s["file"] for s in artifact.backend["stages"]] == ["stage0.pt2", "stage1.pt2"]
