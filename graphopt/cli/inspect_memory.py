@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,18 @@ from graphopt.transform.memory import MemoryAnalysis, format_bytes
 __all__ = ["run_memory", "check_plot", "shapes_for", "plot_peak", "render"]
 
 
-def shapes_for(analysis: MemoryAnalysis, batches: list[int] | None, seqs: list[int] | None) -> tuple[list[dict[str, int | None]], list[str]]:
-    """(batch, seq) points to evaluate, and notes on sizes the Program does not have."""
+def shapes_for(analysis: MemoryAnalysis, batches: list[int] | None, seqs: list[int] | None,
+               ranges: Mapping[str, Mapping[str, int | None]] | None = None,
+               ) -> tuple[list[dict[str, int | None]], list[str]]:
+    """(batch, seq) points to evaluate, and notes on sizes the Program does not have;
+    a size outside the range torch.export proved for its dim (``ranges``, from
+    :func:`graphopt.runtime.contract.dim_ranges`) is refused: the Program cannot run it."""
+    for flag, label, sizes in (("--batch-sizes", "batch", batches), ("--seq-lens", "seq", seqs)):
+        lo, hi = (ranges or {}).get(label, {}).get("min"), (ranges or {}).get(label, {}).get("max")
+        for size in sizes or []:
+            if (lo is not None and size < lo) or (hi is not None and size > hi):
+                raise ArtifactError(f"{flag} {size}: {analysis.program} takes {label} in [{lo}, "
+                                    f"{'unbounded' if hi is None else hi}]; pick sizes within it")
     notes = []
     has_batch, has_seq = "batch" in analysis.symbols, "seq" in analysis.symbols
     if batches and not has_batch:
@@ -124,12 +135,13 @@ def check_plot(args: argparse.Namespace) -> None:
 
 
 def run_memory(program: Any, args: argparse.Namespace) -> int:
+    from graphopt.runtime.contract import dim_ranges
     from graphopt.transform.analysis import AnalysisManager
 
     plot = Path(args.plot) if args.plot else None
     check_plot(args)
     analysis = AnalysisManager().get("memory", program)
-    shapes, notes = shapes_for(analysis, args.batch_sizes, args.seq_lens)
+    shapes, notes = shapes_for(analysis, args.batch_sizes, args.seq_lens, dim_ranges(program))
     if args.json:
         data = analysis.to_json(shapes)
         data["notes"] = notes + data["notes"]

@@ -40,9 +40,17 @@ def _expr(size: Any) -> Any:
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
 
 
+def _strided_last(val: torch.Tensor) -> bool:
+    """A last dim of more than one element whose stride is not 1 (T5's position bias
+    arrives heads-innermost: (batch, heads, q, k) with strides (.., 1, .., heads))."""
+    size, stride = val.shape[-1], val.stride()[-1]
+    return isinstance(stride, int) and stride not in (0, 1) and not (isinstance(size, int) and size == 1)
+
+
 def _sdpa_scratch(node: torch.fx.Node) -> list[Scratch]:
     """What CPU SDPA allocates and frees inside: a boolean mask converted to a
-    float mask of the query's dtype (its broadcast shape, materialized), the
+    float mask of the query's dtype (its broadcast shape, materialized), a
+    float mask whose last dim is strided copied contiguous (its shape), the
     logsumexp (batch, heads, seq) its flash kernel returns and drops, and the
     kernel's per-thread blocks (sized at the example seq and this process's
     torch threads: small, bounded by the split sizes)."""
@@ -54,6 +62,8 @@ def _sdpa_scratch(node: torch.fx.Node) -> list[Scratch]:
     mask_val = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
     if isinstance(mask_val, torch.Tensor) and mask_val.dtype == torch.bool:
         out.append(("float mask", list(mask_val.shape), query.dtype))
+    elif isinstance(mask_val, torch.Tensor) and _strided_last(mask_val):
+        out.append(("mask made contiguous", list(mask_val.shape), mask_val.dtype))
     key = node.args[1].meta.get("val") if isinstance(node.args[1], torch.fx.Node) else None
     if isinstance(key, torch.Tensor) and query.dim() >= 2 and key.dim() >= 2:
         # per-thread blocks of the CPU flash kernel: scores (q_split x kv_split),

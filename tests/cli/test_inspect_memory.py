@@ -50,3 +50,15 @@ def test_memory_tables_and_plot(tmp_path, capsys, saved):
     with pytest.raises(SystemExit) as e:  # argparse: exit 2 with one line
         main(["inspect", saved, "--batch-sizes", "0,4"])
     assert e.value.code == 2 and "expected positive integers" in capsys.readouterr().err
+
+
+def test_sizes_the_program_cannot_run_are_refused(capsys, program, tmp_path):
+    """Was: a prediction (8.8 MiB, exit 0) at seq 600, where the Program itself fails its guard
+    ``seq <= 512`` (bert4rec:tiny's position table)."""
+    saved = str(program("bert4rec:tiny").save(tmp_path / "b4r.pt2"))
+    code, _, err = run(capsys, "inspect", saved, "--memory", "--seq-lens", "64,600")
+    assert code == 2 and err.count("\n") == 1
+    assert "--seq-lens 600: bert4rec:tiny takes seq in [1, 512]; pick sizes within it" in err
+    code, out, err = run(capsys, "inspect", saved, "--memory", "--seq-lens", "512", "--json")  # the edge runs
+    assert code == 0, err
+    assert [e["sizes"]["seq"] for e in json.loads(out)["estimates"]] == [512]
