@@ -8,7 +8,10 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from graphopt.cli.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from graphopt.errors import ArtifactError
@@ -16,12 +19,14 @@ from graphopt.outputs import check_replaceable, written_by_graphopt
 from graphopt.rec.data import DataError, MovieLens, load_movielens, synthetic_movielens
 from graphopt.rec.data.ctr import ClickData, load_clicks
 from graphopt.rec.finetune import (
+    Checkpoint,
     FinetuneConfig,
     finetune,
     get_objective,
     is_checkpoint,
     load_checkpoint,
     model_kinds,
+    resolve_precision,
     save_checkpoint,
 )
 from graphopt.rec.finetune.clicks import CTR_KINDS
@@ -120,41 +125,84 @@ def _epoch_line(record: dict[str, float]) -> str:
     return line + f"  ({record['elapsed_s']:.0f}s)"
 
 
+def _settings(config: FinetuneConfig) -> dict[str, object]:
+    """What decides the trained model (as the demo's cache key): all but threads and device."""
+    return {k: v for k, v in asdict(config).items() if k not in ("threads", "device")}
+
+
+def _existing(out: Path, spec: str) -> Checkpoint | None:
+    """The checkpoint already in ``out`` when it holds one of ``spec`` (else a usage error), or None
+    where ``out`` is free (absent or an empty folder)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    if is_checkpoint(out):
+        ckpt = load_checkpoint(out)
+        if ckpt.name != spec:
+            raise ArtifactError(f"{out} already holds a fine-tuned {ckpt.name}, not {spec}; pass --fresh to "
+                                "replace it or pick another -o")
+        return ckpt
+    if not written_by_graphopt(out):
+        raise ArtifactError(f"{out} exists and was not written by graphopt; pick another -o")
+    raise ArtifactError(f"{out} holds graphopt output that is no checkpoint; pass --fresh to replace it or "
+                        "pick another -o")
+
+
+def _already_done(out: Path, ckpt: Checkpoint, data: MovieLens | ClickData, config: FinetuneConfig) -> str:
+    """The line saying ``out`` already holds this very fine-tune; a usage error where its data or
+    settings differ from the ones asked for."""
+    recorded = ckpt.meta.get("data") or {}
+    if recorded.get("fingerprint") != data.fingerprint():
+        raise ArtifactError(f"{out} holds a {ckpt.name} fine-tuned on other data ({recorded.get('name', '?')} from "
+                            f"{recorded.get('source', '?')}, not {data.name} from {data.source}); pass --fresh "
+                            "to retrain it or pick another -o")
+    training = ckpt.meta.get("training") or {}
+    wanted = _settings(config)
+    if wanted["precision"] == "auto":  # a checkpoint records what auto resolved to
+        wanted["precision"] = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    differs = [f"{k} {training.get(k, '?')}, not {v}" for k, v in wanted.items() if training.get(k) != v]
+    if differs:
+        raise ArtifactError(f"{out} holds a {ckpt.name} fine-tuned with other settings ({'; '.join(differs)}); "
+                            "pass --fresh to retrain it or pick another -o")
+    return f"{out} already holds this fine-tuned {ckpt.name} (same data and settings); pass --fresh to retrain it"
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    if out.exists() and not args.fresh:
-        if is_checkpoint(out):
-            ckpt = load_checkpoint(out)
-            print(f"{out} already holds a fine-tuned {ckpt.name}; pass --fresh to retrain it")
-            print(json.dumps({"output": str(out), "metrics": ckpt.meta.get("metrics", {}).get("test", {})}))
-            return 0
-        if not written_by_graphopt(out):
-            raise ArtifactError(f"{out} exists and was not written by graphopt; pick another -o")
-        raise ArtifactError(f"{out} holds graphopt output that is no checkpoint; pass --fresh to replace it or "
-                            "pick another -o")
-    if out.exists():
+    kind, size = parse_spec(args.model)
+    get_objective(kind).check_spec(size, args.seq_len)  # an unknown size or too long a history: before the data
+    spec = f"{kind}:{size}"
+    existing = None if args.fresh else _existing(out, spec)
+    replace = out.exists()  # with --fresh, or an empty folder: checked again when it is replaced
+    if replace and existing is None:
         check_replaceable(out, force=True, flag="--fresh")  # a user's folder or files: refused before training
     ctr = is_ctr(args.model)
     data: MovieLens | ClickData
     if ctr:
         data = load_click_data(args.data)
-        print(describe_clicks(data))
     else:
         data = load_data(args.data, allow_synthetic=not args.no_synthetic)
-        print(describe_data(data), file=sys.stderr if data.notice else sys.stdout)
     threads = args.threads
-    if threads is None and loaded_machine():
+    if existing is None and threads is None and loaded_machine():
         threads = 1
         print(f"note: load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores: training on 1 thread (--threads to override)")
     config = FinetuneConfig(
         epochs=args.epochs, max_minutes=args.max_minutes or None, max_steps=args.max_steps,
-        batch_size=args.batch_size or getattr(get_objective(parse_spec(args.model)[0]), "batch_size", 64), lr=args.lr, seq_len=args.seq_len, patience=args.patience,
+        batch_size=args.batch_size or getattr(get_objective(kind), "batch_size", 64), lr=args.lr, seq_len=args.seq_len, patience=args.patience,
         precision=args.precision, seed=args.seed, threads=threads, item_init=args.item_init,
     )
+    if existing is not None:
+        print(_already_done(out, existing, data, config))
+        print(json.dumps({"output": str(out), "metrics": existing.meta.get("metrics", {}).get("test", {})}))
+        return 0
+    if isinstance(data, ClickData):
+        print(describe_clicks(data))
+    else:
+        print(describe_data(data), file=sys.stderr if data.notice else sys.stdout)
     interactive = sys.stderr.isatty()
-    print(f"fine-tuning {args.model} (budget {args.max_minutes:g} min, up to {args.epochs} epochs)")
+    budget = f"budget {args.max_minutes:g} min" if args.max_minutes else "no time budget"
+    print(f"fine-tuning {args.model} ({budget}, up to {args.epochs} epochs)")
     result = finetune(args.model, data, config, on_epoch=None if interactive else lambda r: print(_epoch_line(r), flush=True))
-    save_checkpoint(result, out, force=args.fresh)
+    save_checkpoint(result, out, force=replace)
     pop = result.popularity["test"]
     print(
         f"done in {result.wall_s:.0f}s ({result.epochs} epochs, {result.steps} steps, {result.precision}; {result.stopped})\n"

@@ -2,7 +2,8 @@
 
 ``real_data_setup(data, ckpt, eval_batch)`` returns what ``graphopt.bench`` needs
 to judge variants on the data the model was fine-tuned for (``graphopt demo`` and
-``graphopt bench CHECKPOINT --data ...`` both use it):
+``graphopt bench CHECKPOINT --data ...`` both use it; other data than the
+checkpoint recorded, by fingerprint, is refused):
 
 - ``zoo``: the checkpoint's model whose ``make_inputs`` draws real user histories
   (sequence models) or real test ratings (CTR models), so timing and calibration
@@ -44,7 +45,9 @@ def real_inputs(ckpt: Checkpoint, histories: list[list[int]]) -> Any:
 def real_data_setup(data: MovieLens | ClickData, ckpt: Checkpoint, eval_batch: int, *,
                     eval_users: int | None = None, quick: bool = False) -> dict[str, Any]:
     """``zoo``, ``eval``, ``validation`` (sequence models), ``calibration``, ``seq`` (None for
-    CTR models), ``count`` and ``what`` (a line saying what is evaluated); see the module doc."""
+    CTR models), ``count`` and ``what`` (a line saying what is evaluated); see the module doc.
+    ``data`` other than the checkpoint's training data (its recorded fingerprint) is refused."""
+    ckpt.check_data(data)
     if isinstance(data, ClickData):
         return _click_setup(data, ckpt, eval_batch, eval_users, quick)
     return _sequence_setup(data, ckpt, eval_batch, eval_users, quick)

@@ -207,6 +207,7 @@ def test_finetune_cli(tmp_path, capsys, monkeypatch):
     assert main(args) == 0 and "--fresh" in capsys.readouterr().out  # cached: not retrained
     assert main(args + ["--fresh"]) == 0
     (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("a user's file")  # an empty folder is fine to use
     assert main(["finetune", "bert4rec:tiny", "-o", str(tmp_path / "other")]) == 2
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from graphopt.metrics import auc, logloss
-from graphopt.rec.data.movielens import DATA_ENV, DataError, find_movielens
+from graphopt.rec.data.movielens import DATA_ENV, DataError, bad_line, find_movielens, number
 
 __all__ = [
     "CLICK_RATING",
@@ -222,18 +222,21 @@ def _assemble(name: str, source: str, ratings: list[tuple[str, str, float, int]]
 
 def _read_standard(folder: Path) -> ClickData:
     ratings = []
-    for lineno, line in enumerate((folder / "u.data").read_text(encoding="latin-1").splitlines(), 1):
+    path = folder / "u.data"
+    for lineno, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
         parts = line.split("\t")
         if len(parts) < 4:
             if line.strip():
-                raise DataError(f"{folder / 'u.data'} line {lineno}: expected user, item, rating, timestamp")
+                raise bad_line(path, lineno, "user, item, rating, timestamp (tab-separated)", parts)
             continue
-        ratings.append((parts[0], parts[1], float(parts[2]), int(parts[3])))
+        ratings.append((parts[0], parts[1], number(parts[2], path, lineno, "the rating (3rd column)"),
+                        int(number(parts[3], path, lineno, "the timestamp (4th column)"))))
     users = {}
-    for line in (folder / "u.user").read_text(encoding="latin-1").splitlines():
+    path = folder / "u.user"
+    for lineno, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
         parts = line.split("|")
         if len(parts) >= 5:
-            users[parts[0]] = (int(parts[1]), parts[3], parts[4])
+            users[parts[0]] = (int(number(parts[1], path, lineno, "the age (2nd column)")), parts[3], parts[4])
     genre_names = [line.split("|")[0] for line in (folder / "u.genre").read_text(encoding="latin-1").splitlines()
                    if line.strip()] if (folder / "u.genre").is_file() else []
     items = {}
@@ -246,10 +249,22 @@ def _read_standard(folder: Path) -> ClickData:
     return _assemble("ml-100k", str(folder), ratings, users, items)
 
 
-def _columns(path: Path) -> tuple[list[str], list[list[str]]]:
+def _columns(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header's column names and the (line number, fields) of each non-blank row."""
     lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise DataError(f"{path} is empty; expected a RecBole atomic file (a header, then one row a line)")
     names = [h.split(":")[0] for h in lines[0].rstrip("\n").split("\t")]
-    return names, [line.split("\t") for line in lines[1:] if line.strip()]
+    return names, [(n, line.split("\t")) for n, line in enumerate(lines[1:], 2) if line.strip()]
+
+
+def _complete(path: Path, rows: list[tuple[int, list[str]]], *cols: int) -> list[tuple[int, list[str]]]:
+    """``rows``, refused at the first that lacks one of ``cols``."""
+    width = max(cols) + 1
+    for lineno, row in rows:
+        if len(row) < width:
+            raise bad_line(path, lineno, f"{width} tab-separated fields as the header says", row)
+    return rows
 
 
 def _col(names: list[str], path: Path, wanted: str) -> int:
@@ -262,15 +277,16 @@ def _read_recbole(folder: Path, stem: str) -> ClickData:
     path = folder / f"{stem}.inter"
     names, rows = _columns(path)
     u, i, r, t = (_col(names, path, c) for c in ("user_id", "item_id", "rating", "timestamp"))
-    ratings = [(row[u], row[i], float(row[r]), int(float(row[t]))) for row in rows]
+    ratings = [(row[u], row[i], number(row[r], path, n, "rating"), int(number(row[t], path, n, "timestamp")))
+               for n, row in _complete(path, rows, u, i, r, t)]
     path = folder / f"{stem}.user"
     names, rows = _columns(path)
     u, a, o, z = (_col(names, path, c) for c in ("user_id", "age", "occupation", "zip_code"))
-    users = {row[u]: (int(row[a]), row[o], row[z]) for row in rows}
+    users = {row[u]: (int(number(row[a], path, n, "age")), row[o], row[z]) for n, row in _complete(path, rows, u, a, o, z)}
     path = folder / f"{stem}.item"
     names, rows = _columns(path)
     i, c = _col(names, path, "item_id"), _col(names, path, "class")
-    items = {row[i]: row[c].split() if len(row) > c else [] for row in rows}
+    items = {row[i]: row[c].split() if len(row) > c else [] for _, row in _complete(path, rows, i)}
     return _assemble("ml-100k", str(folder), ratings, users, items)
 
 

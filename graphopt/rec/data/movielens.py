@@ -41,6 +41,8 @@ from graphopt.errors import ArtifactError
 
 __all__ = [
     "DataError",
+    "bad_line",
+    "number",
     "MovieLens",
     "EvalSet",
     "Split",
@@ -50,6 +52,7 @@ __all__ = [
     "recbole_folder",
     "DATA_ENV",
     "SYNTHETIC_NOTICE",
+    "REQUESTED_SYNTHETIC_NOTICE",
     "ML100K_USERS",
     "ML100K_ITEMS",
 ]
@@ -196,15 +199,33 @@ def _build(
     return MovieLens(name=name, source=source, sequences=sequences, num_items=len(item_ids), titles=titles)
 
 
+def bad_line(path: Path, lineno: int, expected: str, parts: Sequence[str] | None = None) -> DataError:
+    """The error for a malformed data line: the file, the line number and what it should hold."""
+    got = f" (got {len(parts)} field{'s' if len(parts) != 1 else ''})" if parts is not None else ""
+    return DataError(f"{path} line {lineno}: expected {expected}{got}; fix or delete that line")
+
+
+def number(raw: str, path: Path, lineno: int, what: str) -> float:
+    """``float(raw)``, or :func:`bad_line` naming the column that is not a number."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise bad_line(path, lineno, f"a number for {what}, not {raw[:20]!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise bad_line(path, lineno, f"a finite number for {what}, not {raw[:20]!r}")
+    return value
+
+
 def _read_standard(folder: Path) -> MovieLens:
     rows: list[tuple[str, str, float]] = []
-    for lineno, line in enumerate((folder / "u.data").read_text(encoding="latin-1").splitlines(), 1):
+    path = folder / "u.data"
+    for lineno, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
         if len(parts) < 4:
-            raise DataError(f"{folder / 'u.data'} line {lineno}: expected user, item, rating, timestamp (tab-separated)")
-        rows.append((parts[0], parts[1], float(parts[3])))
+            raise bad_line(path, lineno, "user, item, rating, timestamp (tab-separated)", parts)
+        rows.append((parts[0], parts[1], number(parts[3], path, lineno, "the timestamp (4th column)")))
     titles: dict[str, str] = {}
     item_file = folder / "u.item"
     if item_file.is_file():
@@ -228,12 +249,16 @@ def _typed_columns(header: str, path: Path, wanted: Sequence[str]) -> list[int]:
 def _read_recbole(folder: Path, stem: str) -> MovieLens:
     inter = folder / f"{stem}.inter"
     lines = inter.read_text(encoding="utf-8").splitlines()
+    if not lines:
+        raise DataError(f"{inter} is empty; expected a RecBole atomic file (a header, then one interaction a line)")
     u, i, t = _typed_columns(lines[0], inter, ("user_id", "item_id", "timestamp"))
     rows = []
-    for line in lines[1:]:
+    for lineno, line in enumerate(lines[1:], 2):
         if line.strip():
             parts = line.split("\t")
-            rows.append((parts[u], parts[i], float(parts[t])))
+            if len(parts) <= max(u, i, t):
+                raise bad_line(inter, lineno, f"{max(u, i, t) + 1} tab-separated fields as the header says", parts)
+            rows.append((parts[u], parts[i], number(parts[t], inter, lineno, "timestamp")))
     titles: dict[str, str] = {}
     item_file = folder / f"{stem}.item"
     if item_file.is_file():
@@ -291,6 +316,10 @@ def find_movielens(path: str | os.PathLike[str] | None = None) -> Path | None:
     return recbole_folder()
 
 
+REQUESTED_SYNTHETIC_NOTICE = (
+    "SYNTHETIC MovieLens-shaped data (asked for): ranking metrics say nothing about real data"
+)
+
 SYNTHETIC_NOTICE = (
     "real MovieLens-100K data not found (no path given, ${env} unset, recbole not installed): "
     "using a SYNTHETIC MovieLens-shaped dataset, so ranking metrics say nothing about real data; "
@@ -322,6 +351,7 @@ def load_movielens(
     from graphopt.rec.data.synthetic import synthetic_movielens
 
     data = synthetic_movielens(seed=seed)
+    data.notice = SYNTHETIC_NOTICE  # a fallback: say why (asked-for synthetic data carries its own notice)
     log.warning("%s", SYNTHETIC_NOTICE)
     return data
 

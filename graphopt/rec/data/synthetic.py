@@ -11,7 +11,7 @@ from graphopt.rec.data.movielens import (
     ML100K_INTERACTIONS,
     ML100K_ITEMS,
     ML100K_USERS,
-    SYNTHETIC_NOTICE,
+    REQUESTED_SYNTHETIC_NOTICE,
     MovieLens,
 )
 
@@ -80,7 +80,7 @@ def synthetic_movielens(
         num_items=items,
         titles=titles,
         synthetic=True,
-        notice=SYNTHETIC_NOTICE,
+        notice=REQUESTED_SYNTHETIC_NOTICE,  # load_movielens's fallback replaces it with why
     )
 
 

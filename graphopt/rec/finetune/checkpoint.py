@@ -19,7 +19,7 @@ from graphopt.rec.finetune.objectives import Objective, get_objective
 from graphopt.runtime.artifact import sha256_file
 
 __all__ = ["Checkpoint", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "WEIGHTS_FILE", "is_checkpoint",
-           "save_checkpoint", "load_checkpoint"]
+           "save_checkpoint", "load_checkpoint", "check_same_data"]
 
 CHECKPOINT_FILE = "graphopt-checkpoint.json"
 CHECKPOINT_FORMAT = "graphopt.checkpoint/1"
@@ -47,6 +47,10 @@ class Checkpoint:
     @property
     def append_mask(self) -> int | None:
         return self.objective.append_mask(self.model_config)
+
+    def check_data(self, data: Any) -> None:
+        """Refuse ``data`` (MovieLens or ClickData) other than the data this checkpoint was fine-tuned on."""
+        check_same_data(self.meta.get("data") or {}, data, str(self.path), self.name)
 
     def make_inputs(self, batch: int = 4, seq: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded random inputs shaped like real ones (item histories: left padding)."""
@@ -83,6 +87,22 @@ class Checkpoint:
                   "eval": self.meta.get("eval", {}), "data": self.meta.get("data", {}),
                   "metrics": self.meta.get("metrics", {})},
         )
+
+
+def check_same_data(recorded: dict[str, Any], data: Any, what: str, model: str = "MODEL") -> None:
+    """Refuse to judge ``what`` (a checkpoint fine-tuned on ``recorded``, its ``data`` metadata) on other
+    ``data``: a model scored on data it was not trained on (or whose test users it trained on) gives
+    numbers that mean nothing. Metadata without a fingerprint is not checked."""
+    saved = recorded.get("fingerprint")
+    if not saved or saved == data.fingerprint():
+        return
+    synthetic = recorded.get("synthetic")
+    trained = f"{recorded.get('name', '?')} from {recorded.get('source', '?')}"
+    hint = "synthetic" if synthetic else str(recorded.get("source", "ITS_DATA"))
+    raise ArtifactError(
+        f"{what} was fine-tuned on {trained} (fingerprint {saved}), but --data gives {data.name} from {data.source} "
+        f"(fingerprint {data.fingerprint()}); pass --data {hint}, its training data, or fine-tune on this data: "
+        f"`graphopt finetune {model} --data ... -o NEW_DIR`")
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -37,7 +37,7 @@ from graphopt.rec.data.ctr import (
     popularity_baseline,
     two_tower_inputs,
 )
-from graphopt.rec.finetune.objectives import Batch, Objective
+from graphopt.rec.finetune.objectives import Batch, Objective, check_seq_len
 from graphopt.rec.finetune.precision import autocast
 
 if TYPE_CHECKING:
@@ -97,9 +97,13 @@ class ClickThrough(Objective):
             from graphopt.rec.zoo.two_tower import SIZES
         return SIZES
 
-    def config_for(self, size: str, data: Any, seq_len: int | None) -> dict[str, Any]:
+    def check_spec(self, size: str, seq_len: int | None) -> None:
         if size not in self._sizes():
             raise ModelNotFoundError(f"model '{self.kind}' has no size '{size}'; sizes: {', '.join(self._sizes())}")
+        check_seq_len(self.kind, seq_len)  # two-tower's click history; dlrm reads none
+
+    def config_for(self, size: str, data: Any, seq_len: int | None) -> dict[str, Any]:
+        self.check_spec(size, seq_len)
         if not isinstance(data, ClickData):
             raise DataError(f"'{self.kind}' trains on click data (graphopt.rec.data.ctr.load_clicks), "
                             f"not on {type(data).__name__}; `graphopt finetune {self.kind}:{size}` loads it")

@@ -40,10 +40,26 @@ if TYPE_CHECKING:
     from graphopt.rec.finetune.loop import FinetuneConfig
 
 __all__ = ["Objective", "MaskedItem", "NextItemClassification", "register_objective", "get_objective",
-           "model_kinds", "windows", "cut_points", "next_item_batches"]
+           "model_kinds", "windows", "cut_points", "next_item_batches", "MAX_SEQ_LEN", "SpecError", "check_seq_len"]
 
 Batch = tuple[torch.Tensor, ...]
 log = logging.getLogger(__name__)
+
+#: the longest history the zoo's sequence models are fine-tuned on: their position tables grow past
+#: BERT's and GPT-2's 512 rows with the history (the new rows learned from scratch), and attention's
+#: seq x seq scores at a training batch of 64 pass several GB per layer beyond this
+MAX_SEQ_LEN = 2048
+
+
+class SpecError(ModelNotFoundError):
+    """A size or setting the model cannot take (a usage error, refused before any data loads)."""
+
+
+def check_seq_len(kind: str, seq_len: int | None) -> None:
+    """Refuse a history length past :data:`MAX_SEQ_LEN` (or below 1) with one line."""
+    if seq_len is not None and not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise SpecError(f"seq-len {seq_len}: {kind} is fine-tuned on histories of 1 to {MAX_SEQ_LEN} items "
+                        f"(longer ones outgrow memory in attention); pass --seq-len {MAX_SEQ_LEN} or less")
 
 
 def windows(seq: list[int], length: int, rng: random.Random) -> list[list[int]]:
@@ -85,7 +101,14 @@ class Objective:
 
     def config_for(self, size: str, data: Any, seq_len: int | None) -> dict[str, Any]:
         """The model config for ``size`` sized for ``data`` (default: its item count)."""
+        check_seq_len(self.kind, seq_len)
         return self.model_config(size, data.num_items, seq_len)
+
+    def check_spec(self, size: str, seq_len: int | None) -> None:
+        """Refuse an unknown ``size`` or a ``seq_len`` the model cannot read, before any data loads
+        (a 100000-item history otherwise fails deep in training, asking for hundreds of GB)."""
+        check_seq_len(self.kind, seq_len)
+        self.model_config(size, 1, seq_len)
 
     def build(self, cfg: dict[str, Any], *, pretrained: bool = True) -> nn.Module:
         raise NotImplementedError

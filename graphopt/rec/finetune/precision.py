@@ -1,4 +1,7 @@
-"""Training precision: what ``auto`` means on this machine, and the autocast context."""
+"""Training precision: what ``auto`` means on this machine, and the autocast context.
+
+Autocast covers training steps and the per-epoch validation early stopping follows; the
+metrics a checkpoint records are measured in fp32 on its saved weights (:mod:`.loop`)."""
 
 from __future__ import annotations
 
