@@ -24,6 +24,7 @@ __all__ = [
     "LoweringError",
     "RunnerError",
     "BackendUnavailableError",
+    "Terminated",
 ]
 
 
@@ -114,3 +115,9 @@ class RunnerError(GraphoptError):
 
 class BackendUnavailableError(GraphoptError):
     """An optional backend package or device is not present."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (the ``graphopt`` command installs the handler) so that
+    context managers clean up and long runs (``graphopt tune``) write what they finished; not an
+    Exception, like KeyboardInterrupt."""

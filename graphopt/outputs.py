@@ -48,7 +48,10 @@ def written_by_graphopt(path: Path) -> bool:
 def foreign_files(path: Path) -> list[str]:
     """Files under ``path`` that graphopt did not write, per its :data:`MARKER`'s list (empty for a
     folder whose marker has no list: an older graphopt wrote it, and what it wrote is unknown).
-    Graphopt's own temporaries (``.NAME.tmp-*``) and nested graphopt folders are its own."""
+    Graphopt's own temporaries (``.NAME.tmp-*``, ``.NAME.old-*``, at any depth) are its own; a nested
+    folder with its own marker (a tune's ``best/``, a work artifact) is checked against that marker's
+    list; ``later`` names only top-level entries, so a folder named there holds nothing but nested
+    graphopt outputs and temporaries: a user's file put inside it is foreign."""
     try:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
@@ -56,17 +59,31 @@ def foreign_files(path: Path) -> list[str]:
     if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
         return []
     ours = set(marker["files"]) | {MARKER}
-    later = [str(p) for p in marker.get("later", [])] + [".*.tmp*", ".*.old-*"]
+    later = [str(p) for p in marker.get("later", [])]
     found = []
     for root, dirs, files in os.walk(path):
         here = Path(root)
-        dirs[:] = [d for d in dirs if not (here / d / MARKER).is_file()]  # a nested output speaks for itself
+        inner = []
+        for d in dirs:
+            rel = (here / d).relative_to(path).as_posix()
+            if _temporary(d):
+                continue  # graphopt's own half-written or replaced folder
+            if (here / d / MARKER).is_file():  # a nested output speaks for itself, file by file
+                found += [f"{rel}/{f}" for f in foreign_files(here / d)]
+            else:
+                inner.append(d)
+        dirs[:] = inner
         for name in files:
             rel = (here / name).relative_to(path).as_posix()
-            top = rel.split("/")[0]
-            if rel not in ours and not any(fnmatch.fnmatch(top, pattern) for pattern in later):
-                found.append(rel)
+            top_level = "/" not in rel
+            if rel in ours or _temporary(name) or (top_level and any(fnmatch.fnmatch(rel, p) for p in later)):
+                continue
+            found.append(rel)
     return sorted(found)
+
+
+def _temporary(name: str) -> bool:
+    return fnmatch.fnmatch(name, ".*.tmp*") or fnmatch.fnmatch(name, ".*.old-*")
 
 
 def _written(tmp: Path) -> list[str]:

@@ -21,6 +21,7 @@ from graphopt.errors import (
     GraphoptError,
     ModelNotFoundError,
     PipelineParseError,
+    Terminated,
     first_line,
 )
 from graphopt.process import quiet_third_party
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
+    except Terminated:
         print("graphopt: terminated", file=sys.stderr)
         return 143
     except OSError as e:  # a file the user named: missing, a folder, unreadable
@@ -92,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised where the process is so that context managers clean up."""
-
-
 def _terminated(signum: int, frame: object) -> None:
-    raise _Terminated
+    raise Terminated
 
 
 if __name__ == "__main__":

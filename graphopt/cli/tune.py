@@ -101,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if task is not None:
             bar.stop()
-    _summary(result)
-    return 0 if result.best_trial is not None else 1
+    return _summary(result)
 
 
-def _summary(result) -> None:  # type: ignore[no-untyped-def]
+def _summary(result) -> int:  # type: ignore[no-untyped-def]
+    """Print the closing summary; the exit code: 1 when no requested variant worked."""
     from graphopt.tune.report import users_text
 
     best = result.best_trial
@@ -116,7 +116,13 @@ def _summary(result) -> None:  # type: ignore[no-untyped-def]
     print(f"{len(trials)} trials in {result.wall_s:.0f}s (" + ", ".join(f"{v} {k}" for k, v in sorted(statuses.items())) + ")")
     if best is None:
         print("no candidate met the bar")
-        return
+        return 1
+    requested = result.settings.get("runtimes") or []
+    if requested and best.candidate.runtime not in requested:  # only the eager reference worked
+        print(f"no requested variant worked: no candidate on {', '.join(requested)} ran and met the bar "
+              f"(failed, below the bar or not started: see {result.out_dir}/report.md); {result.out_dir}/best "
+              "holds only eager's reference, which was not requested")
+        return 1
     conf = {r["n"]: r for r in result.confirmation.get("finalists", [])}
     lat = conf.get(best.n, {}).get("latency") or best.latency
     speeds = ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in lat.items())
@@ -133,3 +139,4 @@ def _summary(result) -> None:  # type: ignore[no-untyped-def]
         top = max(defaults, key=lambda r: r["objective"] or 0)
         print(f"  vs best default ({top['key']}): {conf[best.n]['objective'] / top['objective']:.2f}x (same run)")
     print(f"artifact: {result.out_dir}/best   report: {result.out_dir}/report.md")
+    return 0

@@ -183,9 +183,14 @@ class TuneData:
     notice: str | None = None
 
 
-def load_calibration_file(path: str | Path, names: Sequence[str]) -> list[tuple[torch.Tensor, ...]]:
+def load_calibration_file(path: str | Path, names: Sequence[str], program: Program | None = None,
+                          ) -> list[tuple[torch.Tensor, ...]]:
     """A ``torch.save``d list of batches (each a dict name -> tensor or a tuple in
-    input order), or one dict of tensors; read with ``weights_only=True``."""
+    input order), or one dict of tensors; read with ``weights_only=True``. With
+    ``program``, each batch is checked against its inputs as a runner would (dtype,
+    rank, static dims, rows in every input and the same batch size across them,
+    dims within the exported ranges, finite floats, ids within the embedding
+    tables' rows): one line naming the batch and input, never a torch error later."""
     p = Path(path)
     if not p.is_file():
         raise DataSpecError(f"--calib {path}: no such file; save a list of input batches with torch.save")
@@ -197,6 +202,7 @@ def load_calibration_file(path: str | Path, names: Sequence[str]) -> list[tuple[
     if not batches:
         raise DataSpecError(f"--calib {path}: expected a list of batches (dicts of tensors or tuples), got {type(obj).__name__}")
     out = []
+    contract: tuple[Any, Any] | None = None
     for i, b in enumerate(batches):
         if isinstance(b, dict):
             missing = [n for n in names if n not in b]
@@ -205,8 +211,30 @@ def load_calibration_file(path: str | Path, names: Sequence[str]) -> list[tuple[
             b = tuple(b[n] for n in names)
         if not isinstance(b, (list, tuple)) or len(b) != len(names) or not all(isinstance(t, torch.Tensor) for t in b):
             raise DataSpecError(f"--calib {path}: batch {i} is not {len(names)} tensors ({', '.join(names)})")
+        if program is not None:
+            if contract is None:
+                from graphopt.runtime.contract import dim_ranges, index_ranges
+
+                contract = (dim_ranges(program), index_ranges(program))
+            _check_batch(program, tuple(b), contract, f"--calib {path}: batch {i}")
         out.append(tuple(b))
     return out
+
+
+def _check_batch(program: Program, batch: tuple[torch.Tensor, ...], contract: tuple[Any, Any], where: str) -> None:
+    from graphopt.errors import RunnerError
+    from graphopt.ir.program import check_inputs
+    from graphopt.runtime.contract import check_contract
+
+    for spec, value in zip(program.inputs, batch):
+        if value.numel() == 0:
+            raise DataSpecError(f"{where}: input '{spec.name}' is empty (shape {list(value.shape)}); "
+                                "save batches of at least one row each")
+    try:
+        check_inputs(program.inputs, batch, "calib")
+        check_contract(program.inputs, batch, contract[0], contract[1], "calib")
+    except RunnerError as e:
+        raise DataSpecError(f"{where}: {str(e).split(' | ', 1)[-1]}") from None
 
 
 def _movielens_eval(tm: TuneModel, eval_batch: int, seed: int) -> tuple[TuneData, Any]:
@@ -233,6 +261,9 @@ def _movielens_eval(tm: TuneModel, eval_batch: int, seed: int) -> tuple[TuneData
         raise DataSpecError(f"--data ml-100k: {tm.name} takes {', '.join(tm.program.input_names)}, not item "
                             "histories (input_ids, attention_mask); use --metric topk-overlap")
     data = load_movielens()
+    from graphopt.rec.finetune.checkpoint import check_same_data  # a checkpoint scored on its own data only
+
+    check_same_data(tm.program.meta.get("data") or {}, data, tm.source or tm.name, tm.name)
     if items != data.num_items:
         raise DataSpecError(
             f"--data ml-100k: {tm.name} scores {items} items but {data.name} has {data.num_items}; "
@@ -295,7 +326,7 @@ def tune_data(
         td.evaluator = td.subset_evaluator = eval_data
         td.description = "ranking quality from the given eval_data"
     if calib is not None:
-        batches = load_calibration_file(calib, tm.program.input_names)
+        batches = load_calibration_file(calib, tm.program.input_names, tm.program)
         held = max(1, len(batches) // 4) if len(batches) >= 2 else 0
         td.calibration = batches[: len(batches) - held] if held else batches
         if held and td.evaluator is None:

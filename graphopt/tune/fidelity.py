@@ -62,18 +62,30 @@ METRICS: dict[str, Metric] = {
 }
 
 
+#: the largest drop a bare number may give (5%): above it, "0.5" is more likely meant as 0.5% than as 50%
+BARE_DROP_MAX = 0.05
+
+
 def parse_drop(text: str | float) -> float:
-    """``"0.5%"`` -> 0.005, ``"0.005"`` -> 0.005; must lie in [0, 1)."""
+    """``"0.5%"`` -> 0.005, ``"0.005"`` -> 0.005; must lie in [0, 1). A bare number above
+    :data:`BARE_DROP_MAX` is refused (``0.5`` would be 50%): write it with a ``%`` sign."""
+    percent = False
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise DataSpecError(f"--max-drop {text!r}: expected a percentage such as 0.5% or a fraction such as 0.005")
     if isinstance(text, (int, float)):
         value = float(text)
     else:
         t = text.strip()
+        percent = t.endswith("%")
         try:
-            value = float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
+            value = float(t[:-1]) / 100.0 if percent else float(t)
         except ValueError:
             raise DataSpecError(f"--max-drop {text!r}: expected a fraction or a percentage such as 0.5%") from None
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         raise DataSpecError(f"--max-drop {text!r}: must be between 0% and 100%")
+    if not percent and value > BARE_DROP_MAX:
+        raise DataSpecError(f"--max-drop {text!r}: a bare number is a fraction ({text} = {100 * value:g}%); "
+                            f"write {text}% for {text} percent, or {100 * value:g}% if you mean that")
     return value
 
 
@@ -153,18 +165,47 @@ class Judge:
                 "values": {kind: value}, "meets": meets, "why": why}
 
     def screen(self, fn: Fn) -> dict[str, Any]:
-        """:meth:`measure`, cheaper for clear misses: with evaluation data, a candidate whose
-        metric on the subset of users falls more than 4x the allowed drop is rejected there."""
+        """:meth:`measure`, cheaper for clear misses: with evaluation data scored user by user, a
+        candidate is rejected on the first users only when what it lost there could not plausibly be
+        made up by the users not yet seen (:meth:`_hopeless`); otherwise on all of them."""
         if self.metric.source == "eval" and self.data.subset_evaluator is not None \
                 and self.data.subset_evaluator is not self.data.evaluator:
             quick = self.measure(fn, subset=True)
-            if quick["change_pct"] < -400.0 * self.max_drop:
+            if self._hopeless(quick):
                 quick["meets"] = False
-                quick["why"] = (f"{quick['metric']} {quick['change_pct']:+.2f}% vs eager on the first users "
-                                f"(bar -{100 * self.max_drop:g}%); rejected before the full evaluation")
+                quick["why"] = (f"{quick['metric']} {quick['change_pct']:+.2f}% vs eager on the first "
+                                f"{self._users(True)} users (bar -{100 * self.max_drop:g}% on all "
+                                f"{self._users(False)}; more lost there than the rest could make up); "
+                                "rejected before the full evaluation")
                 quick["subset"] = True
                 return quick
         return self.measure(fn)
+
+    #: users' worth the users not yet seen are assumed able to recover beyond the candidate's own gains
+    SCREEN_SLACK_USERS = 2.0
+
+    def _users(self, subset: bool) -> int:
+        users = self._reference_users[subset]
+        return int(users.hits.numel()) if users is not None else 0
+
+    def _hopeless(self, quick: dict[str, Any]) -> bool:
+        """Whether a subset measurement cannot hold the bar on all users, in users' worth (a user
+        adds at most 1 to HR@10's or NDCG@10's sum): its loss on the ``n`` first users exceeds the
+        loss the bar allows on all ``N`` plus what the ``N - n`` others could recover, taken as the
+        users it gained on the subset scaled to their number plus :attr:`SCREEN_SLACK_USERS`. A lost
+        user on 256 is 3-4% of HR@10 there but a tenth of that on 943, so a few-user loss is never
+        rejected here. Without per-user results nothing is rejected on the subset."""
+        n, total = self._users(True), self._users(False)
+        key = self.metric.key
+        change = quick.get("change_pct", math.nan)
+        if not (n and total > n and "users" in quick and math.isfinite(change)):
+            return False  # the full evaluation decides
+        if change >= -400.0 * self.max_drop:  # within 4x the bar: never worth an early verdict
+            return False
+        lost = (self.reference_subset[key] - quick["value"]) * n
+        allowed = self.max_drop * self.reference_eval[key] * total
+        recover = quick["users"]["gained"] * (total - n) / n + self.SCREEN_SLACK_USERS
+        return lost > allowed + recover
 
     def score_error(self, fn: Fn) -> float:
         """Mean relative L2 error of ``fn``'s first output vs eager's on the screening batches.

@@ -25,37 +25,31 @@ from typing import Any
 import torch
 
 from graphopt.bench.timing import TimingConfig, load_warning, machine_info
-from graphopt.errors import ArtifactError
-from graphopt.outputs import (
-    atomic_directory,
-    check_output_path,
-    check_replaceable,
-)
+from graphopt.errors import ArtifactError, Terminated
+from graphopt.outputs import check_output_path
 from graphopt.process import keep_freed_memory
 from graphopt.runtime import Artifact, get_runtime, load
-from graphopt.runtime.artifact import read_artifact
+from graphopt.runtime.artifact import read_artifact, sha256_file
 from graphopt.tune.budget import Budget, autotunes_for, parse_budget
 from graphopt.tune.data import DataSpecError, resolve_model, tune_data
 from graphopt.tune.evaluate import OBJECTIVES, Evaluator
 from graphopt.tune.fidelity import METRICS, Judge, parse_drop
 from graphopt.tune.keepbest import BEST_DIR
+from graphopt.tune.outdir import RESULT_FILE, TUNE_FILE, WORK_DIR, check_force, check_not_model, prepare_out
 from graphopt.tune.search import SearchRun, TuneProgress, best_key
-from graphopt.tune.sensitivity import SENSITIVITY_FILE
 from graphopt.tune.space import build_space
 from graphopt.tune.strategy import STRATEGIES
-from graphopt.tune.trials import TRIALS_FILE, Trial, TrialLog
+from graphopt.tune.trials import Trial
 
 __all__ = ["tune", "TuneResult", "TuneProgress", "TUNE_FILE", "DEFAULT_RUNTIMES"]
 
 log = logging.getLogger(__name__)
 
-TUNE_FILE = "tune.json"
-RESULT_FILE = "result.json"
-WORK_DIR = ".work"
 #: runtimes searched by default (those available here); stages is a deployment layout, not a speed knob
 DEFAULT_RUNTIMES = ("eager", "torchscript", "onnxruntime", "inductor", "tensorrt")
-#: settings a resumed run must share with the run it continues
-_RESUME_KEYS = ("model", "data", "metric", "max_drop", "objective", "shapes")
+#: a deployment layout (graphopt serve-stages), not a speed knob: refused in --runtimes
+_NOT_SEARCHED = {"stages": "stages is a deployment layout (`graphopt serve-stages`), not a speed knob; "
+                           "tune the runtimes its stages run on (eager, onnxruntime, ...)"}
 
 
 @dataclass
@@ -95,7 +89,14 @@ def _check_runtimes(runtimes: Sequence[str] | None) -> list[str]:
     from graphopt.bench.variants import runtime_status
 
     explicit = runtimes is not None
-    names = list(runtimes if runtimes is not None else DEFAULT_RUNTIMES)
+    if isinstance(runtimes, str):  # the Python API's runtimes="eager" or "eager,onnxruntime"
+        runtimes = [r.strip() for r in runtimes.split(",") if r.strip()]
+    names = list(dict.fromkeys(runtimes if runtimes is not None else DEFAULT_RUNTIMES))
+    if explicit and not names:
+        raise DataSpecError("--runtimes: name at least one runtime (`graphopt runtimes` lists them)")
+    for name in names:
+        if explicit and name in _NOT_SEARCHED:
+            raise DataSpecError(f"--runtimes {name}: {_NOT_SEARCHED[name]}")
     status = runtime_status(names)
     out = []
     for name in names:
@@ -106,34 +107,37 @@ def _check_runtimes(runtimes: Sequence[str] | None) -> list[str]:
                     raise DataSpecError(f"--runtimes: {why}")
                 log.warning("runtime %s skipped: %s", name, why)
             continue
-        out.append(get_runtime(name).name)
+        if get_runtime(name).name not in out:  # an alias of one already named
+            out.append(get_runtime(name).name)
     if not out:
         raise DataSpecError("--runtimes: none of them is available here; `graphopt runtimes` says why")
     return out
 
 
 def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool) -> list[Trial]:
-    """Create OUT (or check it for --resume); return the trials to replay."""
-    out = check_output_path(out)
-    if out.exists() and resume:
-        if not (out / TUNE_FILE).is_file():
-            raise ArtifactError(f"{out} has no {TUNE_FILE}: it is not a graphopt tune output; drop --resume or pick another -o")
-        before = json.loads((out / TUNE_FILE).read_text())
-        for key in _RESUME_KEYS:
-            if before.get(key) != settings.get(key):
-                raise DataSpecError(
-                    f"--resume: {out} was tuned with {key}={before.get(key)!r}, this run asks {settings.get(key)!r}; "
-                    "resume with the same settings or start over with --force"
-                )
-        for stale in out.glob(".*.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        return TrialLog(out / TRIALS_FILE).read()
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; pass --resume to continue it or --force to start over")
-    later = (TRIALS_FILE, RESULT_FILE, SENSITIVITY_FILE, BEST_DIR, WORK_DIR, "report.md", "pareto.png")
-    with atomic_directory(out, force=force, kind="tune", later=later) as tmp:
-        (tmp / TUNE_FILE).write_text(json.dumps(settings, indent=1) + "\n")
-    return []
+    """Create OUT (or check it for --resume); return the trials to replay (:func:`graphopt.tune.outdir.prepare_out`)."""
+    return prepare_out(out, settings, resume, force)
+
+
+def _sizes(values: int | str | Sequence[int], what: str) -> list[int]:
+    """Batch sizes or sequence lengths: one int, "1,32", or a sequence of positive ints."""
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    elif not isinstance(values, (list, tuple, range)):
+        values = [values]  # type: ignore[list-item]
+    try:
+        out = [int(v) for v in values]
+        exact = all(float(v) == int(v) for v in values)
+    except (TypeError, ValueError):
+        out, exact = [], False
+    if not out or not exact or any(v <= 0 for v in out):
+        raise DataSpecError(f"--{what} {values!r}: expected positive integers, such as 1,32")
+    return out
+
+
+def _stops() -> tuple[type[BaseException], ...]:
+    """Ctrl-C and the CLI's SIGTERM (graphopt.cli turns it into an exception that unwinds like Ctrl-C)."""
+    return (KeyboardInterrupt, Terminated)
 
 
 # ------------------------------------------------------------------ tune()
@@ -147,8 +151,8 @@ def tune(
     metric: str | None = None,
     max_drop: str | float | None = None,
     budget: str | float = 600,
-    batch_sizes: Sequence[int] = (1, 32),
-    seq_lens: Sequence[int] = (64,),
+    batch_sizes: int | Sequence[int] = (1, 32),
+    seq_lens: int | Sequence[int] = (64,),
     runtimes: Sequence[str] | None = None,
     objective: str = "p50",
     seed: int = 0,
@@ -189,6 +193,8 @@ def tune(
     metric = metric or ("ndcg@10" if data is not None or eval_data is not None else "topk-overlap")
     if metric not in METRICS:
         raise DataSpecError(f"--metric {metric!r}: one of {', '.join(METRICS)}")
+    if METRICS[metric].source == "eval" and data is None and eval_data is None:  # before any model is loaded
+        raise DataSpecError(f"--metric {metric} needs evaluation data (--data ml-100k); without it use --metric topk-overlap")
     drop = METRICS[metric].default_max_drop if max_drop is None else parse_drop(max_drop)
     seconds = parse_budget(budget)
     if threads is not None and threads < 1:
@@ -197,16 +203,16 @@ def tune(
         raise DataSpecError(f"--max-trials {max_trials}: must be at least 1")
     if resume and force:
         raise DataSpecError("--resume continues OUT and --force starts it over: pass one of them")
-    if not batch_sizes or any(int(b) <= 0 for b in batch_sizes) or not seq_lens or any(int(s) <= 0 for s in seq_lens):
-        raise DataSpecError("--batch-sizes and --seq-lens must be positive integers")
+    batch_sizes, seq_lens = _sizes(batch_sizes, "batch-sizes"), _sizes(seq_lens, "seq-lens")
     runtime_names = _check_runtimes(runtimes)
     out = check_output_path(out_dir)
+    check_not_model(out, model)  # --force or --resume over the model being tuned would replace it
     if out.exists() and resume and not (out / TUNE_FILE).is_file():
         raise ArtifactError(f"{out} has no {TUNE_FILE}: it is not a graphopt tune output; drop --resume or pick another -o")
     if out.exists() and not resume:
         if not force:
             raise ArtifactError(f"{out} already exists; pass --resume to continue it or --force to start over")
-        check_replaceable(out, force=True)  # a user's folder, or a user's files added to ours: refused
+        check_force(out)  # a user's folder or files, or another kind of graphopt output: refused
     budget_clock = Budget(seconds)
     keep_freed_memory()  # eager and every candidate timed under the heap policy a runner sets (graphopt/process.py)
     with _torch_threads(threads):
@@ -221,7 +227,9 @@ def tune(
             "model": str(model) if isinstance(model, (str, os.PathLike)) else tm.name,
             "model_name": tm.name,
             "data": data or ("eval_data" if eval_data is not None else None),
-            "calib": str(calib) if calib else None,
+            "calib": str(Path(calib).resolve()) if calib else None,
+            "calib_sha256": sha256_file(Path(calib)) if calib else None,
+            "program": tm.program.fingerprint(),
             "metric": metric, "max_drop": drop, "bar": judge.describe(), "objective": objective,
             "shapes": [[b, s] for b, s in shapes], "runtimes": runtime_names, "seed": seed, "strategy": strategy,
             "budget_s": seconds, "prune_ratios": list(prune_ratios), "threads": threads or torch.get_num_threads(),
@@ -240,16 +248,17 @@ def tune(
         for note in space.notes:
             run.say(f"note: {note}")
         warnings_ = [w] if (w := load_warning()) else []
-        interrupted = False
+        stopped: BaseException | None = None
         try:
             STRATEGIES[strategy](run)
             run.update_reserve()
             if space.int8 and not run.exhausted():
                 run.sensitivity()  # for the report's table, when the search did not need it and time is left
             confirmation = run.confirm()
-        except KeyboardInterrupt:  # OUT/best and trials.jsonl are complete; write the report of what ran
-            interrupted = True
-            confirmation = {"done": False, "why": "interrupted (Ctrl-C); --resume continues"}
+        except _stops() as e:  # OUT/best and trials.jsonl are complete; write the report of what ran
+            stopped = e
+            how = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+            confirmation = {"done": False, "why": f"{how}; --resume continues"}
         finally:
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
         if not warnings_ and (w := load_warning()) is not None:
@@ -270,8 +279,8 @@ def tune(
 
         write_report(result, summary)
         run.say(f"done in {result.wall_s:.0f}s: {len(run.trials())} trials, best {best_trial.key if best_trial else '-'}")
-        if interrupted:
-            raise KeyboardInterrupt
+        if stopped is not None:
+            raise stopped
         return result
 
 

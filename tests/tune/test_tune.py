@@ -167,7 +167,7 @@ def test_report_has_the_winner_pareto_plot_and_runtimes(tuned):
 # ------------------------------------------------------------------ kill and resume
 def _cli(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "graphopt", "tune", MODEL, "--runtimes", "torchscript", "--batch-sizes", "1,16",
-            "-o", str(out), *extra]
+            "--threads", "1", "-o", str(out), *extra]
 
 
 def test_sigkill_leaves_best_loadable_and_resume_skips_finished_trials(tmp_path, program):
@@ -195,8 +195,8 @@ def test_sigkill_leaves_best_loadable_and_resume_skips_finished_trials(tmp_path,
 
     # --resume: the finished trials are answered from the log, not run again
     # the session's Program of the same zoo model (its settings name the model as the CLI did): no second capture
-    result = graphopt.tune(prog, out, runtimes=["torchscript"], batch_sizes=(1, 16), budget=1.0,
-                           timing=QUICK, confirm_timing=CONFIRM, resume=True)
+    result = graphopt.tune(prog, out, runtimes=["torchscript"], batch_sizes=(1, 16), budget=1.0, threads=1,
+                           timing=QUICK, confirm_timing=CONFIRM, resume=True)  # --resume: the same --threads
     replayed = [t for t in result.trials if t.resumed]
     assert [t.key for t in replayed] == [t.key for t in finished][: len(replayed)] and replayed
     lines = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]

@@ -148,8 +148,13 @@ class Objective:
             log.warning("item table keeps its random start: %d items is more than the co-occurrence start's "
                         "%d (pass item_init='random' to silence this)", split.num_items, MAX_ITEMS)
             return False
-        emb = cooccurrence_embeddings(split.train, split.num_items, table.shape[1], window=window,
-                                      std=float(table.float().std()))
+        try:
+            emb = cooccurrence_embeddings(split.train, split.num_items, table.shape[1], window=window,
+                                          std=float(table.float().std()))
+        except (ValueError, torch.linalg.LinAlgError) as e:  # a few short histories: nothing to factorise
+            log.warning("item table keeps its random start: the co-occurrence of %d training histories "
+                        "cannot be factorised (%s)", len(split.train), str(e).split(":")[0])
+            return False
         table.copy_(emb.to(table.dtype))
         return True
 
