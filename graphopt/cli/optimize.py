@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from graphopt.cli.argtypes import positive_int
+from graphopt.cli.argtypes import non_negative_int, positive_int
 from graphopt.errors import LoweringError, PassOptionError, PipelineParseError
 from graphopt.options import resolve_options
 from graphopt.outputs import atomic_directory, check_replaceable
@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     inc.add_argument("--state-dtype", choices=("native", "bf16", "int8"), default="native",
                      help="how the state stores keys/values (default: the graph's dtype)")
     inc.add_argument("--max-positions", type=positive_int, metavar="N", help="positions served (the model's training length)")
+    inc.add_argument("--padding-id", type=non_negative_int, metavar="ID",
+                     help="the id that pads histories, refused as an event (default: 0 for a zoo model, none otherwise)")
     inc.add_argument("--step-option", action="append", default=[], metavar="KEY=VALUE",
                      help="lowering option for the step entry alone, e.g. weight_prepack=true")
     p.set_defaults(run=run)
@@ -84,7 +86,8 @@ def _lower_all(program, args: argparse.Namespace, tmp) -> list[str]:  # type: ig
     inc = derive_incremental(program, args.max_history, args.state_dtype, max_positions=args.max_positions)
     step_options = _runtime_options(args.step_option, "--step-option")
     for name in args.runtime:
-        lower_incremental(inc, name, tmp / name, step_options=step_options, **options)
+        lower_incremental(inc, name, tmp / name, step_options=step_options,
+                          padding_id="auto" if args.padding_id is None else args.padding_id, **options)
     return list(args.runtime)
 
 
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise PipelineParseError("--runtime-option sets a lowering option: name the runtime(s) with --runtime")
     incremental = [flag for flag, value in (("--state-dtype", args.state_dtype != "native"),
                                             ("--max-positions", args.max_positions is not None),
+                                            ("--padding-id", args.padding_id is not None),
                                             ("--step-option", args.step_option)) if value]
     if args.max_history is not None or incremental:
         if args.max_history is None:

@@ -17,10 +17,13 @@ layout and each entry's contract.
 ``state`` is an :class:`IncrementalState`: ``length`` (events seen per
 user) and each attention's keys/values of the last ``max_history`` events,
 batch-major, so users can be stored apart and batched again
-(:meth:`IncrementalState.select`, :meth:`IncrementalState.cat`). ``step``
-refuses a state of the wrong names, dtypes, shape, window or batch, and a
-step that would run past the position table, with one line; it never
-changes the state it is given.
+(:meth:`IncrementalState.select`, :meth:`IncrementalState.cat`) or pickled
+(:mod:`graphopt.runtime.incremental_state`). ``step`` refuses a state of the
+wrong names, dtypes, shape, window or batch, a step that would run past the
+position table, and the padding id as a new event, with one line; it never
+changes the state it is given. The padding id (``padding_id=``; a zoo model's
+0 by default) is recorded in the ``incremental`` section; prefill refuses it
+under ``attention_mask`` 1 too.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -45,6 +48,7 @@ from graphopt.process import quiet_backends
 from graphopt.runtime.artifact import MANIFEST_FILE, Artifact
 from graphopt.runtime.backend import get_runtime, program_dtypes, require_available
 from graphopt.runtime.contract import check_contract, dim_ranges, index_ranges
+from graphopt.runtime.incremental_state import IncrementalState, tensor_versions
 from graphopt.runtime.lower import file_checksums, lower_entry, manifest_head
 
 if TYPE_CHECKING:
@@ -56,43 +60,9 @@ __all__ = ["lower_incremental", "IncrementalState", "prefill", "step"]
 log = logging.getLogger(__name__)
 
 _ENTRIES = ("prefill", "step")
+#: the id every zoo sequence model pads histories with (graphopt/rec/zoo: 0 = padding, 1.. = items)
+ZOO_PADDING_ID = 0
 _PATH_KEYS = ("entry", "optimized")
-
-
-@dataclass(frozen=True)
-class IncrementalState:
-    """The state ``prefill``/``step`` return: named tensors, batch-major."""
-
-    tensors: Mapping[str, torch.Tensor]
-    max_history: int
-    #: the runner that returned it (its own output, read-only, is not checked tensor by tensor again)
-    origin: int | None = field(default=None, compare=False, repr=False)
-    #: the most events any user has seen, when the runner that returned it knows (saves a reduction per step)
-    events: int | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def length(self) -> torch.Tensor:
-        """Events seen per user ``(batch,)``: the position of each user's next event."""
-        return self.tensors["length"]
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.length.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-    def select(self, index: Any) -> IncrementalState:
-        """The state of some users (``index`` as in ``tensor[index]``, kept 1-d)."""
-        return IncrementalState({k: t[index].reshape(-1, *t.shape[1:]) for k, t in self.tensors.items()},
-                                self.max_history)
-
-    @classmethod
-    def cat(cls, states: Sequence[IncrementalState]) -> IncrementalState:
-        """Users of several states in one batch (same artifact)."""
-        first = states[0]
-        return cls({k: torch.cat([s.tensors[k] for s in states]) for k in first.tensors}, first.max_history)
 
 
 # ------------------------------------------------------------------ lowering
@@ -125,6 +95,7 @@ def lower_incremental(
     max_positions: int | None = None,
     force: bool = False,
     step_options: Mapping[str, Any] | None = None,
+    padding_id: int | str | None = "auto",
     **options: Any,
 ) -> Artifact:
     """Derive ``prefill``/``step`` from a causal ``program`` (or take derived ones) and
@@ -143,6 +114,8 @@ def lower_incremental(
     base-size model, with ``max_autotune=True``, its CPP GEMM template), then ``options``, then
     ``step_options`` (``options`` reach the step too: ``split_rows=N`` with
     ``step_options={"split_rows": 0}`` splits the prefill alone).
+    ``padding_id``: the id that pads a history, refused as an event (a step's new event, an id under
+    ``attention_mask`` 1); ``"auto"``: the zoo's 0 for a zoo model's Program, none otherwise; ``None``: none.
     """
     from graphopt.passlib.incremental import IncrementalPrograms, derive_incremental
 
@@ -154,6 +127,7 @@ def lower_incremental(
         inc = derive_incremental(program, max_history, state_dtype, max_positions=max_positions)
     else:
         raise LoweringError(f"lower_incremental takes a Program, got {type(program).__name__}; capture the model first")
+    pad = _padding_id(inc.prefill, padding_id)
     backend = get_runtime(runtime)
     runtime = backend.name
     require_available(backend)
@@ -185,7 +159,7 @@ def lower_incremental(
         manifest = {
             **manifest_head(prefill_program, backend, opts),
             "backend": top,
-            "incremental": {**inc.to_json(),
+            "incremental": {**inc.to_json(), "padding_id": pad,
                             "entries": {n: _entry_manifest(entries[n], infos[n], n, entry_opts[n])
                                         for n in _ENTRIES}},
             "files": files,
@@ -194,6 +168,17 @@ def lower_incremental(
     log.info("lowered incremental %s with %s into %s (window %d, state %s)", prefill_program.name, runtime,
              out_dir, inc.window, inc.codec)
     return Artifact(Path(out_dir), manifest)
+
+
+def _padding_id(program: Program, asked: int | str | None) -> int | None:
+    """The id that pads histories: ``asked``, or for ``"auto"`` the zoo's (every zoo sequence model pads
+    with 0, graphopt/rec/zoo) where the Program was captured from the zoo; a model of one's own: none
+    (its padding id is not recorded in a Program: pass ``padding_id=``)."""
+    if asked == "auto":
+        return ZOO_PADDING_ID if program.meta.get("zoo") else None
+    if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < 0):
+        raise LoweringError(f"padding_id must be an integer id >= 0, None or 'auto', got {asked!r}")
+    return asked
 
 
 # ------------------------------------------------------------------- running
@@ -207,19 +192,20 @@ def _section(runner: Runner) -> dict[str, Any]:
 
 
 def _step_runner(runner: Runner, section: dict[str, Any]) -> Runner:
-    """The step entry's runner (the same runtime and options), loaded on first use."""
-    subs = runner.__dict__.setdefault("_entry_runners", {})
-    if "step" not in subs:
-        entry = section["entries"]["step"]
-        manifest = {k: v for k, v in runner.artifact.manifest.items() if k != "incremental"}
-        manifest.update({k: entry[k] for k in ("inputs", "outputs", "dims", "index_ranges", "backend")})
-        artifact = Artifact(runner.artifact.path / entry["dir"], manifest)
-        sub = get_runtime(artifact.runtime).make_runner(artifact, runner.options)
-        sub.check_contract = False  # step() checks the contract itself: the state needs less than the ids
-        subs["step"] = sub
-    sub = subs["step"]
-    if not sub.is_active:
-        sub.activate()
+    """The step entry's runner (the same runtime and options), loaded on first use (once, whatever
+    the number of serving threads asking)."""
+    with runner._lock:
+        subs = runner.__dict__.setdefault("_entry_runners", {})
+        if "step" not in subs:
+            entry = section["entries"]["step"]
+            manifest = {k: v for k, v in runner.artifact.manifest.items() if k != "incremental"}
+            manifest.update({k: entry[k] for k in ("inputs", "outputs", "dims", "index_ranges", "backend")})
+            artifact = Artifact(runner.artifact.path / entry["dir"], manifest)
+            sub = get_runtime(artifact.runtime).make_runner(artifact, runner.options)
+            sub.check_contract = False  # step() checks the contract itself: the state needs less than the ids
+            subs["step"] = sub
+        sub = subs["step"]
+    sub.ensure_active()
     return sub
 
 
@@ -236,6 +222,7 @@ class _StepPlan:
     window: int
     rows: int | None  # max_positions
     state_dtype: str
+    padding_id: int | None  # refused as an event (None: artifacts lowered before it was recorded, own models)
 
     @functools.cached_property
     def names(self) -> tuple[str, ...]:
@@ -254,15 +241,15 @@ class _StepPlan:
             plan = runner.__dict__["_step_plan"] = cls(
                 InputSpec.from_json(section["entries"]["step"]["inputs"][0]),
                 tuple(StateSpec.from_json(d) for d in section["state"]), int(section["max_history"]),
-                section.get("max_positions"), section["state_dtype"])
+                section.get("max_positions"), section["state_dtype"], section.get("padding_id"))
         return plan
 
 
 def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new: int,
                    own: bool = False) -> list[torch.Tensor]:
     """The state's tensors in the step's input order, after checking each against the artifact
-    (an ``own`` state, one this runner returned and read-only, has the artifact's names, dtypes
-    and shapes and valid lengths: only its batch is checked against the new events')."""
+    (an ``own`` state, one this runner returned and nobody wrote since, has the artifact's names,
+    dtypes and shapes and valid lengths: only its batch is checked against the new events')."""
     names = plan.names
     if isinstance(state, IncrementalState):
         tensors = state.tensors
@@ -276,6 +263,11 @@ def _state_tensors(runner: Runner, plan: _StepPlan, state: Any, batch: int, new:
         extra = [n for n in tensors if n not in names]
         which = f"lacks '{missing[0]}'" if missing else f"has an unknown tensor '{extra[0]}'"
         raise _state_error(runner, f" {which} (this artifact's state holds {', '.join(names)})")
+    held = tensors["length"]
+    if isinstance(held, torch.Tensor) and held.dim() == 1 and held.shape[0] != batch:
+        raise RunnerError(f"{runner.name} | input '{plan.ids.name}': new events of {batch} users for a state of "
+                          f"{held.shape[0]}; pass one row of new events per user of the state (state.select(users) "
+                          "picks the users that have new events)")
     window = plan.window
     for spec in plan.length_spec if own else plan.specs:
         t = tensors[spec.name]
@@ -306,10 +298,40 @@ def _wrap(runner: Runner, section: dict[str, Any], outputs: Sequence[torch.Tenso
           events: int | None) -> tuple[Any, IncrementalState]:
     n = len(section["scores"])
     plan = _StepPlan.of(runner, section)
-    state = IncrementalState(MappingProxyType(dict(zip(plan.names, outputs[n:]))), plan.window, origin=id(runner),
-                             events=events)
+    tensors = MappingProxyType(dict(zip(plan.names, outputs[n:])))
+    state = IncrementalState(tensors, plan.window, origin=id(runner), events=events,
+                             versions=tensor_versions(tensors))
     scores = outputs[0] if n == 1 else tuple(outputs[:n])
     return scores, state
+
+
+def check_history(runner: Runner, bound: Sequence[torch.Tensor]) -> int:
+    """Refuse histories an incremental state cannot hold (``bound``: the prefill's inputs, checked
+    against the input specs); the most events any user has. ``prefill`` checks its inputs with it, and so
+    should a plain call (``runner(ids, mask)``) of an incremental artifact."""
+    section = _section(runner)
+    names = runner.input_names
+    ids, mask = bound[names.index("input_ids")], bound[names.index("attention_mask")]
+    if not mask.numel():
+        return 0
+    bad = ((mask != 0) & (mask != 1)).any(1) | (mask[:, 1:] < mask[:, :-1]).any(1)
+    if bool(bad.any()):
+        raise RunnerError(f"{runner.name} | input 'attention_mask': histories must be left-padded (0s, then "
+                          f"1s) for incremental state; user {int(bad.nonzero()[0])} is not")
+    pad = section.get("padding_id")
+    if pad is not None and ids.shape == mask.shape:
+        padded = ((ids == pad) & (mask != 0)).any(1)
+        if bool(padded.any()):
+            raise RunnerError(f"{runner.name} | input 'input_ids': user {int(padded.nonzero()[0])} has the padding "
+                              f"id {pad} under attention_mask 1; give padding attention_mask 0 (every id under 1 "
+                              "is an event of the state)")
+    events = int(mask.sum(1).max())
+    rows = section.get("max_positions")
+    if rows is not None and events > rows:
+        raise RunnerError(f"{runner.name} | input 'attention_mask': a history of {events} events runs past the "
+                          f"{rows} positions this artifact serves (max_positions); pass the last "
+                          f"{section['max_history']} events")
+    return events
 
 
 def prefill(runner: Runner, *args: Any, **kwargs: Any) -> tuple[Any, IncrementalState]:
@@ -317,26 +339,16 @@ def prefill(runner: Runner, *args: Any, **kwargs: Any) -> tuple[Any, Incremental
     section = _section(runner)
     bound = bind_inputs(runner.inputs, args, kwargs, runner.name)
     check_inputs(runner.inputs, bound, runner.name)
-    mask = bound[runner.input_names.index("attention_mask")]
-    if mask.numel():
-        if bool(((mask != 0) & (mask != 1)).any()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
-            user = int((((mask != 0) & (mask != 1)).any(1) | (mask[:, 1:] < mask[:, :-1]).any(1)).nonzero()[0])
-            raise RunnerError(f"{runner.name} | input 'attention_mask': histories must be left-padded (0s, then "
-                              f"1s) for incremental state; user {user} is not")
-    events = int(mask.sum(1).max()) if mask.numel() else 0
-    rows = section.get("max_positions")
-    if rows is not None and events > rows:
-        raise RunnerError(f"{runner.name} | input 'attention_mask': a history of {events} events runs past the "
-                          f"{rows} positions this artifact serves (max_positions); pass the last "
-                          f"{section['max_history']} events")
-    return _wrap(runner, section, runner(*bound), events)
+    events = check_history(runner, bound)
+    if runner.check_contract:
+        check_contract(runner.inputs, bound, runner._dims, runner._index_ranges, runner.name)
+    return _wrap(runner, section, runner.run_checked(bound), events)
 
 
 def step(runner: Runner, input_ids: Any, state: Any) -> tuple[Any, IncrementalState]:
     """``runner.step(new_ids, state)``: scores after ``new_ids`` (batch, new) and the next state."""
     section = _section(runner)
-    if not runner.is_active:
-        runner.activate()
+    runner.ensure_active()
     plan = _StepPlan.of(runner, section)
     spec = plan.ids
     check_inputs([spec], [input_ids], runner.name)
@@ -344,11 +356,18 @@ def step(runner: Runner, input_ids: Any, state: Any) -> tuple[Any, IncrementalSt
     if not 1 <= input_ids.shape[1] <= window:
         raise RunnerError(f"{runner.name} | input '{spec.name}': a step takes 1 to max_history ({window}) new events "
                           f"per user, got {int(input_ids.shape[1])}; prefill longer histories")
-    # a state this runner returned is read-only and holds this artifact's names, dtypes and shapes:
-    # only its batch is checked below, with no NaN scan of every cached key/value per step (0.2 of
-    # 1.7 ms per step of gpt-rec:base at batch 1, AMX Xeon) and no scan of its lengths; the new
-    # events' id ranges and dims are checked always, a foreign state in full
-    own = isinstance(state, IncrementalState) and state.origin == id(runner)
+    if plan.padding_id is not None:
+        padded = (input_ids == plan.padding_id).any(1)
+        if bool(padded.any()):
+            raise RunnerError(f"{runner.name} | input '{spec.name}': user {int(padded.nonzero()[0])}'s new events "
+                              f"hold the padding id {plan.padding_id}, and a step's events are all real; step only "
+                              "the users with new events (state.select(users), IncrementalState.cat to batch "
+                              "them again)")
+    # a state this runner returned, none of its tensors written since (version counters), holds this
+    # artifact's names, dtypes and shapes: only its batch is checked below, with no NaN scan of every
+    # cached key/value per step (0.2 of 1.7 ms per step of gpt-rec:base at batch 1, AMX Xeon) and no
+    # scan of its lengths; the new events' id ranges and dims are checked always, any other state in full
+    own = isinstance(state, IncrementalState) and state.origin == id(runner) and state.untouched()
     tensors = _state_tensors(runner, plan, state, int(input_ids.shape[0]), int(input_ids.shape[1]), own)
     sub = _step_runner(runner, section)
     inputs = [input_ids, *tensors]

@@ -121,6 +121,10 @@ class Runner:
         self.ensure_active()  # ready to call, like InferenceSession / torch.jit.load
         bound = bind_inputs(self.inputs, args, kwargs, self.name)
         check_inputs(self.inputs, bound, self.name)
+        if self.artifact is not None and "incremental" in self.artifact.manifest:  # the prefill: its state
+            from graphopt.runtime.incremental import check_history  # needs what prefill() checks
+
+            check_history(self, bound)
         if self.check_contract:
             check_contract(self.inputs, bound, self._dims, self._index_ranges, self.name)
         return self.run_checked(bound)

@@ -137,6 +137,7 @@ def test_optimize_lowers_prefill_and_step_with_max_history(tmp_path, capsys):
     new = torch.tensor([[7], [ITEMS], [1]])
     with graphopt.load(out / "eager") as runner:
         assert runner.artifact.manifest["incremental"]["max_history"] == 6
+        assert runner.artifact.manifest["incremental"]["padding_id"] == 0  # a zoo model pads with 0
         _, state = runner.prefill(ids, mask)
         scores, state = runner.step(new, state)
     both, both_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
@@ -145,6 +146,7 @@ def test_optimize_lowers_prefill_and_step_with_max_history(tmp_path, capsys):
     bad = {
         ("--max-history", "6"): "--max-history lowers prefill/step entries: name the runtime(s) with --runtime",
         ("--state-dtype", "bf16", "--runtime", "eager"): "--state-dtype needs --max-history N",
+        ("--padding-id", "3", "--runtime", "eager"): "--padding-id needs --max-history N",
         ("--runtime", "eager", "--max-history", "0"): "--max-history must be >= 2",
         ("--runtime", "eager", "--max-history", "1"): "--max-history must be >= 2",
         ("--runtime", "eager", "--max-history", "6", "--step-option", "threads"): "--step-option 'threads': expected",
@@ -153,6 +155,10 @@ def test_optimize_lowers_prefill_and_step_with_max_history(tmp_path, capsys):
         code, _, err = run(capsys, "optimize", "gpt-rec:tiny", "-p", "O2", "-o", str(tmp_path / "bad"), *extra)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not (tmp_path / "bad").exists()
+    code, _, err = run(capsys, "optimize", "gpt-rec:tiny", "-p", "O2", "-o", str(tmp_path / "own"), "--runtime",
+                       "eager", "--max-history", "6", "--padding-id", "3")  # a model's own padding id
+    assert code == 0, err
+    assert json.loads((tmp_path / "own" / "eager" / "manifest.json").read_text())["incremental"]["padding_id"] == 3
     code, _, err = run(capsys, "optimize", "bert4rec:tiny", "-p", "O2", "-o", str(tmp_path / "bad"),
                        "--runtime", "eager", "--max-history", "6")
     assert code != 0 and "is not causal" in err and len(err.strip().splitlines()) == 1, err

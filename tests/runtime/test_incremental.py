@@ -100,7 +100,7 @@ def _bad_states(state):
                    "state 'key_0': expected shape [3, 4, 6, 8] (batch 3, max_history 6), got [3, 4, 3, 8]"),
         "dtype": ({**t, "value_1": t["value_1"].double()}, "state 'value_1': expected float32, got float64"),
         "missing": ({k: v for k, v in t.items() if k != "key_1"}, "state lacks 'key_1'"),
-        "batch": ({**t, "length": t["length"][:2]}, "state 'length': expected shape [3] (batch 3"),
+        "batch": ({**t, "key_0": t["key_0"][:2]}, "state 'key_0': expected shape [3, 4, 6, 8] (batch 3"),
         "negative": ({**t, "length": t["length"] - 100}, "state 'length': events seen must be >= 0"),
         "positions": ({**t, "length": t["length"] + 510}, "user 0 would reach position 515, past the 512 "
                                                            "positions this artifact serves"),
@@ -129,6 +129,25 @@ def _refusals(runner, runtime):
         runner.step(torch.tensor([[7], [8], [99]]), state)
     with pytest.raises(RunnerError, match="histories must be left-padded .* user 1 is not"):
         runner.prefill(ids, mask.flip(1))
+    # the padding id (0, gpt-rec's) is no event: not as a new one, nor under attention_mask 1
+    with pytest.raises(RunnerError, match=f"^{runtime} \\| input 'input_ids': user 1's new events hold the padding "
+                                          "id 0, and a step's events are all real; step only the users with new "
+                                          "events \\(state.select"):
+        runner.step(torch.tensor([[7], [0], [9]]), state)
+    real = ids.clone()
+    real[1, -1] = 0
+    with pytest.raises(RunnerError, match=f"^{runtime} \\| input 'input_ids': user 1 has the padding id 0 under "
+                                          "attention_mask 1; give padding attention_mask 0"):
+        runner.prefill(real, mask)
+    # the runner's own state, edited in place, is checked in full again: the edits above, in place
+    for case, edit in (("nan", lambda t: t["value_0"].fill_(float("nan"))),
+                       ("negative", lambda t: t["length"].sub_(100)),
+                       ("positions", lambda t: t["length"].add_(510))):
+        _, own = runner.prefill(ids, mask)
+        edit(own.tensors)
+        with pytest.raises(RunnerError) as info:
+            runner.step(new, own)
+        assert str(info.value) == f"{runtime} | {messages[case]}", (case, str(info.value))
     again, _ = runner.step(new, state)  # still serving, and the refused calls changed nothing
     assert torch.equal(again, want)
     return messages
@@ -143,16 +162,17 @@ def test_bad_state_refused_in_the_same_words_and_runner_keeps_serving(runners):
 
 
 def test_own_state_is_read_only_and_tracked_to_the_last_position(runners):
-    """The runner trusts the state it returned (checks only its batch per step), so that state
-    is read-only; it counts the events itself and refuses the step past the position table
-    as it refuses a foreign state's (512 positions in gpt-rec:tiny)."""
+    """The runner trusts the state it returned while unwritten (checks only its batch per step), so
+    that state's mapping is read-only; it counts the events itself and refuses the step past the
+    position table as it refuses a foreign state's (512 positions in gpt-rec:tiny)."""
     runner = runners["eager"]
     ids, mask = histories([509, 3])
     _, state = runner.prefill(ids, mask)
     with pytest.raises(TypeError):
         state.tensors["key_0"] = state.tensors["key_0"] * 0
     one = torch.tensor([[4], [5]])
-    with pytest.raises(RunnerError, match="state 'length': expected shape \\[3\\] \\(batch 3"):
+    with pytest.raises(RunnerError, match="^eager \\| input 'input_ids': new events of 3 users for a state of 2; pass "
+                                          "one row of new events per user of the state \\(state.select"):
         runner.step(torch.tensor([[4], [5], [6]]), state)  # the batch of an own state is still checked
     for _ in range(3):  # positions 509, 510, 511: the last ones the table has
         scores, state = runner.step(one, state)
@@ -189,6 +209,7 @@ def test_artifact_layout_and_checksums(artifacts, tmp_path):
     manifest = json.loads((art.path / "manifest.json").read_text())
     inc = manifest["incremental"]
     assert inc["max_history"] == WINDOW and inc["state_dtype"] == "native" and inc["max_positions"] == 512
+    assert inc["padding_id"] == 0  # a zoo model's (padding_id="auto")
     assert set(inc["entries"]) == {"prefill", "step"}
     assert manifest["backend"]["entry"] == "prefill/program.pt2"
     assert {"prefill/program.pt2", "step/program.pt2"} <= set(manifest["files"])
