@@ -138,4 +138,9 @@ def run(args: argparse.Namespace) -> int:
         summary["max_abs_error"] = error
         status = 0 if error <= TOLERANCE else 1
     print(json.dumps(summary))
+    if status:  # the JSON stays on stdout; the reason is one line on stderr
+        print(f"graphopt: error: stages | --check: max_abs_error {error:.3g} is above {TOLERANCE:g} against the "
+              f"stages run one after another here ({args.artifact}); a rank may serve another copy of the "
+              "artifact or compute differently on its host: copy the same artifact folder to every host and "
+              "run again with --check", file=sys.stderr)
     return status

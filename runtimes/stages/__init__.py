@@ -14,8 +14,11 @@ are either spawned on this host (``launch=local``: ports picked free on
 127.0.0.1) or started elsewhere with ``graphopt serve-stages ARTIFACT`` and
 the torchrun variables ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
 ``WORLD_SIZE`` (``launch=external``, the default when ``WORLD_SIZE`` is set).
-A rank that does not join within ``join_timeout`` fails activation with the
-address it waited on; a stage that dies mid-run makes the others fail within
+Every rank must serve the same artifact: each publishes the sha256 of the
+stage files from its manifest when it joins, and rank 0 refuses a rank whose
+files differ (both sides say which). A rank that does not join, or whose
+MASTER_PORT never answers, within ``join_timeout`` fails with the address it
+waited on; a stage that dies mid-run makes the others fail within
 ``timeout`` seconds (gloo sees the closed connection at once) instead of
 hanging.
 

@@ -4,6 +4,7 @@ into one saved Program per stage, and the helpers around its artifacts."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from graphopt.runtime import Artifact, Backend, Option, load, lower, read_artifa
 
 __all__ = ["StagesBackend", "BACKEND", "cut_positions", "lower_stages", "load_stages", "run_sequential"]
 
+#: a pipeline step ``split-stages{... n=1 ...}``, which records no partition
+_ONE_STAGE_SPLIT = re.compile(r"split-stages\{[^}]*\bn=1\b")
+
 
 def cut_positions(program: Program, stages: int | None = None) -> list[int]:
     """Where to cut ``program``: the cut positions of its split-stages partition.
@@ -32,6 +36,12 @@ def cut_positions(program: Program, stages: int | None = None) -> list[int]:
     if partition is None:
         if stages == 1:
             return []
+        if _ONE_STAGE_SPLIT.search(program.pipeline or ""):
+            raise PreconditionError(
+                f"runtime '{RUNTIME}' runs one process per stage and needs split-stages with n >= 2, but "
+                f"{program.name} went through 'split-stages{{n=1}}': use 'split-stages{{n=2}}' or more "
+                "(or lower with stages=1, or pick another runtime, to run it whole in one process)"
+            )
         raise PreconditionError(
             f"runtime '{RUNTIME}' needs a partitioned Program: add 'split-stages{{n={stages or 2}}}' "
             f"to the pipeline before lowering {program.name} (or lower with stages=1 for one stage)"

@@ -2,16 +2,20 @@
 listens on, the keys the ranks exchange through it, and the torch.distributed
 process group (gloo on CPU, NCCL plus a gloo group for objects on CUDA).
 
-Keys under ``graphopt/`` in the store: ``joined/<rank>`` (a rank's pid, once
-it loaded its stage), ``step/<i>`` (rank 0's i-th command as JSON: run,
+Keys under ``graphopt/`` in the store: ``artifact`` (rank 0's
+:func:`artifact_identity`), ``joined/<rank>`` (a rank's pid and artifact
+identity as JSON, once it loaded its stage), ``step/<i>`` (rank 0's i-th command as JSON: run,
 stats or stop) and ``stats/<i>/<rank>`` (a rank's answer to a stats command).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -26,6 +30,8 @@ __all__ = [
     "key",
     "listen",
     "connect",
+    "artifact_identity",
+    "identity_mismatch",
     "wait_key",
     "init_group",
     "destroy_group",
@@ -66,16 +72,58 @@ def listen(addr: str, port: int, join_timeout_s: float) -> Any:
 
 
 def connect(addr: str, port: int, rank: int, join_timeout_s: float) -> Any:
-    """A serving rank's client of rank 0's TCPStore."""
+    """A serving rank's client of rank 0's TCPStore, within ``join_timeout_s``.
+
+    The TCPStore constructor can block past its own timeout (a listener that
+    accepts but never answers, a stopped rank 0), so it runs in a daemon thread
+    that this rank stops waiting for at the deadline.
+    """
     import torch.distributed as dist
 
-    try:
-        return dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=join_timeout_s))
-    except Exception as e:
+    box: list[Any] = []
+
+    def build() -> None:
+        try:
+            box.append(
+                dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=join_timeout_s))
+            )
+        except Exception as e:
+            box.append(e)
+
+    thread = threading.Thread(target=build, name=f"{RUNTIME}-connect", daemon=True)
+    thread.start()
+    thread.join(join_timeout_s)
+    if not box or isinstance(box[0], Exception):
+        why = first_line(box[0], with_type=False) if box else "it accepted the connection but did not answer"
         raise RunnerError(
             f"{RUNTIME} | rank {rank} could not reach rank 0 at tcp://{addr}:{port} within "
-            f"{join_timeout_s:g}s ({first_line(e, with_type=False)}); start rank 0 first or check MASTER_ADDR/MASTER_PORT"
-        ) from None
+            f"{join_timeout_s:g}s ({why}); start rank 0 first or check MASTER_ADDR/MASTER_PORT"
+        )
+    return box[0]
+
+
+def artifact_identity(artifact: Artifact) -> dict[str, Any]:
+    """What every rank must agree on: the sha256 of each stage file (from the
+    manifest, which ``read_artifact`` checked the files against), and a digest of them."""
+    files = {name: str(info["sha256"]) for name, info in sorted(artifact.manifest["files"].items())}
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"digest": digest, "files": files}
+
+
+def identity_mismatch(rank0: dict[str, Any], rank: int, theirs: Any) -> str:
+    """Empty when ``theirs`` (rank ``rank``'s :func:`artifact_identity`) equals
+    rank 0's, else what differs, in a few words."""
+    if not isinstance(theirs, dict) or "digest" not in theirs:
+        return f"rank {rank} did not say which artifact it serves (an older graphopt?)"
+    if theirs["digest"] == rank0["digest"]:
+        return ""
+    a, b = rank0.get("files") or {}, theirs.get("files") or {}
+    names = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+    shown = "; ".join(
+        f"{n} sha256 {str(b.get(n, 'missing'))[:12]} on rank {rank}, {str(a.get(n, 'missing'))[:12]} on rank 0"
+        for n in names[:2]
+    )
+    return f"rank {rank} serves a different artifact than rank 0 ({shown or 'its files differ'})"
 
 
 def wait_key(store: Any, name: str, parent_pid: int | None) -> bool:

@@ -21,8 +21,10 @@ from graphopt.runtimes.stages.host import StageHost, run_local, step_header
 from graphopt.runtimes.stages.rendezvous import (
     POLL_S,
     RUNTIME,
+    artifact_identity,
     check_world,
     destroy_group,
+    identity_mismatch,
     key,
     listen,
     stage_device,
@@ -94,11 +96,13 @@ class StagesRunner(Runner):
         self._store = listen(addr, port, join_timeout)
         self.address = f"tcp://{addr}:{self._store.port}"
         try:
+            self._store.set(key("artifact"), json.dumps(artifact_identity(self.artifact)))
             if launch == "local":
                 self._spawn(n, self._store.port)
             self._wait_join(n, join_timeout)
             self._host.init_group(self._store, float(opts.get("timeout") or 60.0))
         except BaseException:
+            self._stop_workers()
             self._teardown()
             raise
 
@@ -127,10 +131,24 @@ class StagesRunner(Runner):
             log.info("spawned rank %d (pid %d), log %s", rank, proc.pid, log_path)
 
     def _wait_join(self, n: int, join_timeout: float) -> None:
+        assert self.artifact is not None
+        mine = artifact_identity(self.artifact)
         deadline = time.monotonic() + join_timeout
         missing = list(range(1, n))
         while missing:
-            missing = [r for r in missing if not self._store.check([key("joined", r)])]
+            joined = [r for r in missing if self._store.check([key("joined", r)])]
+            for rank in joined:
+                try:
+                    theirs = json.loads(self._store.get(key("joined", rank))).get("artifact")
+                except (ValueError, AttributeError):
+                    theirs = None  # an older graphopt's bare pid
+                differs = identity_mismatch(mine, rank, theirs)
+                if differs:
+                    raise RunnerError(
+                        f"{RUNTIME} | {differs}; copy the same artifact folder ({self.artifact.path}) to every "
+                        f"host and restart rank {rank}"
+                    )
+            missing = [r for r in missing if r not in joined]
             dead = self._dead_worker()
             if dead:
                 raise RunnerError(f"{RUNTIME} | {dead} before joining")
@@ -141,7 +159,7 @@ class StagesRunner(Runner):
                 raise RunnerError(
                     f"{RUNTIME} | rank {ranks} of {n} did not join within {join_timeout:g}s at {self.address}; "
                     f"start it with RANK=<r> WORLD_SIZE={n} MASTER_ADDR/MASTER_PORT of that address and "
-                    f"`graphopt serve-stages {self.artifact.path if self.artifact else 'ARTIFACT'}`"
+                    f"`graphopt serve-stages {self.artifact.path}`"
                 )
             time.sleep(POLL_S)
 
@@ -205,20 +223,61 @@ class StagesRunner(Runner):
 
     def _fail(self, reason: str) -> None:
         self._broken = reason
+        self._stop_workers()  # they were never sent "stop" and may sit in a collective
         self._teardown()
         raise RunnerError(f"{RUNTIME} | run failed: {reason}; the other stages were stopped")
 
+    def _stop_workers(self) -> None:
+        """Tell the ranks to stop (remote ones see it once they read the store) and
+        end the ones spawned here: SIGTERM, then SIGKILL after a short grace (a
+        stopped or stalled process never acts on SIGTERM)."""
+        if self._store is not None:
+            try:
+                self._store.set(key("step", self._step), json.dumps({"op": "stop"}))
+            except Exception as e:
+                log.debug("could not send stop: %s", e)
+        alive = [proc for _, proc, _ in self._procs if proc.poll() is None]
+        for proc in alive:
+            proc.terminate()
+        deadline = time.monotonic() + 0.5
+        for proc in alive:
+            try:
+                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def stats(self) -> list[dict[str, Any]]:
         """Per-rank memory (RSS at start, after loading, peak) and parameter bytes."""
+        if self._broken:
+            raise RunnerError(
+                f"{RUNTIME} | the run stopped after an earlier failure ({self._broken}); load it again"
+            )
         if not self.is_active or self._host is None:
             raise RunnerError(f"{RUNTIME} | runner is not active")
         out = [self._host.stats()]
-        if self._host.world_size == 1 or self._broken:
+        if self._host.world_size == 1:
             return out
+        dead = self._dead_worker()
+        if dead:
+            self._fail(dead)
         step = self._step
         self._store.set(key("step", step), json.dumps({"op": "stats"}))
+        timeout = float(self.options.get("timeout") or 60.0)
+        deadline = time.monotonic() + timeout
         for rank in range(1, self._host.world_size):
-            out.append(json.loads(self._store.get(key("stats", step, rank))))
+            name = key("stats", step, rank)
+            while not self._store.check([name]):
+                dead = self._dead_worker()
+                if dead:
+                    self._fail(dead)
+                if time.monotonic() > deadline:
+                    self._fail(
+                        f"stage {rank} (rank {rank}) did not answer within {timeout:g}s; its process died, "
+                        "stalled or its host is unreachable"
+                    )
+                time.sleep(0.01)
+            out.append(json.loads(self._store.get(name)))
         self._step += 1
         return out
 

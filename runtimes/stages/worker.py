@@ -10,15 +10,19 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from graphopt.runtimes.stages.host import StageHost
 from graphopt.runtimes.stages.rendezvous import (
     RUNTIME,
+    artifact_identity,
     check_world,
     connect,
     destroy_group,
+    identity_mismatch,
     key,
     stage_device,
     wait_key,
@@ -61,7 +65,11 @@ def serve_stage(
     device = device or artifact.backend.get("device", "cpu")
     host = StageHost(artifact, rank, n, stage_device(device, rank))
     store = connect(master_addr, master_port, rank, join_timeout_s)
-    store.set(key("joined", rank), str(os.getpid()))
+    mine = artifact_identity(artifact)
+    store.set(key("joined", rank), json.dumps({"pid": os.getpid(), "artifact": mine}))
+    differs = _check_rank0_artifact(store, rank, mine, join_timeout_s)
+    if differs:  # rank 0 refuses this rank as well, and says so on its side
+        raise RunnerError(f"{RUNTIME} | {differs}; copy the same artifact folder ({artifact.path}) to every host")
     host.init_group(store, timeout_s)
     log.info("rank %d serving stage %d of %s", rank, rank, artifact.path)
     step = 0
@@ -87,6 +95,18 @@ def serve_stage(
             step += 1
     finally:
         destroy_group()
+
+
+def _check_rank0_artifact(store: Any, rank: int, mine: dict[str, Any], join_timeout_s: float) -> str:
+    """What differs between this rank's artifact and rank 0's (empty when they
+    agree, or when rank 0 does not publish its own: it still checks ours)."""
+    deadline = time.monotonic() + min(join_timeout_s, 1.0)
+    name = key("artifact")
+    while not store.check([name]):  # rank 0 sets it before any rank can connect
+        if time.monotonic() > deadline:
+            return ""
+        time.sleep(0.01)
+    return identity_mismatch(json.loads(store.get(name)), rank, mine)
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
