@@ -146,6 +146,27 @@ def check_replaceable(out_dir: str | os.PathLike[str], *, force: bool = False, f
     return out
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def usual_mode(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` the mode a plain ``mkdir`` or ``open`` would (0777 / 0666 less the umask):
+    ``tempfile.mkdtemp`` / ``mkstemp`` make 0700 / 0600, which an artifact renamed into place kept,
+    so another user or host's copy could not read it."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False, kind: str = "output",
                      later: Iterable[str] = ()) -> Iterator[Path]:
@@ -159,6 +180,7 @@ def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False, ki
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        usual_mode(tmp)
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"kind": kind, "created": time.time(), "files": _written(tmp),
                                               "later": list(later)}) + "\n")

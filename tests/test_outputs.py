@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
@@ -69,3 +70,18 @@ def test_precious_paths_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ArtifactError, match="not a directory"):
         with atomic_directory(tmp_path / "file", force=True):
             pass
+
+
+def test_outputs_get_the_modes_mkdir_and_open_give(tmp_path, program):
+    """Was: 0700 folders and 0600 Program files (tempfile's modes, kept by the rename into place), so a
+    folder copied to another host or read by another user (a stage rank, a serving account) failed."""
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "a.txt").write_text("x")
+        saved = program("dlrm:tiny").save(tmp_path / "out2" / "p.pt2")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o644

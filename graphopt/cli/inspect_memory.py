@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.errors import ArtifactError
+from graphopt.outputs import usual_mode
 from graphopt.transform.memory import MemoryAnalysis, format_bytes
 
 __all__ = ["run_memory", "check_plot", "shapes_for", "plot_peak", "render"]
@@ -111,6 +112,7 @@ def plot_peak(analysis: MemoryAnalysis, batches: list[int], seqs: list[int | Non
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
     os.close(fd)
     try:
+        usual_mode(tmp)
         fig.savefig(tmp, dpi=110, format=(path.suffix.lstrip(".") or "png"))
         os.replace(tmp, path)
     finally:

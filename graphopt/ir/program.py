@@ -31,6 +31,7 @@ from graphopt.errors import ArtifactError, RunnerError, first_line
 from graphopt.ir.fx import fetch_attr as _fetch_attr
 from graphopt.ir.fx import target_name as _target_name
 from graphopt.ir.integrity import is_aoti_package, weights_digest
+from graphopt.outputs import usual_mode
 
 __all__ = ["InputSpec", "Program", "bind_inputs", "check_inputs", "positional", "PROGRAM_FORMAT"]
 
@@ -333,6 +334,7 @@ class Program:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
         os.close(fd)
         try:
+            usual_mode(tmp)  # not mkstemp's 0600: a stage file copied to another host must be readable
             torch.export.save(ep, tmp, extra_files={_META_FILE: self._meta_json()})
             os.replace(tmp, path)
         finally:
