@@ -210,6 +210,10 @@ class Cast(Pass):
         declined += [f"{n.name} ({module_path(n) or 'no module'}): matched skip, kept fp32" for n in graph.nodes
                      if n in skipped and is_op(n, *LOW_PRECISION_OPS)]
         modified = bool(counts.get("weight") or counts.get("boundary-cast") or counts.get("dtype-arg"))
+        if not modified:  # a second cast: what it found is a note, not rewrites
+            found = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            return PassResult(program, modified=False, declined=declined,
+                              notes=[f"nothing left to cast to {low}" + (f" ({found})" if found else "")])
         return PassResult(program, modified=modified, stats=counts, declined=declined)
 
     def _compute_dtype(self, node: torch.fx.Node, forced: set[torch.fx.Node], low: torch.dtype) -> torch.dtype | None:

@@ -175,7 +175,7 @@ class PrunePositions(Pass):
                 if any(u in sels for u in x.users) and self._sink(gm, x, sels, stops, pruned):
                     moved += 1
                     progress = True
-        if not pruned:  # nothing or only views moved: leave the Program as it was
+        if not any(pruned.values()):  # nothing, only views, or rows already one moved: leave the Program as it was
             return PassResult(original, modified=False, declined=[f"{where(x)}: {r}" for x, r in stops.items()])
         _dedupe(gm, sels)
         flops_after = matmul_flops(gm)

@@ -214,7 +214,7 @@ class SplitStages(Pass):
         return PassResult(
             program,
             modified=bool(changed),
-            stats={"stages": n, "cuts": n - 1},
+            stats={"stages": n, "cuts": n - 1} if changed else {},
             details=details,
             notes=notes,
         )

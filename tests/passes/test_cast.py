@@ -181,3 +181,14 @@ def test_options_are_checked():
         Cast(dtype="fp16", policy="fast", keep="score")
     assert Cast(dtype="fp16").tolerance == TOLERANCE["fp16"]
     assert str(graphopt.parse_pipeline("cast{policy=fast}")).startswith("cast{dtype=bf16 io=preserve keep=")
+
+
+def test_a_second_cast_reports_no_rewrites(bert4rec_o2):
+    """Was: modified=False beside stats {'low-matrix-op': 4, 'kept-fp32': 6}, so the report's table said
+    "changed no, rewrites 10"; what a second cast finds is now a note."""
+    _, once, _ = bert4rec_o2  # O2,cast
+    twice, report = graphopt.optimize(once, "cast{dtype=bf16}")
+    rec = report.passes[0]
+    assert not rec.modified and rec.stats == {}
+    assert any(n.startswith("nothing left to cast to torch.bfloat16 (") for n in rec.notes), rec.notes
+    assert twice.op_histogram() == once.op_histogram()
