@@ -11,6 +11,7 @@ from graphopt.passes._patterns import copy_meta, is_pure
 
 from graphopt.ir.fx import add_tensor_attr, fetch_attr, target_name, where
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
+from graphopt.transform.state import mutated_attrs
 
 __all__ = ["FoldConstants"]
 
@@ -35,7 +36,9 @@ class FoldConstants(Pass):
     whose every input is a ``get_attr``, a literal, or another such node,
     e.g. ``arange(16)``, ``zeros([])``, ``t(weight)``, ``expand(buffer, [1, -1])``.
     Anything that reads a placeholder or a symbolic size (``sym_size``,
-    ``s0 * 3``) is never folded, so dynamic shapes stay dynamic.
+    ``s0 * 3``) is never folded, so dynamic shapes stay dynamic. A buffer the
+    graph mutates (``self.count.add_(1)``, kept by torch.export as
+    ``copy_(count, ...)``) is state, not a constant: nothing reading it folds.
     Produces: one new ``get_attr`` per folded value that a non-constant node
     reads; the constant subgraph is erased. A fold whose result would exceed
     its constant inputs by more than ``max_growth_bytes`` (e.g. an expand to
@@ -57,8 +60,11 @@ class FoldConstants(Pass):
         graph = gm.graph
         values: dict[torch.fx.Node, Any] = {}
         sources: dict[torch.fx.Node, frozenset[torch.fx.Node]] = {}  # get_attr ancestors
+        mutated = mutated_attrs(graph)
         for node in graph.nodes:
             if node.op == "get_attr":
+                if str(node.target) in mutated:  # state the graph updates (a step counter): not constant
+                    continue
                 value = fetch_attr(gm, str(node.target))
                 if isinstance(value, torch.Tensor):
                     values[node] = value

@@ -13,6 +13,7 @@ from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCHES
 from graphopt.rec.resolve import load_program_and_inputs
 from graphopt.transform.optimize import optimize
 from graphopt.transform.pipeline import parse_pipeline
+from graphopt.transform.reproducer import import_modules
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-batches", type=positive_int, default=DEFAULT_CALIBRATION_BATCHES,
                    help="calibration batches for passes that need them: a zoo model's or checkpoint's own inputs, "
                         "else random ones (the int8 guard holds out a quarter)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: it registers your own passes (repeatable)")
     p.add_argument("--reproducer", metavar="DIR", help="on a pass failure, save its input Program and pipeline here")
     p.add_argument("--runtime", action="append", default=[], metavar="NAME",
                    help="also lower the result into OUT/NAME/ (repeatable; see `graphopt runtimes`)")
@@ -92,6 +95,7 @@ def _lower_all(program, args: argparse.Namespace, tmp) -> list[str]:  # type: ig
 
 
 def run(args: argparse.Namespace) -> int:
+    import_modules(args.imports)  # they register passes the pipeline names
     pipeline = parse_pipeline(args.pipeline)  # usage errors before loading anything
     if args.runtime:
         from graphopt.runtime import canonical_runtime, get_runtime

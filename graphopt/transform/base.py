@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_VALUE_RE = re.compile(r"^[^\s{}]+$")
+_VALUE_RE = re.compile(r"^[^\s{}]*$")  # empty: an empty str (``label=``)
 
 
 @dataclass
@@ -70,12 +70,44 @@ class PassResult:
 
 def _check_printable(pass_name: str, opt: Option, value: Any) -> None:
     """Pipeline text is canonical: a value must print back without spaces or braces."""
-    items = value if opt.type is list else [value] if opt.type is str else []
+    items = value if opt.type is list else [value] if opt.type is str and value is not None else []
     for item in items:
         if not _VALUE_RE.match(item) or (opt.type is list and "," in item):
             raise PassOptionError(
                 f"pass '{pass_name}' option '{opt.name}': value {item!r} may not contain spaces, braces or commas"
             )
+
+
+_TYPES = (bool, int, float, str, list)
+
+
+def _check_declaration(pass_name: str, opt: Option) -> None:
+    """At registration: a supported type, and a default that prints as pipeline text
+    and parses back to itself (so ``parse_pipeline(str(p)) == p`` holds for defaults)."""
+    at = f"pass '{pass_name}' option '{opt.name}'"
+    if opt.type not in _TYPES:
+        raise GraphoptError(
+            f"{at}: type {getattr(opt.type, '__name__', opt.type)} is not supported; "
+            "declare it as bool, int, float, str or list and convert the value in run()"
+        )
+    if opt.default is None:  # would print as 'None', which parses as a word or not at all
+        raise GraphoptError(
+            f"{at}: default None cannot be written in pipeline text; "
+            "declare a value that means 'not set' (0, '' or an empty list)"
+        )
+    try:
+        typed = opt.coerce(opt.default, at)
+        text = opt.format(opt.default)
+        _check_printable(pass_name, opt, typed)
+        back = opt.coerce(text, at)
+    except PassOptionError as e:
+        detail = e.reason.removeprefix(f"{at} option '{opt.name}': ").removeprefix(f"{at}: ")
+        raise GraphoptError(f"{at}: default {opt.default!r} is invalid: {detail}") from None
+    if opt.format(back) != text or back != typed:
+        raise GraphoptError(
+            f"{at}: default {opt.default!r} prints as '{opt.name}={text}' which parses back as {back!r}; "
+            f"declare the default as {back!r}"
+        )
 
 
 class Pass:
@@ -146,23 +178,53 @@ class Pass:
 _PASSES: dict[str, type[Pass]] = {}
 _PRESETS: dict[str, tuple[str, str]] = {}
 _builtins_loaded = False
+_builtins_loading = False
+_BUILTINS = "graphopt.passes"
+
+
+def is_builtin(cls: type) -> bool:
+    """True for the passes graphopt ships (``graphopt.passes``)."""
+    return cls.__module__ == _BUILTINS or cls.__module__.startswith(_BUILTINS + ".")
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: add ``cls`` to the registry under ``cls.name``."""
+    """Class decorator: add ``cls`` to the registry under ``cls.name``.
+
+    The built-in passes are registered first, so a name they use is refused.
+    Registering a class again from the same module under the same class name
+    (re-running a notebook cell, reloading the module) replaces the earlier one;
+    any other second class under a name already taken is refused. Each Option
+    is checked here: a supported type, and a default that prints as pipeline
+    text and parses back to itself.
+    """
     name = cls.name
     if not _NAME_RE.match(name or ""):
         raise GraphoptError(f"pass name {name!r} of {cls.__qualname__} is not kebab-case")
-    if name in _PASSES and _PASSES[name] is not cls:
-        raise GraphoptError(
-            f"pass name '{name}' is registered twice ({_PASSES[name].__module__} and {cls.__module__})"
-        )
+    if not is_builtin(cls):
+        _load_builtins()
+    old = _PASSES.get(name)
+    if old is not None and old is not cls:
+        if is_builtin(old) and not is_builtin(cls):
+            raise GraphoptError(
+                f"pass name '{name}' of {_where(cls)} is taken by the built-in pass {_where(old)}; "
+                "choose another name"
+            )
+        if _where(old) != _where(cls):
+            raise GraphoptError(
+                f"pass name '{name}' is registered twice ({_where(old)} and {_where(cls)}); "
+                "rename one of them"
+            )
     seen = set()
     for opt in cls.options:
         if opt.name in seen:
             raise GraphoptError(f"pass '{name}' declares option '{opt.name}' twice")
         seen.add(opt.name)
-    _PASSES[name] = cls
+        _check_declaration(name, opt)
+    _PASSES[name] = cls  # the same module and class name again (a re-run cell): replaces
     return cls
 
 
@@ -174,10 +236,16 @@ def register_preset(name: str, pipeline: str, summary: str) -> None:
 
 
 def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
+    """Import the built-in passes once; the flag is set only when the import succeeded."""
+    global _builtins_loaded, _builtins_loading
+    if _builtins_loaded or _builtins_loading:
+        return
+    _builtins_loading = True
+    try:
+        importlib.import_module(_BUILTINS)
         _builtins_loaded = True
-        importlib.import_module("graphopt.passes")
+    finally:
+        _builtins_loading = False
 
 
 def available_passes() -> dict[str, type[Pass]]:

@@ -21,7 +21,7 @@ import torch
 from graphopt.errors import GraphoptError, PassFailedError, PostconditionError, PreconditionError, first_line
 from graphopt.ir.program import positional
 from graphopt.transform.analysis import AnalysisManager
-from graphopt.transform.base import Pass, PassResult
+from graphopt.transform.base import Pass, PassResult, is_builtin
 from graphopt.transform.instruments import (
     Instrument,
     OpHistogramInstrument,
@@ -183,12 +183,13 @@ class PassManager:
     def _save_reproducer(self, start: Any, before: Any, p: Pass, ctx: PassContext, exc: BaseException) -> str:
         if start is None or self.reproducer_dir is None:
             return ""
-        from graphopt.transform.reproducer import save_reproducer
+        from graphopt.transform.reproducer import rerun_command, save_reproducer
 
+        modules = {q.name: type(q).__module__ for q in self.pipeline if not is_builtin(type(q))}
         try:
             d = save_reproducer(self.reproducer_dir, start, before, p.step_text(), str(self.pipeline), ctx,
-                                self.verify_each, exc)
+                                self.verify_each, exc, modules)
         except Exception as save_error:  # a reproducer must never hide the real failure
             log.warning("could not save reproducer: %s", save_error)
             return f" (no reproducer: {first_line(save_error)})"
-        return f" (reproducer in {d}; re-run: graphopt reproduce {d})"
+        return f" (reproducer in {d}; re-run: {rerun_command(d, modules)})"

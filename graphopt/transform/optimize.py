@@ -18,6 +18,7 @@ from graphopt.transform.instruments import Instrument
 from graphopt.transform.manager import PassContext, PassManager
 from graphopt.transform.pipeline import Pipeline, parse_pipeline
 from graphopt.transform.report import OptimizeReport
+from graphopt.transform.state import preserved_state
 
 __all__ = ["optimize"]
 
@@ -46,6 +47,9 @@ def optimize(
     ``quantize-int8``'s accuracy guard then also holds the fidelity bar on it
     (each metric within 0.5% relative of the float model's). Use validation
     data, not the test data the result is reported on.
+
+    A model that updates a buffer as it runs (a step counter) is run here with
+    the buffer put back afterwards: the result starts in the state the input had.
     """
     pipeline = parse_pipeline(pipeline)  # every parse/option error before any work
     if isinstance(program_or_model, Program):
@@ -62,7 +66,8 @@ def optimize(
         inputs = positional(example_inputs, program.input_names, "example_inputs")
     else:
         inputs = program.sample_inputs()
-    reference = program(*inputs)
+    with preserved_state(program):  # a stateful model's buffers stay as they were
+        reference = program(*inputs)
     report = OptimizeReport(
         model=program.name,
         pipeline=str(pipeline),
@@ -99,7 +104,8 @@ def optimize(
         for x, spec in zip(inputs, program.inputs)
     )
     try:
-        outputs = program(*inputs)
+        with preserved_state(program):
+            outputs = program(*inputs)
     except Exception as e:  # a pass broke the graph and verify-each was off: one line, not a traceback
         raise PostconditionError(
             f"pipeline '{pipeline}' produced a Program that fails to run: {first_line(e, with_type=True)}; "

@@ -5,11 +5,16 @@
 option, bad value) is raised here, before anything runs, with the column.
 ``str(pipeline)`` is canonical (every option, defaults included, keys sorted)
 and ``parse_pipeline(str(p)) == p``. Presets (``O1``) expand in place.
+
+Names and option keys are ASCII (a pasted ``‐`` or ``，`` is named, with its
+column); a value runs to the next space or brace, so there is no space after
+``=`` and no quoting (``key=`` alone is an empty value: an empty list or word).
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +24,7 @@ from graphopt.transform.base import Pass, available_passes, available_presets
 __all__ = ["Pipeline", "parse_pipeline"]
 
 _WORD = re.compile(r"[A-Za-z0-9_\-.]+")
+_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe63\uff0d"
 
 
 @dataclass(frozen=True)
@@ -59,18 +65,41 @@ class _Scanner:
     def peek(self) -> str:
         return self.text[self.i] if self.i < len(self.text) else ""
 
+    def check_ascii(self) -> None:
+        """A non-ASCII character here (a pasted dash or comma) is named, not taken as the end of a word."""
+        ch = self.peek()
+        if ch and not ch.isascii():
+            ascii_twin = "-" if ch in _DASHES else unicodedata.normalize("NFKC", ch)
+            hint = f"; type {ascii_twin!r}" if ascii_twin.isascii() and ascii_twin.isprintable() else ""
+            raise self.error(
+                f"character {ch!r} (U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')}) is not ASCII{hint}"
+            )
+
     def word(self, what: str) -> tuple[str, int]:
         self.skip_ws()
+        self.check_ascii()
         m = _WORD.match(self.text, self.i)
         if not m:
             found = repr(self.peek()) if self.peek() else "end of text"
             raise self.error(f"expected {what}, found {found}")
         self.i = m.end()
+        self.check_ascii()
         return m.group(0), m.start()
 
-    def value(self) -> tuple[str, int]:
-        """The characters up to whitespace or a brace; may be empty (an empty list)."""
+    def value(self, key: str) -> tuple[str, int]:
+        """The characters up to whitespace or a brace; may be empty (an empty list or word)."""
         start = self.i
+        if self.peek() in ("'", '"'):
+            end = self.text.find(self.peek(), start + 1)
+            inner = self.text[start + 1:end] if end > start else ""
+            fix = f"write {key}={inner}" if inner and not any(c.isspace() or c in "{}" for c in inner) \
+                else "a value cannot hold spaces or braces (a list is a,b,c)"
+            raise self.error(f"quotes are not supported in pipeline text: {fix}")
+        if self.peek().isspace():  # 'key= value' or 'key = value'; 'key= other=1' is an empty value
+            m = _WORD.match(self.text, len(self.text) - len(self.text[self.i:].lstrip()))
+            after = self.text[m.end():].lstrip()[:1] if m else ""
+            if m and after != "=":
+                raise self.error(f"no space after '=': write {key}={m.group(0)}")
         while self.i < len(self.text) and not self.text[self.i].isspace() and self.text[self.i] not in "{}":
             self.i += 1
         if self.peek() == "{":
@@ -94,7 +123,7 @@ def _parse_options(sc: _Scanner, pass_name: str) -> dict[str, tuple[str, int]]:
         if sc.peek() != "=":
             raise sc.error(f"option '{key}' of '{pass_name}' needs a value: {key}=VALUE")
         sc.i += 1
-        value, _ = sc.value()
+        value, _ = sc.value(key)
         if key in opts:
             raise sc.error(f"option '{key}' given twice for '{pass_name}'", key_at)
         opts[key] = (value, key_at)

@@ -10,7 +10,14 @@ again:
 * ``data.pt``: the example inputs verify-each ran, the calibration batches
   and torch's RNG state at the start of the pipeline and of the failing pass;
 * ``reproducer.json``: the full pipeline, the passes before, the error, the
-  seed, whether verify-each was on, and graphopt/torch/python/CPU versions.
+  seed, whether verify-each was on, graphopt/torch/python/CPU versions, and
+  the module that registered each pass graphopt does not ship (``pass_modules``).
+
+A pipeline with your own passes re-runs with ``graphopt reproduce DIR --import
+MODULE`` (the command the failure prints names the modules): the module must be
+importable (its folder on PYTHONPATH). A re-run never imports a module on its
+own: a reproducer names modules, it does not choose what code runs. A pass
+registered in ``__main__`` (a script or notebook) must move into a module first.
 
 ``graphopt reproduce DIR`` (:func:`rerun`) runs the failing step again on
 ``input.pt2`` with the same data, RNG state and instruments and raises the
@@ -24,19 +31,22 @@ earlier reproducer (graphopt.outputs rules).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import platform
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from graphopt.errors import ArtifactError, first_line
+from graphopt.errors import ArtifactError, PipelineParseError, first_line
 from graphopt.outputs import atomic_directory
 
-__all__ = ["save_reproducer", "rerun", "REPRODUCER_FILE"]
+__all__ = ["save_reproducer", "rerun", "rerun_command", "import_modules", "REPRODUCER_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,7 @@ def save_reproducer(
     ctx: Any,
     verify_each: bool,
     error: BaseException,
+    modules: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a reproducer: ``start`` and ``before`` are (Program, RNG state) at the start
     of the pipeline and before the failing ``step``."""
@@ -87,11 +98,52 @@ def save_reproducer(
                 "python": platform.python_version(),
                 "cpu": cpu_model(),
             },
-            "rerun": f"graphopt reproduce {out}",
+            "pass_modules": {
+                name: {"module": mod, "file": getattr(sys.modules.get(mod), "__file__", None)}
+                for name, mod in sorted((modules or {}).items())
+            },
+            "rerun": rerun_command(out, modules or {}),
             "rerun_without_data": f"graphopt optimize {out / 'input.pt2'} -p \"$(cat {out / 'pipeline.txt'})\" -o OUT",
         }
         (tmp / REPRODUCER_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def rerun_command(out: str | os.PathLike[str], modules: Mapping[str, str]) -> str:
+    """``graphopt reproduce DIR``, with ``--import MODULE`` for each module that registered a pass."""
+    imports = "".join(f" --import {m}" for m in sorted(set(modules.values())) if m != "__main__")
+    return f"graphopt reproduce {out}{imports}"
+
+
+def import_modules(names: Iterable[str]) -> None:
+    """Import the modules that register your passes (``--import MODULE``)."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise PipelineParseError(
+                f"--import {name}: {first_line(e, with_type=True)}; put the folder that holds it on PYTHONPATH"
+            ) from None
+
+
+def _check_passes_loaded(d: Path, meta: dict[str, Any]) -> None:
+    from graphopt.transform.base import available_passes
+
+    known = available_passes()
+    for name, where in sorted((meta.get("pass_modules") or {}).items()):
+        if name in known:
+            continue
+        mod = where.get("module") if isinstance(where, dict) else where
+        if mod == "__main__":
+            raise PipelineParseError(
+                f"reproducer {d} runs pass '{name}', registered by the script or notebook that failed (__main__), "
+                "which a re-run cannot import; move the pass into a module and re-run with --import MODULE"
+            )
+        file = where.get("file") if isinstance(where, dict) else None
+        raise PipelineParseError(
+            f"reproducer {d} runs pass '{name}' from module '{mod}'{f' ({file})' if file else ''}; "
+            f"re-run with --import {mod}, its folder on PYTHONPATH"
+        )
 
 
 def _read(d: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -111,15 +163,18 @@ def _read(d: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, data
 
 
-def rerun(repro_dir: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+def rerun(repro_dir: str | os.PathLike[str], imports: Iterable[str] = ()) -> tuple[Any, dict[str, Any]]:
     """Run a reproducer's failing step again (then, if it passes, the whole pipeline from the
     original input); raises the PassFailedError when the failure reproduces, else returns
-    the Program the step produced and the reproducer's metadata."""
+    the Program the step produced and the reproducer's metadata. ``imports``: modules that
+    register the pipeline's own passes, imported first."""
     from graphopt.ir.program import Program
     from graphopt.transform.manager import PassContext, PassManager
 
     d = Path(repro_dir)
     meta, data = _read(d)
+    import_modules(imports)
+    _check_passes_loaded(d, meta)
     verify = bool(meta.get("verify_each"))
 
     def context(passes_before: list[str]) -> PassContext:

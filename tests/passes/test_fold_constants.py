@@ -61,3 +61,25 @@ def test_near_miss_input_dependent_and_growth_limit():
     assert rec.modified is False
     assert any("max_growth_bytes" in d for d in rec.declined)
     assert optimized.op_histogram() == prog.op_histogram()
+
+
+class _Counter(torch.nn.Module):
+    """A stateful model: the output reads a buffer the forward updates."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+
+    def forward(self, x):
+        self.count.add_(1)
+        return x * self.count
+
+
+def test_buffer_the_graph_mutates_is_not_folded():
+    x = torch.ones(2)
+    prog = graphopt.capture(_Counter().eval(), (x,))
+    expected = prog.copy()
+    optimized, report = graphopt.optimize(prog, "fold-constants", verify_each=False)
+    assert not report.passes[0].modified  # add(count, 1) reads state: not a constant
+    for _ in range(2):  # each call advances the counter, as the unoptimized Program does
+        assert torch.equal(optimized(x)[0], expected(x)[0])

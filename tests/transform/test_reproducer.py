@@ -73,7 +73,8 @@ def test_rerun_reproduces_the_failure(tmp_path, program, capsys):
     message = str(first.value)
     expected = ("pass 'test-fails-on-embedding-bag' failed (passes before it: remove-dropout, dce): ValueError: "
                 "cannot rewrite embedding_bag: embedding_bag with per_sample_weights=None")
-    assert message == f"{expected} (reproducer in {repro}; re-run: graphopt reproduce {repro})"
+    # the test passes live in this module: the printed re-run imports it
+    assert message == f"{expected} (reproducer in {repro}; re-run: graphopt reproduce {repro} --import {__name__})"
     assert sorted(p.name for p in repro.iterdir()) == [".graphopt", "data.pt", "input.pt2", "original.pt2",
                                                        "pipeline.txt", "reproducer.json"]
     meta = json.loads((repro / "reproducer.json").read_text())
