@@ -315,7 +315,7 @@ def relative_change(value: float, reference: float, key: str = "") -> float:
     if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
         return float("nan") if value != reference else 0.0
     change = 100.0 * (value - reference) / abs(reference)
-    return -change if _lower_is_better(key) else change
+    return (-change if _lower_is_better(key) else change) + 0.0  # + 0.0: never a -0.0 ("-0.00%" read as worse)
 
 
 def shown_against(value: float, bound: float, digits: int, sign: bool = False) -> str:

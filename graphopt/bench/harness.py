@@ -17,8 +17,9 @@ from graphopt.bench.accuracy import make_evaluator
 from graphopt.bench.calibration import bench_calibration
 from graphopt.bench.memory import explain_memory, measure_in_process, measure_subprocess, predict_variant
 from graphopt.bench.peers import build_peers, default_peers
-from graphopt.bench.pipelines import default_pipelines, parse_pipeline_spec, without_bf16
+from graphopt.bench.pipelines import check_unique_labels, default_pipelines, parse_pipeline_spec, without_bf16
 from graphopt.bench.report import BenchReport, shape_key
+from graphopt.bench.shapes import bench_shapes
 from graphopt.bench.timing import (
     TimingConfig,
     load_warning,
@@ -108,17 +109,6 @@ def _needs_calibration(specs: Sequence[Any], peer_names: Sequence[str]) -> bool:
         except GraphoptError:
             continue  # reported when the variant is built
     return False
-
-
-def _shapes(program: Program, batch_sizes: Sequence[int], seq_lens: Sequence[int], notes: list[str]) -> list[tuple[int, int | None]]:
-    labels = program.dynamic_labels()
-    batches = list(dict.fromkeys(int(b) for b in batch_sizes))
-    if "batch" not in labels:
-        static = program.inputs[0].shape[0]
-        notes.append(f"batch is static in this Program ({static}); measured at batch {static} only")
-        batches = [static]
-    seqs: list[int | None] = list(dict.fromkeys(int(s) for s in seq_lens)) if "seq" in labels else [None]
-    return [(b, s) for b in batches for s in seqs]
 
 
 def _fidelity_batches(batch: int) -> int:
@@ -239,7 +229,8 @@ def _run(
         pipelines, left_out = without_bf16(default_pipelines(program))
         specs = [parse_pipeline_spec(p) for p in pipelines]
         notes += [left_out] if left_out else []
-    shapes = _shapes(program, batch_sizes, seq_lens, notes)
+    check_unique_labels(specs)
+    shapes = bench_shapes(program, batch_sizes, seq_lens, notes)
     n_builds = 1 + len(specs) * len(runtimes) + len(peer_names)
     state["total"] = float(
         n_builds + len(shapes) * (config.rounds + 1) + (n_builds if eval_data is not None else 0) + (n_builds if memory else 0)

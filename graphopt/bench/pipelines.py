@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
+from graphopt.errors import PipelineParseError
 from graphopt.ir.program import Program
 
 __all__ = [
     "PipelineSpec",
     "parse_pipeline_spec",
+    "check_unique_labels",
     "DEFAULT_PIPELINES",
     "SIZE_PIPELINE",
     "EMBEDDING_DOMINATED",
@@ -118,3 +120,14 @@ def parse_pipeline_spec(spec: str) -> PipelineSpec:
     if text.lower() in ("", "none"):
         return PipelineSpec(label if label.lower() not in ("", "none") else "fp32", "")
     return PipelineSpec(label, text)
+
+
+def check_unique_labels(specs: Sequence[PipelineSpec]) -> None:
+    """Two pipelines under one label were merged into one row (the second's timing and top-10 beside
+    the first's size): refused in one line."""
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.label in seen:
+            raise PipelineParseError(f"-p: two pipelines are labelled '{spec.label}' ({seen[spec.label] or 'none'} "
+                                     f"and {spec.text or 'none'}); give each its own LABEL=PIPELINE")
+        seen[spec.label] = spec.text

@@ -189,8 +189,10 @@ class BenchReport:
         ctr = "auc" in self.eval_reference  # click models: AUC and logloss take the ranking columns
         quality = ("auc", "logloss") if ctr else ("ndcg", "hr")[: 1 + hr]
         hr = hr or ctr
+        # the evaluation's own cut-off (NDCG@10/HR@10 with data, whatever -k sets for the top-k overlap)
+        ek = next((key.split("@", 1)[1] for key in self.eval_reference if key.startswith("ndcg@")), k)
         header = ["variant", "p50 ms", "p99 ms", "speedup", f"top-{k}",
-                  *(["AUC Δ%", "logloss Δ%"] if ctr else [f"NDCG@{k} Δ%", *([f"HR@{k} Δ%"] * hr)]), "size", "compile s"]
+                  *(["AUC Δ%", "logloss Δ%"] if ctr else [f"NDCG@{ek} Δ%", *([f"HR@{ek} Δ%"] * hr)]), "size", "compile s"]
         rows = []
         for r in self.rows(shape):
             v = self.variant(r["variant"])

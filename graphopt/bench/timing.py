@@ -138,7 +138,9 @@ def run_interleaved(
     on_round: Callable[[int, int], None] | None = None,
     failures: dict[str, str] | None = None,
 ) -> dict[str, Samples]:
-    """Warm each callable up, then time them in interleaved rounds.
+    """Warm each callable up, then time them in interleaved rounds (each round starts with one
+    untimed call per variant: the first call after a switch ran 1.1-2.8x slower on tiny models, and a
+    slow variant with one or two calls per round carried it in its round median).
 
     ``fns`` maps a variant name to a zero-argument callable (inputs bound).
     The number of calls per round is set per variant from its warm-up time so
@@ -163,6 +165,7 @@ def run_interleaved(
     for r in range(config.rounds):
         for name, fn in list(live.items()):
             try:
+                fn()  # untimed: the first call after another variant ran pays for its caches and buffers
                 samples[name].rounds.append([_time_call(fn) for _ in range(calls[name])])
             except Exception as e:  # noqa: BLE001 - one variant failing must not stop the others
                 if failures is None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from graphopt.errors import ArtifactError
 from graphopt.outputs import usual_mode
+from graphopt.runtime.contract import size_outside
 from graphopt.transform.memory import MemoryAnalysis, format_bytes
 
 __all__ = ["run_memory", "check_plot", "shapes_for", "plot_peak", "render"]
@@ -31,12 +32,10 @@ def shapes_for(analysis: MemoryAnalysis, batches: list[int] | None, seqs: list[i
     """(batch, seq) points to evaluate, and notes on sizes the Program does not have;
     a size outside the range torch.export proved for its dim (``ranges``, from
     :func:`graphopt.runtime.contract.dim_ranges`) is refused: the Program cannot run it."""
-    for flag, label, sizes in (("--batch-sizes", "batch", batches), ("--seq-lens", "seq", seqs)):
-        lo, hi = (ranges or {}).get(label, {}).get("min"), (ranges or {}).get(label, {}).get("max")
-        for size in sizes or []:
-            if (lo is not None and size < lo) or (hi is not None and size > hi):
-                raise ArtifactError(f"{flag} {size}: {analysis.program} takes {label} in [{lo}, "
-                                    f"{'unbounded' if hi is None else hi}]; pick sizes within it")
+    outside = size_outside(dict(ranges or {}), analysis.program,
+                           (("--batch-sizes", "batch", batches), ("--seq-lens", "seq", seqs)))
+    if outside:
+        raise ArtifactError(outside)
     notes = []
     has_batch, has_seq = "batch" in analysis.symbols, "seq" in analysis.symbols
     if batches and not has_batch:

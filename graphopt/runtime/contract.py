@@ -28,7 +28,7 @@ from graphopt.errors import RunnerError
 from graphopt.ir.fx import op_name
 from graphopt.ir.program import Program
 
-__all__ = ["dim_ranges", "index_ranges", "check_contract"]
+__all__ = ["dim_ranges", "index_ranges", "check_contract", "size_outside"]
 
 #: ops through which an input's values reach a table unchanged (only positions move)
 _VALUE_PRESERVING = {
@@ -73,6 +73,21 @@ def dim_ranges(program: Program) -> dict[str, dict[str, int | None]]:
             if hi is not None:
                 cur["max"] = hi if cur["max"] is None else min(cur["max"], hi)
     return out
+
+
+def size_outside(ranges: dict[str, dict[str, int | None]], name: str,
+                 asked: Any) -> str | None:
+    """The first asked size outside the range torch.export proved for its dim, as one line
+    (``--seq-lens 600: bert4rec:tiny takes seq in [1, 512]; pick sizes within it``), else None.
+    ``asked``: (flag, label, sizes) triples; labels without a range pass."""
+    for flag, label, sizes in asked:
+        bound = ranges.get(label) or {}
+        lo, hi = bound.get("min"), bound.get("max")
+        for size in sizes or []:
+            if (lo is not None and int(size) < lo) or (hi is not None and int(size) > hi):
+                return (f"{flag} {int(size)}: {name} takes {label} in [{lo}, "
+                        f"{'unbounded' if hi is None else hi}]; pick sizes within it")
+    return None
 
 
 def _table_rows(node: torch.fx.Node, arg: torch.fx.Node) -> int | None:

@@ -78,6 +78,12 @@ class TuneResult:
 
 # ------------------------------------------------------------------ validation
 def _shapes(batch_sizes: Sequence[int], seq_lens: Sequence[int], dynamic: set[str], program: Any) -> list[tuple[int, int | None]]:
+    from graphopt.runtime.contract import dim_ranges, size_outside
+
+    outside = size_outside(dim_ranges(program), program.name,
+                           (("--batch-sizes", "batch", batch_sizes), ("--seq-lens", "seq", seq_lens)))
+    if outside:  # every trial would fail at that shape
+        raise DataSpecError(outside)
     batches = list(dict.fromkeys(int(b) for b in batch_sizes))
     if "batch" not in dynamic and program.inputs and program.inputs[0].shape:
         batches = [int(program.inputs[0].shape[0])]
