@@ -125,14 +125,18 @@ def test_a_catalogue_above_the_dense_limit_keeps_its_random_table_and_says_so(ca
         cooccurrence_embeddings([[1, 2]], num_items=items, dim=4)
 
 
-def test_a_start_that_cannot_be_factorised_keeps_the_random_table(caplog):
-    """Was: torch's LinAlgError out of `graphopt finetune` ("linalg.eigh: The algorithm failed to converge")
-    on a few short histories over ML-100K's 1682 items; the table now keeps its random start, said once."""
+def test_a_start_that_cannot_be_factorised_keeps_the_random_table(tmp_path, caplog):
+    """Was: an exception out of `graphopt finetune` where the training histories hold nothing to factorise
+    (here each user's training part is one item: "no two items share a training history"; on a few
+    short histories over ML-100K's 1682 items `linalg.eigh` failed to converge on some builds): the
+    table now keeps its random start, said once."""
     import logging
 
-    from graphopt.rec.data import synthetic_movielens
+    from graphopt.rec.data.movielens import read_movielens_folder
 
-    data = synthetic_movielens(users=12, items=1682, interactions=300, seed=5)
+    rows = [f"{u}\t{3 * u + j}\t4\t{1000 + j}" for u in range(1, 13) for j in range(3)]  # 3 events per user
+    (tmp_path / "u.data").write_text("\n".join(rows) + "\n")
+    data = read_movielens_folder(tmp_path)
     objective = get_objective("bert4rec")
     cfg = objective.model_config("tiny", data.num_items, 16)
     model = build_model("bert4rec", cfg)
@@ -143,4 +147,4 @@ def test_a_start_that_cannot_be_factorised_keeps_the_random_table(caplog):
     assert torch.equal(table, before)
     assert any("keeps its random start: the co-occurrence of" in r.getMessage() for r in caplog.records)
     result = finetune("bert4rec:tiny", data, FinetuneConfig(epochs=1, max_steps=2, max_minutes=None, precision="fp32"))
-    assert result.steps >= 1 and result.test  # it trained and was evaluated
+    assert "hr@10" in result.test  # the run went on (nothing to train on here) and was evaluated
