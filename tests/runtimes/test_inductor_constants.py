@@ -39,16 +39,17 @@ def _loader_outputs(artifact, feeds):
 
 @pytest.mark.parametrize("pipeline", ["O2", "O2,cast{dtype=bf16}"])
 def test_a_block_glibc_maps_is_never_aligned_and_every_weight_moves(tmp_path, pipeline):
-    """A 4096 x 4096 weight (64 MB in float32, 32 MB in bf16, packed for oneDNN): glibc maps a
+    """An 8192 x 4096 weight (128 MB in float32, 64 MB in bf16, packed for oneDNN): glibc maps a
     block that size by itself and returns it 16 bytes past the page, so as loaded every constant
-    is off a cache line. All of them move (nothing shares an FQN here; in bf16 oneDNN's packed
+    is off a cache line (above glibc's largest dynamic mmap threshold, 32 MB: a 4096 x 4096 bf16
+    block of exactly 32 MB came from the heap, aligned, once earlier tests had raised the threshold). All of them move (nothing shares an FQN here; in bf16 oneDNN's packed
     weights too), the old copies' pages are released (all but the partial pages at their ends),
     every constant the model reads starts on a 64-byte boundary, and the outputs are the
     loader's bit for bit at batch 1 and 5 (and the Program's within float32 / bf16 tolerance)."""
     from graphopt.runtimes.inductor_constants import ALIGNMENT, AlignedPackage
 
     torch.manual_seed(0)
-    wide = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 16)).eval()
+    wide = torch.nn.Sequential(torch.nn.Linear(4096, 8192), torch.nn.ReLU(), torch.nn.Linear(8192, 16)).eval()
     prog, _ = graphopt.optimize(graphopt.capture(wide, torch.randn(4, 4096), name="wide"), pipeline,
                                 verify_each=False)
     artifact = lower(prog, "inductor", tmp_path / "wide", device="cpu", max_autotune=False, threads=2)
