@@ -296,3 +296,15 @@ BEYOND_ZOO = {
 
 def beyond_zoo(name: str) -> Case:
     return BEYOND_ZOO[name]
+
+
+class Counter(nn.Module):
+    """A stateful model: the output reads a buffer the forward updates (``self.count.add_(1)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+
+    def forward(self, x):
+        self.count.add_(1)
+        return x * self.count

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 
 import graphopt
+from tests.models import Counter
 from tests.passes._helpers import assert_equivalent
 
 
@@ -63,21 +64,9 @@ def test_near_miss_input_dependent_and_growth_limit():
     assert optimized.op_histogram() == prog.op_histogram()
 
 
-class _Counter(torch.nn.Module):
-    """A stateful model: the output reads a buffer the forward updates."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("count", torch.zeros(1))
-
-    def forward(self, x):
-        self.count.add_(1)
-        return x * self.count
-
-
 def test_buffer_the_graph_mutates_is_not_folded():
     x = torch.ones(2)
-    prog = graphopt.capture(_Counter().eval(), (x,))
+    prog = graphopt.capture(Counter().eval(), (x,))
     expected = prog.copy()
     optimized, report = graphopt.optimize(prog, "fold-constants", verify_each=False)
     assert not report.passes[0].modified  # add(count, 1) reads state: not a constant

@@ -19,25 +19,12 @@ from graphopt.runtimes.stages import load_stages, lower_stages
 
 from graphopt import optimize
 from graphopt.errors import PreconditionError, RunnerError
+from tests.runtimes.test_stages import _alive, _free_port
 
 #: rank 0's teardown used to wait a fixed 10 s for ranks never told to stop;
 #: a failure must now come well before that (it takes about a second)
 PROMPT_S = 8
 BOUND_S = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _serve_rank1(artifact_path, port: int, *extra: str) -> subprocess.Popen:

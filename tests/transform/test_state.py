@@ -7,16 +7,7 @@ import torch
 
 import graphopt
 from graphopt.transform.state import mutated_attrs
-
-
-class _Counter(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("count", torch.zeros(1))
-
-    def forward(self, x):
-        self.count.add_(1)
-        return x * self.count
+from tests.models import Counter
 
 
 def _count(prog):
@@ -24,13 +15,13 @@ def _count(prog):
 
 
 def test_mutated_attrs_names_the_counter_buffer():
-    prog = graphopt.capture(_Counter().eval(), (torch.ones(2),))
+    prog = graphopt.capture(Counter().eval(), (torch.ones(2),))
     assert [t.rsplit(".", 1)[-1] for t in mutated_attrs(prog.gm.graph)] == ["count"]
 
 
 def test_optimize_leaves_state_as_it_found_it():
     x = torch.ones(2)
-    prog = graphopt.capture(_Counter().eval(), (x,))
+    prog = graphopt.capture(Counter().eval(), (x,))
     start = _count(prog)
     expected = prog.copy()
     optimized, _ = graphopt.optimize(prog, "dce", verify_each=False)
@@ -40,7 +31,7 @@ def test_optimize_leaves_state_as_it_found_it():
 
 def test_verify_each_compares_like_with_like_on_a_stateful_model():
     x = torch.ones(2)
-    prog = graphopt.capture(_Counter().eval(), (x,))
+    prog = graphopt.capture(Counter().eval(), (x,))
     start = _count(prog)
     optimized, report = graphopt.optimize(prog, "dce,remove-noop", verify_each=True)  # used to blame dce
     assert [r.name for r in report.passes] == ["dce", "remove-noop"]
