@@ -12,6 +12,7 @@ returns a flat tuple of tensors whose names are recorded.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import keyword
 import logging
@@ -19,7 +20,7 @@ import os
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -203,6 +204,38 @@ def _check_kept_static(names: Sequence[str], tensors: Sequence[torch.Tensor], dy
                           "fixes that size; requests must have it", stacklevel=3)
 
 
+@contextlib.contextmanager
+def _state_kept(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Put back the buffers a forward updates (a step counter, running statistics): capture runs
+    the model once, and neither the user's model nor the Program should start advanced. Yields the
+    names of buffers the forward reassigned (``self.count = self.count + 1``), filled on exit."""
+    buffers = dict(model.named_buffers())
+    saved = {n: (b._version, b.detach().clone()) for n, b in buffers.items()}
+    reassigned: list[str] = []
+    try:
+        yield reassigned
+    finally:
+        with torch.no_grad():
+            for n, b in buffers.items():
+                owner, _, leaf = n.rpartition(".")
+                module = model.get_submodule(owner)
+                if getattr(module, leaf, None) is not b:
+                    reassigned.append(n)
+                    setattr(module, leaf, b)
+                if b._version != saved[n][0]:
+                    b.copy_(saved[n][1])
+
+
+def _own_mutated_buffers(gm: torch.nn.Module, ep: torch.export.ExportedProgram) -> None:
+    """The Program gets its own copy of each buffer its graph updates: running it must not advance
+    the user's model (weights and read-only buffers stay shared: no second copy of the tables)."""
+    for fqn in set(ep.graph_signature.buffers_to_mutate.values()):
+        owner, _, leaf = fqn.rpartition(".")
+        module = gm.get_submodule(owner)
+        if leaf in module._buffers and module._buffers[leaf] is not None:
+            module._buffers[leaf] = module._buffers[leaf].detach().clone()
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | torch.Tensor,
@@ -245,7 +278,7 @@ def capture(
         )
         model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _state_kept(model) as reassigned:  # state is captured as it was
             out_names, _ = _flatten_outputs(model(**dict(zip(names, tensors))) if by_keyword else model(*tensors))
         wrapper = _make_wrapper(model, names, by_keyword)
         try:
@@ -267,6 +300,13 @@ def capture(
         if was_training:
             model.train()
     gm = ep.module()
+    _own_mutated_buffers(gm, ep)
+    dropped = [n for n in reassigned if f"model.{n}" not in ep.graph_signature.buffers_to_mutate.values()]
+    if dropped:
+        warnings.warn(f"{name or type(model).__name__} reassigns buffer(s) {', '.join(dropped)} in forward; "
+                      "torch.export keeps no such update, so the Program does not carry that state from one "
+                      "call to the next: update the buffer in place (self.count.add_(1)) to keep it",
+                      stacklevel=2)
     canonicalize(gm)  # addmm projections -> linear; layout-dependent views copy first
     labels = _labels(names, gm, dynamic)
     _check_kept_static(names, tensors, dynamic, labels)

@@ -7,7 +7,7 @@ import torch
 
 import graphopt
 from graphopt import CaptureError
-from tests.models import MLP, DataDependent
+from tests.models import MLP, Counter, DataDependent
 
 SEQ_MODELS = ["bert4rec:tiny", "bert-cls:tiny", "gpt-rec:tiny"]
 
@@ -141,3 +141,35 @@ def test_untraceable_model_gets_one_line_capture_error():
 def test_non_tensor_input_is_refused():
     with pytest.raises(CaptureError, match="tensor inputs only"):
         graphopt.capture(MLP(), (3,))
+
+
+class _Reassigning(torch.nn.Module):
+    """A stateful model that replaces its buffer instead of updating it in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+
+    def forward(self, x):
+        self.count = self.count + 1
+        return x * self.count
+
+
+def test_stateful_model_is_captured_as_it_was_and_left_alone():
+    x = torch.ones(2)
+    model = Counter().eval()
+    prog = graphopt.capture(model, (x,))
+    assert model.count.item() == 0  # capture's own run of the model was put back
+    assert [b.item() for b in prog.gm.buffers()] == [0.0]  # the Program starts where the model did
+    assert torch.equal(prog(x)[0], torch.ones(2)) and torch.equal(prog(x)[0], torch.full((2,), 2.0))
+    assert model.count.item() == 0  # running the Program advances its own state, not the model's
+    assert torch.equal(model(x), torch.ones(2))
+
+
+def test_a_reassigned_buffer_is_put_back_and_the_lost_update_named():
+    x = torch.ones(2)
+    model = _Reassigning().eval()
+    with pytest.warns(UserWarning, match="reassigns buffer.*count.*in place"):
+        prog = graphopt.capture(model, (x,))
+    assert model.count.item() == 0 and torch.equal(model(x), torch.ones(2))
+    assert torch.equal(prog(x)[0], torch.ones(2))  # as torch.export captured it: no state carried
