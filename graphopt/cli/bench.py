@@ -51,27 +51,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def print_tables(report, console=None) -> None:  # type: ignore[no-untyped-def]
     """One rich table per shape, best variant marked, then what was not measured."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     for shape in report.shapes:
         header, rows = report.table(shape)
-        table = Table(title=f"{report.model} · {shape}", title_justify="left")
+        table = Table(title=escape(f"{report.model} · {shape}"), title_justify="left")
         for i, col in enumerate(header):
             table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
         best = report.best(shape)
         for row, raw in zip(rows, report.rows(shape)):
             status = raw.get("status")
             style = "bold green" if raw["variant"] == best else ("dim" if status != "ok" else None)
-            table.add_row(*row, style=style)
+            table.add_row(*(escape(str(cell)) for cell in row), style=style)  # labels are not markup
         console.print(table)
         for name, status, why in report.not_measured(shape):
-            console.print(f"  [dim]{name}: {status}: {why}[/]", highlight=False)
+            console.print(f"  {name}: {status}: {why}", style="dim", markup=False, highlight=False)
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
     for n in report.notes:
-        console.print(f"note: {n}")
-    console.print(report.ndcg_footnote(), style="dim")
+        console.print(f"note: {n}", markup=False)
+    console.print(report.ndcg_footnote(), style="dim", markup=False)
 
 
 def _real_data(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]bench[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(), TextColumn("{task.description}"), console=console, transient=True,
+        TimeElapsedColumn(), TextColumn("{task.description}", markup=False), console=console, transient=True,
     ) as bar:
         task = bar.add_task("loading model", total=1)
 

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     bar = Progress(
         TextColumn("[bold]tune[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
-        TextColumn("{task.fields[best]}"), TextColumn("{task.description}"), console=console, transient=True,
+        TextColumn("{task.fields[best]}", markup=False), TextColumn("{task.description}", markup=False), console=console, transient=True,
     )
     task = None
 
