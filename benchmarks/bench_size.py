@@ -176,7 +176,7 @@ def movielens_part(spec: str, runtimes: list[str], args: argparse.Namespace, out
     pop = ckpt.meta["metrics"]["popularity"]["test"]
     ref = report.eval_reference
     lines = [f"### {spec} fine-tuned on MovieLens-100K clicks: AUC/logloss on {n} held-out ratings", "",
-             f"Fine-tuning: {ckpt.meta['training']['stopped']}, {ckpt.meta['training']['epochs']} epochs; test "
+             f"Fine-tuning: {ckpt.meta['training']['stopped']}, {ckpt.meta['training'].get('epochs_run', ckpt.meta['training']['epochs'])} epochs; test "
              f"AUC {ckpt.meta['metrics']['test']['auc']:.4f}, logloss {ckpt.meta['metrics']['test']['logloss']:.4f}; "
              f"item-popularity baseline AUC {pop['auc']:.4f}, logloss {pop['logloss']:.4f}.", "",
              "| variant | AUC | Δ% vs eager | logloss | Δ% vs eager (+ = worse) | MB on disk | speed vs eager |",

@@ -78,6 +78,20 @@ def test_finetune_into_a_folder_with_another_checkpoint_is_a_usage_error(tmp_pat
     assert "no time budget" in first and "budget 0 min" not in first  # finding 6: --max-minutes 0 is no budget
 
 
+def test_a_fine_tune_stopped_before_its_epochs_is_recognised_when_run_again(tmp_path, capsys):
+    """Was: the checkpoint recorded the epochs run as 'epochs', so any run stopped early (by the time
+    budget, max steps or early stopping) was 'fine-tuned with other settings (epochs 2, not 5)' on a rerun."""
+    data = _folder(tmp_path, 3)
+    out = tmp_path / "ckpt"
+    args = [*_finetune_args("bert4rec:tiny", data, out), "--epochs", "5"]  # stops at --max-steps 2 first
+    assert main(args) == 0
+    training = load_checkpoint(out).meta["training"]
+    assert training["epochs"] == 5 and 1 <= training["epochs_run"] < 5, training
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "already holds this fine-tuned" in capsys.readouterr().out
+
+
 def test_finetune_into_an_empty_folder_and_never_into_a_users_folder(tmp_path, capsys):
     data = _folder(tmp_path, 3)
     empty = tmp_path / "empty"

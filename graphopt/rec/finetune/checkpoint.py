@@ -122,7 +122,7 @@ def save_checkpoint(result: FinetuneResult, out_dir: str | Path, *, force: bool 
                  "num_items": int(result.model_config.get("items", 0)), "k": 10},
         "data": result.data,
         "metrics": {"valid": result.valid, "test": result.test, "popularity": result.popularity},
-        "training": {**asdict(result.train_config), "steps": result.steps, "epochs": result.epochs,
+        "training": {**asdict(result.train_config), "steps": result.steps, "epochs_run": result.epochs,
                      "wall_s": round(result.wall_s, 1), "precision": result.precision,
                      "device": result.device, "stopped": result.stopped},
         "history": result.history,
