@@ -142,6 +142,26 @@ def _dynamic_shapes(
     return tuple(out)
 
 
+_BAG_OPS = ("aten.embedding_bag.", "aten._embedding_bag.", "aten._embedding_bag_forward_only.")
+
+
+def _flat_bag_inputs(gm: torch.fx.GraphModule, input_name: Mapping[torch.fx.Node, str]) -> set[str]:
+    """Inputs an EmbeddingBag reads as flat ids or per-sample weights (with offsets): their length is
+    the number of ids in the batch, never the batch, even where an example holds one id per bag."""
+    flat: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not str(node.target).startswith(_BAG_OPS):
+            continue
+        args = list(node.args)
+        if len(args) < 3 or args[2] is None:  # 2-D ids, no offsets: they lead with the batch
+            continue
+        weights = node.kwargs.get("per_sample_weights", args[6] if len(args) > 6 else None)
+        for arg in (args[1], weights):
+            if arg in input_name:
+                flat.add(input_name[arg])
+    return flat
+
+
 def _labels(
     names: Sequence[str], gm: torch.fx.GraphModule, dynamic: DynamicSpec
 ) -> dict[str, dict[int, str]]:
@@ -158,7 +178,9 @@ def _labels(
                          if isinstance(size, torch.SymInt) and not isinstance(size.node.maybe_as_int(), int)
                          } if isinstance(val, torch.Tensor) else {}
     named = {name: dict(dynamic.get(name, {})) if isinstance(dynamic, Mapping) else {} for name in symbols}
-    leading = Counter(dims[0].hint for name, dims in symbols.items() if 0 in dims and 0 not in named[name])
+    flat = _flat_bag_inputs(gm, dict(zip(placeholders, names)))
+    leading = Counter(dims[0].hint for name, dims in symbols.items()
+                      if 0 in dims and 0 not in named[name] and name not in flat)
     batch = leading.most_common(1)[0][0] if leading else None
     label_of: dict[str, str] = {}
     out: dict[str, dict[int, str]] = {name: {} for name in symbols}
@@ -168,7 +190,7 @@ def _labels(
         if d in named[name]:
             out[name][d] = named[name][d]
         else:
-            own = "batch" if d == 0 and node.hint == batch else f"{name}_dim{d}"
+            own = "batch" if d == 0 and node.hint == batch and name not in flat else f"{name}_dim{d}"
             out[name][d] = label_of.setdefault(str(node.expr), own)
     return {name: dict(sorted(dims.items())) for name, dims in out.items()}
 

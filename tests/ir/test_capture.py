@@ -121,6 +121,19 @@ def test_dynamic_spec_mistakes_are_one_line_capture_errors():
     torch.testing.assert_close(prog(x[:1])[0], model(x[:1]), atol=1e-6, rtol=1e-6)
 
 
+def test_one_id_per_bag_in_the_example_is_not_taken_for_the_batch(tmp_path):
+    """Was: an example with one id per bag (single-valued features: as many ids as users) labelled the
+    flat ids "batch", and every runner refused a request with more ids than users."""
+    torch.manual_seed(0)
+    model = _FlatBag().eval()
+    prog = graphopt.capture(model, (torch.tensor([5, 7, 9, 11]), torch.arange(4), torch.randn(4, 8)))
+    assert {s.name: s.dynamic for s in prog.inputs} == {
+        "ids": {0: "ids_dim0"}, "offsets": {0: "batch"}, "dense": {0: "batch"}}
+    x = (torch.arange(1, 8), torch.tensor([0, 3]), torch.randn(2, 8))  # 7 ids, 2 users
+    with graphopt.load(graphopt.lower(prog, "onnxruntime", tmp_path / "bag").path) as runner:
+        torch.testing.assert_close(runner(*x)[0], model(*x), atol=1e-5, rtol=1e-5)
+
+
 def test_static_capture_rejects_other_shapes():
     model = MLP().eval()
     prog = graphopt.capture(model, torch.randn(4, 8), dynamic=False)
