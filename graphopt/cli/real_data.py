@@ -83,21 +83,33 @@ def _click_setup(data: ClickData, ckpt: Checkpoint, eval_batch: int, eval_users:
     from graphopt.bench import ClickEvalData
 
     objective = ckpt.objective
-    rows = objective.encode(data.split(seed=0), "test", ckpt.model_config)  # type: ignore[attr-defined]
-    n = len(rows) if eval_users is None else min(len(rows), eval_users)
-    n = max(eval_batch, n - n % eval_batch)
-    names = list(rows.inputs)
-    batches = [tuple(rows.inputs[k][i:i + eval_batch] for k in names) for i in range(0, n, eval_batch)]
-    eval_data = ClickEvalData(batches, rows.clicks[:len(batches) * eval_batch], name=f"{data.name} test ratings")
+    split = data.split(seed=0)
+    encoded = {part: objective.encode(split, part, ckpt.model_config)  # type: ignore[attr-defined]
+               for part in ("train", "valid", "test")}
 
-    def make(batch: int = 4, seq: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-        pick = torch.randint(0, len(rows), (batch,), generator=torch.Generator().manual_seed(seed))
-        return {k: v[pick] for k, v in rows.inputs.items()}
+    def whole_batches(part: str) -> ClickEvalData:
+        rows = encoded[part]
+        n = len(rows) if eval_users is None else min(len(rows), eval_users)
+        n = max(eval_batch, n - n % eval_batch)
+        names = list(rows.inputs)
+        batches = [tuple(rows.inputs[k][i:i + eval_batch] for k in names) for i in range(0, n, eval_batch)]
+        what = "validation" if part == "valid" else part
+        return ClickEvalData(batches, rows.clicks[:len(batches) * eval_batch], name=f"{data.name} {what} ratings")
 
+    def drawn(part: str) -> Any:
+        rows = encoded[part]
+
+        def make(batch: int = 4, seq: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+            pick = torch.randint(0, len(rows), (batch,), generator=torch.Generator().manual_seed(seed))
+            return {k: v[pick] for k, v in rows.inputs.items()}
+        return make
+
+    eval_data = whole_batches("test")
     zoo = ckpt.zoo_model(batch=eval_batch)
-    zoo.make_inputs = make
-    calibration = [tuple(make(batch=eval_batch, seed=2000 + i).values())
+    zoo.make_inputs = drawn("test")  # timing and top-k drift on test rows' features
+    from_train = drawn("train")  # calibration: rows the model learned from, apart from the guard's and the test's
+    calibration = [tuple(from_train(batch=eval_batch, seed=2000 + i).values())
                    for i in range(2 if quick else DEFAULT_CALIBRATION_BATCHES)]
     count = len(eval_data.labels)
-    return {"zoo": zoo, "eval": eval_data, "calibration": calibration, "seq": None, "count": count,
-            "what": f"AUC/logloss on {count} test ratings"}
+    return {"zoo": zoo, "eval": eval_data, "validation": whole_batches("valid"), "calibration": calibration,
+            "seq": None, "count": count, "what": f"AUC/logloss on {count} test ratings"}

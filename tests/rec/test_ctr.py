@@ -139,3 +139,36 @@ def test_finetune_verb_saves_a_ctr_checkpoint_that_captures(split, tmp_path, cap
     rows = ckpt.objective.encode(split, "test", ckpt.model_config)
     x = tuple(v[:8] for v in rows.inputs.values())
     torch.testing.assert_close(program(*x)[0], ckpt.model(*x), atol=1e-5, rtol=1e-5)
+
+
+@needs_data
+def test_real_data_setup_guards_ctr_models_on_validation_ratings_and_calibrates_on_training_ones(
+        clicks, split, tmp_path, capsys):
+    """Was: no validation for CTR models (their int8 guard never saw AUC/logloss) and calibration batches
+    drawn from the test ratings."""
+    from graphopt.cli import main
+    from graphopt.cli.real_data import real_data_setup
+    from graphopt.rec.finetune import load_checkpoint
+
+    out = tmp_path / "ckpt"
+    assert main(["finetune", "dlrm:tiny", "-o", str(out), "--max-steps", "2", "--epochs", "1", "--threads", "1",
+                 "--precision", "fp32"]) == 0
+    ckpt = load_checkpoint(out)
+    setup = real_data_setup(clicks, ckpt, 8, eval_users=64, quick=True)
+    encode = {part: ckpt.objective.encode(split, part, ckpt.model_config) for part in ("train", "valid", "test")}
+    valid = setup["validation"]
+    assert "validation" in valid.name and len(valid.labels) == 64
+    torch.testing.assert_close(valid.labels, encode["valid"].clicks[:64])
+    names = list(encode["valid"].inputs)
+    for i, batch in enumerate(valid.batches):
+        for name, t in zip(names, batch):
+            assert torch.equal(t, encode["valid"].inputs[name][8 * i:8 * i + 8])
+
+    def rows(part):
+        return {tuple(float(v) for v in r) for r in torch.cat(
+            [encode[part].inputs[n].reshape(len(encode[part]), -1).double() for n in names], 1).tolist()}
+
+    train = rows("train")
+    for batch in setup["calibration"]:
+        drawn = torch.cat([t.reshape(8, -1).double() for t in batch], 1).tolist()
+        assert all(tuple(float(v) for v in r) in train for r in drawn)
