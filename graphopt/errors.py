@@ -31,15 +31,22 @@ __all__ = [
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+_TORCHSCRIPT_BANNER = "The following operation failed in the TorchScript interpreter."
+
+
 def first_line(e: BaseException, *, with_type: bool | None = None, limit: int = 300) -> str:
-    """The first non-empty line of an exception's message, at most ``limit`` characters.
+    """The first non-empty line of an exception's message, at most ``limit`` characters
+    (of a TorchScript interpreter failure, whose first line is a banner, the last: its cause).
 
     Copes with empty messages and terminal colour codes. ``with_type`` prefixes
     the exception's class name; by default it does so for foreign exceptions
     (a backend's ``RuntimeError``) but not for graphopt's own, whose messages
     already say what failed.
     """
-    text = next((ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()), "")
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if text.startswith(_TORCHSCRIPT_BANNER):  # the cause is the last line: "RuntimeError: index out of range"
+        text = re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     if with_type is None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from graphopt.errors import RunnerError, closest, first_line
 
 
@@ -18,3 +21,22 @@ def test_first_line_copes_with_empty_multiline_and_ansi_messages():
 def test_closest_suggests_only_near_names():
     assert closest("remove-dropuot", ["remove-dropout", "dce"]) == " (did you mean 'remove-dropout'?)"
     assert closest("zzz", ["remove-dropout", "dce"]) == ""
+
+
+class _Lookup(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = torch.nn.Embedding(10, 4)
+
+    def forward(self, x):
+        return self.e(x)
+
+
+def test_a_torchscript_failure_gives_its_cause_not_the_interpreters_banner():
+    """Was: 'RuntimeError: The following operation failed in the TorchScript interpreter.'"""
+    scripted = torch.jit.script(_Lookup().eval())
+    with pytest.raises(RuntimeError) as info:
+        scripted(torch.tensor([12]))
+    assert str(info.value).startswith("The following operation failed in the TorchScript interpreter.")
+    assert first_line(info.value) == "RuntimeError: index out of range in self"
+    assert first_line(info.value, with_type=False) == "index out of range in self"
