@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from graphopt.errors import GraphoptError
 from graphopt.ir.fx import fetch_attr
 
-__all__ = ["graph_fake_mode", "infer_val", "fill_vals"]
+__all__ = ["graph_fake_mode", "infer_val", "fill_vals", "fake_call"]
 
 
 def graph_fake_mode(graph: torch.fx.Graph) -> FakeTensorMode | None:
@@ -40,6 +40,29 @@ def _input_value(node: torch.fx.Node) -> tuple[bool, Any]:
     if node.op == "get_attr" and node.graph.owning_module is not None:
         return True, fetch_attr(node.graph.owning_module, str(node.target))
     return False, None
+
+
+_QUANTIZE_OPS = (
+    "quantized_decomposed.quantize_per_tensor.default",
+    "quantized_decomposed.quantize_per_tensor.tensor",
+    "quantized_decomposed.quantize_per_channel.default",
+)
+
+
+def fake_call(target: Any, args: Any, kwargs: Any) -> Any:
+    """``target(*args, **kwargs)`` on fake values (call under the fake mode).
+
+    torch's meta kernels of the quantize ops convert a bf16 input with
+    ``input.to(float32)``, which reads the sizes as ints: every symbol of the
+    input gets specialised to its example value (``seq == 16``), in the ShapeEnv
+    that every copy of the captured Program shares. Their output is the
+    input's shape in the target dtype, written here without reading the sizes.
+    """
+    if str(target) in _QUANTIZE_OPS and isinstance(args[0], FakeTensor):
+        dtype = kwargs.get("dtype", args[-1] if args and isinstance(args[-1], torch.dtype) else None)
+        if isinstance(dtype, torch.dtype):
+            return torch.empty_like(args[0], dtype=dtype)
+    return target(*args, **kwargs)
 
 
 def infer_val(node: torch.fx.Node) -> bool:
@@ -77,7 +100,7 @@ def infer_val(node: torch.fx.Node) -> bool:
     mode.allow_non_fake_inputs = True  # python-level kernels (quantized_decomposed) may hold real constants
     try:
         with mode:
-            node.meta["val"] = node.target(*args, **kwargs)  # type: ignore[operator]
+            node.meta["val"] = fake_call(node.target, args, kwargs)
     finally:
         mode.allow_non_fake_inputs = allow
     return True

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from graphopt.errors import PreconditionError
+from graphopt.ir.shapes import fake_call
 from graphopt.transform.memory import analyze_memory
 
 if TYPE_CHECKING:
@@ -26,22 +28,69 @@ if TYPE_CHECKING:
 __all__ = ["propagate_shapes", "count_flops", "analyze_memory", "AnalysisManager", "ANALYSES", "DEPENDS"]
 
 
-def propagate_shapes(program: Program) -> None:
-    """Fill ``meta["val"]`` on every node from the placeholders' symbolic fakes."""
-    gm = program.gm
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    vals = [n.meta.get("val") for n in placeholders]
+class _ShapeProp(FakeTensorProp):
+    """FakeTensorProp whose calls go through :func:`graphopt.ir.shapes.fake_call`."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return fake_call(target, args, kwargs)
+
+
+def _placeholder_vals(program: Program) -> list[Any]:
+    vals = [n.meta.get("val") for n in program.gm.graph.nodes if n.op == "placeholder"]
     if any(v is None for v in vals):
         raise PreconditionError(
             f"{program.name}: placeholders lack shape metadata; re-capture with graphopt.capture"
         )
+    return vals
+
+
+def _hint(size: Any) -> int:
+    """The example value of a size (2 for an unbacked symbol: sizes 0 and 1 would specialise)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    hint = size.node.hint
+    return int(hint) if hint is not None else 2
+
+
+def _isolated(vals: list[Any]) -> list[Any]:
+    """Fakes like ``vals`` (the same dims dynamic, their hints as examples) in a new FakeTensorMode
+    and ShapeEnv: guards a propagation adds land there. The Program's own ShapeEnv is shared by every
+    ``Program.copy()``; a guard added to it (``seq == 16``) would specialise every copy in the process."""
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    out = []
+    for v in vals:
+        if not isinstance(v, torch.Tensor):
+            out.append(v)
+            continue
+        dims = [DimDynamic.DYNAMIC if isinstance(d, torch.SymInt) else DimDynamic.STATIC for d in v.shape]
+        real = torch.zeros([_hint(d) for d in v.shape], dtype=v.dtype, device=v.device)
+        out.append(mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims)))
+    return out
+
+
+def propagate_shapes(program: Program, *, isolated: bool = False) -> None:
+    """Fill ``meta["val"]`` on every node from the placeholders' symbolic fakes.
+
+    ``isolated=True`` propagates from fresh symbols in a ShapeEnv of its own instead (a check
+    that compares and then restores the metadata: nothing it learns may reach the Program's symbols).
+    """
+    gm = program.gm
+    vals = _placeholder_vals(program)
+    if isolated:
+        vals = _isolated(vals)
     mode = detect_fake_mode(vals)
     if mode is None:
         raise PreconditionError(f"{program.name}: placeholder metadata holds no fake tensors")
     allow = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True
     try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+        _ShapeProp(gm, mode).propagate_dont_convert_inputs(*vals)
     finally:
         mode.allow_non_fake_inputs = allow
 

@@ -88,6 +88,50 @@ def _rounding_floor(program: Program) -> float:
     return ROUNDING_EPS * max((torch.finfo(d).eps for d in low), default=0.0)
 
 
+def _tensors(val: Any) -> list[Any] | None:
+    vals = list(val) if isinstance(val, (tuple, list)) else [val]
+    return vals if any(isinstance(v, torch.Tensor) for v in vals) else None
+
+
+def _text(vals: list[Any]) -> str:
+    return " ".join(f"{list(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor)
+                    else "-" for v in vals)
+
+
+def _differ(a: list[Any], b: list[Any]) -> bool:
+    """Rank, dtype or a concrete size differs (a symbolic size is not compared: symbols may be renamed)."""
+    if len(a) != len(b):
+        return True
+    for x, y in zip(a, b):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            continue
+        if x.dtype != y.dtype or x.dim() != y.dim():
+            return True
+        if any(isinstance(p, int) and isinstance(q, int) and p != q for p, q in zip(x.shape, y.shape)):
+            return True
+    return False
+
+
+def stale_shapes(program: Program) -> list[str]:
+    """``"node records S, is T"`` for each node whose recorded ``meta["val"]`` differs in rank,
+    dtype or a concrete size from a fresh propagation (in a ShapeEnv of its own: symbols are not
+    compared); the Program's metadata and symbols are left as they were."""
+    from graphopt.transform.analysis import propagate_shapes
+
+    nodes = [n for n in program.gm.graph.nodes]
+    saved = [dict(n.meta) for n in nodes]
+    recorded = [_tensors(n.meta.get("val")) for n in nodes]
+    try:
+        propagate_shapes(program, isolated=True)
+        fresh = [_tensors(n.meta.get("val")) for n in nodes]
+    finally:
+        for n, meta in zip(nodes, saved):
+            n.meta.clear()
+            n.meta.update(meta)
+    return [f"{n.name} records {_text(r)}, is {_text(f)}" for n, r, f in zip(nodes, recorded, fresh)
+            if n.op != "placeholder" and r is not None and f is not None and _differ(r, f)]
+
+
 class VerifyEachInstrument(Instrument):
     """After each pass: graph lint, the Program still runs, outputs match the
     pre-pass Program within the pass's tolerance, and ``modified=False``
@@ -98,18 +142,22 @@ class VerifyEachInstrument(Instrument):
     weights, or summing bf16 rows in another order, is exact up to an ulp
     of that dtype (``ROUNDING_EPS`` x its epsilon, atol = rtol).
 
-    Both runs start from the same state: buffers the graph mutates are put back after each."""
+    Both runs start from the same state: buffers the graph mutates are put back after each.
+    A pass that modified the graph and declares it preserves ``shapes`` has its
+    recorded ``meta["val"]`` compared, node by node, with a fresh propagation."""
 
     def __init__(self) -> None:
         self._reference: Any = None
         self._digest = ""
         self._floor = 0.0
+        self._shapes_valid = False
 
     def before_pass(self, p, program, ctx, record):  # type: ignore[no-untyped-def]
         with preserved_state(program):  # both runs start from the same buffer state
             self._reference = program(*ctx.verify_inputs(program))
         self._digest = _graph_digest(program)
         self._floor = _rounding_floor(program) if p.exact else 0.0
+        self._shapes_valid = ctx.analyses.is_valid("shapes")
 
     def after_pass(self, p, program, result, ctx, record):  # type: ignore[no-untyped-def]
         if not result.modified and _graph_digest(program) != self._digest:
@@ -133,6 +181,20 @@ class VerifyEachInstrument(Instrument):
             raise PostconditionError(
                 f"pass '{p.name}' changed the numerics beyond its tolerance: {reason}"
             )
+        if result.modified and "shapes" in p.preserves and self._shapes_valid:
+            try:
+                stale = stale_shapes(program)
+            except Exception as e:
+                raise PostconditionError(
+                    f"pass '{p.name}' declares it preserves shapes, but shapes no longer propagate "
+                    f"through its result: {first_line(e, with_type=True)}"
+                ) from e
+            if stale:
+                raise PostconditionError(
+                    f"pass '{p.name}' declares it preserves shapes but left stale meta['val'] on "
+                    f"{len(stale)} node(s): {'; '.join(stale[:3])}; set meta['val'] on the nodes it "
+                    "creates, or drop 'shapes' from its preserves"
+                )
         record.verify_error = max(
             (max_abs_error(o, r) for o, r in zip(outputs, self._reference) if r.is_floating_point()),
             default=0.0,
