@@ -1,9 +1,10 @@
 """Atomic output directories: write into a temp sibling, then rename into place.
 
 An existing directory is never replaced unless ``force`` is set, and even
-then only when graphopt wrote it (its :data:`MARKER` file, or a manifest,
-report or checkpoint file graphopt writes, is there) or it is empty: a
-user's folder is refused with one line whatever the flags. The marker lists
+then only when graphopt wrote it (its :data:`MARKER` file, listing what it
+wrote, is there) or it is empty: a user's folder is refused with one line
+whatever the flags, even one holding a file named like graphopt's
+(``report.json``, ``manifest.json``). The marker lists
 the files graphopt wrote (and the names it goes on writing, ``later``), so a
 folder holding anything else, a user's notes added to a report folder, is
 refused too: ``--force`` replaces only what graphopt wrote. A path at ``.``,
@@ -23,43 +24,57 @@ import ctypes.util
 import fnmatch
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from graphopt.errors import ArtifactError
 
-__all__ = ["MARKER", "atomic_directory", "check_output_path", "check_replaceable", "foreign_files", "written_by_graphopt"]
+__all__ = ["MARKER", "atomic_directory", "check_output_path", "check_replaceable", "foreign_files", "marker_kind",
+           "written_by_graphopt"]
 
 #: written into every output folder graphopt creates
 MARKER = ".graphopt"
-#: files that also mark a folder as graphopt's (written before the marker existed)
-_KNOWN_FILES = ("manifest.json", "report.json", "demo.json", "graphopt-checkpoint.json")
 _CHECKOUT = Path(__file__).resolve().parents[1]
+#: graphopt's own temporaries: ``tempfile.mkdtemp(prefix=".NAME.tmp-")`` (or ``.old-``), 8 random characters
+_TEMPORARY = re.compile(r"\..+\.(tmp|old)-[a-z0-9_]{8}")
 
 
-def written_by_graphopt(path: Path) -> bool:
-    """Whether ``path`` is a folder graphopt wrote (its marker or a known graphopt file is there)."""
-    return any((path / name).is_file() for name in (MARKER, *_KNOWN_FILES))
-
-
-def foreign_files(path: Path) -> list[str]:
-    """Files under ``path`` that graphopt did not write, per its :data:`MARKER`'s list (empty for a
-    folder whose marker has no list: an older graphopt wrote it, and what it wrote is unknown).
-    Graphopt's own temporaries (``.NAME.tmp-*``, ``.NAME.old-*``, at any depth) are its own; a nested
-    folder with its own marker (a tune's ``best/``, a work artifact) is checked against that marker's
-    list; ``later`` names only top-level entries, so a folder named there holds nothing but nested
-    graphopt outputs and temporaries: a user's file put inside it is foreign."""
+def _marker(path: Path) -> dict[str, Any] | None:
+    """``path``'s :data:`MARKER`, where it is one graphopt wrote (a JSON object listing its files)."""
     try:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
-        return []
-    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
-        return []
-    ours = set(marker["files"]) | {MARKER}
-    later = [str(p) for p in marker.get("later", [])]
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
+
+
+def written_by_graphopt(path: Path) -> bool:
+    """Whether ``path`` is a folder graphopt wrote: its marker is there and lists what it wrote
+    (a file named like graphopt's, ``report.json``, proves nothing: a user's folder may hold one)."""
+    return _marker(path) is not None
+
+
+def marker_kind(path: Path) -> str | None:
+    """The kind of output graphopt recorded in ``path``'s marker (``reproducer``, ``tune``, ...)."""
+    marker = _marker(path)
+    return str(marker.get("kind")) if marker is not None else None
+
+
+def foreign_files(path: Path) -> list[str]:
+    """Files under ``path`` that graphopt did not write, per its :data:`MARKER`'s list (every file, for
+    a folder without a valid marker). Graphopt's own temporaries (``.NAME.tmp-XXXXXXXX``, ``.old-``, at
+    any depth) are its own; a nested folder with its own marker (a tune's ``best/``, a work artifact)
+    is checked against that marker's list; ``later`` names only top-level entries, so a folder named
+    there holds nothing but nested graphopt outputs and temporaries: a user's file put inside it is
+    foreign."""
+    marker = _marker(path)
+    ours = set(marker["files"]) | {MARKER} if marker is not None else set()
+    later = [str(p) for p in marker.get("later", [])] if marker is not None else []
     found = []
     for root, dirs, files in os.walk(path):
         here = Path(root)
@@ -83,7 +98,7 @@ def foreign_files(path: Path) -> list[str]:
 
 
 def _temporary(name: str) -> bool:
-    return fnmatch.fnmatch(name, ".*.tmp*") or fnmatch.fnmatch(name, ".*.old-*")
+    return _TEMPORARY.fullmatch(name) is not None
 
 
 def _written(tmp: Path) -> list[str]:

@@ -85,3 +85,47 @@ def test_outputs_get_the_modes_mkdir_and_open_give(tmp_path, program):
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "out" / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE(saved.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("named", ["report.json", "manifest.json", "demo.json", "graphopt-checkpoint.json"])
+def test_a_users_folder_holding_a_file_named_like_graphopts_is_still_the_users(tmp_path, named):
+    """Was: a report.json (or manifest.json, ...) made a folder graphopt's, and --force deleted the user's
+    notes and photos beside it."""
+    user = tmp_path / "results"
+    (user / "photos").mkdir(parents=True)
+    (user / named).write_text("{}")
+    (user / "notes.txt").write_text("mine")
+    (user / "photos" / "a.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ArtifactError, match="not written by graphopt"):
+        with atomic_directory(user, force=True):
+            raise AssertionError("must not be reached")
+    assert sorted(p.relative_to(user).as_posix() for p in user.rglob("*")) == sorted([
+        named, "notes.txt", "photos", "photos/a.jpg"])
+
+
+def test_a_marker_that_lists_nothing_does_not_make_a_folder_replaceable(tmp_path):
+    """Was: a .graphopt holding {} (no file list) let --force replace everything beside it."""
+    user = tmp_path / "odd"
+    user.mkdir()
+    (user / MARKER).write_text("{}")
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not written by graphopt"):
+        with atomic_directory(user, force=True):
+            raise AssertionError("must not be reached")
+    assert (user / "notes.txt").read_text() == "mine"
+
+
+def test_only_graphopts_own_temporaries_are_taken_for_its_own(tmp_path):
+    """Was: any '.*.tmp*' name counted as graphopt's, so a user's '.notes.tmp1' in a report folder was lost."""
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("1")
+    (out / ".notes.tmp1").write_text("mine")
+    with pytest.raises(ArtifactError, match=r"holds files graphopt did not write \(\.notes\.tmp1\)"):
+        with atomic_directory(out, force=True):
+            raise AssertionError("must not be reached")
+    (out / ".notes.tmp1").unlink()
+    (out / ".a.tmp-ab12cd_9").mkdir()  # a temporary graphopt left (a crash mid-write): its own
+    with atomic_directory(out, force=True) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]

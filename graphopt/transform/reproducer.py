@@ -44,14 +44,26 @@ from typing import Any
 import torch
 
 from graphopt.errors import ArtifactError, PipelineParseError, first_line
-from graphopt.outputs import atomic_directory
+from graphopt.outputs import atomic_directory, check_replaceable, marker_kind
 
-__all__ = ["save_reproducer", "rerun", "rerun_command", "import_modules", "REPRODUCER_FILE"]
+__all__ = ["check_reproducer_dir", "save_reproducer", "rerun", "rerun_command", "import_modules", "REPRODUCER_FILE"]
 
 log = logging.getLogger(__name__)
 
 REPRODUCER_FILE = "reproducer.json"
 _FORMAT = "graphopt.reproducer/1"
+
+
+def check_reproducer_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """The folder a reproducer may be written to: absent, empty, or an earlier reproducer (replaced
+    without asking, as each failure writes a new one); anything else, an optimize or bench output
+    included, is refused, so a failure never costs the user an output. Returns the path."""
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and marker_kind(out) != "reproducer":
+        raise ArtifactError(f"--reproducer {out} holds something other than an earlier reproducer; "
+                            "pick a new folder for --reproducer")
+    check_replaceable(out, force=True, flag=None)  # a file, '.', a user's files added to a reproducer
+    return out
 
 
 def save_reproducer(
@@ -70,7 +82,7 @@ def save_reproducer(
     import graphopt
     from graphopt.hardware import cpu_model
 
-    out = Path(out_dir)
+    out = check_reproducer_dir(out_dir)
     with atomic_directory(out, force=True, kind="reproducer") as tmp:
         before[0].save(tmp / "input.pt2")
         start[0].save(tmp / "original.pt2")

@@ -141,7 +141,24 @@ def test_reproducer_never_replaces_a_users_folder(tmp_path, program):
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("keep")
-    with pytest.raises(PassFailedError, match=r"\(no reproducer: .*not written by graphopt") as info:
+    with pytest.raises(PassFailedError, match=r"\(no reproducer: .*holds something other than an earlier") as info:
         graphopt.optimize(program("dlrm:tiny"), PIPELINE, reproducer_dir=str(user))
     assert "ValueError: cannot rewrite embedding_bag" in str(info.value)  # the real failure is still the message
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"] and (user / "notes.txt").read_text() == "keep"
+
+
+def test_reproducer_replaces_an_earlier_reproducer_and_never_another_output(tmp_path, program):
+    """Was: --reproducer over an earlier optimize output (its Program and artifacts) replaced it, no --force."""
+    from graphopt.outputs import atomic_directory
+
+    earlier = tmp_path / "out"
+    with atomic_directory(earlier, kind="optimize") as tmp:
+        (tmp / "program.pt2").write_bytes(b"an earlier optimize output")
+    with pytest.raises(PassFailedError, match=r"no reproducer: --reproducer .*out holds something other than an"):
+        graphopt.optimize(program("dlrm:tiny"), PIPELINE, reproducer_dir=str(earlier))
+    assert (earlier / "program.pt2").read_bytes() == b"an earlier optimize output"
+    repro = tmp_path / "repro"
+    for _ in range(2):  # the second failure replaces the first one's reproducer
+        with pytest.raises(PassFailedError, match=r"\(reproducer in "):
+            graphopt.optimize(program("dlrm:tiny"), PIPELINE, reproducer_dir=str(repro))
+    assert (repro / "input.pt2").is_file()
