@@ -2,19 +2,24 @@
 
 Run on a machine with an NVIDIA GPU::
 
-    pip install -e '.[onnx]' tensorrt          # tensorrt from NVIDIA's index where PyPI lacks it
-    python benchmarks/tensorrt_gpu.py --model bert4rec:base --batches 1,32 --fp16 --json gpu.json
+    pip install -e '.[onnx]' tensorrt    # CUDA 13 driver; on a CUDA 12 driver: tensorrt-cu12 instead
+    python benchmarks/tensorrt_gpu.py --model bert4rec:base --batches 1,32 --json gpu.json
 
-Steps: static check of the exported ONNX (``graphopt check-tensorrt``), lower
-to a TensorRT engine (fp32, and fp16 with ``--fp16``), load, compare to eager
-on CUDA, then lower graphopt pipelines (``--pipelines``, ``;``-separated:
-O2, O2 + cast to fp16 and to bf16 by default) to Inductor on CUDA, and build
-the peers a GPU user would pick (``torch.compile`` of the module under fp16 and
-bf16 autocast). Each variant's fidelity is the top-10 overlap with eager fp32 on
-CUDA over ``--fidelity-rows`` seeded rows per batch size (the bench's bar:
->= 0.99); timing is interleaved rounds of ``--iters`` calls, medians,
-``torch.cuda.synchronize`` around each block. Without TensorRT it still runs the
-CUDA paths and says why TensorRT was skipped; without CUDA it exits 2.
+Steps: static check of the ONNX the tensorrt runtime parses (``graphopt
+check-tensorrt``, ``for_tensorrt=True``), lower to TensorRT engines (strongly
+typed, TensorRT 10 or 11: the Program's dtypes decide the precision) for the
+captured fp32 Program and for graphopt pipelines (``--trt-pipelines``,
+``;``-separated: O2 + cast to fp16 and symmetric int8 Q/DQ by default), one
+engine per timed batch whose optimization profile covers every timed batch
+with ``opt`` at that batch; load, compare to eager on CUDA, then lower graphopt
+pipelines (``--pipelines``: O2, O2 + cast to fp16 and to bf16 by default) to
+Inductor on CUDA, and build the peers a GPU user would pick (``torch.compile``
+of the module under fp16 and bf16 autocast). Each variant's fidelity is the
+top-10 overlap with eager fp32 on CUDA over ``--fidelity-rows`` seeded rows per
+batch size (the bench's bar: >= 0.99); timing is interleaved rounds of
+``--iters`` calls, medians, ``torch.cuda.synchronize`` around each block.
+Without TensorRT it still runs the CUDA paths and says why TensorRT was
+skipped; without CUDA it exits 2.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 
 BAR = 0.99
 DEFAULT_PIPELINES = "O2;O2,cast{dtype=fp16};O2,cast{dtype=bf16}"
+DEFAULT_TRT_PIPELINES = "O2,cast{dtype=fp16};quantize-int8{activations=int8}"
 
 
 def _timed(runner, feeds, n: int) -> float:
@@ -78,40 +84,62 @@ def _top10(fn, feeds, want) -> float:
     return topk_overlap(torch.cat([fn(*f)[0].float().cpu() for f in feeds]), want, k=10)
 
 
-def _build_runners(args, program, module, tmp):
+def _optimized(program, text: str, label: str, skipped: dict):
+    """``program`` through the pipeline ``text`` (calibration rows for int8), or None with the reason."""
     from graphopt import optimize
-    from graphopt.runtime import available_runtimes, load, lower
+
+    calib = [program.sample_inputs(seed=100 + i) for i in range(8)]
+    try:
+        return optimize(program, text, calibration_data=calib)[0]
+    except Exception as exc:  # noqa: BLE001 - the report says which pipeline failed and why
+        skipped[label] = f"optimize failed: {type(exc).__name__}: {str(exc)[:300]}"
+        return None
+
+
+def _lower_load(label, name, prog, opts, where, runners, skipped) -> None:
+    from graphopt.runtime import load, lower
+
+    start = time.perf_counter()
+    try:
+        runners[label] = load(lower(prog, name, where, **opts).path).activate()
+    except Exception as exc:  # noqa: BLE001
+        skipped[label] = f"lower/load failed: {type(exc).__name__}: {str(exc)[:300]}"
+        return
+    print(f"lowered {label} in {time.perf_counter() - start:.1f}s", flush=True)
+
+
+def _build_runners(args, program, module, tmp, batches):
+    """(runners shared by every batch, {batch: TensorRT runners whose profile's opt is that batch}, skipped)."""
+    from graphopt.runtime import available_runtimes
 
     status = available_runtimes()
     wanted = args.runtimes.split(",")
     skipped = {n: status[n].reason for n in wanted if not status[n].available}
-    variants = [(n, n, program, {}) for n in wanted if status[n].available]
-    if args.fp16 and status["tensorrt"].available:
-        variants.append(("tensorrt-fp16", "tensorrt", program, {"fp16": True}))
+    trt = []
+    if "tensorrt" in wanted and status["tensorrt"].available:
+        trt.append(("tensorrt", program))
+        for text in filter(None, args.trt_pipelines.split(";")):
+            if (fast := _optimized(program, text, f"{text} @ tensorrt", skipped)) is not None:
+                trt.append((f"{text} @ tensorrt", fast))
+    variants = [(n, n, program) for n in wanted if status[n].available and n != "tensorrt"]
     for text in filter(None, args.pipelines.split(";")):
-        try:
-            fast, _ = optimize(program, text)
-        except Exception as exc:  # noqa: BLE001 - the report says which pipeline failed and why
-            skipped[f"{text} @ inductor"] = f"optimize failed: {type(exc).__name__}: {str(exc)[:300]}"
-            continue
-        variants.append((f"{text} @ inductor", "inductor", fast, {}))
-    runners = {}
-    for label, name, prog, opts in variants:
-        if name in ("eager", "torchscript", "inductor"):
-            opts = {**opts, "device": "cuda"}
-        start = time.perf_counter()
-        try:
-            art = lower(prog, name, os.path.join(tmp, f"v{len(runners)}"), **opts)
-            runners[label] = load(art.path).activate()
-        except Exception as exc:  # noqa: BLE001
-            skipped[label] = f"lower/load failed: {type(exc).__name__}: {str(exc)[:300]}"
-            continue
-        print(f"lowered {label} in {time.perf_counter() - start:.1f}s", flush=True)
+        if (fast := _optimized(program, text, f"{text} @ inductor", skipped)) is not None:
+            variants.append((f"{text} @ inductor", "inductor", fast))
+    runners: dict = {}
+    for label, name, prog in variants:
+        opts = {"device": "cuda"} if name in ("eager", "torchscript", "inductor") else {}
+        _lower_load(label, name, prog, opts, os.path.join(tmp, f"v{len(runners)}"), runners, skipped)
+    per_batch: dict = {b: {} for b in batches}
+    for b in batches:  # the profile covers every timed batch; TensorRT tunes its kernels at opt
+        profile = f"batch={min(batches)}:{b}:{max(batches)}"
+        for label, prog in trt:
+            where = os.path.join(tmp, f"trt-b{b}-{len(per_batch[b])}")
+            _lower_load(label, "tensorrt", prog, {"profile": profile}, where, per_batch[b], skipped)
     if args.peers:
         cuda_module = module.to("cuda").eval()
         for label, dtype in (("torch.compile-fp16", torch.float16), ("torch.compile-bf16", torch.bfloat16)):
             runners[label] = _compile_peer(cuda_module, dtype)
-    return runners, skipped
+    return runners, per_batch, skipped
 
 
 def main() -> int:
@@ -120,7 +148,8 @@ def main() -> int:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--fp16", action="store_true", help="also build an fp16 TensorRT engine")
+    p.add_argument("--trt-pipelines", default=DEFAULT_TRT_PIPELINES,
+                   help=f"graphopt pipelines lowered to TensorRT, ';'-separated (default {DEFAULT_TRT_PIPELINES!r})")
     p.add_argument("--runtimes", default="eager,torchscript,inductor,tensorrt")
     p.add_argument("--pipelines", default=DEFAULT_PIPELINES,
                    help=f"graphopt pipelines lowered to Inductor on CUDA, ';'-separated (default {DEFAULT_PIPELINES!r})")
@@ -142,16 +171,18 @@ def main() -> int:
     zm = load_model(args.model)
     program = zm.capture()
     with quiet_backends():
-        findings = check_onnx(export_onnx(program))
+        findings = check_onnx(export_onnx(program, for_tensorrt=True))  # what the tensorrt lowering parses
     errors = [str(f) for f in findings if f.severity == "error"]
     print(f"check-tensorrt {args.model}: {len(errors)} errors", *errors[:5], sep="\n  ")
     results: dict = {"model": args.model, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "check_errors": errors, "bar_top10": BAR, "batches": {}}
+    batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        runners, skipped = _build_runners(args, program, zm.module, tmp)
+        shared, per_batch, skipped = _build_runners(args, program, zm.module, tmp, batches)
         results["skipped"] = skipped
-        reference = runners.get("eager")
-        for batch in (int(b) for b in args.batches.split(",")):
+        reference = shared.get("eager")
+        for batch in batches:
+            runners = {**shared, **per_batch[batch]}
             feeds = _on_cuda(program.sample_inputs(batch=batch, seed=0))
             ref = tuple(t.float().cpu() for t in program(*program.sample_inputs(batch=batch, seed=0)))
             fidelity = _fidelity_rows(program, reference, batch, args.fidelity_rows) if reference else ([], None)
@@ -185,7 +216,7 @@ def main() -> int:
                 print(f" {mark}{label:<{width}} {row['median_ms']:8.3f} ms {speed:>7}  top-10 {row['top10']:.4f}"
                       f"  max|err| vs fp32 {row['max_abs_err']:.2g}")
             results["batches"][batch] = {"rows": rows, "best_at_bar": best}
-        for r in runners.values():
+        for r in [*shared.values(), *(r for b in per_batch.values() for r in b.values())]:
             if hasattr(r, "deactivate"):
                 r.deactivate()
     for name, why in results["skipped"].items():

@@ -135,6 +135,11 @@ def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
+def _on_cpu(out: Any) -> tuple[torch.Tensor, ...]:
+    """Outputs compared with eager's, on the CPU (a CUDA runtime's, TensorRT's, included)."""
+    return tuple(o.cpu() for o in _as_tuple(out))
+
+
 def bench(
     model: Any,
     pipelines: Sequence[str] | None = None,
@@ -288,13 +293,13 @@ def _run(
                     out = reference
                 else:
                     start = time.perf_counter()
-                    out = _as_tuple(v.fn(*inputs))  # type: ignore[misc]
+                    out = _on_cpu(v.fn(*inputs))  # type: ignore[misc]
                     v.first_call_s[key] = time.perf_counter() - start
                 if len(out) != len(reference) or any(tuple(o.shape) != tuple(r.shape) for o, r in zip(out, reference)):
                     raise GraphoptError(
                         f"outputs {[list(o.shape) for o in out]} do not match eager's {[list(r.shape) for r in reference]}"
                     )
-                outs = [out, *(_as_tuple(v.fn(*x)) for x in more)]  # type: ignore[misc]
+                outs = [out, *(_on_cpu(v.fn(*x)) for x in more)]  # type: ignore[misc]
                 row["accuracy"] = ranking_drift(_pooled(outs, batch), pooled_reference, k)
                 row["accuracy"]["rows"] = batch * len(outs)
             except Exception as e:  # noqa: BLE001 - reported per variant and shape

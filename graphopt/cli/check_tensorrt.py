@@ -1,8 +1,10 @@
 """``graphopt check-tensorrt TARGET``: static TensorRT-compatibility check.
 
 TARGET is an ``.onnx`` file, an artifact folder holding ``model.onnx``, or a
-model (zoo name, saved Program), which is exported to ONNX first. Exits 1
-when an error-level problem is found.
+model (zoo name, saved Program), which is exported to ONNX first (as the
+``tensorrt`` runtime exports it). Exits 1 when an error-level problem is
+found; an int8 form TensorRT rejects (asymmetric or uint8 Q/DQ, or
+quantize-int8-dynamic's DynamicQuantizeLinear) also prints the fix.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from graphopt.errors import ArtifactError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check-tensorrt", help="check an ONNX graph or a model for TensorRT 10 compatibility")
+    p = sub.add_parser("check-tensorrt", help="check an ONNX graph or a model for TensorRT 10/11 compatibility")
     p.add_argument("target", help=".onnx file, artifact folder with model.onnx, zoo name or saved Program")
     p.add_argument("--json", action="store_true", help="machine-readable findings")
     p.add_argument("--all", action="store_true", help="also show info-level findings")
@@ -44,19 +46,23 @@ def _onnx_path(target: str, tmpdir: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from graphopt.runtimes.tensorrt import int8_fix
     from graphopt.runtimes.tensorrt_check import TRT_VERSION, check_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         findings = check_onnx(_onnx_path(args.target, tmp))
     errors = [f for f in findings if f.severity == "error"]
+    fix = int8_fix(errors)
     shown = findings if args.all else [f for f in findings if f.severity != "info"]
     if args.json:
         print(json.dumps({"target": args.target, "tensorrt": TRT_VERSION, "errors": len(errors),
-                          "findings": [f.to_json() for f in shown]}, indent=2))
+                          "fix": fix[1] if fix else None, "findings": [f.to_json() for f in shown]}, indent=2))
     else:
         for f in shown:
             print(f)
         verdict = "not TensorRT-compatible" if errors else "TensorRT-compatible"
         print(f"{args.target}: {verdict} ({len(errors)} errors, {len(findings) - len(errors)} other findings; "
               f"checked against TensorRT {TRT_VERSION})")
+        if fix:
+            print(f"fix: {fix[1]}")
     return 1 if errors else 0

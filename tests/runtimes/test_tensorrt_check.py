@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from graphopt.runtimes.tensorrt_check import MAX_TOPK, check_onnx
@@ -93,6 +95,24 @@ def test_cli_exit_codes(tmp_path, capsys):
     onnx.save(model, str(tmp_path / "bad.onnx"))
     onnx.save(_qdq(0), str(tmp_path / "good.onnx"))
     assert main(["check-tensorrt", str(tmp_path / "bad.onnx")]) == 1
-    assert "not TensorRT-compatible" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "not TensorRT-compatible" in out
+    assert ("fix: TensorRT takes symmetric int8 Q/DQ only; quantize with -p 'quantize-int8{activations=int8}' "
+            "(symmetric int8, zero point 0)") in out.splitlines()
     assert main(["check-tensorrt", str(tmp_path / "good.onnx")]) == 0
+    assert "fix:" not in capsys.readouterr().out  # near miss: nothing to fix
     assert main(["check-tensorrt", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_cli_says_dynamic_int8_never_runs_on_tensorrt(tmp_path, capsys):
+    """quantize-int8-dynamic exports DynamicQuantizeLinear, which the parser never imports."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])
+    outs = [helper.make_tensor_value_info("q", TensorProto.UINT8, None),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("z", TensorProto.UINT8, None)]
+    onnx.save(_model([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], [x], outs),
+              str(tmp_path / "dyn.onnx"))
+    assert main(["check-tensorrt", str(tmp_path / "dyn.onnx"), "--json"]) == 1
+    fix = json.loads(capsys.readouterr().out)["fix"]
+    assert fix.startswith("quantize-int8-dynamic can never run on TensorRT (no DynamicQuantizeLinear); "
+                          "quantize with -p 'quantize-int8{activations=int8}'")
