@@ -69,7 +69,9 @@ def foreign_files(path: Path) -> list[str]:
     """Files under ``path`` that graphopt did not write, per its :data:`MARKER`'s list (every file, for
     a folder without a valid marker). Graphopt's own temporaries (``.NAME.tmp-XXXXXXXX``, ``.old-``, at
     any depth) are its own; a nested folder with its own marker (a tune's ``best/``, a work artifact)
-    is checked against that marker's list; ``later`` names only top-level entries, so a folder named
+    is checked against that marker's list where the outer one lists it (another output nested inside,
+    a report the user wrote there, is foreign: replacing would drop it), a symlink to a folder is
+    foreign; ``later`` names only top-level entries, so a folder named
     there holds nothing but nested graphopt outputs and temporaries: a user's file put inside it is
     foreign."""
     marker = _marker(path)
@@ -83,8 +85,12 @@ def foreign_files(path: Path) -> list[str]:
             rel = (here / d).relative_to(path).as_posix()
             if _temporary(d):
                 continue  # graphopt's own half-written or replaced folder
-            if (here / d / MARKER).is_file():  # a nested output speaks for itself, file by file
-                found += [f"{rel}/{f}" for f in foreign_files(here / d)]
+            if (here / d).is_symlink():  # a link the user made (graphopt writes none): replacing drops it
+                found.append(rel)
+            elif (here / d / MARKER).is_file() and _listed(rel, ours, later):
+                found += [f"{rel}/{f}" for f in foreign_files(here / d)]  # ours, nested: it speaks for itself
+            elif (here / d / MARKER).is_file():  # another graphopt output put inside this one: not ours to drop
+                found += [f"{rel}/{f}" for f in _written(here / d)]
             else:
                 inner.append(d)
         dirs[:] = inner
@@ -95,6 +101,13 @@ def foreign_files(path: Path) -> list[str]:
                 continue
             found.append(rel)
     return sorted(found)
+
+
+def _listed(rel: str, ours: set[str], later: list[str]) -> bool:
+    """Whether the folder ``rel`` is part of the output ``ours`` / ``later`` describe (a folder
+    ``later`` names holds graphopt's nested outputs: a tune's ``best/``, its ``.work/t0003``)."""
+    top = rel.split("/", 1)[0]
+    return any(f.startswith(rel + "/") for f in ours) or any(fnmatch.fnmatch(top, p) for p in later)
 
 
 def _temporary(name: str) -> bool:
@@ -140,6 +153,21 @@ def _replaceable(out: Path) -> bool:
     return out.is_dir() and (written_by_graphopt(out) or not any(out.iterdir()))
 
 
+def _check_parent(out: Path) -> None:
+    """The nearest existing folder above ``out`` is a folder graphopt can write into: probed with a
+    temporary folder made and removed there, so a run fails before its work, not when it saves."""
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot write {out}: {parent} is a file, not a folder; pick another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".graphopt-probe-", dir=parent))
+    except OSError as e:
+        raise ArtifactError(f"cannot write {out}: {parent} does not take new folders ({e.strerror or e}); "
+                            "pick another path") from e
+
+
 def check_replaceable(out_dir: str | os.PathLike[str], *, force: bool = False, flag: str | None = "--force") -> Path:
     """The checks :func:`atomic_directory` makes before writing, on their own, so a long
     job (bench, demo) can refuse its output folder before it starts; returns the path.
@@ -147,6 +175,7 @@ def check_replaceable(out_dir: str | os.PathLike[str], *, force: bool = False, f
     out = check_output_path(out_dir)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a directory; remove it or pick another path")
+    _check_parent(out)
     if out.exists() and not force:
         raise ArtifactError(f"{out} already exists; pass --force (force=True) to overwrite it")
     if out.exists() and not _replaceable(out):

@@ -8,7 +8,13 @@ import stat
 import pytest
 
 from graphopt.errors import ArtifactError
-from graphopt.outputs import MARKER, atomic_directory, check_output_path, written_by_graphopt
+from graphopt.outputs import (
+    MARKER,
+    atomic_directory,
+    check_output_path,
+    check_replaceable,
+    written_by_graphopt,
+)
 
 
 def test_writes_atomically_with_marker(tmp_path):
@@ -129,3 +135,51 @@ def test_only_graphopts_own_temporaries_are_taken_for_its_own(tmp_path):
     with atomic_directory(out, force=True) as tmp:
         (tmp / "b.txt").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]
+
+
+def test_another_output_nested_in_a_graphopt_folder_is_not_replaced_with_it(tmp_path):
+    """Was: a report the user had written into the demo's folder (-o graphopt-demo/nested) 'spoke for
+    itself' and vanished when the demo ran again; a symlink to a folder was dropped silently too."""
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "report.md").write_text("1")
+    with atomic_directory(out / "nested") as tmp:  # another run's output, inside this one
+        (tmp / "report.md").write_text("keep")
+    with pytest.raises(ArtifactError, match=r"holds files graphopt did not write \(nested/"):
+        with atomic_directory(out, force=True):
+            raise AssertionError("must not be reached")
+    assert (out / "nested" / "report.md").read_text() == "keep"
+    with atomic_directory(out / "nested", force=True) as tmp:  # near miss: that output alone is replaceable
+        (tmp / "report.md").write_text("again")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "other").mkdir()
+    with atomic_directory(tmp_path / "other", force=True) as tmp:
+        (tmp / "a.txt").write_text("1")
+    (tmp_path / "other" / "link").symlink_to(tmp_path / "target", target_is_directory=True)
+    with pytest.raises(ArtifactError, match=r"did not write \(link\)"):
+        with atomic_directory(tmp_path / "other", force=True):
+            raise AssertionError("must not be reached")
+
+
+def test_a_nested_output_the_outer_one_wrote_is_replaced_with_it(tmp_path):
+    """Near miss: a lowered runtime folder (its own marker) written inside an optimize output is listed by
+    the outer marker, so --force replaces the whole output as before."""
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        with atomic_directory(tmp / "eager") as inner:
+            (inner / "manifest.json").write_text("{}")
+    with atomic_directory(out, force=True) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]
+
+
+def test_an_output_under_a_file_or_an_unwritable_place_is_refused_before_any_work(tmp_path):
+    """Was: -o afile/sub ran the whole job, then failed with 'FileExistsError: afile'."""
+    (tmp_path / "afile").write_text("mine")
+    for bad in (tmp_path / "afile" / "sub", tmp_path / "afile" / "x" / "y"):
+        with pytest.raises(ArtifactError, match=r"cannot write .*afile is a file, not a folder; pick another path"):
+            check_replaceable(bad)
+    with pytest.raises(ArtifactError, match=r"cannot write /proc/graphopt-x: /proc does not take new folders"):
+        check_replaceable("/proc/graphopt-x")
+    assert check_replaceable(tmp_path / "new" / "deeper" / "out") == tmp_path / "new" / "deeper" / "out"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probe left nothing behind
