@@ -335,7 +335,8 @@ class FidelityBar:
 
     With evaluation data (held-out targets): every quality metric eager
     reports (NDCG@10, HR@10; AUC and logloss for CTR models) stays within
-    ``max_rel_drop`` (0.5%) relative of eager's. Without: the top-k overlap
+    ``max_rel_drop`` (0.5%) relative of eager's; a metric eager scores 0 on
+    (no hit: nothing to hold) is judged by the top-k overlap instead. Without: the top-k overlap
     with eager fp32 on the bench inputs is at least ``min_topk_overlap``
     (0.99). Where eager was evaluated, a variant must be too (its top-k overlap
     does not stand in). A variant with neither measured does not meet the bar.
@@ -356,11 +357,21 @@ class FidelityBar:
         """(meets the bar, why not). ``eval_metrics``/``eager_eval`` map metric
         names (``ndcg@10``) to values; ``topk`` is the top-k overlap with eager."""
         keys = [key for key, v in (eager_eval or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)]
+        # eager scoring 0 (no hit among the users) leaves nothing to hold: the top-k overlap judges instead
+        zero = [key for key in keys if float(eager_eval[key]) == 0 and not _lower_is_better(key)]  # type: ignore[index]
+        if zero:
+            if topk is None or not math.isfinite(topk):
+                return False, f"eager's {zero[0]} is 0 on the evaluation data (nothing to hold) and no top-{self.k} overlap"
+            if topk < self.min_topk_overlap - 1e-12:
+                return False, (f"eager's {zero[0]} is 0 on the evaluation data (nothing to hold); top-{self.k} "
+                               f"overlap {self.show_overlap(topk)} < {self.min_topk_overlap:g}")
         if keys:
             for key in keys:
                 value = (eval_metrics or {}).get(key)
                 if value is None or not math.isfinite(value):
                     return False, f"{key} not measured"
+                if key in zero:
+                    continue
                 change = relative_change(float(value), float(eager_eval[key]), key)  # type: ignore[index]
                 if not change >= -100.0 * self.max_rel_drop - 1e-9:
                     return False, (f"{key} {self.show_change(change)}% vs eager "
@@ -371,6 +382,12 @@ class FidelityBar:
                 return True, ""
             return False, f"top-{self.k} overlap {self.show_overlap(topk)} < {self.min_topk_overlap:g}"
         return False, "no fidelity measured"
+
+    def judgeable(self, reference: Mapping[str, float] | None) -> dict[str, float]:
+        """``reference`` without the metrics eager scores 0 on (no hit: nothing to hold), for a check
+        whose top-k agreement is held elsewhere (the int8 guard's calibration batches)."""
+        return {k: v for k, v in (reference or {}).items()
+                if not (isinstance(v, (int, float)) and v == 0 and not _lower_is_better(k))}
 
     def show_overlap(self, topk: float) -> str:
         """A top-k overlap to three decimals, more where three would round a miss onto the bar."""

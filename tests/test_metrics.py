@@ -68,6 +68,23 @@ def test_fidelity_bar_with_and_without_eval_data():
     assert FIDELITY_BAR.check(None, None, None) == (False, "no fidelity measured")
 
 
+def test_a_metric_eager_scores_zero_on_is_judged_by_the_top_k_overlap():
+    """Was: eager at HR@10 = NDCG@10 = 0 (a tiny model, a few users) made every variant's change 0%, so an
+    int8 variant at top-10 overlap 0.988 met the bar and could be starred."""
+    eager = {"ndcg@10": 0.0, "hr@10": 0.0}
+    ok, why = FIDELITY_BAR.check({"ndcg@10": 0.0, "hr@10": 0.0}, eager, topk=0.988)
+    assert not ok and why == "eager's ndcg@10 is 0 on the evaluation data (nothing to hold); top-10 overlap 0.988 < 0.99"
+    assert FIDELITY_BAR.check({"ndcg@10": 0.0, "hr@10": 0.0}, eager, topk=0.995) == (True, "")
+    assert FIDELITY_BAR.check({"ndcg@10": 0.01, "hr@10": 0.02}, eager, topk=1.0) == (True, "")  # hits gained
+    assert not FIDELITY_BAR.check({"ndcg@10": 0.0, "hr@10": 0.0}, eager)[0]  # no overlap measured: not met
+    assert FIDELITY_BAR.check(None, eager, topk=1.0) == (False, "ndcg@10 not measured")
+    # near miss: only the zero metric falls back; the other is held to its 0.5% as before
+    ok, why = FIDELITY_BAR.check({"ndcg@10": 0.0, "auc": 0.70}, {"ndcg@10": 0.0, "auc": 0.75}, topk=1.0)
+    assert not ok and why.startswith("auc -6.67% vs eager")
+    # a lower-is-better metric at 0 is a perfect score, not an empty one
+    assert FIDELITY_BAR.check({"logloss": 0.0}, {"logloss": 0.0})[0]
+
+
 def test_a_near_miss_is_never_shown_on_the_bar():
     # three decimals would print 0.990 for a 0.9898 overlap that misses the 0.99 bar, two
     # would print -0.50% for a -0.503% change that misses the 0.5% one: more digits then

@@ -147,6 +147,9 @@ def guard(
     reference = validation_reference
     if validation is not None and reference is None:
         reference = dict(validation(lambda *x: emu.run(set(), *x)))
+    if validation is not None:  # a metric the float model scores 0 on holds nothing: the top-k target judges
+        reference = FIDELITY_BAR.judgeable(reference)
+        validation = validation if reference else None
 
     def valid(enabled: set[str], bf16: Set[str] = frozenset()) -> bool:
         """The validation bar (True without validation data); results kept for the notes."""
@@ -250,6 +253,9 @@ def confirm(
     reference = validation_reference
     if validation is not None and reference is None:
         reference = dict(validation(inference(gm)))
+    if validation is not None:  # as in guard_layers: nothing to hold where the float model scores 0
+        reference = FIDELITY_BAR.judgeable(reference)
+        validation = validation if reference else None
 
     def check(enabled: set[str], bf16: set[str]) -> tuple[float, bool]:
         fn = rewritten(enabled, bf16)

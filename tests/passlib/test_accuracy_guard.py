@@ -216,3 +216,32 @@ def test_confirm_moves_int8_layers_to_bf16_before_any_layer_goes_fp32(zoo, progr
     plain = run((all_int8 + all_bf16) / 2, bf16_first=False)
     assert not plain.bf16 and plain.enabled < names and plain.score >= plain.target.required
     assert "run bf16" not in plain.notes[-1] and "more layer(s) run fp32" in plain.notes[-1]
+
+
+def test_validation_the_float_model_scores_zero_on_holds_nothing_and_the_top_k_target_judges(zoo, program):
+    """A validation metric eager scores 0 on (no hit among the users) cannot tell a damaging int8 layer from
+    a harmless one: the guard's set is then the one it finds without validation (it used to be every layer
+    float: the bar's zero rule failed every set). A metric with hits still binds (near miss)."""
+    zm, gm = zoo("bert4rec:tiny"), program("bert4rec:tiny").gm
+    batches = [tuple(zm.make_inputs(batch=8, seed=100 + i).values()) for i in range(2)]
+    plans = _plans(gm, batches, bf16_out=False)
+    target = Target("topk_overlap", 0.0)  # every set holds the held-out target: only validation can refuse
+    plain = guard(gm, plans, batches, lambda ref: target, "held-out")
+    calls = []
+
+    def no_hits(fn):
+        calls.append(1)
+        return {"hr@10": 0.0, "ndcg@10": 0.0}
+
+    zero = guard(gm, plans, batches, lambda ref: target, "held-out", validation=no_hits)
+    assert zero.enabled == plain.enabled == set(plans)
+    assert len(calls) == 1  # the float model's reference, then nothing to hold: no more validation runs
+
+    seen = []
+
+    def always_worse(fn):
+        seen.append(1)
+        return {"hr@10": 0.1 if len(seen) == 1 else 0.05}  # the float model 0.1, every int8 set 0.05
+
+    binding = guard(gm, plans, batches, lambda ref: target, "held-out", validation=always_worse)
+    assert binding.enabled == set()
