@@ -40,12 +40,16 @@ def _flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
     """Names and tensors of a model's output, in a stable order."""
     if isinstance(out, torch.Tensor):
         return ["output"], [out]
-    if hasattr(out, "to_tuple") and hasattr(out, "keys"):  # transformers ModelOutput
-        keys = [k for k in out.keys() if isinstance(out[k], torch.Tensor)]
-        return keys, [out[k] for k in keys]
-    if isinstance(out, Mapping):
-        keys = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
-        return [str(k) for k in keys], [out[k] for k in keys]
+    if (hasattr(out, "to_tuple") and hasattr(out, "keys")) or isinstance(out, Mapping):  # dict, ModelOutput
+        names, tensors = [], []
+        for key in out.keys():
+            value = out[key]
+            if not isinstance(value, (torch.Tensor, Mapping, tuple, list)) and not hasattr(value, "to_tuple"):
+                continue  # None, a cache object: not an output
+            sub_names, sub = _flatten_outputs(value)
+            names += [str(key) if n == "output" else f"{key}.{n.removeprefix('output_')}" for n in sub_names]
+            tensors += sub
+        return names, tensors
     if isinstance(out, (tuple, list)):
         names, tensors = [], []
         for i, item in enumerate(out):

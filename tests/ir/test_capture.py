@@ -186,3 +186,27 @@ def test_a_reassigned_buffer_is_put_back_and_the_lost_update_named():
         prog = graphopt.capture(model, (x,))
     assert model.count.item() == 0 and torch.equal(model(x), torch.ones(2))
     assert torch.equal(prog(x)[0], torch.ones(2))  # as torch.export captured it: no state carried
+
+
+class _NestedDict(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return {"scores": y, "extra": (y.sum(-1), y.amax(-1)), "more": {"z": y * 2}, "cache": None}
+
+
+def test_values_nested_in_a_dict_are_outputs_too():
+    """Was: only a dict's (or ModelOutput's) own tensors were kept, silently dropping 'extra' and 'more'
+    (BertModel(output_hidden_states=True) lost its hidden_states); tuples already recursed."""
+    torch.manual_seed(0)
+    model = _NestedDict().eval()
+    x = torch.randn(3, 8)
+    prog = graphopt.capture(model, (x,))
+    assert prog.output_names == ["scores", "extra.0", "extra.1", "more.z"]
+    want = model(torch.randn(5, 8, generator=torch.Generator().manual_seed(1)))
+    got = prog(torch.randn(5, 8, generator=torch.Generator().manual_seed(1)))
+    for out, ref in zip(got, [want["scores"], *want["extra"], want["more"]["z"]]):
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
