@@ -211,6 +211,7 @@ class QuantizeInt8(Pass):
             tried.append(_Tried(method, plans, guarded))
         best = _pick(tried)
         plans, guarded = best.plans, best.guarded
+        guard_chose = set(guarded.enabled) if guarded is not None else set(plans)  # before confirm moves any
         if guarded is not None and (self.mixed == "bf16" or len(holdout) < len(batches)):
             # the rewritten Program on every calibration batch: the guard's choice was made on the
             # held-out few (accuracy_guard.confirm)
@@ -246,8 +247,13 @@ class QuantizeInt8(Pass):
             if name in alone:
                 detail["sensitivity"] = round(1.0 - alone[name], 6)
             if name not in enabled:
-                why = (f"among the layers doing most damage alone ({metric} {alone[name]:.4f} with only it int8)"
-                       if name in alone else "the rewritten Program missed the target with it int8")
+                if name in guard_chose:  # the guard chose it int8; the rewritten Program's check moved it
+                    why = (f"the rewritten Program missed the target on all {len(batches)} calibration batches "
+                           "with it int8")
+                elif name in alone:
+                    why = f"among the layers doing most damage alone ({metric} {alone[name]:.4f} with only it int8)"
+                else:
+                    why = "the rewritten Program missed the target with it int8"
                 why += f"; runs {detail['kept_as']}" if self.mixed == "bf16" else ""
                 detail["reason"] = f"accuracy guard: {why}"
                 declined.append(f"{name} ({plan.layer.label}): kept float by the accuracy guard, {why}")
