@@ -200,3 +200,14 @@ def test_asked_for_synthetic_data_is_not_said_to_be_a_fallback(tmp_path):
     result = finetune("bert4rec:tiny", data, FinetuneConfig(epochs=1, max_steps=1, max_minutes=None, precision="fp32"))
     save_checkpoint(result, out)
     assert "not found" not in json.loads((out / "graphopt-checkpoint.json").read_text())["data"]["notice"]
+
+
+def test_finetune_of_a_folder_says_zoo_models_only(tmp_path, capsys):
+    """Was: 'cannot fine-tune 'models/gpt2'; fine-tunable models: bert4rec, ...' for a Hugging Face folder."""
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert main(["finetune", str(folder), "--data", "synthetic", "-o", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys)
+    assert f"cannot fine-tune {folder}: graphopt fine-tunes zoo models only" in line
+    assert "can be optimized, benchmarked and tuned as it is" in line

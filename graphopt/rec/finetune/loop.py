@@ -35,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,6 +130,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
     name, _, size = spec.partition(":")
     size = size or "base"
     if name not in model_kinds():
+        if Path(spec).exists():  # a Hugging Face folder or a saved Program: graphopt trains zoo models only
+            raise ModelNotFoundError(f"cannot fine-tune {spec}: graphopt fine-tunes zoo models only "
+                                     f"({', '.join(model_kinds())}); a folder or saved Program can be optimized, "
+                                     "benchmarked and tuned as it is")
         raise ModelNotFoundError(f"cannot fine-tune '{name}'; fine-tunable models: {', '.join(model_kinds())}")
     return name, size
 
