@@ -124,34 +124,31 @@ class EmbeddingBagAsGather(Rule[_Bag]):
         return out
 
     def _segments(self, graph: torch.fx.Graph, a: dict[str, Any]) -> torch.fx.Node:
+        """Bag of each id in O(N + B): a 1 at each bag start (``index_add`` counts empty bags'
+        shared starts), ``cumsum`` - 1. With include_last_offset the ids from offsets[-1] on
+        land in one extra bag that is dropped, as EmbeddingBag ignores them."""
         ids, offsets = a["indices"], a["offsets"]
         rows, keep = self._masked_rows(graph, a, ids)  # [N, D]
         if a["psw"] is not None:
             w = graph.call_function(aten.unsqueeze.default, (a["psw"], -1))
             rows = graph.call_function(aten.mul.Tensor, (rows, w))
-        if a["include_last"]:
-            offsets = graph.call_function(aten.slice.Tensor, (offsets, 0, 0, -1))
-        n = graph.call_function(aten.sym_size.int, (ids, 0))
-        pos = graph.call_function(aten.arange.default, (n,), {"dtype": torch.int64})
-        ge = graph.call_function(
-            aten.ge.Tensor,
-            (graph.call_function(aten.unsqueeze.default, (pos, 0)),
-             graph.call_function(aten.unsqueeze.default, (offsets, 1))),
-        )
-        hits = graph.call_function(aten.sum.dim_IntList, (ge, [0]), {"dtype": torch.int64})
-        seg = graph.call_function(aten.sub.Tensor, (hits, 1))
-        bags = graph.call_function(aten.sym_size.int, (offsets, 0))
+        call = graph.call_function
+        marks = call(aten.constant_pad_nd.default, (call(aten.zeros_like.default, (ids,), {"dtype": torch.int64}), [0, 1]))
+        if tensor_meta(offsets).dtype != torch.int64:  # type: ignore[union-attr]  # ONNX scatter indices are int64
+            offsets = call(aten._to_copy.default, (offsets,), {"dtype": torch.int64})
+        starts = call(aten.ones_like.default, (offsets,), {"dtype": torch.int64})
+        marks = call(aten.index_add.default, (marks, 0, offsets, starts))  # [N + 1]: offsets may equal N
+        seg = call(aten.sub.Tensor, (call(aten.slice.Tensor, (call(aten.cumsum.default, (marks, 0)), 0, 0, -1)), 1))
+        bags = call(aten.sym_size.int, (offsets, 0))  # with include_last_offset: B + 1, the last one dropped
         dim = tensor_meta(a["weight"]).shape[1]  # type: ignore[union-attr]
-        zeros = graph.call_function(aten.new_zeros.default, (rows, [bags, dim]))
-        total = graph.call_function(aten.index_add.default, (zeros, 0, seg, rows))
-        if a["mode"] == 0:
-            return total
-        ones = keep if keep is not None else graph.call_function(
-            aten.ones_like.default, (ids,), {"dtype": tensor_meta(a["weight"]).dtype})  # type: ignore[union-attr]
-        count = graph.call_function(aten.index_add.default, (
-            graph.call_function(aten.new_zeros.default, (rows, [bags])), 0, seg, ones))
-        count = graph.call_function(aten.clamp_min.default, (count, 1.0))
-        return graph.call_function(aten.div.Tensor, (total, graph.call_function(aten.unsqueeze.default, (count, -1))))
+        total = call(aten.index_add.default, (call(aten.new_zeros.default, (rows, [bags, dim])), 0, seg, rows))
+        if a["mode"] == 1:
+            ones = keep if keep is not None else call(
+                aten.ones_like.default, (ids,), {"dtype": tensor_meta(a["weight"]).dtype})  # type: ignore[union-attr]
+            count = call(aten.index_add.default, (call(aten.new_zeros.default, (rows, [bags])), 0, seg, ones))
+            count = call(aten.clamp_min.default, (count, 1.0))
+            total = call(aten.div.Tensor, (total, call(aten.unsqueeze.default, (count, -1))))
+        return call(aten.slice.Tensor, (total, 0, 0, -1)) if a["include_last"] else total
 
 
 @register_pass
@@ -164,10 +161,13 @@ class EmbeddingBagToGather(RewritePass):
     Produces, for fixed-size bags (2-D input flattened with
     ``offsets = arange(0, B*L, L)``, as nn.EmbeddingBag emits): ``embedding(W,
     ids[B, L])`` then ``sum``/``mean`` over dim 1; for 1-D input with offsets:
-    ``embedding(W, ids[N])``, bag ids ``seg = (arange(N) >= offsets[:, None]).sum(0) - 1``
-    and ``zeros(B, D).index_add(0, seg, rows)`` (O(N*B) compare, fine at
-    inference batch sizes). Padding ids are masked out of sums and counts;
-    an empty bag gives zeros, as EmbeddingBag does. The ONNX export of the
+    ``embedding(W, ids[N])``, bag ids ``seg = cumsum(zeros(N + 1).index_add(0,
+    offsets, 1))[:N] - 1`` and ``zeros(B, D).index_add(0, seg, rows)`` (O(N + B)
+    memory); with include_last_offset, ids from offsets[-1] on go to one
+    extra bag that is dropped (EmbeddingBag ignores them). Padding ids are
+    masked out of sums and counts; an empty bag gives zeros, as EmbeddingBag
+    does. Records which inputs are the bags' offsets in
+    ``Program.meta["bag_offsets"]`` for the runtime input contract. The ONNX export of the
     result has Gather/ReduceSum/ScatterND and no ``Loop``. Requires and preserves shapes.
     Exact up to summation order (tested at 1e-5).
     Before/after: ``embedding_bag(W, x.view(-1), arange(0, 3B, 3), mode=sum)[0]``
@@ -182,3 +182,12 @@ class EmbeddingBagToGather(RewritePass):
 
     def rules(self) -> list[EmbeddingBagAsGather]:
         return [EmbeddingBagAsGather()]
+
+    def run(self, program, ctx):  # type: ignore[no-untyped-def]
+        from graphopt.runtime.contract import bag_offsets
+
+        offsets = bag_offsets(program)  # read while the embedding_bag ops are still in the graph
+        result = super().run(program, ctx)
+        if offsets and result.modified:
+            result.program.meta["bag_offsets"] = offsets
+        return result

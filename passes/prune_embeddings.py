@@ -137,11 +137,51 @@ class PruneEmbeddings(Pass):
         names = {table.target, table.target.rsplit(".", 1)[0]}
         return any(t in names for t in self.tables)
 
+    def _check_tables(self, gm) -> None:  # type: ignore[no-untyped-def]
+        """Refuse ``tables=`` names that match no embedding table, naming the tables there are."""
+        found: dict[str, str] = {}  # module path (or parameter name) -> what reads it
+        for node in gm.graph.nodes:
+            table = node.args[0] if node.op == "call_function" and node.args else None
+            if isinstance(table, torch.fx.Node) and table.op == "get_attr":
+                bag = is_op(node, aten.embedding_bag, aten._embedding_bag)
+                if bag or is_op(node, aten.embedding):
+                    path = table.target.rsplit(".", 1)[0] if table.target.endswith(".weight") else table.target
+                    found[path] = "EmbeddingBag" if bag else found.get(path, "embedding")
+        unmatched = [t for t in self.tables if t not in found and not any(t == f"{k}.weight" for k in found)]
+        bags = [t for t in self.tables if found.get(t.removesuffix(".weight")) == "EmbeddingBag"]
+        if not unmatched and not bags:
+            return
+        tables = ", ".join(f"{k} ({v})" if v == "EmbeddingBag" else k for k, v in sorted(found.items())) or "none"
+        if bags:
+            raise PassOptionError(
+                f"pass 'prune-embeddings' option 'tables': {', '.join(bags)} is an EmbeddingBag table, which this pass "
+                f"does not prune; name aten.embedding tables (tables here: {tables})")
+        raise PassOptionError(
+            f"pass 'prune-embeddings' option 'tables': no embedding table named {', '.join(unmatched)}; "
+            f"name tables by module path or parameter name (tables here: {tables})")
+
+    def _check_keep(self, gm, emb, head, where) -> None:  # type: ignore[no-untyped-def]
+        """Refuse keep ids past the table's rows, and a keep set with none of its items."""
+        rows = fetch_attr(gm, emb.args[0].target).shape[0]
+        n_items = head[2] if head else rows
+        beyond = sorted(i for i in self.keep_ids if i >= rows)
+        if beyond:
+            raise PassOptionError(
+                f"pass 'prune-embeddings' option 'keep': {len(beyond)} ids ({beyond[0]}..{beyond[-1]}) are beyond "
+                f"{where}'s {rows} rows; keep ids in [0, {rows - 1}]")
+        if not any(i < n_items for i in self.keep_ids):
+            raise PassOptionError(
+                f"pass 'prune-embeddings' option 'keep': none of {where}'s items [0, {n_items - 1}] is kept, "
+                "which would drop the whole table; keep ids in that range")
+
     def run(self, program, ctx):  # type: ignore[no-untyped-def]
         gm = program.gm
         declined: list[str] = []
         details: list[dict] = []
+        todo: list[tuple] = []
         placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+        if self.tables:
+            self._check_tables(gm)
         for emb in list(gm.graph.nodes):
             if not is_op(emb, aten.embedding) or not isinstance(emb.args[0], torch.fx.Node):
                 continue
@@ -159,7 +199,9 @@ class PruneEmbeddings(Pass):
             if others or (head is None and len(table.users) > 1):
                 declined.append(f"{where}: table has other readers ({', '.join(u.name for u in others)})")
                 continue
-            details.append(self._prune(gm, emb, head, where))
+            self._check_keep(gm, emb, head, where)
+            todo.append((emb, head, where))
+        details = [self._prune(gm, emb, head, where) for emb, head, where in todo]  # all checked first
         if not details and not declined:
             declined.append("no aten.embedding table tied to a scoring head; name tables with tables=...")
         notes = [f"{d['layer']}: rows {d['rows_before']} -> {d['rows_after']} "

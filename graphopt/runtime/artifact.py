@@ -194,7 +194,10 @@ def _schema_problem(m: dict[str, Any]) -> str:
 
 
 def _index_range(r: Any) -> bool:
-    """``[low, high)``, or one range per slot along a dim (DLRM's sparse features)."""
+    """``[low, high)``, or one range per slot along a dim (DLRM's sparse features), or
+    EmbeddingBag offsets (``{"offsets_of": ids input, "include_last_offset": bool}``)."""
+    if isinstance(r, dict) and set(r) == {"offsets_of", "include_last_offset"}:
+        return isinstance(r["offsets_of"], str) and type(r["include_last_offset"]) is bool
     if isinstance(r, dict):
         return (set(r) == {"dim", "high"} and type(r["dim"]) is int and r["dim"] >= 0
                 and isinstance(r["high"], list) and all(type(v) is int and v > 0 for v in r["high"]))

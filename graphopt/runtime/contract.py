@@ -4,9 +4,17 @@
   seq <= the position table); inputs sharing a label must agree (the mask's
   seq is the ids' seq), as export proved when it unified them;
 - index ranges: an integer input whose values reach an embedding table of N
-  rows (through view-like ops) must hold values in [0, N); where each slot
+  rows (through view-like ops and integer casts; ``embedding``,
+  ``embedding_bag``, ``index_select`` or ``index(t, [ids])`` on dim 0, as
+  prune-embeddings' id remap) must hold values in [0, N); where each slot
   ``input[:, t]`` feeds its own table (DLRM's sparse features), each slot is
   held to its own table's rows;
+- EmbeddingBag offsets: an input that is the ``offsets`` of an EmbeddingBag
+  over a 1-D ids input (recorded in ``index_ranges`` as ``{"offsets_of":
+  ids, "include_last_offset": bool}``, and kept in ``Program.meta["bag_offsets"]``
+  once embedding-bag-to-gather has rewritten the op) must start at 0, never
+  decrease and end at most at len(ids) (exactly at it with include_last_offset);
+  such ids (and their per-sample weights) may be empty when nothing else reads them;
 - no NaN or infinity in a floating-point input (a NaN feature turns the row's
   scores into NaN, which ranks arbitrarily downstream; an infinity gave NaN
   scores on some runtimes and finite ones on others).
@@ -25,16 +33,34 @@ import torch
 import torch.fx
 
 from graphopt.errors import RunnerError
-from graphopt.ir.fx import op_name
+from graphopt.ir.fx import fetch_attr, op_name
 from graphopt.ir.program import Program
 
-__all__ = ["dim_ranges", "index_ranges", "check_contract", "size_outside"]
+__all__ = ["dim_ranges", "index_ranges", "bag_offsets", "check_contract", "size_outside"]
 
 #: ops through which an input's values reach a table unchanged (only positions move)
 _VALUE_PRESERVING = {
     "view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "expand", "slice", "select",
     "clone", "contiguous", "permute", "transpose", "t", "alias", "detach", "lift_fresh_copy",
 }
+#: conversions: value-preserving when both sides are integer tensors (an id outside the
+#: table is refused at the input, before any narrowing could wrap it into range)
+_CASTS = {"_to_copy", "to", "_to_dim_order_copy", "convert_element_type", "type_as"}
+_BAGS = {"embedding_bag", "_embedding_bag", "_embedding_bag_forward_only"}
+
+
+def _is_int(node: Any) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and not val.dtype.is_floating_point and not val.dtype.is_complex \
+        and val.dtype != torch.bool
+
+
+def _passes_values(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    """``node`` reads ``src`` (its first argument) and holds the same values, positions aside."""
+    if node.op != "call_function" or not node.args or node.args[0] is not src:
+        return False
+    name = op_name(node)
+    return name in _VALUE_PRESERVING or (name in _CASTS and _is_int(src) and _is_int(node))
 
 
 def _finite_int(value: Any) -> int | None:
@@ -72,7 +98,86 @@ def dim_ranges(program: Program) -> dict[str, dict[str, int | None]]:
             cur["min"] = max(cur["min"] or 0, lo)
             if hi is not None:
                 cur["max"] = hi if cur["max"] is None else min(cur["max"], hi)
+    for label in _empty_ok_labels(program):
+        out.setdefault(label, {"min": 0, "max": None})["min"] = 0
     return out
+
+
+def _empty_ok_labels(program: Program) -> set[str]:
+    """Labels carried only by dim 0 of EmbeddingBag ids / per-sample weights that nothing
+    but the bag reads: zero ids make every bag empty (zeros), exactly, on every runtime."""
+    recs = [r for r in bag_offsets(program).values() if r.get("empty_ok")]
+    bag_inputs = {r["ids"] for r in recs} | {r["weights"] for r in recs if r.get("weights")}
+    ok: set[str] = set()
+    not_ok: set[str] = set()
+    for spec in program.inputs:
+        for dim, label in spec.dynamic.items():
+            (ok if spec.name in bag_inputs and dim == 0 and len(spec.shape) == 1 else not_ok).add(label)
+    return ok - not_ok
+
+
+def bag_offsets(program: Program) -> dict[str, dict[str, Any]]:
+    """Per input that is the ``offsets`` of an EmbeddingBag over a 1-D ids input:
+    ``{"ids", "weights", "include_last_offset", "empty_ok"}`` (input names; ``empty_ok``:
+    the bag is the only reader of its ids and weights). Read from the graph's
+    ``embedding_bag`` ops and from ``program.meta["bag_offsets"]``, which
+    embedding-bag-to-gather fills before it rewrites them."""
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    names = {ph: spec.name for spec, ph in zip(program.inputs, placeholders)}
+    out = {k: dict(v) for k, v in (program.meta.get("bag_offsets") or {}).items()}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or op_name(node) not in _BAGS:
+            continue
+        args = dict(zip(("weight", "indices", "offsets", "scale", "mode", "sparse", "psw", "last"), node.args))
+        psw = args.get("psw", node.kwargs.get("per_sample_weights"))
+        last = args.get("last", node.kwargs.get("include_last_offset", False))
+        off, ids = _source(args.get("offsets"), names), _source(args.get("indices"), names)
+        weights = _source(psw, names)
+        by_length = ids is None
+        if by_length:  # ids gathered first (quantize-embeddings): the 1-D integer input of the same length
+            ids = _same_length(args.get("indices"), names)
+        if off is None or ids is None or not all(_is_int(n) and n.meta["val"].dim() == 1 for n in (off, ids)):
+            continue
+        empty_ok = not by_length and _only_reader(ids, node) and (psw is None or (
+            weights is not None and _only_reader(weights, node)))
+        out[names[off]] = {"ids": names[ids], "weights": names.get(weights) if weights is not None else None,
+                           "include_last_offset": bool(last), "empty_ok": bool(empty_ok)}
+    known = set(names.values())
+    return {k: v for k, v in out.items() if k in known and v.get("ids") in known}
+
+
+def _source(node: Any, names: dict[torch.fx.Node, str]) -> torch.fx.Node | None:
+    """The input ``node`` holds the values of (through casts and view-like ops), else None."""
+    while isinstance(node, torch.fx.Node) and node not in names:
+        src = node.args[0] if node.op == "call_function" and node.args else None
+        if not (isinstance(src, torch.fx.Node) and _passes_values(node, src)):
+            return None
+        node = src
+    return node if isinstance(node, torch.fx.Node) else None
+
+
+def _same_length(node: Any, names: dict[torch.fx.Node, str]) -> torch.fx.Node | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 1 or not isinstance(val.shape[0], torch.SymInt):
+        return None
+    same = [ph for ph in names if _is_int(ph) and ph.meta["val"].dim() == 1
+            and str(ph.meta["val"].shape[0]) == str(val.shape[0])]
+    return same[0] if len(same) == 1 else None
+
+
+def _only_reader(ph: torch.fx.Node, bag: torch.fx.Node) -> bool:
+    """Every read of ``ph`` (through casts and views) is ``bag``."""
+    frontier, seen = [ph], {ph}
+    while frontier:
+        cur = frontier.pop()
+        for user in cur.users:
+            if user is bag or (user.op == "call_module" and str(user.target) == "_guards_fn"):
+                continue  # torch.export's input guards read every input
+            if not _passes_values(user, cur) or user in seen:
+                return False
+            seen.add(user)
+            frontier.append(user)
+    return True
 
 
 def size_outside(ranges: dict[str, dict[str, int | None]], name: str,
@@ -91,16 +196,25 @@ def size_outside(ranges: dict[str, dict[str, int | None]], name: str,
 
 
 def _table_rows(node: torch.fx.Node, arg: torch.fx.Node) -> int | None:
-    """Rows of the table ``node`` indexes with ``arg`` (embedding, embedding_bag, index_select on dim 0)."""
+    """Rows of the table ``node`` indexes with ``arg`` (embedding, embedding_bag, index_select
+    on dim 0, ``index(t, [arg])``: one index tensor on dim 0, as prune-embeddings' id remap)."""
     op = op_name(node)
     if op in ("embedding", "embedding_bag") and len(node.args) > 1 and node.args[1] is arg:
         table = node.args[0]
     elif op == "index_select" and len(node.args) > 2 and node.args[2] is arg and node.args[1] == 0:
         table = node.args[0]
+    elif op == "index" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) \
+            and len(node.args[1]) == 1 and node.args[1][0] is arg:
+        table = node.args[0]
     else:
         return None
     val = table.meta.get("val") if isinstance(table, torch.fx.Node) else None
-    size = val.shape[0] if isinstance(val, torch.Tensor) else None
+    if not isinstance(val, torch.Tensor) and isinstance(table, torch.fx.Node) and table.op == "get_attr":
+        try:
+            val = fetch_attr(table.graph.owning_module, str(table.target))
+        except AttributeError:
+            val = None
+    size = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() else None
     return size if isinstance(size, int) else None
 
 
@@ -127,8 +241,7 @@ def index_ranges(program: Program) -> dict[str, Any]:
                 n = _table_rows(user, cur)
                 if n is not None:
                     rows.append((n, slot))
-                elif user.op == "call_function" and op_name(user) in _VALUE_PRESERVING and user.args and \
-                        user.args[0] is cur and user not in seen:
+                elif _passes_values(user, cur) and user not in seen:
                     seen.add(user)
                     if same_dims and slot is None and _slot(user, len(spec.shape)) is not None:
                         frontier.append((user, _slot(user, len(spec.shape)), False))
@@ -136,6 +249,8 @@ def index_ranges(program: Program) -> dict[str, Any]:
                         frontier.append((user, slot, same_dims and slot is None and _keeps_dims(user)))
         if rows:
             out[spec.name] = _slot_ranges(rows, spec.shape) or [0, min(n for n, _ in rows)]
+    for name, rec in bag_offsets(program).items():
+        out.setdefault(name, {"offsets_of": rec["ids"], "include_last_offset": bool(rec["include_last_offset"])})
     return out
 
 
@@ -152,7 +267,7 @@ def _slot(node: torch.fx.Node, rank: int) -> tuple[int, int] | None:
 def _keeps_dims(node: torch.fx.Node) -> bool:
     """Copies and full slices: the output's dims are the input's, element for element."""
     name = op_name(node)
-    if name in ("clone", "contiguous", "alias", "detach", "lift_fresh_copy"):
+    if name in ("clone", "contiguous", "alias", "detach", "lift_fresh_copy") or name in _CASTS:
         return True
     if name == "slice":
         start = node.args[2] if len(node.args) > 2 else 0
@@ -183,6 +298,7 @@ def _slot_ranges(rows: list[tuple[int, tuple[int, int] | None]], shape: Any) -> 
 def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str, Any], runtime: str) -> None:
     """Raise ``RunnerError`` (one line, ``runtime | input 'x': ...``) when inputs break the contract."""
     sizes: dict[str, tuple[str, int]] = {}
+    by_name = {spec.name: value for spec, value in zip(specs, args)}
     for spec, value in zip(specs, args):
         for dim, label in spec.dynamic.items():
             size = int(value.shape[dim])
@@ -192,7 +308,8 @@ def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str
                                   f"'{other}' has {label} {was}; they must be equal")
             sizes.setdefault(label, (spec.name, size))
             bound = dims.get(label) or {}
-            lo, hi = max(1, bound.get("min") or 1), bound.get("max")
+            lo, hi = bound.get("min"), bound.get("max")
+            lo = 1 if lo is None else max(0, int(lo))
             if size < lo or (hi is not None and size > hi):
                 within = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
                 raise RunnerError(f"{runtime} | input '{spec.name}': dim {dim} ({label}) must be {within}, got {size}")
@@ -203,7 +320,11 @@ def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str
             raise RunnerError(f"{runtime} | input '{spec.name}': {what} at {at}; inputs must not hold NaN or "
                               "inf (replace missing values before calling)")
         bounds = ranges.get(spec.name)
-        if bounds and value.numel():
+        if isinstance(bounds, dict) and "offsets_of" in bounds:
+            ids = by_name.get(bounds["offsets_of"])
+            if ids is not None:
+                _check_offsets(value, ids, bounds, f"{runtime} | input '{spec.name}'")
+        elif bounds and value.numel():
             if isinstance(bounds, dict):  # one range per slot along bounds["dim"]
                 dim = int(bounds["dim"])
                 for i, high in enumerate(bounds["high"]):
@@ -222,3 +343,24 @@ def _check_values(value: torch.Tensor, low: int, high: int, where: str, locate: 
         bad = vmin if vmin < low else vmax
         at = locate([int(i) for i in (value == bad).nonzero()[0].tolist()])
         raise RunnerError(f"{where}: values must be in [{low}, {high}), got {int(bad)} at {at}")
+
+
+def _check_offsets(value: torch.Tensor, ids: torch.Tensor, bounds: dict[str, Any], where: str) -> None:
+    """EmbeddingBag offsets: start at 0, never decrease, end within the ids (at their end
+    with include_last_offset); what eager EmbeddingBag refuses, the gather form would wrap."""
+    if not value.numel():
+        return
+    n, last = int(ids.numel()), bool(bounds.get("include_last_offset"))
+    off = value.reshape(-1).to(torch.int64)
+    rule = (f"EmbeddingBag offsets must start at 0, never decrease and end "
+            f"{'at' if last else 'at most at'} len('{bounds['offsets_of']}') = {n}")
+    fix = f"pass the start of each bag in '{bounds['offsets_of']}'" + (" and its length last" if last else "")
+    if int(off[0]) != 0:
+        raise RunnerError(f"{where}: {rule}; got {int(off[0])} at [0]; {fix}")
+    drops = (off[1:] < off[:-1]).nonzero()
+    if drops.numel():
+        i = int(drops[0]) + 1
+        raise RunnerError(f"{where}: {rule}; got {int(off[i])} at [{i}] after {int(off[i - 1])}; {fix}")
+    end = int(off[-1])
+    if end > n or (last and end != n):
+        raise RunnerError(f"{where}: {rule}; got {end} at [{off.numel() - 1}]; {fix}")

@@ -7,7 +7,7 @@ import torch
 from graphopt.passes.prune_embeddings import DEFAULT_FILL
 
 import graphopt
-from graphopt.errors import PassOptionError
+from graphopt.errors import PassFailedError, PassOptionError
 from graphopt.ir.fx import fetch_attr
 from graphopt.metrics import allclose_report
 
@@ -97,3 +97,26 @@ def test_keeping_every_item_is_exact(program):
     pruned, _ = graphopt.optimize(p, f"prune-embeddings{{keep=0-{ITEMS}}}")
     x = p.sample_inputs(batch=2, seq=7, seed=5)
     assert allclose_report(pruned(*x), p(*x), 1e-5) is None
+
+
+@pytest.mark.parametrize("model,text,message", [
+    ("two-tower:tiny", "prune-embeddings{tables=model.item_emb keep=500-600}",
+     r"option 'keep': 101 ids \(500\.\.600\) are beyond model\.item_emb's 200 rows; keep ids in \[0, 199\]$"),
+    ("bert4rec:tiny", "prune-embeddings{keep=51}",  # 51 is [mask], outside the head's items 0..50
+     r"option 'keep': none of .*'s items \[0, 50\] is kept, which would drop the whole table; keep ids in that range$"),
+    ("two-tower:tiny", "prune-embeddings{tables=item_emb keep=1-50}",
+     r"option 'tables': no embedding table named item_emb; name tables by module path or parameter name "
+     r"\(tables here: model\.history \(EmbeddingBag\), model\.item_emb, model\.user_emb\)$"),
+    ("dlrm:tiny", "prune-embeddings{tables=model.tables.1 keep=1-10}",
+     r"option 'tables': model\.tables\.1 is an EmbeddingBag table, which this pass does not prune; name "
+     r"aten\.embedding tables \(tables here: model\.tables\.0 \(EmbeddingBag\), .*model\.tables\.3 \(EmbeddingBag\)\)$"),
+])
+def test_keep_and_tables_that_match_nothing_are_refused_in_one_line(program, model, text, message):
+    """Was: keep ids past the table silently dropped the whole table (scores off by 0.5), and
+    an unmatched tables= name was one generic 'declined' line naming no table."""
+    p = program(model)
+    before = p.op_histogram()
+    with pytest.raises(PassFailedError, match=message) as info:
+        graphopt.optimize(p, text)
+    assert "\n" not in str(info.value)
+    assert p.op_histogram() == before  # nothing half-pruned
