@@ -338,11 +338,11 @@ def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str
 def _check_values(value: torch.Tensor, low: int, high: int, where: str, locate: Any) -> None:
     if not value.numel():
         return
-    vmin, vmax = (int(v) for v in torch.aminmax(value))
+    vmin, vmax = (v.item() for v in torch.aminmax(value))  # as they are: int() would truncate a float id
     if vmin < low or vmax >= high:
         bad = vmin if vmin < low else vmax
         at = locate([int(i) for i in (value == bad).nonzero()[0].tolist()])
-        raise RunnerError(f"{where}: values must be in [{low}, {high}), got {int(bad)} at {at}")
+        raise RunnerError(f"{where}: values must be in [{low}, {high}), got {bad} at {at}")
 
 
 def _check_offsets(value: torch.Tensor, ids: torch.Tensor, bounds: dict[str, Any], where: str) -> None:

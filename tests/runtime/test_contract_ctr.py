@@ -191,3 +191,21 @@ def test_zero_length_needs_the_bag_to_be_the_only_reader():
     prog = graphopt.capture(Mixed().eval(), (torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2])),
                             dynamic={"ids": {0: "n"}, "off": {0: "b"}})
     assert dim_ranges(prog)["n"]["min"] == 1
+
+
+def test_an_id_input_edited_to_float_in_the_manifest_gets_one_line_not_an_index_error(tmp_path):
+    """Was: the range check truncated float values with int(), found no element equal to the truncated
+    'bad' value and raised 'IndexError ... (unexpected)' on every runtime."""
+    import json
+
+    zm = load_model("bert4rec:tiny")
+    art = graphopt.lower(zm.capture(), "eager", tmp_path / "art")
+    manifest = json.loads((art.path / "manifest.json").read_text())
+    manifest["inputs"][0]["dtype"] = "float32"  # a hand edit the schema accepts
+    (art.path / "manifest.json").write_text(json.dumps(manifest))
+    ids, mask = zm.make_inputs(batch=2, seq=8, seed=1).values()
+    with graphopt.load(art.path) as runner:
+        bad = ids.float()
+        bad[1, 3] = 1e6 + 0.5
+        with pytest.raises(RunnerError, match=r"input 'input_ids': values must be in \[0, \d+\), got 1000000.5 at "):
+            runner(bad, mask)
