@@ -197,6 +197,12 @@ class InductorBackend(Backend):
 
         if not hasattr(torch._inductor, "aoti_compile_and_package"):
             return f"torch {torch.__version__} has no torch._inductor.aoti_compile_and_package"
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:  # a C++ compiler builds the package: torch runs `$CXX --version` (else g++'s) once, and caches it
+            get_cpp_compiler()
+        except Exception:  # torch._inductor.exc.InvalidCxxCompiler
+            return f"no working C++ compiler ({os.environ.get('CXX', 'g++')} does not run); install g++ or point CXX at one"
         return None
 
     def versions(self) -> dict[str, str]:

@@ -126,10 +126,21 @@ class Finding:
 
 
 def _load(model_or_path: Any) -> Any:
-    import onnx
+    from graphopt.errors import ArtifactError, BackendUnavailableError, first_line
 
+    try:
+        import onnx
+    except ImportError as e:
+        raise BackendUnavailableError(f"the TensorRT check reads ONNX with the onnx package: pip install "
+                                      f"'graphopt[onnx]' ({first_line(e, with_type=False, limit=80)})") from None
     if isinstance(model_or_path, (str, Path)):
-        return onnx.load(str(model_or_path), load_external_data=False)
+        try:
+            return onnx.load(str(model_or_path), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError (truncated, not ONNX), onnx's own errors
+            if isinstance(e, OSError):
+                raise
+            raise ArtifactError(f"{model_or_path} is not a readable ONNX model ({first_line(e, with_type=True, limit=120)}); "
+                                "re-export it, or point at the model it came from") from None
     return model_or_path
 
 

@@ -1,9 +1,11 @@
 """The ``graphopt`` command. Each verb is a module with ``add_parser`` and ``run``.
 
 Exit codes: 0 ok, 1 a check or run failed, 2 usage error (bad pipeline text,
-unknown pass or model, unreadable file, output exists), 130 interrupted, 143
-terminated (SIGTERM: partial outputs are removed as on Ctrl-C). Errors are one
-line on stderr; ``--debug`` shows the traceback.
+unknown pass or model, unreadable file, output exists, a runtime or optional
+package not available here), 130 interrupted, 143 terminated (SIGTERM: partial
+outputs are removed as on Ctrl-C), 141 stdout closed by its reader (``| head``;
+nothing printed). Errors are one line on stderr; ``--debug`` (before or after
+the verb) shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import threading
 
 from graphopt.errors import (
     ArtifactError,
+    BackendUnavailableError,
     GraphoptError,
     ModelNotFoundError,
     PipelineParseError,
@@ -31,7 +34,7 @@ __all__ = ["main", "VERBS"]
 #: verb modules under graphopt.cli, in the order ``graphopt --help`` lists them
 VERBS = ["passes", "models", "inspect", "optimize", "reproduce", "run", "runtimes", "check_tensorrt", "serve_stages", "finetune", "demo", "bench", "tune"]
 
-USAGE_ERRORS = (PipelineParseError, ModelNotFoundError, ArtifactError)
+USAGE_ERRORS = (PipelineParseError, ModelNotFoundError, ArtifactError, BackendUnavailableError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for verb in VERBS:
         importlib.import_module(f"graphopt.cli.{verb}").add_parser(sub)
+    for verb_parser in dict.fromkeys(sub.choices.values()):  # `graphopt VERB ... --debug` works too
+        verb_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help="show tracebacks and torch's full errors (also before the verb)")
+        verb_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                 help="log what each step does (also before the verb)")
     return parser
 
 
@@ -63,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # unwind like Ctrl-C
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # a closed stdout fails here, where it is caught, not in the flush at exit
+        return code
     except GraphoptError as e:
         if args.debug:
             raise
@@ -78,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print("graphopt: terminated", file=sys.stderr)
         return 143
     except OSError as e:  # a file the user named: missing, a folder, unreadable
+        if isinstance(e, BrokenPipeError) and _stdout_gone():  # `graphopt passes | head -1`: the reader left
+            return _stdout_closed()
         if args.debug:
             raise
         print(f"graphopt: error: {first_line(e, with_type=True)}", file=sys.stderr)
@@ -91,6 +103,30 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe its reader closed (poll reports an error on it), not some other pipe."""
+    try:
+        import select
+
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is no file: say nothing quietly
+        return False
+
+
+def _stdout_closed() -> int:
+    """Stop quietly, as `yes | head` does: stdout pointed at /dev/null so that the flush at exit finds no
+    broken pipe; 141 = 128 + SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is no file (pytest's capture): nothing to flush
+        pass
+    return 141
 
 
 def _terminated(signum: int, frame: object) -> None:

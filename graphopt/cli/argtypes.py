@@ -32,15 +32,18 @@ non_negative_float = _number(float, 0.0, strict=False)
 
 
 def positive_ints(flag: str) -> Callable[[str], list[int]]:
-    """``1,8,32`` -> [1, 8, 32]; anything but positive integers is a usage error naming ``flag``."""
+    """``1,8,32`` -> [1, 8, 32]; anything but positive integers (below 2^63, the largest tensor dim) is a
+    usage error; argparse names ``flag`` (``argument --batch-sizes: expected ...``)."""
 
     def parse(text: str) -> list[int]:
         try:
             values = [int(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
         if not values or any(v <= 0 for v in values):
-            raise argparse.ArgumentTypeError(f"{flag}: expected positive integers, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        if any(v >= 2**63 for v in values):
+            raise argparse.ArgumentTypeError(f"expected sizes below 2^63 (a tensor dim is an int64), got {text!r}")
         return values
 
     return parse

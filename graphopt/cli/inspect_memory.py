@@ -18,10 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from graphopt.errors import ArtifactError
+from graphopt.errors import ArtifactError, PipelineParseError, first_line
 from graphopt.outputs import usual_mode
 from graphopt.runtime.contract import size_outside
 from graphopt.transform.memory import MemoryAnalysis, format_bytes
+
+#: bytes a 64-bit process can address: a predicted run past it is no prediction
+_ADDRESSABLE = 2**64
 
 __all__ = ["run_memory", "check_plot", "shapes_for", "plot_peak", "render"]
 
@@ -44,7 +47,14 @@ def shapes_for(analysis: MemoryAnalysis, batches: list[int] | None, seqs: list[i
         notes.append(f"{analysis.program} has no dynamic 'seq' dim; --seq-lens ignored")
     b_values: list[int | None] = list(batches) if batches and has_batch else [None]
     s_values: list[int | None] = list(seqs) if seqs and has_seq else [None]
-    return [{"batch": b, "seq": s} for s in s_values for b in b_values], notes
+    shapes = [{"batch": b, "seq": s} for s in s_values for b in b_values]
+    for shape in shapes:  # an unbounded dim (batch) still stops where no machine could hold the run
+        total = analysis.at(**shape).total
+        if total >= _ADDRESSABLE:
+            at = ", ".join(f"{k} {v}" for k, v in shape.items() if v is not None)
+            raise ArtifactError(f"{analysis.program} would need {format_bytes(total)} at {at}, beyond a 64-bit "
+                                "address space (16 EiB): no machine runs it; pick smaller --batch-sizes/--seq-lens")
+    return shapes, notes
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> Any:
@@ -133,6 +143,11 @@ def check_plot(args: argparse.Namespace) -> None:
             raise ArtifactError(f"{plot} exists; pass --force to overwrite it")
         if not plot.parent.is_dir():
             raise ArtifactError(f"no folder {plot.parent} for the plot; create it first")
+        try:  # before the model loads and the analysis runs, not after
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise PipelineParseError(f"--plot needs matplotlib: pip install 'graphopt[plots]' "
+                                     f"({first_line(e, with_type=False, limit=80)})") from None
 
 
 def run_memory(program: Any, args: argparse.Namespace) -> int:

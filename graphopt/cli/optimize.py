@@ -6,7 +6,7 @@ import argparse
 import json
 
 from graphopt.cli.argtypes import non_negative_int, positive_int
-from graphopt.errors import LoweringError, PassOptionError, PipelineParseError
+from graphopt.errors import ArtifactError, LoweringError, PassOptionError, PipelineParseError
 from graphopt.options import resolve_options
 from graphopt.outputs import atomic_directory, check_replaceable
 from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCHES
@@ -74,6 +74,39 @@ def _runtime_options(pairs: list[str], flag: str = "--runtime-option") -> dict[s
     return options
 
 
+def _check_runtimes(names: list[str], given: dict[str, str]) -> list[str]:
+    """The --runtime names, current and each once; an unknown or unavailable runtime, or an option one
+    does not have, is a usage error before the model loads (was: found after the pipeline ran)."""
+    from graphopt.runtime import canonical_runtime, get_runtime
+
+    checked: list[str] = []
+    for name in names:
+        try:
+            backend = get_runtime(canonical_runtime(name))  # OUT/<current name>
+        except LoweringError as e:
+            raise PipelineParseError(f"--runtime: {e}") from None
+        if backend.name in checked:  # `--runtime onnxruntime --runtime onnxruntime`: lowered once
+            continue
+        reason = backend.unavailable_reason()
+        if reason:
+            raise PipelineParseError(f"--runtime {backend.name}: not available here: {reason}")
+        resolve_options(backend.lower_options, given, f"--runtime-option ({backend.name})", PassOptionError)
+        checked.append(backend.name)
+    return checked
+
+
+def _check_reproducer(folder: str) -> None:
+    """A --reproducer folder the failure could not be saved to is refused before the pipeline runs."""
+    from graphopt.transform.reproducer import check_reproducer_dir
+
+    try:
+        check_reproducer_dir(folder)
+    except ArtifactError as e:
+        text = str(e).replace("pick another -o", "pick another --reproducer folder").replace(
+            "pick a new folder with -o", "pick a new folder for --reproducer")
+        raise ArtifactError(text if text.startswith("--reproducer") else f"--reproducer {folder}: {text}") from None
+
+
 def _lower_all(program, args: argparse.Namespace, tmp) -> list[str]:  # type: ignore[no-untyped-def]
     """Lower into OUT/<runtime>/ for each --runtime (inside the atomic OUT); with
     --max-history, prefill and step of the causal Program (derived once)."""
@@ -98,17 +131,7 @@ def run(args: argparse.Namespace) -> int:
     import_modules(args.imports)  # they register passes the pipeline names
     pipeline = parse_pipeline(args.pipeline)  # usage errors before loading anything
     if args.runtime:
-        from graphopt.runtime import canonical_runtime, get_runtime
-
-        args.runtime = [canonical_runtime(name) for name in args.runtime]  # OUT/<current name>
-        given = _runtime_options(args.runtime_option)
-        for name in args.runtime:
-            try:
-                backend = get_runtime(name)  # unknown runtime: a usage error before the pipeline runs
-            except LoweringError as e:
-                raise PipelineParseError(f"--runtime: {e}") from None
-            # and an option it does not have, or a value it refuses (was: found after the pipeline ran)
-            resolve_options(backend.lower_options, given, f"--runtime-option ({name})", PassOptionError)
+        args.runtime = _check_runtimes(args.runtime, _runtime_options(args.runtime_option))
     elif args.runtime_option:
         raise PipelineParseError("--runtime-option sets a lowering option: name the runtime(s) with --runtime")
     incremental = [flag for flag, value in (("--state-dtype", args.state_dtype != "native"),
@@ -125,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
                                      f"included), got {args.max_history}")
         _runtime_options(args.step_option, "--step-option")
     check_replaceable(args.output, force=args.force)  # a refused -o fails before the model loads
+    if args.reproducer:
+        _check_reproducer(args.reproducer)  # found now, not after the pipeline failed
     program, make_inputs = load_program_and_inputs(args.model)
     needs_data = any("calibration_data" in p.requires for p in pipeline)
     with atomic_directory(args.output, force=args.force) as tmp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from graphopt.cli.argtypes import positive_int
-from graphopt.errors import ArtifactError, first_line
+from graphopt.errors import ArtifactError, LoweringError, PipelineParseError, first_line
 from graphopt.runtime import MANIFEST_FILE, RENAMED_RUNTIMES, Runner, canonical_runtime, get_runtime, load
 
 
@@ -43,8 +44,14 @@ def resolve_runner(target: str, runtime: str | None = None, verify: bool = True)
     """An (inactive) Runner for what ``graphopt run`` is pointed at."""
     path = Path(target)
     if runtime:
-        runtime = canonical_runtime(runtime)
-        get_runtime(runtime)  # an unknown name is a usage error, whatever the target holds
+        try:  # an unknown name is a usage error (rc 2, as `optimize --runtime`), whatever the target holds
+            runtime = canonical_runtime(runtime)
+            get_runtime(runtime)
+        except LoweringError as e:
+            raise PipelineParseError(f"--runtime: {e}") from None
+    if not path.exists():
+        raise ArtifactError(f"no such file or directory: {target}; point at an artifact folder, an `optimize -o` "
+                            "folder or a saved Program")
     if path.is_dir() and (path / MANIFEST_FILE).is_file():
         runner = load(path, verify=verify)
         if runtime and runner.name != runtime:
@@ -65,7 +72,11 @@ def resolve_runner(target: str, runtime: str | None = None, verify: bool = True)
         if len(found) > 1 and not runtime:
             raise ArtifactError(f"{path} holds artifacts for {', '.join(found)}; pick one with --runtime")
         path = path / "program.pt2"
-    if path.is_file() and path.suffix == ".pt2" and runtime in (None, "eager"):
+    if path.is_file() and path.suffix == ".pt2":
+        if runtime not in (None, "eager"):
+            raise ArtifactError(f"{target} is a saved Program, which runs eagerly: drop --runtime {runtime}, or lower "
+                                f"it first with `graphopt optimize {target} -p dce --runtime {runtime} -o OUT` "
+                                f"and run OUT")
         from graphopt.ir.program import Program
         from graphopt.runtimes.eager import EagerRunner
 
@@ -90,8 +101,37 @@ def _inputs(runner: Runner, args: argparse.Namespace) -> list[torch.Tensor]:
             return [data.get(name) for name in runner.input_names]
         return list(data) if isinstance(data, (list, tuple)) else [data]
     sizes = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
+    _check_sizes(runner, sizes, args.target)  # before sampling: --seq 10**9 allocated gigabytes, then met the contract
     gen = torch.Generator().manual_seed(args.seed)
     return [spec.sample(sizes, gen) for spec in runner.inputs]
+
+
+def _check_sizes(runner: Runner, sizes: dict[str, int], target: str) -> None:
+    """Refuse --batch/--seq outside the dims the artifact's manifest proved, or too large to sample here."""
+    from graphopt.runtime.contract import size_outside
+
+    dims = dict(getattr(runner, "_dims", None) or {})  # the manifest's (or the Program's) proven ranges
+    outside = size_outside(dims, target, [(f"--{k}", k, [v]) for k, v in sizes.items()])
+    if outside:
+        raise PipelineParseError(outside)
+    total = 0
+    for spec in runner.inputs:
+        numel = 1
+        for i, s in enumerate(spec.shape):
+            numel *= int(sizes.get(spec.dynamic.get(i, ""), s))
+        total += numel * spec.dtype.itemsize
+    memory = _physical_memory()
+    if memory and total > memory // 2:
+        flags = " ".join(f"--{k} {v}" for k, v in sizes.items())
+        raise PipelineParseError(f"{flags}: the random inputs alone would take {total / 2**30:.1f} GiB, more than "
+                                 f"half of this machine's {memory / 2**30:.1f} GiB; pick smaller sizes")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def run(args: argparse.Namespace) -> int:

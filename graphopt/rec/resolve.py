@@ -9,14 +9,17 @@ weights; loaded offline).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from graphopt.errors import ModelNotFoundError, first_line
+from graphopt.errors import ArtifactError, ModelNotFoundError, first_line
 from graphopt.ir.program import Program
 
 __all__ = ["load_program", "load_program_and_inputs", "named_inputs", "capture_hf_directory"]
@@ -36,19 +39,96 @@ def named_inputs(make_inputs: Callable[..., dict[str, torch.Tensor]], names: Seq
     return make
 
 
+def _hf_config(path: Path) -> dict:
+    """``path/config.json`` as a dict, or a one-line ModelNotFoundError saying what is wrong with it."""
+    where = path / "config.json"
+    try:
+        config = json.loads(where.read_text())
+    except ValueError as e:  # not JSON, not UTF-8
+        raise ModelNotFoundError(f"{where} is not valid JSON ({first_line(e, with_type=False, limit=120)}); "
+                                 "fix it or re-save the model with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{where} holds a JSON {type(config).__name__}, not an object; a Hugging Face "
+                                 "config.json is one object (re-save the model with save_pretrained)")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ModelNotFoundError(f"{where}: \"architectures\" must be a list of transformers class names "
+                                 f"(e.g. [\"GPT2LMHeadModel\"]), got {json.dumps(archs)[:80]}")
+    return config
+
+
+def _hf_class(path: Path, config: dict) -> tuple[str, type]:
+    """The transformers class config.json's first architecture names (AutoModel when it names none);
+    one transformers does not have is refused: AutoModel would drop the model's head."""
+    import transformers
+
+    archs = config.get("architectures") or []
+    if not archs:
+        return "AutoModel", transformers.AutoModel
+    name = archs[0]
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelNotFoundError(
+            f"{path / 'config.json'} names architecture {name!r}, which transformers {transformers.__version__} "
+            "does not have; install a transformers that has it, or set \"architectures\" to a model class it has")
+    return name, cls
+
+
+#: a row of transformers' load report: ``key | MISMATCH | ... ckpt: torch.Size([..]) vs model:torch.Size([..])``
+_MISMATCH = re.compile(r"^\s*(\S[^|]*?)\s*\|\s*MISMATCH\s*\|.*ckpt:\s*torch\.Size\((\[[^]]*\])\)\s*vs\s*"
+                       r"model:\s*torch\.Size\((\[[^]]*\])\)")
+
+
+@contextlib.contextmanager
+def _held_transformers_log(records: list[logging.LogRecord]) -> Iterator[None]:
+    """transformers' log records kept in ``records`` instead of printed (the caller prints them on success,
+    a failure's one line names its cause), and no progress bar (``--debug``: both as transformers shows them)."""
+    if os.environ.get("GRAPHOPT_DEBUG") == "1":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root, keep, bars = logging.getLogger("transformers"), Keep(), hf_logging.is_progress_bar_enabled()
+    hf_logging.get_logger()  # transformers' own handler exists before it is switched off
+    hf_logging.disable_default_handler()
+    hf_logging.disable_progress_bar()
+    root.addHandler(keep)
+    try:
+        yield
+    finally:
+        root.removeHandler(keep)
+        hf_logging.enable_default_handler()
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def capture_hf_directory(path: Path, batch: int = 4, seq: int = 16) -> Program:
     """Capture a local transformers model folder (no network) at batch/seq."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
+    from safetensors import SafetensorError
 
-    config = json.loads((path / "config.json").read_text())
-    archs = config.get("architectures") or []
-    cls_name = archs[0] if archs and hasattr(transformers, archs[0]) else "AutoModel"
-    cls = getattr(transformers, cls_name)
+    cls_name, cls = _hf_class(path, _hf_config(path))
+    report: list[logging.LogRecord] = []
     try:
-        model = cls.from_pretrained(str(path), attn_implementation="sdpa").eval()
+        with _held_transformers_log(report):
+            model = cls.from_pretrained(str(path), attn_implementation="sdpa").eval()
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"cannot load Hugging Face model from {path}: {first_line(e, with_type=False)}") from None
+    except (RuntimeError, SafetensorError, KeyError, TypeError, EOFError) as e:  # damaged or mismatched weights
+        cause = first_line(e, with_type=True, limit=160)
+        if "ignore_mismatched_sizes" in cause:  # which tensor: the first row of transformers' load report
+            rows = [_MISMATCH.search(line) for r in report for line in r.getMessage().splitlines()]
+            row = next((m for m in rows if m), None)
+            cause = (f"{row[1]} is {row[2]} in the file, {row[3]} in config.json" if row else
+                     "tensor sizes differ from config.json")
+        raise ModelNotFoundError(f"the weights in {path} do not load into the {cls_name} its config.json describes "
+                                 f"({cause}); re-save the model with save_pretrained") from None
+    for record in report:  # loaded: transformers' warnings (weights newly initialized, ...) as it prints them
+        logging.getLogger(record.name).handle(record)
     vocab = int(getattr(model.config, "vocab_size", 100))
     g = torch.Generator().manual_seed(0)
     inputs = {
@@ -73,6 +153,26 @@ def capture_hf_directory(path: Path, batch: int = 4, seq: int = 16) -> Program:
     )
 
 
+def _other_file(path: Path) -> str | None:
+    """What a file that is no saved Program is, when graphopt can tell (a zip's entry names), as one line."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = {n.split("/", 1)[-1] for n in z.namelist()}
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    use = ("give a zoo name (`graphopt models`), a saved Program (`graphopt optimize -o` writes OUT/program.pt2) "
+           "or a Hugging Face model folder")
+    if any(n.startswith("code/") for n in names) and "data.pkl" in names:
+        return (f"{path} is a TorchScript module (torch.jit.save), not a saved Program; run a lowered artifact "
+                f"with `graphopt run`, or {use}")
+    if "data.pkl" in names and "archive_format" not in names:
+        return (f"{path} is a torch.save file (a state dict or tensors), not a saved Program; load the weights "
+                f"into their model and capture it (graphopt.capture), or {use}")
+    return None
+
+
 def load_program(spec: str) -> Program:
     """Zoo name, saved Program, or Hugging Face folder -> Program."""
     return load_program_and_inputs(spec)[0]
@@ -85,7 +185,18 @@ def load_program_and_inputs(spec: str) -> tuple[Program, InputMaker | None]:
     path = Path(spec)
     if path.exists():
         if path.is_file():
-            return Program.load(path), None
+            try:
+                return Program.load(path), None
+            except ArtifactError:
+                what = _other_file(path)  # a TorchScript module or a state dict: say so, and what to give
+                if what:
+                    raise ModelNotFoundError(what) from None
+                raise
+        if (path / "manifest.json").is_file():  # a lowered artifact (OUT/<runtime>/)
+            source = path.parent / "program.pt2"
+            source_text = str(source) if source.is_file() else "the `optimize -o` folder's program.pt2"
+            raise ModelNotFoundError(f"{path} is a lowered artifact, not a model; run it with `graphopt run {path} "
+                                     f"--random-inputs`, or point at {source_text}, the Program it was lowered from")
         if (path / "program.pt2").is_file():
             return Program.load(path / "program.pt2"), None
         if (path / "graphopt-checkpoint.json").is_file():  # `graphopt finetune -o` output
