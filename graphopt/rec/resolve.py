@@ -141,9 +141,10 @@ def capture_hf_directory(path: Path, batch: int = 4, seq: int = 16) -> Program:
         inputs["decoder_input_ids"] = torch.full((batch, 1), int(start), dtype=torch.long)
         dyn["decoder_input_ids"] = {0: "batch"}
     from graphopt.ir.capture import capture
+    from graphopt.rec.hf_folder import FolderModel
 
     return capture(
-        model,
+        FolderModel(model).eval(),  # positions from the mask (decoder-only), the position table's bound
         inputs,
         dynamic=dyn,
         name=path.resolve().name if path.resolve().name not in ("model", "checkpoint") else
