@@ -118,3 +118,32 @@ def test_t5_rec_hugging_face_folder_works_as_model(zoo, tmp_path):
     with torch.no_grad():
         ref = zm.module(ids, mask)
     torch.testing.assert_close(logits[:, -1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_an_output_at_every_position_is_named_as_why_incremental_serving_refuses(tmp_path):
+    """Was: 'prefill differs from the model by 0.405 ...; the model is not one the derivation handles'."""
+    import pytest
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import graphopt
+    from graphopt.errors import PreconditionError
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_positions=64, n_embd=16, n_layer=1, n_head=2)).eval()
+
+    class EveryPosition(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                           use_cache=False).logits
+
+    ids = torch.randint(1, 60, (4, 16), generator=torch.Generator().manual_seed(1))
+    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    prog = graphopt.capture(EveryPosition().eval(), (ids, torch.ones_like(ids)), dynamic=dyn)
+    with pytest.raises(PreconditionError, match=r"its output covers every position \(\[2, 8, 60\] for 8 events\); "
+                                                 r"incremental serving scores the newest event: return the last"):
+        graphopt.lower_incremental(prog, "eager", tmp_path / "inc", max_history=16, padding_id=0)

@@ -120,7 +120,12 @@ def _self_check(program: Program, plan: CausalPlan, inc: IncrementalPrograms) ->
     w = inc.window
     fits = min(w, 8)
     probe = _by_name(program, probe_inputs(program, [fits, max(1, fits - 3)], fits, seed=3))
-    diff = _close(inc.prefill(*probe)[0], program(*probe)[0], check_tolerance(plan.attentions[0].dtype, "native"))
+    want = program(*probe)[0]
+    diff = _close(inc.prefill(*probe)[0], want, check_tolerance(plan.attentions[0].dtype, "native"))
+    if diff is not None and want.dim() >= 3 and want.shape[1] == probe[0].shape[1]:
+        raise PreconditionError(f"incremental state for {program.name}: its output covers every position "
+                                f"({list(want.shape)} for {probe[0].shape[1]} events); incremental serving scores "
+                                "the newest event: return the last position (logits[:, -1]) and capture again")
     if diff is not None:
         raise PreconditionError(f"incremental state for {program.name}: prefill differs from the model by {diff:.3g} "
                                 "on a history within the window; the model is not one the derivation handles")
