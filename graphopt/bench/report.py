@@ -1,5 +1,5 @@
 """The benchmark report: ``report.json`` (schema-versioned, every raw sample),
-``report.md`` (a table per shape, best variant marked) and PNG plots.
+``report.md`` (a table per shape, best variant marked) and PNG plots; strict JSON (NaN, inf: null).
 
 Schema ``graphopt.bench/1``::
 
@@ -334,7 +334,8 @@ class BenchReport:
                 log.warning("%s", note)
                 if note not in self.notes:
                     self.notes.append(note)
-            (tmp / "report.json").write_text(json.dumps(self.to_json(), indent=1, default=_json_default) + "\n")
+            strict = json.loads(json.dumps(self.to_json(), default=_json_default), parse_constant=lambda _: None)
+            (tmp / "report.json").write_text(json.dumps(strict, indent=1, allow_nan=False) + "\n")  # NaN: null
             (tmp / "report.md").write_text(self.render_markdown() + "\n")
             if artifacts is not None and artifacts.exists():
                 shutil.copytree(artifacts, tmp / "artifacts")
@@ -343,7 +344,7 @@ class BenchReport:
     @classmethod
     def load(cls, path: str | Path) -> BenchReport:
         path = Path(path)
-        data = json.loads((path / "report.json" if path.is_dir() else path).read_text())
+        data = json.loads((path / "report.json" if path.is_dir() else path).read_text(), object_hook=_nan_for_null)
         if data.get("format") != BENCH_FORMAT:
             from graphopt.errors import ArtifactError
 
@@ -353,6 +354,11 @@ class BenchReport:
             data["model"], created, data["duration_s"], data["machine"], data["config"], data["variants"],
             data["results"], data.get("eval_reference", {}), data.get("warnings", []), data.get("notes", []),
         )
+
+
+def _nan_for_null(d: dict[str, Any]) -> dict[str, Any]:  # loading: a null among numbers was saved for a NaN
+    numbers = [v for v in d.values() if v is not None]  # a dict of numbers and nulls only (min_margin, latency)
+    return {k: math.nan if v is None and all(map(_finite, numbers or [None])) else v for k, v in d.items()}
 
 
 def _json_default(x: Any) -> Any:

@@ -15,7 +15,10 @@
 
 ``--quick`` does the same on tiny sizes (a few training steps, short timing,
 fewer runtimes) for CI. A pipeline or runtime that is not available here is
-listed as skipped with the reason.
+listed as skipped with the reason. Bad ``-p`` pipelines, an output or cache
+folder that cannot be written and data no user has 3 interactions in are
+refused in one line before the fine-tune (``graphopt.cli.demo_checks``); a
+cached model that no longer loads is the demo's own and is trained again.
 """
 
 from __future__ import annotations
@@ -30,8 +33,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from graphopt.bench.pipelines import EMBEDDING_DOMINATED, embedding_share, without_bf16
+from graphopt.bench.pipelines import EMBEDDING_DOMINATED, embedding_share, parse_pipeline_spec, without_bf16
 from graphopt.cli.argtypes import non_negative_float, positive_int, positive_ints, runtime_list
+from graphopt.cli.demo_checks import (
+    check_cache,
+    check_cache_entry,
+    check_pipelines,
+    unreadable,
+)
 from graphopt.cli.finetune import (
     describe_clicks,
     describe_data,
@@ -77,14 +86,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model to fine-tune (default bert4rec:base; --quick: bert4rec:tiny); "
                    "dlrm:SIZE or two-tower:SIZE train on MovieLens-100K clicks")
     p.add_argument("--data", default="ml-100k", help="ml-100k (search), synthetic, or an ml-100k folder")
-    p.add_argument("--max-minutes", type=non_negative_float, help="fine-tuning time budget (default 5; --quick: none)")
+    p.add_argument("--max-minutes", type=non_negative_float,
+                   help="fine-tuning time budget in minutes, 0 for no limit (default 5; --quick: no limit)")
     p.add_argument("--runtimes", type=runtime_list, help=f"comma-separated (default: {','.join(FULL_RUNTIMES)}; --quick: {','.join(QUICK_RUNTIMES)})")
     p.add_argument("-p", "--pipeline", action="append", dest="pipelines", metavar="LABEL=PIPELINE",
                    help="replace the default pipelines (repeatable; default: "
                    f"{' '.join(DEMO_PIPELINES)}, the bf16 ones left out on a CPU without bf16 GEMM kernels), "
                    "e.g. -p 'fp32-O2=O2'")
     p.add_argument("--batch-sizes", type=positive_ints("--batch-sizes"), help="comma-separated (default 1,32; --quick: 8)")
-    p.add_argument("--eval-users", type=positive_int, help="test users scored per variant (default: all)")
+    p.add_argument("--eval-users", type=positive_int, help="test users scored per variant (default: all; --quick: 256); "
+                   "for CTR models, test ratings (default: all)")
     p.add_argument("--threads", type=positive_int, help="torch/runtime threads (default: torch's; 1 when the machine is loaded)")
     p.add_argument("--memory", action="store_true", help="also measure each variant's peak memory in a subprocess (slower)")
     p.add_argument("--cache-dir", help="where fine-tuned models are cached (default ~/.cache/graphopt)")
@@ -140,13 +151,22 @@ def _cache_key(model: str, data: MovieLens | ClickData, config: FinetuneConfig) 
     return f"{model.replace(':', '-')}-{data.name}-{data.fingerprint()}-{digest}{suffix}"
 
 
-def _model(args: argparse.Namespace, data: MovieLens | ClickData, step: _Steps, threads: int | None) -> Checkpoint:
+def _model(args: argparse.Namespace, data: MovieLens | ClickData, step: _Steps, threads: int | None,
+           cannot_cache: str | None = None) -> Checkpoint:
+    """The cached fine-tuned model, else one fine-tuned now and cached. A cached one that cannot be
+    loaded (damaged, half deleted) is the demo's own: it is trained again, with a notice."""
     model = args.model or ("bert4rec:tiny" if args.quick else "bert4rec:base")
     config = _training_config(args.quick, args.max_minutes, threads, ctr=isinstance(data, ClickData))
     ckpt_dir = cache_dir(args.cache_dir) / "demo" / _cache_key(model, data, config)
     if is_checkpoint(ckpt_dir) and not args.fresh:
-        step(f"model: cached fine-tuned {model} at {ckpt_dir} (--fresh retrains)")
-        return load_checkpoint(ckpt_dir)
+        try:
+            ckpt = load_checkpoint(ckpt_dir)
+        except Exception as e:  # the demo's own cache: whatever broke it, training again mends it
+            print(f"note: the cached fine-tuned model could not be loaded ({unreadable(e)}): fine-tuning it again")
+        else:
+            step(f"model: cached fine-tuned {model} at {ckpt_dir} (--fresh retrains)")
+            return ckpt
+    check_cache_entry(ckpt_dir, cannot_cache)
     budget = "a few steps" if args.quick else f"up to {config.max_minutes:g} min"
     step(f"model: fine-tuning {model} on {data.name} ({budget}; bf16 autocast where the CPU has it)")
     interactive = sys.stderr.isatty()
@@ -183,6 +203,18 @@ def _table(report: Any, shape: str) -> str:
     return "\n".join(lines)
 
 
+def _verdict(report: Any, shape: str, near: str | None) -> list[str]:
+    """The lines under a shape's table, printed and in demo.md: the best variant, the bar, a near miss."""
+    best = report.best(shape)
+    return ([f"★ best: {best}" if best else "★ best: no variant beats eager with its ranking intact",
+             f"  (keeps the ranking = {FIDELITY_BAR.describe()}; ✗ = below it, never starred)"]
+            + ([near] if near else []))
+
+
+def _not_measured(report: Any) -> list[str]:
+    return [f"  {v['name']}: {v['status']} ({v['reason']})" for v in report.variants if v["status"] != "ok"]
+
+
 def one_user_miss(report: Any, shape: str, users: int) -> str | None:
     """A line on the fastest graphopt variant that beats the starred one (or eager) but misses
     the bar while losing exactly one evaluation user net: HR@10 moves in steps of one user, and
@@ -203,15 +235,19 @@ def one_user_miss(report: Any, shape: str, users: int) -> str | None:
         return (f"  {r['variant']} ({r['speedup']['speedup']:.2f}x) misses it by one user net "
                 f"(+{int(moved['gained'])}/-{int(moved['lost'])} of {users}: one user is {step:.2f}% of HR@10 here, "
                 f"the bar {100 * FIDELITY_BAR.max_rel_drop:g}%; closest eager margin {moved['min_margin']:.2g}, "
-                f"McNemar p {moved['p_value']:.2f}): not starred; report.md's ranking-quality table lists the users")
+                f"McNemar p {moved['p_value']:.2f}): not starred; report.md's ranking-quality table counts "
+                "each variant's gained and lost users")
     return None
 
 
 # ------------------------------------------------------------------ the job
 def run(args: argparse.Namespace) -> int:
-    out = check_replaceable(args.output, force=True, flag=None)  # '.', '~', a user's folder: refused before the run
-    if out.exists() and not (out / REPORT_MARKER).is_file():
+    # refused before the run, not after it: '.', '~', a user's folder, an unwritable place, bad -p, the cache
+    out = check_replaceable(args.output, force=True, flag=None)
+    if out.exists() and any(out.iterdir()) and not (out / REPORT_MARKER).is_file():  # an empty folder is fine
         raise ArtifactError(f"{out} exists and is not a graphopt demo report; pick another -o")
+    check_pipelines(args.pipelines)
+    cannot_cache = check_cache(cache_dir(args.cache_dir))
     step = _Steps(4)
     threads = args.threads
     if threads is None and loaded_machine():
@@ -226,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         data = load_data(args.data)
         step(describe_data(data).replace("\nNOTICE:", "\n      NOTICE:"))
-    ckpt = _model(args, data, step, threads)
+        data.leave_one_out()  # data no user has 3 interactions in is refused here, not after a fine-tune
+    ckpt = _model(args, data, step, threads, cannot_cache)
 
     batch_sizes = args.batch_sizes or ([8] if args.quick else [1, 32])
     eval_batch = max(batch_sizes)
@@ -240,11 +277,11 @@ def run(args: argparse.Namespace) -> int:
             pipelines.append(SIZE_PIPELINE)
         pipelines, left_out = without_bf16(pipelines)
     step(
-        f"optimize + lower + benchmark: pipelines {', '.join(p.split('=')[0] for p in pipelines)} x runtimes "
+        f"optimize + lower + benchmark: pipelines {', '.join(parse_pipeline_spec(p).label for p in pipelines)} x runtimes "
         f"{', '.join(runtimes)}; batch {','.join(map(str, batch_sizes))}"
         + (f", seq {setup['seq']}" if setup["seq"] else "") + f"; {setup['what']}"
     )
-    if args.quick:
+    if args.quick and not args.runtimes:
         step.say("--quick: inductor and tensorrt left out (their compiles take minutes); run without --quick for all")
     if left_out:
         step.say(left_out)
@@ -272,16 +309,9 @@ def run(args: argparse.Namespace) -> int:
     for shape in report.shapes:
         print(f"\n{report.model} · {shape}")
         print(_table(report, shape))
-        best = report.best(shape)
-        print(f"★ best: {best}" if best else "★ best: no variant beats eager with its ranking intact")
-        print(f"  (keeps the ranking = {FIDELITY_BAR.describe()}; ✗ = below it, never starred)")
-        if near[shape]:
-            print(near[shape])
-    skipped = [v for v in report.variants if v["status"] != "ok"]
-    if skipped:
-        print("\nnot measured:")
-        for v in skipped:
-            print(f"  {v['name']}: {v['status']} ({v['reason']})")
+        print("\n".join(_verdict(report, shape, near[shape])))
+    if _not_measured(report):
+        print("\nnot measured:\n" + "\n".join(_not_measured(report)))
     for w in report.warnings:
         print(f"warning: {w}")
     if getattr(data, "notice", None):
@@ -295,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
         "pipelines": pipelines,
         "runtimes": runtimes,
         "batch_sizes": batch_sizes,
-        "eval_users": setup["count"],
+        ("eval_ratings" if isinstance(data, ClickData) else "eval_users"): setup["count"],  # what was scored
         "quick": args.quick,
         "wall_s": round(step.elapsed, 1),
     }
@@ -303,8 +333,10 @@ def run(args: argparse.Namespace) -> int:
         report.save(tmp, force=True)
         (tmp / REPORT_MARKER).write_text(json.dumps(summary, indent=1, default=str) + "\n")
         (tmp / "finetune.json").write_text(json.dumps(ckpt.meta, indent=1) + "\n")
-        tables = "\n\n".join(f"## {s}\n\n```\n{_table(report, s)}\n```" + (f"\n\n{near[s].strip()}" if near[s] else "")
-                               for s in report.shapes)
+        tables = "\n\n".join(f"## {s}\n\n```\n{_table(report, s)}\n```\n\n" + "\n\n".join(
+            line.strip() for line in _verdict(report, s, near[s])) for s in report.shapes)
+        if _not_measured(report):
+            tables += "\n\nNot measured:\n\n" + "\n".join(f"- {line.strip()}" for line in _not_measured(report))
         (tmp / "demo.md").write_text(
             f"# graphopt demo: {ckpt.name} on {data.name}\n\n"
             f"{describe_clicks(data) if isinstance(data, ClickData) else describe_data(data)}\n\n"

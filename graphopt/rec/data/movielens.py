@@ -143,8 +143,14 @@ class MovieLens:
     def leave_one_out(self) -> Split:
         """Last item = test target, second to last = validation target.
 
-        Users with fewer than 3 interactions stay in training only.
+        Users with fewer than 3 interactions stay in training only; data where every user has
+        fewer is refused (:class:`DataError`): nothing would be validated or tested.
         """
+        if not any(len(seq) >= 3 for seq in self.sequences):
+            raise DataError(
+                f"{self.source}: no user has 3 or more interactions ({self.num_users} users, {self.num_interactions} "
+                "interactions): leave-one-out needs 3 per user (training, validation and test items); give more data"
+            )
         train: list[list[int]] = []
         valid_h: list[list[int]] = []
         valid_t: list[int] = []

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from graphopt.errors import ArtifactError, first_line
-from graphopt.outputs import atomic_directory
+from graphopt.outputs import atomic_directory, usual_mode
 from graphopt.rec.finetune.loop import FinetuneResult
 from graphopt.rec.finetune.objectives import Objective, get_objective
 from graphopt.runtime.artifact import sha256_file
@@ -130,6 +130,7 @@ def save_checkpoint(result: FinetuneResult, out_dir: str | Path, *, force: bool 
     }
     with atomic_directory(out_dir, force=force) as tmp:
         save_model(result.model, str(tmp / WEIGHTS_FILE))
+        usual_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600 whatever the umask: readable as any file is
         meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out_dir)
