@@ -13,7 +13,7 @@ form and int8-mixed-bf16, with ``--int8``) on ``--runtimes`` (default inductor),
 (fp32 and bf16 autocast) and torchao's PT2E static int8, all timed interleaved
 against eager. Large sizes get half the rounds (a point takes seconds there).
 "Best" is ``BenchReport.best``: the fastest variant whose top-10 overlap with
-eager fp32 is >= 0.99 (graphopt.metrics.FIDELITY_BAR; these runs have no eval
+eager fp32 is >= 0.99 (graphopt.fidelity_bar.FIDELITY_BAR; these runs have no eval
 data); peers are held to the same bar. Writes ``OUT/scaling.md`` (the table,
 machine, load, command), ``OUT/scaling.json`` (every row) and each run's
 report in ``OUT/<model>_<size>/``.
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import graphopt
 from graphopt.bench import BenchReport, TimingConfig
-from graphopt.metrics import FIDELITY_BAR
+from graphopt.fidelity_bar import FIDELITY_BAR
 
 PEERS = ("torch.compile", "torch.compile-bf16", "torchao-pt2e-int8")
 HEADER = ["model", "batch", "seq", "eager p50 ms", "best graphopt", "speedup", "top-10",

@@ -10,7 +10,7 @@ all peer recipes, one interleaved run per model.
 Writes ``OUT/<model>/`` (report.json, report.md, PNGs) per model and
 ``OUT/headline.md`` (the table below, with date, machine and versions), and
 prints the table. "best" = the fastest variant that keeps the ranking
-(graphopt.metrics.FIDELITY_BAR: top-10 overlap with eager >= 0.99 here, no
+(graphopt.fidelity_bar.FIDELITY_BAR: top-10 overlap with eager >= 0.99 here, no
 eval data; graphopt.bench.report); speedups are medians of
 ratios measured round by round in the same run.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import graphopt
 from graphopt.bench import BenchReport, TimingConfig
-from graphopt.metrics import FIDELITY_BAR
+from graphopt.fidelity_bar import FIDELITY_BAR
 from graphopt.process import quiet_third_party
 
 MODELS = ("bert4rec:base", "bert-cls:base", "dlrm:base")

@@ -36,7 +36,7 @@ __all__ = ["QuantizeInt8"]
 log = logging.getLogger(__name__)
 
 _ACT_DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
-#: the guard's default: the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR)
+#: the guard's default: the bench's fidelity bar (graphopt.fidelity_bar.FIDELITY_BAR)
 GUARD_METRICS = ("bar", *METRICS)
 #: what calibration=auto compares, on one histogram per activation
 AUTO_METHODS = ("minmax", "entropy", "mse", "percentile")
@@ -89,7 +89,7 @@ class QuantizeInt8(Pass):
     first, and fp32 only once no int8 layer is left). If every layer ends up fp32, the Program stays fp32.
     Accuracy guard (on by default): on held-out calibration batches (the last
     quarter, which the observers do not see) the Program must keep ``metric``;
-    ``bar`` = the bench's fidelity bar (graphopt.metrics.FIDELITY_BAR: top-10
+    ``bar`` = the bench's fidelity bar (graphopt.fidelity_bar.FIDELITY_BAR: top-10
     overlap with the float outputs >= 0.99 where the first output ranks more
     than 10 candidates, else cosine >= 0.999); another metric must drop at most
     ``max_drop`` (0 turns the guard off). ``headroom`` (0.5) of the gap to 1 is

@@ -7,17 +7,8 @@ import math
 import pytest
 import torch
 
-from graphopt.metrics import (
-    FIDELITY_BAR,
-    agreement,
-    auc,
-    logloss,
-    ndcg_vs_reference,
-    ranking_drift,
-    relative_change,
-    score_rows,
-    shown_against,
-)
+from graphopt.fidelity_bar import FIDELITY_BAR, relative_change, shown_against
+from graphopt.metrics import agreement, auc, logloss, ndcg_vs_reference, ranking_drift, score_rows
 
 
 def test_ndcg_vs_reference_identical_reversed_and_disjoint():

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graphopt.metrics import FIDELITY_BAR
+from graphopt.fidelity_bar import FIDELITY_BAR
 
 if TYPE_CHECKING:
     from graphopt.bench.report import BenchReport
@@ -81,7 +81,7 @@ def plot_latency(report: BenchReport, path: Path) -> Path:
 
 
 def _fidelity_line(label: str) -> float | None:
-    """Where graphopt.metrics.FIDELITY_BAR sits on the trade-off's accuracy axis."""
+    """Where graphopt.fidelity_bar.FIDELITY_BAR sits on the trade-off's accuracy axis."""
     if "%" in label:
         return -100.0 * FIDELITY_BAR.max_rel_drop
     if label.startswith("top-k"):

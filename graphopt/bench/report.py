@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.bench.accuracy import quality_section
-from graphopt.metrics import FIDELITY_BAR, relative_change, shown_against
+from graphopt.fidelity_bar import FIDELITY_BAR, relative_change, shown_against
 from graphopt.outputs import atomic_directory
 
 __all__ = ["BenchReport", "BENCH_FORMAT", "shape_key", "pareto_front", "accuracy_score"]
@@ -105,7 +105,7 @@ class BenchReport:
         return [r for r in self.results if r["shape"] == shape]
 
     def fidelity(self, row: dict[str, Any]) -> tuple[bool, str]:
-        """(keeps the ranking, why not) by graphopt.metrics.FIDELITY_BAR: NDCG@10/HR@10
+        """(keeps the ranking, why not) by graphopt.fidelity_bar.FIDELITY_BAR: NDCG@10/HR@10
         on eval data within 0.5% relative of eager's, else top-10 overlap with
         eager >= 0.99; where the outputs rank nothing (no top-k overlap and no
         eval data), cosine with eager >= MIN_COSINE."""

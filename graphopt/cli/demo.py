@@ -52,7 +52,7 @@ from graphopt.cli.finetune import (
 )
 from graphopt.cli.real_data import real_data_setup
 from graphopt.errors import ArtifactError
-from graphopt.metrics import FIDELITY_BAR
+from graphopt.fidelity_bar import FIDELITY_BAR
 from graphopt.outputs import atomic_directory, check_replaceable
 from graphopt.rec.data import MovieLens
 from graphopt.rec.data.ctr import ClickData

@@ -17,7 +17,7 @@ damaging layers to fp32 while it misses (int8-mixed-bf16: to bf16 GEMMs first,
 to fp32 only once no int8 layer is left). Every score is against the fp32 model's outputs.
 
 The default target is the fidelity bar the bench stars variants by
-(:data:`graphopt.metrics.FIDELITY_BAR`): top-10 overlap with the float outputs
+(:data:`graphopt.fidelity_bar.FIDELITY_BAR`): top-10 overlap with the float outputs
 >= 0.99 where the first output ranks more than 10 candidates, else cosine
 >= 0.999; scored on held-out batches (calibration batches the observers did
 not see), at each of their input shapes (the lowest per-shape mean).
@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from graphopt.metrics import FIDELITY_BAR, agreement, relative_change
+from graphopt.fidelity_bar import FIDELITY_BAR, relative_change
+from graphopt.metrics import agreement
 from graphopt.passlib.layer_emulator import Emulator, LayerPlan
 
 __all__ = ["LayerPlan", "Emulator", "Target", "target_for", "Guarded", "guard", "confirm", "inference"]
@@ -129,7 +130,7 @@ def guard(
     against the fp32 model. ``validation`` (the user's
     metrics as a function of a model callable): a set of int8 layers must also
     keep every metric within the fidelity bar of the float model's
-    (graphopt.metrics.FIDELITY_BAR, 0.5% relative), checked on the sets the
+    (graphopt.fidelity_bar.FIDELITY_BAR, 0.5% relative), checked on the sets the
     held-out score accepts (``validation_reference``: the float model's metrics, when
     the caller has them).
     """

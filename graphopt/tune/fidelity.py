@@ -3,7 +3,7 @@
 A metric is one entry of :data:`METRICS`. ``source="eval"`` metrics read a
 key of the evaluator's result on evaluation data (``ndcg@10``, ``hr@10``; a
 CTR ``auc`` is one more entry once an evaluator returns it); the bar is
-:class:`graphopt.metrics.FidelityBar`'s rule with ``max_rel_drop`` =
+:class:`graphopt.fidelity_bar.FidelityBar`'s rule with ``max_rel_drop`` =
 ``--max-drop``: *every* quality metric eager reports stays within it, the
 named one is the one ranked, plotted and used for sensitivity.
 ``source="reference"`` metrics compare the first output with eager's on
@@ -22,15 +22,9 @@ import torch
 
 from graphopt.bench.report import MIN_COSINE
 from graphopt.errors import GraphoptError
+from graphopt.fidelity_bar import FIDELITY_BAR, FidelityBar, relative_change, shown_against
 from graphopt.hits import UserHits, hit_changes
-from graphopt.metrics import (
-    FIDELITY_BAR,
-    FidelityBar,
-    agreement,
-    relative_change,
-    score_matrix,
-    shown_against,
-)
+from graphopt.metrics import agreement, score_matrix
 from graphopt.tune.data import DataSpecError, TuneData
 
 __all__ = ["Metric", "METRICS", "Judge", "parse_drop"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphopt.bench.report import MIN_COSINE, pareto_front
-from graphopt.metrics import shown_against
+from graphopt.fidelity_bar import shown_against
 from graphopt.tune.sensitivity import ranking
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def _bar_of(fid: dict[str, Any], drop: float) -> tuple[float, float]:
 
 
 def _change_text(fid: dict[str, Any], drop: float) -> str:
-    """The relative change in %, never rounded onto the bar (:func:`graphopt.metrics.shown_against`)."""
+    """The relative change in %, never rounded onto the bar (:func:`graphopt.fidelity_bar.shown_against`)."""
     change = fid.get("change_pct", math.nan) if fid else math.nan
     return shown_against(change, _bar_of(fid, drop)[1], 2, sign=True) + "%" if math.isfinite(change) else "-"
 

@@ -179,7 +179,7 @@ def tune(
     metric ``ndcg@10``); without it the metric is ``topk-overlap`` against
     eager on held-out batches. ``eval_data``: a callable ``evaluate(fn) ->
     {"ndcg@10": .., "hr@10": ..}`` instead. ``max_drop``: ``"0.5%"`` or
-    0.005 (default: the project's bar, :data:`graphopt.metrics.FIDELITY_BAR`).
+    0.005 (default: the project's bar, :data:`graphopt.fidelity_bar.FIDELITY_BAR`).
     ``budget``: seconds or ``"10m"``; the run ends within 10% of it (or after
     one trial, whichever is longer). ``objective``: ``p50``/``p99`` (latency
     ratio vs eager, geometric mean over shapes) or ``throughput`` (at the

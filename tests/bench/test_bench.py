@@ -273,7 +273,7 @@ def test_headline_ratio_is_against_eager_where_every_peer_is_slower():
 def test_eval_columns_name_the_evaluations_cut_off_and_no_change_is_not_negative():
     """Was: with -k 5 and --data the columns read NDCG@5 / HR@5 over the @10 values; and eager's own
     logloss change printed "-0.00%" (relative_change negated 0.0)."""
-    from graphopt.metrics import relative_change
+    from graphopt.fidelity_bar import relative_change
 
     rep = _report([("eager", "baseline", 1.0, 1.0), ("good", "graphopt", 2.0, 1.0)])
     rep.config["k"] = 5

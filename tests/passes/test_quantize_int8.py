@@ -165,7 +165,8 @@ def test_auto_calibration_without_the_guard_is_minmax(zoo, program):
 
 
 def test_validation_data_holds_the_users_metric_on_the_real_graph(zoo, program):
-    from graphopt.metrics import FIDELITY_BAR, ndcg_at_k
+    from graphopt.fidelity_bar import FIDELITY_BAR
+    from graphopt.metrics import ndcg_at_k
 
     ref = program("bert4rec:tiny")
     calib = calibration(zoo("bert4rec:tiny"), n=4, batch=16)
