@@ -13,7 +13,11 @@ checked, in this order, before any model file is opened:
 3. coverage: every file the runtime opens has a checksum, and every file in
    the folder is listed (nothing was added after lowering);
 4. contents: each file has its recorded size (always) and sha256
-   (``verify=True``, the default).
+   (``verify=True``, the default);
+5. the manifest itself: its ``digest`` is the sha256 of the rest of it, so a
+   hand edit that the checks above accept (an input contract deleted or
+   widened, which would switch the runner's id range checks off) is refused.
+   :func:`write_manifest` writes it; an edit meant to stick is a re-lowering.
 
 Every refusal is one :class:`ArtifactError` line, in the same words for
 every runtime (``onnxruntime | out/ort: model.onnx is 812 bytes, the
@@ -41,9 +45,9 @@ from graphopt.runtime.backend import canonical_runtime, get_runtime
 if TYPE_CHECKING:
     from graphopt.runtime.runner import Runner
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_FILE", "Artifact", "read_artifact", "sha256_file"]
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_FILE", "Artifact", "read_artifact", "sha256_file", "write_manifest"]
 
-MANIFEST_FORMAT = "graphopt.artifact/1"
+MANIFEST_FORMAT = "graphopt.artifact/2"  # /2: the manifest carries its own digest
 MANIFEST_FILE = "manifest.json"
 #: files in an artifact folder that the manifest does not list (the marker of graphopt.outputs)
 _UNLISTED_OK = frozenset({MANIFEST_FILE, ".graphopt"})
@@ -57,6 +61,20 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's JSON without its ``digest`` key (keys sorted, compact)."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    text = json.dumps(json.loads(json.dumps(body, default=str)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write ``folder/manifest.json`` with its ``digest``; returns the manifest as written."""
+    manifest = {**{k: v for k, v in manifest.items() if k != "digest"}, "digest": manifest_digest(manifest)}
+    (Path(folder) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -151,7 +169,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             f"{path} has manifest format {fmt!r}, this graphopt reads {MANIFEST_FORMAT!r}; "
             "re-lower the Program with this graphopt"
         )
-    for key in ("runtime", "inputs", "outputs", "files", "backend"):
+    for key in ("runtime", "inputs", "outputs", "files", "backend", "digest"):
         if key not in manifest:
             raise ArtifactError(f"{mpath} lacks '{key}'; {_RELOWER}")
     problem = _schema_problem(manifest)
@@ -164,6 +182,8 @@ def _schema_problem(m: dict[str, Any]) -> str:
     """What is wrong with the manifest's types ('' when nothing)."""
     if not isinstance(m["runtime"], str) or not m["runtime"]:
         return "'runtime' must be a runtime name"
+    if not (isinstance(m["digest"], str) and _SHA256.match(m["digest"])):
+        return "'digest' must be the manifest's sha256 (64 hex digits)"
     if not isinstance(m["outputs"], list) or not all(isinstance(o, str) for o in m["outputs"]):
         return "'outputs' must be a list of names"
     if not isinstance(m["inputs"], list):
@@ -275,4 +295,7 @@ def read_artifact(out_dir: str | os.PathLike[str], *, verify: bool = True) -> Ar
         raise ArtifactError(f"{where}file {extra[0]} is not listed in the manifest (added after lowering); "
                             f"remove it or {_RELOWER}")
     stamps = {name: _check_contents(path, name, info, verify, where) for name, info in files.items()}
+    if manifest["digest"] != manifest_digest(manifest):  # last: the checks above name what they find
+        raise ArtifactError(f"{where}{MANIFEST_FILE} was edited after lowering (its digest does not match its "
+                            f"contents); an edited input contract would switch the runner's checks off; {_RELOWER}")
     return Artifact(path, manifest, verified=verify, _stamps=stamps)

@@ -29,7 +29,6 @@ under ``attention_mask`` 1 too.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,7 @@ from graphopt.ir.program import InputSpec, Program, bind_inputs, check_inputs
 from graphopt.options import resolve_options
 from graphopt.outputs import atomic_directory
 from graphopt.process import quiet_backends
-from graphopt.runtime.artifact import MANIFEST_FILE, Artifact
+from graphopt.runtime.artifact import Artifact, write_manifest
 from graphopt.runtime.backend import get_runtime, program_dtypes, require_available
 from graphopt.runtime.contract import check_contract, dim_ranges, index_ranges
 from graphopt.runtime.incremental_state import IncrementalState, tensor_versions
@@ -164,7 +163,7 @@ def lower_incremental(
                                         for n in _ENTRIES}},
             "files": files,
         }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        manifest = write_manifest(tmp, manifest)
     log.info("lowered incremental %s with %s into %s (window %d, state %s)", prefill_program.name, runtime,
              out_dir, inc.window, inc.codec)
     return Artifact(Path(out_dir), manifest)

@@ -4,7 +4,6 @@ artifact atomically; ``load(dir)`` checks it and returns its Runner."""
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 from pathlib import Path
@@ -17,7 +16,14 @@ from graphopt.ir.program import Program
 from graphopt.options import resolve_options
 from graphopt.outputs import atomic_directory
 from graphopt.process import quiet_backends
-from graphopt.runtime.artifact import MANIFEST_FILE, MANIFEST_FORMAT, Artifact, read_artifact, sha256_file
+from graphopt.runtime.artifact import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    Artifact,
+    read_artifact,
+    sha256_file,
+    write_manifest,
+)
 from graphopt.runtime.backend import Backend, get_runtime, require_available
 from graphopt.runtime.contract import dim_ranges, index_ranges
 from graphopt.runtime.runner import Runner
@@ -105,7 +111,7 @@ def lower(
         info = lower_entry(backend, program, tmp, opts)
         files = file_checksums(tmp)
         manifest = {**manifest_head(program, backend, opts), "backend": info, "files": files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        manifest = write_manifest(tmp, manifest)
     log.info("lowered %s with %s into %s (%d files)", program.name, runtime, out_dir, len(files))
     return Artifact(Path(out_dir), manifest)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.outputs import atomic_directory
-from graphopt.runtime.artifact import MANIFEST_FILE, read_artifact
+from graphopt.runtime.artifact import MANIFEST_FILE, read_artifact, write_manifest
 from graphopt.tune.trials import Trial
 
 __all__ = ["BEST_DIR", "write_best", "tune_section"]
@@ -52,5 +52,5 @@ def write_best(out_dir: Path, artifact: Path, section: dict[str, Any]) -> Path:
         shutil.copytree(artifact, tmp, dirs_exist_ok=True)
         manifest = json.loads((tmp / MANIFEST_FILE).read_text())
         manifest["tune"] = section
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        write_manifest(tmp, manifest)
     return target

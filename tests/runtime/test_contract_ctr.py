@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 import graphopt
-from graphopt.errors import RunnerError
+from graphopt.errors import ArtifactError, RunnerError
 from graphopt.models import load_model
+from graphopt.runtime.artifact import write_manifest
 
 RUNTIMES = ["eager", "torchscript", "onnxruntime", "inductor"]
 TOL = 1e-5
@@ -203,6 +204,9 @@ def test_an_id_input_edited_to_float_in_the_manifest_gets_one_line_not_an_index_
     manifest = json.loads((art.path / "manifest.json").read_text())
     manifest["inputs"][0]["dtype"] = "float32"  # a hand edit the schema accepts
     (art.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"manifest\.json was edited after lowering"):
+        graphopt.load(art.path)  # its digest catches it now; re-stamped, the runner's own check must hold too
+    write_manifest(art.path, manifest)
     ids, mask = zm.make_inputs(batch=2, seq=8, seed=1).values()
     with graphopt.load(art.path) as runner:
         bad = ids.float()

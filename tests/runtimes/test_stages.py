@@ -22,6 +22,7 @@ from graphopt import optimize
 from graphopt.errors import PreconditionError, RunnerError
 from graphopt.passlib.partition import stage_partition
 from graphopt.runtime import load, lower, runtime_names
+from graphopt.runtime.artifact import write_manifest
 
 TOL = 1e-5
 BOUND_S = 20  # a failed stage must fail the run within this (timeout=10 below; gloo usually sees it at once)
@@ -208,14 +209,14 @@ def test_one_stage_runs_in_process(dlrm_artifact, program, tmp_path):
 
 
 def test_artifact_lowered_as_pipeline_still_loads(dlrm_artifact, tmp_path, caplog):
-    """A manifest written when the runtime was called 'pipeline' loads (quietly),
-    and both ranks run it."""
+    """A manifest naming the runtime by its old name 'pipeline' loads (quietly), and both ranks
+    run it (re-stamped with its digest: one written before the digest is format /1, re-lowered)."""
     program, artifact = dlrm_artifact
     old = tmp_path / "old"
     shutil.copytree(artifact.path, old)
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["runtime"] = "pipeline"
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(old, manifest)
     with caplog.at_level(logging.WARNING, logger="graphopt.runtime.backend"):
         runner = load(old, microbatches=2, timeout=10, join_timeout=60)
     assert isinstance(runner, StagesRunner) and not caplog.records

@@ -3,7 +3,8 @@
 runtime x corruption: each case damages a copy of a lowered bert4rec:tiny
 artifact (a flipped byte, a truncated file, a link or a manifest path leading
 out of the folder, a file added after lowering, a manifest that is not JSON,
-of another format, missing a key or with a wrong type) and requires
+of another format, missing a key or with a wrong type, an input contract
+edited by hand) and requires
 ``graphopt.load`` to raise one :class:`ArtifactError` line that names the
 runtime and says to re-lower, before any model file is deserialized. The
 runtime-specific files get their own cases: ONNX Runtime's stored optimized
@@ -33,7 +34,7 @@ import torch
 
 import graphopt
 from graphopt.errors import ArtifactError
-from graphopt.runtime import lower
+from graphopt.runtime import MANIFEST_FORMAT, lower
 from tests.runtimes.test_conformance import _STATUS, _artifact, _marked
 
 #: the conformance suite's order reversed: when the two files run at once on two test workers,
@@ -113,6 +114,14 @@ def _entry_without_checksum(d: Path, name: str) -> None:
     _write_manifest(d, m)
 
 
+def _contract_deleted(d: Path, name: str) -> None:
+    """A hand edit every other check accepts: without its id ranges the runner would not check ids
+    (an out-of-range id aborted the Inductor runner's process before the manifest had a digest)."""
+    m = _manifest(d)
+    assert m["index_ranges"], "bert4rec:tiny's artifact should bound its item ids"
+    _write_manifest(d, {**m, "index_ranges": {}})
+
+
 def _file_added(d: Path, name: str) -> None:
     (d / "notes.txt").write_text("added after lowering")
 
@@ -129,6 +138,9 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path, str], None], str]] = {
     "absolute path": (_entry_absolute, r"the manifest names file '/\S+', which is not inside the artifact folder; "
                                        r"refusing to read it; " + _RELOWER),
     "no checksum": (_entry_without_checksum, r"{name} has no checksum in the manifest; " + _RELOWER),
+    "contract edited": (_contract_deleted, r"manifest\.json was edited after lowering \(its digest does not match "
+                                           r"its contents\); an edited input contract would switch the runner's "
+                                           r"checks off; " + _RELOWER),
     "file added": (_file_added, r"file notes\.txt is not listed in the manifest \(added after lowering\); "
                                 r"remove it or " + _RELOWER),
 }
@@ -138,9 +150,11 @@ MANIFESTS: dict[str, tuple[Callable[[Path], None], str]] = {
                  r"{path}/manifest\.json is not valid JSON \(.+\); " + _RELOWER),
     "another format": (lambda d: _write_manifest(d, {**_manifest(d), "format": "graphopt.artifact/0"}),
                        r"{path} has manifest format 'graphopt\.artifact/0', this graphopt reads "
-                       r"'graphopt\.artifact/1'; re-lower the Program with this graphopt"),
+                       rf"'{re.escape(MANIFEST_FORMAT)}'; re-lower the Program with this graphopt"),
     "key missing": (lambda d: _write_manifest(d, {k: v for k, v in _manifest(d).items() if k != "files"}),
                     r"{path}/manifest\.json lacks 'files'; " + _RELOWER),
+    "no digest": (lambda d: _write_manifest(d, {k: v for k, v in _manifest(d).items() if k != "digest"}),
+                  r"{path}/manifest\.json lacks 'digest'; " + _RELOWER),
     "wrong type": (lambda d: _write_manifest(d, {**_manifest(d), "files": list(_manifest(d)["files"])}),
                    r"{path}/manifest\.json: 'files' must map each file name to its sha256 and bytes; " + _RELOWER),
     "bad checksum field": (lambda d: _write_manifest(d, {**_manifest(d), "files": {
