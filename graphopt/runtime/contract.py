@@ -1,7 +1,9 @@
 """The input contract of a lowered Program, read from its captured graph, and its check.
 
 - dims: the [min, max] torch.export proved for each dynamic dim label (e.g.
-  seq <= the position table); inputs sharing a label must agree (the mask's
+  seq <= the position table), the max also held to the rows of a position
+  table that ``arange(seq)`` indexes where export proved nothing
+  (:mod:`graphopt.runtime.position_bounds`); inputs sharing a label must agree (the mask's
   seq is the ids' seq), as export proved when it unified them;
 - index ranges: an integer input whose values reach an embedding table of N
   rows (through view-like ops and integer casts; ``embedding``,
@@ -35,6 +37,7 @@ import torch.fx
 from graphopt.errors import RunnerError
 from graphopt.ir.fx import fetch_attr, op_name
 from graphopt.ir.program import Program
+from graphopt.runtime.position_bounds import position_bounds
 
 __all__ = ["dim_ranges", "index_ranges", "bag_offsets", "check_contract", "size_outside"]
 
@@ -72,7 +75,8 @@ def _finite_int(value: Any) -> int | None:
 
 
 def dim_ranges(program: Program) -> dict[str, dict[str, int | None]]:
-    """Per dynamic label, the [min, max] torch.export proved (max None = unbounded)."""
+    """Per dynamic label, the [min, max] torch.export proved (max None = unbounded), the max
+    also held to what position tables allow (:mod:`graphopt.runtime.position_bounds`)."""
     out: dict[str, dict[str, int | None]] = {}
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     for spec, ph in zip(program.inputs, placeholders):
@@ -98,6 +102,9 @@ def dim_ranges(program: Program) -> dict[str, dict[str, int | None]]:
             cur["min"] = max(cur["min"] or 0, lo)
             if hi is not None:
                 cur["max"] = hi if cur["max"] is None else min(cur["max"], hi)
+    for label, top in position_bounds(program).items():  # seq <= a position table export did not bound
+        if label in out:
+            out[label]["max"] = top if out[label]["max"] is None else min(out[label]["max"], top)
     for label in _empty_ok_labels(program):
         out.setdefault(label, {"min": 0, "max": None})["min"] = 0
     return out
