@@ -136,10 +136,12 @@ def capture_hf_directory(path: Path, batch: int = 4, seq: int = 16) -> Program:
         "attention_mask": torch.ones(batch, seq, dtype=torch.long),
     }
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    ranges = {"input_ids": (1, vocab), "attention_mask": (1, 2)}
     if getattr(model.config, "is_encoder_decoder", False):  # T5-style: one decoder step from the start token
-        start = getattr(model.config, "decoder_start_token_id", None) or 0
-        inputs["decoder_input_ids"] = torch.full((batch, 1), int(start), dtype=torch.long)
+        start = int(getattr(model.config, "decoder_start_token_id", None) or 0)
+        inputs["decoder_input_ids"] = torch.full((batch, 1), start, dtype=torch.long)
         dyn["decoder_input_ids"] = {0: "batch"}
+        ranges["decoder_input_ids"] = (start, start + 1)  # calibration and bench feed what serving feeds
     from graphopt.ir.capture import capture
     from graphopt.rec.hf_folder import FolderModel
 
@@ -149,7 +151,7 @@ def capture_hf_directory(path: Path, batch: int = 4, seq: int = 16) -> Program:
         dynamic=dyn,
         name=path.resolve().name if path.resolve().name not in ("model", "checkpoint") else
         f"{path.resolve().parent.name}/{path.resolve().name}",
-        input_ranges={"input_ids": (1, vocab), "attention_mask": (1, 2), "decoder_input_ids": (0, vocab)},
+        input_ranges=ranges,
         meta={"hf_directory": str(path), "architecture": cls_name},
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from graphopt.rec.resolve import load_program
@@ -112,6 +114,9 @@ def test_t5_rec_hugging_face_folder_works_as_model(zoo, tmp_path):
     prog = load_program(str(tmp_path / "t5"))  # T5ForConditionalGeneration: the decoder start is an input
     assert prog.input_names == ["input_ids", "attention_mask", "decoder_input_ids"]
     assert prog.output_names[0] == "logits"
+    # calibration and the bench feed the start token, as serving does (was: random tokens in [0, vocab))
+    start = json.loads((tmp_path / "t5" / "config.json").read_text())["decoder_start_token_id"]
+    assert prog.sample_inputs(batch=4, seq=5, seed=3)[2].eq(start).all()
     ids = torch.randint(1, zm.config["items"] + 1, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     logits = prog(ids, mask, torch.zeros(3, 1, dtype=torch.long))[0]
