@@ -32,7 +32,8 @@ class EagerRunner(Runner):
     @classmethod
     def from_program(cls, program: Program, device: str = "cpu") -> EagerRunner:
         """An in-memory runner (no artifact): the reference for comparisons; the same contract checks."""
-        from graphopt.runtime.contract import dim_ranges, index_ranges
+        from graphopt.runtime.contract import dim_ranges
+        from graphopt.runtime.index_ranges import index_ranges
 
         runner = cls(None, program.inputs, program.output_names, program=program, device=device)
         runner._dims, runner._index_ranges = dim_ranges(program), index_ranges(program)

@@ -5,12 +5,12 @@
   table that ``arange(seq)`` indexes where export proved nothing
   (:mod:`graphopt.runtime.position_bounds`); inputs sharing a label must agree (the mask's
   seq is the ids' seq), as export proved when it unified them;
-- index ranges: an integer input whose values reach an embedding table of N
-  rows (through view-like ops and integer casts; ``embedding``,
-  ``embedding_bag``, ``index_select`` or ``index(t, [ids])`` on dim 0, as
-  prune-embeddings' id remap) must hold values in [0, N); where each slot
-  ``input[:, t]`` feeds its own table (DLRM's sparse features), each slot is
-  held to its own table's rows;
+- index ranges (found by :mod:`graphopt.runtime.index_ranges`): an input whose
+  values reach an embedding table of N rows (through view-like ops, casts and
+  constant shifts; ``embedding``, ``embedding_bag``, ``index_select`` or
+  ``index(t, [ids])`` on dim 0, as prune-embeddings' id remap) must hold values
+  in [0, N) (moved by the shift); where each slot ``input[:, t]`` feeds its own
+  table (DLRM's sparse features), each slot is held to its own table's rows;
 - EmbeddingBag offsets: an input that is the ``offsets`` of an EmbeddingBag
   over a 1-D ids input (recorded in ``index_ranges`` as ``{"offsets_of":
   ids, "include_last_offset": bool}``, and kept in ``Program.meta["bag_offsets"]``
@@ -35,11 +35,11 @@ import torch
 import torch.fx
 
 from graphopt.errors import RunnerError
-from graphopt.ir.fx import fetch_attr, op_name
+from graphopt.ir.fx import op_name
 from graphopt.ir.program import Program
 from graphopt.runtime.position_bounds import position_bounds
 
-__all__ = ["dim_ranges", "index_ranges", "bag_offsets", "check_contract", "size_outside"]
+__all__ = ["dim_ranges", "bag_offsets", "check_contract", "size_outside"]
 
 #: ops through which an input's values reach a table unchanged (only positions move)
 _VALUE_PRESERVING = {
@@ -200,106 +200,6 @@ def size_outside(ranges: dict[str, dict[str, int | None]], name: str,
                 return (f"{flag} {int(size)}: {name} takes {label} in [{lo}, "
                         f"{'unbounded' if hi is None else hi}]; pick sizes within it")
     return None
-
-
-def _table_rows(node: torch.fx.Node, arg: torch.fx.Node) -> int | None:
-    """Rows of the table ``node`` indexes with ``arg`` (embedding, embedding_bag, index_select
-    on dim 0, ``index(t, [arg])``: one index tensor on dim 0, as prune-embeddings' id remap)."""
-    op = op_name(node)
-    if op in ("embedding", "embedding_bag") and len(node.args) > 1 and node.args[1] is arg:
-        table = node.args[0]
-    elif op == "index_select" and len(node.args) > 2 and node.args[2] is arg and node.args[1] == 0:
-        table = node.args[0]
-    elif op == "index" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) \
-            and len(node.args[1]) == 1 and node.args[1][0] is arg:
-        table = node.args[0]
-    else:
-        return None
-    val = table.meta.get("val") if isinstance(table, torch.fx.Node) else None
-    if not isinstance(val, torch.Tensor) and isinstance(table, torch.fx.Node) and table.op == "get_attr":
-        try:
-            val = fetch_attr(table.graph.owning_module, str(table.target))
-        except AttributeError:
-            val = None
-    size = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() else None
-    return size if isinstance(size, int) else None
-
-
-def index_ranges(program: Program) -> dict[str, Any]:
-    """Per integer input that indexes embedding tables: ``[0, rows)`` of the smallest one.
-
-    When every table an input reaches is reached through ``input.select(dim, i)``
-    (one table per feature slot, as DLRM's ``sparse[:, t]``), each slot gets
-    its own table's range: ``{"dim": dim, "high": [rows of slot 0, ...]}``, so
-    realistic ids of a large table are not held to the smallest table's range.
-    """
-    out: dict[str, Any] = {}
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    for spec, ph in zip(program.inputs, placeholders):
-        if spec.dtype.is_floating_point or spec.dtype == torch.bool:
-            continue
-        rows: list[tuple[int, tuple[int, int] | None]] = []  # (table rows, (dim, index) of a slot select)
-        # (node, slot select seen on the way, dims still numbered as the input's)
-        frontier: list[tuple[torch.fx.Node, tuple[int, int] | None, bool]] = [(ph, None, True)]
-        seen = {ph}
-        while frontier:
-            cur, slot, same_dims = frontier.pop()
-            for user in cur.users:
-                n = _table_rows(user, cur)
-                if n is not None:
-                    rows.append((n, slot))
-                elif _passes_values(user, cur) and user not in seen:
-                    seen.add(user)
-                    if same_dims and slot is None and _slot(user, len(spec.shape)) is not None:
-                        frontier.append((user, _slot(user, len(spec.shape)), False))
-                    else:
-                        frontier.append((user, slot, same_dims and slot is None and _keeps_dims(user)))
-        if rows:
-            out[spec.name] = _slot_ranges(rows, spec.shape) or [0, min(n for n, _ in rows)]
-    for name, rec in bag_offsets(program).items():
-        out.setdefault(name, {"offsets_of": rec["ids"], "include_last_offset": bool(rec["include_last_offset"])})
-    return out
-
-
-def _slot(node: torch.fx.Node, rank: int) -> tuple[int, int] | None:
-    """(dim, index) when ``node`` is ``select(input, dim, index)`` with constant ints."""
-    if op_name(node) != "select" or len(node.args) < 3:
-        return None
-    dim, index = node.args[1], node.args[2]
-    if not (isinstance(dim, int) and isinstance(index, int)):
-        return None
-    return (dim % rank, index)
-
-
-def _keeps_dims(node: torch.fx.Node) -> bool:
-    """Copies and full slices: the output's dims are the input's, element for element."""
-    name = op_name(node)
-    if name in ("clone", "contiguous", "alias", "detach", "lift_fresh_copy") or name in _CASTS:
-        return True
-    if name == "slice":
-        start = node.args[2] if len(node.args) > 2 else 0
-        end = node.args[3] if len(node.args) > 3 else None
-        return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62))
-    return False
-
-
-def _slot_ranges(rows: list[tuple[int, tuple[int, int] | None]], shape: Any) -> dict[str, Any] | None:
-    """``{"dim", "high"}`` when every table is reached through a select on one
-    static dim and every index of that dim reaches one; else None."""
-    slots = {slot for _, slot in rows}
-    if None in slots or len({d for d, _ in slots}) != 1:  # type: ignore[misc]
-        return None
-    dim = next(iter(slots))[0]  # type: ignore[index]
-    size = shape[dim] if dim < len(shape) else None
-    if not isinstance(size, int):
-        return None
-    high: list[int | None] = [None] * size
-    for n, (_, i) in rows:  # type: ignore[misc]
-        i %= size
-        high[i] = n if high[i] is None else min(high[i], n)  # type: ignore[type-var]
-    if any(h is None for h in high):
-        return None
-    return {"dim": dim, "high": high}
 
 
 def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str, Any], runtime: str) -> None:

@@ -46,8 +46,9 @@ from graphopt.outputs import atomic_directory
 from graphopt.process import quiet_backends
 from graphopt.runtime.artifact import Artifact, write_manifest
 from graphopt.runtime.backend import get_runtime, program_dtypes, require_available
-from graphopt.runtime.contract import check_contract, dim_ranges, index_ranges
+from graphopt.runtime.contract import check_contract, dim_ranges
 from graphopt.runtime.incremental_state import IncrementalState, tensor_versions
+from graphopt.runtime.index_ranges import index_ranges
 from graphopt.runtime.lower import file_checksums, lower_entry, manifest_head
 
 if TYPE_CHECKING:

@@ -25,7 +25,8 @@ from graphopt.runtime.artifact import (
     write_manifest,
 )
 from graphopt.runtime.backend import Backend, get_runtime, require_available
-from graphopt.runtime.contract import dim_ranges, index_ranges
+from graphopt.runtime.contract import dim_ranges
+from graphopt.runtime.index_ranges import index_ranges
 from graphopt.runtime.runner import Runner
 
 __all__ = ["lower", "load"]

@@ -213,7 +213,8 @@ def load_calibration_file(path: str | Path, names: Sequence[str], program: Progr
             raise DataSpecError(f"--calib {path}: batch {i} is not {len(names)} tensors ({', '.join(names)})")
         if program is not None:
             if contract is None:
-                from graphopt.runtime.contract import dim_ranges, index_ranges
+                from graphopt.runtime.contract import dim_ranges
+                from graphopt.runtime.index_ranges import index_ranges
 
                 contract = (dim_ranges(program), index_ranges(program))
             _check_batch(program, tuple(b), contract, f"--calib {path}: batch {i}")
