@@ -63,6 +63,7 @@ class EagerRunner(Runner):
 
 class EagerBackend(Backend):
     name = "eager"
+    keeps_state = True  # the loaded module updates its buffers as the user's model does
     summary = "PyTorch eager execution of the Program's GraphModule (the reference)"
     lower_options = (
         Option("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),

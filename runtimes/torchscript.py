@@ -70,6 +70,7 @@ class TorchScriptRunner(Runner):
 
 class TorchScriptBackend(Backend):
     name = "torchscript"
+    keeps_state = True
     summary = "torch.jit.script + freeze of the graph (shape-generic; TorchScript is deprecated upstream)"
     lower_options = (
         Option("device", str, "auto", "auto (CUDA where present), cpu or cuda[:N]"),

@@ -101,6 +101,33 @@ def is_quantized(program: Program) -> bool:
     return False
 
 
+def mutated_buffers(program: Program) -> list[str]:
+    """Buffers the graph updates in place (``self.count.add_(1)`` is captured as ``copy_`` into it)."""
+    out: list[str] = []
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        target, schema = node.args[0], getattr(node.target, "_schema", None)
+        first = schema.arguments[0] if schema is not None and schema.arguments else None
+        writes = bool(first is not None and first.alias_info is not None and first.alias_info.is_write)
+        if target.op == "get_attr" and writes and str(target.target) not in out:
+            out.append(str(target.target))
+    return out
+
+
+def check_state(backend: Backend, program: Program) -> None:
+    """Refuse, in one line, a Program that updates buffers for a runtime that keeps no state
+    (was: ONNX Runtime and Inductor served every call from the captured value while eager and
+    TorchScript advanced the state, the same artifact scoring differently per runtime)."""
+    names = mutated_buffers(program)
+    if names and not backend.keeps_state:
+        shown = ", ".join(n.removeprefix("model.") for n in names[:3]) + (" ..." if len(names) > 3 else "")
+        raise LoweringError(f"{backend.name} | {program.name} updates buffer(s) {shown} in place on every call; "
+                            f"{backend.name} artifacts keep no state between calls and would score each call from "
+                            "the captured value: lower it for eager or torchscript, or pass the state in as an "
+                            "input and return its update")
+
+
 def resolve_device(device: str, runtime: str) -> str:
     """``auto`` -> ``cuda`` where a CUDA device is present, else ``cpu``."""
     if device == "auto":
@@ -126,6 +153,9 @@ class Backend:
     lower_options: ClassVar[tuple[Option, ...]] = ()
     runner_options: ClassVar[tuple[Option, ...]] = ()
     runner_class: ClassVar[type[Runner]] = Runner
+    #: whether a Program's in-place buffer updates persist from one call to the next (eager,
+    #: TorchScript); a runtime without them refuses such a Program (:func:`check_state`)
+    keeps_state: ClassVar[bool] = False
 
     def unavailable_reason(self) -> str | None:
         """None when usable here, else why not (missing package, no CUDA)."""

@@ -45,7 +45,7 @@ from graphopt.options import resolve_options
 from graphopt.outputs import atomic_directory
 from graphopt.process import quiet_backends
 from graphopt.runtime.artifact import Artifact, write_manifest
-from graphopt.runtime.backend import get_runtime, program_dtypes, require_available
+from graphopt.runtime.backend import check_state, get_runtime, program_dtypes, require_available
 from graphopt.runtime.contract import check_contract, dim_ranges
 from graphopt.runtime.incremental_state import IncrementalState, tensor_versions
 from graphopt.runtime.index_ranges import index_ranges
@@ -142,6 +142,7 @@ def lower_incremental(
     for name, entry in entries.items():
         try:
             backend.check_program(entry, entry_opts[name])
+            check_state(backend, entry)
         except LoweringError:
             if inc.codec != "bf16" or torch.bfloat16 not in program_dtypes(entry):
                 raise

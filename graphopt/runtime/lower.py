@@ -24,7 +24,7 @@ from graphopt.runtime.artifact import (
     sha256_file,
     write_manifest,
 )
-from graphopt.runtime.backend import Backend, get_runtime, require_available
+from graphopt.runtime.backend import Backend, check_state, get_runtime, require_available
 from graphopt.runtime.contract import dim_ranges
 from graphopt.runtime.index_ranges import index_ranges
 from graphopt.runtime.runner import Runner
@@ -108,6 +108,7 @@ def lower(
     opts = backend.complete_options(program, resolve_options(backend.lower_options, options, f"{runtime} | lower",
                                                              LoweringError))
     backend.check_program(program, opts)
+    check_state(backend, program)
     with atomic_directory(out_dir, force=force) as tmp, quiet_backends():
         info = lower_entry(backend, program, tmp, opts)
         files = file_checksums(tmp)
