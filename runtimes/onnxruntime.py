@@ -300,9 +300,12 @@ class OnnxRuntimeBackend(Backend):
 
     def check_program(self, program: Program, options: Mapping[str, Any]) -> None:
         if torch.bfloat16 in program_dtypes(program):
+            cast = "bf16" in (program.pipeline or "") or "mixed=bf16" in (program.pipeline or "")
+            fix = ("drop the bf16 pass from the pipeline" if cast else
+                   "capture the model after model.float() (its weights or inputs are bf16 as captured)")
             raise LoweringError(
                 f"onnxruntime | {program.name} computes in bfloat16 and ONNX Runtime's CPU provider has no "
-                "bf16 kernels; lower it with the inductor runtime, or drop the bf16 pass from the pipeline"
+                f"bf16 kernels; lower it with the inductor runtime, or {fix}"
             )
 
     def lower_into(self, program: Program, out: Path, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+from graphopt import optimize
 from graphopt.errors import ArtifactError, LoweringError
 from graphopt.ir.capture import capture
 from graphopt.passlib.qdq import quantize_weight, weight_bits
@@ -84,11 +85,20 @@ def test_an_opset_the_exporter_cannot_write_is_refused(bert_artifact, tmp_path):
 
 
 def test_bf16_program_is_refused(tmp_path):
+    """A model captured in bf16 is told to capture after model.float() (was: "drop the bf16 pass from the
+    pipeline", which had none); a bf16 cast in the pipeline is told to drop it."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 4)).to(torch.bfloat16).eval()
     prog = capture(model, (torch.randn(2, 8, dtype=torch.bfloat16),), dynamic={"input": {0: "batch"}})
-    with pytest.raises(LoweringError, match=r"^onnxruntime \| .* computes in bfloat16 .* no bf16 kernels"):
+    with pytest.raises(LoweringError, match=r"^onnxruntime \| .* computes in bfloat16 .* no bf16 kernels; lower it "
+                                            r"with the inductor runtime, or capture the model after model\.float\(\)"):
         lower(prog, "onnxruntime", tmp_path / "bf16")
     assert not (tmp_path / "bf16").exists()
+    two = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    fp32 = capture(two, (torch.randn(2, 8),), dynamic={"input": {0: "batch"}})
+    cast, _ = optimize(fp32, "cast{dtype=bf16}")  # the first linear in bf16 (the scoring head stays fp32)
+    with pytest.raises(LoweringError, match=r"no bf16 kernels; lower it with the inductor runtime, or drop the bf16 "
+                                            r"pass from the pipeline$"):
+        lower(cast, "onnxruntime", tmp_path / "cast")
 
 
 class _QLinear(torch.nn.Module):
