@@ -253,3 +253,14 @@ def test_int8_llama_lowers_with_its_transformer_fusions(tmp_path):
     # ORT's integer GEMMs against the Program's fake-quant fp32 math (the pass itself is held to 0.25)
     want = q(*x)[0]
     torch.testing.assert_close(got, want, atol=0.05 * float(want.abs().max()), rtol=0.05)
+
+
+def test_weight_only_int8_keeps_fp32_activations(tmp_path):
+    """Was: ORT fused DequantizeLinear -> MatMul into MatMulNBits at its default accuracy level 4, which
+    quantizes the activations to int8 at run time: 0.0099 off the weight-only Program (3-D input)."""
+    torch.manual_seed(0)
+    prog = capture(torch.nn.Linear(16, 32, bias=False).eval(), (torch.randn(2, 5, 16),))
+    weights_only, _ = optimize(prog, "quantize-int8-weights")
+    x = torch.randn(3, 5, 16)
+    with load(lower(weights_only, "onnxruntime", tmp_path / "w8").path) as runner:
+        torch.testing.assert_close(runner(x)[0], weights_only(x)[0], atol=1e-5, rtol=1e-5)
