@@ -174,3 +174,31 @@ def test_split_rows_left_unset_is_decided_per_program_and_cpu(monkeypatch):
         assert decided(fp32, max_autotune=False) == decided(fp32, weight_prepack=False) == 0
         assert decided(fp32, split_rows=64) == 64 and decided(bf16, split_rows=64) == 64
     assert inductor_runtime.split_rows_by_default(fp32, "cuda", {"max_autotune": True, "weight_prepack": True}) == 0
+
+
+def test_asymmetric_int8_weights_are_refused_before_compiling(tmp_path):
+    """Was: quantize-int8{symmetric_weights=false} lowered; Inductor's x86 int8 kernels drop per-channel
+    weight zero points: 0.137 off the Program on this Linear(16, 8), silently. ONNX Runtime keeps them
+    (the near miss: exact to the Program), and symmetric weights (the default) pass the check."""
+    import re
+
+    from graphopt.runtimes.inductor_program import check_weight_zero_points
+
+    from graphopt.errors import LoweringError
+
+    torch.manual_seed(0)
+    prog = graphopt.capture(torch.nn.Linear(16, 8).eval(), (torch.randn(4, 16),))
+    batches = [(torch.randn(4, 16),) for _ in range(4)]
+    pipe = "quantize-int8{calibration=minmax max_drop=0 symmetric_weights=%s}"
+    asym, _ = graphopt.optimize(prog, pipe % "false", calibration_data=batches)
+    sym, _ = graphopt.optimize(prog, pipe % "true", calibration_data=batches)
+    with pytest.raises(LoweringError) as info:
+        lower(asym, "inductor", tmp_path / "asym")
+    assert re.fullmatch(r"inductor \| \S+ has int8 weights with per-channel zero points .* quantize with "
+                        r"symmetric_weights=true \(the default\), or lower it for eager or onnxruntime",
+                        str(info.value)), str(info.value)
+    assert not (tmp_path / "asym").exists()
+    check_weight_zero_points(sym)  # symmetric: nothing to refuse
+    x = torch.randn(5, 16)
+    with graphopt.load(lower(asym, "onnxruntime", tmp_path / "ort").path) as runner:
+        torch.testing.assert_close(runner(x)[0], asym(x)[0], atol=1e-5, rtol=1e-5)
