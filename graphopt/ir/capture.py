@@ -13,13 +13,11 @@ returns a flat tuple of tensors whose names are recorded.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import keyword
 import logging
 import os
 import traceback
 import warnings
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,14 +25,21 @@ import torch
 
 from graphopt.errors import CaptureError
 from graphopt.ir.canonical import canonicalize
+from graphopt.ir.capture_inputs import (
+    DynamicSpec,
+    check_dynamic,
+    check_kept_static,
+    dynamic_shapes,
+    example_tensors,
+    input_names,
+    labels,
+    signature_order,
+)
 from graphopt.ir.program import InputSpec, Program
 
 __all__ = ["capture"]
 
 log = logging.getLogger(__name__)
-
-DynamicSpec = bool | Mapping[str, Mapping[int, str]]
-
 
 def _flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
     """Names and tensors of a model's output, in a stable order."""
@@ -53,8 +58,12 @@ def _flatten_outputs(out: Any) -> tuple[list[str], list[torch.Tensor]]:
     if isinstance(out, (tuple, list)):
         names, tensors = [], []
         for i, item in enumerate(out):
-            sub_names, sub = _flatten_outputs(item)
             prefix = f"output_{i}"
+            if item is None:  # skipping it would shift every later output's position (a dict's None is skipped)
+                raise CaptureError(f"model output {i} (of the {type(out).__name__} it returns) is None; graphopt "
+                                   "serves tensor outputs: drop it from the return value, or return a dict "
+                                   "(a None value there is left out)")
+            sub_names, sub = _flatten_outputs(item)
             names += [prefix if n == "output" else f"{prefix}.{n}" for n in sub_names]
             tensors += sub
         return names, tensors
@@ -88,21 +97,6 @@ def _make_wrapper(model: torch.nn.Module, names: Sequence[str], by_keyword: bool
     return _Captured()
 
 
-def _input_names(model: torch.nn.Module, n: int) -> list[str]:
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    positional = [
-        p.name
-        for p in params
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(positional) >= n:
-        return positional[:n]
-    return [f"input_{i}" for i in range(n)]
-
-
 def _summarize(e: BaseException) -> str:
     """One line from a torch.export failure: the headline plus the user frame."""
     text = str(e).strip()
@@ -129,105 +123,6 @@ def _hint(e: BaseException) -> str:
     if "Unsupported" in type(e).__name__ or "not supported" in text:
         return "rewrite the unsupported construct or capture a submodule without it"
     return "run with --debug for torch's full trace"
-
-
-def _dynamic_shapes(
-    names: Sequence[str], tensors: Sequence[torch.Tensor], dynamic: DynamicSpec
-) -> tuple[dict[int, Any] | None, ...]:
-    out = []
-    for name, t in zip(names, tensors):
-        if dynamic is True:
-            dims = dict.fromkeys(range(t.dim()), torch.export.Dim.AUTO)
-        elif dynamic is False:
-            dims = {}
-        else:
-            dims = dict.fromkeys(dynamic.get(name, {}), torch.export.Dim.AUTO)
-        out.append(dims or None)
-    return tuple(out)
-
-
-_BAG_OPS = ("aten.embedding_bag.", "aten._embedding_bag.", "aten._embedding_bag_forward_only.")
-
-
-def _flat_bag_inputs(gm: torch.fx.GraphModule, input_name: Mapping[torch.fx.Node, str]) -> set[str]:
-    """Inputs an EmbeddingBag reads as flat ids or per-sample weights (with offsets): their length is
-    the number of ids in the batch, never the batch, even where an example holds one id per bag."""
-    flat: set[str] = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or not str(node.target).startswith(_BAG_OPS):
-            continue
-        args = list(node.args)
-        if len(args) < 3 or args[2] is None:  # 2-D ids, no offsets: they lead with the batch
-            continue
-        weights = node.kwargs.get("per_sample_weights", args[6] if len(args) > 6 else None)
-        for arg in (args[1], weights):
-            if arg in input_name:
-                flat.add(input_name[arg])
-    return flat
-
-
-def _labels(
-    names: Sequence[str], gm: torch.fx.GraphModule, dynamic: DynamicSpec
-) -> dict[str, dict[int, str]]:
-    """Which dims really came out symbolic, with their labels: the caller's where named. Else a
-    leading dim is "batch" where its example size is the one most inputs lead with (export may keep
-    a mask's batch apart from its ids'; the contract holds them equal), and any other dim shares
-    a label with the dims export gave its symbol: EmbeddingBag's flat ids and offsets lead with
-    different sizes and so get two labels, not one "batch" that refuses every real request."""
-    symbols: dict[str, dict[int, Any]] = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for name, ph in zip(names, placeholders):
-        val = ph.meta.get("val")
-        symbols[name] = {d: size.node for d, size in enumerate(val.shape)
-                         if isinstance(size, torch.SymInt) and not isinstance(size.node.maybe_as_int(), int)
-                         } if isinstance(val, torch.Tensor) else {}
-    named = {name: dict(dynamic.get(name, {})) if isinstance(dynamic, Mapping) else {} for name in symbols}
-    flat = _flat_bag_inputs(gm, dict(zip(placeholders, names)))
-    leading = Counter(dims[0].hint for name, dims in symbols.items()
-                      if 0 in dims and 0 not in named[name] and name not in flat)
-    batch = leading.most_common(1)[0][0] if leading else None
-    label_of: dict[str, str] = {}
-    out: dict[str, dict[int, str]] = {name: {} for name in symbols}
-    # leading dims first (a stable sort keeps input order): their labels carry over to the same symbol elsewhere
-    for name, d, node in sorted(((n, d, node) for n, dims in symbols.items() for d, node in dims.items()),
-                                key=lambda item: item[1] != 0):
-        if d in named[name]:
-            out[name][d] = named[name][d]
-        else:
-            own = "batch" if d == 0 and node.hint == batch and name not in flat else f"{name}_dim{d}"
-            out[name][d] = label_of.setdefault(str(node.expr), own)
-    return {name: dict(sorted(dims.items())) for name, dims in out.items()}
-
-
-def _check_dynamic(names: Sequence[str], tensors: Sequence[torch.Tensor], dynamic: DynamicSpec) -> None:
-    """A ``dynamic`` mapping names only inputs and dims the model has (was: silently ignored)."""
-    if not isinstance(dynamic, Mapping):
-        return
-    for name, dims in dynamic.items():
-        if name not in names:
-            raise CaptureError(f"dynamic names input '{name}', but the model's inputs are {list(names)}")
-        rank = tensors[list(names).index(name)].dim()
-        bad = [d for d in dims if not isinstance(d, int) or not 0 <= d < rank]
-        if bad:
-            raise CaptureError(f"dynamic names dim {bad[0]!r} of input '{name}', which has {rank} dims "
-                               f"(0 to {rank - 1})")
-
-
-def _check_kept_static(names: Sequence[str], tensors: Sequence[torch.Tensor], dynamic: DynamicSpec,
-                       labels: Mapping[str, Mapping[int, str]]) -> None:
-    """A dim the caller named dynamic that export kept static: an error where the example's size of
-    0 or 1 is the reason (torch.export specializes those), else a warning naming the size it keeps."""
-    if not isinstance(dynamic, Mapping):
-        return
-    for name, t in zip(names, tensors):
-        for d, label in dynamic.get(name, {}).items():
-            if d in labels[name]:
-                continue
-            if t.shape[d] <= 1:
-                raise CaptureError(f"input '{name}' dim {d} ({label}) has size {t.shape[d]} in the example, which "
-                                   "torch.export captures as a constant; capture with an example of size >= 2 there")
-            warnings.warn(f"torch.export kept input '{name}' dim {d} ({label}) static at {t.shape[d]}: the model "
-                          "fixes that size; requests must have it", stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -262,6 +157,44 @@ def _own_mutated_buffers(gm: torch.nn.Module, ep: torch.export.ExportedProgram) 
             module._buffers[leaf] = module._buffers[leaf].detach().clone()
 
 
+def _drop_input_writes(gm: torch.fx.GraphModule, ep: torch.export.ExportedProgram, label: str) -> None:
+    """Take out the graph's write-back into a user input (``x.mul_(2)`` in forward): every runtime then
+    computes the outputs as on a copy and leaves the caller's tensor alone (was: eager, TorchScript and
+    Inductor changed the caller's tensor, ONNX Runtime did not)."""
+    written = sorted(set(ep.graph_signature.user_inputs_to_mutate.values()))
+    if not written:
+        return
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_function" and node.target is torch.ops.aten.copy_.default
+                and node.args[0] in placeholders and not node.users):
+            gm.graph.erase_node(node)
+    gm.recompile()
+    warnings.warn(f"{label} modifies input(s) {', '.join(repr(n) for n in written)} in place; graphopt serves it "
+                  "as if on a copy and leaves the caller's tensors unchanged: return the new value as an output "
+                  "if you need it", stacklevel=3)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module, label: str) -> Iterator[None]:
+    """Capture with every module in eval mode, then give each its own flag back (was: only the top
+    module's flag was looked at, so a Dropout or BatchNorm left training under an eval parent was
+    captured in train mode; and ``model.train()`` afterwards flipped a frozen BatchNorm to train)."""
+    flags = {m: m.training for m in model.modules()}
+    training = [n or type(model).__name__ for n, m in model.named_modules() if m.training]
+    if training:
+        more = f" and {len(training) - 3} more" if len(training) > 3 else ""
+        warnings.warn(f"{label} has modules in train mode ({', '.join(training[:3])}{more}); graphopt captures "
+                      "the whole model in eval mode (dropout off, BatchNorm running stats): call model.eval() "
+                      "first to silence this", stacklevel=4)
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | torch.Tensor,
@@ -279,39 +212,32 @@ def capture(
     (``{"input_ids": {0: "batch", 1: "seq"}}``); ``False`` captures static
     shapes. ``input_ranges`` bounds random integer inputs (``[low, high)``).
     """
+    if isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
+        raise CaptureError("capture takes the original nn.Module, not a TorchScript module; pass the model "
+                           "before torch.jit.script/trace (graphopt lowers to TorchScript itself)")
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     by_keyword = isinstance(example_inputs, Mapping)
     if by_keyword:
-        names = list(example_inputs.keys())
-        tensors = list(example_inputs.values())
+        names = signature_order(model, list(example_inputs.keys()))
+        tensors = example_tensors(names, [example_inputs[n] for n in names])
     else:
-        tensors = list(example_inputs)
-        names = _input_names(model, len(tensors))
-    for n, t in zip(names, tensors):
-        if not isinstance(t, torch.Tensor):
-            raise CaptureError(
-                f"input '{n}' is {type(t).__name__}; graphopt captures tensor inputs only"
-            )
-    _check_dynamic(names, tensors, dynamic)
-    was_training = model.training
-    if was_training:
-        warnings.warn(
-            "model is in train mode; graphopt captures it in eval mode (dropout off, BN frozen)",
-            stacklevel=2,
-        )
-        model.eval()
-    try:
+        names = input_names(model, len(example_inputs))
+        tensors = example_tensors(names, list(example_inputs))
+    check_dynamic(names, tensors, dynamic)
+    label = name or type(model).__name__
+    with _eval_mode(model, label):
         with torch.no_grad(), _state_kept(model) as reassigned:  # state is captured as it was
-            out_names, _ = _flatten_outputs(model(**dict(zip(names, tensors))) if by_keyword else model(*tensors))
+            run = [t.clone() for t in tensors]  # a forward that writes into its input changes a copy
+            out_names, _ = _flatten_outputs(model(**dict(zip(names, run))) if by_keyword else model(*run))
         wrapper = _make_wrapper(model, names, by_keyword)
         try:
             ep = torch.export.export(
                 wrapper,
                 tuple(tensors),
-                dynamic_shapes=_dynamic_shapes(names, tensors, dynamic),
+                dynamic_shapes=dynamic_shapes(names, tensors, dynamic),
                 strict=False,
             )
             ep = ep.run_decompositions({})
@@ -319,35 +245,33 @@ def capture(
             if os.environ.get("GRAPHOPT_DEBUG"):
                 raise
             raise CaptureError(
-                f"torch.export could not capture {name or type(model).__name__}: "
+                f"torch.export could not capture {label}: "
                 f"{_summarize(e)}; {_hint(e)}"
             ) from e
-    finally:
-        if was_training:
-            model.train()
     gm = ep.module()
     _own_mutated_buffers(gm, ep)
+    _drop_input_writes(gm, ep, label)
     dropped = [n for n in reassigned if f"model.{n}" not in ep.graph_signature.buffers_to_mutate.values()]
     if dropped:
-        warnings.warn(f"{name or type(model).__name__} reassigns buffer(s) {', '.join(dropped)} in forward; "
+        warnings.warn(f"{label} reassigns buffer(s) {', '.join(dropped)} in forward; "
                       "torch.export keeps no such update, so the Program does not carry that state from one "
                       "call to the next: update the buffer in place (self.count.add_(1)) to keep it",
                       stacklevel=2)
     canonicalize(gm)  # addmm projections -> linear; layout-dependent views copy first
-    labels = _labels(names, gm, dynamic)
-    _check_kept_static(names, tensors, dynamic, labels)
+    dims = labels(names, gm, dynamic)
+    check_kept_static(names, tensors, dynamic, dims)
     ranges = dict(input_ranges or {})
     specs = []
     for n, t in zip(names, tensors):
         low, high = ranges.get(n, (None, None))
         if low is None and not t.is_floating_point() and t.dtype != torch.bool and t.numel():
             low, high = int(t.min()), int(t.max()) + 1
-        specs.append(InputSpec(n, t.dtype, tuple(t.shape), labels[n], low, high))
+        specs.append(InputSpec(n, t.dtype, tuple(t.shape), dims[n], low, high))
     return Program(
         gm,
         specs,
         out_names,
         name=name or type(model).__name__,
-        example_inputs=tuple(t.detach().clone() for t in tensors),
+        example_inputs=tuple(tensors),
         meta=meta,
     )

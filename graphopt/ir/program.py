@@ -166,9 +166,12 @@ def check_inputs(specs: Sequence[InputSpec], args: Sequence[Any], runtime: str) 
             )
         for dim, size in enumerate(spec.shape):
             if dim not in spec.dynamic and value.shape[dim] != size:
+                fix = ("the example had that size, which torch.export captures as a constant: capture with an "
+                       "example of size >= 2 in that dim to vary it") if size <= 1 else \
+                    "capture with that dim dynamic to vary it"
                 raise RunnerError(
                     f"{runtime} | input '{spec.name}': dim {dim} is static ({size}), "
-                    f"got {value.shape[dim]}; capture with that dim dynamic to vary it"
+                    f"got {value.shape[dim]}; {fix}"
                 )
 
 

@@ -187,6 +187,10 @@ def load_program_and_inputs(spec: str) -> tuple[Program, InputMaker | None]:
     draw full-length ones (every mask position 1): what calibration should read."""
     path = Path(spec)
     if path.exists():
+        if path.is_file() and path.suffix == ".py":  # was: "not a readable torch.export archive; re-create it"
+            raise ModelNotFoundError(
+                f"{path} is a Python file, not a MODEL; capture the model in it with graphopt.capture(model, "
+                "example_inputs), save the Program (program.save(\"m.pt2\")) and pass m.pt2")
         if path.is_file():
             try:
                 return Program.load(path), None
