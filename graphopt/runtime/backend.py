@@ -102,17 +102,11 @@ def is_quantized(program: Program) -> bool:
 
 
 def mutated_buffers(program: Program) -> list[str]:
-    """Buffers the graph updates in place (``self.count.add_(1)`` is captured as ``copy_`` into it)."""
-    out: list[str] = []
-    for node in program.graph.nodes:
-        if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
-            continue
-        target, schema = node.args[0], getattr(node.target, "_schema", None)
-        first = schema.arguments[0] if schema is not None and schema.arguments else None
-        writes = bool(first is not None and first.alias_info is not None and first.alias_info.is_write)
-        if target.op == "get_attr" and writes and str(target.target) not in out:
-            out.append(str(target.target))
-    return out
+    """Buffers the graph updates in place (``self.count.add_(1)`` is captured as ``copy_`` into it),
+    directly or through a view (:func:`graphopt.transform.state.mutated_attrs`)."""
+    from graphopt.transform.state import mutated_attrs
+
+    return sorted(mutated_attrs(program.gm.graph))
 
 
 def check_state(backend: Backend, program: Program) -> None:
