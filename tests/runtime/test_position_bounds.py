@@ -105,7 +105,8 @@ def test_position_tables_bound_seq_and_the_runtimes_refuse_past_it(tmp_path, mod
     too_long = torch.randint(2, ITEMS, (3, top + 1))
     with pytest.raises(IndexError):
         model(too_long)  # the model itself cannot score it
-    for runtime in ("eager", "onnxruntime", "inductor"):
+    runtimes = ("eager", "onnxruntime", "inductor") if top == ROWS else ("eager", "onnxruntime")  # one compile
+    for runtime in runtimes:
         with graphopt.load(graphopt.lower(optimized, runtime, tmp_path / runtime).path) as runner:
             torch.testing.assert_close(runner(longest)[0], expected, atol=1e-5, rtol=1e-5)
             with pytest.raises(RunnerError) as info:
