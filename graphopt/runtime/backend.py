@@ -116,7 +116,8 @@ def check_state(backend: Backend, program: Program) -> None:
     names = mutated_buffers(program)
     if names and not backend.keeps_state:
         shown = ", ".join(n.removeprefix("model.") for n in names[:3]) + (" ..." if len(names) > 3 else "")
-        raise LoweringError(f"{backend.name} | {program.name} updates buffer(s) {shown} in place on every call; "
+        raise LoweringError(f"{backend.name} | {program.name} updates {shown} in place on every call (model state: "
+                            "a counter, running statistics, max_norm's renormalised weights); "
                             f"{backend.name} artifacts keep no state between calls and would score each call from "
                             "the captured value: lower it for eager or torchscript, or pass the state in as an "
                             "input and return its update")

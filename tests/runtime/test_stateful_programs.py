@@ -46,6 +46,8 @@ def test_the_updated_buffer_is_found():
     assert mutated_buffers(program) == ["model.n"]
     plain = graphopt.capture(nn.Linear(4, 4).eval(), (torch.randn(2, 4),))
     assert mutated_buffers(plain) == []
+    renorm = nn.EmbeddingBag(20, 4, max_norm=1.0, mode="sum").eval()  # renormalises its rows in place
+    assert mutated_buffers(graphopt.capture(renorm, (torch.randint(0, 20, (3, 5)),))) == ["model.weight"]
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "inductor", "stages"])
@@ -54,7 +56,8 @@ def test_runtimes_without_state_refuse_it_in_one_line(tmp_path, runtime):
     with pytest.raises(LoweringError) as info:
         graphopt.lower(program, runtime, tmp_path / runtime, **({"stages": 1} if runtime == "stages" else {}))
     message = str(info.value)
-    assert re.fullmatch(rf"{runtime} \| Counter updates buffer\(s\) n in place on every call; {runtime} artifacts "
+    assert re.fullmatch(rf"{runtime} \| Counter updates n in place on every call \(model state: a counter, running "
+                        rf"statistics, max_norm's renormalised weights\); {runtime} artifacts "
                         r"keep no state between calls and would score each call from the captured value: lower it "
                         r"for eager or torchscript, or pass the state in as an input and return its update",
                         message), message
