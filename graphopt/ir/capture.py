@@ -132,11 +132,18 @@ def _state_kept(model: torch.nn.Module) -> Iterator[list[str]]:
     names of buffers the forward reassigned (``self.count = self.count + 1``), filled on exit."""
     buffers = dict(model.named_buffers())
     saved = {n: (b._version, b.detach().clone()) for n, b in buffers.items()}
+    # weights a forward renormalises in place (Embedding/EmbeddingBag with max_norm; was: capture's own run
+    # changed the user's weights by up to 1.15): only these, the rest is not copied (tables can be large)
+    renormed = [p for m in model.modules() if getattr(m, "max_norm", None) is not None
+                for p in m.parameters(recurse=False)]
+    kept = [(p, p.detach().clone()) for p in renormed]
     reassigned: list[str] = []
     try:
         yield reassigned
     finally:
         with torch.no_grad():
+            for p, value in kept:
+                p.copy_(value)
             for n, b in buffers.items():
                 owner, _, leaf = n.rpartition(".")
                 module = model.get_submodule(owner)
@@ -147,14 +154,19 @@ def _state_kept(model: torch.nn.Module) -> Iterator[list[str]]:
                     b.copy_(saved[n][1])
 
 
-def _own_mutated_buffers(gm: torch.nn.Module, ep: torch.export.ExportedProgram) -> None:
-    """The Program gets its own copy of each buffer its graph updates: running it must not advance
-    the user's model (weights and read-only buffers stay shared: no second copy of the tables)."""
-    for fqn in set(ep.graph_signature.buffers_to_mutate.values()):
+def _own_mutated_buffers(gm: torch.fx.GraphModule, ep: torch.export.ExportedProgram) -> None:
+    """The Program gets its own copy of each buffer or weight its graph updates (a step counter;
+    max_norm's in-place renormalisation, which export does not list): running it must not change
+    the user's model (other weights and read-only buffers stay shared: no second copy of the tables)."""
+    from graphopt.transform.state import mutated_attrs
+
+    for fqn in set(ep.graph_signature.buffers_to_mutate.values()) | mutated_attrs(gm.graph):
         owner, _, leaf = fqn.rpartition(".")
         module = gm.get_submodule(owner)
-        if leaf in module._buffers and module._buffers[leaf] is not None:
-            module._buffers[leaf] = module._buffers[leaf].detach().clone()
+        for table in (module._buffers, module._parameters):
+            if leaf in table and table[leaf] is not None:
+                own = table[leaf].detach().clone()
+                table[leaf] = torch.nn.Parameter(own, requires_grad=False) if table is module._parameters else own
 
 
 def _drop_input_writes(gm: torch.fx.GraphModule, ep: torch.export.ExportedProgram, label: str) -> None:

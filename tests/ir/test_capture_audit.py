@@ -217,3 +217,19 @@ def test_what_capture_does_not_take_is_named_in_one_line_with_the_next_step(tmp_
     with pytest.raises(ModelNotFoundError, match=r"mymodel.py is a Python file, not a MODEL; capture .*graphopt"
                                                  r".capture\(.*program.save\(\"m.pt2\"\)\) and pass m.pt2$"):
         load_program(str(source))
+
+
+def test_max_norm_renormalisation_leaves_the_users_weights_alone():
+    """Was: capture's own run renormalised the user's EmbeddingBag rows in place (max_norm; up to 1.15
+    changed), and running the Program, which shared the weight, changed them again. The Program now
+    owns a copy of a weight its graph writes; its scores equal the user's model's (1e-5)."""
+    torch.manual_seed(0)
+    model = nn.EmbeddingBag(20, 4, max_norm=1.0, mode="sum").eval()
+    before = model.weight.detach().clone()
+    ids = torch.randint(0, 20, (3, 5))
+    prog = graphopt.capture(model, (ids,))
+    torch.testing.assert_close(model.weight.detach(), before, atol=0, rtol=0)
+    got = prog(ids)[0]
+    torch.testing.assert_close(model.weight.detach(), before, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(ids), **TOL)
