@@ -7,7 +7,7 @@ import torch.fx
 from torch._guards import detect_fake_mode
 
 from graphopt.errors import PassOptionError
-from graphopt.ir.fx import fetch_attr, is_op, matches_skip, module_path
+from graphopt.ir.fx import fetch_attr, is_op, matches_skip, module_path, skip_note
 from graphopt.ir.shapes import infer_val
 from graphopt.passlib.precision import (
     ACCUMULATING_OPS,
@@ -149,6 +149,7 @@ class Cast(Pass):
         if "tail" in self.keep:
             forced |= tail_nodes(graph, LOW_PRECISION_OPS)
         skipped = {n for n in graph.nodes if n.op == "call_function" and matches_skip(n, self.skip)}
+        unmatched = skip_note(program.gm, self.skip)  # a skip= that keeps nothing fp32 says so
         forced |= skipped
         counts: dict[str, int] = {}
         declined: list[str] = []
@@ -213,8 +214,8 @@ class Cast(Pass):
         if not modified:  # a second cast: what it found is a note, not rewrites
             found = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             return PassResult(program, modified=False, declined=declined,
-                              notes=[f"nothing left to cast to {low}" + (f" ({found})" if found else "")])
-        return PassResult(program, modified=modified, stats=counts, declined=declined)
+                              notes=[f"nothing left to cast to {low}" + (f" ({found})" if found else "")] + unmatched)
+        return PassResult(program, modified=modified, stats=counts, declined=declined, notes=unmatched)
 
     def _compute_dtype(self, node: torch.fx.Node, forced: set[torch.fx.Node], low: torch.dtype) -> torch.dtype | None:
         """The dtype ``node``'s float inputs are cast to; None leaves them (and the node) as captured."""

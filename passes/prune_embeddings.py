@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -23,6 +24,9 @@ def _parse_ids(items: tuple[str, ...]) -> set[int]:
     for item in items:
         lo, sep, hi = item.partition("-")
         try:
+            if sep and int(hi) < int(lo):
+                raise PassOptionError(f"pass 'prune-embeddings' option 'keep': range {item!r} is reversed (empty); "
+                                      f"write it low-high, {hi}-{lo}")
             if sep:
                 out.update(range(int(lo), int(hi) + 1))
             else:
@@ -53,6 +57,9 @@ def read_keep_file(path: str, min_count: int) -> set[int]:
             raise PassOptionError(
                 f"pass 'prune-embeddings' option 'keep_file': {path}:{lineno}: expected 'id' or 'id count', got {line!r}"
             ) from None
+        if not math.isfinite(count):
+            raise PassOptionError(f"pass 'prune-embeddings' option 'keep_file': {path}:{lineno}: count {fields[1]!r} "
+                                  "is not a finite number; give a count (or just the id) on each line")
         if count >= min_count:
             out.add(item)
     return out
@@ -244,7 +251,9 @@ class PruneEmbeddings(Pass):
                 src.replace_input_with(table, new_table)
             scores = matmul
             bias_add = next(iter(matmul.users)) if len(matmul.users) == 1 else None
-            bias = bias_add.args[1] if bias_add is not None and is_op(bias_add, aten.add) else None
+            bias = None  # the head's bias, on either side of the add (h @ W.t() + b, b + h @ W.t())
+            if bias_add is not None and is_op(bias_add, aten.add) and matmul in bias_add.args[:2]:
+                bias = bias_add.args[1] if bias_add.args[0] is matmul else bias_add.args[0]
             fill_bias = torch.full((unknown + 1,), self.fill, dtype=weight.dtype)
             if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" and len(bias.users) == 1:
                 old_bias = fetch_attr(gm, bias.target).detach()

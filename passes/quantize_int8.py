@@ -14,9 +14,9 @@ import torch.fx
 
 from graphopt.errors import PassOptionError
 from graphopt.hardware import has_bf16_kernels
-from graphopt.ir.fx import drop_unused_attrs, fetch_attr
+from graphopt.ir.fx import drop_unused_attrs, fetch_attr, skip_note
 from graphopt.passlib.accuracy_guard import Guarded, LayerPlan, confirm, guard, inference, target_for
-from graphopt.passlib.calibration import METHODS, METRICS, observe, read_as
+from graphopt.passlib.calibration import METHODS, METRICS, constant_notes, observe, read_as
 from graphopt.passlib.costs import node_flops
 from graphopt.passlib.int8_mixed import carry_bf16
 from graphopt.passlib.linear_forms import as_linears
@@ -173,12 +173,13 @@ class QuantizeInt8(Pass):
     def run(self, program, ctx):  # type: ignore[no-untyped-def]
         gm = program.gm
         before = _graph_copy(gm)  # restored when no layer ends up int8 (see below)
+        unmatched = skip_note(gm, self.skip)  # before as_linears renames the GEMMs it rewrites
         rewritten, declined = as_linears(gm, self.skip)
         layers, found_declined = find_linears(gm, self.skip)
         declined += found_declined
         if not layers:
             _restore(gm, before, rewritten)
-            return PassResult(program, modified=False, declined=declined)
+            return PassResult(program, modified=False, declined=declined, notes=unmatched)
         batches = ctx.calibration_batches()
         calib, holdout = batches, batches
         if self.guarded and len(batches) >= 2:
@@ -224,7 +225,7 @@ class QuantizeInt8(Pass):
         # int8-mixed-bf16: the kept layers the guard found can run bf16 GEMMs (the others run fp32)
         bf16 = guarded.bf16 if guarded else set()
         alone = guarded.alone if guarded else {}
-        notes: list[str] = [bits_note] if bits_note else []
+        notes: list[str] = ([bits_note] if bits_note else []) + unmatched
         if self.mixed == "bf16" and not has_bf16_kernels():
             notes.append("mixed=bf16: oneDNN has no bf16 kernels for this CPU (AVX2 only), so int8-mixed-bf16 "
                          "GEMMs run its reference code (bert4rec:base at batch 32: 0.05x eager on Inductor, where "
@@ -233,7 +234,7 @@ class QuantizeInt8(Pass):
             notes.append("as linear: " + ", ".join(f"{k} {v}" for k, v in sorted(rewritten.items())))
         if shared:
             notes.append(_auto_note(tried, best))
-        notes += guarded.notes if guarded else []
+        notes += constant_notes(observers) + (guarded.notes if guarded else [])
         metric = guarded.target.metric if guarded else self.metric
         details = []
         for name, plan in plans.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.ir.fx import fetch_attr
+from graphopt.ir.fx import fetch_attr, skip_note
 from graphopt.passlib.linear_forms import as_linears
 from graphopt.passlib.qdq import (
     REDUCE_RANGE_CHOICES,
@@ -61,6 +61,7 @@ class QuantizeInt8Dynamic(Pass):
 
     def run(self, program, ctx):  # type: ignore[no-untyped-def]
         gm = program.gm
+        unmatched = skip_note(gm, self.skip)  # before as_linears renames the GEMMs it rewrites
         rewritten, declined = as_linears(gm, self.skip)
         layers, found_declined = find_linears(gm, self.skip)
         declined += found_declined
@@ -74,6 +75,6 @@ class QuantizeInt8Dynamic(Pass):
             insert_activation_qdq(gm, act, users, None, torch.uint8)
         stats = {"linear": len(layers), "activation-qdq": len(by_act)} if layers else {}
         stats.update({f"as-linear:{k}": v for k, v in rewritten.items()})
-        notes = [bits_note] if bits_note and layers else []
+        notes = ([bits_note] if bits_note and layers else []) + unmatched
         return PassResult(program, modified=bool(layers) or bool(rewritten), stats=stats, declined=declined,
                           notes=notes)

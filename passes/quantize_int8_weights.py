@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from graphopt.ir.fx import fetch_attr
+from graphopt.ir.fx import fetch_attr, skip_note
+from graphopt.passlib.linear_forms import as_linears
 from graphopt.passlib.qdq import find_linears, insert_weight_dequant, quantize_weight
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
 
@@ -16,7 +17,8 @@ class QuantizeInt8Weights(Pass):
     For size (the ``Os`` preset), not for int8 arithmetic: no calibration, no
     activation quantization, so every backend can run it, TensorRT included
     (a symmetric int8 weight with a zero zero point is TensorRT's weight-only
-    form). Matches: ``aten.linear`` with a constant 2-D fp32 weight (``skip``
+    form). Matches: ``aten.linear`` with a constant 2-D fp32 weight, and ``x @ W`` / ``mm`` / ``addmm`` by a
+    parameter, first rewritten exactly into one (graphopt.passlib.linear_forms) (``skip``
     patterns, computed weights and matmuls of two activations are declined).
     Produces: an int8 weight (symmetric, one scale per output row, zero point
     0) read through ``quantized_decomposed.dequantize_per_channel``, so each
@@ -38,7 +40,12 @@ class QuantizeInt8Weights(Pass):
 
     def run(self, program, ctx):  # type: ignore[no-untyped-def]
         gm = program.gm
-        layers, declined = find_linears(gm, self.skip)
+        unmatched = skip_note(gm, self.skip)  # before as_linears renames the GEMMs it rewrites
+        # x @ W, addmm, mm by a parameter: exactly a linear (as quantize-int8 reads them); find_linears
+        # alone declined ``x @ W`` as a "matmul of computed operands"
+        rewritten, declined = as_linears(gm, self.skip)
+        layers, found_declined = find_linears(gm, self.skip)
+        declined += found_declined
         saved = 0
         for layer in layers:
             w = fetch_attr(gm, layer.weight)
@@ -46,5 +53,7 @@ class QuantizeInt8Weights(Pass):
             insert_weight_dequant(gm, layer, q, scale, zp, per_channel=True)
             saved += w.numel() * 3 - scale.numel() * 12
         stats = {"linear": len(layers)} if layers else {}
+        stats.update({f"as-linear:{k}": v for k, v in rewritten.items()})
         details = [{"weight_bytes_saved": saved}] if layers else []
-        return PassResult(program, modified=bool(layers), stats=stats, declined=declined, details=details)
+        return PassResult(program, modified=bool(layers) or bool(rewritten), stats=stats, declined=declined,
+                          details=details, notes=unmatched)

@@ -21,6 +21,8 @@ __all__ = [
     "add_tensor_attr",
     "drop_unused_attrs",
     "matches_skip",
+    "skip_note",
+    "unmatched_skip",
     "module_path",
     "module_type",
     "where",
@@ -123,6 +125,29 @@ def matches_skip(node: torch.fx.Node, patterns: Iterable[str]) -> bool:
     the precision passes)."""
     names = [name for name in (module_path(node), node.name) if name]
     return any(fnmatch.fnmatchcase(name, pat) for pat in patterns for name in names)
+
+
+def unmatched_skip(gm: torch.fx.GraphModule, patterns: Iterable[str]) -> list[str]:
+    """The ``skip=`` patterns that match no op's module path or name in ``gm`` (:func:`matches_skip`)."""
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+    return [p for p in patterns if not any(matches_skip(n, (p,)) for n in ops)]
+
+
+def skip_note(gm: torch.fx.GraphModule, patterns: Iterable[str], show: int = 5) -> list[str]:
+    """One report note naming the ``skip=`` patterns that match nothing (so keep nothing float), with a few
+    of the module paths there are; empty when every pattern matches. Users often write ``named_modules()``
+    names (``0``, ``encoder.fc``), where graphopt's paths start at the captured root (``model.0``)."""
+    missing = unmatched_skip(gm, patterns)
+    if not missing:
+        return []
+    paths = sorted({module_path(n) for n in gm.graph.nodes if n.op == "call_function"} - {""})
+    have = ", ".join(paths[:show]) + (", ..." if len(paths) > show else "") if paths else "none"
+    roots = {q.split(".")[0] for q in paths}
+    root = roots.pop() if len(roots) == 1 else None
+    prefixed = [f"{root}.{p}" for p in missing if root and any(fnmatch.fnmatchcase(q, f"{root}.{p}") for q in paths)]
+    hint = f" (did you mean {', '.join(prefixed)}?)" if prefixed else ""
+    return [f"skip={','.join(missing)} matched no module path or node name, so nothing was kept float for it{hint}; "
+            f"write module paths as graphopt names them (here: {have})"]
 
 
 def module_type(node: torch.fx.Node) -> str:

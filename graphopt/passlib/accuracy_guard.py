@@ -49,6 +49,7 @@ class Target:
 
     metric: str
     required: float
+    note: str = ""  # why the target is not the metric asked for (a top-k overlap that cannot miss)
 
     def describe(self) -> str:
         return f"{self.metric} >= {self.required:g}"
@@ -80,12 +81,22 @@ def target_for(metric: str, max_drop: float, reference: Sequence[torch.Tensor], 
     """``metric=bar``: the fidelity bar for these outputs (top-k overlap where the first
     output ranks more than k candidates, else cosine); otherwise ``metric >= 1 - max_drop``.
     ``headroom`` keeps that share of the gap to 1 in hand (0.5: overlap >= 0.995 for a
-    0.99 bar), since a few held-out rows estimate the agreement on unseen inputs loosely."""
+    0.99 bar), since a few held-out rows estimate the agreement on unseen inputs loosely.
+    ``metric=topk_overlap`` on outputs with at most k candidates per row falls back to the bar's
+    cosine as ``bar`` does (top-k of k columns is every column: the overlap is 1.0 whatever the
+    values, and a calibration that kept cosine 0.59 passed it), with a note saying so."""
+    note = ""
     if metric == "bar":
         name, required = FIDELITY_BAR.agreement_target(reference)
+    elif metric == "topk_overlap" and FIDELITY_BAR.agreement_target(reference)[0] == "cosine":
+        name, required = FIDELITY_BAR.agreement_target(reference)
+        width = reference[0].shape[-1] if reference and reference[0].dim() else 1
+        note = (f"accuracy guard: metric=topk_overlap cannot miss on an output of {width} column(s) (<= "
+                f"top-{FIDELITY_BAR.k}), so the guard holds cosine >= {required:g} as metric=bar does; "
+                "use metric=cosine or metric=bar to choose this yourself")
     else:
         name, required = metric, 1.0 - max_drop
-    return Target(name, required + headroom * (1.0 - required))
+    return Target(name, required + headroom * (1.0 - required), note)
 
 
 @dataclass
@@ -167,7 +178,7 @@ def guard(
 
     full, _ = run(set(plans))
     notes = [f"accuracy guard: {target.show(full)} with every layer int8 on {where} batches "
-             f"(target {target.describe()})"] + _too_few_rows(refs, target)
+             f"(target {target.describe()})"] + ([target.note] if target.note else []) + _too_few_rows(refs, target)
     if holds(full) and valid(set(plans)):
         notes += _validation_notes(checked, set(plans))
         return Guarded(set(plans), {}, notes, target, full)

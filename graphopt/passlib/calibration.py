@@ -54,6 +54,8 @@ __all__ = [
     "DEFAULT_CALIBRATION_BATCHES",
     "DEFAULT_CALIBRATION_BATCH",
     "CALIBRATION_SEED",
+    "ZERO_RANGE",
+    "constant_notes",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,20 @@ DEFAULT_CALIBRATION_BATCH = 32
 #: the first seed of calibration batches graphopt draws (i-th batch: this + i), apart from the example
 #: inputs' seed 0 and the bench's timed and fidelity batches
 CALIBRATION_SEED = 1000
+#: the range an all-zero activation is quantized over: scale 1.0 (uint8 [0, 255], zero point 128), as ONNX
+#: Runtime's compute_scale_zp gives a zero range, so both quantize it alike. The observed zeros stay exact; the
+#: range [0, 0] gave scale 1e-8, where any non-zero input saturated at +-1.3e-6 (error 0.65 on randn inputs)
+ZERO_RANGE = (-127.5, 127.5)
+
+
+def constant_notes(observers: dict[str, Observer]) -> list[str]:
+    """One report note naming the activations that were constant on every calibration batch (empty if none)."""
+    same = {name: o.min for name, o in sorted(observers.items()) if o.constant}
+    if not same:
+        return []
+    shown = ", ".join(f"{name} (always {v:g})" for name, v in list(same.items())[:5]) + (", ..." if len(same) > 5 else "")
+    return [f"calibration: {len(same)} activation(s) were constant on every calibration batch, so their int8 range is a "
+            f"guess (zero: scale 1.0, as ONNX Runtime): {shown}; give calibration data that varies them"]
 
 
 class Observer:
@@ -90,7 +106,14 @@ class Observer:
     def range(self) -> tuple[float, float]:
         if self.count == 0:
             raise ValueError("observer saw no values; give calibration batches that reach this layer")
+        if self.min == self.max == 0.0:
+            return ZERO_RANGE
         return self.min, self.max
+
+    @property
+    def constant(self) -> bool:
+        """Every value seen was the same (a range that says nothing about unseen inputs)."""
+        return self.count > 0 and self.min == self.max
 
 
 class MinMaxObserver(Observer):

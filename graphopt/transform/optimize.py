@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from graphopt.errors import GraphoptError, PostconditionError, first_line
+from graphopt.errors import GraphoptError, PostconditionError, RunnerError, first_line
 from graphopt.ir.capture import capture
 from graphopt.ir.fx import drop_unused_attrs
-from graphopt.ir.program import Program, positional
+from graphopt.ir.program import Program, check_inputs, positional
 from graphopt.metrics import drift
 from graphopt.transform.base import Pass
 from graphopt.transform.instruments import Instrument
@@ -76,8 +76,7 @@ def optimize(
     )
     ctx = PassContext(
         example_inputs=inputs,
-        calibration_data=[positional(b, program.input_names, f"calibration_data[{i}]") for i, b in enumerate(calibration_data)]
-        if calibration_data is not None else None,
+        calibration_data=_calibration_batches(program, calibration_data) if calibration_data is not None else None,
         validation=validation,
         seed=seed,
     )
@@ -114,3 +113,26 @@ def optimize(
     report.drift = drift(outputs, reference)
     return program, report
 
+
+
+def _calibration_batches(program: Program, calibration_data: Iterable[Any]) -> list[tuple[torch.Tensor, ...]]:
+    """The batches as positional tuples, each checked against the Program's inputs as the runners check
+    theirs (count, dtype, rank, static dims) and for NaN/inf, which observers would turn into an inf
+    scale (an all-NaN Program) or a histogram crash, or skip unseen (min/max ignore NaN): one line naming
+    ``calibration_data[i]`` and the input, before any pass runs."""
+    out = []
+    for i, b in enumerate(calibration_data):
+        where = f"calibration_data[{i}]"
+        batch = positional(b, program.input_names, where)
+        try:
+            check_inputs(program.inputs, batch, where)
+        except RunnerError as e:
+            raise RunnerError(str(e).replace(f"{where} | ", f"{where}: ", 1)) from None
+        for spec, x in zip(program.inputs, batch):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                counts = {"NaN": int(torch.isnan(x).sum()), "inf": int(torch.isinf(x).sum())}
+                what = " and ".join(f"{v} {k}" for k, v in counts.items() if v)
+                raise RunnerError(f"{where}: input '{spec.name}' holds {what} value(s); replace "
+                                  "missing values (torch.nan_to_num, or the feature's default) or drop the batch")
+        out.append(batch)
+    return out

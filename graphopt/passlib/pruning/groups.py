@@ -26,8 +26,10 @@ import torch
 import torch.fx
 
 from graphopt.ir.fx import fetch_attr, is_op, module_path, tensor_meta
+from graphopt.ir.fx import where as node_where
 
-__all__ = ["ParamSlice", "ShapeEdit", "PruneGroup", "find_channel_groups", "find_head_groups", "slice_index"]
+__all__ = ["ParamSlice", "ShapeEdit", "PruneGroup", "find_channel_groups", "find_head_groups", "slice_bounds",
+           "slice_index"]
 
 aten = torch.ops.aten
 
@@ -163,8 +165,8 @@ def find_channel_groups(gm: torch.fx.GraphModule) -> tuple[list[PruneGroup], lis
                     break
         if why is None and not consumers:
             why = "no linear reads its output"
-        if why is not None:
-            declined.append(f"{where}: {why}")
+        if why is not None:  # with the node: a linear called twice declines twice
+            declined.append(f"{node_where(lin)}: {why}")
             continue
         out_features = fetch_attr(gm, lin.args[1].target).shape[0]  # a parameter: _linear_ok said so
         slices = _linear_slices(lin, rows=True, offset=0, width=1) + slices
@@ -216,9 +218,25 @@ def _source(node: torch.fx.Node, edits: list[ShapeEdit], slices_out: list[torch.
         lin = node.args[0]
         if not _last_dim(lin, node.args[1]) or len(node.args) < 3 or not all(is_op(u, aten.slice) for u in lin.users):
             return None
+        size = tensor_meta(lin).shape[-1]  # _last_dim: the meta is there
+        bounds = slice_bounds(node, int(size))
+        if bounds is None:
+            return None
         slices_out.append(node)
-        return lin, int(node.args[2] or 0)
+        return lin, bounds[0]
     return None
+
+
+def slice_bounds(node: torch.fx.Node, size: int) -> tuple[int, int] | None:
+    """``aten.slice``'s (start, end) as offsets in [0, size] (a negative one counts from the end, as
+    ``t[..., -n:]`` does); None for a step other than 1."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    if args[4] not in (None, 1):
+        return None
+    start, end = (0 if args[2] is None else args[2]), (size if args[3] is None else args[3])
+    if not (isinstance(start, int) and isinstance(end, int)):
+        return None
+    return tuple(min(max(v + size if v < 0 else v, 0), size) for v in (start, end))  # type: ignore[return-value]
 
 
 def _heads_edit(view: torch.fx.Node, index: int, per_channel: int, edits: list[ShapeEdit]) -> None:
@@ -257,8 +275,9 @@ def find_head_groups(gm: torch.fx.GraphModule) -> tuple[list[PruneGroup], list[s
         n_heads, head_dim = shapes[0]
         mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
         mval = tensor_meta(mask) if isinstance(mask, torch.fx.Node) else None
-        if mval is not None and mval.dim() == 4 and mval.shape[1] != 1:
-            declined.append(f"{where}: attention mask has a per-head dim")
+        if mval is not None and mval.dim() >= 3 and mval.shape[-3] != 1:  # [H, L, S] broadcasts per head too
+            declined.append(f"{where}: attention mask has a per-head dim ({mval.shape[-3]} at dim -3); "
+                            "heads are pruned only under a mask shared by all heads")
             continue
         # output side: [view [b,H,s,hd]] -> transpose(1,2) -> [clone] -> view [b,s,H*hd] -> linear
         n, ok = sdpa, True

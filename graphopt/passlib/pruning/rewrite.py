@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from graphopt.ir.fx import add_tensor_attr, fetch_attr, is_op
-from graphopt.passlib.pruning.groups import PruneGroup, slice_index
+from graphopt.passlib.pruning.groups import PruneGroup, slice_bounds, slice_index
 
 __all__ = ["apply_groups"]
 
@@ -73,10 +73,10 @@ def apply_groups(
         _apply_edits(g, len(rm))
         for sl in g.slice_nodes:  # fused output read by aten.slice: shift start/end
             dropped = drops.get((sl.args[0], 1, 0), set())
-            args = list(sl.args)
-            for k in (2, 3):
-                if len(args) > k and isinstance(args[k], int):
-                    args[k] = args[k] - sum(1 for i in dropped if i < args[k])
+            size = fetch_attr(gm, sl.args[0].args[1].target).shape[0]  # rows before the drop (applied below)
+            args = (list(sl.args) + [None, None])[:max(len(sl.args), 4)]
+            for k, v in zip((2, 3), slice_bounds(sl, size)):  # a negative start/end counts from the end
+                args[k] = v - sum(1 for i in dropped if i < v)
             sl.args = tuple(args)
     for (node, arg, dim), dropped in drops.items():
         tensor = fetch_attr(gm, node.args[arg].target).detach()
