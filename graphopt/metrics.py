@@ -72,8 +72,15 @@ def allclose_report(
                 return f"output {i}: integer values differ"
             continue
         o, r = out.detach().double(), ref.detach().double()
-        if not torch.isfinite(o).all() and torch.isfinite(r).all():
+        finite = torch.isfinite(r)
+        if not torch.isfinite(o[finite]).all():
             return f"output {i}: non-finite values appeared"
+        # where the reference is inf or NaN no tolerance applies: same inf (sign included), or NaN for NaN
+        same = (o == r) | (torch.isnan(o) & torch.isnan(r))
+        if not same[~finite].all():
+            bad = int((~same & ~finite).sum())
+            return f"output {i}: {bad} value(s) differ where the reference is inf/NaN"
+        o, r = o[finite], r[finite]
         err = (o - r).abs()
         bound = tol + tol * r.abs()
         if (err > bound).any():

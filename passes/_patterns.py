@@ -21,6 +21,7 @@ __all__ = [
     "same_shape",
     "is_pure",
     "copy_meta",
+    "reads_attr",
 ]
 
 aten = torch.ops.aten
@@ -71,3 +72,20 @@ def copy_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in old.meta:
             new.meta[key] = old.meta[key]
+
+
+def reads_attr(node: Any, targets: set[str] | frozenset[str]) -> str | None:
+    """The target in ``targets`` of the get_attr that ``node`` is, or is a (chain of) view of."""
+    for _ in range(64):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.op == "get_attr":
+            return str(node.target) if str(node.target) in targets else None
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not node.args:
+            return None
+        first = target._schema.arguments[0] if target._schema.arguments else None
+        if first is None or first.alias_info is None:  # not a view of its first argument
+            return None
+        node = node.args[0]
+    return None

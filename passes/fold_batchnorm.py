@@ -12,6 +12,7 @@ from graphopt.passes._patterns import constant_tensor
 from graphopt.ir.fx import add_tensor_attr, is_op, tensor_meta
 from graphopt.transform.base import register_pass
 from graphopt.transform.rewrite import Match, RewritePass, Rule
+from graphopt.transform.state import mutated_attrs
 
 __all__ = ["FoldBatchNorm", "BatchNormFold"]
 
@@ -82,6 +83,10 @@ class BatchNormFold(Rule[_BatchNorm]):
             return "batch norm weight/bias/statistics are not constants"
         if parts[2] is None or parts[3] is None:
             return "batch norm has no running statistics"
+        mutated = mutated_attrs(gm.graph)
+        for attr in (weight, bias, *parts):
+            if isinstance(attr, torch.fx.Node) and str(attr.target) in mutated:
+                return f"{attr.target} is updated in place by forward (folded weights would go stale)"
         return None
 
     def rewrite(self, gm: torch.fx.GraphModule, match: _BatchNorm) -> dict[torch.fx.Node, torch.fx.Node]:
@@ -122,7 +127,8 @@ class FoldBatchNorm(RewritePass):
     Matches: ``aten.linear`` (2-D output, so the BN channel dim 1 is the
     feature dim) or ``aten.conv{1,2,3}d``/``convolution`` (not transposed)
     whose only user is ``_native_batch_norm_legit_no_training`` (or
-    ``batch_norm`` with training=False), with constant weights and statistics.
+    ``batch_norm`` with training=False), with constant weights and statistics
+    that forward does not update in place.
     Produces: the linear/conv with ``W' = W * g/sqrt(var+eps)`` (per output
     channel) and ``b' = (b - mean) * g/sqrt(var+eps) + beta``; the BN and its
     ``getitem`` are removed. Requires and preserves shapes. Exact up to

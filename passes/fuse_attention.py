@@ -20,6 +20,13 @@ _MATMULS = (aten.matmul.default, aten.bmm.default)
 _SOFTMAXES = (aten.softmax.int, aten._softmax.default)
 #: |value| above which masked_fill(value) equals adding value (any finite score is absorbed)
 _ABSORBING = 1e30
+#: finite_mask_fill: the largest fill accepted. masked_fill sets a masked score TO v, the additive
+#: mask gives s + v; softmax weighs either by exp(. - rowmax), rowmax >= -max|s| (a row keeps an
+#: unmasked key), and that weight is exactly 0 once the exponent is below -104 (fp32's smallest
+#: subnormal is exp(-103.3); fp16/bf16 underflow sooner). With v <= -1e4 both are 0 for scores
+#: |s| < ~4.9e3, far above trained models' logits; -1e4 is also BERT's classic fill and fits in
+#: fp16. Fills such as -1 or 0 change every partly masked row (errors of 0.6 and 1.06 seen).
+_MIN_FINITE_FILL = -1e4
 
 
 @dataclass
@@ -85,7 +92,11 @@ class _Matcher:
         m.out, m.value = out, out.args[1]  # type: ignore[assignment]
         # upstream: matmul(q, k^T) [* scale] [+ mask | masked_fill] -> softmax
         scores = self._strip_mask(probs, m)
-        scores = self._strip_scale(scores, m)
+        unscaled = self._strip_scale(scores, m)
+        if is_op(unscaled, aten.baddbmm.default) and unscaled is not scores:
+            raise _Decline(f"{scores.name} scales baddbmm's result: the scale would also apply to its bias "
+                           "(SDPA scales q @ k^T only)")
+        scores = unscaled
         if is_op(scores, aten.baddbmm.default):
             if m.mask is not None:
                 raise _Decline("baddbmm adds a second mask")
@@ -100,6 +111,8 @@ class _Matcher:
         if pre is not None and len(q.users) == 1:  # type: ignore[union-attr]
             q, c = pre
             m.scale *= c
+        if not m.scale > 0:  # ONNX's SDPA multiplies q and k by sqrt(scale): NaN for a negative one
+            raise _Decline(f"scale {m.scale:g} is not positive (SDPA lowerings take sqrt(scale))")
         m.query, m.key_t = q, kt  # type: ignore[assignment]
         self._check_shapes(m)
         return m
@@ -146,11 +159,13 @@ class _Matcher:
         if is_op(x, aten.masked_fill.Scalar):
             scores, mask, fill = x.args
             value = scalar(fill)
-            if value is None or value > 0 or (value != float("-inf") and abs(value) < _ABSORBING and
-                                              not self.finite_mask_fill):
+            if self.finite_mask_fill and not (value is not None and value <= _MIN_FINITE_FILL):
+                raise _Decline(f"masked_fill value {fill} is above -1e4: setting a score to it is not adding "
+                               "it (masked keys keep weight in the softmax)")
+            if not self.finite_mask_fill and not (value is not None and value <= -_ABSORBING):
                 raise _Decline(
                     f"masked_fill value {fill} is not -inf or <= -1e30; with it, rows whose keys are all "
-                    "masked differ from SDPA (set finite_mask_fill=true to accept)"
+                    "masked differ from SDPA (set finite_mask_fill=true to accept fills <= -1e4)"
                 )
             if not same_shape(x, scores):
                 raise _Decline(f"mask {mask.name} broadcasts the scores to a bigger shape")
@@ -260,13 +275,20 @@ class AttentionFusion(Rule[_Candidate]):
                 mask = graph.call_function(aten.masked_fill.Scalar, (zeros, mask, m.fill))
             for extra in m.extra_masks:  # one additive mask: bias + mask, in the order they were added
                 mask = graph.call_function(aten.add.Tensor, (mask, extra))
-            sdpa = graph.call_function(
-                aten.scaled_dot_product_attention.default,
-                (m.query, key, m.value, mask),
-                {"scale": m.scale},
+            q, v = m.query, m.value
+            three_d = tensor_meta(q).dim() == 3  # type: ignore[union-attr]
+            if three_d:  # bmm attention (nn.MultiheadAttention): a 4-D SDPA with one head, as exporters require
+                q, key, v = (graph.call_function(aten.unsqueeze.default, (t, 1)) for t in (q, key, v))
+                if mask is not None and _mask_rank(m) == 3:
+                    mask = graph.call_function(aten.unsqueeze.default, (mask, 1))
+            out = sdpa = graph.call_function(
+                aten.scaled_dot_product_attention.default, (q, key, v, mask), {"scale": m.scale},
             )
+            if three_d:
+                out = graph.call_function(aten.squeeze.dim, (sdpa, 1))
+                copy_meta(out, m.out)
         copy_meta(sdpa, m.out)
-        return {m.out: sdpa}  # the block it replaces (and an unused k^T) dies with it
+        return {m.out: out}  # the block it replaces (and an unused k^T) dies with it
 
 
 @register_pass
@@ -277,13 +299,18 @@ class FuseAttention(RewritePass):
     optional scalar scale (``* c`` or ``/ c`` on the scores, or ``* c`` on q;
     T5's ``* 1.0`` gives ``scale=1.0``), optional masks (``+ mask`` with float
     masks, several summed into one: T5's ``+ position_bias + mask``; or
-    ``masked_fill(mask, -inf)``), ``softmax(dim=-1)``, optional eval dropout/clone, and
+    ``masked_fill(mask, -inf)``; with finite_mask_fill, fills <= -1e4),
+    ``softmax(dim=-1)``, optional eval dropout/clone, and
     ``matmul(probs, v)``, where every intermediate has one user. This is what
     ``attn_implementation="eager"`` transformers, ``nn.MultiheadAttention``
     with ``need_weights=True`` and hand-written SASRec attention produce.
     Produces: ``scaled_dot_product_attention(q, k, v, attn_mask=mask,
     scale=c)``; k is recovered from k^T (or transposed back). Each softmax
-    block not fused is declined with the check that failed. Requires and
+    block not fused is declined with the check that failed: among them a
+    scale <= 0 (ONNX's SDPA takes its square root) and a scale on a
+    ``baddbmm``'s result (it would scale the bias too). 3-D (bmm) attention
+    becomes a 4-D SDPA on ``unsqueeze(1)``'d q/k/v/mask, squeezed back, which
+    every backend (ONNX export included) accepts. Requires and
     preserves shapes. Exact up to the SDPA kernel's rounding (tested at 1e-5).
     Note: rows whose keys are all masked give NaN before and 0 after (SDPA's
     safe softmax). Run after remove-dropout.
@@ -294,7 +321,8 @@ class FuseAttention(RewritePass):
     name = "fuse-attention"
     options = (
         Option("finite_mask_fill", bool, False,
-               "also fuse masked_fill with finite values such as -1e9 (rows with every key masked differ)"),
+               "also fuse masked_fill with finite values <= -1e4 such as -1e9 (such a fill and an additive "
+               "mask give the same softmax except in rows with every key masked); fills above -1e4 never fuse"),
     )
     requires = frozenset({"shapes"})
     preserves = frozenset({"shapes"})
@@ -311,6 +339,11 @@ class FuseAttention(RewritePass):
         if sdpa > fused:
             notes.append(f"{sdpa - fused} blocks were already scaled_dot_product_attention")
         return notes
+
+
+def _mask_rank(m: _Match) -> int:
+    """Rank of the summed additive mask (broadcasting: the largest of its terms)."""
+    return max(tensor_meta(n).dim() for n in [m.mask, *m.extra_masks])  # type: ignore[union-attr,misc]
 
 
 def _untranspose(graph: torch.fx.Graph, key_t: torch.fx.Node) -> torch.fx.Node:

@@ -13,6 +13,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from graphopt.ir.fx import add_tensor_attr, is_op, tensor_meta, where
 from graphopt.transform.base import Option, PassResult, register_pass
 from graphopt.transform.rewrite import Match, RewritePass, Rule
+from graphopt.transform.state import mutated_attrs
 
 __all__ = ["FuseQKV", "SiblingLinearMerge"]
 
@@ -36,7 +37,35 @@ def _view_ok_on_slice(view: torch.fx.Node, width: int) -> bool:
     return False
 
 
-def _decline_member(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> str | None:
+def _is_view_op(node: torch.fx.Node) -> bool:
+    """An op whose output aliases its first argument (slice, unsqueeze, transpose, view...)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    first = target._schema.arguments[0] if target._schema.arguments else None
+    return first is not None and first.alias_info is not None and not first.alias_info.is_write
+
+
+def _view_through_views(linear: torch.fx.Node) -> torch.fx.Node | None:
+    """A ``view`` reached from ``linear`` through another view op: its strides depend on the
+    slice's, so whether it still works is not checked here (the member is left out)."""
+    todo = [u for u in linear.users if _is_view_op(u)]
+    seen: set[torch.fx.Node] = set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if is_op(user, *_VIEWS):
+                return user
+            if _is_view_op(user):
+                todo.append(user)
+    return None
+
+
+def _decline_member(gm: torch.fx.GraphModule, linear: torch.fx.Node,
+                    mutated: frozenset[str] | set[str] = frozenset()) -> str | None:
     weight = linear.args[1]
     w = constant_tensor(gm, weight)
     if w is None or w.dim() != 2:
@@ -44,9 +73,18 @@ def _decline_member(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> str | No
     bias = linear.args[2] if len(linear.args) > 2 else None
     if bias is not None and constant_tensor(gm, bias) is None:
         return "bias is not a constant"
+    for attr in (weight, bias):
+        if attr is not None and str(attr.target) in mutated:  # type: ignore[union-attr]
+            return f"{attr.target} is updated in place by forward (a copy would go stale)"  # type: ignore[union-attr]
+    b = constant_tensor(gm, bias)
+    if b is not None and b.dim() > 1:
+        return f"bias of shape {list(b.shape)} is not 1-D"
     for user in linear.users:
         if is_op(user, *_VIEWS) and not _view_ok_on_slice(user, w.shape[0]):
             return f"{user.name} views the output in a way a column slice cannot (needs contiguous memory)"
+    deep = _view_through_views(linear)
+    if deep is not None:
+        return f"{deep.name} views the output through another view (may need contiguous memory)"
     return None
 
 
@@ -62,7 +100,8 @@ def _fuse(gm: torch.fx.GraphModule, members: list[torch.fx.Node]) -> list[torch.
     biases = []
     for m, w in zip(members, weights):
         b = constant_tensor(gm, m.args[2]) if len(m.args) > 2 and m.args[2] is not None else None
-        biases.append(b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype))
+        # a broadcast bias (shape () or (1,)) is expanded to out_features: same sums, one per column
+        biases.append(b.expand(w.shape[0]) if b is not None else torch.zeros(w.shape[0], dtype=w.dtype))
     has_bias = any(len(m.args) > 2 and m.args[2] is not None for m in members)
     first = members[0]  # graph order: the input exists before the first member
     base = str(first.args[1].target).rsplit(".", 2)[0]  # type: ignore[union-attr]
@@ -77,6 +116,12 @@ def _fuse(gm: torch.fx.GraphModule, members: list[torch.fx.Node]) -> list[torch.
         parts = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(members))]
     for node in (fused, split, *parts):
         copy_meta(node, first)
+    for i, member in enumerate(members):  # a graph output keeps the contiguous layout a linear returns
+        if any(u.op == "output" for u in member.users):
+            with gm.graph.inserting_after(parts[i]):
+                parts[i] = gm.graph.call_function(aten.clone.default, (parts[i],),
+                                                  {"memory_format": torch.contiguous_format})
+            copy_meta(parts[i], member)
     return parts
 
 
@@ -101,7 +146,7 @@ class SiblingLinearMerge(Rule[_Siblings]):
         return _Siblings(node, siblings) if len(siblings) >= self.min_group else None
 
     def check(self, gm: torch.fx.GraphModule, match: _Siblings) -> str | None:
-        reason = _decline_member(gm, match.node)
+        reason = _decline_member(gm, match.node, mutated_attrs(gm.graph))
         if reason:
             return reason
         if len(self._group(gm, match)) < self.min_group:
@@ -111,8 +156,8 @@ class SiblingLinearMerge(Rule[_Siblings]):
     @staticmethod
     def _group(gm: torch.fx.GraphModule, match: _Siblings) -> list[torch.fx.Node]:
         """The accepted siblings of the same dtype and in_features as ``match.node``, in graph order."""
-        w = _weight(gm, match.node)
-        return sorted(s for s in match.siblings if _decline_member(gm, s) is None
+        w, mutated = _weight(gm, match.node), mutated_attrs(gm.graph)
+        return sorted(s for s in match.siblings if _decline_member(gm, s, mutated) is None
                       and (_weight(gm, s).dtype, _weight(gm, s).shape[1]) == (w.dtype, w.shape[1]))
 
     def rewrite(self, gm: torch.fx.GraphModule, match: _Siblings) -> dict[torch.fx.Node, torch.fx.Node]:
@@ -129,7 +174,9 @@ class FuseQKV(RewritePass):
     Matches: two or more ``aten.linear(x, W_i, b_i)`` reading the same ``x``
     with constant weights of the same dtype and in_features (attention Q/K/V,
     or any sibling projections). A member whose output is ``view``-ed in a way
-    that needs contiguous memory (merging the feature dim) is left out.
+    that needs contiguous memory (merging the feature dim, or any ``view``
+    behind another view op) is left out, and so is one whose weight or bias
+    forward updates in place. A slice that is a graph output is made contiguous.
     Produces: ``y = linear(x, cat(W_i), cat(b_i))`` (a zero bias stands in for
     a missing one) and ``split_with_sizes(y, [n_i], -1)``; each old linear is
     replaced by its slice (a view, no copy). Requires and preserves shapes. Exact up to GEMM

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.fx
-from graphopt.passes._patterns import same_shape
+from graphopt.passes._patterns import reads_attr, same_shape
 
 from graphopt.ir.fx import tensor_meta
 from graphopt.transform.base import register_pass
 from graphopt.transform.rewrite import Match, RewritePass, Rule
+from graphopt.transform.state import mutated_attrs
 
 __all__ = ["RemoveNoop", "NoopRule"]
 
@@ -43,8 +45,22 @@ def _full_slice(node: torch.fx.Node) -> bool:  # x[:, 0:MAX:1]
     return same_shape(node, src)
 
 
-def _zero_add(node: torch.fx.Node) -> bool:  # x + 0 (alpha irrelevant)
-    return len(node.args) == 2 and node.args[1] == 0 and isinstance(node.args[0], torch.fx.Node) and _same_meta(node, node.args[0])
+def _zero_add(node: torch.fx.Node) -> bool:
+    """``x + 0`` / ``x - 0`` on integers; on floats only ``x + (-0.0)`` and ``x - 0.0``:
+    ``-0.0 + 0.0`` is ``+0.0`` (1/x changes sign), while adding -0.0 returns every x unchanged."""
+    if not (len(node.args) == 2 and node.args[1] == 0 and isinstance(node.args[0], torch.fx.Node)
+            and _same_meta(node, node.args[0])):
+        return False
+    t = tensor_meta(node)
+    if t is None or not (t.is_floating_point() or t.is_complex()):
+        return True
+    alpha = node.kwargs.get("alpha", 1)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha == 0:
+        return False  # x + 0 * alpha with alpha = 0 or a symbol: leave it
+    added = math.copysign(1.0, float(node.args[1])) * math.copysign(1.0, float(alpha))  # type: ignore[arg-type]
+    if node.target == aten.sub.Tensor:
+        added = -added
+    return added < 0  # the value added is -0.0
 
 
 def _one_mul(node: torch.fx.Node) -> bool:  # x * 1
@@ -62,6 +78,12 @@ class NoopRule(Rule[Match]):
         if node.op == "call_function" and node.target in self.targets and self.is_noop(node):
             return Match(node)
         return None
+
+    def check(self, gm: torch.fx.GraphModule, match: Match) -> str | None:
+        # a buffer that forward updates in place: clone/cast/+0 is the value BEFORE the update;
+        # without it the output would alias the buffer and show the updated value
+        attr = reads_attr(match.node.args[0], mutated_attrs(gm.graph))
+        return f"its input {attr} is updated in place later (the copy is its earlier value)" if attr else None
 
     def rewrite(self, gm: torch.fx.GraphModule, match: Match) -> dict[torch.fx.Node, torch.fx.Node]:
         return {match.node: match.node.args[0]}  # type: ignore[dict-item]
@@ -85,7 +107,10 @@ class RemoveNoop(RewritePass):
 
     Matches (one rule each): view/reshape/expand to the same shape, ``_to_copy``
     to the same dtype/device, ``clone`` (graphs are functional), ``alias``,
-    a full slice ``x[0:MAX:1]``, ``x + 0``, ``x * 1``. Shapes are compared
+    a full slice ``x[0:MAX:1]``, ``x + 0`` (on floats only the exact
+    identities ``x + (-0.0)`` and ``x - 0``: ``-0.0 + 0`` is ``+0.0``),
+    ``x * 1``. An op whose input is (a view of) a buffer that forward updates
+    in place is kept (declined): it holds the value before the update. Shapes are compared
     symbolically, so a view from ``[s0, 16]`` to ``[s0, 16]`` matches and one
     to ``[s0*16]`` does not. One walk: ``view(view(x))`` with both views
     identities goes in that walk (each is checked against its own input).

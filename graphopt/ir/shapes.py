@@ -57,11 +57,15 @@ def fake_call(target: Any, args: Any, kwargs: Any) -> Any:
     input gets specialised to its example value (``seq == 16``), in the ShapeEnv
     that every copy of the captured Program shares. Their output is the
     input's shape in the target dtype, written here without reading the sizes.
+    ``baddbmm``'s meta kernel fails on symbolic sizes (``self.expand``): its
+    decomposition computes the same value and shape.
     """
     if str(target) in _QUANTIZE_OPS and isinstance(args[0], FakeTensor):
         dtype = kwargs.get("dtype", args[-1] if args and isinstance(args[-1], torch.dtype) else None)
         if isinstance(dtype, torch.dtype):
             return torch.empty_like(args[0], dtype=dtype)
+    if target is torch.ops.aten.baddbmm.default:  # its meta kernel expands with symbolic sizes and fails
+        return torch._decomp.decomposition_table[target](*args, **kwargs)  # (nn.MultiheadAttention, dynamic)
     return target(*args, **kwargs)
 
 

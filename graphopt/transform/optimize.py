@@ -67,7 +67,7 @@ def optimize(
     else:
         inputs = program.sample_inputs()
     with preserved_state(program):  # a stateful model's buffers stay as they were
-        reference = program(*inputs)
+        reference = _copied(program(*inputs))  # copied first: an output may alias a restored buffer
     report = OptimizeReport(
         model=program.name,
         pipeline=str(pipeline),
@@ -104,7 +104,7 @@ def optimize(
     )
     try:
         with preserved_state(program):
-            outputs = program(*inputs)
+            outputs = _copied(program(*inputs))
     except Exception as e:  # a pass broke the graph and verify-each was off: one line, not a traceback
         raise PostconditionError(
             f"pipeline '{pipeline}' produced a Program that fails to run: {first_line(e, with_type=True)}; "
@@ -136,3 +136,7 @@ def _calibration_batches(program: Program, calibration_data: Iterable[Any]) -> l
                                   "missing values (torch.nan_to_num, or the feature's default) or drop the batch")
         out.append(batch)
     return out
+
+
+def _copied(outputs: Any) -> list[Any]:
+    return [o.detach().clone() if isinstance(o, torch.Tensor) else o for o in outputs]

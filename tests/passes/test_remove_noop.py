@@ -25,8 +25,9 @@ def test_rules_on_a_hand_written_model():
             a = x.view(x.shape[0], 8)          # identity view
             b = a.to(torch.float32)            # same-dtype cast
             c = b[:, 0:]                        # full slice
-            d = (c * 1) + 0                     # mul-one, add-zero
-            return d.reshape(-1, 4)             # a real reshape: must stay
+            d = (c * 1) - 0                     # mul-one, add-zero (x - 0: an identity for floats)
+            e = d + 0                           # near miss: + 0 turns -0.0 into +0.0 on floats, so it stays
+            return e.reshape(-1, 4)             # a real reshape: must stay
 
     prog = graphopt.capture(M(), torch.randn(3, 8))
     optimized, report = graphopt.optimize(prog, "remove-noop")
@@ -36,6 +37,7 @@ def test_rules_on_a_hand_written_model():
     assert stats.get("mul-one") == 1 and stats.get("add-zero") == 1
     hist = optimized.op_histogram()
     assert hist["aten.view.default"] == 1  # the real reshape
+    assert hist["aten.add.Tensor"] == 1  # the float + 0
     assert_equivalent(prog, optimized, 1e-5, shapes=((None, None),))
 
 
