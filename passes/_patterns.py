@@ -76,16 +76,7 @@ def copy_meta(new: torch.fx.Node, old: torch.fx.Node) -> None:
 
 def reads_attr(node: Any, targets: set[str] | frozenset[str]) -> str | None:
     """The target in ``targets`` of the get_attr that ``node`` is, or is a (chain of) view of."""
-    for _ in range(64):
-        if not isinstance(node, torch.fx.Node):
-            return None
-        if node.op == "get_attr":
-            return str(node.target) if str(node.target) in targets else None
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not node.args:
-            return None
-        first = target._schema.arguments[0] if target._schema.arguments else None
-        if first is None or first.alias_info is None:  # not a view of its first argument
-            return None
-        node = node.args[0]
-    return None
+    from graphopt.transform.state import root_attr
+
+    root = root_attr(node)
+    return str(root.target) if root is not None and str(root.target) in targets else None

@@ -19,10 +19,10 @@ import torch.fx
 
 from graphopt.ir.fx import fetch_attr
 
-__all__ = ["mutated_attrs", "preserved_state"]
+__all__ = ["mutated_attrs", "preserved_state", "root_attr"]
 
 
-def _root_attr(node: Any) -> Any:
+def root_attr(node: Any) -> Any:
     """The get_attr a (chain of) view ops reads, else None."""
     seen = 0
     while isinstance(node, torch.fx.Node) and seen < 64:
@@ -51,7 +51,7 @@ def mutated_attrs(graph: torch.fx.Graph) -> set[str]:
             if arg.alias_info is None or not arg.alias_info.is_write:
                 continue
             value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-            root = _root_attr(value)
+            root = root_attr(value)
             if root is not None:
                 mutated.add(str(root.target))
     return mutated
