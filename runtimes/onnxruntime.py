@@ -304,8 +304,9 @@ class OnnxRuntimeBackend(Backend):
 
     def check_program(self, program: Program, options: Mapping[str, Any]) -> None:
         if torch.bfloat16 in program_dtypes(program):
-            cast = "bf16" in (program.pipeline or "") or "mixed=bf16" in (program.pipeline or "")
-            fix = ("drop the bf16 pass from the pipeline" if cast else
+            pipeline = program.pipeline or ""
+            fix = ("drop mixed=bf16 from quantize-int8 (int8 with fp32 elsewhere runs here)" if "mixed=bf16" in pipeline
+                   else "drop the bf16 pass from the pipeline" if "bf16" in pipeline else
                    "capture the model after model.float() (its weights or inputs are bf16 as captured)")
             raise LoweringError(
                 f"onnxruntime | {program.name} computes in bfloat16 and ONNX Runtime's CPU provider has no "

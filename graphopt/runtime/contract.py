@@ -219,7 +219,9 @@ def check_contract(specs: Any, args: Any, dims: dict[str, Any], ranges: dict[str
             lo = 1 if lo is None else max(0, int(lo))
             if size < lo or (hi is not None and size > hi):
                 within = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-                raise RunnerError(f"{runtime} | input '{spec.name}': dim {dim} ({label}) must be {within}, got {size}")
+                empty = "; an empty batch has nothing to score: skip the call" if size == 0 and label == "batch" else ""
+                raise RunnerError(f"{runtime} | input '{spec.name}': dim {dim} ({label}) must be {within}, "
+                                  f"got {size}{empty}")
         if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
             first = (~torch.isfinite(value)).nonzero()[0]
             at = [int(i) for i in first.tolist()]

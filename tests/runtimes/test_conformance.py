@@ -235,7 +235,8 @@ BAD_INPUTS = {
                                r"input 'input_ids': dim 1 \(seq\) must be in \[1, 512\], got 600$"),
     "mask seq != ids seq": (lambda ids, mask: (ids, mask[:, :7]),
                             r"input 'attention_mask': dim 1 \(seq\) is 7 but 'input_ids' has seq 8; they must be equal$"),
-    "empty batch": (lambda ids, mask: (ids[:0], mask[:0]), r"input 'input_ids': dim 0 \(batch\) must be >= 1, got 0$"),
+    "empty batch": (lambda ids, mask: (ids[:0], mask[:0]), r"input 'input_ids': dim 0 \(batch\) must be >= 1, got 0; an "
+                                                          r"empty batch has nothing to score: skip the call$"),
     "wrong dtype": (lambda ids, mask: (ids.int(), mask), r"input 'input_ids': expected int64, got int32; convert it with \.to\(torch\.int64\)$"),
     "numpy array": (lambda ids, mask: (ids.numpy(), mask), r"input 'input_ids': expected a tensor, got ndarray; pass torch\.from_numpy\(x\)$"),
     "meta tensor": (lambda ids, mask: (ids, mask.to("meta")),  # was a raw RuntimeError from .item()

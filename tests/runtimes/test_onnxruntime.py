@@ -86,7 +86,7 @@ def test_an_opset_the_exporter_cannot_write_is_refused(bert_artifact, tmp_path):
 
 def test_bf16_program_is_refused(tmp_path):
     """A model captured in bf16 is told to capture after model.float() (was: "drop the bf16 pass from the
-    pipeline", which had none); a bf16 cast in the pipeline is told to drop it."""
+    pipeline", which had none); a bf16 cast in the pipeline is told to drop it, int8-mixed-bf16 its option."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 4)).to(torch.bfloat16).eval()
     prog = capture(model, (torch.randn(2, 8, dtype=torch.bfloat16),), dynamic={"input": {0: "batch"}})
     with pytest.raises(LoweringError, match=r"^onnxruntime \| .* computes in bfloat16 .* no bf16 kernels; lower it "
@@ -99,6 +99,10 @@ def test_bf16_program_is_refused(tmp_path):
     with pytest.raises(LoweringError, match=r"no bf16 kernels; lower it with the inductor runtime, or drop the bf16 "
                                             r"pass from the pipeline$"):
         lower(cast, "onnxruntime", tmp_path / "cast")
+    mixed, _ = optimize(fp32, "quantize-int8{mixed=bf16 max_drop=0}", calibration_data=[(torch.randn(8, 8),)] * 4)
+    with pytest.raises(LoweringError, match=r"no bf16 kernels; lower it with the inductor runtime, or drop "
+                                            r"mixed=bf16 from quantize-int8 \(int8 with fp32 elsewhere runs here\)$"):
+        lower(mixed, "onnxruntime", tmp_path / "mixed")  # was: "drop the bf16 pass", which it had none of
 
 
 class _QLinear(torch.nn.Module):
