@@ -173,7 +173,8 @@ def test_zero_length_bag_ids_run_exactly(tmp_path_factory, runtime):
                 _close(runner(*x.values()), ref(*x.values()))
         x = ctr_inputs(3, seed=7)
         _refused(runner, {**x, "user": x["user"][:0], "click_off": x["click_off"][:0]},
-                 r"input 'user': dim 0 \(batch\) must be >= 1, got 0")
+                 r"input 'user': dim 0 \(batch\) must be >= 1, got 0; an empty batch has nothing to score: "
+                 r"skip the call")
 
 
 def test_zero_length_needs_the_bag_to_be_the_only_reader():
