@@ -11,6 +11,7 @@ from graphopt.passes._patterns import constant_tensor, copy_meta
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from graphopt.ir.fx import add_tensor_attr, is_op, tensor_meta, where
+from graphopt.ir.value_ops import aliases_first_arg
 from graphopt.transform.base import Option, PassResult, register_pass
 from graphopt.transform.rewrite import Match, RewritePass, Rule
 from graphopt.transform.state import mutated_attrs
@@ -37,19 +38,10 @@ def _view_ok_on_slice(view: torch.fx.Node, width: int) -> bool:
     return False
 
 
-def _is_view_op(node: torch.fx.Node) -> bool:
-    """An op whose output aliases its first argument (slice, unsqueeze, transpose, view...)."""
-    target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-        return False
-    first = target._schema.arguments[0] if target._schema.arguments else None
-    return first is not None and first.alias_info is not None and not first.alias_info.is_write
-
-
 def _view_through_views(linear: torch.fx.Node) -> torch.fx.Node | None:
     """A ``view`` reached from ``linear`` through another view op: its strides depend on the
     slice's, so whether it still works is not checked here (the member is left out)."""
-    todo = [u for u in linear.users if _is_view_op(u)]
+    todo = [u for u in linear.users if aliases_first_arg(u, writes=False)]
     seen: set[torch.fx.Node] = set()
     while todo:
         node = todo.pop()
@@ -59,7 +51,7 @@ def _view_through_views(linear: torch.fx.Node) -> torch.fx.Node | None:
         for user in node.users:
             if is_op(user, *_VIEWS):
                 return user
-            if _is_view_op(user):
+            if aliases_first_arg(user, writes=False):
                 todo.append(user)
     return None
 

@@ -10,6 +10,7 @@ import torch.fx
 from graphopt.passes._patterns import reads_attr, same_shape
 
 from graphopt.ir.fx import tensor_meta
+from graphopt.ir.value_ops import is_full_slice
 from graphopt.transform.base import register_pass
 from graphopt.transform.rewrite import Match, RewritePass, Rule
 from graphopt.transform.state import mutated_attrs
@@ -35,14 +36,6 @@ def _identity_to_copy(node: torch.fx.Node) -> bool:  # _to_copy to the same dtyp
 
 def _identity_clone(node: torch.fx.Node) -> bool:  # clone in a functional graph, default format
     return node.kwargs.get("memory_format") in (None, torch.preserve_format) and isinstance(node.args[0], torch.fx.Node)
-
-
-def _full_slice(node: torch.fx.Node) -> bool:  # x[:, 0:MAX:1]
-    args = list(node.args) + [None] * (5 - len(node.args))
-    src, _, start, end, step = args[:5]
-    if not isinstance(src, torch.fx.Node) or start not in (None, 0) or step not in (None, 1):
-        return False
-    return same_shape(node, src)
 
 
 def _zero_add(node: torch.fx.Node) -> bool:
@@ -95,7 +88,7 @@ RULES = (
     NoopRule("same-dtype-cast", (aten._to_copy.default,), _identity_to_copy),
     NoopRule("clone", (aten.clone.default,), _identity_clone),
     NoopRule("alias", (aten.alias.default,), lambda n: isinstance(n.args[0], torch.fx.Node)),
-    NoopRule("full-slice", (aten.slice.Tensor,), _full_slice),
+    NoopRule("full-slice", (aten.slice.Tensor,), is_full_slice),
     NoopRule("add-zero", (aten.add.Tensor, aten.sub.Tensor), _zero_add),
     NoopRule("mul-one", (aten.mul.Tensor, aten.div.Tensor), _one_mul),
 )

@@ -37,18 +37,15 @@ import torch.fx
 from graphopt.errors import RunnerError
 from graphopt.ir.fx import op_name
 from graphopt.ir.program import Program
+from graphopt.ir.value_ops import CASTS, SAME_VALUES
 from graphopt.runtime.position_bounds import position_bounds
 
 __all__ = ["dim_ranges", "bag_offsets", "check_contract", "size_outside"]
 
-#: ops through which an input's values reach a table unchanged (only positions move)
-_VALUE_PRESERVING = {
-    "view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "expand", "slice", "select",
-    "clone", "contiguous", "permute", "transpose", "t", "alias", "detach", "lift_fresh_copy",
-}
-#: conversions: value-preserving when both sides are integer tensors (an id outside the
-#: table is refused at the input, before any narrowing could wrap it into range)
-_CASTS = {"_to_copy", "to", "_to_dim_order_copy", "convert_element_type", "type_as"}
+#: ops through which an input's values reach a table unchanged (only positions move; a slice or
+#: select keeps some of them). Casts pass values when both sides are integer tensors (an id outside
+#: the table is refused at the input, before any narrowing could wrap it into range)
+_VALUE_PRESERVING = SAME_VALUES | {"slice", "select"}
 _BAGS = {"embedding_bag", "_embedding_bag", "_embedding_bag_forward_only"}
 
 
@@ -63,7 +60,7 @@ def _passes_values(node: torch.fx.Node, src: torch.fx.Node) -> bool:
     if node.op != "call_function" or not node.args or node.args[0] is not src:
         return False
     name = op_name(node)
-    return name in _VALUE_PRESERVING or (name in _CASTS and _is_int(src) and _is_int(node))
+    return name in _VALUE_PRESERVING or (name in CASTS and _is_int(src) and _is_int(node))
 
 
 def _finite_int(value: Any) -> int | None:

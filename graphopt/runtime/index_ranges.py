@@ -27,7 +27,8 @@ import torch.fx
 
 from graphopt.ir.fx import fetch_attr, op_name
 from graphopt.ir.program import Program
-from graphopt.runtime.contract import _CASTS, _is_int, _passes_values, bag_offsets
+from graphopt.ir.value_ops import CASTS, COPIES, is_full_slice
+from graphopt.runtime.contract import _is_int, _passes_values, bag_offsets
 
 __all__ = ["index_ranges"]
 
@@ -47,7 +48,7 @@ def _follows(node: torch.fx.Node, src: torch.fx.Node) -> bool:
     if _passes_values(node, src):
         return True
     val = src.meta.get("val")
-    return (op_name(node) in _CASTS and node.args[:1] == (src,) and _is_int(node)
+    return (op_name(node) in CASTS and node.args[:1] == (src,) and _is_int(node)
             and isinstance(val, torch.Tensor) and val.dtype.is_floating_point)
 
 
@@ -133,15 +134,8 @@ def _slot(node: torch.fx.Node, rank: int) -> tuple[int, int] | None:
 
 
 def _keeps_dims(node: torch.fx.Node) -> bool:
-    """Copies and full slices: the output's dims are the input's, element for element."""
-    name = op_name(node)
-    if name in ("clone", "contiguous", "alias", "detach", "lift_fresh_copy") or name in _CASTS:
-        return True
-    if name == "slice":
-        start = node.args[2] if len(node.args) > 2 else 0
-        end = node.args[3] if len(node.args) > 3 else None
-        return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2**62))
-    return False
+    """Copies, casts and full slices: the output's dims are the input's, element for element."""
+    return op_name(node) in COPIES or op_name(node) in CASTS or is_full_slice(node)
 
 
 def _slot_ranges(rows: list[tuple[int, tuple[int, int] | None]], shape: Any) -> dict[str, Any] | None:

@@ -32,15 +32,13 @@ import torch.fx
 
 from graphopt.ir.fx import op_name
 from graphopt.ir.program import Program
+from graphopt.ir.value_ops import CASTS, SAME_VALUES, is_full_slice
 
 __all__ = ["position_bounds"]
 
 #: ops that keep their first argument's values (positions move, values do not; a slice that keeps
-#: only some of them would make the bound too tight, so only a full slice carries it: _full_slice)
-_CARRY = {
-    "view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "expand", "expand_as", "clone", "contiguous", "permute", "transpose", "t", "alias", "detach", "lift_fresh_copy",
-    "_to_copy", "to", "_to_dim_order_copy", "convert_element_type", "type_as", "long", "int",
-}
+#: only some of them would make the bound too tight, so only a full slice carries it)
+_CARRY = SAME_VALUES | CASTS | {"long", "int"}
 _COMPARE = {"ne", "eq", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not"}
 Range = tuple[sympy.Expr, sympy.Expr]
 
@@ -85,17 +83,6 @@ def _arange(node: torch.fx.Node) -> Range | None:
     return lo, hi - 1
 
 
-def _full_slice(node: torch.fx.Node) -> bool:
-    """``slice(x, dim, start, end[, step])`` that keeps every element (``x[:, :]``)."""
-    src = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
-    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
-    if not isinstance(src, torch.Tensor) or step != 1 or start not in (0, None):
-        return False
-    if end is None or (isinstance(end, int) and end >= 2**62):
-        return True
-    return _expr(end) == _expr(src.shape[dim])
-
-
 def _range(node: torch.fx.Node, ranges: dict[torch.fx.Node, Range]) -> Range | None:
     if node.op != "call_function" or not node.args:
         return None
@@ -108,7 +95,7 @@ def _range(node: torch.fx.Node, ranges: dict[torch.fx.Node, Range]) -> Range | N
     if name in _COMPARE or val.dtype == torch.bool:
         return sympy.Integer(0), sympy.Integer(1)
     first = _operand(node.args[0], ranges)
-    if name in _CARRY or (name == "slice" and _full_slice(node)):
+    if name in _CARRY or is_full_slice(node):
         return first
     if name == "cumsum" and first is not None and len(node.args) > 1 and _nonneg(first[0]):
         src = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None

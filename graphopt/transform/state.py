@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from graphopt.ir.fx import fetch_attr
+from graphopt.ir.value_ops import aliases_first_arg
 
 __all__ = ["mutated_attrs", "preserved_state", "root_attr"]
 
@@ -28,11 +29,7 @@ def root_attr(node: Any) -> Any:
     while isinstance(node, torch.fx.Node) and seen < 64:
         if node.op == "get_attr":
             return node
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or not node.args:
-            return None
-        first = target._schema.arguments[0] if target._schema.arguments else None
-        if first is None or first.alias_info is None:  # not a view of its first argument
+        if not aliases_first_arg(node):  # not a view of (or a write into) its first argument
             return None
         node = node.args[0]
         seen += 1

@@ -127,3 +127,26 @@ def test_dense_features_beside_an_id_column_get_no_range(tmp_path):
     with graphopt.load(graphopt.lower(program, "onnxruntime", tmp_path / "ort").path) as runner:
         with torch.no_grad():
             torch.testing.assert_close(runner(x)[0], model(x), atol=1e-5, rtol=1e-5)
+
+
+class SteppedSlots(nn.Module):
+    """``ids[:, ::2][:, 1]`` is column 2, not column 1: a stepped slice renumbers the slots."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Embedding(n, 8) for n in (10, 5, 20, 20))
+
+    def forward(self, ids):
+        every_other = ids[:, ::2]
+        return self.a(every_other[:, 0]) + self.b(every_other[:, 1]) + self.c(ids[:, 2]) + self.d(ids[:, 3])
+
+
+def test_a_stepped_slice_does_not_number_slots_as_the_input(tmp_path):
+    # was {"dim": 1, "high": [10, 5, 20, 20]}: column 2 (which feeds the 5-row table) allowed ids up to 19;
+    # now the slots are unknown and every column is held to the smallest table
+    torch.manual_seed(0)
+    model = SteppedSlots()
+    program = _capture(model, torch.tensor([[1, 2, 3, 4], [0, 1, 2, 3]]))
+    assert index_ranges(program) == {"ids": [0, 5]}
+    _serve(tmp_path, program, "onnxruntime", model, [torch.tensor([[4, 4, 4, 4], [0, 0, 0, 0]])],
+           torch.tensor([[1, 0, 15, 4]]), re.escape(": values must be in [0, 5), got 15 at [0, 2]"))
