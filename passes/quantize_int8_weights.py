@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from graphopt.ir.fx import fetch_attr, skip_note
+import torch
+import torch.fx
+
+from graphopt.ir.fx import fetch_attr, skip_note, where
 from graphopt.passlib.linear_forms import as_linears
 from graphopt.passlib.qdq import find_linears, insert_weight_dequant, quantize_weight
 from graphopt.transform.base import Option, Pass, PassResult, register_pass
@@ -19,7 +22,10 @@ class QuantizeInt8Weights(Pass):
     (a symmetric int8 weight with a zero zero point is TensorRT's weight-only
     form). Matches: ``aten.linear`` with a constant 2-D fp32 weight, and ``x @ W`` / ``mm`` / ``addmm`` by a
     parameter, first rewritten exactly into one (graphopt.passlib.linear_forms) (``skip``
-    patterns, computed weights and matmuls of two activations are declined).
+    patterns, computed weights and matmuls of two activations are declined; so is a weight
+    another op also reads, such as an output head tied to its embedding table: an int8 copy
+    beside the fp32 tensor the lookup keeps would add bytes; quantize-embeddings declines
+    tied tables likewise).
     Produces: an int8 weight (symmetric, one scale per output row, zero point
     0) read through ``quantized_decomposed.dequantize_per_channel``, so each
     weight is within ``scale / 2 = max|row| / 254`` of the original. ONNX:
@@ -47,7 +53,13 @@ class QuantizeInt8Weights(Pass):
         layers, found_declined = find_linears(gm, self.skip)
         declined += found_declined
         saved = 0
-        for layer in layers:
+        for layer in list(layers):
+            other = _other_reader(gm, layer.node, fetch_attr(gm, layer.weight))
+            if other is not None:
+                layers.remove(layer)
+                declined.append(f"{where(layer.node)}: its weight is also read by {where(other)} (tied); an int8 "
+                                "copy beside the fp32 one would add bytes, so it stays fp32")
+                continue
             w = fetch_attr(gm, layer.weight)
             q, scale, zp = quantize_weight(w, per_channel=True, bits=8)
             insert_weight_dequant(gm, layer, q, scale, zp, per_channel=True)
@@ -57,3 +69,17 @@ class QuantizeInt8Weights(Pass):
         details = [{"weight_bytes_saved": saved}] if layers else []
         return PassResult(program, modified=bool(layers) or bool(rewritten), stats=stats, declined=declined,
                           details=details, notes=unmatched)
+
+
+def _other_reader(gm: torch.fx.GraphModule, linear: torch.fx.Node, weight: torch.Tensor) -> torch.fx.Node | None:
+    """A node other than ``linear`` that reads ``weight``'s storage (through any get_attr naming it)."""
+    storage = weight.untyped_storage().data_ptr()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = fetch_attr(gm, str(node.target))
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
+            for user in node.users:
+                if user is not linear:
+                    return user
+    return None

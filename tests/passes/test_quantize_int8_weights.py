@@ -4,6 +4,7 @@ declared tolerance (0.05, atol = rtol), near-misses."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from graphopt.passes.quantize_int8_weights import QuantizeInt8Weights
 
@@ -41,3 +42,37 @@ def test_near_misses_leave_the_graph_alone():
     _, report = graphopt.optimize(graphopt.capture(torch.nn.Linear(4, 3).eval(), (torch.randn(2, 4),), dynamic=False),
                                   "quantize-int8-weights{skip=*}")
     assert report.passes[0].modified is False and any("matched skip" in d for d in report.passes[0].declined)
+
+
+class _TiedHead(torch.nn.Module):
+    """Scores items against the embedding table itself (GPT-style weight tying), as a tied
+    ``nn.Linear`` or as ``h @ table.t()``."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form, self.emb, self.mix = form, torch.nn.Embedding(300, 16), torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 300, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.relu(self.mix(self.emb(ids).mean(1)))
+        return self.head(h) if self.form == "linear" else h @ self.emb.weight.t()
+
+
+def _stored_bytes(program) -> int:
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for t in (fetch_attr(program.gm, str(n.target)) for n in program.graph.nodes if n.op == "get_attr")}
+    return sum(tensors.values())
+
+
+@pytest.mark.parametrize("form", ["linear", "matmul"])
+def test_a_head_tied_to_its_embedding_stays_fp32(form):
+    # was: the head got an int8 copy while the lookup kept the fp32 table (more bytes, not fewer)
+    torch.manual_seed(0)
+    ref = graphopt.capture(_TiedHead(form).eval(), (torch.randint(0, 300, (2, 5)),))
+    q, report = graphopt.optimize(ref, "quantize-int8-weights")
+    assert report.passes[0].stats["linear"] == 1  # mix only
+    assert any("also read by model.emb (embedding) (tied)" in d for d in report.passes[0].declined), report.passes[0].declined
+    assert q.op_histogram()["quantized_decomposed.dequantize_per_channel.default"] == 1
+    assert _stored_bytes(q) < _stored_bytes(ref)
+    assert_equivalent(ref, q, TOL, shapes=((None, None), (7, 3)))
