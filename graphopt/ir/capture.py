@@ -207,6 +207,20 @@ def _eval_mode(model: torch.nn.Module, label: str) -> Iterator[None]:
             m.training = flag
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DataParallel / DistributedDataParallel / torch.compile wrapper: the same
+    computation, whose ``forward(*inputs)`` would hide the input names (``input_0``)."""
+    seen = 0
+    while seen < 8:
+        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model, seen = inner, seen + 1
+    return model
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | torch.Tensor,
@@ -229,6 +243,7 @@ def capture(
                            "before torch.jit.script/trace (graphopt lowers to TorchScript itself)")
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
+    model = _unwrapped(model)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     by_keyword = isinstance(example_inputs, Mapping)

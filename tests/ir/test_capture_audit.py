@@ -233,3 +233,18 @@ def test_max_norm_renormalisation_leaves_the_users_weights_alone():
     torch.testing.assert_close(model.weight.detach(), before, atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(got, model(ids), **TOL)
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compile", "DataParallel+compile"])
+def test_a_wrapped_model_is_captured_as_the_model_inside(wrap, tmp_path):
+    """Was: DataParallel's ``forward(*inputs)`` named the inputs ``input_0``/``input_1`` (the
+    contract, the id ranges and every runtime's messages said so); the model inside is captured."""
+    torch.manual_seed(0)
+    model = _TwoIn().eval()
+    wrapped = torch.compile(model) if "compile" in wrap else model
+    wrapped = nn.DataParallel(wrapped) if wrap.startswith("DataParallel") else wrapped
+    example = (torch.randn(4, 16), torch.randn(4, 4))
+    prog = graphopt.capture(wrapped, example)
+    assert [spec.name for spec in prog.inputs] == ["x", "w"]
+    with _runner(prog, "onnxruntime", tmp_path / "ort") as runner, torch.no_grad():
+        torch.testing.assert_close(runner(*example)[0], model(*example), **TOL)
