@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from graphopt.bench.shapes import unnamed_dims
 from graphopt.errors import ArtifactError, PipelineParseError, first_line
 from graphopt.outputs import usual_mode
 from graphopt.runtime.contract import size_outside
@@ -30,7 +31,7 @@ __all__ = ["run_memory", "check_plot", "shapes_for", "plot_peak", "render"]
 
 
 def shapes_for(analysis: MemoryAnalysis, batches: list[int] | None, seqs: list[int] | None,
-               ranges: Mapping[str, Mapping[str, int | None]] | None = None,
+               ranges: Mapping[str, Mapping[str, int | None]] | None = None, unnamed: str | None = None,
                ) -> tuple[list[dict[str, int | None]], list[str]]:
     """(batch, seq) points to evaluate, and notes on sizes the Program does not have;
     a size outside the range torch.export proved for its dim (``ranges``, from
@@ -44,7 +45,8 @@ def shapes_for(analysis: MemoryAnalysis, batches: list[int] | None, seqs: list[i
     if batches and not has_batch:
         notes.append(f"{analysis.program} has no dynamic 'batch' dim; --batch-sizes ignored")
     if seqs and not has_seq:
-        notes.append(f"{analysis.program} has no dynamic 'seq' dim; --seq-lens ignored")
+        notes.append(f"--seq-lens ignored: {unnamed}" if unnamed else
+                     f"{analysis.program} has no dynamic 'seq' dim; --seq-lens ignored")
     b_values: list[int | None] = list(batches) if batches and has_batch else [None]
     s_values: list[int | None] = list(seqs) if seqs and has_seq else [None]
     shapes = [{"batch": b, "seq": s} for s in s_values for b in b_values]
@@ -157,7 +159,8 @@ def run_memory(program: Any, args: argparse.Namespace) -> int:
     plot = Path(args.plot) if args.plot else None
     check_plot(args)
     analysis = AnalysisManager().get("memory", program)
-    shapes, notes = shapes_for(analysis, args.batch_sizes, args.seq_lens, dim_ranges(program))
+    shapes, notes = shapes_for(analysis, args.batch_sizes, args.seq_lens, dim_ranges(program),
+                               unnamed_dims(program))
     if args.json:
         data = analysis.to_json(shapes)
         data["notes"] = notes + data["notes"]

@@ -62,3 +62,23 @@ def test_sizes_the_program_cannot_run_are_refused(capsys, program, tmp_path):
     code, out, err = run(capsys, "inspect", saved, "--memory", "--seq-lens", "512", "--json")  # the edge runs
     assert code == 0, err
     assert [e["sizes"]["seq"] for e in json.loads(out)["estimates"]] == [512]
+
+
+def test_seq_lens_on_a_dim_dynamic_true_labelled_says_how_to_name_it(tmp_path, capsys):
+    """Was: under ``dynamic=True`` the sequence dim is labelled ``ids_dim1``; ``inspect`` said only
+    "no dynamic 'seq' dim" and ``bench --seq-lens 8,16`` silently measured the captured length."""
+    import torch
+
+    import graphopt
+    from graphopt.bench.shapes import bench_shapes
+
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Flatten(0, -1)).eval()
+    prog = graphopt.capture(model, torch.randint(0, 50, (4, 6)))
+    assert prog.inputs[0].dynamic == {0: "batch", 1: "input_dim1"}
+    expected = ("--seq-lens ignored: no dim of Sequential is labelled 'seq' (its other dynamic dims, input_dim1, run "
+                "at their captured sizes); name the sequence dim at capture: dynamic={'input': {1: 'seq'}}")
+    notes: list[str] = []
+    assert bench_shapes(prog, [2], [8, 16], notes) == [(2, None)] and notes == [expected]
+    code, out, err = run(capsys, "inspect", str(prog.save(tmp_path / "p.pt2")), "--seq-lens", "8", "--json")
+    assert code == 0, err
+    assert expected in json.loads(out)["notes"]
