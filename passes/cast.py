@@ -153,6 +153,8 @@ class Cast(Pass):
         forced |= skipped
         counts: dict[str, int] = {}
         declined: list[str] = []
+        out = next(n for n in graph.nodes if n.op == "output")
+        captured = {n: _val_dtype(n) for n in out.all_input_nodes}  # io=preserve hands these back
         casts: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
 
         def cast(arg: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
@@ -203,11 +205,10 @@ class Cast(Pass):
                                     "has no bf16 CPU kernel for it): kept fp32")
             elif _val_dtype(node) == low and is_op(node, *LOW_PRECISION_OPS):
                 counts["low-matrix-op"] = counts.get("low-matrix-op", 0) + 1
-        out = next(n for n in graph.nodes if n.op == "output")
-        have, want_out = (low, high) if self.io == "preserve" else (high, low)  # native: float outputs low
-        for arg in list(out.all_input_nodes):
-            if _val_dtype(arg) == have:
-                out.replace_input_with(arg, cast(arg, want_out))
+        for arg in list(out.all_input_nodes):  # preserve: the captured dtype (a bf16 model's stays bf16)
+            want = captured.get(arg) if self.io == "preserve" else low  # native: float outputs low
+            if _val_dtype(arg) in (low, high) and want in (low, high) and _val_dtype(arg) != want:
+                out.replace_input_with(arg, cast(arg, want))
         declined += [f"{n.name} ({module_path(n) or 'no module'}): matched skip, kept fp32" for n in graph.nodes
                      if n in skipped and is_op(n, *LOW_PRECISION_OPS)]
         modified = bool(counts.get("weight") or counts.get("boundary-cast") or counts.get("dtype-arg"))

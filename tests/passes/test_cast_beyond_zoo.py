@@ -158,3 +158,20 @@ def test_default_ranks_better_than_autocast_on_pretrained_minilm():
         kept["default"] += topk_overlap(got, want, 10) * len(want) * 10
         kept["autocast"] += topk_overlap(autocast.float(), want, 10) * len(want) * 10
     assert round(kept["default"]) > round(kept["autocast"]), kept
+
+
+def test_io_preserve_hands_a_bf16_model_its_bf16_outputs_back():
+    """Was: ``io=preserve`` cast every bf16 output to fp32, assuming a captured fp32 model, so a model
+    already in bf16 got fp32 scores. Now the captured dtype comes back (numerics: the pass keeps the
+    scoring head fp32, so within bf16's tolerance of the bf16 model's own outputs)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval().bfloat16()
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    program = graphopt.capture(model, x)
+    cast, report = graphopt.optimize(program, "cast{dtype=bf16}")
+    cast.gm.graph.lint()
+    (out,) = cast(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), model(x).float(), atol=TOLERANCE["bf16"], rtol=TOLERANCE["bf16"])
+    native, _ = graphopt.optimize(graphopt.capture(model.float(), x.float()), "cast{dtype=bf16 io=native}")
+    assert native(x)[0].dtype == torch.bfloat16  # native: float outputs in the target dtype, as before
