@@ -144,7 +144,7 @@ class Runner:
                 f"{self.name} | backend returned {len(outputs)} outputs, manifest names "
                 f"{len(self.output_names)} ({', '.join(self.output_names)}); re-lower the artifact"
             )
-        return outputs
+        return _not_aliasing(outputs, bound)
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Polygraphy-style: feed dict by input name -> dict by output name."""
@@ -191,3 +191,14 @@ class Runner:
         where = self.artifact.path if self.artifact else "in-memory"
         state = "active" if self.is_active else "inactive"
         return f"<{type(self).__name__} {self.name} {where} on {self.device}, {state}>"
+
+
+def _not_aliasing(outputs: tuple[Any, ...], inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """An output that is (a view of) an input comes back as a copy on every runtime: eager,
+    TorchScript and Inductor returned the caller's own tensor (writing into the scores changed
+    the request), ONNX Runtime a copy."""
+    held = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel()}
+    if not held:
+        return outputs
+    return tuple(o.clone() if isinstance(o, torch.Tensor) and o.numel() and o.untyped_storage().data_ptr() in held
+                 else o for o in outputs)

@@ -248,3 +248,27 @@ def test_a_wrapped_model_is_captured_as_the_model_inside(wrap, tmp_path):
     assert [spec.name for spec in prog.inputs] == ["x", "w"]
     with _runner(prog, "onnxruntime", tmp_path / "ort") as runner, torch.no_grad():
         torch.testing.assert_close(runner(*example)[0], model(*example), **TOL)
+
+
+class _ReturnsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.l(x), x
+
+
+@pytest.mark.parametrize("runtime", ["eager", "torchscript", "onnxruntime", "inductor"])
+def test_an_output_that_is_an_input_comes_back_as_a_copy_on_every_runtime(runtime, tmp_path):
+    """Was: eager, TorchScript and Inductor returned the caller's own tensor (writing into the
+    outputs changed the request), ONNX Runtime a copy."""
+    torch.manual_seed(0)
+    model = _ReturnsInput().eval()
+    prog = graphopt.capture(model, torch.randn(2, 4))
+    x = torch.randn(3, 4)
+    with _runner(prog, runtime, tmp_path / runtime) as runner, torch.no_grad():
+        scores, echoed = runner(x)
+        torch.testing.assert_close(scores, model(x)[0], **TOL)
+        torch.testing.assert_close(echoed, x, atol=0, rtol=0)
+        assert echoed.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
