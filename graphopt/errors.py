@@ -56,8 +56,16 @@ def first_line(e: BaseException, *, with_type: bool | None = None, limit: int = 
     return f"{type(e).__name__}: {text}" if with_type else text
 
 
+#: what users call the runtimes (ONNX Runtime is "ort" in its own docs)
+_ABBREVIATIONS = {"ort": "onnxruntime", "trt": "tensorrt", "ts": "torchscript", "jit": "torchscript",
+                  "aoti": "inductor", "compile": "inductor"}
+
+
 def closest(word: str, candidates: list[str]) -> str:
     """' (did you mean 'x'?)' or '' — the suffix of an unknown-name error."""
+    short = _ABBREVIATIONS.get(word.lower())
+    if short in candidates:
+        return f" (did you mean '{short}'?)"
     match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 

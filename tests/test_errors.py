@@ -21,6 +21,9 @@ def test_first_line_copes_with_empty_multiline_and_ansi_messages():
 def test_closest_suggests_only_near_names():
     assert closest("remove-dropuot", ["remove-dropout", "dce"]) == " (did you mean 'remove-dropout'?)"
     assert closest("zzz", ["remove-dropout", "dce"]) == ""
+    # what users call the runtimes (was: 'ort' suggested 'tensorrt')
+    assert closest("ort", ["eager", "onnxruntime", "tensorrt"]) == " (did you mean 'onnxruntime'?)"
+    assert closest("trt", ["eager", "onnxruntime"]) == ""
 
 
 class _Lookup(torch.nn.Module):

@@ -134,6 +134,9 @@ def _summary(result) -> int:  # type: ignore[no-untyped-def]
         quality = ", ".join(f"{k.upper()} {v:.4f} (eager {refs.get(k, math.nan):.4f})" for k, v in fid.get("values", {}).items())
         quality += users_text(fid.get("users"))
     print(f"best: {best.key}\n  speedup vs eager: {speeds}\n  {quality}")
+    if lat and all(v["speedup"] < 1.0 for v in lat.values()):
+        print("  nothing here beat eager: the best found is slower than the model as it is (serve it unchanged, or "
+              "search longer / more runtimes)")
     defaults = [r for r in conf.values() if r["default"]]
     if defaults and best.n in conf:
         top = max(defaults, key=lambda r: r["objective"] or 0)

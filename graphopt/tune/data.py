@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from graphopt.errors import GraphoptError, ModelNotFoundError, first_line
+from graphopt.errors import GraphoptError, ModelNotFoundError
 from graphopt.ir.program import Program
 from graphopt.passlib.calibration import DEFAULT_CALIBRATION_BATCHES
 from graphopt.rec.resolve import InputMaker, named_inputs
@@ -197,8 +197,11 @@ def load_calibration_file(path: str | Path, names: Sequence[str], program: Progr
     try:
         obj = torch.load(p, weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle/zip errors of many kinds
-        raise DataSpecError(f"--calib {path}: not a torch.save file of tensors ({first_line(e, with_type=False)})") from None
+        raise DataSpecError(f"--calib {path}: not a torch.save file of torch tensors ({type(e).__name__}); save a list of "
+                            "input batches (dicts or tuples of torch tensors, not numpy arrays) with torch.save") from None
     batches = [obj] if isinstance(obj, dict) else list(obj) if isinstance(obj, (list, tuple)) else None
+    if batches == []:
+        raise DataSpecError(f"--calib {path}: the list of batches is empty; save at least one input batch")
     if not batches:
         raise DataSpecError(f"--calib {path}: expected a list of batches (dicts of tensors or tuples), got {type(obj).__name__}")
     out = []

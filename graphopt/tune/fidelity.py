@@ -75,6 +75,9 @@ def parse_drop(text: str | float) -> float:
             value = float(t[:-1]) / 100.0 if percent else float(t)
         except ValueError:
             raise DataSpecError(f"--max-drop {text!r}: expected a fraction or a percentage such as 0.5%") from None
+    if not percent and math.isfinite(value) and 1.0 <= value < 100.0:
+        raise DataSpecError(f"--max-drop {text!r}: a bare number is a fraction and must be below 1; write {text}% "
+                            f"for {text} percent")
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         raise DataSpecError(f"--max-drop {text!r}: must be between 0% and 100%")
     if not percent and value > BARE_DROP_MAX:

@@ -34,13 +34,14 @@ RESULT_FILE = "result.json"
 WORK_DIR = ".work"
 TUNE_KIND = "tune"
 #: top-level names a tune writes after tune.json (best/ and .work/ hold graphopt outputs with their own markers)
-LATER = (TRIALS_FILE, RESULT_FILE, SENSITIVITY_FILE, BEST_DIR, WORK_DIR, "report.md", "pareto.png", "*.json.tmp")
+LATER = (TRIALS_FILE, RESULT_FILE, SENSITIVITY_FILE, BEST_DIR, WORK_DIR, "report.md", "pareto.png", "*.json.tmp",
+         ".*.tmp-*")  # an interrupted exchange of best/ (graphopt.outputs.atomic_directory)
 #: settings a resumed run must share with the run it continues, and how a message names each
 RESUME_KEYS = {
     "model": "model", "model_name": "model", "program": "model (its Program's graph and weights, sha256)",
     "data": "--data", "calib": "--calib file", "calib_sha256": "--calib file contents (sha256)",
     "metric": "--metric", "max_drop": "--max-drop", "objective": "--objective",
-    "shapes": "shapes (--batch-sizes/--seq-lens)", "seed": "--seed", "threads": "--threads",
+    "shapes": "shapes (--batch-sizes/--seq-lens)", "runtimes": "--runtimes", "seed": "--seed", "threads": "--threads",
     "reference": "eager reference metrics",
 }
 

@@ -39,7 +39,7 @@ from graphopt.tune.outdir import RESULT_FILE, TUNE_FILE, WORK_DIR, check_force, 
 from graphopt.tune.search import SearchRun, TuneProgress, best_key
 from graphopt.tune.space import build_space
 from graphopt.tune.strategy import STRATEGIES
-from graphopt.tune.trials import Trial
+from graphopt.tune.trials import TRIALS_FILE, Trial
 
 __all__ = ["tune", "TuneResult", "TuneProgress", "TUNE_FILE", "DEFAULT_RUNTIMES"]
 
@@ -304,9 +304,12 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 def _restore_best(run: SearchRun, recorded: list[Trial]) -> None:
     """After --resume: the trial OUT/best holds is the best so far (else the log's fastest)."""
     ok = [t for t in recorded if t.ok]
+    held = best_key(run.out)
+    if not ok and held is not None:  # was: the eager reference silently replaced a 2.9x best/
+        raise DataSpecError(f"--resume: {run.out / TRIALS_FILE} holds no readable trial, yet {run.out / BEST_DIR} holds "
+                            f"{held}: the log is damaged or gone; restore it, or start over with --force")
     if not ok:
         return
-    held = best_key(run.out)
     match = [t for t in ok if t.key == held]
     run.best = match[-1] if match else max(ok, key=lambda t: (t.objective, -t.n))
     if not match:

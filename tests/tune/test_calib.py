@@ -60,3 +60,18 @@ def test_a_good_calibration_file_is_read_and_held_out(tm, tmp_path):
     assert len(load_calibration_file(path, tm.program.input_names, tm.program)) == 8
     td = tune_data(tm, calib=path, batch=8)
     assert len(td.calibration) == 6 and len(td.screen) == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ([], "the list of batches is empty; save at least one input batch"),  # was: "expected a list ..., got list"
+    (b"\x00garbage", "not a torch.save file of torch tensors (UnpicklingError); save a list of input batches"),
+])
+def test_an_empty_or_unreadable_calibration_file_says_what_to_save(tm, tmp_path, content, message):
+    path = tmp_path / "calib.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)  # was: torch's advice to re-run torch.load with weights_only=False
+    else:
+        torch.save(content, path)
+    with pytest.raises(DataSpecError) as e:
+        tune_data(tm, calib=path, batch=8)
+    assert str(e.value).startswith(f"--calib {path}: {message}") and "weights_only" not in str(e.value), str(e.value)

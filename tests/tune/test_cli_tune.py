@@ -71,6 +71,12 @@ def test_a_bare_max_drop_above_5_percent_is_refused_with_how_to_write_it(text):
         parse_drop(text)
 
 
+@pytest.mark.parametrize("text", ["5", "2"])
+def test_a_bare_max_drop_of_a_whole_number_says_to_add_a_percent_sign(text):
+    with pytest.raises(DataSpecError, match=rf"a bare number is a fraction and must be below 1; write {text}% for"):
+        parse_drop(text)
+
+
 def test_runtimes_are_deduplicated_and_stages_is_refused():
     assert _check_runtimes(["eager", "eager"]) == ["eager"]
     assert _check_runtimes("eager") == ["eager"]  # the Python API's single string

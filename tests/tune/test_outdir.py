@@ -71,6 +71,7 @@ def test_resume_with_the_same_settings_continues(base, tmp_path):
     ("calib contents", "--calib file contents (sha256)"),
     ("calib path", "--calib file ("),
     ("model", "model (its Program's graph and weights, sha256)"),
+    ("runtimes", "--runtimes (['eager']; this run: ['torchscript'])"),  # was: a report naming another runtime's best
 ])
 def test_resume_refuses_a_run_under_other_settings(base, tmp_path, change, named):
     model, calib, out = _fresh(tmp_path) if change in ("calib contents", "model") else _copy(base, tmp_path)
@@ -82,6 +83,8 @@ def test_resume_refuses_a_run_under_other_settings(base, tmp_path, change, named
     elif change == "calib contents":  # the same path, other batches
         batches = torch.load(calib, weights_only=True)
         torch.save(batches[::-1], calib)
+    elif change == "runtimes":
+        kw["runtimes"] = "torchscript"
     elif change == "calib path":
         kw["calib"] = shutil.copy(calib, tmp_path / "other.pt")
     else:  # another Program at the same path, with the same name (dce not applied: one more node)
@@ -93,6 +96,29 @@ def test_resume_refuses_a_run_under_other_settings(base, tmp_path, change, named
     assert text.startswith(f"--resume: {out} was tuned with another {named}") and "\n" not in text, text
     assert text.endswith("resume with the same settings or start over with --force")
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage", ["garbage", "gone"])
+def test_resume_refuses_a_damaged_log_beside_a_best(base, tmp_path, damage):
+    """Was: with trials.jsonl unreadable or gone, --resume replaced OUT/best (the run's winner) with
+    the eager reference, saying only that a last line was torn."""
+    model, calib, out = _copy(base, tmp_path)
+    if damage == "garbage":
+        (out / "trials.jsonl").write_text("garbage\n")
+    else:
+        (out / "trials.jsonl").unlink()
+    before = _snapshot(out)
+    with pytest.raises(DataSpecError, match=r"^--resume: .*trials\.jsonl holds no readable trial, yet .*best holds .*: "
+                       r"the log is damaged or gone; restore it, or start over with --force$"):
+        _tune(str(model), out, calib=calib, resume=True, max_trials=1)
+    assert _snapshot(out) == before
+
+
+def test_force_takes_the_leftover_of_an_interrupted_best_exchange(base, tmp_path):
+    model, calib, out = _copy(base, tmp_path)
+    shutil.copytree(out / "best", out / ".best.tmp-abc123")  # what a SIGKILL mid-exchange leaves
+    result = _tune(str(model), out, calib=calib, force=True, max_trials=1)
+    assert result.best_trial is not None and not (out / ".best.tmp-abc123").exists()
 
 
 def test_resume_refuses_a_users_file_in_best_before_running(base, tmp_path):
