@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from graphopt.cli.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
-from graphopt.errors import ArtifactError
+from graphopt.errors import ArtifactError, GraphoptError
 from graphopt.outputs import check_replaceable, written_by_graphopt
 from graphopt.rec.data import DataError, MovieLens, load_movielens, synthetic_movielens
 from graphopt.rec.data.ctr import ClickData, load_clicks
@@ -85,8 +85,55 @@ def is_ctr(model: str) -> bool:
 
 
 def describe_clicks(data: ClickData) -> str:
-    return (f"data: {data.name} clicks from {data.source}: {data.num_users} users, {data.num_items} items, "
-            f"{data.num_interactions} ratings, {int(data.clicks.sum())} clicks (rating >= 4)")
+    return "\n".join([f"data: {data.name} clicks from {data.source}: {data.num_users} users, {data.num_items} items, "
+                      f"{data.num_interactions} ratings, {int(data.clicks.sum())} clicks (rating >= 4)",
+                      *_notes(data.notes)])
+
+
+def _notes(notes: list[str]) -> list[str]:
+    return [n if n.startswith("warning:") else f"note: {n}" for n in notes]
+
+
+def _small_data(data: MovieLens) -> list[str]:
+    """Warnings where HR@10 / NDCG@10 say little: few candidates to rank, few users to average."""
+    tested = sum(len(s) >= 3 for s in data.sequences)
+    out = []
+    if data.num_items <= 10:
+        out.append(f"warning: only {data.num_items} items: HR@10 / NDCG@10 rank at most 10 candidates, so they are "
+                   "trivially high; give data with more items")
+    if 0 < tested < 10:
+        out.append(f"warning: only {tested} user{'s' if tested > 1 else ''} with 3+ interactions to test: "
+                   "HR@10 / NDCG@10 are noise at this size; give more users")
+    return out
+
+
+def renumbered_line(data: MovieLens | ClickData, out: Path) -> str | None:
+    """The notice that dense ids are not the user's raw ids, and where the mapping was saved."""
+    if not getattr(data, "renumbered", False):
+        return None
+    what = "user and item ids" if isinstance(data, ClickData) else "item ids"
+    return (f"note: your {what} are not 1..N, so they were renumbered 1..N in sorted order; {out}/ids.json maps "
+            "each model row to your raw id (Checkpoint.item_ids / item_index() from load_checkpoint): use it to serve")
+
+
+def stale_temporaries(out: Path) -> int:
+    """Remove the temporary folders an interrupted save into ``out`` left (``.NAME.tmp-*``, ``.NAME.old-*``,
+    graphopt's own naming) once a minute old, so a killed run leaves no hidden copies behind."""
+    import shutil
+    import time
+
+    removed = 0
+    if not out.parent.is_dir():
+        return 0
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for tmp in out.parent.glob(pattern):
+            try:
+                if tmp.is_dir() and not tmp.is_symlink() and time.time() - tmp.stat().st_mtime > 60:
+                    shutil.rmtree(tmp)
+                    removed += 1
+            except OSError:
+                continue
+    return removed
 
 
 def metrics_line(test: dict[str, float], popularity: dict[str, float]) -> str:
@@ -114,7 +161,7 @@ def describe_data(data: MovieLens) -> str:
     line = f"data: {data.name} from {data.source}: {data.num_users} users, {data.num_items} items, {data.num_interactions} interactions"
     if data.notice:
         line += f"\nNOTICE: {data.notice}"
-    return line
+    return "\n".join([line, *_notes(data.notes), *_small_data(data)])
 
 
 def _epoch_line(record: dict[str, float]) -> str:
@@ -173,8 +220,16 @@ def run(args: argparse.Namespace) -> int:
     spec = f"{kind}:{size}"
     existing = None if args.fresh else _existing(out, spec)
     replace = out.exists()  # with --fresh, or an empty folder: checked again when it is replaced
-    if replace and existing is None:
-        check_replaceable(out, force=True, flag="--fresh")  # a user's folder or files: refused before training
+    if existing is None:  # a user's folder or files, or a path that cannot be written: refused before training
+        check_replaceable(out, force=True, flag="--fresh")
+        try:
+            resolve_precision(args.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        except GraphoptError as e:  # fp16 without CUDA: a usage error, before the data loads
+            raise ArtifactError(f"{e}; pass --precision bf16 or fp32") from None
+        min_batch = getattr(get_objective(kind), "min_batch", 1)
+        if args.batch_size is not None and args.batch_size < min_batch:
+            raise ArtifactError(f"{kind} trains BatchNorm layers, which need {min_batch} or more rows a batch; pass "
+                                f"--batch-size {min_batch} or more")
     ctr = is_ctr(args.model)
     data: MovieLens | ClickData
     if ctr:
@@ -202,7 +257,13 @@ def run(args: argparse.Namespace) -> int:
     budget = f"budget {args.max_minutes:g} min" if args.max_minutes else "no time budget"
     print(f"fine-tuning {args.model} ({budget}, up to {args.epochs} epochs)")
     result = finetune(args.model, data, config, on_epoch=None if interactive else lambda r: print(_epoch_line(r), flush=True))
+    stale = stale_temporaries(out)
+    if stale:
+        print(f"note: removed {stale} temporary folder{'s' if stale > 1 else ''} (.{out.name}.tmp-*) an interrupted run left")
     save_checkpoint(result, out, force=replace)
+    renumbered = renumbered_line(data, out)
+    if renumbered:
+        print(renumbered)
     pop = result.popularity["test"]
     print(
         f"done in {result.wall_s:.0f}s ({result.epochs} epochs, {result.steps} steps, {result.precision}; {result.stopped})\n"

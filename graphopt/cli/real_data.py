@@ -69,7 +69,7 @@ def _sequence_setup(data: MovieLens, ckpt: Checkpoint, eval_batch: int, eval_use
     cases = split.test.subset(users)
     evaluate, validate = on(cases, True), on(split.valid.subset(users), False)
 
-    zoo = ckpt.zoo_model(batch=eval_batch)
+    zoo = ckpt.zoo_model(batch=max(2, eval_batch))  # capture needs an example of 2+ rows to keep the batch dynamic
     zoo.make_inputs = real_inputs(ckpt, split.test.histories)
     calibration = [tuple(zoo.make_inputs(batch=eval_batch, seed=2000 + i).values())
                    for i in range(2 if quick else DEFAULT_CALIBRATION_BATCHES)]
@@ -105,7 +105,7 @@ def _click_setup(data: ClickData, ckpt: Checkpoint, eval_batch: int, eval_users:
         return make
 
     eval_data = whole_batches("test")
-    zoo = ckpt.zoo_model(batch=eval_batch)
+    zoo = ckpt.zoo_model(batch=max(2, eval_batch))  # capture needs an example of 2+ rows to keep the batch dynamic
     zoo.make_inputs = drawn("test")  # timing and top-k drift on test rows' features
     from_train = drawn("train")  # calibration: rows the model learned from, apart from the guard's and the test's
     calibration = [tuple(from_train(batch=eval_batch, seed=2000 + i).values())

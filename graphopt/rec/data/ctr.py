@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from graphopt.metrics import auc, logloss
+from graphopt.rec.data.events import id_key, is_identity, normal_id, order_events, rating_notes, read_lines
 from graphopt.rec.data.movielens import DATA_ENV, DataError, bad_line, find_movielens, number
 
 __all__ = [
@@ -128,6 +129,14 @@ class ClickData:
     vocab: dict[str, list[str]] = field(default_factory=dict)
     synthetic: bool = False
     notice: str | None = None
+    item_ids: list[str] = field(default_factory=list)  # raw id of item i = item_ids[i - 1]
+    user_ids: list[str] = field(default_factory=list)  # raw id of user u = user_ids[u - 1]
+    notes: list[str] = field(default_factory=list)  # what reading changed or found, one line each
+
+    @property
+    def renumbered(self) -> bool:
+        """Whether dense user or item ids differ from the raw ones (raw ids not exactly 1..N)."""
+        return not (is_identity(self.item_ids) and is_identity(self.user_ids))
 
     @property
     def clicks(self) -> torch.Tensor:
@@ -158,12 +167,15 @@ class ClickData:
         h = hashlib.sha256()
         for t in (self.user, self.item, self.rating, self.genres, self.occupation, self.zip_prefix):
             h.update(t.numpy().tobytes())
+        if self.renumbered:  # the same rows over other raw ids are other data (1..N ids hash as before)
+            h.update("\t".join(self.user_ids + ["|"] + self.item_ids).encode())
         return h.hexdigest()[:12]
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "source": self.source, "synthetic": self.synthetic, "notice": self.notice,
                 "users": self.num_users, "items": self.num_items, "interactions": self.num_interactions,
-                "clicks": int(self.clicks.sum()), "click_rating": CLICK_RATING, "fingerprint": self.fingerprint()}
+                "clicks": int(self.clicks.sum()), "click_rating": CLICK_RATING, "fingerprint": self.fingerprint(),
+                "renumbered": self.renumbered, "notes": list(self.notes)}
 
     def split(self, seed: int = 0, valid: float = 0.1, test: float = 0.1) -> ClickSplit:
         """Seeded random split of the ratings: ``1 - valid - test`` / ``valid`` / ``test``."""
@@ -179,7 +191,7 @@ class ClickData:
 
 # --------------------------------------------------------------------- reading
 def _dense_ids(values: list[str]) -> tuple[dict[str, int], list[str]]:
-    vocab = sorted(set(values), key=lambda v: (0, int(v)) if v.isdigit() else (1, v))
+    vocab = sorted(set(values), key=id_key)
     return {v: i + 1 for i, v in enumerate(vocab)}, vocab
 
 
@@ -188,6 +200,12 @@ def _assemble(name: str, source: str, ratings: list[tuple[str, str, float, int]]
     """(user, item, rating, time) rows + user (age, occupation, zip) + item genres -> ClickData."""
     if not ratings:
         raise DataError(f"{source} holds no ratings; point at a complete ml-100k folder")
+    ev = order_events(source, [u for u, *_ in ratings], [i for _, i, *_ in ratings], [t for *_, t in ratings],
+                      ties=False)
+    ratings = [(ev.users[n], ev.items[n], *ratings[n][2:]) for n in ev.keep]
+    notes = [*ev.notes, *rating_notes(source, [r for *_, r, _ in ratings], CLICK_RATING)]
+    users = {normal_id(k): v for k, v in users.items()}
+    items = {normal_id(k): v for k, v in items.items()}
     missing = {u for u, *_ in ratings} - users.keys()
     if missing:
         raise DataError(f"{source}: {len(missing)} rated users have no user features (e.g. {sorted(missing)[0]}); "
@@ -217,13 +235,15 @@ def _assemble(name: str, source: str, ratings: list[tuple[str, str, float, int]]
         occupation=occupation, zip_prefix=zip_prefix, age=age, genres=genres,
         vocab={"occupation": occ_vocab, "zip_prefix": [z[:ZIP_PREFIX].upper() for z in zip_vocab],
                "genres": genre_vocab},
+        item_ids=item_vocab, user_ids=user_vocab, notes=notes,
     )
+
 
 
 def _read_standard(folder: Path) -> ClickData:
     ratings = []
     path = folder / "u.data"
-    for lineno, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
+    for lineno, line in enumerate(read_lines(path), 1):
         parts = line.split("\t")
         if len(parts) < 4:
             if line.strip():
@@ -233,14 +253,14 @@ def _read_standard(folder: Path) -> ClickData:
                         int(number(parts[3], path, lineno, "the timestamp (4th column)"))))
     users = {}
     path = folder / "u.user"
-    for lineno, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
+    for lineno, line in enumerate(read_lines(path), 1):
         parts = line.split("|")
         if len(parts) >= 5:
             users[parts[0]] = (int(number(parts[1], path, lineno, "the age (2nd column)")), parts[3], parts[4])
-    genre_names = [line.split("|")[0] for line in (folder / "u.genre").read_text(encoding="latin-1").splitlines()
+    genre_names = [line.split("|")[0] for line in read_lines(folder / "u.genre")
                    if line.strip()] if (folder / "u.genre").is_file() else []
     items = {}
-    for line in (folder / "u.item").read_text(encoding="latin-1").splitlines():
+    for line in read_lines(folder / "u.item"):
         parts = line.split("|")
         if len(parts) >= 6:
             flags = parts[-19:]
@@ -251,7 +271,7 @@ def _read_standard(folder: Path) -> ClickData:
 
 def _columns(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header's column names and the (line number, fields) of each non-blank row."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_lines(path, utf8=True, titles=path.suffix == ".item")  # .item: genres and titles only
     if not lines:
         raise DataError(f"{path} is empty; expected a RecBole atomic file (a header, then one row a line)")
     names = [h.split(":")[0] for h in lines[0].rstrip("\n").split("\t")]

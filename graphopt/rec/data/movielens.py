@@ -17,9 +17,11 @@
 MovieLens files are never copied into the repository (the licence forbids
 redistribution); graphopt only reads them where they are.
 
-Each user's interactions are ordered by time (ties by item id) and split
-leave-one-out: the last item is the test target, the second to last the
-validation target, the rest is training data. Item ids are ``1..num_items``;
+Each user's interactions are ordered by time (ties: :mod:`.events`; a repeated
+(user, item) keeps its first event) and split leave-one-out: the last item is the
+test target, the second to last the validation target, the rest is training data.
+Item ids are ``1..num_items`` in the raw ids' sorted order (``MovieLens.item_ids``
+keeps each one's raw id, which a checkpoint saves);
 ``0`` is padding, so a score matrix has ``num_items + 1`` columns and column
 ``i`` is item ``i``. ``evaluate_ranking`` ranks every item, with the items a
 user has already seen (and the padding column) masked out.
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 
 from graphopt.errors import ArtifactError
+from graphopt.rec.data.events import is_identity, normal_id, order_events, read_lines
 
 __all__ = [
     "DataError",
@@ -112,6 +115,14 @@ class MovieLens:
     titles: list[str] = field(default_factory=list)  # titles[i] = item i; titles[0] = "[pad]"
     synthetic: bool = False
     notice: str | None = None
+    item_ids: list[str] = field(default_factory=list)  # raw id of item i = item_ids[i - 1] (empty: i itself)
+    user_ids: list[str] = field(default_factory=list)  # raw id of the user of sequences[k] (empty: k + 1)
+    notes: list[str] = field(default_factory=list)  # what reading changed in the data, one line each
+
+    @property
+    def renumbered(self) -> bool:
+        """Whether dense item ids differ from the raw ones (the raw ids are not exactly 1..N)."""
+        return bool(self.item_ids) and not is_identity(self.item_ids)
 
     @property
     def num_users(self) -> int:
@@ -126,6 +137,8 @@ class MovieLens:
         h = hashlib.sha256(f"{self.num_items}".encode())
         for seq in self.sequences:
             h.update(",".join(map(str, seq)).encode() + b";")
+        if self.renumbered:  # the same sequences over other raw ids are other data (1..N ids hash as before)
+            h.update("\t".join(self.item_ids).encode())
         return h.hexdigest()[:12]
 
     def describe(self) -> dict[str, object]:
@@ -138,6 +151,8 @@ class MovieLens:
             "items": self.num_items,
             "interactions": self.num_interactions,
             "fingerprint": self.fingerprint(),
+            "renumbered": self.renumbered,
+            "notes": list(self.notes),
         }
 
     def leave_one_out(self) -> Split:
@@ -183,26 +198,22 @@ def _eval_set(histories: list[list[int]], targets: list[int], num_items: int) ->
 
 
 # --------------------------------------------------------------------- reading
-def _id_key(raw: str) -> tuple[int, int | str]:
-    return (0, int(raw)) if raw.isdigit() else (1, raw)
-
-
 def _build(
     name: str,
     source: str,
     rows: Sequence[tuple[str, str, float]],
     raw_titles: dict[str, str],
 ) -> MovieLens:
-    """(user, item, timestamp) rows -> time-ordered sequences with dense ids."""
+    """(user, item, timestamp) rows -> time-ordered sequences with dense ids (:mod:`.events`)."""
     if not rows:
         raise DataError(f"{source} holds no interactions; point at a complete ml-100k folder")
-    item_ids = {raw: i + 1 for i, raw in enumerate(sorted({r[1] for r in rows}, key=_id_key))}
-    by_user: dict[str, list[tuple[float, int]]] = {}
-    for user, item, ts in rows:
-        by_user.setdefault(user, []).append((ts, item_ids[item]))
-    sequences = [[item for _, item in sorted(events)] for _, events in sorted(by_user.items(), key=lambda kv: _id_key(kv[0]))]
-    titles = ["[pad]"] + [raw_titles.get(raw, f"item {raw}") for raw in sorted(item_ids, key=_id_key)]
-    return MovieLens(name=name, source=source, sequences=sequences, num_items=len(item_ids), titles=titles)
+    ev = order_events(source, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    dense = {raw: i for i, raw in enumerate(ev.item_ids, 1)}
+    sequences = [[dense[ev.items[n]] for n in ev.by_user[u]] for u in ev.user_ids]
+    titles = {normal_id(k): v for k, v in raw_titles.items()}
+    return MovieLens(name=name, source=source, sequences=sequences, num_items=len(ev.item_ids),
+                     titles=["[pad]"] + [titles.get(raw, f"item {raw}") for raw in ev.item_ids],
+                     item_ids=ev.item_ids, user_ids=ev.user_ids, notes=ev.notes)
 
 
 def bad_line(path: Path, lineno: int, expected: str, parts: Sequence[str] | None = None) -> DataError:
@@ -225,7 +236,7 @@ def number(raw: str, path: Path, lineno: int, what: str) -> float:
 def _read_standard(folder: Path) -> MovieLens:
     rows: list[tuple[str, str, float]] = []
     path = folder / "u.data"
-    for lineno, line in enumerate(path.read_text(encoding="latin-1").splitlines(), 1):
+    for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
@@ -235,7 +246,7 @@ def _read_standard(folder: Path) -> MovieLens:
     titles: dict[str, str] = {}
     item_file = folder / "u.item"
     if item_file.is_file():
-        for line in item_file.read_text(encoding="latin-1").splitlines():
+        for line in read_lines(item_file):
             parts = line.split("|")
             if len(parts) >= 2:
                 titles[parts[0]] = parts[1]
@@ -254,7 +265,7 @@ def _typed_columns(header: str, path: Path, wanted: Sequence[str]) -> list[int]:
 
 def _read_recbole(folder: Path, stem: str) -> MovieLens:
     inter = folder / f"{stem}.inter"
-    lines = inter.read_text(encoding="utf-8").splitlines()
+    lines = read_lines(inter, utf8=True)
     if not lines:
         raise DataError(f"{inter} is empty; expected a RecBole atomic file (a header, then one interaction a line)")
     u, i, t = _typed_columns(lines[0], inter, ("user_id", "item_id", "timestamp"))
@@ -268,7 +279,7 @@ def _read_recbole(folder: Path, stem: str) -> MovieLens:
     titles: dict[str, str] = {}
     item_file = folder / f"{stem}.item"
     if item_file.is_file():
-        item_lines = item_file.read_text(encoding="utf-8").splitlines()
+        item_lines = read_lines(item_file, utf8=True, titles=True) or [""]
         names = [h.split(":")[0] for h in item_lines[0].split("\t")]
         if "item_id" in names and "movie_title" in names:
             ci, ct = names.index("item_id"), names.index("movie_title")
@@ -327,7 +338,7 @@ REQUESTED_SYNTHETIC_NOTICE = (
 )
 
 SYNTHETIC_NOTICE = (
-    "real MovieLens-100K data not found (no path given, ${env} unset, recbole not installed): "
+    "real MovieLens-100K data not found (no path given, ${env} unset, recbole not installed or without its data): "
     "using a SYNTHETIC MovieLens-shaped dataset, so ranking metrics say nothing about real data; "
     "`pip install --no-deps recbole==1.2.1` or set ${env} to an ml-100k folder"
 ).replace("${env}", DATA_ENV)

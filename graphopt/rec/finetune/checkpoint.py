@@ -18,12 +18,15 @@ from graphopt.rec.finetune.loop import FinetuneResult
 from graphopt.rec.finetune.objectives import Objective, get_objective
 from graphopt.runtime.artifact import sha256_file
 
-__all__ = ["Checkpoint", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "WEIGHTS_FILE", "is_checkpoint",
+__all__ = ["Checkpoint", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "WEIGHTS_FILE", "IDS_FILE", "is_checkpoint",
            "save_checkpoint", "load_checkpoint", "check_same_data"]
 
 CHECKPOINT_FILE = "graphopt-checkpoint.json"
 CHECKPOINT_FORMAT = "graphopt.checkpoint/1"
 WEIGHTS_FILE = "model.safetensors"
+#: the raw id of every dense item (and user, for the click models): ``{"items": [...], "users": [...]}``
+IDS_FILE = "ids.json"
+FRESH = "re-run `graphopt finetune MODEL --data DATA -o DIR --fresh` to re-create it"
 
 
 @dataclass
@@ -35,6 +38,23 @@ class Checkpoint:
     kind: str
     model_config: dict[str, Any]
     meta: dict[str, Any]
+    #: raw id of dense item ``i`` is ``item_ids[i - 1]`` (None: a checkpoint written before ids were saved,
+    #: or synthetic data: dense ids are the raw ones); ``user_ids`` likewise for the click models
+    item_ids: list[str] | None = None
+    user_ids: list[str] | None = None
+
+    def item_index(self, raw: str | int) -> int:
+        """The dense item id (model row / score column) of a raw item id from the user's data."""
+        from graphopt.rec.data.events import normal_id
+
+        key = normal_id(str(raw))
+        if self.item_ids is None:
+            return int(key)
+        if not hasattr(self, "_item_index"):
+            self._item_index = {r: i for i, r in enumerate(self.item_ids, 1)}
+        if key not in self._item_index:
+            raise ArtifactError(f"item {raw!r} is not in {self.path}'s training data; score only its items")
+        return self._item_index[key]
 
     @property
     def name(self) -> str:
@@ -110,7 +130,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def save_checkpoint(result: FinetuneResult, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write ``model.safetensors`` + ``graphopt-checkpoint.json`` atomically."""
+    """Write ``model.safetensors`` + ``graphopt-checkpoint.json`` (+ ``ids.json``, the raw ids) atomically."""
     from safetensors.torch import save_model
 
     meta = {
@@ -132,6 +152,9 @@ def save_checkpoint(result: FinetuneResult, out_dir: str | Path, *, force: bool 
         save_model(result.model, str(tmp / WEIGHTS_FILE))
         usual_mode(tmp / WEIGHTS_FILE)  # safetensors writes 0600 whatever the umask: readable as any file is
         meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
+        if result.ids:
+            (tmp / IDS_FILE).write_text(json.dumps({"format": "graphopt.ids/1", **result.ids}) + "\n")
+            meta["ids"] = {"file": IDS_FILE, "sha256": sha256_file(tmp / IDS_FILE), "renumbered": result.renumbered}
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out_dir)
 
@@ -146,14 +169,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ArtifactError(f"{path} is not a graphopt checkpoint (no {CHECKPOINT_FILE}); write one with `graphopt finetune -o`")
     try:
         meta = json.loads(marker.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{marker} is not valid JSON ({e.msg}); re-create the checkpoint") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(f"{marker} has format {meta.get('format')!r}, this graphopt reads {CHECKPOINT_FORMAT!r}")
-    if not isinstance(meta.get("kind"), str) or not isinstance(meta.get("config"), dict):
-        raise ArtifactError(f"{marker} lacks its model kind or config; re-create the checkpoint")
-    kind, cfg = meta["kind"], meta["config"]
-    model = get_objective(kind).build(cfg, pretrained=False)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{marker} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')}); {FRESH}") from None
+    kind, cfg = _validated(meta, marker)
+    try:
+        model = get_objective(kind).build(cfg, pretrained=False)
+    except Exception as e:  # an edited config: wrong types or sizes torch refuses
+        raise ArtifactError(f"{marker}: its config does not build a {kind} ({first_line(e, with_type=False)[:120]}); "
+                            f"{FRESH}") from None
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{path} has no {WEIGHTS_FILE}; re-create the checkpoint with `graphopt finetune -o`")
@@ -164,10 +187,54 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except Exception as e:  # safetensors raises its own error types
-        raise ArtifactError(f"{weights} could not be read ({first_line(e, with_type=False)}); re-create the checkpoint") from None
+        raise ArtifactError(f"{weights} could not be read ({first_line(e, with_type=False)[:160]}); {FRESH}") from None
     if missing or unexpected:
         raise ArtifactError(
             f"{weights} does not match a {meta['model']} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
-            "re-create the checkpoint"
+            f"{FRESH}"
         )
-    return Checkpoint(path=path, model=model.eval(), kind=kind, model_config=cfg, meta=meta)
+    items, users = _ids(path, meta)
+    return Checkpoint(path=path, model=model.eval(), kind=kind, model_config=cfg, meta=meta, item_ids=items,
+                      user_ids=users)
+
+
+def _validated(meta: Any, marker: Path) -> tuple[str, dict[str, Any]]:
+    """``(kind, config)`` of a checkpoint's metadata, each field of the type graphopt wrote (hand edits refused)."""
+    from graphopt.rec.finetune.objectives import model_kinds
+
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{marker} holds a JSON {type(meta).__name__}, not the object graphopt writes; {FRESH}")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{marker} has format {meta.get('format')!r}, this graphopt reads {CHECKPOINT_FORMAT!r}; "
+                            f"{FRESH}")
+    kind, cfg, spec = meta.get("kind"), meta.get("config"), meta.get("model")
+    if not isinstance(kind, str) or not isinstance(cfg, dict) or not cfg or not isinstance(spec, str):
+        raise ArtifactError(f"{marker} lacks its model kind or config (or its model name); {FRESH}")
+    if kind not in model_kinds():
+        raise ArtifactError(f"{marker} names model kind {kind[:40]!r}, not one of {', '.join(model_kinds())}; {FRESH}")
+    if spec.partition(":")[0] != kind:
+        raise ArtifactError(f"{marker} says kind {kind} but model {spec[:40]}: the file was edited; {FRESH}")
+    bad = [k for k, v in cfg.items() if (isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0)
+           or not isinstance(v, (int, float, str, list, dict, type(None)))]
+    if "items" in cfg and (not isinstance(cfg["items"], int) or cfg["items"] < 1):
+        bad.append("items")
+    if bad:
+        raise ArtifactError(f"{marker}: config {sorted(set(bad))[0]} = {cfg[sorted(set(bad))[0]]!r} is not a size "
+                            f"graphopt writes; {FRESH}")
+    for key, want in (("data", dict), ("metrics", dict), ("eval", dict), ("training", dict), ("history", list),
+                      ("ids", dict)):
+        if key in meta and not isinstance(meta[key], want):
+            raise ArtifactError(f"{marker}: {key} is a JSON {type(meta[key]).__name__}, not the "
+                                f"{'object' if want is dict else 'array'} graphopt writes; {FRESH}")
+    return kind, cfg
+
+
+def _ids(path: Path, meta: dict[str, Any]) -> tuple[list[str] | None, list[str] | None]:
+    """The saved raw ids (items, users); (None, None) for a checkpoint written without them."""
+    if "ids" not in meta:
+        return None, None
+    file = path / IDS_FILE
+    if not file.is_file() or sha256_file(file) != meta["ids"].get("sha256"):
+        raise ArtifactError(f"{file} is missing or does not match the checksum saved with it; {FRESH}")
+    ids = json.loads(file.read_text())
+    return ids.get("items"), ids.get("users")

@@ -88,6 +88,8 @@ class ClickThrough(Objective):
         if kind not in CTR_KINDS:
             raise ValueError(f"no click objective for '{kind}'; one of {', '.join(CTR_KINDS)}")
         self.kind = kind  # type: ignore[misc]
+        #: rows a training batch needs: dlrm's BatchNorm layers cannot train on one row
+        self.min_batch = 2 if kind == "dlrm" else 1
 
     # ------------------------------------------------------------ the model
     def _sizes(self) -> dict[str, dict[str, Any]]:
@@ -164,8 +166,12 @@ class ClickThrough(Objective):
                 rng: random.Random) -> Iterator[Batch]:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
         names = list(train.inputs)
-        for start in range(0, len(order), cfg.batch_size):
-            inputs, clicks = train.take(order[start:start + cfg.batch_size])
+        starts = list(range(0, len(order), cfg.batch_size))
+        if len(starts) > 1 and len(order) - starts[-1] < self.min_batch:
+            starts.pop()  # a last batch too small for BatchNorm joins the one before it
+        for k, start in enumerate(starts):
+            end = starts[k + 1] if k + 1 < len(starts) else len(order)
+            inputs, clicks = train.take(order[start:end])
             yield (*(inputs[n] for n in names), clicks)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

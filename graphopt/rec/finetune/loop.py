@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from graphopt.errors import GraphoptError, ModelNotFoundError
-from graphopt.rec.data import MovieLens
+from graphopt.rec.data import DataError, MovieLens
 from graphopt.rec.data.ctr import ClickData
 from graphopt.rec.finetune.objectives import get_objective, model_kinds
 from graphopt.rec.finetune.precision import autocast, resolve_precision
@@ -115,6 +115,8 @@ class FinetuneResult:
     device: str = "cpu"
     stopped: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    ids: dict[str, list[str]] = field(default_factory=dict)  # raw ids of the dense rows ("items", "users")
+    renumbered: bool = False  # whether those differ from 1..N
 
     @property
     def seq_len(self) -> int:
@@ -248,7 +250,15 @@ def finetune(
             if isinstance(module, nn.Dropout):  # attention dropout too: SDPA reads .p
                 module.p = cfg.dropout
     model.to(device)
-    steps_per_epoch = math.ceil(objective.samples_per_epoch(split.train, seq_len) / cfg.batch_size)
+    samples = objective.samples_per_epoch(split.train, seq_len)
+    if samples == 0:
+        raise DataError(f"{data.source}: no training samples: leave-one-out holds out each user's last 2 "
+                        f"interactions, so training needs users with 4 or more ({data.num_users} users, "
+                        f"{data.num_interactions} interactions); give more interactions per user")
+    if cfg.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise GraphoptError(f"{kind} trains BatchNorm layers, which need 2 or more rows a batch; pass --batch-size 2 "
+                            "or more")
+    steps_per_epoch = math.ceil(samples / cfg.batch_size)
     planned = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     optimizer = _optimizer(model, cfg)
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -256,7 +266,10 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     result = FinetuneResult(model=model, kind=kind, spec=f"{kind}:{size}", model_config=model_cfg,
-                            train_config=cfg, precision=precision, device=str(device), data=data.describe())
+                            train_config=cfg, precision=precision, device=str(device), data=data.describe(),
+                            ids={k: v for k, v in (("items", data.item_ids), ("users", data.user_ids)) if v
+                                 and (k == "items" or isinstance(data, ClickData))},
+                            renumbered=bool(getattr(data, "renumbered", False)))
     result.popularity = objective.baseline(split)
     log.info("fine-tuning %s on %s: %d steps/epoch, %s on %s", spec, data.name, steps_per_epoch, precision, device)
 
