@@ -207,7 +207,7 @@ class Cast(Pass):
                 counts["low-matrix-op"] = counts.get("low-matrix-op", 0) + 1
         for arg in list(out.all_input_nodes):  # preserve: the captured dtype (a bf16 model's stays bf16)
             want = captured.get(arg) if self.io == "preserve" else low  # native: float outputs low
-            if _val_dtype(arg) in (low, high) and want in (low, high) and _val_dtype(arg) != want:
+            if _val_dtype(arg) in _FLOATS and want in _FLOATS and _val_dtype(arg) != want:
                 out.replace_input_with(arg, cast(arg, want))
         declined += [f"{n.name} ({module_path(n) or 'no module'}): matched skip, kept fp32" for n in graph.nodes
                      if n in skipped and is_op(n, *LOW_PRECISION_OPS)]
@@ -308,6 +308,9 @@ def _to_specs(values, specs):  # type: ignore[no-untyped-def]
     if values is None:
         return None
     return tuple(v.to(s.dtype) if v.is_floating_point() else v for v, s in zip(values, specs))
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _val_dtype(node: object) -> torch.dtype | None:
