@@ -28,7 +28,7 @@ import time
 import torch
 
 from graphopt.cli.argtypes import non_negative_int, positive_float, positive_int
-from graphopt.errors import ArtifactError, RunnerError
+from graphopt.errors import ArtifactError, GraphoptError, RunnerError
 from graphopt.metrics import max_abs_error
 from graphopt.runtime import read_artifact
 
@@ -71,17 +71,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.verb == OLD_NAME:
         print(f"graphopt: `{OLD_NAME}` is now `serve-stages`; the old name will be removed", file=sys.stderr)
-    artifact = read_artifact(args.artifact, verify=False)  # the manifest only: which runtime it is for
-    if artifact.runtime != "stages":
-        raise ArtifactError(f"{args.artifact} was lowered for {artifact.runtime}; serve-stages serves split models: "
-                            "graphopt optimize MODEL -p 'split-stages{n=2}' --runtime stages -o OUT, then "
-                            "serve OUT/stages (`graphopt run` runs this one)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rank = args.rank if args.rank is not None else _env_int("RANK")
     world = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE")
     addr = args.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1"
     port = args.master_port if args.master_port is not None else _env_int("MASTER_PORT")
+    try:
+        artifact = read_artifact(args.artifact, verify=False)  # the manifest only: which runtime it is for
+        if artifact.runtime != "stages":
+            raise ArtifactError(f"{args.artifact} was lowered for {artifact.runtime}; serve-stages serves split "
+                                "models: graphopt optimize MODEL -p 'split-stages{n=2}' --runtime stages -o OUT, "
+                                "then serve OUT/stages (`graphopt run` runs this one)")
+    except GraphoptError as e:
+        if rank and port is not None:  # tell rank 0 why, so it does not wait the whole join timeout
+            from graphopt.runtimes.stages.worker import publish_refusal
+
+            publish_refusal(e, rank, addr, port, min(args.join_timeout, 3.0))
+        raise
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if rank:  # a serving rank
         if world is None or port is None:
             raise RunnerError(
@@ -107,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     sizes = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if v is not None}
     gen = torch.Generator().manual_seed(0)
     inputs = [spec.sample(sizes, gen) for spec in runner.inputs]
+    try:  # before the ranks start (seconds): a batch no call would take fails at once
+        runner.check_call(inputs)
+    except RunnerError as e:
+        raise RunnerError(f"{e} (serve-stages: --batch, --seq, --microbatches)") from None
     with runner:
         where = runner.address or "this process"
         print(

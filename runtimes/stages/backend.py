@@ -22,6 +22,9 @@ __all__ = ["StagesBackend", "BACKEND", "cut_positions", "lower_stages", "load_st
 
 #: a pipeline step ``split-stages{... n=1 ...}``, which records no partition
 _ONE_STAGE_SPLIT = re.compile(r"split-stages\{[^}]*\bn=1\b")
+#: a pipeline step ``split-stages{max_memory=...}``, which records no partition when the
+#: whole Program fits in one stage of that size
+_FITS_ONE_STAGE = re.compile(r"split-stages\{[^}]*\bmax_memory=(?!none\b)([^\s}]+)")
 
 
 def cut_positions(program: Program, stages: int | None = None) -> list[int]:
@@ -41,6 +44,13 @@ def cut_positions(program: Program, stages: int | None = None) -> list[int]:
                 f"runtime '{RUNTIME}' runs one process per stage and needs split-stages with n >= 2, but "
                 f"{program.name} went through 'split-stages{{n=1}}': use 'split-stages{{n=2}}' or more "
                 "(or lower with stages=1, or pick another runtime, to run it whole in one process)"
+            )
+        fits = _FITS_ONE_STAGE.search(program.pipeline or "")
+        if fits:
+            raise PreconditionError(
+                f"runtime '{RUNTIME}' runs one process per stage, but 'split-stages{{max_memory={fits.group(1)}}}' "
+                f"fits {program.name} in one stage, so there is nothing to spread across processes: lower it "
+                "for another runtime (or with stages=1), or lower max_memory (or use n=2) to get two stages or more"
             )
         raise PreconditionError(
             f"runtime '{RUNTIME}' needs a partitioned Program: add 'split-stages{{n={stages or 2}}}' "

@@ -5,7 +5,11 @@ process group (gloo on CPU, NCCL plus a gloo group for objects on CUDA).
 Keys under ``graphopt/`` in the store: ``artifact`` (rank 0's
 :func:`artifact_identity`), ``joined/<rank>`` (a rank's pid and artifact
 identity as JSON, once it loaded its stage), ``step/<i>`` (rank 0's i-th command as JSON: run,
-stats or stop) and ``stats/<i>/<rank>`` (a rank's answer to a stats command).
+stats or stop), ``stats/<i>/<rank>`` (a rank's answer to a stats command), ``claim/<rank>``
+(a counter: the second process claiming a rank is refused), ``refused`` (why a serving rank
+refused to start, so rank 0 says it at once), ``alive/<rank>`` (a counter each serving rank
+bumps while it runs, so rank 0 can name the one that is gone) and ``failed/<rank>`` (why a
+serving rank stopped mid-run).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
 from typing import Any
@@ -33,6 +39,10 @@ __all__ = [
     "artifact_identity",
     "identity_mismatch",
     "wait_key",
+    "probe",
+    "gloo_reason",
+    "parent_gone",
+    "HEARTBEAT_S",
     "init_group",
     "destroy_group",
     "check_world",
@@ -45,6 +55,10 @@ log = logging.getLogger(__name__)
 RUNTIME = "stages"
 #: how often rank 0 polls for joining ranks
 POLL_S = 0.05
+#: how often a serving rank bumps its ``alive/<rank>`` counter
+HEARTBEAT_S = 0.2
+#: the slices a serving rank waits in, checking its parent between them
+_SLICE_S = 0.25
 _PREFIX = "graphopt"
 
 
@@ -71,35 +85,87 @@ def listen(addr: str, port: int, join_timeout_s: float) -> Any:
         ) from None
 
 
-def connect(addr: str, port: int, rank: int, join_timeout_s: float) -> Any:
+def probe(addr: str, port: int, join_timeout_s: float, parent_pid: int | None = None) -> str:
+    """Empty once something accepts a TCP connection on ``addr:port`` (retrying
+    while it is refused, rank 0 may start later), else why not, in a few words."""
+    deadline = time.monotonic() + join_timeout_s
+    why = "nothing listens there: connection refused"
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return why
+        if parent_gone(parent_pid):
+            return "the process that started this rank exited"
+        try:
+            with socket.create_connection((addr, port), timeout=min(_SLICE_S * 4, left)):
+                return ""
+        except ConnectionRefusedError:
+            why = "nothing listens there: connection refused"
+        except TimeoutError:
+            why = "no answer from that host: a firewall or a wrong MASTER_ADDR"
+        except OSError as e:
+            why = e.strerror or str(e)
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def connect(addr: str, port: int, rank: int, join_timeout_s: float, parent_pid: int | None = None) -> Any:
     """A serving rank's client of rank 0's TCPStore, within ``join_timeout_s``.
 
-    The TCPStore constructor can block past its own timeout (a listener that
-    accepts but never answers, a stopped rank 0), so it runs in a daemon thread
-    that this rank stops waiting for at the deadline.
+    The port is probed with a plain socket first (refused and silent get their
+    own reasons, and c10d never logs its retry traces). The TCPStore
+    constructor can block past its own timeout (a listener that accepts but
+    never answers, a stopped rank 0), so it runs in a daemon thread that this
+    rank waits for in short slices, giving up at the deadline or when
+    ``parent_pid`` (the rank 0 that spawned it) is gone.
     """
     import torch.distributed as dist
 
+    start = time.monotonic()
+    why = probe(addr, port, join_timeout_s, parent_pid)
     box: list[Any] = []
+    if not why:
 
-    def build() -> None:
-        try:
-            box.append(
-                dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=join_timeout_s))
+        def build() -> None:
+            try:
+                left = max(1.0, join_timeout_s - (time.monotonic() - start))
+                box.append(dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=left)))
+            except Exception as e:
+                box.append(e)
+
+        thread = threading.Thread(target=build, name=f"{RUNTIME}-connect", daemon=True)
+        thread.start()
+        while thread.is_alive() and time.monotonic() - start < join_timeout_s and not parent_gone(parent_pid):
+            thread.join(_SLICE_S)
+        if not box:
+            why = (
+                "the process that started this rank exited"
+                if parent_gone(parent_pid)
+                else "it accepted the connection but did not answer: is MASTER_PORT another service's?"
             )
-        except Exception as e:
-            box.append(e)
-
-    thread = threading.Thread(target=build, name=f"{RUNTIME}-connect", daemon=True)
-    thread.start()
-    thread.join(join_timeout_s)
-    if not box or isinstance(box[0], Exception):
-        why = first_line(box[0], with_type=False) if box else "it accepted the connection but did not answer"
+        elif isinstance(box[0], Exception):
+            why = gloo_reason(box[0])
+    if why:
         raise RunnerError(
             f"{RUNTIME} | rank {rank} could not reach rank 0 at tcp://{addr}:{port} within "
             f"{join_timeout_s:g}s ({why}); start rank 0 first or check MASTER_ADDR/MASTER_PORT"
         )
     return box[0]
+
+
+def parent_gone(parent_pid: int | None) -> bool:
+    """True when this process was spawned by ``parent_pid`` and that process is gone."""
+    return parent_pid is not None and os.getppid() != parent_pid
+
+
+_GLOO_WHERE = re.compile(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*")
+
+
+def gloo_reason(e: BaseException) -> str:
+    """An error's first line without gloo/c10d's source locations and advice boilerplate."""
+    text = _GLOO_WHERE.sub("", first_line(e, with_type=False))
+    for tail in (". This is typically caused by", " This is typically caused by", ". Check the logs"):
+        text = text.split(tail)[0]
+    return text.strip().rstrip(".") or "connection lost"
 
 
 def artifact_identity(artifact: Artifact) -> dict[str, Any]:
@@ -136,7 +202,7 @@ def wait_key(store: Any, name: str, parent_pid: int | None) -> bool:
                 return True
         except Exception:  # DistNetworkError: rank 0's store closed
             return False
-        if parent_pid is not None and os.getppid() != parent_pid:
+        if parent_gone(parent_pid):
             return False
         time.sleep(delay)
         delay = min(delay * 1.5, 0.02)

@@ -19,19 +19,23 @@ from typing import Any
 import torch
 from graphopt.runtimes.stages.host import StageHost, run_local, step_header
 from graphopt.runtimes.stages.rendezvous import (
+    HEARTBEAT_S,
     POLL_S,
     RUNTIME,
     artifact_identity,
     check_world,
     destroy_group,
+    gloo_reason,
     identity_mismatch,
     key,
     listen,
     stage_device,
 )
 
-from graphopt.errors import RunnerError, first_line
+from graphopt.errors import RunnerError
+from graphopt.ir.program import check_inputs
 from graphopt.runtime import Runner, resolve_device
+from graphopt.runtime.contract import check_contract
 
 __all__ = ["StagesRunner"]
 
@@ -53,6 +57,7 @@ class StagesRunner(Runner):
         self._procs: list[tuple[int, subprocess.Popen, Path]] = []
         self._step = 0
         self._broken = ""
+        self._interrupted = False  # a step was cut short (Ctrl-C, SIGTERM): the ranks sit in a collective
         self.address = ""
 
     # ----------------------------------------------------------- activation
@@ -65,7 +70,7 @@ class StagesRunner(Runner):
         launch = opts.get("launch") or "auto"
         if launch == "auto":
             launch = "external" if "WORLD_SIZE" in os.environ else "local"
-        self._broken, self._step = "", 0
+        self._broken, self._step, self._interrupted = "", 0, False
         if n > 1 and launch == "external":
             world = int(os.environ.get("WORLD_SIZE", n))
             check_world(self.artifact, int(os.environ.get("RANK", 0)), world)
@@ -120,7 +125,8 @@ class StagesRunner(Runner):
         }
         for rank in range(1, n):
             fd, log_path = tempfile.mkstemp(prefix=f"graphopt-stages-rank{rank}-", suffix=".log")
-            args = [sys.executable, "-c", _WORKER_CODE, "--rank", str(rank)]
+            # the rank removes its log itself when this process dies without close()
+            args = [sys.executable, "-c", _WORKER_CODE, "--rank", str(rank), "--log", log_path]
             for name, value in flags.items():
                 args += [f"--{name}", value]
             proc = subprocess.Popen(
@@ -136,6 +142,9 @@ class StagesRunner(Runner):
         deadline = time.monotonic() + join_timeout
         missing = list(range(1, n))
         while missing:
+            if self._store.check([key("refused")]):
+                why = self._store.get(key("refused")).decode(errors="replace")
+                raise RunnerError(f"{RUNTIME} | {why}; fix that rank and start both again")
             joined = [r for r in missing if self._store.check([key("joined", r)])]
             for rank in joined:
                 try:
@@ -185,12 +194,14 @@ class StagesRunner(Runner):
             raise RunnerError(f"{RUNTIME} | microbatches must be at least 1, got {value}")
         self.options["microbatches"] = int(value)
 
-    def _infer_impl(self, inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
-        if self._broken:
-            raise RunnerError(
-                f"{RUNTIME} | the run stopped after an earlier failure ({self._broken}); load it again"
-            )
-        assert self._host is not None
+    def check_call(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Refuse ``inputs`` the way a call would (inputs, contract, micro-batches),
+        without starting the ranks: ``serve-stages`` checks its arguments first."""
+        check_inputs(self.inputs, inputs, self.name)
+        check_contract(self.inputs, inputs, self._dims, self._index_ranges, self.name)
+        self._check_micro(inputs)
+
+    def _check_micro(self, inputs: Sequence[torch.Tensor]) -> None:
         n_micro = self.microbatches
         batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
         if any(t.dim() == 0 or t.shape[0] != batch for t in inputs) or batch % n_micro:
@@ -198,6 +209,26 @@ class StagesRunner(Runner):
                 f"{RUNTIME} | batch {batch} cannot be cut into {n_micro} equal micro-batches along dim 0 "
                 "of every input; pick microbatches= that divides the batch"
             )
+
+    def _infer_impl(self, inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        with self._lock:  # threads sharing the runner take turns: every rank runs one step at a time
+            try:
+                return self._infer_locked(inputs)
+            except Exception:
+                raise
+            except BaseException:  # Ctrl-C / SIGTERM mid-step: the ranks wait in a collective
+                self._interrupted = True
+                self._broken = self._broken or "a call was interrupted"
+                raise
+
+    def _infer_locked(self, inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        if self._broken:
+            raise RunnerError(
+                f"{RUNTIME} | the run stopped after an earlier failure ({self._broken}); load it again"
+            )
+        assert self._host is not None
+        n_micro = self.microbatches
+        self._check_micro(inputs)
         header = step_header(inputs, n_micro)
         if self._host.world_size == 1:
             return run_local(self._host.module, inputs, n_micro, self.device)
@@ -209,17 +240,34 @@ class StagesRunner(Runner):
             out = self._host.step(header, inputs)
         except Exception as e:
             time.sleep(0.2)  # let a crashed peer's exit status settle, to name it
-            self._fail(
-                self._dead_worker()
-                or (
-                    f"rank 0 (stage 0) lost its peers ({first_line(e, with_type=False)}); a stage process died or its host "
-                    "is unreachable"
-                )
-            )
+            self._fail(self._dead_worker() or self._lost_peer(gloo_reason(e)))
         self._store.delete_key(key("step", self._step))
         self._step += 1
         assert out is not None
         return out
+
+    def _lost_peer(self, why: str) -> str:
+        """Which serving rank is gone, from what it left in the store: the reason it
+        failed with, else the rank whose ``alive`` counter stopped moving."""
+        assert self._host is not None
+        ranks = range(1, self._host.world_size)
+        try:
+            for rank in ranks:
+                if self._store.check([key("failed", rank)]):
+                    return f"rank 0 (stage 0) lost its peers: {self._store.get(key('failed', rank)).decode()}"
+            before = {r: self._store.add(key("alive", r), 0) for r in ranks}
+            time.sleep(4 * HEARTBEAT_S)
+            gone = [r for r in ranks if self._store.add(key("alive", r), 0) == before[r]]
+        except Exception as e:  # the store is this process's own; be safe all the same
+            log.debug("could not read the heartbeats: %s", e)
+            gone = []
+        if gone:
+            names = ", ".join(f"stage {r} (rank {r})" for r in gone)
+            return (
+                f"rank 0 (stage 0) lost its peers: {names} stopped answering ({why}); its process died or "
+                "stalled, or its host is unreachable"
+            )
+        return f"rank 0 (stage 0) lost its peers ({why}): a stage process died or its host is unreachable"
 
     def _fail(self, reason: str) -> None:
         self._broken = reason
@@ -249,6 +297,10 @@ class StagesRunner(Runner):
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-rank memory (RSS at start, after loading, peak) and parameter bytes."""
+        with self._lock:  # a command of its own between steps: never in the middle of another thread's
+            return self._stats_locked()
+
+    def _stats_locked(self) -> list[dict[str, Any]]:
         if self._broken:
             raise RunnerError(
                 f"{RUNTIME} | the run stopped after an earlier failure ({self._broken}); load it again"
@@ -283,7 +335,9 @@ class StagesRunner(Runner):
 
     # ------------------------------------------------------------ teardown
     def _deactivate_impl(self) -> None:
-        if self._store is not None and not self._broken:
+        if self._interrupted:  # the ranks sit in the interrupted step's collective: end them now
+            self._stop_workers()
+        elif self._store is not None and not self._broken:
             try:
                 self._store.set(key("step", self._step), json.dumps({"op": "stop"}))
             except Exception as e:
