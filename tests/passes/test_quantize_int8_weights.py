@@ -66,13 +66,37 @@ def _stored_bytes(program) -> int:
 
 
 @pytest.mark.parametrize("form", ["linear", "matmul"])
-def test_a_head_tied_to_its_embedding_stays_fp32(form):
+def test_a_head_tied_to_its_embedding_is_quantized_once_for_both(form, tmp_path):
     # was: the head got an int8 copy while the lookup kept the fp32 table (more bytes, not fewer)
     torch.manual_seed(0)
     ref = graphopt.capture(_TiedHead(form).eval(), (torch.randint(0, 300, (2, 5)),))
     q, report = graphopt.optimize(ref, "quantize-int8-weights")
-    assert report.passes[0].stats["linear"] == 1  # mix only
-    assert any("also read by model.emb (embedding) (tied)" in d for d in report.passes[0].declined), report.passes[0].declined
-    assert q.op_histogram()["quantized_decomposed.dequantize_per_channel.default"] == 1
-    assert _stored_bytes(q) < _stored_bytes(ref)
+    assert report.passes[0].stats["linear"] == 2 and report.passes[0].stats["tied-lookup"] == 1
+    ops = q.op_histogram()
+    assert ops["quantized_decomposed.dequantize_per_channel.default"] == 2
+    lookup = next(n for n in q.graph.nodes if n.target is torch.ops.aten.embedding.default)
+    head = [n for n in q.graph.nodes if n.target is torch.ops.aten.linear.default][-1]
+    assert lookup.args[0] is head.args[1]  # one dequantized int8 table serves both readers
+    table_bytes = 300 * 16 * 4
+    assert _stored_bytes(ref) - _stored_bytes(q) > table_bytes // 2  # the fp32 table is gone, not kept beside
+    assert not any(t.dtype == torch.float32 and t.shape == (300, 16) for t in q.gm.state_dict().values())
     assert_equivalent(ref, q, TOL, shapes=((None, None), (7, 3)))
+    x = torch.randint(0, 300, (4, 6))
+    with graphopt.load(graphopt.lower(q, "onnxruntime", tmp_path / "ort").path) as runner:
+        torch.testing.assert_close(runner(x)[0], q(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_weight_another_op_reads_stays_fp32():
+    class Reused(torch.nn.Module):  # the weight also enters arithmetic: quantizing would keep a second copy
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.head(x) + x @ self.head.weight.sum(0, keepdim=True).t()
+
+    ref = graphopt.capture(Reused().eval(), (torch.randn(3, 16),))
+    q, report = graphopt.optimize(ref, "quantize-int8-weights")
+    assert any("its weight is also read by" in d and "stays fp32" in d for d in report.passes[0].declined)
+    assert "quantized_decomposed.dequantize_per_channel.default" not in q.op_histogram()
+    assert_equivalent(ref, q, 1e-6, shapes=((None, None),))
