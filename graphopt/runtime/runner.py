@@ -127,7 +127,7 @@ class Runner:
             check_history(self, bound)
         if self.check_contract:
             check_contract(self.inputs, bound, self._dims, self._index_ranges, self.name)
-        return self.run_checked(bound)
+        return _not_aliasing(self.run_checked(bound), bound)
 
     def run_checked(self, bound: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Run inputs already bound in Program order and checked (``__call__`` without its
@@ -144,7 +144,7 @@ class Runner:
                 f"{self.name} | backend returned {len(outputs)} outputs, manifest names "
                 f"{len(self.output_names)} ({', '.join(self.output_names)}); re-lower the artifact"
             )
-        return _not_aliasing(outputs, bound)
+        return outputs
 
     def infer(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Polygraphy-style: feed dict by input name -> dict by output name."""
@@ -196,7 +196,8 @@ class Runner:
 def _not_aliasing(outputs: tuple[Any, ...], inputs: Sequence[Any]) -> tuple[Any, ...]:
     """An output that is (a view of) an input comes back as a copy on every runtime: eager,
     TorchScript and Inductor returned the caller's own tensor (writing into the scores changed
-    the request), ONNX Runtime a copy."""
+    the request), ONNX Runtime a copy. In ``__call__`` only: the incremental ``step`` (which
+    calls ``run_checked``) hands its state on as it is, at no cost."""
     held = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel()}
     if not held:
         return outputs
