@@ -4,10 +4,7 @@ after every pass), as TVM's relax conftest does."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -25,16 +22,6 @@ _CORES_EACH = max(1, (os.cpu_count() or 1) // _WORKERS)
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(_CORES_EACH))
 
 _CAPTURED: dict = {}
-
-# g++ through an object-file cache (tests/cxx/g++): the same AOTInductor wrapper and kernels are
-# compiled again by many tests (~5 s of g++ per lowering, most of it torch's headers). Set here, in
-# the controlling process, before torch is imported (Inductor reads CXX once): the xdist workers and
-# the fresh interpreters some lowerings start inherit it. One cache per test run, removed after.
-_CXX_CACHE_OWNER = "GRAPHOPT_TEST_CXX_CACHE" not in os.environ
-if _CXX_CACHE_OWNER:
-    os.environ["GRAPHOPT_TEST_CXX_CACHE"] = tempfile.mkdtemp(prefix="graphopt-test-cxx-")
-    os.environ.setdefault("GRAPHOPT_TEST_REAL_CXX", os.environ.get("CXX", "g++"))
-    os.environ["CXX"] = str(Path(__file__).parent / "cxx" / "g++")
 
 #: the files that take a minute or more of test time (``--durations=0`` under ``-n 2``, AMD EPYC with AVX2,
 #: 2026-12-06), slowest first. pytest-xdist's ``--dist loadfile`` hands files to the workers in collection
@@ -58,11 +45,6 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
     """The slow files first (a stable sort: each file's tests, and the other files, keep their order)."""
     rank = {f"tests/{name}": i for i, name in enumerate(_SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
-
-
-def pytest_unconfigure(config):  # type: ignore[no-untyped-def]
-    if _CXX_CACHE_OWNER:  # the process that made it (the controller, or a worker that found none)
-        shutil.rmtree(os.environ["GRAPHOPT_TEST_CXX_CACHE"], ignore_errors=True)
 
 
 def pytest_configure(config):  # type: ignore[no-untyped-def]
