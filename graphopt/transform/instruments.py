@@ -6,7 +6,6 @@ in reverse, so the timing instrument (last) measures only the pass.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterable
@@ -17,6 +16,7 @@ import torch.fx
 
 from graphopt.errors import PostconditionError, first_line
 from graphopt.metrics import allclose_report, max_abs_error
+from graphopt.transform.shape_check import graph_digest, stale_shapes
 from graphopt.transform.state import preserved_state
 
 if TYPE_CHECKING:
@@ -71,10 +71,6 @@ class OpHistogramInstrument(Instrument):
     def after_pass(self, p, program, result, ctx, record):  # type: ignore[no-untyped-def]
         record.ops_after = dict(program.op_histogram())
         record.params_after = program.num_parameters()
-
-
-def _graph_digest(program: Program) -> str:
-    return hashlib.sha1(program.gm.graph.python_code("self").src.encode()).hexdigest()
 
 
 #: an exact pass on a Program that computes in bf16/fp16 is exact up to rounding in that dtype
@@ -154,50 +150,6 @@ def _run(program: Program, inputs: Any) -> Any:
         return [o.detach().clone() if isinstance(o, torch.Tensor) else o for o in outputs]
 
 
-def _tensors(val: Any) -> list[Any] | None:
-    vals = list(val) if isinstance(val, (tuple, list)) else [val]
-    return vals if any(isinstance(v, torch.Tensor) for v in vals) else None
-
-
-def _text(vals: list[Any]) -> str:
-    return " ".join(f"{list(v.shape)} {str(v.dtype).removeprefix('torch.')}" if isinstance(v, torch.Tensor)
-                    else "-" for v in vals)
-
-
-def _differ(a: list[Any], b: list[Any]) -> bool:
-    """Rank, dtype or a concrete size differs (a symbolic size is not compared: symbols may be renamed)."""
-    if len(a) != len(b):
-        return True
-    for x, y in zip(a, b):
-        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
-            continue
-        if x.dtype != y.dtype or x.dim() != y.dim():
-            return True
-        if any(isinstance(p, int) and isinstance(q, int) and p != q for p, q in zip(x.shape, y.shape)):
-            return True
-    return False
-
-
-def stale_shapes(program: Program) -> list[str]:
-    """``"node records S, is T"`` for each node whose recorded ``meta["val"]`` differs in rank,
-    dtype or a concrete size from a fresh propagation (in a ShapeEnv of its own: symbols are not
-    compared); the Program's metadata and symbols are left as they were."""
-    from graphopt.transform.analysis import propagate_shapes
-
-    nodes = [n for n in program.gm.graph.nodes]
-    saved = [dict(n.meta) for n in nodes]
-    recorded = [_tensors(n.meta.get("val")) for n in nodes]
-    try:
-        propagate_shapes(program, isolated=True)
-        fresh = [_tensors(n.meta.get("val")) for n in nodes]
-    finally:
-        for n, meta in zip(nodes, saved):
-            n.meta.clear()
-            n.meta.update(meta)
-    return [f"{n.name} records {_text(r)}, is {_text(f)}" for n, r, f in zip(nodes, recorded, fresh)
-            if n.op != "placeholder" and r is not None and f is not None and _differ(r, f)]
-
-
 class VerifyEachInstrument(Instrument):
     """After each pass: graph lint, the Program still runs, outputs match the
     pre-pass Program within the pass's tolerance, and ``modified=False``
@@ -231,7 +183,7 @@ class VerifyEachInstrument(Instrument):
 
     def before_pass(self, p, program, ctx, record):  # type: ignore[no-untyped-def]
         self._reference = _run(program, ctx.verify_inputs(program))
-        self._digest = _graph_digest(program)
+        self._digest = graph_digest(program)
         self._floor = _rounding_floor(program) if p.exact else 0.0
         self._nodes_before = set(program.gm.graph.nodes)
         self._shapes_valid = ctx.analyses.is_valid("shapes")
@@ -244,7 +196,7 @@ class VerifyEachInstrument(Instrument):
         self._propagated_before = self._propagates.get(self._digest, True)
 
     def after_pass(self, p, program, result, ctx, record):  # type: ignore[no-untyped-def]
-        if not result.modified and _graph_digest(program) != self._digest:
+        if not result.modified and graph_digest(program) != self._digest:
             raise PostconditionError(
                 f"pass '{p.name}' returned modified=False but changed the graph; fix the pass"
             )
@@ -272,7 +224,7 @@ class VerifyEachInstrument(Instrument):
         if result.modified and "shapes" in p.preserves and self._shapes_valid:
             try:
                 stale = stale_shapes(program)
-                self._propagates[_graph_digest(program)] = True
+                self._propagates[graph_digest(program)] = True
             except Exception as e:
                 if not self._propagated_before:  # it failed before this pass too (e.g. torch's baddbmm meta)
                     stale = []

@@ -113,16 +113,16 @@ def test_bad_options_fail_at_parse_time(program, text):
 
 def test_global_ratio_that_empties_a_layer_raises_before_any_change(program):
     from graphopt.transform.analysis import propagate_shapes
-    from graphopt.transform.instruments import _graph_digest
     from graphopt.transform.manager import PassContext
+    from graphopt.transform.shape_check import graph_digest
 
     p = program("bert4rec:tiny")
     propagate_shapes(p)
-    before = _graph_digest(p)
+    before = graph_digest(p)
     # 7 of 8 heads ranked globally cannot leave one head in each of 2 layers
     with pytest.raises(PassOptionError, match="would remove all"):
         get_pass("prune-heads")(ratio=0.9, scope="global").run(p, PassContext(example_inputs=p.example_inputs))
-    assert _graph_digest(p) == before
+    assert graph_digest(p) == before
 
 
 @pytest.mark.skipif("fuse-qkv" not in available_passes(), reason="fuse-qkv pass is not registered yet")

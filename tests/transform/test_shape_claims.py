@@ -63,7 +63,7 @@ def test_shape_claim_checked_and_the_lying_pass_named(tiny, monkeypatch):
 
 
 def test_honest_shape_claims_pass_and_meta_is_left_alone(tiny):
-    from graphopt.transform.instruments import stale_shapes
+    from graphopt.transform.shape_check import stale_shapes
 
     before = {n.name: n.meta.get("val") for n in tiny.gm.graph.nodes}
     assert stale_shapes(tiny) == []
@@ -103,7 +103,7 @@ def test_propagating_an_int8_bf16_program_keeps_every_copys_symbols(mixed):
 
 
 def test_the_shape_claim_check_propagates_in_a_shape_env_of_its_own(mixed, monkeypatch):
-    from graphopt.transform.instruments import stale_shapes
+    from graphopt.transform.shape_check import stale_shapes
 
     captured, q = mixed
     # a fake kernel that reads sizes as ints (what torch's quantize meta kernels do on bf16): its guards
@@ -111,6 +111,6 @@ def test_the_shape_claim_check_propagates_in_a_shape_env_of_its_own(mixed, monke
     monkeypatch.setattr(analysis, "fake_call", lambda target, args, kwargs: target(*args, **kwargs))
     env = _shape_env(captured)
     replacements = dict(env.replacements)
-    assert stale_shapes(q) == []
+    assert stale_shapes(q, reuse=False) == []  # propagated here, not read from verify-each's cache
     assert dict(env.replacements) == replacements
     assert _dims(captured.copy()) == [[True, True], [True, True]]
