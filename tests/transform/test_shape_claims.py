@@ -114,3 +114,38 @@ def test_the_shape_claim_check_propagates_in_a_shape_env_of_its_own(mixed, monke
     assert stale_shapes(q, reuse=False) == []  # propagated here, not read from verify-each's cache
     assert dict(env.replacements) == replacements
     assert _dims(captured.copy()) == [[True, True], [True, True]]
+
+
+def test_a_propagation_is_reused_only_for_a_program_that_reads_the_same(tiny, monkeypatch):
+    """verify-each keeps each fresh propagation per process (graphopt.transform.shape_check): the
+    same graph is checked against it without propagating again, stale metadata is still found, and
+    a Program with the same code but a constant of another size is propagated afresh."""
+    from collections import OrderedDict
+
+    from graphopt.transform import shape_check
+
+    monkeypatch.setattr(shape_check, "_CACHE", OrderedDict())  # what earlier tests propagated is not here
+    prog = tiny.copy()
+    calls = []
+    real = shape_check._fresh
+    monkeypatch.setattr(shape_check, "_fresh", lambda p: calls.append(p) or real(p))
+    assert shape_check.stale_shapes(prog, reuse=False) == [] and len(calls) == 1
+    assert shape_check.stale_shapes(prog) == [] and len(calls) == 2  # now kept
+    assert shape_check.stale_shapes(prog.copy()) == [] and len(calls) == 2  # same code and constants
+    lin = next(n for n in prog.gm.graph.nodes if n.target is aten.linear.default)
+    recorded = lin.meta["val"]
+    lin.meta["val"] = recorded.new_empty([*recorded.shape[:-1], recorded.shape[-1] + 1])
+    stale = shape_check.stale_shapes(prog)
+    assert len(calls) == 2 and len(stale) == 1 and stale[0].startswith(f"{lin.name} records "), stale
+    lin.meta["val"] = recorded
+    # the same code reading a wider weight and bias: its key differs, so it propagates
+    key = shape_check.propagation_key(prog)
+    for const in lin.args[1:3]:
+        value = fetch_attr(prog.gm, str(const.target))
+        *parent, leaf = str(const.target).split(".")
+        setattr(prog.gm.get_submodule(".".join(parent)), leaf,
+                torch.nn.Parameter(torch.cat([value, value]), requires_grad=False))
+    assert shape_check.propagation_key(prog) != key
+    stale = shape_check.stale_shapes(prog)
+    assert len(calls) == 3 and any(x.startswith(f"{lin.name} records [s") and x.endswith(", 6] float32")
+                                   for x in stale), stale
