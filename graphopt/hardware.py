@@ -17,8 +17,8 @@ import functools
 import os
 import platform
 
-__all__ = ["INT8_DOT_FLAGS", "REPORTED_FLAGS", "cpu_flags", "cpu_model", "cpu_vendor", "has_bf16_kernels",
-           "has_fast_mkl", "has_int8_dot", "reported_flags"]
+__all__ = ["INT8_DOT_FLAGS", "REPORTED_FLAGS", "cpu_family_model", "cpu_flags", "cpu_model", "cpu_vendor",
+           "has_bf16_kernels", "has_fast_mkl", "has_int8_dot", "reported_flags"]
 
 #: any of these gives a non-saturating u8 x s8 dot product (VNNI, AVX-VNNI, AMX int8 tiles)
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -30,8 +30,9 @@ _ONEDNN_INT8_DOT = ("VNNI", "BF16", "AMX", "AVX10", "ALL", "DEFAULT")
 
 
 @functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str], str]:
-    model, flags, vendor = "", frozenset(), ""
+def _cpuinfo() -> tuple[str, frozenset[str], str, str]:
+    """The first processor's model name, flags, vendor id and ``family F model M`` (``/proc/cpuinfo``)."""
+    model, flags, vendor, family, number = "", frozenset(), "", "", ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -43,16 +44,31 @@ def _cpuinfo() -> tuple[str, frozenset[str], str]:
                     flags = frozenset(value.split())
                 elif key == "vendor_id" and not vendor:
                     vendor = value.strip()
-                if model and flags and vendor:
+                elif key == "cpu family" and not family:
+                    family = value.strip()
+                elif key == "model" and not number:
+                    number = value.strip()
+                if model and flags and vendor and family and number:
                     break
     except OSError:
         pass
-    return model, flags, vendor
+    return model, flags, vendor, f"family {family} model {number}" if family and number else ""
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    return _cpuinfo()[0] or platform.processor() or platform.machine()
+    """The CPU's model name and :func:`cpu_family_model` (``AMD EPYC (family 25 model 17)``,
+    ``/proc/cpuinfo``), else what ``platform`` knows."""
+    name, fm = _cpuinfo()[0], _cpuinfo()[3]
+    if name:
+        return f"{name} ({fm})" if fm else name
+    return platform.processor() or platform.machine()
+
+
+def cpu_family_model() -> str:
+    """``family F model M`` of ``/proc/cpuinfo`` (``""`` where it is not there): what tells CPUs
+    with the same model name apart (two ``AMD EPYC`` kinds were lent here: one with AVX2 only, and
+    a Zen 4, family 25 model 17, with avx512_bf16 and VNNI), so it is recorded with every figure."""
+    return _cpuinfo()[3]
 
 
 def cpu_vendor() -> str:

@@ -12,6 +12,22 @@ def test_flags_and_model_are_read():
     assert hardware.reported_flags() == [f for f in hardware.REPORTED_FLAGS if f in flags]
 
 
+def test_model_names_the_family_and_model_the_file_lists():
+    """Two CPUs share the name ``AMD EPYC`` here (AVX2 only; Zen 4 with avx512_bf16): every figure
+    records ``family F model M`` with the name, as /proc/cpuinfo lists them for the first processor."""
+    with open("/proc/cpuinfo") as f:
+        fields = [ln.split(":", 1) for ln in f if ":" in ln]
+    first = {}
+    for key, value in fields:
+        first.setdefault(key.strip(), value.strip())
+    if "cpu family" not in first or "model" not in first:
+        assert hardware.cpu_family_model() == ""
+        return
+    fm = f"family {first['cpu family']} model {first['model']}"
+    assert hardware.cpu_family_model() == fm
+    assert hardware.cpu_model() == f"{first['model name']} ({fm})"
+
+
 def test_int8_dot_follows_flags_and_onednn_cap(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     expected = any(f in hardware.cpu_flags() for f in hardware.INT8_DOT_FLAGS)
