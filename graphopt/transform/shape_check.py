@@ -1,7 +1,7 @@
 """verify-each's shape check: does a Program's recorded ``meta["val"]`` match a fresh propagation?
 
-A fresh propagation (FakeTensorProp in a ShapeEnv of its own) costs about a second on a
-tiny zoo model, and verify-each ran two per pass: under the test suite's verify-each,
+A fresh propagation (FakeTensorProp in a ShapeEnv of its own) costs 0.5-1.2 s on a tiny
+zoo or Hugging Face model, and verify-each ran up to two per pass: under the test suite's verify-each,
 the tuner's sensitivity tables of gpt-rec:tiny took 44 s instead of 9 (2026-12-07, AMD
 EPYC), 39 of them propagating graphs seen before (each of the 27 ``optimize`` calls
 starts from the same Program). The result of an isolated propagation depends only on the
