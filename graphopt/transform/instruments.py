@@ -178,7 +178,6 @@ class VerifyEachInstrument(Instrument):
         self._floor = 0.0
         self._shapes_valid = False
         self._propagated_before = True
-        self._propagates: dict[str, bool] = {}  # graph digest -> shapes propagate through it
         self._nodes_before: set[torch.fx.Node] = set()
 
     def before_pass(self, p, program, ctx, record):  # type: ignore[no-untyped-def]
@@ -187,13 +186,12 @@ class VerifyEachInstrument(Instrument):
         self._floor = _rounding_floor(program) if p.exact else 0.0
         self._nodes_before = set(program.gm.graph.nodes)
         self._shapes_valid = ctx.analyses.is_valid("shapes")
-        if "shapes" in p.preserves and self._shapes_valid and self._digest not in self._propagates:
-            try:
+        self._propagated_before = True
+        if "shapes" in p.preserves and self._shapes_valid:
+            try:  # shape_check keeps each propagation: a graph checked after the last pass is not propagated again
                 stale_shapes(program)
-                self._propagates[self._digest] = True
             except Exception:
-                self._propagates[self._digest] = False
-        self._propagated_before = self._propagates.get(self._digest, True)
+                self._propagated_before = False
 
     def after_pass(self, p, program, result, ctx, record):  # type: ignore[no-untyped-def]
         if not result.modified and graph_digest(program) != self._digest:
@@ -224,7 +222,6 @@ class VerifyEachInstrument(Instrument):
         if result.modified and "shapes" in p.preserves and self._shapes_valid:
             try:
                 stale = stale_shapes(program)
-                self._propagates[graph_digest(program)] = True
             except Exception as e:
                 if not self._propagated_before:  # it failed before this pass too (e.g. torch's baddbmm meta)
                     stale = []
