@@ -24,7 +24,8 @@ corrupted artifact rejected at load.
   default), held to 1e-3.
 * Each artifact is lowered once per session, whichever test worker asks first
   (tests/_lowered_once.py), and shared read-only with the other worker and with
-  tests/runtimes/test_untrusted_artifacts.py (whose cases damage copies).
+  tests/runtimes/test_untrusted_artifacts.py (whose cases damage copies) and the failure-to-align
+  case of tests/runtimes/test_inductor_constants.py.
 """
 
 from __future__ import annotations
