@@ -5,7 +5,7 @@ size's hint), in a fake mode of its own; a recorded symbolic size is compared by
 with ``s0 = 2`` against 128). Propagating fresh symbols in a ShapeEnv of its own instead cost 0.5-1.2 s
 a graph on a tiny zoo or Hugging Face model, almost all of it symbolic arithmetic, and compared
 nothing more (symbols may be renamed, so only concrete sizes were compared): t5-rec:tiny's O2 took
-7.0 s of fresh propagations, 0.9 s at example sizes (2026-12-07, AMD EPYC). What it gives up: a
+7.0 s of fresh propagations, 1.1 s at example sizes (2026-12-07, AMD EPYC). What it gives up: a
 graph that propagates at its example sizes but not symbolically is not caught here; the ``shapes``
 analysis a later pass requires, and a lowering with dynamic shapes, still propagate symbolically.
 
@@ -13,7 +13,8 @@ verify-each ran up to two propagations per pass: under the test suite's verify-e
 the tuner's sensitivity tables of gpt-rec:tiny took 44 s instead of 9 (2026-12-07, AMD
 EPYC), 39 of them propagating graphs seen before (each of the 27 ``optimize`` calls
 starts from the same Program). The result of a fresh propagation depends only on the
-graph's code, its placeholders' dtypes, devices and sizes (their example values) and its constants' dtypes, devices, sizes and strides (and the value of a
+graph's code, its placeholders' dtypes, devices and sizes (their example values) and its
+constants' dtypes, devices, sizes and strides (and the value of a
 one-element constant, which a fake tensor keeps), so it is kept per
 process under a digest of exactly those (:func:`propagation_key`, the last
 :data:`CACHE_SIZE`), as a summary of each node's tensors (dtype, rank, concrete sizes)
