@@ -153,7 +153,7 @@ def test_a_propagation_is_reused_only_for_a_program_that_reads_the_same(tiny, mo
 
 def test_a_symbolic_size_is_compared_by_its_example_value(tiny):
     """A recorded size that is symbolic is compared by its example value: ``2*s0`` where the
-    propagation gives ``s0`` (example 2) is stale; the same symbol in another order of ops is not."""
+    propagation gives ``s0`` (example 2) is stale; the same size written as ``s0 + 0`` is not."""
     from graphopt.transform.shape_check import stale_shapes
 
     prog = tiny.copy()
